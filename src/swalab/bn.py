@@ -1,0 +1,121 @@
+"""BatchNorm recomputation for averaged weights (Izmailov et al., 2018, §3.2).
+
+The running statistics of an averaged model belong to none of the averaged models, so they are
+recomputed with one pass over the training data: running mean/variance are reset and every BN
+layer uses ``momentum=None`` (PyTorch's cumulative average), which gives the average of the
+per-batch statistics over the pass — exactly ``torch.optim.swa_utils.update_bn``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["update_bn", "default_forward", "move_to"]
+
+
+def move_to(batch: Any, device: Any) -> Any:
+    """``batch`` with every tensor inside (nested lists, tuples, dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to(v, device) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on a batch as ``update_bn`` does by default.
+
+    A tensor is the input; a list/tuple's first element is the input (torch's rule), and an input
+    that is itself a tuple/list is unpacked (``model(*x)``, e.g. a graph's features, adjacency and
+    mask); a dict is passed as keyword arguments (``model(**batch)``).
+    """
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def update_bn(
+    loader: Iterable[Any],
+    model: nn.Module,
+    device: int | str | torch.device | None = None,
+    *,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    max_batches: int | None = None,
+) -> None:
+    """Recompute BatchNorm running statistics of ``model`` with one pass over ``loader``.
+
+    Same signature and numbers as ``torch.optim.swa_utils.update_bn``, plus:
+
+    Args:
+        loader: batches: tensors, ``(x, y)`` lists/tuples, dicts, or anything ``forward_fn`` takes.
+        model: the model (e.g. an ``AveragedModel``) whose BN statistics are recomputed.
+        device: if set, every tensor of a batch is moved there first.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on a batch (default:
+            :func:`default_forward`).
+        max_batches: stop after this many batches (all by default).
+
+    When ``torch.distributed`` is initialised, the statistics of all ranks are combined (weighted
+    by their number of batches), so every rank ends with those of the whole data. Momenta and the
+    train/eval mode of the model are restored.
+
+    Example:
+        >>> swalab.update_bn(train_loader, swa_model, forward_fn=lambda m, b: m(b["pixels"]))
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
+    if not momenta:
+        return
+    for module in momenta:
+        module.reset_running_stats()
+        module.momentum = None
+    was_training = model.training
+    model.train()
+    forward = forward_fn or default_forward
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            forward(model, move_to(batch, device) if device is not None else batch)
+        _all_reduce_statistics(list(momenta))
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        model.train(was_training)
+
+
+def _all_reduce_statistics(modules: list[_BatchNorm]) -> None:
+    """Average each rank's running statistics, weighted by its batch count, across all ranks."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    tracked = [m for m in modules if m.track_running_stats and m.running_mean is not None]
+    if not tracked:
+        return
+    # One flat buffer: [n * mean, n * var, n] per layer, summed over ranks, then divided by total n.
+    device = tracked[0].running_mean.device
+    parts = []
+    for m in tracked:
+        n = m.num_batches_tracked.to(device=device, dtype=m.running_mean.dtype).reshape(1)
+        parts += [m.running_mean * n, m.running_var * n, n]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    offset = 0
+    for m in tracked:
+        c = m.running_mean.numel()
+        total = flat[offset + 2 * c]
+        m.running_mean.copy_(flat[offset:offset + c] / total)
+        m.running_var.copy_(flat[offset + c:offset + 2 * c] / total)
+        m.num_batches_tracked.copy_(total.round().long())
+        offset += 2 * c + 1

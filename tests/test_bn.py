@@ -1,0 +1,134 @@
+"""Oracle tests for swalab.update_bn: running statistics against statistics computed by hand."""
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import swa_utils
+
+import swalab
+
+
+def batches(sizes, features, seed=0, shape=()):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, features, *shape, generator=g) * 3 + 1 for n in sizes]
+
+
+def expected_stats(inputs, dims):
+    """torch's cumulative average (momentum=None): mean over batches of batch mean / unbiased var."""
+    means = torch.stack([x.mean(dims) for x in inputs])
+    variances = torch.stack([x.var(dims, unbiased=True) for x in inputs])
+    return means.mean(0), variances.mean(0)
+
+
+def linear_bn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def conv_bn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3))
+
+
+@pytest.mark.parametrize("batch_format", ["tensor", "tuple", "dict", "forward_fn"])
+def test_linear_bn_statistics_by_hand(batch_format):
+    xs = batches([16, 16, 7], 4)
+    model = linear_bn()
+    model[0].momentum = 0.3
+    model.eval()
+    if batch_format == "tensor":
+        loader, kwargs = xs, {}
+    elif batch_format == "tuple":
+        loader, kwargs = [(x, torch.zeros(len(x))) for x in xs], {}
+    elif batch_format == "dict":
+        loader, kwargs = [{"input": x} for x in xs], {}
+        model = DictModel(model).eval()
+    else:
+        loader = [{"pixels": x, "label": 0} for x in xs]
+        kwargs = {"forward_fn": lambda m, batch: m(batch["pixels"])}
+    swalab.update_bn(loader, model, **kwargs)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    mean, var = expected_stats(xs, 0)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    assert bn.momentum == 0.3 and not model.training and int(bn.num_batches_tracked) == 3
+
+
+class DictModel(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input):
+        return self.inner(input)
+
+
+def test_conv_bn_statistics_by_hand_and_same_as_torch():
+    xs = batches([8, 8, 5], 3, shape=(6, 6))
+    ours, theirs = conv_bn(), conv_bn()
+    ours.train()
+    swalab.update_bn([(x, 0) for x in xs], ours)
+    swa_utils.update_bn([(x, 0) for x in xs], theirs)
+    mean, var = expected_stats(xs, (0, 2, 3))
+    torch.testing.assert_close(ours[0].running_mean, mean)
+    torch.testing.assert_close(ours[0].running_var, var)
+    assert torch.equal(ours[0].running_mean, theirs[0].running_mean)
+    assert torch.equal(ours[0].running_var, theirs[0].running_var)
+    assert ours.training and ours[0].momentum == 0.1
+
+
+def test_tuple_input_is_unpacked_and_max_batches_limits_the_pass():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x, scale):
+            return self.bn(x * scale)
+
+    xs = batches([10, 10, 10], 4)
+    model = TwoInputs()
+    swalab.update_bn([((x, 2.0), None) for x in xs], model, max_batches=2)
+    mean, var = expected_stats([2 * x for x in xs[:2]], 0)
+    torch.testing.assert_close(model.bn.running_mean, mean)
+    torch.testing.assert_close(model.bn.running_var, var)
+
+
+def test_updates_the_averaged_model():
+    model = linear_bn()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    xs = batches([5, 5], 4)
+    swalab.update_bn(xs, averaged)
+    torch.testing.assert_close(averaged.module[0].running_mean, expected_stats(xs, 0)[0])
+
+
+def test_model_without_bn_is_left_alone_and_bad_limit_rejected():
+    model = nn.Linear(4, 2)
+    swalab.update_bn(batches([3], 4), model)
+    with pytest.raises(ValueError, match="max_batches must be >= 1, got 0"):
+        swalab.update_bn(batches([3], 4), linear_bn(), max_batches=0)
+
+
+def _rank_worker(rank, world, port, shards, out):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    model = linear_bn()
+    swalab.update_bn(shards[rank], model)
+    torch.save({"mean": model[0].running_mean, "var": model[0].running_var}, f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_statistics_equal_single_process_over_all_data(tmp_path):
+    xs = batches([8, 8, 8, 8, 8], 4)
+    shards = [xs[:3], xs[3:]]  # unequal batch counts per rank
+    port = 29500 + os.getpid() % 1000
+    torch.multiprocessing.spawn(_rank_worker, args=(2, port, shards, str(tmp_path)), nprocs=2)
+    mean, var = expected_stats(xs, 0)
+    for rank in range(2):
+        stats = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(stats["mean"], mean)
+        torch.testing.assert_close(stats["var"], var)
