@@ -1,0 +1,268 @@
+"""SWAG: a Gaussian posterior over the weights fitted to the SGD trajectory (Maddox et al., 2019).
+
+"A Simple Baseline for Bayesian Uncertainty in Deep Learning" (NeurIPS 2019), reference code
+wjmaddox/swa_gaussian, whose vocabulary this module keeps. Once per epoch after ``swa_start``,
+``collect_model`` updates the running moments ``mean = E[theta]``, ``sq_mean = E[theta**2]`` and
+appends the deviation ``theta - mean`` (mean already updated) as a row of ``D``, keeping the last
+``K = max_num_models`` rows. The posterior is ``N(mean, Sigma)`` with
+``Sigma = 1/2 (diag(var) + D^T D / (K - 1))``, ``var = sq_mean - mean**2``, sampled as
+
+    theta~ = mean + sqrt(scale) * (sqrt(var) * z1 + D^T z2 / sqrt(K - 1)),  z1 ~ N(0, I_d), z2 ~ N(0, I_K)
+
+``scale=0.5`` is SWAG, ``scale=1, cov=False`` SWAG-Diag and ``scale=0`` the SWA mean itself.
+Predictions average the softmax of ~30 samples, BatchNorm recomputed for each (``bma_predict``).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from swalab.bn import update_bn
+from swalab.ensembles import _check_compatible, predict_outputs
+
+__all__ = ["SWAG", "bma_predict"]
+
+
+def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the parameters and buffers: what "the same architecture" means here."""
+    return {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+class SWAG:
+    """SWA-Gaussian posterior (Maddox et al., 2019): moments and low-rank deviations of the weights.
+
+    State, on ``device`` in float32 (float64 if the model has float64 parameters), for a model of
+    ``d`` parameters: ``mean [d]``, ``sq_mean [d]`` and the deviation matrix ``cov_mat_sqrt [K, d]``
+    (``D``, a ring buffer: the row of the n-th collected model, 0-based, is ``n % K``), i.e. exactly
+    ``(2 + K) * d`` numbers (``2 * d`` with ``no_cov_mat``). A copy of the model, ``base``, receives
+    the samples (one more ``d``).
+
+    Args:
+        model: the model being trained; its structure is deep-copied into ``base``.
+        max_num_models: ``K``, the number of deviations kept (rank of the low-rank term).
+        no_cov_mat: keep no deviations (SWAG-Diag only, memory ``2 * d``).
+        device: where the state and ``base`` live (default: the model's device), e.g. ``"cpu"``.
+        var_clamp: lower bound on the diagonal variance, as in the reference code.
+
+    Example:
+        >>> swag = swalab.SWAG(model, max_num_models=20)
+        >>> for epoch in range(epochs):
+        ...     train_one_epoch(model, optimizer, schedule(epoch))
+        ...     if epoch + 1 >= swa_start:
+        ...         swag.collect_model(model)
+        >>> out = swalab.bma_predict(swag, test_loader, train_loader, n_samples=30, scale=0.5)
+        >>> swalab.metrics.nll(out["probs"], out["targets"])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_num_models: int = 20,
+        no_cov_mat: bool = False,
+        device: int | str | torch.device | None = None,
+        var_clamp: float = 1e-30,
+    ) -> None:
+        if not (isinstance(max_num_models, int) and max_num_models >= 1):
+            raise ValueError(f"max_num_models must be a positive integer, got {max_num_models}")
+        if not no_cov_mat and max_num_models < 2:
+            raise ValueError(
+                f"max_num_models (K) must be >= 2 for the low-rank term D^T z / sqrt(K - 1), got {max_num_models}; "
+                "pass no_cov_mat=True for SWAG-Diag"
+            )
+        if not var_clamp >= 0:
+            raise ValueError(f"var_clamp must be >= 0, got {var_clamp}")
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("model has no parameters")
+        self.max_num_models = max_num_models
+        self.var_clamp = var_clamp
+        self.device = torch.device(device) if device is not None else params[0].device
+        self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
+        self.base = copy.deepcopy(model).to(self.device)
+        for p in self.base.parameters():
+            p.grad = None
+        self._signature = _signature(model)
+        self._param_names = [name for name, _ in model.named_parameters()]
+        self._shapes = [p.shape for p in params]
+        self._numels = [p.numel() for p in params]
+        d = sum(self._numels)
+        self.mean = torch.zeros(d, device=self.device, dtype=self.dtype)
+        self.sq_mean = torch.zeros(d, device=self.device, dtype=self.dtype)
+        self.cov_mat_sqrt = (
+            None if no_cov_mat else torch.zeros(max_num_models, d, device=self.device, dtype=self.dtype)
+        )
+        self.n_models = 0
+        self._mean_views = self._views(self.mean)
+        self._sq_mean_views = self._views(self.sq_mean)
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        """Per-parameter views of a flat ``[d]`` tensor."""
+        return [t.view(shape) for t, shape in zip(flat.split(self._numels), self._shapes)]
+
+    @property
+    def rank(self) -> int:
+        """Number of deviation rows held: ``min(n_models, K)`` (0 with ``no_cov_mat``)."""
+        return 0 if self.cov_mat_sqrt is None else min(self.n_models, self.max_num_models)
+
+    @torch.no_grad()
+    def collect_model(self, model: nn.Module) -> None:
+        """Fold ``model``'s weights into the moments and store its deviation from the new mean.
+
+        Multi-tensor passes over the parameters (``torch._foreach_*``), the count kept on the host:
+        ``mean <- lerp(mean, theta, 1/(n+1))``, ``sq_mean <- n/(n+1) sq_mean + theta**2/(n+1)``,
+        ``D[n % K] <- theta - mean``. ``base`` takes ``model``'s buffers (e.g. BN statistics).
+        """
+        signature = _signature(model)
+        if signature != self._signature:
+            _check_compatible(self._signature, signature, "collect_model: model of another architecture")
+        named = dict(model.named_parameters())
+        theta = [named[name].detach().to(self.device, self.dtype) for name in self._param_names]
+        n = self.n_models
+        torch._foreach_lerp_(self._mean_views, theta, 1.0 / (n + 1))
+        torch._foreach_mul_(self._sq_mean_views, n / (n + 1))
+        torch._foreach_addcmul_(self._sq_mean_views, theta, theta, value=1.0 / (n + 1))
+        if self.cov_mat_sqrt is not None:
+            row = self._views(self.cov_mat_sqrt[n % self.max_num_models])
+            torch._foreach_copy_(row, theta)
+            torch._foreach_sub_(row, self._mean_views)
+        buffers = dict(model.named_buffers())
+        for name, buffer in self.base.named_buffers():
+            buffer.copy_(buffers[name])
+        self.n_models += 1
+
+    @torch.no_grad()
+    def sample(
+        self, scale: float = 0.5, cov: bool = True, *, generator: torch.Generator | None = None
+    ) -> nn.Module:
+        """Write ``theta~ = mean + sqrt(scale) (sqrt(var) z1 + D^T z2 / sqrt(K - 1))`` into ``base``.
+
+        ``K`` is the number of rows held (``max_num_models`` once the ring buffer is full; the
+        reference code divides by ``max_num_models - 1`` even before). ``cov=False`` drops the
+        low-rank term (SWAG-Diag, usually with ``scale=1``); ``scale=0`` writes the mean exactly.
+        BatchNorm statistics are not recomputed (see ``bma_predict``).
+
+        Args:
+            scale: multiplies the covariance, ``>= 0``.
+            cov: include the low-rank term ``D^T z2``.
+            generator: a ``torch.Generator`` on ``device``, for reproducible samples.
+
+        Returns:
+            ``base``, holding the sample.
+        """
+        if not (isinstance(scale, (int, float)) and scale >= 0):
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        if cov and self.cov_mat_sqrt is None:
+            raise ValueError("cov=True needs the deviations D, but this SWAG was built with no_cov_mat=True")
+        if self.n_models == 0:
+            raise ValueError("sample() before any collect_model()")
+        if cov and self.rank < 2:
+            raise ValueError(f"cov=True needs at least 2 collected models for D^T z / sqrt(K - 1), got {self.rank}")
+        z1 = torch.randn(self.mean.shape, generator=generator, device=self.device, dtype=self.dtype)
+        var = torch.clamp(self.sq_mean - self.mean.square(), min=self.var_clamp)
+        noise = var.sqrt_().mul_(z1)
+        if cov:
+            z2 = torch.randn(self.rank, generator=generator, device=self.device, dtype=self.dtype)
+            noise.add_(z2 @ self.cov_mat_sqrt[: self.rank], alpha=1 / math.sqrt(self.rank - 1))
+        theta = torch.add(self.mean, noise, alpha=math.sqrt(scale))
+        torch._foreach_copy_([p.detach() for p in self.base.parameters()], self._views(theta))
+        return self.base
+
+    def state_dict(self) -> dict[str, Any]:
+        """Moments, deviations, count (the ring position is ``n_models % K``) and ``base``'s buffers."""
+        return {
+            "mean": self.mean,
+            "sq_mean": self.sq_mean,
+            "cov_mat_sqrt": self.cov_mat_sqrt,
+            "n_models": self.n_models,
+            "max_num_models": self.max_num_models,
+            "buffers": {name: b for name, b in self.base.named_buffers()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, into a SWAG built for the same model and K."""
+        if state_dict["max_num_models"] != self.max_num_models:
+            raise ValueError(
+                f"state has max_num_models={state_dict['max_num_models']}, this SWAG {self.max_num_models}"
+            )
+        if (state_dict["cov_mat_sqrt"] is None) != (self.cov_mat_sqrt is None):
+            raise ValueError("state and this SWAG disagree on no_cov_mat")
+        for key in ("mean", "sq_mean", "cov_mat_sqrt"):
+            ours, theirs = getattr(self, key), state_dict[key]
+            if ours is not None and theirs.shape != ours.shape:
+                raise ValueError(f"{key} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
+        buffers = dict(self.base.named_buffers())
+        _check_compatible(
+            {k: tuple(b.shape) for k, b in buffers.items()},
+            {k: tuple(b.shape) for k, b in state_dict["buffers"].items()},
+            "buffers",
+        )
+        self.mean.copy_(state_dict["mean"])
+        self.sq_mean.copy_(state_dict["sq_mean"])
+        if self.cov_mat_sqrt is not None:
+            self.cov_mat_sqrt.copy_(state_dict["cov_mat_sqrt"])
+        for name, buffer in state_dict["buffers"].items():
+            buffers[name].copy_(buffer)
+        self.n_models = int(state_dict["n_models"])
+
+
+@torch.no_grad()
+def bma_predict(
+    swag: SWAG,
+    loader: Iterable[Any],
+    bn_loader: Iterable[Any] | None = None,
+    *,
+    n_samples: int = 30,
+    scale: float = 0.5,
+    cov: bool = True,
+    task: Literal["classification", "regression"] = "classification",
+    generator: torch.Generator | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, Tensor | None]:
+    """Bayesian model averaging over SWAG samples (Maddox et al., 2019, §4).
+
+    For each of ``n_samples`` samples drawn into ``swag.base``: recompute BatchNorm statistics on
+    ``bn_loader`` (the training data) if the model has BatchNorm, then predict on ``loader``.
+
+    Args:
+        swag: a SWAG that has collected models.
+        loader: the data to predict on (batches as ``update_bn`` takes them; targets read from
+            ``(x, y)`` batches).
+        bn_loader: data for ``update_bn``; required when the model has BatchNorm layers.
+        n_samples, scale, cov, generator: see :meth:`SWAG.sample`.
+        task: ``"classification"`` averages softmax probabilities; ``"regression"`` returns the
+            mean and the variance (over samples) of the outputs.
+        forward_fn: ``forward_fn(model, batch)`` for prediction and ``update_bn``.
+
+    Returns:
+        ``{"probs": [N, C], "targets"}`` or ``{"mean", "var", "targets"}``, on the CPU; ``targets``
+        is ``None`` when the batches carry none. ``swag.base`` is left holding the last sample.
+    """
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    if not (isinstance(n_samples, int) and n_samples >= 1):
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+    has_bn = any(isinstance(m, _BatchNorm) for m in swag.base.modules())
+    if has_bn and bn_loader is None:
+        raise ValueError("the model has BatchNorm layers: pass bn_loader to recompute them for each sample")
+    mean = m2 = 0.0
+    for s in range(n_samples):
+        model = swag.sample(scale, cov, generator=generator)
+        if has_bn:
+            update_bn(bn_loader, model, swag.device, forward_fn=forward_fn)
+        outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
+        y = outputs.double().softmax(-1) if task == "classification" else outputs.double()
+        delta = y - mean  # Welford: running mean and sum of squared deviations over samples
+        mean = mean + delta / (s + 1)
+        if task == "regression":
+            m2 = m2 + delta * (y - mean)
+    if task == "classification":
+        return {"probs": mean.float(), "targets": targets}
+    return {"mean": mean.float(), "var": (m2 / n_samples).float(), "targets": targets}

@@ -1,0 +1,181 @@
+"""Oracle tests of swalab.swag: moments vs numpy, sample covariance vs closed form, BMA, resuming."""
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from swalab.averaging import AveragedModel
+from swalab.bn import update_bn
+from swalab.swag import SWAG, bma_predict
+
+
+def _collect(swag: SWAG, model: nn.Module, thetas: np.ndarray) -> None:
+    for theta in thetas:
+        vector_to_parameters(torch.as_tensor(theta, dtype=torch.float32), model.parameters())
+        swag.collect_model(model)
+
+
+def _thetas(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)) * rng.uniform(0.1, 2.0, size=d) + rng.normal(size=d)).astype(np.float32)
+
+
+def test_moments_and_deviations_match_numpy() -> None:
+    model, k = nn.Linear(4, 3), 5
+    thetas = _thetas(7, 15).astype(np.float64)  # 7 > K: the ring buffer wraps
+    swag = SWAG(model, max_num_models=k)
+    _collect(swag, model, thetas)
+    np.testing.assert_allclose(swag.mean.numpy(), thetas.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(swag.sq_mean.numpy(), (thetas**2).mean(0), rtol=1e-5, atol=1e-6)
+    running_means = np.cumsum(thetas, 0) / np.arange(1, 8)[:, None]
+    deviations = thetas - running_means  # deviation from the mean updated with that model
+    for n in range(7 - k, 7):  # the last K, model n in row n % K
+        np.testing.assert_allclose(swag.cov_mat_sqrt[n % k].numpy(), deviations[n], rtol=1e-5, atol=1e-5)
+    assert swag.n_models == 7 and swag.rank == k
+
+
+def test_memory_is_two_plus_k_parameters() -> None:
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    swag = SWAG(model, max_num_models=20)
+    held = swag.mean.nbytes + swag.sq_mean.nbytes + swag.cov_mat_sqrt.nbytes
+    assert held == (2 + 20) * param_bytes
+    diag = SWAG(model, no_cov_mat=True)
+    assert diag.cov_mat_sqrt is None and diag.mean.nbytes + diag.sq_mean.nbytes == 2 * param_bytes
+
+
+@pytest.mark.parametrize("scale, cov", [(0.5, True), (1.0, False)])
+def test_sample_covariance_matches_closed_form(scale: float, cov: bool) -> None:
+    model, k = nn.Linear(2, 1), 4  # d = 3
+    swag = SWAG(model, max_num_models=k)
+    _collect(swag, model, _thetas(6, 3, seed=1))
+    mean, sq_mean, d = swag.mean.double(), swag.sq_mean.double(), swag.cov_mat_sqrt.double()
+    sigma = torch.diag((sq_mean - mean**2).clamp_min(1e-30))
+    if cov:
+        sigma = sigma + d.T @ d / (k - 1)
+    sigma = scale * sigma
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.stack(
+        [parameters_to_vector(swag.sample(scale, cov, generator=gen).parameters()) for _ in range(20000)]
+    ).double()
+    assert torch.allclose(samples.mean(0), mean, atol=0.03 * sigma.diag().max().sqrt().item())
+    assert torch.allclose(torch.cov(samples.T), sigma, atol=0.04 * sigma.abs().max().item())
+
+
+def test_scale_zero_is_the_swa_mean_exactly() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    swag, swa = SWAG(model, max_num_models=3), AveragedModel(model)
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        swag.collect_model(model)
+        swa.update_parameters(model)
+    sampled = parameters_to_vector(swag.sample(scale=0.0).parameters())
+    assert torch.equal(sampled, swag.mean)
+    assert torch.allclose(sampled, parameters_to_vector(swa.module.parameters()), rtol=0, atol=1e-6)
+
+
+def test_state_dict_round_trip_continues_the_ring_buffer() -> None:
+    model = nn.Linear(3, 2)
+    thetas = _thetas(5, 8, seed=2)
+    a = SWAG(model, max_num_models=2)
+    _collect(a, model, thetas[:3])
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    b = SWAG(nn.Linear(3, 2), max_num_models=2)
+    b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    _collect(a, model, thetas[3:])
+    _collect(b, model, thetas[3:])
+    assert a.n_models == b.n_models == 5
+    for key in ("mean", "sq_mean", "cov_mat_sqrt"):
+        assert torch.equal(getattr(a, key), getattr(b, key))
+    sample_a = parameters_to_vector(a.sample(generator=torch.Generator().manual_seed(3)).parameters())
+    sample_b = parameters_to_vector(b.sample(generator=torch.Generator().manual_seed(3)).parameters())
+    assert torch.equal(sample_a, sample_b)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _loader(n_batches: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 4, generator=gen) + 1, torch.randint(0, 3, (16,), generator=gen)) for _ in range(n_batches)]
+
+
+def test_bma_classification_at_scale_zero_is_the_mean_model_with_bn_recomputed() -> None:
+    model = _bn_model()
+    swag = SWAG(model, max_num_models=3)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        swag.collect_model(model)
+    train, test = _loader(seed=1), _loader(seed=2)
+    out = bma_predict(swag, test, train, n_samples=2, scale=0.0)
+
+    reference = copy.deepcopy(model)
+    vector_to_parameters(swag.mean.clone(), reference.parameters())
+    update_bn(train, reference)
+    reference.eval()
+    expected = torch.cat([reference(x).softmax(-1) for x, _ in test])
+    assert torch.allclose(out["probs"], expected, atol=1e-6)
+    assert torch.equal(out["targets"], torch.cat([y for _, y in test]))
+
+    noisy = bma_predict(swag, test, train, n_samples=3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(noisy["probs"].sum(-1), torch.ones(48), atol=1e-5)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        bma_predict(swag, test, None)
+
+
+def test_bma_regression_variance_of_a_linear_model() -> None:
+    # theta ~ N(mean, diag(var)) and f(x) = w.x + b give Var f(x) = sum_i x_i**2 var_wi + var_b.
+    model = nn.Linear(4, 1)
+    swag = SWAG(model, no_cov_mat=True)
+    _collect(swag, model, _thetas(10, 5, seed=4))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    loader = [(x, torch.zeros(6, 1))]
+    exact = bma_predict(swag, loader, n_samples=1, scale=0.0, cov=False, task="regression")
+    w, b = swag.mean[:4], swag.mean[4]
+    assert torch.allclose(exact["mean"].squeeze(1), x @ w + b, atol=1e-5)
+    assert torch.equal(exact["var"], torch.zeros(6, 1))
+
+    out = bma_predict(
+        swag, loader, n_samples=800, scale=1.0, cov=False, task="regression", generator=torch.Generator().manual_seed(6)
+    )
+    var = swag.sq_mean - swag.mean**2
+    expected = x**2 @ var[:4] + var[4]
+    assert torch.allclose(out["var"].squeeze(1), expected, rtol=0.2)
+
+
+def test_bad_input() -> None:
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="max_num_models"):
+        SWAG(model, max_num_models=1)
+    SWAG(model, max_num_models=1, no_cov_mat=True)  # SWAG-Diag needs no deviations
+    swag = SWAG(model, max_num_models=4)
+    with pytest.raises(ValueError, match="before any collect_model"):
+        swag.sample()
+    swag.collect_model(model)
+    with pytest.raises(ValueError, match="at least 2"):
+        swag.sample(cov=True)
+    with pytest.raises(ValueError, match="scale"):
+        swag.sample(scale=-0.5, cov=False)
+    with pytest.raises(ValueError, match="another architecture.*'weight'"):
+        swag.collect_model(nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="missing key '1.weight'"):
+        SWAG(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))).collect_model(nn.Sequential(nn.Linear(4, 3)))
+    with pytest.raises(ValueError, match="no_cov_mat"):
+        SWAG(model, no_cov_mat=True).sample(cov=True)
+    with pytest.raises(ValueError, match="max_num_models"):
+        SWAG(model, max_num_models=5).load_state_dict(swag.state_dict())
+    with pytest.raises(ValueError, match="task"):
+        bma_predict(swag, [], task="segmentation")
