@@ -1,0 +1,287 @@
+"""Typed experiment configuration: dataclasses loaded from YAML presets or files, ``--set`` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key (nanoGPT-style checked
+config); the resolved config is saved with every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "TrainConfig",
+    "PRESET_DIR",
+    "apply_overrides",
+    "load_config",
+    "preset_names",
+    "to_dict",
+]
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist1d"
+    root: str = "data"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mnist1d_cnn"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The SGD budget B and the optimiser every method shares."""
+
+    epochs: int = 40
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    bn_batches: int | None = None
+    eval_every: int = 1
+    device: str = "auto"
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    save_trajectory: bool = False  # keep the weights after every epoch (trajectory.pt), for landscapes
+
+
+@dataclass
+class PretrainConfig:
+    """Optional shared pre-training (documents 000 and 003): every method starts from its result."""
+
+    epochs: int = 0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    cosine: bool = True
+
+
+@dataclass
+class MethodConfig:
+    method: str = "sgd"
+    label: str = ""
+    budget: float = 1.0
+    baseline: str = ""  # label of the method to pair with (default: the SGD run at budget 1)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    checks = [
+        ("train.epochs", cfg.train.epochs, cfg.train.epochs > 0, "> 0"),
+        ("train.lr", cfg.train.lr, cfg.train.lr > 0, "> 0"),
+        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size > 0, "> 0"),
+        ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size > 0, "> 0"),
+        ("train.eval_every", cfg.train.eval_every, cfg.train.eval_every > 0, "> 0"),
+        ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, ">= 0"),
+        ("train.optimizer", cfg.train.optimizer, cfg.train.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("pretrain.epochs", cfg.pretrain.epochs, cfg.pretrain.epochs >= 0, ">= 0"),
+        ("pretrain.lr", cfg.pretrain.lr, cfg.pretrain.lr > 0, "> 0"),
+        ("pretrain.optimizer", cfg.pretrain.optimizer, cfg.pretrain.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("seeds", cfg.seeds, len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "distinct, at least one"),
+        ("methods", len(cfg.methods), len(cfg.methods) > 0, "at least one method"),
+    ]
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    labels = [m.label for m in cfg.methods]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ConfigError(f"method labels must be unique, got {duplicates} more than once")
+    for m in cfg.methods:
+        if m.budget <= 0:
+            raise ConfigError(f"methods.{m.label}.budget must be > 0, got {m.budget}")
+        if m.baseline and m.baseline not in labels:
+            raise ConfigError(f"methods.{m.label}.baseline must be a method label, got {m.baseline!r}")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints accepted as floats), or ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config key {where!r} (known: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    if cls is MethodConfig and "method" not in kwargs:
+        raise ConfigError(f"{prefix} needs a 'method'")
+    obj = cls(**kwargs)
+    if isinstance(obj, MethodConfig) and not obj.label:
+        obj.label = obj.method if obj.budget == 1.0 else f"{obj.method}-{obj.budget:g}B"
+    return obj
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain data (what is saved in every run directory)."""
+    return dataclasses.asdict(cfg)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested ``data``; inside ``methods``, an item is addressed by its label."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            matches = [m for m in node if isinstance(m, dict) and _label(m) == part]
+            if not matches:
+                labels = ", ".join(_label(m) for m in node if isinstance(m, dict))
+                raise ConfigError(f"no method labelled {part!r} for --set {dotted} (labels: {labels})")
+            node = matches[0]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"cannot set {dotted}: {where} is not a mapping")
+        else:
+            raise ConfigError(f"cannot set {dotted}: {where} is not a mapping")
+    if not isinstance(node, dict):
+        raise ConfigError(f"cannot set {dotted}: address a method by its label, e.g. methods.swa.budget")
+    node[parts[-1]] = value
+
+
+def _label(method: dict[str, Any]) -> str:
+    if method.get("label"):
+        return str(method["label"])
+    budget = float(method.get("budget", 1.0))
+    return str(method.get("method")) if budget == 1.0 else f"{method.get('method')}-{budget:g}B"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (``3``, ``0.1``, ``[0, 1]``, ``true``, ``adam``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    return data
+
+
+def load_config(
+    source: str, overrides: list[str] | None = None, variant: str | None = None
+) -> ExperimentConfig:
+    """The config of a preset name or a YAML file, with a variant's and ``--set`` overrides applied."""
+    path = Path(source)
+    if source.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {source} not found")
+    else:
+        path = PRESET_DIR / f"{source}.yaml"
+        if not path.is_file():
+            import difflib
+
+            close = difflib.get_close_matches(source, preset_names(), n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"unknown preset {source!r}{hint} (see `swalab list`)")
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    if variant is not None:
+        variants = data.get("variants") or {}
+        if variant not in variants:
+            known = ", ".join(variants) or "none"
+            raise ConfigError(f"preset {data['name']!r} has no variant {variant!r} (variants: {known})")
+        for key, value in variants[variant].items():
+            _set_path(data, key, value)
+    apply_overrides(data, overrides or [])
+    return _build(ExperimentConfig, data)

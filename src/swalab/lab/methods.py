@@ -1,0 +1,446 @@
+"""Training recipes: how each method sets the learning rate and what it averages or collects.
+
+A recipe reads like the paper's pseudocode: ``lr(epoch, step)`` before every optimizer step,
+``after_step`` after it, ``after_epoch`` at the end of each epoch, and ``predictor`` builds what is
+evaluated at the end. Paper variants (budgets, constant or cyclic LR) are config options, not
+new classes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..averaging import EMA, SWA, AveragedModel, restart_from_average
+from ..bn import update_bn
+from ..data import Split
+from ..ensembles import FGE, fge_should_collect
+from ..registry import Registry
+from ..schedules import constant_lr, cyclic_lr, fge_lr, sgd_reference_lr, swa_reference_lr, swa_should_average
+from ..swag import SWAG
+from .evaluation import EvalContext, has_batchnorm, model_outputs, predict
+
+__all__ = ["METHODS", "Recipe", "build_recipe"]
+
+METHODS = Registry("method")
+
+Predict = Callable[[Any], Tensor]
+
+
+class Recipe:
+    """Plain SGD with a given per-epoch or per-step schedule; the base of every recipe.
+
+    Args:
+        epochs: length of this method's run.
+        steps_per_epoch: optimizer steps in one epoch.
+    """
+
+    averages = False  # whether ``predictor`` evaluates an averaged model (BN is then recomputed)
+
+    def __init__(self, epochs: int, steps_per_epoch: int, schedule: Callable[[int, int], float]) -> None:
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self._schedule = schedule
+
+    def lr(self, epoch: int, step: int) -> float:
+        return self._schedule(epoch, step)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step."""
+
+    def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called at the end of every 0-based ``epoch``."""
+
+    def final_model(self, model: nn.Module) -> nn.Module:
+        """The single model this method hands in (before any BN recomputation)."""
+        return model
+
+    def running_model(self, model: nn.Module) -> nn.Module | None:
+        """The model behind the method's learning curve besides the iterate (e.g. the running average)."""
+        return None
+
+    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+        """Final outputs on each split; an averaged model gets its BatchNorm statistics recomputed first."""
+        final = self.final_model(model)
+        if final is not model and has_batchnorm(final):
+            update_bn(ctx.bn_loader(), final, max_batches=ctx.bn_batches)
+        return predict(final, splits, ctx)
+
+    def final_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """Weights of the final model, on the CPU (``final.pt`` of a run)."""
+        return {k: v.detach().cpu() for k, v in self.final_model(model).state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+def _per_epoch(schedule: Callable[[float], float]) -> Callable[[int, int], float]:
+    return lambda epoch, step: schedule(epoch)
+
+
+def _check(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+@METHODS.register("sgd")
+def sgd(
+    *,
+    lr: float,
+    budget_epochs: int,
+    epochs: int,
+    steps_per_epoch: int,
+    model: nn.Module,
+    schedule: str = "reference",
+    step_every: int = 5,
+    step_factor: float = 4.0,
+) -> Recipe:
+    """SGD: the paper's 50%/90% schedule, a constant LR, or step decay every `step_every` iterations."""
+    if schedule == "reference":
+        return Recipe(epochs, steps_per_epoch, _per_epoch(sgd_reference_lr(lr, epochs)))
+    if schedule == "constant":
+        return Recipe(epochs, steps_per_epoch, _per_epoch(constant_lr(lr)))
+    if schedule == "step":
+        _check("step_every", step_every, isinstance(step_every, int) and step_every > 0, "a positive integer")
+        _check("step_factor", step_factor, step_factor >= 1, ">= 1")
+        return Recipe(
+            epochs, steps_per_epoch,
+            lambda epoch, step: lr / step_factor ** ((epoch * steps_per_epoch + step) // step_every),
+        )
+    raise ValueError(f"schedule must be one of 'reference', 'constant', 'step', got {schedule!r}")
+
+
+@METHODS.register("none")
+def no_training(*, lr: float, budget_epochs: int, epochs: int, steps_per_epoch: int, model: nn.Module) -> Recipe:
+    """No further training: evaluates the (pre-trained) starting point."""
+    return Recipe(0, steps_per_epoch, lambda epoch, step: lr)
+
+
+class Averaging(Recipe):
+    """SGD whose iterates are folded into an ``AveragedModel`` (SWA, EMA, periodic SWA).
+
+    Args:
+        averaged: the running average of the model.
+        collect: ``collect(epoch, step)`` says whether to fold the model in after that step
+            (``step = None`` at the end of an epoch).
+        restart: ``restart(epoch)`` says whether periodic SWA restarts from the average then.
+        reset_at: 0-based epoch at whose end the average is emptied before collecting (PSWA's
+            switch to ordinary SWA).
+    """
+
+    averages = True
+
+    def __init__(
+        self,
+        epochs: int,
+        steps_per_epoch: int,
+        schedule: Callable[[int, int], float],
+        averaged: AveragedModel,
+        collect: Callable[[int, int | None], bool],
+        restart: Callable[[int], bool] = lambda epoch: False,
+        reset_at: int | None = None,
+    ) -> None:
+        super().__init__(epochs, steps_per_epoch, schedule)
+        self.averaged = averaged
+        self._collect = collect
+        self._restart = restart
+        self._reset_at = reset_at
+        self._epoch = 0
+        self._step = 0
+
+    def lr(self, epoch: int, step: int) -> float:
+        self._epoch, self._step = epoch, step
+        return self._schedule(epoch, step)
+
+    def after_step(self, model: nn.Module) -> None:
+        if self._collect(self._epoch, self._step):
+            self.averaged.update_parameters(model)
+
+    def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self._reset_at is not None and epoch == self._reset_at:
+            self.averaged.reset()
+        if self._collect(epoch, None):
+            self.averaged.update_parameters(model)
+        if self._restart(epoch) and self.averaged.count > 0:
+            restart_from_average(self.averaged, model, optimizer)
+
+    def final_model(self, model: nn.Module) -> nn.Module:
+        return self.averaged.module if self.averaged.count > 0 else model
+
+    def running_model(self, model: nn.Module) -> nn.Module | None:
+        return self.averaged.module if self.averaged.count > 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averaged": self.averaged.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averaged.load_state_dict(state["averaged"])
+
+
+def _swa_start(swa_start: float | None, budget_epochs: int, epochs: int) -> int:
+    """1-based epoch from which models are averaged; default 0.8 B + 1 (161 for B = 200, as the paper)."""
+    start = int(0.8 * budget_epochs) + 1 if swa_start is None else swa_start
+    _check("swa_start", swa_start, isinstance(start, int) and 1 <= start <= epochs, f"an epoch in 1..{epochs}")
+    return start
+
+
+def _phase_schedule(
+    kind: str, lr: float, swa_lr: float, swa_start: int, steps_per_epoch: int, cycle: int, epochs: int
+) -> Callable[[int, int], float]:
+    """The LR of an averaging run: the paper's SWA schedule, a constant LR, or Algorithm 1's cycles."""
+    if kind == "reference":
+        return _per_epoch(swa_reference_lr(lr, swa_start, swa_lr, epochs))
+    if kind == "constant":
+        return _per_epoch(constant_lr(lr))
+    if kind == "cyclic":
+        before = swa_reference_lr(lr, swa_start, swa_lr, epochs)
+        cyclic = cyclic_lr(lr, swa_lr, cycle * steps_per_epoch)
+        start = swa_start - 1  # 0-based first epoch of the averaging phase
+
+        def schedule(epoch: int, step: int) -> float:
+            if epoch < start:
+                return before(epoch)
+            return cyclic((epoch - start) * steps_per_epoch + step + 1)
+
+        return schedule
+    raise ValueError(f"schedule must be one of 'reference', 'constant', 'cyclic', got {kind!r}")
+
+
+@METHODS.register("swa")
+def swa(
+    *,
+    lr: float,
+    budget_epochs: int,
+    epochs: int,
+    steps_per_epoch: int,
+    model: nn.Module,
+    swa_lr: float = 0.05,
+    swa_start: int | None = None,
+    schedule: str = "reference",
+    cycle: int = 1,
+    every: int = 1,
+) -> Averaging:
+    """SWA (Izmailov et al., 2018): average once per epoch (or per cycle) from `swa_start`."""
+    start = _swa_start(swa_start, budget_epochs, epochs)
+    _check("cycle", cycle, isinstance(cycle, int) and cycle > 0, "a positive integer")
+    _check("every", every, isinstance(every, int) and every > 0, "a positive integer")
+    period = cycle if schedule == "cyclic" else every
+    return Averaging(
+        epochs, steps_per_epoch,
+        _phase_schedule(schedule, lr, swa_lr, start, steps_per_epoch, cycle, epochs),
+        AveragedModel(model, rule=SWA()),
+        collect=lambda epoch, step: step is None and swa_should_average(epoch, start, period),
+    )
+
+
+@METHODS.register("ema")
+def ema(
+    *,
+    lr: float,
+    budget_epochs: int,
+    epochs: int,
+    steps_per_epoch: int,
+    model: nn.Module,
+    decay: float = 0.999,
+    warmup_gamma: float | None = None,
+    swa_lr: float = 0.05,
+    swa_start: int | None = None,
+    schedule: str = "reference",
+) -> Averaging:
+    """EMA of the weights after every step from `swa_start`, under the SWA schedule."""
+    start = _swa_start(swa_start, budget_epochs, epochs)
+    return Averaging(
+        epochs, steps_per_epoch,
+        _phase_schedule(schedule, lr, swa_lr, start, steps_per_epoch, 1, epochs),
+        AveragedModel(model, rule=EMA(decay, warmup_gamma)),
+        collect=lambda epoch, step: step is not None and epoch + 1 >= start,
+    )
+
+
+@METHODS.register("pswa")
+def pswa(
+    *,
+    lr: float,
+    budget_epochs: int,
+    epochs: int,
+    steps_per_epoch: int,
+    model: nn.Module,
+    swa_lr: float = 0.05,
+    pswa_start: int | None = None,
+    period: int | None = None,
+    swa_start: int | None = None,
+) -> Averaging:
+    """Periodic SWA (Guo et al., 2023): restart from the average every `period` epochs, then SWA."""
+    pswa_start = max(1, budget_epochs // 4) if pswa_start is None else pswa_start
+    period = max(1, budget_epochs // 8) if period is None else period
+    swa_start = budget_epochs + 1 if swa_start is None else swa_start
+    _check("pswa_start", pswa_start, isinstance(pswa_start, int) and 1 <= pswa_start <= epochs, f"an epoch in 1..{epochs}")
+    _check("period", period, isinstance(period, int) and period > 0, "a positive integer")
+    _check("swa_start", swa_start, isinstance(swa_start, int) and swa_start > pswa_start, f"> pswa_start ({pswa_start})")
+    schedule = swa_reference_lr(lr, min(swa_start, epochs), swa_lr)
+    return Averaging(
+        epochs, steps_per_epoch, _per_epoch(schedule),
+        AveragedModel(model, rule=SWA()),
+        collect=lambda epoch, step: step is None and epoch + 1 >= pswa_start,
+        # after the k-th model of a period is folded in (k = epoch + 2 - pswa_start), restart if k % period == 0
+        restart=lambda epoch: pswa_start <= epoch + 1 < swa_start and (epoch + 2 - pswa_start) % period == 0,
+        reset_at=swa_start - 1 if swa_start <= epochs else None,
+    )
+
+
+class Ensembling(Recipe):
+    """Collects models into an FGE ensemble or a SWAG posterior; predictions average probabilities."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, schedule: Callable[[int, int], float],
+                 collect: Callable[[int], bool]) -> None:
+        super().__init__(epochs, steps_per_epoch, schedule)
+        self._collect = collect
+
+    def collect(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self._collect(epoch):
+            self.collect(model)
+
+
+class FGERecipe(Ensembling):
+    """FGE: models collected at the minimum of each triangular LR cycle, kept on the CPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fge = FGE()
+
+    def collect(self, model: nn.Module) -> None:
+        self.fge.collect(model)
+
+    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+        if not self.fge.members:
+            return super().predict(model, splits, ctx)
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        total: dict[str, Tensor] = {}
+        for member in self.fge.members:  # members keep their own BN statistics
+            model.load_state_dict(member)
+            for name, out in predict(model, splits, ctx).items():
+                total[name] = total[name] + out if name in total else out
+        model.load_state_dict(original)
+        return {name: out / len(self.fge.members) for name, out in total.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"members": self.fge.members}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fge.members = list(state["members"])
+
+
+class SWAGRecipe(Ensembling):
+    """SWAG: Gaussian posterior from the SWA trajectory; Bayesian model averaging over samples."""
+
+    def __init__(self, *args: Any, swag: SWAG, n_samples: int, scale: float, cov: bool, seed: int,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.swag, self.n_samples, self.scale, self.cov, self.seed = swag, n_samples, scale, cov, seed
+
+    def collect(self, model: nn.Module) -> None:
+        self.swag.collect_model(model)
+
+    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+        if self.swag.n_models == 0:
+            return super().predict(model, splits, ctx)
+        generator = torch.Generator(device=self.swag.mean.device).manual_seed(self.seed)
+        total: dict[str, Tensor] = {}
+        for _ in range(self.n_samples):
+            sample = self.swag.sample(self.scale, self.cov, generator=generator)
+            if has_batchnorm(sample):
+                update_bn(ctx.bn_loader(), sample, max_batches=ctx.bn_batches)
+            for name, split in splits.items():
+                out = model_outputs(sample, split, ctx)
+                total[name] = total[name] + out if name in total else out
+        return {name: out / self.n_samples for name, out in total.items()}
+
+    def final_state(self, model: nn.Module) -> dict[str, Tensor]:
+        sample = self.swag.sample(0.0)  # the SWA mean
+        return {k: v.detach().cpu() for k, v in sample.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"swag": self.swag.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.swag.load_state_dict(state["swag"])
+
+
+@METHODS.register("fge")
+def fge(
+    *,
+    lr: float,
+    budget_epochs: int,
+    epochs: int,
+    steps_per_epoch: int,
+    model: nn.Module,
+    a1: float = 0.05,
+    a2: float = 0.01,
+    cycle: int = 2,
+    fge_start: int | None = None,
+) -> FGERecipe:
+    """FGE (Garipov et al., 2018): triangular LR cycles from `fge_start`, ensemble of the cycle minima."""
+    start = _swa_start(fge_start, budget_epochs, epochs)
+    _check("cycle", cycle, isinstance(cycle, int) and cycle >= 2, "an integer >= 2")
+    before = swa_reference_lr(lr, start, a1)
+    cycles = fge_lr(a1, a2, cycle)
+
+    def schedule(epoch: int, step: int) -> float:
+        if epoch + 1 < start:
+            return before(epoch)
+        return cycles(epoch - (start - 1) + step / steps_per_epoch)
+
+    return FGERecipe(epochs, steps_per_epoch, schedule,
+                     collect=lambda epoch: epoch + 1 >= start and fge_should_collect(epoch - (start - 1), cycle))
+
+
+@METHODS.register("swag")
+def swag(
+    *,
+    lr: float,
+    budget_epochs: int,
+    epochs: int,
+    steps_per_epoch: int,
+    model: nn.Module,
+    swa_lr: float = 0.05,
+    swa_start: int | None = None,
+    max_num_models: int = 20,
+    n_samples: int = 30,
+    scale: float = 0.5,
+    cov: bool = True,
+    seed: int = 0,
+) -> SWAGRecipe:
+    """SWAG (Maddox et al., 2019): SWA schedule, moments once per epoch, BMA over `n_samples` samples."""
+    start = _swa_start(swa_start, budget_epochs, epochs)
+    _check("n_samples", n_samples, isinstance(n_samples, int) and n_samples > 0, "a positive integer")
+    return SWAGRecipe(
+        epochs, steps_per_epoch, _per_epoch(swa_reference_lr(lr, start, swa_lr, epochs)),
+        collect=lambda epoch: swa_should_average(epoch, start),
+        swag=SWAG(model, max_num_models=max_num_models, no_cov_mat=not cov),
+        n_samples=n_samples, scale=scale, cov=cov, seed=seed,
+    )
+
+
+def build_recipe(method: str, options: dict[str, Any], *, lr: float, budget_epochs: int, budget: float,
+                 steps_per_epoch: int, model: nn.Module) -> Recipe:
+    """The recipe of ``method`` for a run of ``round(budget * budget_epochs)`` epochs."""
+    import inspect
+
+    builder = METHODS.get(method)
+    known = [k for k in inspect.signature(builder).parameters
+             if k not in ("lr", "budget_epochs", "epochs", "steps_per_epoch", "model")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {known}")
+    epochs = max(1, math.floor(budget * budget_epochs + 0.5)) if method != "none" else 0
+    return builder(lr=lr, budget_epochs=budget_epochs, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                   model=model, **options)

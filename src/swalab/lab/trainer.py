@@ -1,0 +1,218 @@
+"""One training run (method × seed), readable top to bottom, resumable from its last epoch.
+
+Everything random comes from generators seeded by the run's seed (model init, batch order,
+augmentation, dropout through torch's global RNG), and their states are checkpointed after each
+epoch, so an interrupted run continues bit-identically on the CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..bn import update_bn
+from ..data import BatchLoader, DataBundle
+from ..models import create as create_model
+from ..schedules import set_lr
+from .config import ExperimentConfig, MethodConfig
+from .evaluation import EvalContext, evaluate, forward, has_batchnorm, loss_fn, model_outputs
+from .methods import build_recipe
+
+__all__ = ["RunResult", "atomic_write_text", "atomic_save", "train_run", "resolve_device"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass
+class RunResult:
+    """What one (method, seed) run hands to the results table."""
+
+    status: str  # "done" | "diverged"
+    epochs: int
+    metrics: dict[str, float]
+    message: str = ""
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def build_model(cfg: ExperimentConfig, bundle: DataBundle, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model(cfg.model.name, bundle.in_shape, bundle.num_outputs, **cfg.model.options)
+
+
+def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, device: torch.device) -> dict[str, Tensor]:
+    """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
+    if path.exists():
+        return torch.load(path, map_location="cpu")
+    model = build_model(cfg, bundle, seed).to(device)
+    p = cfg.pretrain
+    optimizer = make_optimizer(p.optimizer, model, p.lr, cfg.train.momentum, p.weight_decay)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    loader = BatchLoader(bundle.train, cfg.train.batch_size, shuffle=True, generator=generator,
+                         augment=bundle.augment if cfg.train.augment else None, device=device)
+    total = p.epochs * len(loader)
+    for epoch in range(p.epochs):
+        model.train()
+        for step, (x, y) in enumerate(loader):
+            t = (epoch * len(loader) + step) / total
+            set_lr(optimizer, p.lr * 0.5 * (1 + math.cos(math.pi * t)) if p.cosine else p.lr)
+            loss = loss_fn(bundle.task, forward(model, x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(state, path)
+    return state
+
+
+def train_run(
+    cfg: ExperimentConfig,
+    method: MethodConfig,
+    seed: int,
+    bundle: DataBundle,
+    run_dir: Path,
+    device: torch.device,
+    on_epoch: Callable[[], None] = lambda: None,
+) -> RunResult:
+    """Train ``method`` with ``seed``, resuming from ``run_dir/checkpoint.pt`` if it exists."""
+    train = cfg.train
+    model = build_model(cfg, bundle, seed)
+    if cfg.pretrain.epochs > 0:
+        model.load_state_dict(pretrain(cfg, bundle, seed, run_dir.parent.parent / "pretrain" / f"seed{seed}.pt", device))
+    model.to(device)
+    # Batch order and augmentation come from one generator; BN recomputation uses its own.
+    generator = torch.Generator().manual_seed(seed)
+    loader = BatchLoader(bundle.train, train.batch_size, shuffle=True, generator=generator,
+                         augment=bundle.augment if train.augment else None, device=device)
+    bn_loader_seed = 20_000 + seed
+    recipe = build_recipe(method.method, method.options, lr=train.lr, budget_epochs=train.epochs,
+                          budget=method.budget, steps_per_epoch=len(loader), model=model)
+    optimizer = make_optimizer(train.optimizer, model, train.lr, train.momentum, train.weight_decay)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if checkpoint_path.exists():
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if ckpt.get("diverged"):
+            return RunResult("diverged", ckpt["epoch"] + 1, {}, ckpt["diverged"])
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        recipe.load_state_dict(ckpt["recipe"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
+    else:
+        torch.manual_seed(seed)  # dropout and any other global randomness
+        atomic_save(_cpu_state(model), run_dir / "init.pt")
+
+    def bn_loader() -> BatchLoader:
+        return BatchLoader(bundle.train, train.batch_size, shuffle=True,
+                           generator=torch.Generator().manual_seed(bn_loader_seed),
+                           augment=bundle.augment if train.augment else None, device=device)
+
+    ctx = EvalContext(bundle.task, device, train.eval_batch_size, bn_loader, train.bn_batches)
+    for epoch in range(start_epoch, recipe.epochs):
+        model.train()
+        total_loss, batches = 0.0, 0
+        for step, (x, y) in enumerate(loader):
+            set_lr(optimizer, recipe.lr(epoch, step))
+            loss = loss_fn(bundle.task, forward(model, x), y)
+            if not torch.isfinite(loss):
+                message = f"{method.label} seed {seed}: loss became {loss.item()} in epoch {epoch + 1}"
+                _mark_diverged(checkpoint_path, message)
+                return RunResult("diverged", epoch + 1, {}, message)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            recipe.after_step(model)
+            total_loss += loss.item()
+            batches += 1
+        recipe.after_epoch(epoch, model, optimizer)
+
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": recipe.lr(epoch, 0), "train_loss": total_loss / batches}
+        if (epoch + 1) % train.eval_every == 0 or epoch + 1 == recipe.epochs:
+            record.update({f"test_{k}": v for k, v in
+                           evaluate(model_outputs(model, bundle.test, ctx), bundle.test, bundle.task).items()})
+            running = recipe.running_model(model)
+            if running is not None:
+                if has_batchnorm(running):  # recompute BN on a copy: the average's own BN stays as it is
+                    running = copy.deepcopy(running)
+                    update_bn(bn_loader(), running, max_batches=train.bn_batches)
+                record.update({f"avg_test_{k}": v for k, v in
+                               evaluate(model_outputs(running, bundle.test, ctx), bundle.test, bundle.task).items()})
+        history.append(record)
+        if train.save_trajectory:
+            trajectory = torch.load(run_dir / "trajectory.pt") if epoch > 0 and (run_dir / "trajectory.pt").exists() else []
+            atomic_save(trajectory[:epoch] + [_cpu_state(model)], run_dir / "trajectory.pt")
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        atomic_save({
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "recipe": recipe.state_dict(), "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": history,
+        }, checkpoint_path)
+        on_epoch()
+
+    splits = {name: getattr(bundle, name) for name in ("train", "val", "test") if len(getattr(bundle, name))}
+    outputs = recipe.predict(model, splits, ctx)
+    atomic_save(recipe.final_state(model), run_dir / "final.pt")
+    results: dict[str, float] = {}
+    for name, split in splits.items():
+        results.update({f"{name}_{k}": v for k, v in evaluate(outputs[name], split, bundle.task).items()})
+    return RunResult("done", recipe.epochs, results)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _mark_diverged(checkpoint_path: Path, message: str) -> None:
+    """Keep the last good checkpoint, flagged so a re-run reports the divergence instead of retrying."""
+    if checkpoint_path.exists():
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        ckpt["diverged"] = message
+        atomic_save(ckpt, checkpoint_path)
+    else:
+        atomic_save({"epoch": -1, "diverged": message}, checkpoint_path)
