@@ -230,12 +230,17 @@ def swa(
     start = _swa_start(swa_start, budget_epochs, epochs)
     _check("cycle", cycle, isinstance(cycle, int) and cycle > 0, "a positive integer")
     _check("every", every, isinstance(every, int) and every > 0, "a positive integer")
-    period = cycle if schedule == "cyclic" else every
+    if schedule == "cyclic":  # a model at the end of each cycle, where lr = swa_lr (Algorithm 1)
+        def collect(epoch: int, step: int | None) -> bool:
+            return step is None and epoch + 1 >= start and (epoch + 2 - start) % cycle == 0
+    else:  # timgaripov/swa: at swa_start, then every `every` epochs
+        def collect(epoch: int, step: int | None) -> bool:
+            return step is None and swa_should_average(epoch, start, every)
     return Averaging(
         epochs, steps_per_epoch,
         _phase_schedule(schedule, lr, swa_lr, start, steps_per_epoch, cycle, epochs),
         AveragedModel(model, rule=SWA()),
-        collect=lambda epoch, step: step is None and swa_should_average(epoch, start, period),
+        collect=collect,
     )
 
 
