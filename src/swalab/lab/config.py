@@ -41,6 +41,8 @@ class DataConfig:
     name: str = "mnist1d"
     root: str = "data"
     options: dict[str, Any] = field(default_factory=dict)
+    train_size: int | None = None  # a seeded random subset of the training split (CPU-sized variants)
+    test_size: int | None = None  # the first test_size test samples
 
 
 @dataclass
@@ -85,6 +87,7 @@ class MethodConfig:
     label: str = ""
     budget: float = 1.0
     baseline: str = ""  # label of the method to pair with (default: the SGD run at budget 1)
+    lr: float | None = None  # this method's initial learning rate (default: train.lr)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,6 +119,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("pretrain.epochs", cfg.pretrain.epochs, cfg.pretrain.epochs >= 0, ">= 0"),
         ("pretrain.lr", cfg.pretrain.lr, cfg.pretrain.lr > 0, "> 0"),
         ("pretrain.optimizer", cfg.pretrain.optimizer, cfg.pretrain.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("data.train_size", cfg.data.train_size, (cfg.data.train_size or 1) > 0, "> 0"),
+        ("data.test_size", cfg.data.test_size, (cfg.data.test_size or 1) > 0, "> 0"),
         ("seeds", cfg.seeds, len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "distinct, at least one"),
         ("methods", len(cfg.methods), len(cfg.methods) > 0, "at least one method"),
     ]
@@ -129,6 +134,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
     for m in cfg.methods:
         if m.budget <= 0:
             raise ConfigError(f"methods.{m.label}.budget must be > 0, got {m.budget}")
+        if m.lr is not None and m.lr <= 0:
+            raise ConfigError(f"methods.{m.label}.lr must be > 0, got {m.lr}")
         if m.baseline and m.baseline not in labels:
             raise ConfigError(f"methods.{m.label}.baseline must be a method label, got {m.baseline!r}")
 
@@ -210,23 +217,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in nested ``data``; inside ``methods``, an item is addressed by its label."""
+    """Set ``a.b.c`` in nested ``data``; inside ``methods`` an item is addressed by its label,
+    which may itself contain dots (``methods.swa-1.5B.budget``)."""
     parts = dotted.split(".")
     node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
+    i = 0
+    while i < len(parts) - 1:
         if isinstance(node, list):
-            matches = [m for m in node if isinstance(m, dict) and _label(m) == part]
-            if not matches:
-                labels = ", ".join(_label(m) for m in node if isinstance(m, dict))
-                raise ConfigError(f"no method labelled {part!r} for --set {dotted} (labels: {labels})")
-            node = matches[0]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"cannot set {dotted}: {where} is not a mapping")
-        else:
-            raise ConfigError(f"cannot set {dotted}: {where} is not a mapping")
+            labels = [_label(m) for m in node if isinstance(m, dict)]
+            j = next((j for j in range(len(parts) - 1, i, -1) if ".".join(parts[i:j]) in labels), None)
+            if j is None:
+                raise ConfigError(f"no method labelled {parts[i]!r} for --set {dotted} (labels: {', '.join(labels)})")
+            node = node[labels.index(".".join(parts[i:j]))]
+            i = j
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {'.'.join(parts[:i])} is not a mapping")
+        node = node.setdefault(parts[i], {})
+        i += 1
     if not isinstance(node, dict):
         raise ConfigError(f"cannot set {dotted}: address a method by its label, e.g. methods.swa.budget")
     node[parts[-1]] = value

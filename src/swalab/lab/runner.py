@@ -12,6 +12,8 @@ completed epoch.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import io
 import json
 import math
@@ -25,13 +27,13 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from ..data import DATASETS, DataBundle
 from ..data import load as load_data
-from ..data import DATASETS
 from .config import ConfigError, ExperimentConfig, to_dict
 from .stats import primary_metric, summarize
 from .trainer import atomic_write_text, resolve_device, train_run
 
-__all__ = ["run_experiment", "format_table", "read_results", "RESULT_FIELDS"]
+__all__ = ["run_experiment", "format_table", "load_bundle", "read_results", "RESULT_FIELDS"]
 
 RESULT_FIELDS = [
     "method", "method_name", "baseline", "seed", "budget", "epochs", "status",
@@ -130,8 +132,7 @@ def run_experiment(
         task = bar.add_task("epochs", total=None)
         for seed, method in todo:
             if seed not in bundles:
-                bundles = {seed: load_data(cfg.data.name, root=cfg.data.root, download=download, seed=seed,
-                                           **cfg.data.options)}
+                bundles = {seed: load_bundle(cfg, seed, download)}
             bundle = bundles[seed]
             if bar.tasks[task].total is None:
                 bar.update(task, total=_total_epochs(cfg, todo))
@@ -153,6 +154,22 @@ def run_experiment(
     _write_results(out, ordered)
     log(format_table(cfg.name, [{k: str(v) for k, v in r.items()} for r in ordered]))
     return ordered
+
+
+def load_bundle(cfg: ExperimentConfig, seed: int, download: bool = False) -> DataBundle:
+    """The experiment's dataset for ``seed``, cut to ``data.train_size``/``data.test_size`` if set."""
+    options = dict(cfg.data.options)
+    builder_params = inspect.signature(DATASETS.get(cfg.data.name)).parameters
+    unknown = sorted(set(options) - set(builder_params) - {"root", "download", "seed"})
+    if unknown:
+        raise ConfigError(f"unknown data.options {unknown} for dataset {cfg.data.name!r}")
+    bundle = load_data(cfg.data.name, root=cfg.data.root, download=download, seed=seed, **options)
+    if cfg.data.train_size is not None and cfg.data.train_size < len(bundle.train):
+        keep = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[: cfg.data.train_size]
+        bundle = dataclasses.replace(bundle, train=bundle.train.subset(keep))
+    if cfg.data.test_size is not None and cfg.data.test_size < len(bundle.test):
+        bundle = dataclasses.replace(bundle, test=bundle.test.subset(slice(0, cfg.data.test_size)))
+    return bundle
 
 
 def _total_epochs(cfg: ExperimentConfig, todo: list) -> int:

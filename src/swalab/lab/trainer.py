@@ -127,9 +127,10 @@ def train_run(
     loader = BatchLoader(bundle.train, train.batch_size, shuffle=True, generator=generator,
                          augment=bundle.augment if train.augment else None, device=device)
     bn_loader_seed = 20_000 + seed
-    recipe = build_recipe(method.method, method.options, lr=train.lr, budget_epochs=train.epochs,
+    lr = method.lr if method.lr is not None else train.lr
+    recipe = build_recipe(method.method, method.options, lr=lr, budget_epochs=train.epochs,
                           budget=method.budget, steps_per_epoch=len(loader), model=model)
-    optimizer = make_optimizer(train.optimizer, model, train.lr, train.momentum, train.weight_decay)
+    optimizer = make_optimizer(train.optimizer, model, lr, train.momentum, train.weight_decay)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
