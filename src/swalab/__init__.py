@@ -2,7 +2,8 @@
 
 A drop-in for ``torch.optim.swa_utils`` (``AveragedModel``, ``SWALR``, ``update_bn`` and the
 ``get_*_avg_fn`` helpers, with the same names and numbers), plus averaging rules with explicit
-state, the SWA and FGE learning-rate schedules, and BatchNorm recomputation for any batch format.
+state, the SWA and FGE learning-rate schedules, BatchNorm recomputation for any batch format,
+SWAG, FGE ensembles, model soups and calibration metrics.
 """
 from .averaging import (
     EMA,
@@ -16,7 +17,19 @@ from .averaging import (
     get_swa_multi_avg_fn,
     restart_from_average,
 )
+from . import metrics
 from .bn import update_bn
+from .ensembles import (
+    FGE,
+    GreedySoup,
+    ensemble_predict,
+    ensemble_view,
+    fge_should_collect,
+    greedy_soup,
+    predict_outputs,
+    uniform_soup,
+    weighted_soup,
+)
 from .schedules import (
     SWALR,
     ScheduleLR,
@@ -28,10 +41,23 @@ from .schedules import (
     swa_reference_lr,
     swa_should_average,
 )
+from .swag import SWAG, bma_predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FGE",
+    "GreedySoup",
+    "SWAG",
+    "bma_predict",
+    "ensemble_predict",
+    "ensemble_view",
+    "fge_should_collect",
+    "greedy_soup",
+    "metrics",
+    "predict_outputs",
+    "uniform_soup",
+    "weighted_soup",
     "AverageState",
     "EMA",
     "SWA",
