@@ -157,23 +157,23 @@ def train_run(
     ctx = EvalContext(bundle.task, device, train.eval_batch_size, bn_loader, train.bn_batches)
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
-        total_loss, batches = 0.0, 0
+        total_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for step, (x, y) in enumerate(loader):
             set_lr(optimizer, recipe.lr(epoch, step))
             loss = loss_fn(bundle.task, forward(model, x), y)
-            if not torch.isfinite(loss):
-                message = f"{method.label} seed {seed}: loss became {loss.item()} in epoch {epoch + 1}"
-                _mark_diverged(checkpoint_path, message)
-                return RunResult("diverged", epoch + 1, {}, message)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             recipe.after_step(model)
-            total_loss += loss.item()
-            batches += 1
+            total_loss += loss.detach()
+        train_loss = total_loss.item() / len(loader)
+        if not math.isfinite(train_loss):  # keep the previous epoch's checkpoint, the last good one
+            message = f"{method.label} seed {seed}: loss became {train_loss} in epoch {epoch + 1}"
+            _mark_diverged(checkpoint_path, message)
+            return RunResult("diverged", epoch + 1, {}, message)
         recipe.after_epoch(epoch, model, optimizer)
 
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": recipe.lr(epoch, 0), "train_loss": total_loss / batches}
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": recipe.lr(epoch, 0), "train_loss": train_loss}
         if (epoch + 1) % train.eval_every == 0 or epoch + 1 == recipe.epochs:
             record.update({f"test_{k}": v for k, v in
                            evaluate(model_outputs(model, bundle.test, ctx), bundle.test, bundle.task).items()})
