@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,16 @@ class Recipe:
         """Restore what ``state_dict`` returned."""
 
 
+class RunSpec(NamedTuple):
+    """What every recipe is built from: the run's shape and the model it trains."""
+
+    lr: float  # initial learning rate
+    budget_epochs: int  # the budget B (train.epochs)
+    epochs: int  # this run's length: round(budget * B)
+    steps_per_epoch: int
+    model: nn.Module
+
+
 def _per_epoch(schedule: Callable[[float], float]) -> Callable[[int, int], float]:
     return lambda epoch, step: schedule(epoch)
 
@@ -91,35 +101,31 @@ def _check(name: str, value: Any, ok: bool, expected: str) -> None:
 
 @METHODS.register("sgd")
 def sgd(
+    run: RunSpec,
     *,
-    lr: float,
-    budget_epochs: int,
-    epochs: int,
-    steps_per_epoch: int,
-    model: nn.Module,
     schedule: str = "reference",
     step_every: int = 5,
     step_factor: float = 4.0,
 ) -> Recipe:
     """SGD: the paper's 50%/90% schedule, a constant LR, or step decay every `step_every` iterations."""
     if schedule == "reference":
-        return Recipe(epochs, steps_per_epoch, _per_epoch(sgd_reference_lr(lr, epochs)))
+        return Recipe(run.epochs, run.steps_per_epoch, _per_epoch(sgd_reference_lr(run.lr, run.epochs)))
     if schedule == "constant":
-        return Recipe(epochs, steps_per_epoch, _per_epoch(constant_lr(lr)))
+        return Recipe(run.epochs, run.steps_per_epoch, _per_epoch(constant_lr(run.lr)))
     if schedule == "step":
         _check("step_every", step_every, isinstance(step_every, int) and step_every > 0, "a positive integer")
         _check("step_factor", step_factor, step_factor >= 1, ">= 1")
         return Recipe(
-            epochs, steps_per_epoch,
-            lambda epoch, step: lr / step_factor ** ((epoch * steps_per_epoch + step) // step_every),
+            run.epochs, run.steps_per_epoch,
+            lambda epoch, step: run.lr / step_factor ** ((epoch * run.steps_per_epoch + step) // step_every),
         )
     raise ValueError(f"schedule must be one of 'reference', 'constant', 'step', got {schedule!r}")
 
 
 @METHODS.register("none")
-def no_training(*, lr: float, budget_epochs: int, epochs: int, steps_per_epoch: int, model: nn.Module) -> Recipe:
+def no_training(run: RunSpec) -> Recipe:
     """No further training: evaluates the (pre-trained) starting point."""
-    return Recipe(0, steps_per_epoch, lambda epoch, step: lr)
+    return Recipe(0, run.steps_per_epoch, lambda epoch, step: run.lr)
 
 
 class Averaging(Recipe):
@@ -214,12 +220,8 @@ def _phase_schedule(
 
 @METHODS.register("swa")
 def swa(
+    run: RunSpec,
     *,
-    lr: float,
-    budget_epochs: int,
-    epochs: int,
-    steps_per_epoch: int,
-    model: nn.Module,
     swa_lr: float = 0.05,
     swa_start: int | None = None,
     schedule: str = "reference",
@@ -227,7 +229,7 @@ def swa(
     every: int = 1,
 ) -> Averaging:
     """SWA (Izmailov et al., 2018): average once per epoch (or per cycle) from `swa_start`."""
-    start = _swa_start(swa_start, budget_epochs, epochs)
+    start = _swa_start(swa_start, run.budget_epochs, run.epochs)
     _check("cycle", cycle, isinstance(cycle, int) and cycle > 0, "a positive integer")
     _check("every", every, isinstance(every, int) and every > 0, "a positive integer")
     if schedule == "cyclic":  # a model at the end of each cycle, where lr = swa_lr (Algorithm 1)
@@ -237,21 +239,17 @@ def swa(
         def collect(epoch: int, step: int | None) -> bool:
             return step is None and swa_should_average(epoch, start, every)
     return Averaging(
-        epochs, steps_per_epoch,
-        _phase_schedule(schedule, lr, swa_lr, start, steps_per_epoch, cycle, epochs),
-        AveragedModel(model, rule=SWA()),
+        run.epochs, run.steps_per_epoch,
+        _phase_schedule(schedule, run.lr, swa_lr, start, run.steps_per_epoch, cycle, run.epochs),
+        AveragedModel(run.model, rule=SWA()),
         collect=collect,
     )
 
 
 @METHODS.register("ema")
 def ema(
+    run: RunSpec,
     *,
-    lr: float,
-    budget_epochs: int,
-    epochs: int,
-    steps_per_epoch: int,
-    model: nn.Module,
     decay: float = 0.999,
     warmup_gamma: float | None = None,
     swa_lr: float = 0.05,
@@ -259,43 +257,39 @@ def ema(
     schedule: str = "reference",
 ) -> Averaging:
     """EMA of the weights after every step from `swa_start`, under the SWA schedule."""
-    start = _swa_start(swa_start, budget_epochs, epochs)
+    start = _swa_start(swa_start, run.budget_epochs, run.epochs)
     return Averaging(
-        epochs, steps_per_epoch,
-        _phase_schedule(schedule, lr, swa_lr, start, steps_per_epoch, 1, epochs),
-        AveragedModel(model, rule=EMA(decay, warmup_gamma)),
+        run.epochs, run.steps_per_epoch,
+        _phase_schedule(schedule, run.lr, swa_lr, start, run.steps_per_epoch, 1, run.epochs),
+        AveragedModel(run.model, rule=EMA(decay, warmup_gamma)),
         collect=lambda epoch, step: step is not None and epoch + 1 >= start,
     )
 
 
 @METHODS.register("pswa")
 def pswa(
+    run: RunSpec,
     *,
-    lr: float,
-    budget_epochs: int,
-    epochs: int,
-    steps_per_epoch: int,
-    model: nn.Module,
     swa_lr: float = 0.05,
     pswa_start: int | None = None,
     period: int | None = None,
     swa_start: int | None = None,
 ) -> Averaging:
     """Periodic SWA (Guo et al., 2023): restart from the average every `period` epochs, then SWA."""
-    pswa_start = max(1, budget_epochs // 4) if pswa_start is None else pswa_start
-    period = max(1, budget_epochs // 8) if period is None else period
-    swa_start = budget_epochs + 1 if swa_start is None else swa_start
-    _check("pswa_start", pswa_start, isinstance(pswa_start, int) and 1 <= pswa_start <= epochs, f"an epoch in 1..{epochs}")
+    pswa_start = max(1, run.budget_epochs // 4) if pswa_start is None else pswa_start
+    period = max(1, run.budget_epochs // 8) if period is None else period
+    swa_start = run.budget_epochs + 1 if swa_start is None else swa_start
+    _check("pswa_start", pswa_start, isinstance(pswa_start, int) and 1 <= pswa_start <= run.epochs, f"an epoch in 1..{run.epochs}")
     _check("period", period, isinstance(period, int) and period > 0, "a positive integer")
     _check("swa_start", swa_start, isinstance(swa_start, int) and swa_start > pswa_start, f"> pswa_start ({pswa_start})")
-    schedule = swa_reference_lr(lr, min(swa_start, epochs), swa_lr)
+    schedule = swa_reference_lr(run.lr, min(swa_start, run.epochs), swa_lr)
     return Averaging(
-        epochs, steps_per_epoch, _per_epoch(schedule),
-        AveragedModel(model, rule=SWA()),
+        run.epochs, run.steps_per_epoch, _per_epoch(schedule),
+        AveragedModel(run.model, rule=SWA()),
         collect=lambda epoch, step: step is None and epoch + 1 >= pswa_start,
         # after the k-th model of a period is folded in (k = epoch + 2 - pswa_start), restart if k % period == 0
         restart=lambda epoch: pswa_start <= epoch + 1 < swa_start and (epoch + 2 - pswa_start) % period == 0,
-        reset_at=swa_start - 1 if swa_start <= epochs else None,
+        reset_at=swa_start - 1 if swa_start <= run.epochs else None,
     )
 
 
@@ -382,40 +376,32 @@ class SWAGRecipe(Ensembling):
 
 @METHODS.register("fge")
 def fge(
+    run: RunSpec,
     *,
-    lr: float,
-    budget_epochs: int,
-    epochs: int,
-    steps_per_epoch: int,
-    model: nn.Module,
     a1: float = 0.05,
     a2: float = 0.01,
     cycle: int = 2,
     fge_start: int | None = None,
 ) -> FGERecipe:
     """FGE (Garipov et al., 2018): triangular LR cycles from `fge_start`, ensemble of the cycle minima."""
-    start = _swa_start(fge_start, budget_epochs, epochs)
+    start = _swa_start(fge_start, run.budget_epochs, run.epochs)
     _check("cycle", cycle, isinstance(cycle, int) and cycle >= 2, "an integer >= 2")
-    before = swa_reference_lr(lr, start, a1)
+    before = swa_reference_lr(run.lr, start, a1)
     cycles = fge_lr(a1, a2, cycle)
 
     def schedule(epoch: int, step: int) -> float:
         if epoch + 1 < start:
             return before(epoch)
-        return cycles(epoch - (start - 1) + step / steps_per_epoch)
+        return cycles(epoch - (start - 1) + step / run.steps_per_epoch)
 
-    return FGERecipe(epochs, steps_per_epoch, schedule,
+    return FGERecipe(run.epochs, run.steps_per_epoch, schedule,
                      collect=lambda epoch: epoch + 1 >= start and fge_should_collect(epoch - (start - 1), cycle))
 
 
 @METHODS.register("swag")
 def swag(
+    run: RunSpec,
     *,
-    lr: float,
-    budget_epochs: int,
-    epochs: int,
-    steps_per_epoch: int,
-    model: nn.Module,
     swa_lr: float = 0.05,
     swa_start: int | None = None,
     max_num_models: int = 20,
@@ -425,12 +411,12 @@ def swag(
     seed: int = 0,
 ) -> SWAGRecipe:
     """SWAG (Maddox et al., 2019): SWA schedule, moments once per epoch, BMA over `n_samples` samples."""
-    start = _swa_start(swa_start, budget_epochs, epochs)
+    start = _swa_start(swa_start, run.budget_epochs, run.epochs)
     _check("n_samples", n_samples, isinstance(n_samples, int) and n_samples > 0, "a positive integer")
     return SWAGRecipe(
-        epochs, steps_per_epoch, _per_epoch(swa_reference_lr(lr, start, swa_lr, epochs)),
+        run.epochs, run.steps_per_epoch, _per_epoch(swa_reference_lr(run.lr, start, swa_lr, run.epochs)),
         collect=lambda epoch: swa_should_average(epoch, start),
-        swag=SWAG(model, max_num_models=max_num_models, no_cov_mat=not cov),
+        swag=SWAG(run.model, max_num_models=max_num_models, no_cov_mat=not cov),
         n_samples=n_samples, scale=scale, cov=cov, seed=seed,
     )
 
@@ -442,10 +428,9 @@ def build_recipe(method: str, options: dict[str, Any], *, lr: float, budget_epoc
 
     builder = METHODS.get(method)
     known = [k for k in inspect.signature(builder).parameters
-             if k not in ("lr", "budget_epochs", "epochs", "steps_per_epoch", "model")]
+             if k != "run"]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {known}")
     epochs = max(1, math.floor(budget * budget_epochs + 0.5)) if method != "none" else 0
-    return builder(lr=lr, budget_epochs=budget_epochs, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                   model=model, **options)
+    return builder(RunSpec(lr, budget_epochs, epochs, steps_per_epoch, model), **options)
