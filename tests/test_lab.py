@@ -278,3 +278,19 @@ def test_cli_list_shows_presets_and_registries(capsys):
     out = capsys.readouterr().out
     for name in ("mnist1d", "swa", "pswa", "swag", "fge", "mnist1d_cnn", "cluster"):
         assert name in out
+
+
+def test_soup_methods_train_and_evaluate(tmp_path, mnist1d):
+    """Every soup kind trains, scores its snapshots on the validation split and evaluates (the greedy
+    rule itself is tested in test_ensembles.py)."""
+    cfg = load_config("mnist1d", [
+        "train.epochs=4",
+        "methods=[{method: soup, label: greedy, options: {swa_start: 2}},"
+        " {method: soup, label: weighted, options: {kind: weighted, swa_start: 2}},"
+        " {method: soup, label: uniform, options: {kind: uniform, swa_start: 2}}]",
+    ])
+    for method in cfg.methods:
+        result = train_run(cfg, method, 0, mnist1d, tmp_path / method.label, torch.device("cpu"))
+        assert result.status == "done" and 0 < result.metrics["val_accuracy"] <= 100
+    with pytest.raises(ValueError, match="kind must be one of"):
+        recipe("soup", kind="best")

@@ -17,11 +17,11 @@ from torch import Tensor, nn
 from ..averaging import EMA, SWA, AveragedModel, restart_from_average
 from ..bn import update_bn
 from ..data import Split
-from ..ensembles import FGE, fge_should_collect
+from ..ensembles import FGE, fge_should_collect, greedy_soup, uniform_soup, weighted_soup
 from ..registry import Registry
 from ..schedules import constant_lr, cyclic_lr, fge_lr, sgd_reference_lr, swa_reference_lr, swa_should_average
 from ..swag import SWAG
-from .evaluation import EvalContext, has_batchnorm, model_outputs, predict
+from .evaluation import EvalContext, evaluate, has_batchnorm, model_outputs, predict
 
 __all__ = ["METHODS", "Recipe", "build_recipe"]
 
@@ -372,6 +372,63 @@ class SWAGRecipe(Ensembling):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.swag.load_state_dict(state["swag"])
+
+
+class SoupRecipe(FGERecipe):
+    """Snapshots of the SWA trajectory combined into one model by a soup chosen on the validation split."""
+
+    def __init__(self, *args: Any, kind: str, temperature: float | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind, self.temperature = kind, temperature
+        self.ingredients: list[int] = []
+
+    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+        members = self.fge.members
+        if not members:
+            return Recipe.predict(self, model, splits, ctx)
+        if "val" not in splits and self.kind != "uniform":
+            raise ValueError(f"a {self.kind} soup scores snapshots on the validation split; set a val_size > 0")
+        bn = has_batchnorm(model)
+
+        def score(state: dict[str, Tensor]) -> float:  # validation metric, higher is better
+            model.load_state_dict(state)
+            if bn:
+                update_bn(ctx.bn_loader(), model, max_batches=ctx.bn_batches)
+            metrics = evaluate(model_outputs(model, splits["val"], ctx), splits["val"], ctx.task)
+            return -metrics["mse"] if ctx.task == "regression" else metrics["accuracy"]
+
+        bn_loader = ctx.bn_loader() if bn else None
+        if self.kind == "uniform":
+            uniform_soup(members, model=model, bn_loader=bn_loader)
+            self.ingredients = list(range(len(members)))
+        elif self.kind == "greedy":
+            self.ingredients = greedy_soup(members, score, model=model, bn_loader=bn_loader).ingredients
+        else:
+            scores = [score(m) for m in members]
+            if ctx.task == "regression" and self.temperature is None:
+                raise ValueError("weighted soup on a regression task needs a temperature (scores are -MSE)")
+            weighted_soup(members, scores, temperature=self.temperature, model=model, bn_loader=bn_loader)
+            self.ingredients = list(range(len(members)))
+        return predict(model, splits, ctx)
+
+
+@METHODS.register("soup")
+def soup(
+    run: RunSpec,
+    *,
+    kind: str = "greedy",
+    swa_lr: float = 0.05,
+    swa_start: int | None = None,
+    temperature: float | None = None,
+) -> SoupRecipe:
+    """Soup of per-epoch snapshots after `swa_start` (SWA schedule): greedy, weighted by validation score, or uniform."""
+    if kind not in ("greedy", "weighted", "uniform"):
+        raise ValueError(f"kind must be one of 'greedy', 'weighted', 'uniform', got {kind!r}")
+    start = _swa_start(swa_start, run.budget_epochs, run.epochs)
+    return SoupRecipe(
+        run.epochs, run.steps_per_epoch, _per_epoch(swa_reference_lr(run.lr, start, swa_lr, run.epochs)),
+        collect=lambda epoch: swa_should_average(epoch, start), kind=kind, temperature=temperature,
+    )
 
 
 @METHODS.register("fge")
