@@ -142,8 +142,22 @@ class EMA(AveragingRule):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else ``model``."""
-    return getattr(model, "_orig_mod", model)
+    """The module under ``torch.compile`` (``_orig_mod``) and ``DistributedDataParallel`` (``.module``)."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model.module, "_orig_mod", model.module)
+    return model
+
+
+def _check_not_sharded(model: nn.Module) -> None:
+    """Refuse FSDP (1 or 2) and DTensor-sharded models: each rank holds only shards of the weights."""
+    sharded = any(type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
+                  for m in model.modules()) or any(type(p).__name__ == "DTensor" for p in model.parameters())
+    if sharded:
+        raise ValueError(
+            "AveragedModel does not support sharded models (FSDP, DTensor parameters): average an unsharded "
+            "model, e.g. one trained with DistributedDataParallel, or the full state_dict gathered from the shards"
+        )
 
 
 def _strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +173,8 @@ class AveragedModel(nn.Module):
     never synchronises with the device. ``avg_fn``/``multi_avg_fn`` behave exactly as in torch.
 
     Args:
-        model: the model whose weights are averaged (a ``torch.compile`` wrapper is unwrapped).
+        model: the model whose weights are averaged (``torch.compile`` and ``DistributedDataParallel``
+            wrappers are unwrapped; FSDP-sharded models are refused with a ``ValueError``).
         device: where the average lives (e.g. ``"cpu"`` for a GPU model); default: the model's.
         avg_fn: torch-style per-tensor function ``(averaged, current, n_averaged) -> new averaged``.
         multi_avg_fn: torch-style in-place function over lists of tensors.
@@ -198,6 +213,7 @@ class AveragedModel(nn.Module):
             raise ValueError("give at most one of avg_fn, multi_avg_fn and rule")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        _check_not_sharded(model)
         self.module = _copy_module(_unwrap(model), device, dtype)
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
         self.avg_fn = avg_fn

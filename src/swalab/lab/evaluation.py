@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 from .. import metrics
 from ..data import BatchLoader, Split
+
+if TYPE_CHECKING:
+    from .distributed import World
 
 __all__ = ["EvalContext", "evaluate", "forward", "has_batchnorm", "loss_fn", "model_outputs", "predict"]
 
@@ -22,6 +25,7 @@ class EvalContext(NamedTuple):
     batch_size: int
     bn_loader: Callable[[], BatchLoader]  # a fresh, seeded pass over the training data
     bn_batches: int | None
+    world: World | None = None  # under DDP: each rank predicts its part of a split (see distributed.py)
 
 
 def forward(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -29,13 +33,17 @@ def forward(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> Tensor:
     return model(*x) if isinstance(x, tuple) else model(x)
 
 
-def loss_fn(task: str, output: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy for classification (padded nodes ignored), mean squared error for regression."""
+def loss_fn(task: str, output: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy for classification (padded nodes ignored), mean squared error for regression.
+
+    ``reduction="sum"`` sums instead of averaging (a DDP rank's share of the global batch's loss).
+    """
     if task == "regression":
-        return F.mse_loss(output, y)
+        return F.mse_loss(output, y, reduction=reduction)
     if task == "node_classification":
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1), ignore_index=-1)
-    return F.cross_entropy(output, y)
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+    return F.cross_entropy(output, y, reduction=reduction)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -44,7 +52,14 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def model_outputs(model: nn.Module, split: Split, ctx: EvalContext) -> Tensor:
-    """Probabilities (classification) or predictions (regression) of ``model`` in eval mode, on the CPU."""
+    """Probabilities (classification) or predictions (regression) of ``model`` in eval mode, on the CPU.
+
+    Under DDP (``ctx.world``) each rank predicts its contiguous part of the split and the parts are
+    gathered, so every rank returns the outputs for the whole split.
+    """
+    if ctx.world is not None and ctx.world.size > 1:
+        part = model_outputs(model, ctx.world.shard(split), ctx._replace(world=None))
+        return ctx.world.gather_rows(part, len(split))
     was_training = model.training
     model.eval()
     outputs = []

@@ -30,6 +30,7 @@ import yaml
 from ..data import DATASETS, DataBundle
 from ..data import load as load_data
 from .config import ConfigError, ExperimentConfig, to_dict
+from .distributed import World
 from .stats import primary_metric, summarize
 from .trainer import atomic_write_text, resolve_device, train_run
 
@@ -99,59 +100,80 @@ def run_experiment(
     argv: list[str] | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    world: World = World(),
 ) -> list[dict[str, Any]]:
-    """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
-    _check_out_dir(out, cfg)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    atomic_write_text(out / "meta.json", json.dumps(_meta(cfg, argv or sys.argv), indent=2))
+    """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
 
+    Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
+    and shares what it found, the others train alongside it (distributed.py).
+    """
+    def prepare() -> None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
+        _check_out_dir(out, cfg)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        meta = dict(_meta(cfg, argv or sys.argv), processes=world.size)
+        atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+
+    world.on_main(prepare)
+    if not world.main:
+        log, progress = (lambda text: None), False
     DATASETS.get(cfg.data.name)  # unknown names fail before any work
-    device = resolve_device(cfg.train.device)
+    device = world.device if world.size > 1 else resolve_device(cfg.train.device)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
-    todo = []
-    for seed, method in runs:
-        result_path = out / method.label / f"seed{seed}" / "result.json"
-        if result_path.exists():
-            rows[(method.label, seed)] = json.loads(result_path.read_text())
-        else:
-            todo.append((seed, method))
-    log(f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {device}, writing {out}")
+
+    def finished() -> dict[tuple[str, int], dict[str, Any]]:
+        paths = {(m.label, seed): out / m.label / f"seed{seed}" / "result.json" for seed, m in runs}
+        return {key: json.loads(path.read_text()) for key, path in paths.items() if path.exists()}
+
+    rows = world.on_main(finished)
+    todo = [(seed, m) for seed, m in runs if (m.label, seed) not in rows]
+    where = f"{world.size} processes on {device.type}" if world.size > 1 else str(device)
+    log(f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {where}, writing {out}")
 
     bundles: dict[int, Any] = {}
+    started = time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task("epochs", total=None)
         for seed, method in todo:
-            if seed not in bundles:
-                bundles = {seed: load_bundle(cfg, seed, download)}
+            if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
+                bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
             bundle = bundles[seed]
             if bar.tasks[task].total is None:
                 bar.update(task, total=_total_epochs(cfg, todo))
             bar.update(task, description=f"{method.label} seed {seed}")
             run_dir = out / method.label / f"seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if world.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=lambda: bar.advance(task))
+            result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=lambda: bar.advance(task),
+                               world=world)
             row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
                    "seed": seed, "budget": method.budget,
                    "epochs": result.epochs, "status": result.status, "seconds": round(time.perf_counter() - start, 2),
                    "message": result.message, **result.metrics}
             if result.status == "diverged":
                 log(f"diverged: {result.message}; the other runs go on")
-            atomic_write_text(run_dir / "result.json", json.dumps(row, indent=2))
+            elif not progress:  # no live bar (not a terminal): one line per run, with an ETA
+                done, total = bar.tasks[task].completed, bar.tasks[task].total or 1
+                eta = (time.perf_counter() - started) / max(done, 1) * (total - done)
+                metric = "test_mse" if "test_mse" in result.metrics else "test_accuracy"
+                log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
+                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, ETA {eta:.0f} s")
             rows[(method.label, seed)] = row
-            _write_results(out, [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
+            if world.main:
+                atomic_write_text(run_dir / "result.json", json.dumps(row, indent=2))
+                _write_results(out, [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
     ordered = [rows[(m.label, s)] for s, m in runs]
-    _write_results(out, ordered)
+    if world.main:
+        _write_results(out, ordered)
     log(format_table(cfg.name, [{k: str(v) for k, v in r.items()} for r in ordered]))
     return ordered
 
