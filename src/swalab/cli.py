@@ -4,6 +4,9 @@
     swalab run mnist1d
     swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
     swalab run my_experiment.yaml --out runs/x
+    torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
+    swalab landscape runs/mnist1d --grid 21 --rays 10
+    swalab report runs/mnist1d --html
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .lab.config import load_config
+    from .lab.distributed import setup
     from .lab.runner import run_experiment
 
     overrides = list(args.set)
@@ -45,7 +49,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides, args.variant)
     out = Path(args.out) if args.out else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
-    run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty())
+    world = setup(cfg.train.batch_size, cfg.train.device, args.dist_timeout)  # one process unless under torchrun
+    try:
+        run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty(), world=world)
+    except BaseException:
+        world.close(finished=False)
+        raise
+    world.close()
+    return 0
+
+
+def _cmd_landscape(args: argparse.Namespace) -> int:
+    from .report import compute_landscape
+
+    what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what else None
+    compute_landscape(args.run_dir, seed=args.seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
+                      margin=args.margin, line_points=args.line_points, rays=args.rays, ray_points=args.ray_points,
+                      ray_distance=args.ray_distance, rise=args.rise, device=args.device, threads=args.threads,
+                      progress=sys.stderr.isatty())
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    build_report(args.run_dir, html_page=args.html)
     return 0
 
 
@@ -66,7 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="a preset variant, e.g. cpu or full")
     p.add_argument("--download", action="store_true", help="download datasets that are missing")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others to join (default: 60)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("landscape", help="loss-landscape geometry of a run: line, rays, planes, ensemble view")
+    p.add_argument("run_dir", help="a run directory written by `swalab run`")
+    p.add_argument("--seed", type=int, help="which seed's runs (default: the first)")
+    p.add_argument("--sgd", help="label of the SGD run (default: the sgd method at budget 1)")
+    p.add_argument("--swa", help="label of the SWA run (default: the swa method at budget 1)")
+    p.add_argument("--what", help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions "
+                                  "(default: all the run directory allows)")
+    p.add_argument("--grid", type=int, default=21, help="points per side of the planes (default: 21)")
+    p.add_argument("--margin", type=float, default=0.2, help="plane margin beyond [0, 1] (default: 0.2)")
+    p.add_argument("--line-points", type=int, default=21, help="points on the line, t in [-0.5, 1.5] (default: 21)")
+    p.add_argument("--rays", type=int, default=10, help="random directions (default: 10)")
+    p.add_argument("--ray-points", type=int, default=21, help="points along each ray (default: 21)")
+    p.add_argument("--ray-distance", type=float, help="largest distance along a ray (default: ||w_SWA|| / 2)")
+    p.add_argument("--rise", type=float, default=0.1, help="train-loss rise that defines the width (default: 0.1)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the run's train.device)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the run's train.threads)")
+    p.set_defaults(func=_cmd_landscape)
+
+    p = sub.add_parser("report", help="report of a run (Markdown + PNGs; --html: one self-contained page)")
+    p.add_argument("run_dir", help="a run directory written by `swalab run`")
+    p.add_argument("--html", action="store_true", help="also write report/report.html with embedded images")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -83,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:
         if debug:
             raise
+        from .lab.distributed import reported_by_rank0
+
+        if reported_by_rank0(err):  # under torchrun: the same error is printed once, by rank 0
+            return 2
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"swalab: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
         return 2

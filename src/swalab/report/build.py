@@ -1,0 +1,363 @@
+"""``swalab report RUN_DIR``: a report of a run from its saved files only, as Markdown and one HTML page.
+
+The report is a list of blocks (headings, paragraphs, tables, figures) rendered twice:
+``report/report.md`` with the PNGs beside it, and ``report/report.html``, one self-contained page
+(CSS inline, images base64-embedded, no scripts, no external resources).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..lab.stats import MethodSummary, primary_metric, summarize
+from ..lab.trainer import atomic_write_text
+from . import figures
+from .rundir import RunDir
+
+__all__ = ["Block", "build_report", "format_value", "learning_curves", "results_tables"]
+
+LANDSCAPE_FIGURES = (
+    ("line", "line.png", "Train loss and test error along the line t·w_SGD + (1 − t)·w_SWA (paper Fig. 5)."),
+    ("rays", "rays.png", "Train loss and test error along random rays from both solutions (paper Fig. 4)."),
+    ("rays", "width.png", "Width: distance along each ray at which the train loss has risen by the set amount."),
+    ("plane", "plane.png", "The plane through SGD's start, SGD's end and SWA, with SGD's trajectory projected."),
+    ("snapshots", "snapshots.png", "The plane through three averaged SWA snapshots; their average and the SWA "
+                                   "solution marked, the SWA run's iterates projected."),
+)
+
+
+@dataclass
+class Block:
+    """One element of the report: ``kind`` is h1, h2, h3, p, note, code, table or figure."""
+
+    kind: str
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    image: Path | None = None
+
+
+# --- numbers -----------------------------------------------------------------------------------------
+
+
+def format_value(value: float | None, metric: str, signed: bool = False) -> str:
+    """Accuracies with 2 decimals, other metrics with 4; ``–`` for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    text = f"{value:.2f}" if metric.endswith("accuracy") else f"{value:.4f}"
+    return "+" + text if signed and not text.startswith("-") else text
+
+
+def _metric_title(metric: str) -> str:
+    names = {"test_accuracy": "test accuracy (%)", "test_mse": "test MSE", "test_loss": "test NLL",
+             "test_ece": "test ECE (20 equal-mass bins)"}
+    return names.get(metric, metric)
+
+
+def results_tables(rows: list[dict[str, str]]) -> list[tuple[str, list[MethodSummary], Block]]:
+    """The results tables in the paper's format, one per metric: the primary metric, then NLL and ECE."""
+    primary = primary_metric(rows)
+    chosen = [primary] + ([m for m in ("test_loss", "test_ece") if all(r.get(m) not in (None, "") for r in rows
+                                                                     if r["status"] == "done")]
+                          if primary == "test_accuracy" else [])
+    seeds = sorted({int(r["seed"]) for r in rows})
+    tables = []
+    for metric in chosen:
+        summaries = summarize(rows, metric)
+        header = ["method", "n", "mean ± std", "Δ vs", "Δ [95% CI]"] + [f"seed {s}" for s in seeds]
+        body = []
+        for s in summaries:
+            done_seeds = sorted(int(r["seed"]) for r in rows if r["method"] == s.label and r["status"] == "done")
+            by_seed = dict(zip(done_seeds, s.values))
+            n = f"{len(s.values)}" + (f" ({s.diverged} diverged)" if s.diverged else "")
+            diff = "" if s.diff_mean is None else (
+                f"{format_value(s.diff_mean, metric, True)} [{format_value(s.diff_low, metric, True)}, "
+                f"{format_value(s.diff_high, metric, True)}]")
+            body.append([s.label, n, f"{format_value(s.mean, metric)} ± {format_value(s.std, metric)}",
+                         s.baseline or "", diff] + [format_value(by_seed.get(seed), metric) for seed in seeds])
+        tables.append((metric, summaries, Block("table", _metric_title(metric), header, body)))
+    return tables
+
+
+# --- sections ----------------------------------------------------------------------------------------
+
+
+def _header(run: RunDir) -> list[Block]:
+    cfg = run.cfg
+    blocks = [Block("h1", f"swalab report: {cfg.name}")]
+    if cfg.description:
+        blocks.append(Block("p", cfg.description))
+    meta_path = run.path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    facts = [f"run directory `{run.path}`", f"dataset {cfg.data.name}", f"model {cfg.model.name}",
+             f"budget B = {cfg.train.epochs} epochs", f"seeds {cfg.seeds}"]
+    if meta:
+        facts += [f"torch {meta.get('torch')}", f"swalab {meta.get('swalab')}"]
+        if meta.get("git_revision"):
+            facts.append(f"git {str(meta['git_revision'])[:10]}")
+    blocks.append(Block("p", "; ".join(facts) + "."))
+    if meta.get("command"):
+        blocks.append(Block("code", " ".join(str(a) for a in meta["command"])))
+    return blocks
+
+
+def _results(run: RunDir) -> list[Block]:
+    rows = run.results()
+    blocks = [Block("h2", "Results"),
+              Block("p", "Mean ± std over seeds; Δ = paired difference to the baseline over the same seeds with "
+                         "its 95% t-interval; the raw value of every seed.")]
+    for _, _, table in results_tables(rows):
+        blocks.append(table)
+    unfinished = sorted({r["method"] for r in rows if r["status"] != "done"})
+    if unfinished:
+        blocks.append(Block("note", f"not finished or diverged: {', '.join(unfinished)}"))
+    return blocks
+
+
+def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.ndarray]],
+                                                     dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """From every ``metrics.jsonl``: per method the test metric over epochs averaged over seeds,
+    ``{"epoch", "iterate", "average"}`` (``average``: the running average, NaN before it exists;
+    absent for methods without one), and the LR schedule of the first seed, ``(epochs, lr)``.
+    """
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    schedules: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for label in run.labels:
+        per_seed = [records for records in (run.metrics(label, seed) for seed in run.cfg.seeds) if records]
+        if not per_seed:
+            continue
+        schedules[label] = (np.array([r["epoch"] for r in per_seed[0]]), np.array([r["lr"] for r in per_seed[0]]))
+        by_key: dict[str, dict[int, list[float]]] = {metric: {}, f"avg_{metric}": {}}
+        for records in per_seed:
+            for r in records:
+                for key, by_epoch in by_key.items():
+                    if key in r:
+                        by_epoch.setdefault(r["epoch"], []).append(r[key])
+        if not by_key[metric]:
+            continue
+        epochs = sorted(by_key[metric])
+        curve = {"epoch": np.array(epochs), "iterate": np.array([np.mean(by_key[metric][e]) for e in epochs])}
+        averages = by_key[f"avg_{metric}"]
+        if averages:
+            curve["average"] = np.array([np.mean(averages[e]) if e in averages else np.nan for e in epochs])
+        curves[label] = curve
+    return curves, schedules
+
+
+def _curves(run: RunDir, out: Path, metric: str) -> list[Block]:
+    """Learning curves averaged over seeds and the LR schedules (first seed), from metrics.jsonl."""
+    curves, schedules = learning_curves(run, metric)
+    if not curves:
+        return [Block("h2", "Learning curves"),
+                Block("note", f"no metrics.jsonl under {run.path}; run the experiment with `{run.resume_command}`")]
+    focus = [label for label in (run.default_label("sgd"), run.default_label("swa")) if label]
+    blocks = [Block("h2", "Learning curves")]
+    blocks.append(Block("figure", f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds: the iterate (thin) "
+                                  "and, for averaging methods, the running average with BatchNorm recomputed "
+                                  "(dashed) — document 003's Figure 1.",
+                        image=figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png")))
+    blocks.append(Block("h2", "Learning-rate schedules"))
+    blocks.append(Block("figure", f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
+                        image=figures.lr_figure(schedules, out / "lr_schedules.png")))
+    return blocks
+
+
+def _landscape(run: RunDir, out: Path) -> list[Block]:
+    src = run.path / "landscape"
+    summary_path = src / "landscape.json"
+    if not summary_path.is_file():
+        return [Block("h2", "Loss landscape"),
+                Block("note", f"no landscape in {src}; compute it with `swalab landscape {run.path}`")]
+    try:
+        return _landscape_blocks(json.loads(summary_path.read_text()), src, out)
+    except (KeyError, TypeError, ValueError) as err:
+        return [Block("h2", "Loss landscape"),
+                Block("note", f"{summary_path} is unreadable or from another swalab version ({err!r}); "
+                              f"recompute it with `swalab landscape {run.path}`")]
+
+
+def _landscape_blocks(s: dict[str, Any], src: Path, out: Path) -> list[Block]:
+    blocks = [Block("h2", "Loss landscape")]
+    blocks.append(Block("p", f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
+                             f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}."))
+    if "line" in s:
+        line = s["line"]
+        header = ["solution", "train loss", "train NLL", "train error (%)", "test NLL", "test error (%)"]
+        rows = [[s[key], *(_number(line[key][k], 2 if "error" in k else 4)
+                           for k in ("train_loss", "train_nll", "train_error", "test_nll", "test_error"))]
+                for key in ("swa", "sgd")]
+        blocks.append(Block("table", f"The two solutions, BN recomputed (‖w_SGD − w_SWA‖ = {line['distance']:.3f})",
+                            header, rows))
+    if "rays" in s:
+        r = s["rays"]
+        rows = [[s[key], _width_text(r["width"][key]["median"], r["max_distance"]),
+                 f"{r['width'][key]['beyond_range']} / {r['rays']}"] for key in ("swa", "sgd")]
+        blocks.append(Block("table", f"Width: distance at which the train loss rises by {r['rise']:g} "
+                                     f"({r['rays']} random directions up to distance {r['max_distance']:.3g})",
+                            ["solution", "median width", "rays beyond the range"], rows))
+    for piece, name, caption in LANDSCAPE_FIGURES:
+        if piece in s and (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            note = f" {s[piece]['note']}" if isinstance(s.get(piece), dict) and s[piece].get("note") else ""
+            blocks.append(Block("figure", caption + note, image=out / name))
+    if "ensemble" in s:
+        e = s["ensemble"]
+        m = e["metric"]
+        blocks.append(Block("table", f"The ensemble view (paper §3.5): the SWA average vs the ensemble of its "
+                                     f"{len(e['epochs'])} snapshots (epochs {e['epochs'][0]}–{e['epochs'][-1]})",
+                            ["Δ = max‖w_i − w̄‖", "agreement", "KL(ensemble ‖ average)", f"{m} of the average",
+                             f"{m} of the ensemble", f"mean {m} of the snapshots"],
+                            [[_number(e["delta"], 4), "–" if e["agreement"] is None else f"{100 * e['agreement']:.2f}%",
+                              _number(e["kl"], 4), *(_number(e[k], 2 if "%" in m else 4)
+                                                    for k in ("average", "ensemble", "snapshots_mean"))]]))
+    for piece, message in s.get("skipped", {}).items():
+        blocks.append(Block("note", f"{piece} not computed: {message}"))
+    return blocks
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _width_text(value: float | None, max_distance: float) -> str:
+    return f"> {max_distance:.3g}" if value is None else f"{value:.3f}"
+
+
+def _calibration(run: RunDir, out: Path) -> list[Block]:
+    ensembles = [m.label for m in run.cfg.methods if m.method in ("swag", "fge")]
+    if not ensembles or primary_metric(run.results()) != "test_accuracy":
+        return []
+    blocks = [Block("h2", "Calibration")]
+    summary_path = run.path / "landscape" / "landscape.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    path = run.path / "landscape" / "predictions.npz"
+    if "predictions" in summary.get("skipped", {}):
+        blocks.append(Block("note", f"no reliability diagrams: {summary['skipped']['predictions']}"))
+        return blocks
+    if "predictions" not in summary or not path.is_file():
+        blocks.append(Block("note", f"no final predictions in {path}; compute them with "
+                                    f"`swalab landscape {run.path} --what predictions`"))
+        return blocks
+    data = np.load(path)
+    labels = [str(x) for x in data["labels"]]
+    chosen = [label for label in (run.default_label("sgd"), run.default_label("swa"), *ensembles) if label in labels]
+    targets = torch.from_numpy(data["targets"])
+    diagrams, eces = {}, {}
+    for label in dict.fromkeys(chosen):
+        probs = torch.from_numpy(data["probs"][labels.index(label)])
+        diagrams[label] = metrics.reliability_diagram(probs, targets)
+        eces[label] = metrics.ece(probs, targets)
+    blocks.append(Block("figure", f"Reliability diagrams of the final predictions (seed {summary['seed']}; SWAG: Bayesian "
+                                  "model averaging over its samples, FGE: averaged member probabilities).",
+                        image=figures.reliability_figure(diagrams, eces, out / "reliability.png")))
+    return blocks
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def render_markdown(blocks: list[Block], out: Path) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(b.kind[1]) + " " + b.text, ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "note":
+            lines += [f"> **note:** {b.text}", ""]
+        elif b.kind == "code":
+            lines += ["```", b.text, "```", ""]
+        elif b.kind == "table":
+            lines += [f"**{b.text}**", "", "| " + " | ".join(b.header) + " |",
+                      "|" + "|".join("---" for _ in b.header) + "|"]
+            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in b.rows]
+            lines.append("")
+        elif b.kind == "figure" and b.image is not None:
+            lines += [f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})", "", f"*{b.text}*", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 1200px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #eee; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 0.9em; }
+caption { text-align: left; font-weight: 600; padding: .3em 0; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+td { white-space: nowrap; } th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.scroll { overflow-x: auto; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5em 1em; }
+code, pre { background: #f6f6f6; padding: .1em .3em; } pre { padding: .6em; overflow-x: auto; }
+"""
+
+
+def _inline_code(text: str) -> str:
+    """HTML-escape ``text`` and turn `backticks` into <code>."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    body: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            body.append(f"<{b.kind}>{_inline_code(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{_inline_code(b.text)}</p>")
+        elif b.kind == "note":
+            body.append(f'<p class="note">{_inline_code(b.text)}</p>')
+        elif b.kind == "code":
+            body.append(f"<pre>{html.escape(b.text)}</pre>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            body.append(f'<div class="scroll"><table class="results"><caption>{_inline_code(b.text)}</caption>'
+                        f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+        elif b.kind == "figure" and b.image is not None:
+            data = base64.b64encode(b.image.read_bytes()).decode("ascii")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.image.stem)}">'
+                        f"<figcaption>{_inline_code(b.text)}</figcaption></figure>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(run_dir: str | Path, *, html_page: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``RUN_DIR/report/report.md`` (+ PNGs) and, with ``html_page``, ``report.html``.
+
+    Returns:
+        ``{"markdown": path, "html": path or None, "figures": [paths], "missing": [notes]}``.
+    """
+    run = RunDir(run_dir)
+    rows = run.results()
+    out = run.path / "report"
+    out.mkdir(exist_ok=True)
+    blocks = _header(run) + _results(run) + _curves(run, out, primary_metric(rows)) + _landscape(run, out) \
+        + _calibration(run, out)
+    markdown = out / "report.md"
+    atomic_write_text(markdown, render_markdown(blocks, out))
+    page = None
+    if html_page:
+        page = out / "report.html"
+        atomic_write_text(page, render_html(blocks, f"swalab report: {run.cfg.name}"))
+    missing = [b.text for b in blocks if b.kind == "note" and "`swalab" in b.text]
+    for note in missing:
+        log(f"missing: {note}")
+    log(f"report written to {page or markdown}")
+    return {"markdown": markdown, "html": page, "figures": [b.image for b in blocks if b.kind == "figure"],
+            "missing": missing}

@@ -1,0 +1,468 @@
+"""``swalab landscape RUN_DIR``: loss-landscape geometry of a laboratory run, saved as data and figures.
+
+For one seed of a run directory, with SGD = the SGD run at budget 1 and SWA = the SWA run (or the
+labels given), this computes what the SWA paper shows (Izmailov et al., 2018, §3):
+
+========== ===================================================================== ======================
+piece      what                                                                  needs
+========== ===================================================================== ======================
+line       train loss / test error along ``t * w_SGD + (1 - t) * w_SWA``           final.pt of both
+rays       along ``w + t d/||d||`` from both solutions (same directions), width   final.pt of both
+plane      plane through (SGD start, SGD end, SWA), SGD trajectory projected      init.pt, final.pt;
+                                                                                  trajectory.pt (path)
+snapshots  plane through three averaged SWA snapshots, their average marked       trajectory.pt of SWA
+ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory.pt of SWA
+predictions final test probabilities of every method (reliability diagrams)       checkpoint.pt
+========== ===================================================================== ======================
+
+Every evaluated point is loaded into one model instance, BatchNorm statistics are recomputed with
+the training run's own BN pass (same batches at every point), and the train loss is the objective
+SGD minimised, cross-entropy + ``wd/2 ||w||^2`` (the NLL alone is saved too). Results go to
+``RUN_DIR/landscape/``: ``landscape.json`` (summary), one ``.npz`` and one ``.png`` per piece.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import landscape as geo
+from ..data import BatchLoader
+from ..ensembles import ensemble_view, predict_outputs
+from ..lab.evaluation import EvalContext
+from ..lab.methods import build_recipe
+from ..lab.trainer import atomic_write_text, resolve_device
+from ..schedules import swa_should_average
+from . import figures
+from .progress import Progress
+from .rundir import RunDir
+
+__all__ = ["PIECES", "compute_landscape"]
+
+PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions")
+METRICS = ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error")
+
+
+class _Missing(Exception):
+    """A piece cannot be computed from this run directory; the message says what to do."""
+
+
+def compute_landscape(
+    run_dir: str | Path,
+    *,
+    seed: int | None = None,
+    sgd: str | None = None,
+    swa: str | None = None,
+    what: Sequence[str] | None = None,
+    grid: int = 21,
+    margin: float = 0.2,
+    line_points: int = 21,
+    line_range: tuple[float, float] = (-0.5, 1.5),
+    rays: int = 10,
+    ray_points: int = 21,
+    ray_distance: float | None = None,
+    rise: float = 0.1,
+    device: str | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Compute the landscape pieces ``what`` (default: all that the run directory allows).
+
+    Args:
+        seed: which seed's runs (default: the first).
+        sgd, swa: method labels (default: the SGD and SWA runs at budget 1).
+        what: pieces to compute (see the module docstring); one asked for by name that the
+            directory cannot give is an error, while the default skips it with a one-line note.
+        grid: points per side of the planes' grids; ``margin``: beyond [0, 1] on each side.
+        line_points, line_range: ``t`` values of the line.
+        rays, ray_points, ray_distance: number of random directions, points along each, and the
+            largest distance (default: ``||w_SWA|| / 2``); ``rise``: train-loss rise that defines
+            the width.
+        device: where to evaluate (default: the run's ``train.device``).
+        threads: CPU threads for torch (default: the run's ``train.threads``, if set).
+        progress: draw a progress bar (default: when stderr is a terminal; else plain lines).
+
+    Returns:
+        The summary also written to ``RUN_DIR/landscape/landscape.json``.
+    """
+    run = RunDir(run_dir)
+    seed = run.seed(seed)
+    sgd = sgd or run.default_label("sgd")
+    swa = swa or run.default_label("swa")
+    if sgd is None or swa is None:
+        which = "SGD (method: sgd)" if sgd is None else "SWA (method: swa)"
+        raise ValueError(f"{run.path} has no {which} run; name one with --{'sgd' if sgd is None else 'swa'} LABEL "
+                         f"(labels: {', '.join(run.labels)})")
+    run.method(sgd)
+    run.method(swa)
+    unknown = sorted(set(what or ()) - set(PIECES))
+    if unknown:
+        raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
+    if grid < 2 or line_points < 2 or ray_points < 2 or rays < 1:
+        raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+
+    threads = threads if threads is not None else run.cfg.train.threads
+    if threads is not None:
+        torch.set_num_threads(threads)
+    job = _Job(run, seed, sgd, swa, device, log)
+    requested = list(what) if what else list(PIECES)
+    checks = {"line": job.check_ends, "rays": job.check_ends, "plane": job.check_plane,
+              "snapshots": lambda: job.check_snapshots(3), "ensemble": lambda: job.check_snapshots(2),
+              "predictions": job.check_predictions}
+    todo, skipped = [], {}
+    for piece in requested:
+        try:
+            checks[piece]()
+            todo.append(piece)
+        except (_Missing, FileNotFoundError) as err:
+            if what:
+                raise FileNotFoundError(str(err)) from None
+            skipped[piece] = str(err)
+            log(f"skipped {piece}: {err}")
+    if not todo:
+        raise FileNotFoundError(next(iter(skipped.values())))
+
+    out = run.path / "landscape"
+    out.mkdir(exist_ok=True)
+    summary = _previous_summary(out, seed, sgd, swa)
+    summary.update({"seed": seed, "sgd": sgd, "swa": swa, "protocol": job.protocol()})
+    summary.setdefault("skipped", {}).update(skipped)
+    for piece in todo:
+        summary["skipped"].pop(piece, None)
+    summary.setdefault("seconds", {})
+
+    sizes = {"line": line_points, "rays": 2 * rays * (ray_points - 1) + 2, "plane": grid * grid,
+             "snapshots": grid * grid, "ensemble": 0, "predictions": 0}
+    bar = Progress(sum(sizes[p] for p in todo), bar=progress)
+    try:
+        for piece in todo:
+            bar.stage(piece)
+            start = time.perf_counter()
+            if piece == "line":
+                summary["line"] = job.line(out, np.linspace(*line_range, line_points), bar)
+            elif piece == "rays":
+                summary["rays"] = job.rays(out, rays, ray_points, ray_distance, rise, bar)
+            elif piece == "plane":
+                summary["plane"] = job.plane(out, grid, margin, bar)
+            elif piece == "snapshots":
+                summary["snapshots"] = job.snapshots(out, grid, margin, bar)
+            elif piece == "ensemble":
+                summary["ensemble"] = job.ensemble()
+            else:
+                summary["predictions"] = job.predictions(out, log)
+            summary["seconds"][piece] = round(time.perf_counter() - start, 2)
+            atomic_write_text(out / "landscape.json", json.dumps(_clean(summary), indent=2))
+            log(f"{piece}: done in {summary['seconds'][piece]:.1f} s")
+    finally:
+        bar.close()
+    log(f"landscape of {run.path} (seed {seed}, {sgd} vs {swa}) written to {out}")
+    return _clean(summary)
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with NumPy scalars as Python numbers and NaN/inf as None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any]:
+    """The existing summary if it is for the same seed and labels (pieces computed earlier are kept)."""
+    path = out / "landscape.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if (old.get("seed"), old.get("sgd"), old.get("swa")) == (seed, sgd, swa):
+            return old
+    return {}
+
+
+class _Job:
+    """One seed's models, data and evaluator; each method computes, saves and summarises a piece."""
+
+    def __init__(self, run: RunDir, seed: int, sgd: str, swa: str, device: str | None,
+                 log: Callable[[str], None]) -> None:
+        self.run, self.seed, self.sgd, self.swa, self.log = run, seed, sgd, swa, log
+        self.device = resolve_device(device or run.cfg.train.device)
+        self._evaluator: geo.LandscapeEvaluator | None = None
+
+    # --- what each piece needs ---
+
+    def check_ends(self) -> None:
+        self.run.file(self.sgd, self.seed, "final.pt")
+        self.run.file(self.swa, self.seed, "final.pt")
+
+    def check_plane(self) -> None:
+        self.run.file(self.sgd, self.seed, "init.pt")
+        self.check_ends()
+
+    def averaged_epochs(self) -> list[int]:
+        """1-based epochs whose weights the SWA run folded into its average."""
+        m = self.run.method(self.swa)
+        if m.method != "swa":
+            raise _Missing(f"snapshots come from an swa run's trajectory; {self.swa!r} is a {m.method} run "
+                           "(pass --swa LABEL)")
+        budget = self.run.cfg.train.epochs
+        epochs = max(1, math.floor(m.budget * budget + 0.5))
+        # the defaults of lab.methods.swa: swa_start = 0.8 B + 1, one model per epoch (or per cycle)
+        start = m.options.get("swa_start") or int(0.8 * budget) + 1
+        period = m.options.get("cycle", 1) if m.options.get("schedule") == "cyclic" else m.options.get("every", 1)
+        return [e + 1 for e in range(epochs) if swa_should_average(e, start, period)]
+
+    def check_snapshots(self, needed: int) -> None:
+        epochs = self.averaged_epochs()
+        self.run.file(self.swa, self.seed, "final.pt")
+        self.run.file(self.swa, self.seed, "trajectory.pt")
+        if len(epochs) < needed:
+            raise _Missing(f"{self.swa} averaged {len(epochs)} snapshot(s) (epochs {epochs}), {needed} are needed; "
+                           f"train longer or lower methods.{self.swa}.options.swa_start")
+
+    def check_predictions(self) -> None:
+        if self.bundle.task != "classification":
+            raise _Missing(f"reliability diagrams are for classification; {self.run.cfg.data.name} is {self.bundle.task}")
+        if not any((self.run.run_dir(label, self.seed) / "checkpoint.pt").is_file() for label in self.run.labels):
+            raise _Missing(f"no checkpoint.pt under {self.run.path}/*/seed{self.seed}; "
+                           f"run the experiment with `{self.run.resume_command}`")
+
+    # --- shared state ---
+
+    @property
+    def bundle(self) -> Any:
+        if not hasattr(self, "_bundle"):
+            self._bundle = self.run.data(self.seed)
+        return self._bundle
+
+    @property
+    def evaluator(self) -> geo.LandscapeEvaluator:
+        if self._evaluator is None:
+            bundle, train = self.bundle, self.run.cfg.train
+            model = self.run.model(bundle).to(self.device)
+            bn_batches = list(itertools.islice(self.run.bn_loader(bundle, self.seed, self.device), train.bn_batches))
+            datasets = {name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
+                        for name, split in (("train", bundle.train), ("test", bundle.test))}
+            stats = geo.mse_stats if bundle.task == "regression" else geo.cross_entropy_stats
+            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets, stats, train.weight_decay)
+        return self._evaluator
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.evaluator.model.named_parameters()]
+
+    def weights(self, label: str, name: str) -> Tensor:
+        return geo.flat_parameters(self.run.load(label, self.seed, name), self.names)
+
+    def trajectory(self, label: str) -> list[dict[str, Tensor]]:
+        return self.run.load(label, self.seed, "trajectory.pt")
+
+    def protocol(self) -> dict[str, Any]:
+        train = self.run.cfg.train
+        return {
+            "train_loss": f"cross-entropy (MSE for regression) + weight_decay/2 * ||w||^2, weight_decay={train.weight_decay}",
+            "train_nll": "the data term alone",
+            "batchnorm": "recomputed at every point with the training run's BN pass "
+                         f"(batch {train.batch_size}, generator seed 20000 + seed"
+                         + (f", first {train.bn_batches} batches)" if train.bn_batches else ")"),
+            "device": str(self.device),
+        }
+
+    def evaluate(self, points: list[Tensor], bar: Progress) -> dict[str, np.ndarray]:
+        values: dict[str, list[float]] = {k: [] for k in METRICS}
+        for w in points:
+            result = self.evaluator(w)
+            for k in METRICS:
+                values[k].append(result[k])
+            bar.advance()
+        return {k: np.array(v) for k, v in values.items()}
+
+    # --- pieces ---
+
+    def line(self, out: Path, ts: np.ndarray, bar: Progress) -> dict[str, Any]:
+        w_sgd, w_swa = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
+        values = self.evaluate([geo.segment(w_swa, w_sgd, float(t)) for t in ts], bar)
+        np.savez(out / "line.npz", t=ts, **values)
+        figures.line_figure(ts, values, self.sgd, self.swa, out / "line.png")
+        i_swa, i_sgd = int(np.argmin(np.abs(ts))), int(np.argmin(np.abs(ts - 1)))
+        return {
+            "distance": float(torch.linalg.vector_norm(w_sgd - w_swa)),
+            "swa": {k: float(values[k][i_swa]) for k in METRICS},
+            "sgd": {k: float(values[k][i_sgd]) for k in METRICS},
+            "t_min_train_loss": float(ts[np.argmin(values["train_loss"])]),
+            "t_min_test_error": float(ts[np.argmin(values["test_error"])]),
+        }
+
+    def rays(self, out: Path, n: int, points: int, max_distance: float | None, rise: float,
+             bar: Progress) -> dict[str, Any]:
+        origins = {self.swa: self.weights(self.swa, "final.pt"), self.sgd: self.weights(self.sgd, "final.pt")}
+        if max_distance is None:
+            max_distance = float(torch.linalg.vector_norm(origins[self.swa])) / 2
+        distances = np.linspace(0.0, max_distance, points)
+        # the same directions from both solutions, so their widths are compared ray by ray
+        directions = geo.random_directions(origins[self.swa].numel(), n, torch.Generator().manual_seed(self.seed))
+        arrays: dict[str, np.ndarray] = {"distances": distances}
+        widths: dict[str, list[float]] = {}
+        for key, label in (("swa", self.swa), ("sgd", self.sgd)):
+            w = origins[label]
+            at_zero = self.evaluate([w], bar)
+            along = [self.evaluate([w + float(t) * d for t in distances[1:]], bar) for d in directions]
+            for k in METRICS:
+                arrays[f"{key}_{k}"] = np.stack([np.concatenate([at_zero[k], a[k]]) for a in along])
+            widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
+            arrays[f"{key}_width"] = np.array(widths[key])
+        np.savez(out / "rays.npz", **arrays)
+        figures.rays_figure(arrays, self.sgd, self.swa, out / "rays.png")
+        figures.width_figure(widths, distances[-1], rise, self.sgd, self.swa, out / "width.png")
+        return {
+            "max_distance": max_distance, "rise": rise, "rays": n,
+            "width": {key: {"per_ray": ws, "median": float(np.median(ws)),  # inf (beyond the range): null
+                            "beyond_range": sum(1 for x in ws if not math.isfinite(x))}
+                      for key, ws in widths.items()},
+        }
+
+    def _plane(self, out: Path, name: str, w: tuple[Tensor, Tensor, Tensor], labels: tuple[str, str, str],
+               paths: dict[str, list[Tensor]], marks: dict[str, Tensor], grid: int, margin: float,
+               bar: Progress, title: str) -> dict[str, Any]:
+        pl = geo.plane(*w)
+        points = np.array([pl.coordinates(p) for p in w])
+        # REFERENCE §2's grid; alpha widened only when the second point projects outside it
+        alpha1 = points[1][0] / pl.dx
+        alphas = (geo.grid_coordinates(grid, margin) if -margin <= alpha1 <= 1 + margin
+                  else np.linspace(min(0.0, alpha1) - margin, max(1.0, alpha1) + margin, grid))
+        betas = geo.grid_coordinates(grid, margin)
+        values = self.evaluate([pl.point(float(a), float(b)) for a in alphas for b in betas], bar)
+        values = {k: v.reshape(grid, grid) for k, v in values.items()}
+        xy = np.stack(np.meshgrid(alphas * pl.dx, betas * pl.dy, indexing="ij"), axis=-1)
+        path_xy = {k: np.array([pl.coordinates(p) for p in ws]) for k, ws in paths.items()}
+        mark_xy = {k: np.array(pl.coordinates(p)) for k, p in marks.items()}
+        np.savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
+                 point_labels=np.array(labels), dx=pl.dx, dy=pl.dy, **values,
+                 **{f"path_{k}": v for k, v in path_xy.items()}, **{f"mark_{k}": v for k, v in mark_xy.items()})
+        figures.plane_figure(xy, values, points, labels, path_xy, mark_xy, title, out / f"{name}.png")
+        return {
+            "points": {label: [float(c) for c in p] for label, p in zip(labels, points)},
+            "dx": pl.dx, "dy": pl.dy, "alpha_range": [float(alphas[0]), float(alphas[-1])],
+            "marks": {k: {"xy": [float(c) for c in v], "distance_to_plane": pl.distance(marks[k])}
+                      for k, v in mark_xy.items()},
+            "min_train_loss": float(values["train_loss"].min()),
+            "min_test_error": float(values["test_error"].min()),
+        }
+
+    def plane(self, out: Path, grid: int, margin: float, bar: Progress) -> dict[str, Any]:
+        w0 = self.weights(self.sgd, "init.pt")
+        w1, w2 = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
+        paths: dict[str, list[Tensor]] = {}
+        summary_note = None
+        try:
+            states = self.trajectory(self.sgd)
+            paths[f"{self.sgd} trajectory"] = [w0] + [geo.flat_parameters(s, self.names) for s in states]
+        except FileNotFoundError as err:
+            summary_note = f"SGD trajectory not drawn: {err}"
+            self.log(f"plane: {summary_note}")
+        labels = (f"{self.sgd} start", f"{self.sgd} end", self.swa)
+        summary = self._plane(out, "plane", (w0, w1, w2), labels, paths, {}, grid, margin, bar,
+                              f"plane through {labels[0]}, {labels[1]}, {labels[2]} (seed {self.seed})")
+        if summary_note:
+            summary["note"] = summary_note
+        return summary
+
+    def snapshots(self, out: Path, grid: int, margin: float, bar: Progress) -> dict[str, Any]:
+        epochs = self.averaged_epochs()
+        states = self.trajectory(self.swa)
+        chosen = [epochs[0], epochs[len(epochs) // 2], epochs[-1]]
+        w = tuple(geo.flat_parameters(states[e - 1], self.names) for e in chosen)
+        first = epochs[0] - 1
+        path = [geo.flat_parameters(s, self.names) for s in states[max(first - 1, 0):]]
+        marks = {"average of the three": (w[0] + w[1] + w[2]) / 3, f"{self.swa} (all {len(epochs)})":
+                 self.weights(self.swa, "final.pt")}
+        labels = tuple(f"epoch {e}" for e in chosen)
+        summary = self._plane(out, "snapshots", w, labels, {f"{self.swa} iterates": path}, marks, grid, margin, bar,
+                              f"plane through three {self.swa} snapshots (seed {self.seed})")
+        summary["epochs"] = chosen
+        return summary
+
+    def ensemble(self) -> dict[str, Any]:
+        """The SWA average against the ensemble of its snapshots, each snapshot with its own BN statistics.
+
+        Classification: Δ, agreement and KL from ``swalab.ensembles.ensemble_view``, and test errors
+        (%); regression: Δ and test MSE (the ensemble averages the predictions).
+        """
+        epochs = self.averaged_epochs()
+        states = self.trajectory(self.swa)
+        snapshots = [states[e - 1] for e in epochs]
+        average = self.run.load(self.swa, self.seed, "final.pt")
+        model = self.evaluator.model
+        test = BatchLoader(self.bundle.test, self.run.cfg.train.eval_batch_size, device=self.device)
+        y = self.bundle.test.y
+        if self.bundle.task == "regression":
+            w_bar = geo.flat_parameters(average, self.names)
+            view = {"delta": max(float(torch.linalg.vector_norm(geo.flat_parameters(s, self.names) - w_bar))
+                                 for s in snapshots), "agreement": None, "kl": None}
+
+            def score(outputs: Tensor) -> float:
+                return float((outputs.double() - y.double()).square().mean())
+
+            metric, transform = "test MSE", (lambda out: out.double())
+        else:
+            view = ensemble_view(snapshots, average, model, test)
+            y, keep = y.reshape(-1), y.reshape(-1) >= 0  # graphs pad their nodes with -1
+
+            def score(probs: Tensor) -> float:
+                return 100.0 * probs.reshape(y.numel(), -1)[keep].argmax(-1).ne(y[keep]).double().mean().item()
+
+            metric, transform = "test error (%)", (lambda out: out.double().softmax(-1))
+        outputs = []
+        for state in snapshots + [average]:
+            model.load_state_dict(state)
+            outputs.append(transform(predict_outputs(model, test)[0]))
+        return {
+            "epochs": epochs, **view, "metric": metric, "average": score(outputs[-1]),
+            "ensemble": score(torch.stack(outputs[:-1]).mean(0)),
+            "snapshots_mean": float(np.mean([score(o) for o in outputs[:-1]])),
+        }
+
+    def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+        """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
+        run, bundle, train = self.run, self.bundle, self.run.cfg.train
+        steps = len(BatchLoader(bundle.train, train.batch_size))
+        ctx = EvalContext(bundle.task, self.device, train.eval_batch_size,
+                          lambda: run.bn_loader(bundle, self.seed, self.device), train.bn_batches)
+        labels, probs_list, summary = [], [], {}
+        for m in run.cfg.methods:
+            path = run.run_dir(m.label, self.seed) / "checkpoint.pt"
+            if not path.is_file():
+                log(f"predictions: {m.label} skipped (no checkpoint.pt in {path.parent})")
+                continue
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            if ckpt.get("diverged"):
+                log(f"predictions: {m.label} skipped (diverged)")
+                continue
+            model = run.model(bundle)
+            model.load_state_dict(ckpt["model"])
+            model.to(self.device)
+            recipe = build_recipe(m.method, m.options, lr=train.lr, budget_epochs=train.epochs, budget=m.budget,
+                                  steps_per_epoch=steps, model=model)
+            recipe.load_state_dict(ckpt["recipe"])
+            probs = recipe.predict(model, {"test": bundle.test}, ctx)["test"]
+            labels.append(m.label)
+            probs_list.append(probs.numpy())
+            summary[m.label] = {"method": m.method,
+                                "test_accuracy": 100.0 * probs.argmax(-1).eq(bundle.test.y).double().mean().item()}
+        if not labels:
+            raise FileNotFoundError(f"no finished run under {run.path}/*/seed{self.seed}; "
+                                    f"finish them with `{run.resume_command}`")
+        np.savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
+                 targets=bundle.test.y.numpy())
+        return summary

@@ -1,0 +1,96 @@
+"""End to end in a real browser: a small run, its landscape and HTML report, rendered by headless Chromium.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (CI installs them) and ``selenium``; without
+chromium the test is skipped. The screenshot is kept as ``test-artifacts/report.png``.
+"""
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from swalab.lab.config import load_config
+from swalab.lab.runner import run_experiment
+from swalab.report import build_report, compute_landscape
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage",
+         "--window-size=1280,1000"]
+
+
+def _small_run(out: Path) -> Path:
+    """SGD, SWA and SWAG on MNIST-1D: 2 seeds of 5 epochs, trajectories kept, 3 averaged snapshots."""
+    cfg = load_config("mnist1d", [
+        "seeds=[0, 1]", "train.epochs=5", "train.save_trajectory=true", "train.threads=1",
+        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}},"
+        " {method: swag, options: {swa_lr: 0.05, swa_start: 3, n_samples: 3}}]",
+    ])
+    run_experiment(cfg, out, argv=["swalab", "run", "mnist1d", "(tests/test_browser.py)"], log=lambda _: None,
+                   progress=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    torch.set_num_threads(1)
+    run = _small_run(tmp_path / "run")
+    compute_landscape(run, grid=5, rays=2, ray_points=4, line_points=5, log=lambda _: None, progress=False)
+    report = build_report(run, html_page=True, log=lambda _: None)
+    assert report["missing"] == []
+    page = report["html"]
+    assert "http://" not in page.read_text() and "https://" not in page.read_text()  # nothing external
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        driver.get(page.as_uri())
+        assert driver.title == "swalab report: mnist1d"
+
+        # the results tables: one row per method, the paired difference of SWA to SGD
+        tables = driver.find_elements("css selector", "table.results")
+        assert tables, "no results table"
+        rows = tables[0].find_elements("css selector", "tbody tr")
+        assert [r.find_elements("tag name", "td")[0].text for r in rows] == ["sgd", "swa", "swag"]
+        assert rows[1].find_elements("tag name", "td")[3].text == "sgd"
+
+        # every figure decoded: as many images as the report has figures, each with a non-zero size
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);")
+        expected = {"learning_curves", "lr_schedules", "line", "rays", "width", "plane", "snapshots", "reliability"}
+        assert {alt for alt, *_ in images} == expected
+        assert len(images) == len(report["figures"])
+        for alt, complete, width, height in images:
+            assert complete and width > 0 and height > 0, f"figure {alt} did not decode"
+
+        overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
+        assert overflow <= 0, f"the page is {overflow} px wider than the window"
+
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == [], f"console errors: {errors}"
+
+        # a full-page screenshot, kept as a test artifact
+        size = driver.execute_script("return [document.documentElement.scrollWidth, "
+                                     "document.documentElement.scrollHeight];")
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1}})
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "report.png").write_bytes(base64.b64decode(shot["data"]))
+        driver.save_screenshot(str(ARTIFACTS / "report-top.png"))
+    finally:
+        driver.quit()

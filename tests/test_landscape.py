@@ -1,0 +1,324 @@
+"""Oracle tests for swalab.landscape and ``swalab landscape``: known coordinates, closed forms, exact re-runs."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from swalab import update_bn
+from swalab.cli import main
+from swalab.landscape import (
+    LandscapeEvaluator,
+    cross_entropy_stats,
+    flat_parameters,
+    grid_coordinates,
+    load_flat,
+    log_levels,
+    plane,
+    random_directions,
+    segment,
+    width,
+)
+from swalab.lab.config import load_config
+from swalab.lab.runner import run_experiment
+from swalab.report import compute_landscape
+from swalab.report.progress import Progress
+
+QUIET = {"log": lambda _: None, "progress": False}
+
+
+# --- the plane ------------------------------------------------------------------------------------
+
+
+def test_plane_by_hand():
+    w0, w1, w2 = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, 1, 1], [2, 3, 1], [5, 1, 1]))
+    pl = plane(w0, w1, w2)
+    # u = (w2 - w0)/|.| = e1, dx = 4; v: (1, 2, 0) minus its e1 part = (0, 2, 0) -> e2, dy = 2
+    assert pl.dx == 4 and pl.dy == 2
+    assert torch.equal(pl.u, torch.tensor([1.0, 0, 0], dtype=torch.float64))
+    assert torch.equal(pl.v, torch.tensor([0.0, 1, 0], dtype=torch.float64))
+    assert pl.coordinates(w0) == (0, 0) and pl.coordinates(w2) == (4, 0) and pl.coordinates(w1) == (1, 2)
+    assert pl.distance(torch.tensor([3.0, -1, 4], dtype=torch.float64)) == 3  # 3 along e3 off the plane
+    assert torch.equal(pl.point(0.25, 1.0), w1)
+
+
+def test_plane_basis_orthonormal_and_points_at_known_coordinates():
+    g = torch.Generator().manual_seed(0)
+    w0, w1, w2 = (torch.randn(500, generator=g) for _ in range(3))
+    pl = plane(w0, w1, w2)
+    gram = torch.stack([pl.u, pl.v]) @ torch.stack([pl.u, pl.v]).T
+    torch.testing.assert_close(gram, torch.eye(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    w0, w1, w2 = w0.double(), w1.double(), w2.double()
+    assert pl.dx == pytest.approx(float((w2 - w0).norm()), rel=1e-12)
+    x1 = float((w1 - w0) @ (w2 - w0)) / pl.dx
+    for w, expected in ((w0, (0, 0)), (w2, (pl.dx, 0)), (w1, (x1, pl.dy))):
+        assert pl.coordinates(w) == pytest.approx(expected, abs=1e-9)
+        assert pl.distance(w) == pytest.approx(0, abs=1e-9)
+    # grid points: (alpha, beta) = (1, 0) is w2 and (x1 / dx, 1) is w1
+    torch.testing.assert_close(pl.point(1.0, 0.0), w2)
+    torch.testing.assert_close(pl.point(x1 / pl.dx, 1.0), w1)
+    assert pl.coordinates(pl.point(0.3, -0.2)) == pytest.approx((0.3 * pl.dx, -0.2 * pl.dy))
+
+
+def test_plane_rejects_collinear_points():
+    w = torch.randn(10)
+    with pytest.raises(ValueError, match="collinear"):
+        plane(w, 2 * w, 3 * w)
+    with pytest.raises(ValueError, match="coincide"):
+        plane(w, 2 * w, w)
+
+
+def test_grid_is_the_reference_linspace():
+    np.testing.assert_allclose(grid_coordinates(21, 0.2), np.linspace(-0.2, 1.2, 21))
+
+
+def test_log_levels_crowd_at_the_minimum():
+    values = np.array([[0.1, 0.5], [2.0, 9.0]])
+    levels = log_levels(values, vmax=5.0, log_alpha=-5.0, n=7)
+    assert len(levels) == 8 and levels[0] == 0.1 and levels[-1] == 5.0  # the maximum clipped at vmax
+    assert np.all(np.diff(levels) > 0)
+    gaps = levels[1:-1] - 0.1  # min + exp(log_alpha + k g): a geometric sequence
+    gamma = (math.log(5.0 - 0.1) + 5.0) / 7
+    np.testing.assert_allclose(gaps, np.exp(-5.0 + gamma * np.arange(1, 7)))
+
+
+def test_log_levels_increase_for_a_range_narrower_than_exp_log_alpha():
+    levels = log_levels(np.array([3.450, 3.452, 3.481]), log_alpha=-1.0)
+    assert levels[0] == 3.450 and levels[-1] == 3.481 and np.all(np.diff(levels) > 0)
+
+
+def test_progress_prints_plain_lines_with_eta():
+    stream = io.StringIO()
+    bar = Progress(4, bar=False, stream=stream, every=0.0)
+    bar.stage("plane")
+    for _ in range(4):
+        bar.advance()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("landscape: plane: 4/4 points") and lines[-1].endswith("ETA 0 s")
+    assert "ETA" in lines[0]
+
+
+# --- line, rays, width ----------------------------------------------------------------------------
+
+
+def test_segment_is_the_papers_line():
+    w_swa, w_sgd = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
+    assert torch.equal(segment(w_swa, w_sgd, 0.0), w_swa)
+    assert torch.equal(segment(w_swa, w_sgd, 1.0), w_sgd)
+    torch.testing.assert_close(segment(w_swa, w_sgd, 1.5), 1.5 * w_sgd - 0.5 * w_swa)
+
+
+def test_random_directions_are_seeded_unit_vectors():
+    d = random_directions(1000, 4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(d.norm(dim=1), torch.ones(4, dtype=torch.float64))
+    assert torch.equal(d, random_directions(1000, 4, torch.Generator().manual_seed(3)))
+
+
+def test_width_by_hand():
+    d = np.linspace(0, 4, 5)
+    assert width(d, 1.0 + 0.5 * d, rise=1.0) == 2.0  # linear: interpolation is exact
+    assert width(d, [1.0, 1.0, 1.2, 1.6, 3.0], rise=1.0) == pytest.approx(3 + 0.4 / 1.4)
+    assert width(d, np.full(5, 1.0), rise=0.1) == math.inf
+    with pytest.raises(ValueError, match="rise"):
+        width(d, d, rise=0)
+
+
+class Quadratic(nn.Module):
+    """A toy "model" whose mean loss is 0.5 * sum_i h_i (w_i - c_i)^2, whatever the batch."""
+
+    def __init__(self, c: torch.Tensor, h: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros_like(c))
+        self.register_buffer("c", c)
+        self.register_buffer("sqrt_h", h.sqrt())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self.w - self.c) * self.sqrt_h).expand(x.shape[0], -1)
+
+
+def half_square(output, y):
+    return 0.5 * output.double().square().sum(), None, output.shape[0]
+
+
+def test_rays_on_a_quadratic_match_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    c, h = torch.randn(20, generator=g, dtype=torch.float64), torch.rand(20, generator=g, dtype=torch.float64) + 0.5
+    model = Quadratic(c, h).double()
+    batches = [(torch.zeros(7, 1), torch.zeros(7)), (torch.zeros(3, 1), torch.zeros(3))]
+    wd = 1e-2
+    evaluate = LandscapeEvaluator(model, [], {"train": batches}, half_square, weight_decay=wd)
+    distances = np.linspace(0, 3, 301)
+    for d in random_directions(20, 3, g):
+        curvature = float((h * d * d).sum())  # loss(c + t d) = 0.5 t^2 d'Hd
+        losses = []
+        for t in distances:
+            w = c + float(t) * d
+            out = evaluate(w)
+            assert out["train_nll"] == pytest.approx(0.5 * t * t * curvature, rel=1e-12, abs=1e-15)
+            assert out["train_loss"] == pytest.approx(out["train_nll"] + 0.5 * wd * float(w @ w), rel=1e-12)
+            assert math.isnan(out["train_error"])
+            losses.append(out["train_nll"])
+        rise = 0.5
+        exact = math.sqrt(2 * rise / curvature)
+        assert exact < distances[-1]
+        # linear interpolation of a convex curve crosses early, by at most one grid step
+        assert exact - (distances[1] - distances[0]) <= width(distances, losses, rise) <= exact
+
+
+def test_evaluator_recomputes_batchnorm_at_every_point():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(1)
+    bn = [(torch.randn(8, 3, generator=g) * 2 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    data = [(torch.randn(10, 3, generator=g), torch.randint(0, 2, (10,), generator=g))]
+    evaluate = LandscapeEvaluator(model, bn, {"test": data}, cross_entropy_stats)
+    w_a = flat_parameters(model)
+    w_b = w_a + 0.5 * random_directions(w_a.numel(), 1, g)[0]
+    first, _, again = evaluate(w_a), evaluate(w_b), evaluate(w_a)
+    assert first == again  # nothing of w_b's BN statistics is left behind
+    # the same numbers by hand: a fresh copy, its BN recomputed on the same batches
+    reference = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    load_flat(reference, w_b)
+    update_bn([x for x, _ in bn], reference)
+    reference.eval()
+    x, y = data[0]
+    with torch.no_grad():
+        out = reference(x)
+    expected = evaluate(w_b)
+    assert expected["test_nll"] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-6)
+    assert expected["test_error"] == pytest.approx(100 * out.argmax(1).ne(y).float().mean().item())
+
+
+def test_load_flat_round_trip_and_checks():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    w = torch.arange(26, dtype=torch.float64)
+    load_flat(model, w)
+    assert model[0].weight.dtype == torch.float32
+    assert torch.equal(flat_parameters(model), w)
+    assert torch.equal(flat_parameters(model.state_dict(), [n for n, _ in model.named_parameters()]), w)
+    with pytest.raises(ValueError, match="26 parameters"):
+        load_flat(model, torch.zeros(25))
+
+
+# --- on a real run directory ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """SGD and SWA on MNIST-1D, one seed of 5 epochs, trajectories kept, SWA averaging epochs 3-5."""
+    out = tmp_path_factory.mktemp("landscape") / "run"
+    cfg = load_config("mnist1d", [
+        "seeds=[0]", "train.epochs=5", "train.save_trajectory=true", "train.threads=1",
+        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}}]",
+    ])
+    run_experiment(cfg, out, log=lambda _: None, progress=False)
+    return out
+
+
+def results(run: Path) -> dict[str, dict[str, str]]:
+    with (run / "results.csv").open() as f:
+        return {r["method"]: r for r in csv.DictReader(f)}
+
+
+def test_line_endpoints_reproduce_the_runs(run_dir):
+    summary = compute_landscape(run_dir, what=["line"], line_points=5, **QUIET)["line"]
+    rows = results(run_dir)
+    # SWA's final model had its BN recomputed with the same pass: its numbers come back exactly
+    assert summary["swa"]["test_nll"] == pytest.approx(float(rows["swa"]["test_loss"]), rel=1e-5)
+    assert summary["swa"]["train_nll"] == pytest.approx(float(rows["swa"]["train_loss"]), rel=1e-5)
+    assert 100 - summary["swa"]["test_error"] == pytest.approx(float(rows["swa"]["test_accuracy"]))
+    # SGD's final model kept its running statistics; recomputed ones are close to them
+    assert summary["sgd"]["test_nll"] == pytest.approx(float(rows["sgd"]["test_loss"]), rel=0.1)
+    data = np.load(run_dir / "landscape" / "line.npz")
+    np.testing.assert_allclose(data["t"], [-0.5, 0, 0.5, 1, 1.5])
+    assert data["test_nll"][1] == summary["swa"]["test_nll"] and data["test_nll"][3] == summary["sgd"]["test_nll"]
+    state = torch.load(run_dir / "sgd" / "seed0" / "final.pt")
+    weight_norm2 = sum(float(state[n].double().square().sum()) for n in state
+                       if not n.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert summary["sgd"]["train_loss"] == pytest.approx(summary["sgd"]["train_nll"] + 0.5 * 5e-4 * weight_norm2)
+    assert (run_dir / "landscape" / "line.png").stat().st_size > 0
+
+
+def test_planes_rays_ensemble_and_predictions(run_dir):
+    s = compute_landscape(run_dir, grid=3, rays=2, ray_points=3, line_points=3, **QUIET)
+    assert s["skipped"] == {}
+    out = run_dir / "landscape"
+    plane_data = np.load(out / "plane.npz")
+    dx, dy = float(plane_data["dx"]), float(plane_data["dy"])
+    np.testing.assert_allclose(plane_data["points"][0], [0, 0], atol=1e-9)  # SGD start
+    np.testing.assert_allclose(plane_data["points"][2], [dx, 0], atol=1e-9)  # SWA
+    assert plane_data["points"][1][1] == pytest.approx(dy)  # SGD end
+    assert plane_data["grid"].shape == (3, 3, 2) and plane_data["train_loss"].shape == (3, 3)
+    np.testing.assert_allclose(plane_data["grid"][0, 0], [-0.2 * dx, -0.2 * dy])
+    path = plane_data["path_sgd trajectory"]  # init + 5 epochs; the last one is SGD's end
+    assert len(path) == 6
+    np.testing.assert_allclose(path[0], [0, 0], atol=1e-9)
+    np.testing.assert_allclose(path[-1], plane_data["points"][1], atol=1e-9)
+    assert s["snapshots"]["epochs"] == [3, 4, 5]
+    snap = s["snapshots"]["marks"]
+    assert snap["swa (all 3)"]["xy"] == pytest.approx(snap["average of the three"]["xy"], abs=1e-6)
+    assert snap["average of the three"]["distance_to_plane"] == pytest.approx(0, abs=1e-6)
+    e = s["ensemble"]
+    assert e["epochs"] == [3, 4, 5] and 0 < e["agreement"] <= 1 and e["delta"] > 0 and e["metric"] == "test error (%)"
+    assert 100 - e["average"] == pytest.approx(float(results(run_dir)["swa"]["test_accuracy"]))
+    rays = np.load(out / "rays.npz")
+    assert rays["swa_train_loss"].shape == (2, 3)
+    assert np.all(rays["swa_train_loss"][:, 0] == rays["swa_train_loss"][0, 0])  # every ray starts at w_SWA
+    rows = results(run_dir)
+    for label, p in s["predictions"].items():  # the final predictions are rebuilt exactly
+        assert p["test_accuracy"] == pytest.approx(float(rows[label]["test_accuracy"]))
+    assert set(json.loads((out / "landscape.json").read_text())) >= {"line", "rays", "plane", "snapshots"}
+    for name in ("line", "rays", "width", "plane", "snapshots"):
+        assert (out / f"{name}.png").stat().st_size > 0
+
+
+# --- bad input: one line, exit status 2 ---------------------------------------------------------------
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_empty_foreign_and_missing_directories(tmp_path, capsys):
+    assert "is empty" in one_line_error(capsys, ["landscape", str(tmp_path)])
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "holds no swalab run (no config.yaml)" in one_line_error(capsys, ["landscape", str(tmp_path)])
+    assert "does not exist" in one_line_error(capsys, ["landscape", str(tmp_path / "nope")])
+    (tmp_path / "config.yaml").write_text("learning_rate: 3\n")
+    assert "is not a swalab config" in one_line_error(capsys, ["landscape", str(tmp_path)])
+
+
+def test_bad_labels_seeds_and_pieces(run_dir, capsys):
+    assert "no method labelled 'adam'" in one_line_error(capsys, ["landscape", str(run_dir), "--sgd", "adam"])
+    assert "seed 7 is not among" in one_line_error(capsys, ["landscape", str(run_dir), "--seed", "7"])
+    assert "unknown landscape piece" in one_line_error(capsys, ["landscape", str(run_dir), "--what", "cube"])
+
+
+def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("landscape"))
+    (copy / "swa" / "seed0" / "trajectory.pt").unlink()
+    err = one_line_error(capsys, ["landscape", str(copy), "--what", "snapshots"])
+    assert f"no trajectory.pt in {copy / 'swa' / 'seed0'}" in err and "--set train.save_trajectory=true" in err
+    # by default the pieces that need it are skipped with that line, and the others are computed
+    assert main(["landscape", str(copy), "--what", "line,snapshots"]) == 2
+    capsys.readouterr()
+    assert main(["landscape", str(copy), "--grid", "2", "--rays", "1", "--ray-points", "2", "--line-points", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped snapshots: no trajectory.pt" in printed and "skipped ensemble: no trajectory.pt" in printed
+    summary = json.loads((copy / "landscape" / "landscape.json").read_text())
+    assert set(summary["skipped"]) == {"snapshots", "ensemble"} and "plane" in summary
+    (copy / "sgd" / "seed0" / "final.pt").unlink()
+    err = one_line_error(capsys, ["landscape", str(copy), "--what", "line"])
+    assert "no final.pt in" in err and f"swalab run {copy / 'config.yaml'} --out {copy}" in err
