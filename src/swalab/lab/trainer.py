@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from .distributed import World, batch_loss, broadcast_buffers, data_parallel, ra
 from .evaluation import EvalContext, evaluate, forward, has_batchnorm, model_outputs
 from .methods import build_recipe
 
-__all__ = ["RunResult", "atomic_write_text", "atomic_save", "train_run", "resolve_device"]
+__all__ = ["RunResult", "atomic_write_text", "atomic_save", "bn_loader", "train_run", "resolve_device"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -142,7 +142,6 @@ def train_run(
     generator = torch.Generator().manual_seed(seed)
     loader = shard_batches(BatchLoader(bundle.train, train.batch_size, shuffle=True, generator=generator,
                                        augment=bundle.augment if train.augment else None, device=device), world)
-    bn_loader_seed = 20_000 + seed
     lr = method.lr if method.lr is not None else train.lr
     recipe = build_recipe(method.method, method.options, lr=lr, budget_epochs=train.epochs,
                           budget=method.budget, steps_per_epoch=len(loader), model=model)
@@ -168,13 +167,8 @@ def train_run(
         if world.main:
             atomic_save(_cpu_state(model), run_dir / "init.pt")
 
-    def bn_loader() -> BatchLoader:  # under DDP: whole global batches dealt round-robin to the ranks
-        return shard_batches(BatchLoader(bundle.train, train.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(bn_loader_seed),
-                                         augment=bundle.augment if train.augment else None, device=device),
-                             world, whole_batches=True, max_batches=train.bn_batches)
-
-    ctx = EvalContext(bundle.task, device, train.eval_batch_size, bn_loader, train.bn_batches, world)
+    ctx = EvalContext(bundle.task, device, train.eval_batch_size, lambda: bn_loader(cfg, bundle, seed, device, world),
+                      train.bn_batches, world)
     net, criterion = data_parallel(model, world), batch_loss(world)  # the model itself in one process
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
@@ -197,14 +191,15 @@ def train_run(
         recipe.after_epoch(epoch, model, optimizer)
 
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": recipe.lr(epoch, 0), "train_loss": train_loss}
-        if (epoch + 1) % train.eval_every == 0 or epoch + 1 == recipe.epochs:
+        last = epoch + 1 == recipe.epochs
+        if (epoch + 1) % train.eval_every == 0 or last:
             record.update({f"test_{k}": v for k, v in
                            evaluate(model_outputs(model, bundle.test, ctx), bundle.test, bundle.task).items()})
             running = recipe.running_model(model)
-            if running is not None:
+            if running is not None and not last:  # the last epoch's average is the final model, evaluated below
                 if has_batchnorm(running):  # recompute BN on a copy: the average's own BN stays as it is
                     running = copy.deepcopy(running)
-                    update_bn(bn_loader(), running, max_batches=train.bn_batches)
+                    update_bn(ctx.bn_loader(), running, max_batches=ctx.bn_batches)
                 record.update({f"avg_test_{k}": v for k, v in
                                evaluate(model_outputs(running, bundle.test, ctx), bundle.test, bundle.task).items()})
         history.append(record)
@@ -229,7 +224,25 @@ def train_run(
     results: dict[str, float] = {}
     for name, split in splits.items():
         results.update({f"{name}_{k}": v for k, v in evaluate(outputs[name], split, bundle.task).items()})
+    if history and recipe.running_model(model) is not None:  # the learning curve's last average point
+        history[-1].update({k.replace("test_", "avg_test_", 1): v for k, v in results.items() if k.startswith("test_")})
+        if world.main:
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     return RunResult("done", recipe.epochs, results)
+
+
+def bn_loader(cfg: ExperimentConfig, bundle: DataBundle, seed: int, device: torch.device | None,
+              world: World = World()) -> Iterable[Any]:
+    """The training data pass that recomputes BatchNorm statistics of a run's averaged models.
+
+    Seeded per run (so a resumed run and ``swalab landscape`` repeat it exactly); under DDP whole
+    global batches are dealt round-robin to the ranks.
+    """
+    train = cfg.train
+    loader = BatchLoader(bundle.train, train.batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(20_000 + seed),
+                         augment=bundle.augment if train.augment else None, device=device)
+    return shard_batches(loader, world, whole_batches=True, max_batches=train.bn_batches)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:

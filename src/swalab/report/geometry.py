@@ -273,8 +273,7 @@ class _Job:
         return {
             "train_loss": f"cross-entropy (MSE for regression) + weight_decay/2 * ||w||^2, weight_decay={train.weight_decay}",
             "train_nll": "the data term alone",
-            "batchnorm": "recomputed at every point with the training run's BN pass "
-                         f"(batch {train.batch_size}, generator seed 20000 + seed"
+            "batchnorm": f"recomputed at every point with the training run's BN pass (batch {train.batch_size}"
                          + (f", first {train.bn_batches} batches)" if train.bn_batches else ")"),
             "device": str(self.device),
         }

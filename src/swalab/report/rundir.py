@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import BatchLoader, DataBundle
-from ..data import load as load_data
+from ..data import DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
-from ..lab.runner import read_results
+from ..lab.runner import load_bundle, read_results
+from ..lab.trainer import bn_loader
 from ..models import create as create_model
 
 __all__ = ["RunDir"]
@@ -113,15 +114,11 @@ class RunDir:
     # --- model and data ---
 
     def data(self, seed: int) -> DataBundle:
-        d = self.cfg.data
-        return load_data(d.name, root=d.root, seed=seed, **d.options)
+        return load_bundle(self.cfg, seed)
 
     def model(self, bundle: DataBundle) -> nn.Module:
         return create_model(self.cfg.model.name, bundle.in_shape, bundle.num_outputs, **self.cfg.model.options)
 
-    def bn_loader(self, bundle: DataBundle, seed: int, device: torch.device | None = None) -> BatchLoader:
-        """The training run's BatchNorm-recomputation pass (as ``lab.trainer.train_run`` builds it)."""
-        train = self.cfg.train
-        return BatchLoader(bundle.train, train.batch_size, shuffle=True,
-                           generator=torch.Generator().manual_seed(20_000 + seed),
-                           augment=bundle.augment if train.augment else None, device=device)
+    def bn_loader(self, bundle: DataBundle, seed: int, device: torch.device | None = None) -> Iterable[Any]:
+        """The training run's own BatchNorm-recomputation pass."""
+        return bn_loader(self.cfg, bundle, seed, device)
