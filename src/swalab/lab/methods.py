@@ -183,10 +183,12 @@ class Averaging(Recipe):
         return self.averaged.module if self.averaged.count > 0 else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"averaged": self.averaged.state_dict()}
+        # An empty average holds nothing (its first update copies): checkpoint it only once it counts.
+        return {"averaged": self.averaged.state_dict()} if self.averaged.count > 0 else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.averaged.load_state_dict(state["averaged"])
+        if "averaged" in state:
+            self.averaged.load_state_dict(state["averaged"])
 
 
 def _swa_start(swa_start: float | None, budget_epochs: int, epochs: int) -> int:
