@@ -1,6 +1,6 @@
 """Training overheads: an SWA run vs plain SGD, and swalab's trainer vs a bare PyTorch loop.
 
-    python benchmarks/training.py [--epochs 20 --repeats 5 --threads 1]
+    python benchmarks/training.py [--epochs 40 --repeats 9 --threads 1]
 
 Both comparisons use the MNIST-1D BN CNN of the default preset, the same data, batch order and
 optimizer; evaluation happens once at the end, on the train, validation and test splits in both
@@ -76,8 +76,8 @@ def bare_loop(epochs: int, bundle) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
