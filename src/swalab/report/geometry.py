@@ -451,10 +451,11 @@ class _Job:
             model = run.model(bundle)
             model.load_state_dict(ckpt["model"])
             model.to(self.device)
-            recipe = build_recipe(m.method, m.options, lr=train.lr, budget_epochs=train.epochs, budget=m.budget,
-                                  steps_per_epoch=steps, model=model)
+            recipe = build_recipe(m.method, m.options, lr=m.lr if m.lr is not None else train.lr,
+                                  budget_epochs=train.epochs, budget=m.budget, steps_per_epoch=steps, model=model)
             recipe.load_state_dict(ckpt["recipe"])
-            probs = recipe.predict(model, {"test": bundle.test}, ctx)["test"]
+            splits = {"test": bundle.test, **({"val": bundle.val} if len(bundle.val) else {})}  # soups score on val
+            probs = recipe.predict(model, splits, ctx)["test"]
             labels.append(m.label)
             probs_list.append(probs.numpy())
             summary[m.label] = {"method": m.method,
