@@ -213,11 +213,13 @@ def test_load_flat_round_trip_and_checks():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """SGD and SWA on MNIST-1D, one seed of 5 epochs, trajectories kept, SWA averaging epochs 3-5."""
+    """SGD, SWA and a greedy soup on MNIST-1D, one seed of 5 epochs, trajectories kept, SWA averaging
+    epochs 3-5 (the soup scores its snapshots on the validation split, also when predictions are rebuilt)."""
     out = tmp_path_factory.mktemp("landscape") / "run"
     cfg = load_config("mnist1d", [
         "seeds=[0]", "train.epochs=5", "train.save_trajectory=true", "train.threads=1",
-        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}}]",
+        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}},"
+        " {method: soup, options: {swa_start: 3}}]",
     ])
     run_experiment(cfg, out, log=lambda _: None, progress=False)
     return out
