@@ -41,18 +41,23 @@ class _GCNBase(nn.Module):
 
     def __init__(
         self,
-        conv: type[nn.Module],
         in_features: int,
         num_outputs: int,
-        hidden: int,
-        num_layers: int,
-        readout_layers: int,
+        hidden: int = 146,
+        num_layers: int = 4,
+        readout_layers: int = 2,
     ) -> None:
         super().__init__()
+        conv = self.conv_class()
         self.embed = nn.Linear(in_features, hidden)
         self.convs = nn.ModuleList(conv(hidden, hidden) for _ in range(num_layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(num_layers))
         self.readout = _mlp_readout(hidden, num_outputs, readout_layers)
+
+    @staticmethod
+    def conv_class() -> type[nn.Module]:
+        """The torch_geometric convolution (imported only when a GCN is built)."""
+        raise NotImplementedError
 
 
 class DenseGCN(_GCNBase):
@@ -63,17 +68,11 @@ class DenseGCN(_GCNBase):
     zero logits.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        num_outputs: int,
-        hidden: int = 146,
-        num_layers: int = 4,
-        readout_layers: int = 2,
-    ) -> None:
+    @staticmethod
+    def conv_class() -> type[nn.Module]:
         from torch_geometric.nn import DenseGCNConv
 
-        super().__init__(DenseGCNConv, in_features, num_outputs, hidden, num_layers, readout_layers)
+        return DenseGCNConv
 
     def forward(self, x: Tensor, adj: Tensor, mask: Tensor) -> Tensor:
         """``x [B, N, F]``, ``adj [B, N, N]``, ``mask [B, N]`` bool -> logits ``[B, N, C]``."""
@@ -90,17 +89,11 @@ class DenseGCN(_GCNBase):
 class SparseGCN(_GCNBase):
     """The same GCN on a PyG sparse batch (all nodes valid); its weights fit ``DenseGCN``."""
 
-    def __init__(
-        self,
-        in_features: int,
-        num_outputs: int,
-        hidden: int = 146,
-        num_layers: int = 4,
-        readout_layers: int = 2,
-    ) -> None:
+    @staticmethod
+    def conv_class() -> type[nn.Module]:
         from torch_geometric.nn import GCNConv
 
-        super().__init__(GCNConv, in_features, num_outputs, hidden, num_layers, readout_layers)
+        return GCNConv
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         """``x [M, F]`` (nodes of all graphs), ``edge_index [2, E]`` -> logits ``[M, C]``."""
