@@ -293,3 +293,30 @@ def test_rejects_conflicting_arguments():
         swalab.AveragedModel(small_model(), multi_avg_fn=swa_utils.get_swa_multi_avg_fn(), rule=swalab.SWA())
     with pytest.raises(ValueError, match="floating dtype"):
         swalab.AveragedModel(small_model(), dtype=torch.int32)
+
+
+def test_update_every_and_after_gate_steps_and_warmup_counts_averaged_models():
+    """EMA every k steps from step s (timm/ema-pytorch/Lightning options): an oracle on a scalar."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = swalab.AveragedModel(model, rule=swalab.EMA(0.5, warmup_gamma=1.0, warmup_power=1.0),
+                               update_every=3, update_after=2)
+    expected, count = None, 0
+    for step in range(10):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        averaged = ema.update_parameters(model, step=step)
+        assert averaged == (step >= 2 and (step - 2) % 3 == 0)
+        if averaged:  # decay_t = min(0.5, 1 - 1/(1 + t)) for the t-th averaged model; t = 0 copies
+            decay = min(0.5, 1 - 1 / (1 + count))
+            expected = float(step) if count == 0 else decay * expected + (1 - decay) * step
+            count += 1
+    assert ema.n_averaged.item() == count == 3  # steps 2, 5, 8
+    assert ema.module.weight.item() == pytest.approx(expected)
+    calls = swalab.AveragedModel(model, update_every=2)  # without step: the object's own call count
+    assert [calls.update_parameters(model) for _ in range(4)] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("kwargs", [{"update_every": 0}, {"update_every": 1.5}, {"update_after": -1}])
+def test_update_gating_options_are_checked(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        swalab.AveragedModel(torch.nn.Linear(1, 1), **kwargs)

@@ -182,6 +182,9 @@ class AveragedModel(nn.Module):
         rule: a swalab ``AveragingRule``: ``SWA()`` (default) or ``EMA(decay, warmup_gamma)``.
         dtype: floating dtype of the average, e.g. ``torch.float32`` for a bf16 model, whose bf16
             average would stop moving once the increments round to zero.
+        update_every: average only every k-th step (timm's ``ModelEmaV3``, ema-pytorch's
+            ``update_every``, Lightning's ``update_every_n_steps``); warm-up counts averaged models.
+        update_after: skip the steps before this one; the first averaged step copies the model.
 
     Example:
         >>> swa_model = swalab.AveragedModel(model)
@@ -207,12 +210,18 @@ class AveragedModel(nn.Module):
         *,
         rule: AveragingRule | None = None,
         dtype: torch.dtype | None = None,
+        update_every: int = 1,
+        update_after: int = 0,
     ) -> None:
         super().__init__()
         if sum(f is not None for f in (avg_fn, multi_avg_fn, rule)) > 1:
             raise ValueError("give at most one of avg_fn, multi_avg_fn and rule")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        if isinstance(update_after, bool) or not isinstance(update_after, int) or update_after < 0:
+            raise ValueError(f"update_after must be an integer >= 0, got {update_after!r}")
         _check_not_sharded(model)
         self.module = _copy_module(_unwrap(model), device, dtype)
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
@@ -220,6 +229,8 @@ class AveragedModel(nn.Module):
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
         self.rule = rule if rule is not None else SWA()
+        self.update_every, self.update_after = update_every, update_after
+        self._calls = 0  # steps seen when the caller gives none
         self._state = AverageState(self._averaged_tensors(), 0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -252,9 +263,21 @@ class AveragedModel(nn.Module):
         if self.use_buffers:
             yield from (name for name, _ in self.module.named_buffers())
 
+    def should_update(self, step: int) -> bool:
+        """Whether ``step`` (0-based) is averaged: ``step >= update_after`` and every ``update_every``-th after it."""
+        return step >= self.update_after and (step - self.update_after) % self.update_every == 0
+
     @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
-        """Fold ``model``'s current weights into the average (the first call copies them)."""
+    def update_parameters(self, model: nn.Module, step: int | None = None) -> bool:
+        """Fold ``model``'s current weights into the average (the first averaged call copies them).
+
+        ``step`` is the caller's 0-based optimizer step (pass it when resuming: the default counts this
+        object's own calls, which are not checkpointed). Returns whether this step was averaged.
+        """
+        if step is None:
+            step, self._calls = self._calls, self._calls + 1
+        if not self.should_update(step):
+            return False
         current = self._source_tensors(model)
         if self.avg_fn is None and self.multi_avg_fn is None:
             self._state = self.rule.update(self._state, current)
@@ -264,6 +287,7 @@ class AveragedModel(nn.Module):
         if not self.use_buffers:
             lerp_([b.detach() for b in self.module.buffers()], [b.detach() for b in _unwrap(model).buffers()], 1.0)
         self.n_averaged.add_(1)
+        return True
 
     def _update_with_torch_fn(self, current: list[Tensor]) -> None:
         """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them."""

@@ -32,7 +32,8 @@ from ..data import load as load_data
 from .config import ConfigError, ExperimentConfig, to_dict
 from .distributed import World
 from .stats import primary_metric, summarize
-from .trainer import atomic_write_text, resolve_device, train_run
+from .files import atomic_write_text
+from .trainer import resolve_device, train_run
 
 __all__ = ["run_experiment", "format_table", "load_bundle", "read_results", "RESULT_FIELDS"]
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,28 +26,11 @@ from ..models import create as create_model
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
 from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng, shard_batches
+from .files import atomic_save, atomic_write_text, load_torch
 from .evaluation import EvalContext, evaluate, forward, has_batchnorm, model_outputs
 from .methods import build_recipe
 
-__all__ = ["RunResult", "atomic_write_text", "atomic_save", "bn_loader", "train_run", "resolve_device"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+__all__ = ["RunResult", "bn_loader", "train_run", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,7 +70,7 @@ def build_model(cfg: ExperimentConfig, bundle: DataBundle, seed: int) -> nn.Modu
 def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, device: torch.device,
              world: World = World()) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
-    cached = world.on_main(lambda: torch.load(path, map_location="cpu") if path.exists() else None)
+    cached = world.on_main(lambda: load_torch(path) if path.exists() else None)
     if cached is not None:
         return cached
     model = build_model(cfg, bundle, seed).to(device)
@@ -151,7 +132,7 @@ def train_run(
     start_epoch = 0
     checkpoint_path = run_dir / "checkpoint.pt"
     # Rank 0 reads the checkpoint and hands it to every rank (CPU tensors; load_state_dict moves them).
-    ckpt = world.on_main(lambda: torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    ckpt = world.on_main(lambda: load_torch(checkpoint_path)
                          if checkpoint_path.exists() else None)
     if ckpt is not None:
         if ckpt.get("diverged"):
@@ -206,7 +187,7 @@ def train_run(
         rng_states = world.gather(torch.get_rng_state())  # every rank's dropout stream ([its own] in one process)
         if world.main:  # under DDP rank 0 alone writes
             if train.save_trajectory:
-                trajectory = torch.load(run_dir / "trajectory.pt") if epoch > 0 and (run_dir / "trajectory.pt").exists() else []
+                trajectory = load_torch(run_dir / "trajectory.pt") if epoch > 0 and (run_dir / "trajectory.pt").exists() else []
                 atomic_save(trajectory[:epoch] + [_cpu_state(model)], run_dir / "trajectory.pt")
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             atomic_save({
@@ -252,7 +233,7 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 def _mark_diverged(checkpoint_path: Path, message: str) -> None:
     """Keep the last good checkpoint, flagged so a re-run reports the divergence instead of retrying."""
     if checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        ckpt = load_torch(checkpoint_path)
         ckpt["diverged"] = message
         atomic_save(ckpt, checkpoint_path)
     else:

@@ -21,7 +21,7 @@ import torch
 
 from .. import metrics
 from ..lab.stats import MethodSummary, primary_metric, summarize
-from ..lab.trainer import atomic_write_text
+from ..lab.files import atomic_write_text
 from . import figures
 from .rundir import RunDir
 

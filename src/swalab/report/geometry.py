@@ -39,7 +39,8 @@ from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
 from ..lab.evaluation import EvalContext
 from ..lab.methods import build_recipe
-from ..lab.trainer import atomic_write_text, resolve_device
+from ..lab.files import atomic_write_text, load_torch
+from ..lab.trainer import resolve_device
 from ..schedules import swa_should_average
 from . import figures
 from .progress import Progress
@@ -444,7 +445,7 @@ class _Job:
             if not path.is_file():
                 log(f"predictions: {m.label} skipped (no checkpoint.pt in {path.parent})")
                 continue
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_torch(path)
             if ckpt.get("diverged"):
                 log(f"predictions: {m.label} skipped (diverged)")
                 continue

@@ -15,6 +15,7 @@ from torch import nn
 from ..data import DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
 from ..lab.runner import load_bundle, read_results
+from ..lab.files import load_torch
 from ..lab.trainer import bn_loader
 from ..models import create as create_model
 
@@ -109,7 +110,7 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def load(self, label: str, seed: int, name: str) -> Any:
-        return torch.load(self.file(label, seed, name), map_location="cpu", weights_only=False)
+        return load_torch(self.file(label, seed, name))
 
     # --- model and data ---
 
