@@ -162,13 +162,37 @@ def test_average_on_another_device_and_dtype_keeps_integer_buffers():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cpu_average_of_cuda_model():
-    model = small_model().cuda()
+@pytest.mark.parametrize("kwargs", [{}, {"use_buffers": True}, {"rule": swalab.EMA(0.9)},
+                                    {"use_buffers": True, "multi_avg_fn": swa_utils.get_swa_multi_avg_fn()}])
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_cuda_model_averaged_on_cpu_or_gpu_equals_the_cpu_average(kwargs, device):
+    """The pinned, chunked copy path (device="cpu") and the on-GPU path give the CPU numbers; a BN
+    model with use_buffers=True works on CUDA (torch's multi-tensor SWA rule fails there)."""
+    model = small_model()
+    gpu_model = copy.deepcopy(model).cuda()
+    reference = swalab.AveragedModel(model, **kwargs)
+    averaged = swalab.AveragedModel(gpu_model, device=device, **kwargs)
+    for seed in range(4):
+        perturb(model, seed, with_buffers=True)
+        gpu_model.load_state_dict(model.state_dict())
+        reference.update_parameters(model)
+        averaged.update_parameters(gpu_model)
+    assert averaged.module[0].weight.device.type == ("cpu" if device == "cpu" else "cuda")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(averaged.state_dict()[key].cpu(), value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_model_averaged_on_cpu_through_several_chunks():
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 3000)).cuda()  # 16 MB: two chunks
     averaged = swalab.AveragedModel(model, device="cpu")
+    snapshots = []
     for seed in range(3):
         perturb(model, seed)
+        snapshots.append(flat(model.parameters()).cpu())
         averaged.update_parameters(model)
-    assert averaged.module[0].weight.device.type == "cpu"
+    assert len(averaged._pairing.averaged.staged[0][0].ranges) >= 2
+    torch.testing.assert_close(flat(averaged.module.parameters()), torch.stack(snapshots).mean(0))
 
 
 def test_mismatched_model_raises_and_leaves_average_untouched():

@@ -203,6 +203,7 @@ class ModelBinding:
     """
 
     def __init__(self, model: nn.Module, tensors: Sequence[Tensor]) -> None:
+        """``tensors``: the model's own parameters and buffers (not detached aliases of them)."""
         self.model = model
         self._modules = list(model.modules())
         self._tree = _tree(self._modules)
@@ -262,6 +263,21 @@ class HostStaging:
                                                  for _ in range(n_buffers)]
         self._events = [] if self.on_host else [torch.cuda.Event() for _ in range(n_buffers)]
 
+    def pieces(self, targets: Sequence[Tensor]) -> list[tuple[list[Tensor], list[int]]]:
+        """For each chunk, the slices of ``targets`` (contiguous, shaped like the sources) that pair
+        with its elements, and their sizes (to ``split`` the chunk)."""
+        bounds = list(itertools.accumulate((t.numel() for t in targets), initial=0))
+        out = []
+        for start, end in self.ranges:
+            chunk_pieces, sizes = [], []
+            for i, t in enumerate(targets):
+                lo, hi = max(start, bounds[i]), min(end, bounds[i + 1])
+                if lo < hi:
+                    chunk_pieces.append(t.view(-1)[lo - bounds[i]:hi - bounds[i]])
+                    sizes.append(hi - lo)
+            out.append((chunk_pieces, sizes))
+        return out
+
     def _issue(self, k: int) -> None:
         slot = k % len(self._host)
         n = self.ranges[k][1] - self.ranges[k][0]
@@ -320,18 +336,8 @@ class _Groups:
 
     def _add_staged(self, avg_list: list[Tensor], src_list: list[Tensor], dtype: torch.dtype) -> None:
         staging = HostStaging(src_list, self.chunk_bytes)
-        bounds = list(itertools.accumulate((a.numel() for a in avg_list), initial=0))
-        pieces, sizes = [], []
-        for start, end in staging.ranges:  # the average's slices that pair with each chunk
-            chunk_pieces, chunk_sizes = [], []
-            for i, a in enumerate(avg_list):
-                lo, hi = max(start, bounds[i]), min(end, bounds[i + 1])
-                if lo < hi:
-                    chunk_pieces.append(a.view(-1)[lo - bounds[i]:hi - bounds[i]])
-                    chunk_sizes.append(hi - lo)
-            pieces.append(chunk_pieces)
-            sizes.append(chunk_sizes)
-        self.staged.append((staging, pieces, sizes, dtype))
+        pieces = staging.pieces(avg_list)
+        self.staged.append((staging, [p for p, _ in pieces], [s for _, s in pieces], dtype))
 
     def apply(self, weight: float) -> None:
         """``average <- lerp(average, model, weight)`` over every group; ``weight == 1`` copies."""
@@ -346,7 +352,7 @@ class _Groups:
         for avg_list, src_list in self.cast:
             update(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)])
         for staging, pieces, sizes, dtype in self.staged:
-            staging.run(lambda k, chunk: update(pieces[k], chunk.to(dtype).split(sizes[k])))
+            staging.run(lambda k, chunk, p=pieces, s=sizes, d=dtype: update(p[k], chunk.to(d).split(s[k])))
 
 
 class _Pairing:
