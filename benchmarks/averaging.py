@@ -1,10 +1,16 @@
 """Time one averaging update: swalab vs torch.optim.swa_utils, against the memory-bandwidth floor.
 
-    python benchmarks/averaging.py [--repeats 15]
+    python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...]
 
 The floor moves the same 12 bytes per fp32 parameter as an ideal update (read the average, read
-the weights, write the average) with one in-place add over a flat buffer. Also measures the peak
-extra memory while building the averaged copy, in units of the model's parameter bytes.
+the weights, write the average) with one ``lerp_`` over a flat buffer. On a GPU the update is also
+timed with the average on the CPU (``device="cpu"``, the case of a model that does not fit twice on
+the GPU), against the floor of a bare device-to-host copy of all parameters into pinned memory.
+GPU times are CUDA-event times of one call from an idle device (the host work that launches the
+kernels is inside); CPU times, and the CPU-average rows, are wall-clock times. Medians of N calls.
+``mlp_200`` (100 small linear layers, 200 tensors) shows the host work per tensor, which does not
+depend on the memory bandwidth. On the CPU, also measures the peak extra memory while building
+the averaged copy of a ResNet-50, in units of its parameter bytes.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -30,36 +37,70 @@ def small_cnn() -> nn.Module:
     )
 
 
-MODELS = {"resnet50": lambda: torchvision.models.resnet50(), "small_cnn": small_cnn}
+def mlp_200() -> nn.Module:
+    return nn.Sequential(*[nn.Linear(16, 16) for _ in range(100)])
 
 
-def median_ms(fn, repeats: int) -> float:
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "small_cnn": small_cnn,
+    "mlp_200": mlp_200,
+    "resnet50": lambda: torchvision.models.resnet50(),
+    "vit_b_16": lambda: torchvision.models.vit_b_16(),
+}
+DEFAULT_MODELS = {"cpu": "small_cnn,mlp_200,resnet50", "cuda": "small_cnn,mlp_200,resnet50,vit_b_16"}
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, wall: bool = False) -> float:
+    """Median time of one call; on a GPU from an idle device, by CUDA events unless ``wall``."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        sync()
+        if cuda and not wall:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
 
 
-def time_updates(name: str, repeats: int) -> list[tuple[str, float]]:
+def time_updates(name: str, repeats: int, device: torch.device) -> list[tuple[str, float, str]]:
+    """Rows ``(label, ms, floor label)``; the first rows are the floors."""
     torch.manual_seed(0)
-    model = MODELS[name]()
-    contenders = {
-        "torch SWA (default)": swa_utils.AveragedModel(model),
-        "swalab SWA (default)": swalab.AveragedModel(model),
-        "torch EMA (multi_avg_fn)": swa_utils.AveragedModel(
-            model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)
-        ),
-        "swalab EMA": swalab.AveragedModel(model, rule=swalab.EMA(0.999)),
+    model = MODELS[name]().to(device)
+    contenders: dict[str, tuple[nn.Module, str]] = {
+        "torch SWA (default)": (swa_utils.AveragedModel(model), "lerp"),
+        "swalab SWA (default)": (swalab.AveragedModel(model), "lerp"),
+        "torch EMA (multi_avg_fn)": (
+            swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)), "lerp"),
+        "swalab EMA": (swalab.AveragedModel(model, rule=swalab.EMA(0.999)), "lerp"),
     }
-    for averaged in contenders.values():
+    if device.type == "cuda":
+        contenders["torch SWA, average on CPU"] = (swa_utils.AveragedModel(model, device="cpu"), "d2h")
+        contenders["swalab SWA, average on CPU"] = (swalab.AveragedModel(model, device="cpu"), "d2h")
+    for averaged, _ in contenders.values():
         averaged.update_parameters(model)  # the first update copies; time the averaging ones
-    average = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    weights = average.clone()
-    rows = [("floor: flat add_ (12 B/param)", median_ms(lambda: average.add_(weights), repeats))]
-    rows += [(label, median_ms(lambda a=a: a.update_parameters(model), repeats)) for label, a in contenders.items()]
+    with torch.no_grad():
+        weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    average = weights.clone()
+    rows = [("floor: flat lerp_ (12 B/param)", median_ms(lambda: average.lerp_(weights, 0.5), repeats, device),
+             "lerp")]
+    if device.type == "cuda":
+        host = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True)
+        copy = median_ms(lambda: host.copy_(weights, non_blocking=True), repeats, device, wall=True)
+        rows.append(("floor: pinned D2H copy (4 B/param)", copy, "d2h"))
+    for label, (averaged, floor) in contenders.items():
+        ms = median_ms(lambda a=averaged: a.update_parameters(model), repeats, device, wall=floor == "d2h")
+        rows.append((label, ms, floor))
     return rows
 
 
@@ -85,31 +126,46 @@ def peak_copy_ratio(which: str) -> float:
     return float(out.stdout.strip())
 
 
+def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
+    model = MODELS[name]()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = sum(1 for _ in model.parameters())
+    floors = {floor: ms for label, ms, floor in rows if label.startswith("floor")}
+    times = {label: ms for label, ms, _ in rows}
+    print(f"### {name}: {n_params / 1e6:.2f}M parameters in {n_tensors} tensors\n")
+    print("| update | ms | × floor | speed-up vs torch |")
+    print("|---|---:|---:|---:|")
+    for label, ms, floor in rows:
+        torch_label = label.replace("swalab", "torch").replace("EMA", "EMA (multi_avg_fn)")
+        speedup = f"{times[torch_label] / ms:.1f}×" if label.startswith("swalab") else ""
+        print(f"| {label} | {ms:.3f} | {ms / floors[floor]:.2f} | {speedup} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, help="calls per median (default: 15 on the CPU, 50 on a GPU)")
+    parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)}")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats\n")
-    for name in MODELS:
-        model = MODELS[name]()
-        n_params = sum(p.numel() for p in model.parameters())
-        n_tensors = sum(1 for _ in model.parameters())
-        rows = time_updates(name, args.repeats)
-        floor = rows[0][1]
-        times = dict(rows)
-        print(f"## {name}: {n_params / 1e6:.2f}M parameters in {n_tensors} tensors\n")
-        print("| update | ms | × floor | speed-up vs torch |")
-        print("|---|---:|---:|---:|")
-        for label, ms in rows:
-            torch_label = label.replace("swalab", "torch").replace("EMA", "EMA (multi_avg_fn)")
-            speedup = f"{times[torch_label] / ms:.1f}×" if label.startswith("swalab") else ""
-            print(f"| {label} | {ms:.2f} | {ms / floor:.2f} | {speedup} |")
-        print()
-    print("## Peak extra memory while building the averaged copy of resnet50 (× parameter bytes)\n")
-    print("| implementation | peak extra |")
-    print("|---|---:|")
-    for which in ("torch", "swalab"):
-        print(f"| {which} AveragedModel(model) | {peak_copy_ratio(which):.2f} |")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is available")
+    repeats = args.repeats or (50 if device.type == "cuda" else 15)
+    names = (args.models or DEFAULT_MODELS[device.type]).split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or repeats < 1:
+        parser.error(f"unknown model(s) {unknown}" if unknown else f"--repeats must be >= 1, got {repeats}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, median of {repeats} calls\n")
+    for name in names:
+        print_table(name, time_updates(name, repeats, device))
+    if device.type == "cpu":
+        print("### Peak extra memory while building the averaged copy of resnet50 (× parameter bytes)\n")
+        print("| implementation | peak extra |")
+        print("|---|---:|")
+        for which in ("torch", "swalab"):
+            print(f"| {which} AveragedModel(model) | {peak_copy_ratio(which):.2f} |")
 
 
 if __name__ == "__main__":

@@ -562,3 +562,35 @@ def test_staged_group_lerps_chunk_by_chunk_like_one_pass():
     groups.apply(1.0)
     for a, s in zip(average, sources):
         assert torch.equal(a, s.double())
+
+
+def test_average_lives_in_one_flat_buffer_and_a_flat_model_is_one_op():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    storages = {p.untyped_storage().data_ptr() for p in averaged.module.parameters()}
+    assert len(storages) == 1  # parameters then float buffers of one dtype: one buffer
+    flat_model = swalab.AveragedModel(model).module  # itself a model whose parameters are one buffer
+    twice = swalab.AveragedModel(flat_model)
+    snapshots = []
+    for seed in range(3):
+        perturb(flat_model, seed)
+        snapshots.append(flat(flat_model.parameters()))
+        twice.update_parameters(flat_model)
+        averaged.update_parameters(flat_model)
+    assert len(twice._pairing.averaged.direct[0][0]) == 1  # one lerp over the flat views
+    expected = torch.stack(snapshots).mean(0)
+    for result in (twice, averaged):
+        torch.testing.assert_close(flat(result.module.parameters()), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_updates_after_swapped_into_pair_the_right_tensors():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    perturb(model, 1)
+    averaged.update_parameters(model)
+    first = flat(model.parameters())
+    with averaged.swapped_into(model):
+        pass
+    perturb(model, 2)
+    averaged.update_parameters(model)
+    torch.testing.assert_close(flat(averaged.module.parameters()), (first + flat(model.parameters())) / 2)

@@ -307,6 +307,21 @@ class HostStaging:
             fn(k, self._host[slot][: end - start])
 
 
+_GATHER_MAX_NUMEL = 1 << 22  # gather at most 16 MB of fp32 into a scratch buffer ...
+_GATHER_MEAN_NUMEL = 4096  # ... and only tensors this small on average
+
+
+def _flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
+    """A 1-D view over ``tensors`` if they are contiguous, consecutive pieces of one storage."""
+    first = tensors[0]
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,))
+
+
 class _Groups:
     """Pairs ``(average tensor, model tensor)`` grouped once, and the update over all of them.
 
@@ -318,6 +333,7 @@ class _Groups:
     def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]], chunk_bytes: int = 8 << 20) -> None:
         self.chunk_bytes = chunk_bytes
         self.direct: list[tuple[list[Tensor], list[Tensor]]] = []
+        self.gathered: list[tuple[Tensor, list[Tensor], Tensor]] = []
         self.cast: list[tuple[list[Tensor], list[Tensor]]] = []
         self.staged: list[tuple[HostStaging, list[list[Tensor]], list[list[int]], torch.dtype]] = []
         groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
@@ -325,14 +341,27 @@ class _Groups:
             avg_list, src_list = groups.setdefault((a.device, a.dtype, t.device, t.dtype), ([], []))
             avg_list.append(a)
             src_list.append(t)
-        for (a_device, a_dtype, t_device, _), (avg_list, src_list) in groups.items():
-            if (a_device, a_dtype) == (t_device, src_list[0].dtype):
-                self.direct.append((avg_list, src_list))
+        for (a_device, a_dtype, t_device, t_dtype), (avg_list, src_list) in groups.items():
+            if (a_device, a_dtype) == (t_device, t_dtype):
+                self._add_direct(avg_list, src_list)
             elif a_device.type == "cpu" and t_device.type != "cpu" and all(
                     x.is_contiguous() for x in avg_list + src_list):
                 self._add_staged(avg_list, src_list, a_dtype)
             else:
                 self.cast.append((avg_list, src_list))
+
+    def _add_direct(self, avg_list: list[Tensor], src_list: list[Tensor]) -> None:
+        """One op over flat views when both sides are one buffer; on the CPU, many small tensors of
+        the model are first gathered into one (a multi-tensor op there costs about 0.5 us a tensor)."""
+        avg_flat, src_flat = _flat_view(avg_list), _flat_view(src_list)
+        if avg_flat is not None and src_flat is not None:
+            self.direct.append(([avg_flat], [src_flat]))
+        elif (avg_flat is not None and avg_flat.device.type == "cpu" and len(src_list) > 1
+              and avg_flat.numel() <= _GATHER_MAX_NUMEL and avg_flat.numel() <= _GATHER_MEAN_NUMEL * len(src_list)
+              and all(t.is_contiguous() for t in src_list)):
+            self.gathered.append((avg_flat, [t.view(-1) for t in src_list], torch.empty_like(avg_flat)))
+        else:
+            self.direct.append((avg_list, src_list))
 
     def _add_staged(self, avg_list: list[Tensor], src_list: list[Tensor], dtype: torch.dtype) -> None:
         staging = HostStaging(src_list, self.chunk_bytes)
@@ -349,6 +378,8 @@ class _Groups:
 
         for avg_list, src_list in self.direct:
             update(avg_list, src_list)
+        for avg_flat, src_views, scratch in self.gathered:
+            update([avg_flat], [torch.cat(src_views, out=scratch)])
         for avg_list, src_list in self.cast:
             update(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)])
         for staging, pieces, sizes, dtype in self.staged:
@@ -577,6 +608,7 @@ class AveragedModel(nn.Module):
         if len(live_tensors) != len(ours) or any(t.shape != a.shape for t, a in zip(live_tensors, ours)):
             raise ValueError("model does not match the averaged model's parameters and buffers")
         pairs = [(t, a) for t, a in zip(live_tensors, ours) if t.is_floating_point()]
+        self._pairing = None  # storage moves between the two models: pair again afterwards
         saved = _exchange(pairs, saved=None)
         try:
             yield model
@@ -612,14 +644,28 @@ def _exchange(pairs: list[tuple[Tensor, Tensor]], saved: list[Tensor | None] | N
 
 
 def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn.Module:
-    """Deep copy with every tensor created directly on ``device``/``dtype`` (one copy at peak)."""
+    """Deep copy with every tensor created directly on ``device``/``dtype`` (one copy at peak).
+
+    The copies of each (device, dtype) are views into one flat buffer, parameters first, then
+    buffers, in the model's order, so that an update can be one operation over the whole buffer.
+    """
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    keys = [(torch.device(device) if device is not None else t.device,
+             dtype if (dtype is not None and t.is_floating_point()) else t.dtype) for t in tensors]
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    for t, key in zip(tensors, keys):
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    flats = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
     memo: dict[int, Any] = {}
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
-        clone = tensor.detach().to(device=device, dtype=target_dtype, copy=True)
-        if isinstance(tensor, nn.Parameter):
-            clone = nn.Parameter(clone, requires_grad=tensor.requires_grad)
-        memo[id(tensor)] = clone
+    for t, key in zip(tensors, keys):
+        start = offsets[key]
+        offsets[key] += t.numel()
+        clone = flats[key][start:start + t.numel()].view(t.shape)
+        clone.copy_(t.detach())
+        if isinstance(t, nn.Parameter):
+            clone = nn.Parameter(clone, requires_grad=t.requires_grad)
+        memo[id(t)] = clone
     return copy.deepcopy(model, memo)
 
 
