@@ -1,13 +1,14 @@
 """Time one averaging update: swalab vs torch.optim.swa_utils, against the memory-bandwidth floor.
 
-    python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...]
+    python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...] [--threads N]
 
 The floor moves the same 12 bytes per fp32 parameter as an ideal update (read the average, read
 the weights, write the average) with one ``lerp_`` over a flat buffer. On a GPU the update is also
 timed with the average on the CPU (``device="cpu"``, the case of a model that does not fit twice on
 the GPU), against the floor of a bare device-to-host copy of all parameters into pinned memory.
 GPU times are CUDA-event times of one call from an idle device (the host work that launches the
-kernels is inside); CPU times, and the CPU-average rows, are wall-clock times. Medians of N calls.
+kernels is inside); CPU times, and the CPU-average rows, are wall-clock times. Medians of N calls,
+interleaved (each round times every contender once, so a busy machine slows all alike).
 ``mlp_200`` (100 small linear layers, 200 tensors) shows the host work per tensor, which does not
 depend on the memory bandwidth. On the CPU, also measures the peak extra memory while building
 the averaged copy of a ResNet-50, in units of its parameter bytes.
@@ -50,27 +51,36 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 DEFAULT_MODELS = {"cpu": "small_cnn,mlp_200,resnet50", "cuda": "small_cnn,mlp_200,resnet50,vit_b_16"}
 
 
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, wall: bool = False) -> float:
-    """Median time of one call; on a GPU from an idle device, by CUDA events unless ``wall``."""
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    fn()  # warm-up
-    times = []
+def one_call_ms(fn: Callable[[], object], device: torch.device, wall: bool) -> float:
+    """One call from an idle device: CUDA-event time on a GPU unless ``wall``, else wall-clock."""
+    if device.type != "cuda":
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+    torch.cuda.synchronize()
+    if wall:
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - begin) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def interleaved_medians(calls: dict[str, tuple[Callable[[], object], bool]], repeats: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median ms of each call; each round times every call once, so load drifts hit all alike."""
+    for fn, _ in calls.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(repeats):
-        sync()
-        if cuda and not wall:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+        for label, (fn, wall) in calls.items():
+            times[label].append(one_call_ms(fn, device, wall))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def time_updates(name: str, repeats: int, device: torch.device) -> list[tuple[str, float, str]]:
@@ -92,16 +102,17 @@ def time_updates(name: str, repeats: int, device: torch.device) -> list[tuple[st
     with torch.no_grad():
         weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     average = weights.clone()
-    rows = [("floor: flat lerp_ (12 B/param)", median_ms(lambda: average.lerp_(weights, 0.5), repeats, device),
-             "lerp")]
+    calls = {"floor: flat lerp_ (12 B/param)": (lambda: average.lerp_(weights, 0.5), False)}
+    floors = {"floor: flat lerp_ (12 B/param)": "lerp"}
     if device.type == "cuda":
         host = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True)
-        copy = median_ms(lambda: host.copy_(weights, non_blocking=True), repeats, device, wall=True)
-        rows.append(("floor: pinned D2H copy (4 B/param)", copy, "d2h"))
+        calls["floor: pinned D2H copy (4 B/param)"] = (lambda: host.copy_(weights, non_blocking=True), True)
+        floors["floor: pinned D2H copy (4 B/param)"] = "d2h"
     for label, (averaged, floor) in contenders.items():
-        ms = median_ms(lambda a=averaged: a.update_parameters(model), repeats, device, wall=floor == "d2h")
-        rows.append((label, ms, floor))
-    return rows
+        calls[label] = (lambda a=averaged: a.update_parameters(model), floor == "d2h")
+        floors[label] = floor
+    medians = interleaved_medians(calls, repeats, device)
+    return [(label, medians[label], floors[label]) for label in calls]
 
 
 PEAK_SCRIPT = """
@@ -147,7 +158,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, help="calls per median (default: 15 on the CPU, 50 on a GPU)")
     parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")

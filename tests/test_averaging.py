@@ -594,3 +594,12 @@ def test_updates_after_swapped_into_pair_the_right_tensors():
     perturb(model, 2)
     averaged.update_parameters(model)
     torch.testing.assert_close(flat(averaged.module.parameters()), (first + flat(model.parameters())) / 2)
+
+
+def test_host_staging_of_empty_tensors_does_nothing():
+    from swalab.averaging import HostStaging
+
+    staging = HostStaging([torch.zeros(0), torch.zeros(0, 3)])
+    calls = []
+    staging.run(lambda k, chunk: calls.append(k))
+    assert staging.ranges == [] and calls == []

@@ -181,7 +181,7 @@ def _same_kind(a: Tensor, b: Tensor) -> bool:
     return a.is_floating_point() == b.is_floating_point() and a.is_complex() == b.is_complex()
 
 
-def check_pairs(
+def _check_pairs(
     ours: Sequence[tuple[str, Tensor]], theirs: Sequence[tuple[str, Tensor]], kind: str, whose: str
 ) -> None:
     """``ValueError`` naming the first tensor whose count, shape or kind (float/int) differs."""
@@ -232,8 +232,9 @@ class HostStaging:
         if not sources or any(not t.is_contiguous() for t in sources):
             raise ValueError("HostStaging needs a non-empty list of contiguous tensors")
         device, dtype = sources[0].device, sources[0].dtype
-        if any((t.device, t.dtype) != (device, dtype) for t in sources):
-            raise ValueError("HostStaging needs tensors of one device and dtype")
+        if any((t.device, t.dtype) != (device, dtype) for t in sources) or device.type not in ("cpu", "cuda"):
+            raise ValueError("HostStaging needs tensors of one device (CPU or CUDA) and one dtype")
+        self._stream_device = device
         per_chunk = max(1, chunk_bytes // sources[0].element_size())
         flats = [t.detach().view(-1) for t in sources]
         self.slices: list[list[Tensor]] = [[]]  # the sources' pieces gathered into each chunk
@@ -254,8 +255,8 @@ class HostStaging:
             self.ranges.append((start, start + filled))
         else:
             self.slices.pop()
-        size = max(e - s for s, e in self.ranges)
-        n_buffers = min(2, len(self.ranges))
+        size = max((e - s for s, e in self.ranges), default=0)
+        n_buffers = min(2, len(self.ranges))  # none when every source is empty
         self.on_host = device.type == "cpu"
         pin = not self.on_host and torch.cuda.is_available()
         self._host = [torch.empty(size, dtype=dtype, pin_memory=pin) for _ in range(n_buffers)]
@@ -294,9 +295,11 @@ class HostStaging:
         else:
             gathered = pieces[0]
         host.copy_(gathered, non_blocking=True)
-        self._events[slot].record()
+        self._events[slot].record(torch.cuda.current_stream(self._stream_device))
 
     def run(self, fn: Callable[[int, Tensor], None]) -> None:
+        if not self.ranges:
+            return
         self._issue(0)
         for k, (start, end) in enumerate(self.ranges):
             if k + 1 < len(self.ranges):
@@ -344,7 +347,7 @@ class _Groups:
         for (a_device, a_dtype, t_device, t_dtype), (avg_list, src_list) in groups.items():
             if (a_device, a_dtype) == (t_device, t_dtype):
                 self._add_direct(avg_list, src_list)
-            elif a_device.type == "cpu" and t_device.type != "cpu" and all(
+            elif a_device.type == "cpu" and t_device.type == "cuda" and all(
                     x.is_contiguous() for x in avg_list + src_list):
                 self._add_staged(avg_list, src_list, a_dtype)
             else:
@@ -396,8 +399,8 @@ class _Pairing:
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
         ours_p, theirs_p = list(averaged.module.named_parameters()), list(model.named_parameters())
         ours_b, theirs_b = list(averaged.module.named_buffers()), list(model.named_buffers())
-        check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
-        check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
+        _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
+        _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
         params = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_p, theirs_p)]
         buffers = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_b, theirs_b)]
         candidates = params + buffers if averaged.use_buffers else params
@@ -680,8 +683,8 @@ def restart_from_average(averaged: AveragedModel, model: nn.Module, optimizer: t
     live = _unwrap(model)
     ours_p, theirs_p = list(averaged.module.named_parameters()), list(live.named_parameters())
     ours_b, theirs_b = list(averaged.module.named_buffers()), list(live.named_buffers())
-    check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
-    check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
+    _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
+    _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
     lerp_([t.detach() for _, t in theirs_p + theirs_b], [a.detach() for _, a in ours_p + ours_b], 1.0)
     optimizer.state.clear()
     averaged.reset()

@@ -210,8 +210,8 @@ class FGE:
             self._shapes = _shapes(live)
         _check_compatible(self._shapes, _shapes(live), "collect: model")
         groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-        for key, value in live.items():  # off-CPU contiguous tensors are staged per (device, dtype)
-            if value.device.type != "cpu" and value.is_contiguous():
+        for key, value in live.items():  # contiguous GPU tensors are staged per (device, dtype)
+            if value.device.type == "cuda" and value.is_contiguous():
                 groups.setdefault((value.device, value.dtype), []).append(key)
         staged = [(keys, HostStaging([live[k].detach() for k in keys])) for keys in groups.values()]
         self._bound = (ModelBinding(model, list(live.values())), live, staged)
@@ -224,7 +224,7 @@ class FGE:
         From a GPU, tensors are copied in chunks through pinned memory (as ``AveragedModel`` does).
         """
         _, live, staged = self._bind(model)
-        state = {k: torch.empty(v.shape, dtype=v.dtype) if v.device.type != "cpu" and v.is_contiguous()
+        state = {k: torch.empty(v.shape, dtype=v.dtype) if v.device.type == "cuda" and v.is_contiguous()
                  else v.detach().to("cpu", copy=True) for k, v in live.items()}
         for keys, staging in staged:
             pieces = staging.pieces([state[k] for k in keys])

@@ -136,7 +136,7 @@ class SWAG:
         route: Any = "cast"
         if all((p.device, p.dtype) == (self.device, self.dtype) for p in params):
             route = None
-        elif (self.device.type == "cpu" and all(p.device.type != "cpu" and p.is_contiguous() for p in params)
+        elif (self.device.type == "cpu" and all(p.device.type == "cuda" and p.is_contiguous() for p in params)
               and len({(p.device, p.dtype) for p in params}) == 1):
             route = HostStaging(params)
         self._bound = (ModelBinding(model, live + live_buffers), route, params, buffers)
