@@ -220,6 +220,9 @@ def test_bad_input(tmp_path) -> None:
         weighted_soup(states, [1.0])
     with pytest.raises(ValueError, match="temperature"):
         weighted_soup(states, [1.0, 2.0], temperature=0.0)
+    for temperature in (float("inf"), float("nan")):  # issue 14, finding 7: inf was accepted
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            weighted_soup(states, [1.0, 2.0], temperature=temperature)
     with pytest.raises(ValueError, match="needs a model"):
         uniform_soup(states, bn_loader=[torch.zeros(1)])
     with pytest.raises(ValueError, match="'0.weight'"):

@@ -323,8 +323,8 @@ def _score_weights(scores: Sequence[float], temperature: float | None) -> list[f
     if not all(math.isfinite(s) for s in scores):
         raise ValueError(f"scores must be finite, got {scores}")
     if temperature is not None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, 0).tolist()
     if min(scores) < 0 or sum(scores) <= 0:
         raise ValueError(f"weights proportional to scores need scores >= 0 with a positive sum, got {scores}")
