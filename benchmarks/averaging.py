@@ -1,6 +1,7 @@
 """Time one averaging update: swalab vs torch.optim.swa_utils, against the memory-bandwidth floor.
 
     python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...] [--threads N]
+                                   [--baseline OLD/src/swalab/averaging.py]
 
 The floor moves the same 12 bytes per fp32 parameter as an ideal update (read the average, read
 the weights, write the average) with one ``lerp_`` over a flat buffer. On a GPU the update is also
@@ -16,11 +17,13 @@ the averaged copy of a ResNet-50, in units of its parameter bytes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torchvision
@@ -83,7 +86,19 @@ def interleaved_medians(calls: dict[str, tuple[Callable[[], object], bool]], rep
     return {label: statistics.median(t) for label, t in times.items()}
 
 
-def time_updates(name: str, repeats: int, device: torch.device) -> list[tuple[str, float, str]]:
+def load_baseline(path: str) -> ModuleType:
+    """Another version of ``swalab/averaging.py`` (e.g. from an older checkout), to time beside this one."""
+    spec = importlib.util.spec_from_file_location("baseline_averaging", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: cannot load {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_updates(name: str, repeats: int, device: torch.device,
+                 baseline: ModuleType | None = None) -> list[tuple[str, float, str]]:
     """Rows ``(label, ms, floor label)``; the first rows are the floors."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
@@ -94,6 +109,9 @@ def time_updates(name: str, repeats: int, device: torch.device) -> list[tuple[st
             swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)), "lerp"),
         "swalab EMA": (swalab.AveragedModel(model, rule=swalab.EMA(0.999)), "lerp"),
     }
+    if baseline is not None:
+        contenders["baseline SWA (default)"] = (baseline.AveragedModel(model), "lerp")
+        contenders["baseline EMA"] = (baseline.AveragedModel(model, rule=baseline.EMA(0.999)), "lerp")
     if device.type == "cuda":
         contenders["torch SWA, average on CPU"] = (swa_utils.AveragedModel(model, device="cpu"), "d2h")
         contenders["swalab SWA, average on CPU"] = (swalab.AveragedModel(model, device="cpu"), "d2h")
@@ -149,6 +167,9 @@ def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
     for label, ms, floor in rows:
         torch_label = label.replace("swalab", "torch").replace("EMA", "EMA (multi_avg_fn)")
         speedup = f"{times[torch_label] / ms:.1f}×" if label.startswith("swalab") else ""
+        baseline_label = label.replace("swalab", "baseline")
+        if label.startswith("swalab") and baseline_label in times:
+            speedup += f" ({times[baseline_label] / ms:.1f}× baseline)"
         print(f"| {label} | {ms:.3f} | {ms / floors[floor]:.2f} | {speedup} |")
     print()
 
@@ -159,6 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="calls per median (default: 15 on the CPU, 50 on a GPU)")
     parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--baseline", help="path of another swalab/averaging.py to time beside this one")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -172,8 +194,9 @@ def main() -> None:
         parser.error(f"unknown model(s) {unknown}" if unknown else f"--repeats must be >= 1, got {repeats}")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, median of {repeats} calls\n")
+    baseline = load_baseline(args.baseline) if args.baseline else None
     for name in names:
-        print_table(name, time_updates(name, repeats, device))
+        print_table(name, time_updates(name, repeats, device, baseline))
     if device.type == "cpu":
         print("### Peak extra memory while building the averaged copy of resnet50 (× parameter bytes)\n")
         print("| implementation | peak extra |")
