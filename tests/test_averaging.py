@@ -603,3 +603,31 @@ def test_host_staging_of_empty_tensors_does_nothing():
     calls = []
     staging.run(lambda k, chunk: calls.append(k))
     assert staging.ranges == [] and calls == []
+
+
+def test_host_staging_device_branch_double_buffers_in_order():
+    """The GPU branch (gather on the device, copy to the host, wait on the slot's event), run on
+    CPU tensors with the events replaced by a log: chunk k + 1 is issued before chunk k is used."""
+    from swalab.averaging import HostStaging
+
+    sources = [torch.arange(10.0), torch.arange(10.0, 13.0), torch.arange(13.0, 30.0)]
+    staging = HostStaging(sources, chunk_bytes=24)  # 6 floats a chunk: 5 chunks
+    log = []
+
+    class Event:
+        def __init__(self, slot):
+            self.slot = slot
+
+        def synchronize(self):
+            log.append(("wait", self.slot))
+
+    size = staging._host[0].numel()
+    staging.on_host = False
+    staging._device = [torch.empty(size), torch.empty(size)]
+    staging._events = [Event(0), Event(1)]
+    staging._record = lambda slot: log.append(("copied", slot))
+    chunks = []
+    staging.run(lambda k, chunk: (log.append(("use", k)), chunks.append(chunk.clone())))
+    assert torch.equal(torch.cat(chunks), torch.arange(30.0))
+    assert log[:5] == [("copied", 0), ("copied", 1), ("wait", 0), ("use", 0), ("copied", 0)]
+    assert log[-2:] == [("wait", 0), ("use", 4)]

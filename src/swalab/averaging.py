@@ -295,6 +295,10 @@ class HostStaging:
         else:
             gathered = pieces[0]
         host.copy_(gathered, non_blocking=True)
+        self._record(slot)
+
+    def _record(self, slot: int) -> None:
+        """Mark the end of the copy into ``slot`` on the stream that runs it (the current one)."""
         self._events[slot].record(torch.cuda.current_stream(self._stream_device))
 
     def run(self, fn: Callable[[int, Tensor], None]) -> None:
@@ -429,7 +433,8 @@ class AveragedModel(nn.Module):
     buffers are copied, never passed to them.
 
     Everything about the model is checked before anything is written: after a ``ValueError`` the
-    average and its count are as before.
+    average and its count are as before. Between updates the averaged model keeps a reference to
+    the last model it was paired with (until ``load_state_dict``, ``to()`` or another model).
 
     Args:
         model: the model whose weights are averaged (``torch.compile`` and ``DistributedDataParallel``
