@@ -631,3 +631,17 @@ def test_host_staging_device_branch_double_buffers_in_order():
     assert torch.equal(torch.cat(chunks), torch.arange(30.0))
     assert log[:5] == [("copied", 0), ("copied", 1), ("wait", 0), ("use", 0), ("copied", 0)]
     assert log[-2:] == [("wait", 0), ("use", 4)]
+
+
+def test_inner_module_moved_to_another_dtype_is_paired_again():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    perturb(model, 1)
+    averaged.update_parameters(model)
+    averaged.module.to(torch.float64)  # the inner module's own to(): AveragedModel._apply is not called
+    perturb(model, 2)
+    averaged.update_parameters(model)
+    assert averaged.module[0].weight.dtype == torch.float64
+    first = copy.deepcopy(model)
+    perturb(first, 1)
+    torch.testing.assert_close(averaged.module[0].weight, (first[0].weight.double() + model[0].weight.double()) / 2)

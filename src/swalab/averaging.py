@@ -172,9 +172,14 @@ def _strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
 
 
-def _tree(modules: Sequence[nn.Module]) -> list[Any]:
-    """Every child, parameter and buffer slot of ``modules``: changes when one is replaced."""
-    return [v for m in modules for d in (m._modules, m._parameters, m._buffers) for v in d.values()]
+def _slots(modules: Sequence[nn.Module]) -> list[dict[str, Any]]:
+    """The dicts that hold each module's children, parameters and buffers."""
+    return [d for m in modules for d in (m._modules, m._parameters, m._buffers)]
+
+
+def _tree(slots: Sequence[dict[str, Any]]) -> list[Any]:
+    """Every child, parameter and buffer in ``slots`` (C-level iteration): changes when one is replaced."""
+    return list(itertools.chain.from_iterable(map(dict.values, slots)))
 
 
 def _same_kind(a: Tensor, b: Tensor) -> bool:
@@ -205,17 +210,17 @@ class ModelBinding:
     def __init__(self, model: nn.Module, tensors: Sequence[Tensor]) -> None:
         """``tensors``: the model's own parameters and buffers (not detached aliases of them)."""
         self.model = model
-        self._modules = list(model.modules())
-        self._tree = _tree(self._modules)
+        self._slots = _slots(list(model.modules()))
+        self._tree = _tree(self._slots)
         self._tensors = list(tensors)
-        self._ptrs = [t.data_ptr() for t in self._tensors]
+        self._ptrs = list(map(Tensor.data_ptr, self._tensors))
 
     def holds(self, model: nn.Module) -> bool:
         if model is not self.model:
             return False
-        tree = _tree(self._modules)
+        tree = _tree(self._slots)
         return (len(tree) == len(self._tree) and all(map(operator.is_, tree, self._tree))
-                and [t.data_ptr() for t in self._tensors] == self._ptrs)
+                and list(map(Tensor.data_ptr, self._tensors)) == self._ptrs)
 
 
 class HostStaging:
@@ -412,6 +417,7 @@ class _Pairing:
         folded = {id(a) for a, _ in self.folded}
         self.averaged = _Groups(self.folded)
         self.copied = _Groups([(a, t) for a, t in params + buffers if id(a) not in folded])
+        # The average's tensors too: ``averaged.module.to(...)`` gives them new storage unseen by us.
         self.binding = ModelBinding(
             model, [t for _, t in theirs_p + theirs_b] + [a for _, a in ours_p + ours_b]
         )
