@@ -5,8 +5,11 @@ the averaged steps; periodic SWA restarts from the hand-computed mean; a resumed
 uninterrupted run's average; the logged validation metric equals the average evaluated directly;
 BatchNorm statistics after training equal the mean/variance of the inputs (BN is the first layer).
 """
+
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,8 +75,10 @@ class TwoOptimizers(Net):
         second.step()
 
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1),
-                torch.optim.Adam(self.net[2].parameters(), lr=0.01)]
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+            torch.optim.Adam(self.net[2].parameters(), lr=0.01),
+        ]
 
 
 class Recorder(pl.Callback):
@@ -103,9 +108,19 @@ def _mean(snapshots):
 
 
 def _trainer(callbacks, epochs=3, **kwargs):
-    kwargs = dict(dict(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-                       enable_checkpointing=False, enable_progress_bar=False,
-                       enable_model_summary=False, num_sanity_val_steps=0), **kwargs)
+    kwargs = dict(
+        dict(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        ),
+        **kwargs,
+    )
     return pl.Trainer(callbacks=callbacks, **kwargs)
 
 
@@ -117,7 +132,10 @@ def _assert_close(actual, expected, **tol):
 
 def test_swa_every_k_steps_from_a_start_step_is_the_mean_of_those_steps():
     torch.manual_seed(0)
-    recorder, callback = Recorder(), AveragingCallback(update_every=3, update_after=2, update_bn=False)
+    recorder, callback = (
+        Recorder(),
+        AveragingCallback(update_every=3, update_after=2, update_bn=False),
+    )
     model = Net()
     _trainer([recorder, callback], epochs=3).fit(model, _loader())
     assert len(recorder.steps) == 12
@@ -132,7 +150,9 @@ def test_ema_with_warmup_follows_the_recurrence():
     torch.manual_seed(1)
     decay, gamma, power = 0.9, 2.0, 2 / 3
     recorder = Recorder()
-    callback = AveragingCallback(swalab.EMA(decay, warmup_gamma=gamma), update_after=3, update_bn=False)
+    callback = AveragingCallback(
+        swalab.EMA(decay, warmup_gamma=gamma), update_after=3, update_bn=False
+    )
     _trainer([recorder, callback], epochs=2).fit(Net(), _loader())
     average = recorder.steps[3]  # the first averaged step copies
     for t, weights in enumerate(recorder.steps[4:], start=1):
@@ -144,13 +164,15 @@ def test_ema_with_warmup_follows_the_recurrence():
 def test_epoch_interval_averages_the_last_step_of_each_epoch_before_validation():
     torch.manual_seed(2)
     recorder = Recorder()
-    callback = AveragingCallback(interval="epoch", update_after=1, update_bn=False, copy_to_model=False)
+    callback = AveragingCallback(
+        interval="epoch", update_after=1, update_bn=False, copy_to_model=False
+    )
     val = _loader(seed=5, n=BATCH)
     model = Net()
     _trainer([recorder, callback], epochs=4).fit(model, _loader(), val)
     expected = _mean([recorder.steps[4 * e + 3] for e in (1, 2, 3)])
     _assert_close(_params(callback.averaged.module), expected)
-    # The last validation saw the average of epochs 1..3 (the fold runs before epoch-end validation).
+    # The last validation saw the average of epochs 1..3: the fold runs before it.
     x, y = val.dataset.tensors
     with torch.no_grad():
         direct = F.mse_loss(callback.averaged.module(x), y)
@@ -177,8 +199,9 @@ def test_validation_off_logs_the_live_model():
 def test_periodic_swa_restarts_from_the_mean_then_averages_afresh():
     torch.manual_seed(4)
     recorder = Recorder()
-    callback = AveragingCallback(interval="epoch", restart_every=2, restart_until=4, update_bn=False,
-                                 copy_to_model=False)
+    callback = AveragingCallback(
+        interval="epoch", restart_every=2, restart_until=4, update_bn=False, copy_to_model=False
+    )
     _trainer([recorder, callback], epochs=6).fit(Net(), _loader())
     end = [recorder.steps[4 * e + 3] for e in range(6)]  # weights at each epoch's end
     _assert_close(recorder.epoch_starts[2], _mean(end[0:2]))
@@ -197,7 +220,9 @@ def test_swag_collects_the_averaged_steps():
     flat = [torch.cat([t.flatten() for t in s]) for s in recorder.steps[6:]]
     torch.testing.assert_close(callback.swag.mean, torch.stack(flat).mean(0))
     torch.testing.assert_close(callback.swag.sq_mean, torch.stack(flat).square().mean(0))
-    torch.testing.assert_close(callback.swag.mean, torch.cat([p.flatten() for p in callback.averaged.module.parameters()]))
+    torch.testing.assert_close(
+        callback.swag.mean, torch.cat([p.flatten() for p in callback.averaged.module.parameters()])
+    )
 
 
 def test_several_optimizers_one_step_per_batch_and_schedule_in_each():
@@ -205,7 +230,9 @@ def test_several_optimizers_one_step_per_batch_and_schedule_in_each():
     recorder = Recorder()
     schedule = swalab.swa_reference_lr(lr_init=0.1, swa_start=2, swa_lr=0.01)
     callback = AveragingCallback(update_every=2, lr_schedule=schedule, update_bn=False)
-    trainer = _trainer([callback, recorder], epochs=3)  # the recorder reads the LR after ours sets it
+    trainer = _trainer(
+        [callback, recorder], epochs=3
+    )  # the recorder reads the LR after ours sets it
     trainer.fit(TwoOptimizers(), _loader())
     assert trainer.global_step == 24 and len(recorder.steps) == 12  # 2 optimizer steps per batch
     _assert_close(_params(callback.averaged.module), _mean(recorder.steps[0::2]))
@@ -227,8 +254,11 @@ def test_bn_recomputed_at_the_end_for_any_batch_format():
     torch.manual_seed(7)
     x = _data().tensors[0]
     dict_loader = DataLoader([{"inputs": row} for row in x], batch_size=BATCH)
-    callback = AveragingCallback(update_after=4, bn_loader=dict_loader,
-                                 bn_forward_fn=lambda module, batch: module(batch["inputs"]))
+    callback = AveragingCallback(
+        update_after=4,
+        bn_loader=dict_loader,
+        bn_forward_fn=lambda module, batch: module(batch["inputs"]),
+    )
     model = Net(bn=True)
     _trainer([callback], epochs=2).fit(model, _loader())
     batches = x.split(BATCH)
@@ -248,17 +278,22 @@ def test_bf16_mixed_precision_averages_and_recomputes_bn():
     torch.testing.assert_close(callback.averaged.module.norm.running_mean, x.mean(0))
 
 
-@pytest.mark.parametrize("options", [
-    dict(interval="epoch", update_after=1, swag_max_models=2),
-    dict(rule=swalab.EMA(0.8, warmup_gamma=3), update_every=2, update_after=5),
-    dict(interval="epoch", restart_every=2, restart_until=3),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(interval="epoch", update_after=1, swag_max_models=2),
+        dict(rule=swalab.EMA(0.8, warmup_gamma=3), update_every=2, update_after=5),
+        dict(interval="epoch", restart_every=2, restart_until=3),
+    ],
+)
 def test_resume_gives_the_uninterrupted_average(tmp_path, options):
     def run(epochs, callbacks, ckpt_path=None, **kwargs):
         torch.manual_seed(9)
         callback = AveragingCallback(**options, update_bn=False, copy_to_model=False)
         model = Net()
-        _trainer([callback, *callbacks], epochs=epochs, **kwargs).fit(model, _loader(), ckpt_path=ckpt_path)
+        _trainer([callback, *callbacks], epochs=epochs, **kwargs).fit(
+            model, _loader(), ckpt_path=ckpt_path
+        )
         return callback, model
 
     every_epoch = pl.callbacks.ModelCheckpoint(tmp_path, save_top_k=-1, every_n_epochs=1)
@@ -294,7 +329,9 @@ class SaveAverage(pl.Callback):
         self.out = str(out)
 
     def on_train_end(self, trainer, pl_module):
-        averaged = next(cb for cb in trainer.callbacks if isinstance(cb, AveragingCallback)).averaged
+        averaged = next(
+            cb for cb in trainer.callbacks if isinstance(cb, AveragingCallback)
+        ).averaged
         torch.save(averaged.module.state_dict(), Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
@@ -311,3 +348,29 @@ def test_ddp_averages_are_identical_on_every_rank(tmp_path):
     x = _data(n=2 * N).tensors[0]
     torch.testing.assert_close(ranks[0]["norm.running_mean"], x.mean(0))
     assert math.isclose(float(ranks[0]["norm.num_batches_tracked"]), 2 * N / BATCH)
+
+
+def readme_example(after):
+    """The first ```python block of README.md after the line that starts with ``after``."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rest = text[text.index("\n" + after) :]
+    start = rest.index("```python\n") + len("```python\n")
+    return rest[start : rest.index("```", start)]
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", readme_example("**Lightning**")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, val_loss = done.stdout.split()[-2:]
+    assert int(count) == 5 and math.isfinite(float(val_loss))
+    assert list((tmp_path / "checkpoints").glob("*.ckpt"))

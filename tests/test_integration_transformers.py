@@ -2,10 +2,12 @@
 
 A one-layer GPT-2 built from a config (no hub download) on 16 in-memory sequences. Oracles: the
 average equals the mean (or EMA recurrence) of the weights recorded after the averaged steps; the
-average saved beside a checkpoint loads with ``from_pretrained`` and equals the average then; the
-logged ``eval_average_loss`` equals the saved average's loss computed sample by sample; a resumed run
-ends with the uninterrupted run's average.
+average saved beside a checkpoint loads with ``from_pretrained`` and equals the average then;
+the logged ``eval_average_loss`` equals the saved average's loss, computed sample by sample; a
+resumed run ends with the uninterrupted run's average.
 """
+
+import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +25,16 @@ STEPS = 8
 
 def _model():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        vocab_size=32,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -35,10 +45,22 @@ def _data(seed, n=16):
 
 
 def _args(out, **kwargs):
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=3,
-                max_steps=STEPS, learning_rate=1e-2, save_strategy="steps", save_steps=4,
-                eval_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
-                disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=3,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     return transformers.TrainingArguments(**dict(base, **kwargs))
 
 
@@ -66,8 +88,13 @@ def _assert_close(actual, expected):
 
 def _train(out, callback, recorder=None, resume=None, **kwargs):
     callbacks = [callback] + ([recorder] if recorder else [])
-    trainer = transformers.Trainer(model=_model(), args=_args(out, **kwargs), train_dataset=_data(0),
-                                   eval_dataset=_data(1, n=7), callbacks=callbacks)
+    trainer = transformers.Trainer(
+        model=_model(),
+        args=_args(out, **kwargs),
+        train_dataset=_data(0),
+        eval_dataset=_data(1, n=7),
+        callbacks=callbacks,
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -76,7 +103,9 @@ def test_swa_every_k_steps_saved_beside_each_checkpoint(tmp_path):
     recorder, callback = Recorder(), AveragingCallback(update_every=2, update_after=1)
     _train(tmp_path, callback, recorder)
     assert len(recorder.steps) == STEPS
-    _assert_close(_params(callback.averaged.module), _mean(recorder.steps[1::2]))  # steps 1, 3, 5, 7
+    _assert_close(
+        _params(callback.averaged.module), _mean(recorder.steps[1::2])
+    )  # steps 1, 3, 5, 7
     at_4 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-4" / AVERAGE_DIR)
     _assert_close(_params(at_4), _mean([recorder.steps[1], recorder.steps[3]]))
     final = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
@@ -99,17 +128,29 @@ def _mean_loss(model, data):
     """The oracle: each sample's loss with the model in eval mode, averaged over the samples."""
     model.eval()
     with torch.no_grad():
-        return sum(float(model(**{k: v[None] for k, v in row.items()}).loss) for row in data) / len(data)
+        return sum(float(model(**{k: v[None] for k, v in row.items()}).loss) for row in data) / len(
+            data
+        )
 
 
 def test_evaluation_reports_the_average_and_current_loss(tmp_path):
     callback = AveragingCallback(update_after=2)
-    trainer = _train(tmp_path, callback, eval_strategy="steps", eval_steps=4,
-                     metric_for_best_model="average_loss", greater_is_better=False)
+    trainer = _train(
+        tmp_path,
+        callback,
+        eval_strategy="steps",
+        eval_steps=4,
+        metric_for_best_model="average_loss",
+        greater_is_better=False,
+    )
     metrics = trainer.evaluate()
     average = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
-    assert metrics["eval_average_loss"] == pytest.approx(_mean_loss(average, _data(1, n=7)), rel=1e-5)
-    assert metrics["eval_current_loss"] == pytest.approx(_mean_loss(trainer.model, _data(1, n=7)), rel=1e-5)
+    assert metrics["eval_average_loss"] == pytest.approx(
+        _mean_loss(average, _data(1, n=7)), rel=1e-5
+    )
+    assert metrics["eval_current_loss"] == pytest.approx(
+        _mean_loss(trainer.model, _data(1, n=7)), rel=1e-5
+    )
     assert abs(metrics["eval_average_loss"] - metrics["eval_current_loss"]) > 1e-4  # two models
     logged = [entry for entry in trainer.state.log_history if "eval_average_loss" in entry]
     assert [entry["step"] for entry in logged] == [4, 8, 8]
@@ -127,7 +168,12 @@ def test_resume_gives_the_uninterrupted_average(tmp_path, where):
         shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-4")
         _train(tmp_path / "resumed", resumed, resume=True)
     else:  # a checkpoint elsewhere, named in TrainingArguments too
-        _train(tmp_path / "resumed", resumed, resume=str(checkpoint), resume_from_checkpoint=str(checkpoint))
+        _train(
+            tmp_path / "resumed",
+            resumed,
+            resume=str(checkpoint),
+            resume_from_checkpoint=str(checkpoint),
+        )
     assert resumed.averaged.count == whole.averaged.count == 7
     _assert_close(_params(resumed.averaged.module), _params(whole.averaged.module))
 
@@ -156,8 +202,32 @@ def test_import_swalab_needs_neither_framework_and_a_missing_one_names_the_extra
         "    except ImportError as error:\n"
         "        print(error)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     lines = out.strip().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("Lightning is not installed: pip install 'swalab[integrations]'")
-    assert lines[1].startswith("Hugging Face transformers is not installed: pip install 'swalab[integrations]'")
+    assert lines[1].startswith(
+        "Hugging Face transformers is not installed: pip install 'swalab[integrations]'"
+    )
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written(tmp_path):
+    from test_integration_lightning import readme_example
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", readme_example("**Hugging Face**")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'eval_average_loss'" in done.stdout and "'eval_current_loss'" in done.stdout
+    for directory in ("out/swalab_average", "out/checkpoint-20/swalab_average"):
+        assert (tmp_path / directory / "config.json").is_file(), directory

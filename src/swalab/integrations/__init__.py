@@ -6,6 +6,7 @@
 Each submodule imports its framework when it is imported (never from ``import swalab``); a missing
 framework is a one-line ``ImportError`` naming the extra: ``pip install 'swalab[integrations]'``.
 """
+
 from __future__ import annotations
 
 import importlib

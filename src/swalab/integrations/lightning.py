@@ -22,6 +22,7 @@ What it does differently from Lightning's ``StochasticWeightAveraging`` callback
   ``state_dict`` (``load_from_checkpoint`` gives the average) and restored on resume together with
   the live weights and the step counters, so a resumed run ends with the same average (#6074).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -61,8 +62,8 @@ class AveragingCallback(pl.Callback):
         restart_every: periodic SWA: after every ``restart_every``-th averaged model, the module
             restarts from the average with fresh optimizer states (``restart_from_average``).
         restart_until: index from which restarts stop and a fresh average starts (the final SWA).
-        swag_max_models: also collect a ``swalab.SWAG`` posterior (rank ``K``) at the averaged steps,
-            available as ``callback.swag`` (e.g. for ``swalab.bma_predict``).
+        swag_max_models: also collect a ``swalab.SWAG`` posterior (rank ``K``) at the averaged
+            steps, available as ``callback.swag`` (e.g. for ``swalab.bma_predict``).
         swag_no_cov_mat: SWAG-Diag only.
         lr_schedule: a swalab schedule (e.g. ``swa_reference_lr``) written into every param group of
             every optimizer; then the module must configure no LR scheduler of its own.
@@ -112,12 +113,20 @@ class AveragingCallback(pl.Callback):
         for name, value in (("interval", interval), ("lr_interval", lr_interval)):
             if value not in ("step", "epoch"):
                 raise ValueError(f"{name} must be 'step' or 'epoch', got {value!r}")
-        if restart_every is not None and not (isinstance(restart_every, int) and restart_every >= 1):
-            raise ValueError(f"restart_every must be an integer >= 1 or None, got {restart_every!r}")
+        if restart_every is not None and not (
+            isinstance(restart_every, int) and restart_every >= 1
+        ):
+            raise ValueError(
+                f"restart_every must be an integer >= 1 or None, got {restart_every!r}"
+            )
         if restart_until is not None and restart_every is None:
             raise ValueError("restart_until is the end of periodic SWA: give restart_every too")
-        if restart_until is not None and not (isinstance(restart_until, int) and restart_until >= 0):
-            raise ValueError(f"restart_until must be an integer >= 0 or None, got {restart_until!r}")
+        if restart_until is not None and not (
+            isinstance(restart_until, int) and restart_until >= 0
+        ):
+            raise ValueError(
+                f"restart_until must be an integer >= 0 or None, got {restart_until!r}"
+            )
         if lr_schedule is not None and not callable(lr_schedule):
             raise ValueError(f"lr_schedule must be a function of the step, got {lr_schedule!r}")
         self.rule = rule
@@ -128,7 +137,11 @@ class AveragingCallback(pl.Callback):
         self.swag_max_models, self.swag_no_cov_mat = swag_max_models, swag_no_cov_mat
         self.lr_schedule = lr_schedule
         self.validate_average, self.update_bn = validate_average, update_bn
-        self.bn_loader, self.bn_forward_fn, self.bn_max_batches = bn_loader, bn_forward_fn, bn_max_batches
+        self.bn_loader, self.bn_forward_fn, self.bn_max_batches = (
+            bn_loader,
+            bn_forward_fn,
+            bn_max_batches,
+        )
         self.copy_to_model = copy_to_model
         self.averaged: AveragedModel | None = None
         self.swag: SWAG | None = None
@@ -146,24 +159,33 @@ class AveragingCallback(pl.Callback):
             return
         if sum(isinstance(cb, AveragingCallback) for cb in trainer.callbacks) > 1:
             raise ValueError(
-                "use one swalab AveragingCallback per Trainer (each owns the checkpoint's state_dict)"
+                "use one swalab AveragingCallback per Trainer "
+                "(each owns the checkpoint's state_dict)"
             )
         # The module refers to its Trainer; copy the module alone.
         attached, pl_module.trainer = pl_module._trainer, None
         try:
             self.averaged = AveragedModel(
-                pl_module, self.device, use_buffers=self.use_buffers, rule=self.rule, dtype=self.dtype,
-                update_every=self.update_every, update_after=self.update_after,
+                pl_module,
+                self.device,
+                use_buffers=self.use_buffers,
+                rule=self.rule,
+                dtype=self.dtype,
+                update_every=self.update_every,
+                update_after=self.update_after,
             )
             if self.swag_max_models is not None:
-                self.swag = SWAG(pl_module, self.swag_max_models, self.swag_no_cov_mat, device=self.device)
+                self.swag = SWAG(
+                    pl_module, self.swag_max_models, self.swag_no_cov_mat, device=self.device
+                )
         finally:
             pl_module.trainer = attached
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.lr_schedule is not None and trainer.lr_scheduler_configs:
             raise ValueError(
-                "lr_schedule drives the learning rate, but the module also configures an LR scheduler: "
+                "lr_schedule drives the learning rate, but the module also configures "
+                "an LR scheduler: "
                 "remove one of them"
             )
 
@@ -178,15 +200,22 @@ class AveragingCallback(pl.Callback):
         if self.lr_schedule is not None and self.lr_interval == "epoch":
             self._set_lr(trainer, trainer.current_epoch)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.lr_schedule is not None and self.lr_interval == "step":
             self._set_lr(trainer, self._steps)
 
     # -- averaging ------------------------------------------------------------------------------
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if trainer.global_step > self._last_global_step:  # an optimizer stepped on this batch
             self._last_global_step = trainer.global_step
             self._steps += 1
@@ -206,7 +235,7 @@ class AveragingCallback(pl.Callback):
             self._fold(trainer, pl_module, trainer.current_epoch)
 
     def _fold(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
-        """Average ``pl_module`` at ``index`` if the gating says so; periodic SWA and SWAG follow it."""
+        """Average ``pl_module`` at ``index`` if the gating says so; then periodic SWA and SWAG."""
         if self.restart_until is not None and index >= self.restart_until and not self._final_phase:
             self._final_phase = True
             self.averaged.reset()
@@ -222,15 +251,22 @@ class AveragingCallback(pl.Callback):
     # -- validation of the average --------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (self.validate_average and self.averaged is not None and self.averaged.count > 0
-                and trainer.state.fn == "fit" and not trainer.sanity_checking):
+        if (
+            self.validate_average
+            and self.averaged is not None
+            and self.averaged.count > 0
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+        ):
             self._swap = self.averaged.swapped_into(pl_module)
             self._swap.__enter__()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_back()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._swap_back()
 
     def _swap_back(self) -> None:
@@ -247,30 +283,41 @@ class AveragingCallback(pl.Callback):
             loader = self.bn_loader if self.bn_loader is not None else trainer.train_dataloader
             device = next(self.averaged.module.parameters()).device
             with trainer.precision_plugin.train_step_context():
-                update_bn(loader, self.averaged.module, device, forward_fn=self.bn_forward_fn,
-                          max_batches=self.bn_max_batches)
+                update_bn(
+                    loader,
+                    self.averaged.module,
+                    device,
+                    forward_fn=self.bn_forward_fn,
+                    max_batches=self.bn_max_batches,
+                )
         if self.copy_to_model:
             pl_module.load_state_dict(self.averaged.module.state_dict())
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"steps": self._steps, "last_global_step": self._last_global_step,
-                 "last_epoch": self._last_epoch, "final_phase": self._final_phase,
-                 "count": self.averaged.count if self.averaged is not None else 0}
+        state = {
+            "steps": self._steps,
+            "last_global_step": self._last_global_step,
+            "last_epoch": self._last_epoch,
+            "final_phase": self._final_phase,
+            "count": self.averaged.count if self.averaged is not None else 0,
+        }
         if self.swag is not None:
             state["swag"] = self.swag.state_dict()
         return state
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        # The checkpoint's model is the average (what was validated); the live weights sit beside it.
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The checkpoint's model is the average (what was validated); the live weights beside it.
         if self.averaged is not None and self.averaged.count > 0:
             checkpoint[_MODEL_STATE] = checkpoint["state_dict"]
             checkpoint["state_dict"] = self.averaged.module.state_dict()
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Called before load_state_dict; the module was given checkpoint["state_dict"], the average.
         # Resuming fit restores the live weights; validate/test/predict keep the average.
         if self.averaged is not None and _MODEL_STATE in checkpoint:

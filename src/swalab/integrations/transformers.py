@@ -17,6 +17,7 @@ after optimizer steps (the ``AveragedModel`` gating: from ``update_after``, ever
 
 Needs ``pip install 'swalab[integrations]'``.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,22 +83,38 @@ class AveragingCallback(transformers.TrainerCallback):
         self.copy_to_model = copy_to_model
         self.averaged: AveragedModel | None = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None,
-                       **kwargs: Any) -> None:
-        self.averaged = AveragedModel(model, self.device, rule=self.rule, dtype=self.dtype,
-                                      update_every=self.update_every, update_after=self.update_after)
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any
+    ) -> None:
+        self.averaged = AveragedModel(
+            model,
+            self.device,
+            rule=self.rule,
+            dtype=self.dtype,
+            update_every=self.update_every,
+            update_after=self.update_after,
+        )
         if state.global_step > 0:  # resuming
             self._load(self._resume_directory(args, state), model, state.global_step)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module = None,
-                    **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any
+    ) -> None:
         self.averaged.update_parameters(model, step=state.global_step - 1)
 
     # -- evaluation -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
-                    model: nn.Module = None, eval_dataloader: Any = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        metrics: dict[str, float] | None = None,
+        model: nn.Module = None,
+        eval_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if not self.evaluate_average or self.averaged is None or self.averaged.count == 0:
             return
         if metrics is None or eval_dataloader is None:
@@ -118,8 +135,15 @@ class AveragingCallback(transformers.TrainerCallback):
         if state.is_world_process_zero:
             self._save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / AVERAGE_DIR)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module = None,
-                     train_dataloader: Any = None, **kwargs: Any) -> None:
+    def on_train_end(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if self.averaged is None or self.averaged.count == 0:
             return
         if self.update_bn and train_dataloader is not None:
@@ -154,7 +178,8 @@ class AveragingCallback(transformers.TrainerCallback):
         if not (directory / _STATE_FILE).is_file():
             raise ValueError(
                 f"resuming at step {step} but {directory} holds no swalab average: resume from a "
-                "checkpoint saved with this callback, named in TrainingArguments.resume_from_checkpoint"
+                "checkpoint saved with this callback, named in "
+                "TrainingArguments.resume_from_checkpoint"
             )
         count = json.loads((directory / _STATE_FILE).read_text())["count"]
         if count == 0:
