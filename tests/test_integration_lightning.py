@@ -239,6 +239,15 @@ def test_several_optimizers_one_step_per_batch_and_schedule_in_each():
     assert recorder.lrs == [[schedule(e)] * 2 for e in range(3)]
 
 
+def test_gradient_accumulation_averages_after_optimizer_steps_only():
+    torch.manual_seed(11)
+    recorder, callback = Recorder(), AveragingCallback(update_bn=False)
+    trainer = _trainer([recorder, callback], epochs=2, accumulate_grad_batches=2)
+    trainer.fit(Net(), _loader())
+    assert trainer.global_step == 4 and callback.averaged.count == 4  # 8 batches, 4 steps
+    _assert_close(_params(callback.averaged.module), _mean(recorder.steps))
+
+
 def test_schedule_beside_a_scheduler_is_refused():
     class WithScheduler(Net):
         def configure_optimizers(self):

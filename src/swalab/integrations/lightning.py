@@ -49,7 +49,8 @@ class AveragingCallback(pl.Callback):
     (Guo et al., 2023) and SWAG (Maddox et al., 2019).
 
     After each optimizer step (``interval="step"``) or each training epoch (``"epoch"``), with
-    ``index`` its 0-based number, the module is folded into the average when
+    ``index`` its 0-based number (steps of this fit and of the run it resumes; the Trainer's
+    ``current_epoch``), the module is folded into the average when
     ``AveragedModel.update_parameters(module, step=index)`` says so: from ``update_after``, every
     ``update_every``-th. With several optimizers (manual optimisation) a step is one training batch
     after which any optimizer stepped.
@@ -155,13 +156,16 @@ class AveragingCallback(pl.Callback):
     # -- building -------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.averaged is not None:
+        if stage != "fit":
             return
         if sum(isinstance(cb, AveragingCallback) for cb in trainer.callbacks) > 1:
             raise ValueError(
                 "use one swalab AveragingCallback per Trainer "
                 "(each owns the checkpoint's state_dict)"
             )
+        # Each fit starts a new average; trainer.fit(ckpt_path=...) then restores the saved one.
+        self._steps, self._last_global_step, self._last_epoch = 0, 0, -1
+        self._final_phase = False
         # The module refers to its Trainer; copy the module alone.
         attached, pl_module.trainer = pl_module._trainer, None
         try:
@@ -185,8 +189,7 @@ class AveragingCallback(pl.Callback):
         if self.lr_schedule is not None and trainer.lr_scheduler_configs:
             raise ValueError(
                 "lr_schedule drives the learning rate, but the module also configures "
-                "an LR scheduler: "
-                "remove one of them"
+                "an LR scheduler: remove one of them"
             )
 
     # -- learning rate --------------------------------------------------------------------------
