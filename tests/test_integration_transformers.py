@@ -184,6 +184,41 @@ def test_resume_without_a_saved_average_is_refused(tmp_path):
         _train(tmp_path, AveragingCallback(), resume=str(tmp_path / "checkpoint-4"))
 
 
+class TinyConfig(transformers.PretrainedConfig):
+    model_type = "swalab-tiny-bn"
+
+
+class TinyBN(transformers.PreTrainedModel):
+    """A Hugging Face model with BatchNorm as its first layer: its statistics are the inputs'."""
+
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.linear = torch.nn.Linear(4, 1)
+        self.post_init()
+
+    def forward(self, x, labels=None):
+        out = self.linear(self.norm(x))
+        loss = None if labels is None else torch.nn.functional.mse_loss(out, labels)
+        return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=out)
+
+
+def test_batchnorm_recomputed_after_training(tmp_path):
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)) * 2 + 1
+    data = [{"x": row, "labels": row.sum(0, keepdim=True)} for row in x]
+    args = _args(tmp_path, save_strategy="no")
+    trainer = transformers.Trainer(
+        model=TinyBN(TinyConfig()), args=args, train_dataset=data, callbacks=[AveragingCallback()]
+    )
+    trainer.train()
+    saved = TinyBN.from_pretrained(tmp_path / AVERAGE_DIR)
+    # 4 shuffled batches of 4: the mean of their means is the mean of x
+    torch.testing.assert_close(saved.norm.running_mean, x.mean(0))
+    assert int(saved.norm.num_batches_tracked) == 4
+
+
 def test_bad_rule_is_a_one_line_error():
     with pytest.raises(ValueError, match="rule must be a swalab AveragingRule"):
         AveragingCallback(rule="ema")
