@@ -349,7 +349,9 @@ def test_ddp_averages_are_identical_on_every_rank(tmp_path):
     torch.manual_seed(10)
     callback = AveragingCallback(update_every=2, update_after=1, swag_max_models=2)
     trainer = _trainer([callback, SaveAverage(tmp_path)], epochs=2, strategy="ddp_spawn", devices=2)
-    trainer.fit(Net(bn=True), DataLoader(_data(n=2 * N), batch_size=BATCH, shuffle=True))
+    train = DataLoader(_data(n=2 * N), batch_size=BATCH, shuffle=True)
+    trainer.fit(Net(bn=True), train, _loader(seed=5, n=2 * BATCH))  # validation swaps on each rank
+    assert "val_loss" in trainer.callback_metrics
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
