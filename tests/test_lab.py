@@ -10,7 +10,8 @@ from swalab.cli import main
 from swalab.data import load
 from swalab.lab.config import ConfigError, load_config, preset_names
 from swalab.lab.methods import METHODS, build_recipe
-from swalab.lab.runner import read_results, run_experiment
+from swalab.lab.rundir import read_results
+from swalab.lab.runner import run_experiment
 from swalab.lab.stats import summarize
 from swalab.lab.trainer import train_run
 from swalab.schedules import swa_reference_lr
@@ -218,7 +219,7 @@ def test_experiment_writes_results_table_and_skips_finished_runs(tmp_path, capsy
     before = (tmp_path / "run" / "swa" / "seed0" / "result.json").stat().st_mtime_ns
     run_experiment(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "swa" / "seed0" / "result.json").stat().st_mtime_ns == before
-    with pytest.raises(ConfigError, match="holds a run with a different config"):
+    with pytest.raises(ConfigError, match="holds started runs of sgd, swa with a different config"):
         run_experiment(load_config("mnist1d", TINY + ["train.lr=0.05"]), tmp_path / "run", progress=False)
 
 

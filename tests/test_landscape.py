@@ -310,15 +310,15 @@ def test_bad_labels_seeds_and_pieces(run_dir, capsys):
 def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("landscape"))
-    (copy / "swa" / "seed0" / "trajectory.pt").unlink()
+    shutil.rmtree(copy / "swa" / "seed0" / "trajectory")
     err = one_line_error(capsys, ["landscape", str(copy), "--what", "snapshots"])
-    assert f"no trajectory.pt in {copy / 'swa' / 'seed0'}" in err and "--set train.save_trajectory=true" in err
+    assert f"no trajectory in {copy / 'swa' / 'seed0'}" in err and "--set train.save_trajectory=true" in err
     # by default the pieces that need it are skipped with that line, and the others are computed
     assert main(["landscape", str(copy), "--what", "line,snapshots"]) == 2
     capsys.readouterr()
     assert main(["landscape", str(copy), "--grid", "2", "--rays", "1", "--ray-points", "2", "--line-points", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "skipped snapshots: no trajectory.pt" in printed and "skipped ensemble: no trajectory.pt" in printed
+    assert "skipped snapshots: no trajectory" in printed and "skipped ensemble: no trajectory" in printed
     summary = json.loads((copy / "landscape" / "landscape.json").read_text())
     assert set(summary["skipped"]) == {"snapshots", "ensemble"} and "plane" in summary
     (copy / "sgd" / "seed0" / "final.pt").unlink()

@@ -22,9 +22,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from swalab.bn import update_bn
+from swalab.bn import has_batchnorm, update_bn
 from swalab.ensembles import _check_compatible, predict_outputs
 
 __all__ = ["SWAG", "bma_predict"]
@@ -249,7 +248,7 @@ def bma_predict(
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-    has_bn = any(isinstance(m, _BatchNorm) for m in swag.base.modules())
+    has_bn = has_batchnorm(swag.base)
     if has_bn and bn_loader is None:
         raise ValueError("the model has BatchNorm layers: pass bn_loader to recompute them for each sample")
     mean = m2 = 0.0

@@ -37,11 +37,11 @@ from torch import Tensor
 from .. import landscape as geo
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
+from ..lab.distributed import resolve_device
 from ..lab.evaluation import EvalContext
-from ..lab.methods import build_recipe
-from ..lab.files import atomic_write_text, load_torch
-from ..lab.trainer import resolve_device
-from ..schedules import swa_should_average
+from ..lab.files import atomic_write_text, read_json
+from ..lab.methods import recipe_of
+from ..lab.task import Task, task_of
 from . import figures
 from .progress import Progress
 from .rundir import RunDir
@@ -97,8 +97,8 @@ def compute_landscape(
     """
     run = RunDir(run_dir)
     seed = run.seed(seed)
-    sgd = sgd or run.default_label("sgd")
-    swa = swa or run.default_label("swa")
+    sgd = sgd or run.default_label("baseline")
+    swa = swa or run.default_label("average")
     if sgd is None or swa is None:
         which = "SGD (method: sgd)" if sgd is None else "SWA (method: swa)"
         raise ValueError(f"{run.path} has no {which} run; name one with --{'sgd' if sgd is None else 'swa'} LABEL "
@@ -186,7 +186,7 @@ def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any
     """The existing summary if it is for the same seed and labels (pieces computed earlier are kept)."""
     path = out / "landscape.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path)
         if (old.get("seed"), old.get("sgd"), old.get("swa")) == (seed, sgd, swa):
             return old
     return {}
@@ -212,29 +212,25 @@ class _Job:
         self.check_ends()
 
     def averaged_epochs(self) -> list[int]:
-        """1-based epochs whose weights the SWA run folded into its average."""
+        """1-based epochs whose weights the SWA run folded into its average, as its recipe says."""
         m = self.run.method(self.swa)
-        if m.method != "swa":
-            raise _Missing(f"snapshots come from an swa run's trajectory; {self.swa!r} is a {m.method} run "
-                           "(pass --swa LABEL)")
-        budget = self.run.cfg.train.epochs
-        epochs = max(1, math.floor(m.budget * budget + 0.5))
-        # the defaults of lab.methods.swa: swa_start = 0.8 B + 1, one model per epoch (or per cycle)
-        start = m.options.get("swa_start") or int(0.8 * budget) + 1
-        period = m.options.get("cycle", 1) if m.options.get("schedule") == "cyclic" else m.options.get("every", 1)
-        return [e + 1 for e in range(epochs) if swa_should_average(e, start, period)]
+        epochs = recipe_of(m, self.run.cfg.train).averaged_epochs()
+        if not epochs:
+            raise _Missing(f"snapshots come from the trajectory of a run that averages end-of-epoch weights; "
+                           f"{self.swa!r} ({m.method}) does not (pass --swa LABEL)")
+        return epochs
 
     def check_snapshots(self, needed: int) -> None:
         epochs = self.averaged_epochs()
         self.run.file(self.swa, self.seed, "final.pt")
-        self.run.file(self.swa, self.seed, "trajectory.pt")
+        self.run.check_trajectory(self.swa, self.seed)
         if len(epochs) < needed:
             raise _Missing(f"{self.swa} averaged {len(epochs)} snapshot(s) (epochs {epochs}), {needed} are needed; "
                            f"train longer or lower methods.{self.swa}.options.swa_start")
 
     def check_predictions(self) -> None:
-        if self.bundle.task != "classification":
-            raise _Missing(f"reliability diagrams are for classification; {self.run.cfg.data.name} is {self.bundle.task}")
+        if not self.task.reliability:
+            raise _Missing(f"reliability diagrams are for classification; {self.run.cfg.data.name} is {self.task.name}")
         if not any((self.run.run_dir(label, self.seed) / "checkpoint.pt").is_file() for label in self.run.labels):
             raise _Missing(f"no checkpoint.pt under {self.run.path}/*/seed{self.seed}; "
                            f"run the experiment with `{self.run.resume_command}`")
@@ -248,6 +244,10 @@ class _Job:
         return self._bundle
 
     @property
+    def task(self) -> Task:
+        return task_of(self.bundle.task)
+
+    @property
     def evaluator(self) -> geo.LandscapeEvaluator:
         if self._evaluator is None:
             bundle, train = self.bundle, self.run.cfg.train
@@ -255,8 +255,8 @@ class _Job:
             bn_batches = list(itertools.islice(self.run.bn_loader(bundle, self.seed, self.device), train.bn_batches))
             datasets = {name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
                         for name, split in (("train", bundle.train), ("test", bundle.test))}
-            stats = geo.mse_stats if bundle.task == "regression" else geo.cross_entropy_stats
-            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets, stats, train.weight_decay)
+            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets, self.task.landscape_stats,
+                                                     train.weight_decay)
         return self._evaluator
 
     @property
@@ -267,7 +267,7 @@ class _Job:
         return geo.flat_parameters(self.run.load(label, self.seed, name), self.names)
 
     def trajectory(self, label: str) -> list[dict[str, Tensor]]:
-        return self.run.load(label, self.seed, "trajectory.pt")
+        return self.run.trajectory(label, self.seed)
 
     def protocol(self) -> dict[str, Any]:
         train = self.run.cfg.train
@@ -405,28 +405,22 @@ class _Job:
         average = self.run.load(self.swa, self.seed, "final.pt")
         model = self.evaluator.model
         test = BatchLoader(self.bundle.test, self.run.cfg.train.eval_batch_size, device=self.device)
-        y = self.bundle.test.y
-        if self.bundle.task == "regression":
+        y, task = self.bundle.test.y, self.task
+        if task.probabilistic:
+            view = ensemble_view(snapshots, average, model, test)
+        else:
             w_bar = geo.flat_parameters(average, self.names)
             view = {"delta": max(float(torch.linalg.vector_norm(geo.flat_parameters(s, self.names) - w_bar))
                                  for s in snapshots), "agreement": None, "kl": None}
 
-            def score(outputs: Tensor) -> float:
-                return float((outputs.double() - y.double()).square().mean())
+        def score(outputs: Tensor) -> float:
+            return task.error(outputs, y)
 
-            metric, transform = "test MSE", (lambda out: out.double())
-        else:
-            view = ensemble_view(snapshots, average, model, test)
-            y, keep = y.reshape(-1), y.reshape(-1) >= 0  # graphs pad their nodes with -1
-
-            def score(probs: Tensor) -> float:
-                return 100.0 * probs.reshape(y.numel(), -1)[keep].argmax(-1).ne(y[keep]).double().mean().item()
-
-            metric, transform = "test error (%)", (lambda out: out.double().softmax(-1))
+        metric = task.error_label
         outputs = []
         for state in snapshots + [average]:
             model.load_state_dict(state)
-            outputs.append(transform(predict_outputs(model, test)[0]))
+            outputs.append(task.outputs(predict_outputs(model, test)[0].double()))
         return {
             "epochs": epochs, **view, "metric": metric, "average": score(outputs[-1]),
             "ensemble": score(torch.stack(outputs[:-1]).mean(0)),
@@ -437,7 +431,7 @@ class _Job:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
         run, bundle, train = self.run, self.bundle, self.run.cfg.train
         steps = len(BatchLoader(bundle.train, train.batch_size))
-        ctx = EvalContext(bundle.task, self.device, train.eval_batch_size,
+        ctx = EvalContext(self.task, self.device, train.eval_batch_size,
                           lambda: run.bn_loader(bundle, self.seed, self.device), train.bn_batches)
         labels, probs_list, summary = [], [], {}
         for m in run.cfg.methods:
@@ -445,15 +439,14 @@ class _Job:
             if not path.is_file():
                 log(f"predictions: {m.label} skipped (no checkpoint.pt in {path.parent})")
                 continue
-            ckpt = load_torch(path)
+            ckpt = run.load(m.label, self.seed, "checkpoint.pt")
             if ckpt.get("diverged"):
                 log(f"predictions: {m.label} skipped (diverged)")
                 continue
             model = run.model(bundle)
             model.load_state_dict(ckpt["model"])
             model.to(self.device)
-            recipe = build_recipe(m.method, m.options, lr=m.lr if m.lr is not None else train.lr,
-                                  budget_epochs=train.epochs, budget=m.budget, steps_per_epoch=steps, model=model)
+            recipe = recipe_of(m, train, steps_per_epoch=steps, model=model)
             recipe.load_state_dict(ckpt["recipe"])
             splits = {"test": bundle.test, **({"val": bundle.val} if len(bundle.val) else {})}  # soups score on val
             probs = recipe.predict(model, splits, ctx)["test"]
