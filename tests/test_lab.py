@@ -1,5 +1,6 @@
 """The laboratory: config checking, recipes against their schedules, resumable runs, CLI errors."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,39 @@ def test_experiment_writes_results_table_and_skips_finished_runs(tmp_path, capsy
     assert (tmp_path / "run" / "swa" / "seed0" / "result.json").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="holds started runs of sgd, swa with a different config"):
         run_experiment(load_config("mnist1d", TINY + ["train.lr=0.05"]), tmp_path / "run", progress=False)
+
+
+def test_all_config_errors_are_named_at_once_and_nothing_runs(tmp_path, capsys):
+    """The issue's example: an option value, an unknown option and a swa_start beyond the run,
+    found before any run trains and before anything is written."""
+    argv = ["run", "mnist1d", "--seeds", "1", "--out", str(tmp_path / "out"), "--set", "train.epochs=8",
+            "--set", "methods.swa.options.swa_lr=abc", "--set", "methods.fge.options.cyc=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "3 config errors" in err and err.count("\n") == 1
+    assert "methods.swa: swa_lr must be > 0, got abc" in err
+    assert "methods.fge: unknown option(s) ['cyc'] for method 'fge'" in err
+    assert "methods.swa-const: swa_start must be an epoch in 1..8, got 16" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_config_continues_for_unstarted_methods_only(tmp_path):
+    out = tmp_path / "run"
+    base = ["train.epochs=2", "seeds=[0]", "data.train_size=200", "data.test_size=100"]
+    run_experiment(load_config("mnist1d", base + ["methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]"]),
+                   out, progress=False, log=lambda text: None)
+    shutil.rmtree(out / "swa")  # swa has not started (as if the first run had stopped after sgd)
+    sgd_result = (out / "sgd" / "seed0" / "result.json").stat().st_mtime_ns
+    # swa's config changes and a new method is added: both run, sgd is kept
+    fixed = base + ["methods=[{method: sgd}, {method: swa, options: {swa_start: 1}}, {method: ema}]"]
+    rows = run_experiment(load_config("mnist1d", fixed), out, progress=False, log=lambda text: None)
+    assert [r["method"] for r in rows] == ["sgd", "swa", "ema"] and all(r["status"] == "done" for r in rows)
+    assert (out / "sgd" / "seed0" / "result.json").stat().st_mtime_ns == sgd_result
+    assert [r["method"] for r in read_results(out)] == ["sgd", "swa", "ema"]
+    # changing a started method is refused, naming it
+    changed = base + ["methods=[{method: sgd, options: {schedule: constant}}, {method: swa, options: {swa_start: 1}}]"]
+    with pytest.raises(ConfigError, match=r"holds started runs of sgd with a different config \(their method"):
+        run_experiment(load_config("mnist1d", changed), out, progress=False)
 
 
 def test_diverging_run_is_marked_and_others_go_on(tmp_path, capsys):

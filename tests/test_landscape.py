@@ -324,3 +324,18 @@ def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
     (copy / "sgd" / "seed0" / "final.pt").unlink()
     err = one_line_error(capsys, ["landscape", str(copy), "--what", "line"])
     assert "no final.pt in" in err and f"swalab run {copy / 'config.yaml'} --out {copy}" in err
+
+
+def test_cyclic_swa_snapshots_are_the_epochs_the_recipe_averages(tmp_path):
+    """Cyclic SWA (swa_start 5, cycle 2) averages the ends of its cycles, epochs 6, 8, 10; the
+    landscape marks the same epochs because it asks the recipe (it used to re-derive [5, 7, 9])."""
+    from swalab.lab.config import to_dict
+    from swalab.lab.rundir import RunDirectory
+    from swalab.report.geometry import _Job
+    from swalab.report.rundir import RunDir
+
+    cfg = load_config("mnist1d", ["train.epochs=10", "methods=[{method: sgd}, {method: swa, options: "
+                                  "{swa_start: 5, schedule: cyclic, cycle: 2, swa_lr: 0.01}}]"])
+    RunDirectory(tmp_path).write_config(to_dict(cfg))
+    job = _Job(RunDir(tmp_path), 0, "sgd", "swa", "cpu", print)
+    assert job.averaged_epochs() == [6, 8, 10]

@@ -19,7 +19,7 @@ import torch
 
 from ..data import DataBundle
 from ..data import load as load_data
-from .config import ConfigError, ExperimentConfig, to_dict
+from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .distributed import World, resolve_device
 from .methods import recipe_of
 from .rundir import RunDirectory
@@ -91,6 +91,7 @@ def run_experiment(
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
     """
+    check_parts(cfg)  # every config error before anything is written or trained
     layout = RunDirectory(out)
 
     def prepare() -> None:
