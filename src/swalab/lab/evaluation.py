@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -11,8 +11,15 @@ from ..bn import call_model
 from ..data import BatchLoader, Split
 from .task import Task
 
-if TYPE_CHECKING:
-    from .distributed import World
+
+class Shards(Protocol):
+    """How a split is divided over processes (``distributed.World``; evaluation needs no more)."""
+
+    size: int
+
+    def shard(self, split: Split) -> Split: ...
+
+    def gather_rows(self, part: Tensor, n: int) -> Tensor: ...
 
 __all__ = ["EvalContext", "evaluate", "model_outputs", "predict"]
 
@@ -25,7 +32,7 @@ class EvalContext(NamedTuple):
     batch_size: int
     bn_loader: Callable[[], BatchLoader]  # a fresh, seeded pass over the training data
     bn_batches: int | None
-    world: World | None = None  # under DDP: each rank predicts its part of a split (see distributed.py)
+    world: Shards | None = None  # under DDP: each rank predicts its part of a split (see distributed.py)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
 from ..lab.distributed import resolve_device
 from ..lab.evaluation import EvalContext
-from ..lab.files import atomic_write_text, read_json
+from ..lab.files import atomic_output, atomic_write_text, read_json
 from ..lab.methods import recipe_of
 from ..lab.task import Task, task_of
 from . import figures
@@ -169,6 +169,12 @@ def compute_landscape(
     return _clean(summary)
 
 
+def _savez(path: Path, **arrays: Any) -> None:
+    """``np.savez`` through a temporary file and a rename."""
+    with atomic_output(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
 def _clean(value: Any) -> Any:
     """``value`` with NumPy scalars as Python numbers and NaN/inf as None (strict JSON)."""
     if isinstance(value, dict):
@@ -293,7 +299,7 @@ class _Job:
     def line(self, out: Path, ts: np.ndarray, bar: Progress) -> dict[str, Any]:
         w_sgd, w_swa = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
         values = self.evaluate([geo.segment(w_swa, w_sgd, float(t)) for t in ts], bar)
-        np.savez(out / "line.npz", t=ts, **values)
+        _savez(out / "line.npz", t=ts, **values)
         figures.line_figure(ts, values, self.sgd, self.swa, out / "line.png")
         i_swa, i_sgd = int(np.argmin(np.abs(ts))), int(np.argmin(np.abs(ts - 1)))
         return {
@@ -322,7 +328,7 @@ class _Job:
                 arrays[f"{key}_{k}"] = np.stack([np.concatenate([at_zero[k], a[k]]) for a in along])
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
-        np.savez(out / "rays.npz", **arrays)
+        _savez(out / "rays.npz", **arrays)
         figures.rays_figure(arrays, self.sgd, self.swa, out / "rays.png")
         figures.width_figure(widths, distances[-1], rise, self.sgd, self.swa, out / "width.png")
         return {
@@ -347,7 +353,7 @@ class _Job:
         xy = np.stack(np.meshgrid(alphas * pl.dx, betas * pl.dy, indexing="ij"), axis=-1)
         path_xy = {k: np.array([pl.coordinates(p) for p in ws]) for k, ws in paths.items()}
         mark_xy = {k: np.array(pl.coordinates(p)) for k, p in marks.items()}
-        np.savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
+        _savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
                  point_labels=np.array(labels), dx=pl.dx, dy=pl.dy, **values,
                  **{f"path_{k}": v for k, v in path_xy.items()}, **{f"mark_{k}": v for k, v in mark_xy.items()})
         figures.plane_figure(xy, values, points, labels, path_xy, mark_xy, title, out / f"{name}.png")
@@ -457,6 +463,6 @@ class _Job:
         if not labels:
             raise FileNotFoundError(f"no finished run under {run.path}/*/seed{self.seed}; "
                                     f"finish them with `{run.resume_command}`")
-        np.savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
+        _savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
                  targets=bundle.test.y.numpy())
         return summary
