@@ -331,11 +331,11 @@ def test_cyclic_swa_snapshots_are_the_epochs_the_recipe_averages(tmp_path):
     landscape marks the same epochs because it asks the recipe (it used to re-derive [5, 7, 9])."""
     from swalab.lab.config import to_dict
     from swalab.lab.rundir import RunDirectory
-    from swalab.report.geometry import _Job
+    from swalab.report.geometry import _Sources
     from swalab.report.rundir import RunDir
 
     cfg = load_config("mnist1d", ["train.epochs=10", "methods=[{method: sgd}, {method: swa, options: "
                                   "{swa_start: 5, schedule: cyclic, cycle: 2, swa_lr: 0.01}}]"])
     RunDirectory(tmp_path).write_config(to_dict(cfg))
-    job = _Job(RunDir(tmp_path), 0, "sgd", "swa", "cpu", print)
+    job = _Sources(RunDir(tmp_path), 0, "sgd", "swa")
     assert job.averaged_epochs() == [6, 8, 10]

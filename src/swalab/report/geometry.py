@@ -22,11 +22,13 @@ SGD minimised, cross-entropy + ``wd/2 ||w||^2`` (the NLL alone is saved too). Re
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from . import figures
 from .progress import Progress
 from .rundir import RunDir
 
-__all__ = ["PIECES", "compute_landscape"]
+__all__ = ["PIECES", "LandscapeOptions", "compute_landscape"]
 
 PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions")
 METRICS = ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error")
@@ -56,31 +58,13 @@ class _Missing(Exception):
     """A piece cannot be computed from this run directory; the message says what to do."""
 
 
-def compute_landscape(
-    run_dir: str | Path,
-    *,
-    seed: int | None = None,
-    sgd: str | None = None,
-    swa: str | None = None,
-    what: Sequence[str] | None = None,
-    grid: int = 21,
-    margin: float = 0.2,
-    line_points: int = 21,
-    line_range: tuple[float, float] = (-0.5, 1.5),
-    rays: int = 10,
-    ray_points: int = 21,
-    ray_distance: float | None = None,
-    rise: float = 0.1,
-    device: str | None = None,
-    threads: int | None = None,
-    log: Callable[[str], None] = print,
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """Compute the landscape pieces ``what`` (default: all that the run directory allows).
+@dataclass(frozen=True)
+class LandscapeOptions:
+    """Which runs, which pieces and how finely: the options of ``swalab landscape``.
 
     Args:
         seed: which seed's runs (default: the first).
-        sgd, swa: method labels (default: the SGD and SWA runs at budget 1).
+        sgd, swa: method labels (default: the baseline and the averaging run at budget 1).
         what: pieces to compute (see the module docstring); one asked for by name that the
             directory cannot give is an error, while the default skips it with a one-line note.
         grid: points per side of the planes' grids; ``margin``: beyond [0, 1] on each side.
@@ -90,35 +74,70 @@ def compute_landscape(
             the width.
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
+    """
+
+    seed: int | None = None
+    sgd: str | None = None
+    swa: str | None = None
+    what: Sequence[str] | None = None
+    grid: int = 21
+    margin: float = 0.2
+    line_points: int = 21
+    line_range: tuple[float, float] = (-0.5, 1.5)
+    rays: int = 10
+    ray_points: int = 21
+    ray_distance: float | None = None
+    rise: float = 0.1
+    device: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.what or ()) - set(PIECES))
+        if unknown:
+            raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
+        if self.grid < 2 or self.line_points < 2 or self.ray_points < 2 or self.rays < 1:
+            raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+
+
+def compute_landscape(
+    run_dir: str | Path,
+    options: LandscapeOptions | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+    **changes: Any,
+) -> dict[str, Any]:
+    """Compute the landscape pieces ``options.what`` (default: all that the run directory allows).
+
+    Args:
+        options: see :class:`LandscapeOptions`; ``changes`` replace some of its fields
+            (``compute_landscape(run_dir, grid=5)``).
         progress: draw a progress bar (default: when stderr is a terminal; else plain lines).
 
     Returns:
         The summary also written to ``RUN_DIR/landscape/landscape.json``.
     """
+    opts = dataclasses.replace(options or LandscapeOptions(), **changes)
+    what = opts.what
     run = RunDir(run_dir)
-    seed = run.seed(seed)
-    sgd = sgd or run.default_label("baseline")
-    swa = swa or run.default_label("average")
+    seed = run.seed(opts.seed)
+    sgd = opts.sgd or run.default_label("baseline")
+    swa = opts.swa or run.default_label("average")
     if sgd is None or swa is None:
         which = "SGD (method: sgd)" if sgd is None else "SWA (method: swa)"
         raise ValueError(f"{run.path} has no {which} run; name one with --{'sgd' if sgd is None else 'swa'} LABEL "
                          f"(labels: {', '.join(run.labels)})")
     run.method(sgd)
     run.method(swa)
-    unknown = sorted(set(what or ()) - set(PIECES))
-    if unknown:
-        raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
-    if grid < 2 or line_points < 2 or ray_points < 2 or rays < 1:
-        raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
-
-    threads = threads if threads is not None else run.cfg.train.threads
+    threads = opts.threads if opts.threads is not None else run.cfg.train.threads
     if threads is not None:
         torch.set_num_threads(threads)
-    job = _Job(run, seed, sgd, swa, device, log)
+    src, ev = _Sources(run, seed, sgd, swa), _Evaluation(run, seed, opts.device)
+    job = _Pieces(src, ev, log)
     requested = list(what) if what else list(PIECES)
-    checks = {"line": job.check_ends, "rays": job.check_ends, "plane": job.check_plane,
-              "snapshots": lambda: job.check_snapshots(3), "ensemble": lambda: job.check_snapshots(2),
-              "predictions": job.check_predictions}
+    checks = {"line": src.check_ends, "rays": src.check_ends, "plane": src.check_plane,
+              "snapshots": lambda: src.check_snapshots(3), "ensemble": lambda: src.check_snapshots(2),
+              "predictions": lambda: src.check_predictions(ev.task)}
     todo, skipped = [], {}
     for piece in requested:
         try:
@@ -135,27 +154,27 @@ def compute_landscape(
     out = run.path / "landscape"
     out.mkdir(exist_ok=True)
     summary = _previous_summary(out, seed, sgd, swa)
-    summary.update({"seed": seed, "sgd": sgd, "swa": swa, "protocol": job.protocol()})
+    summary.update({"seed": seed, "sgd": sgd, "swa": swa, "protocol": ev.protocol()})
     summary.setdefault("skipped", {}).update(skipped)
     for piece in todo:
         summary["skipped"].pop(piece, None)
     summary.setdefault("seconds", {})
 
-    sizes = {"line": line_points, "rays": 2 * rays * (ray_points - 1) + 2, "plane": grid * grid,
-             "snapshots": grid * grid, "ensemble": 0, "predictions": 0}
+    sizes = {"line": opts.line_points, "rays": 2 * opts.rays * (opts.ray_points - 1) + 2,
+             "plane": opts.grid ** 2, "snapshots": opts.grid ** 2, "ensemble": 0, "predictions": 0}
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
         for piece in todo:
             bar.stage(piece)
             start = time.perf_counter()
             if piece == "line":
-                summary["line"] = job.line(out, np.linspace(*line_range, line_points), bar)
+                summary["line"] = job.line(out, np.linspace(*opts.line_range, opts.line_points), bar)
             elif piece == "rays":
-                summary["rays"] = job.rays(out, rays, ray_points, ray_distance, rise, bar)
+                summary["rays"] = job.rays(out, opts.rays, opts.ray_points, opts.ray_distance, opts.rise, bar)
             elif piece == "plane":
-                summary["plane"] = job.plane(out, grid, margin, bar)
+                summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
             elif piece == "snapshots":
-                summary["snapshots"] = job.snapshots(out, grid, margin, bar)
+                summary["snapshots"] = job.snapshots(out, opts.grid, opts.margin, bar)
             elif piece == "ensemble":
                 summary["ensemble"] = job.ensemble()
             else:
@@ -198,16 +217,12 @@ def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any
     return {}
 
 
-class _Job:
-    """One seed's models, data and evaluator; each method computes, saves and summarises a piece."""
+class _Sources:
+    """What the run directory provides for one seed: which files each piece needs, the weights, the
+    trajectories, and the epochs the SWA run averaged (as its recipe says)."""
 
-    def __init__(self, run: RunDir, seed: int, sgd: str, swa: str, device: str | None,
-                 log: Callable[[str], None]) -> None:
-        self.run, self.seed, self.sgd, self.swa, self.log = run, seed, sgd, swa, log
-        self.device = resolve_device(device or run.cfg.train.device)
-        self._evaluator: geo.LandscapeEvaluator | None = None
-
-    # --- what each piece needs ---
+    def __init__(self, run: RunDir, seed: int, sgd: str, swa: str) -> None:
+        self.run, self.seed, self.sgd, self.swa = run, seed, sgd, swa
 
     def check_ends(self) -> None:
         self.run.file(self.sgd, self.seed, "final.pt")
@@ -234,14 +249,28 @@ class _Job:
             raise _Missing(f"{self.swa} averaged {len(epochs)} snapshot(s) (epochs {epochs}), {needed} are needed; "
                            f"train longer or lower methods.{self.swa}.options.swa_start")
 
-    def check_predictions(self) -> None:
-        if not self.task.reliability:
-            raise _Missing(f"reliability diagrams are for classification; {self.run.cfg.data.name} is {self.task.name}")
-        if not any((self.run.run_dir(label, self.seed) / "checkpoint.pt").is_file() for label in self.run.labels):
+    def check_predictions(self, task: Task) -> None:
+        if not task.reliability:
+            raise _Missing(f"reliability diagrams are for classification; {self.run.cfg.data.name} is {task.name}")
+        if not any(self.run.run(label, self.seed).checkpoint_path.is_file() for label in self.run.labels):
             raise _Missing(f"no checkpoint.pt under {self.run.path}/*/seed{self.seed}; "
                            f"run the experiment with `{self.run.resume_command}`")
 
-    # --- shared state ---
+    def weights(self, label: str, name: str, names: list[str]) -> Tensor:
+        """The flat parameters (ordered as ``names``) of ``<label>/seed<k>/<name>``."""
+        return geo.flat_parameters(self.run.load(label, self.seed, name), names)
+
+    def trajectory(self, label: str) -> list[dict[str, Tensor]]:
+        return self.run.trajectory(label, self.seed)
+
+
+class _Evaluation:
+    """One seed's data, one model instance and the evaluator of train loss and test error at any point."""
+
+    def __init__(self, run: RunDir, seed: int, device: str | None) -> None:
+        self.run, self.seed = run, seed
+        self.device = resolve_device(device or run.cfg.train.device)
+        self._evaluator: geo.LandscapeEvaluator | None = None
 
     @property
     def bundle(self) -> Any:
@@ -269,12 +298,6 @@ class _Job:
     def names(self) -> list[str]:
         return [name for name, _ in self.evaluator.model.named_parameters()]
 
-    def weights(self, label: str, name: str) -> Tensor:
-        return geo.flat_parameters(self.run.load(label, self.seed, name), self.names)
-
-    def trajectory(self, label: str) -> list[dict[str, Tensor]]:
-        return self.run.trajectory(label, self.seed)
-
     def protocol(self) -> dict[str, Any]:
         train = self.run.cfg.train
         return {
@@ -294,11 +317,21 @@ class _Job:
             bar.advance()
         return {k: np.array(v) for k, v in values.items()}
 
-    # --- pieces ---
+
+class _Pieces:
+    """Each method computes one piece from the sources and the evaluation, saves its arrays
+    (``.npz``) and figure, and returns its summary."""
+
+    def __init__(self, src: _Sources, ev: _Evaluation, log: Callable[[str], None]) -> None:
+        self.src, self.ev, self.log = src, ev, log
+        self.run, self.seed, self.sgd, self.swa = src.run, src.seed, src.sgd, src.swa
+
+    def weights(self, label: str, name: str) -> Tensor:
+        return self.src.weights(label, name, self.ev.names)
 
     def line(self, out: Path, ts: np.ndarray, bar: Progress) -> dict[str, Any]:
         w_sgd, w_swa = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
-        values = self.evaluate([geo.segment(w_swa, w_sgd, float(t)) for t in ts], bar)
+        values = self.ev.evaluate([geo.segment(w_swa, w_sgd, float(t)) for t in ts], bar)
         _savez(out / "line.npz", t=ts, **values)
         figures.line_figure(ts, values, self.sgd, self.swa, out / "line.png")
         i_swa, i_sgd = int(np.argmin(np.abs(ts))), int(np.argmin(np.abs(ts - 1)))
@@ -322,8 +355,8 @@ class _Job:
         widths: dict[str, list[float]] = {}
         for key, label in (("swa", self.swa), ("sgd", self.sgd)):
             w = origins[label]
-            at_zero = self.evaluate([w], bar)
-            along = [self.evaluate([w + float(t) * d for t in distances[1:]], bar) for d in directions]
+            at_zero = self.ev.evaluate([w], bar)
+            along = [self.ev.evaluate([w + float(t) * d for t in distances[1:]], bar) for d in directions]
             for k in METRICS:
                 arrays[f"{key}_{k}"] = np.stack([np.concatenate([at_zero[k], a[k]]) for a in along])
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
@@ -348,7 +381,7 @@ class _Job:
         alphas = (geo.grid_coordinates(grid, margin) if -margin <= alpha1 <= 1 + margin
                   else np.linspace(min(0.0, alpha1) - margin, max(1.0, alpha1) + margin, grid))
         betas = geo.grid_coordinates(grid, margin)
-        values = self.evaluate([pl.point(float(a), float(b)) for a in alphas for b in betas], bar)
+        values = self.ev.evaluate([pl.point(float(a), float(b)) for a in alphas for b in betas], bar)
         values = {k: v.reshape(grid, grid) for k, v in values.items()}
         xy = np.stack(np.meshgrid(alphas * pl.dx, betas * pl.dy, indexing="ij"), axis=-1)
         path_xy = {k: np.array([pl.coordinates(p) for p in ws]) for k, ws in paths.items()}
@@ -372,8 +405,8 @@ class _Job:
         paths: dict[str, list[Tensor]] = {}
         summary_note = None
         try:
-            states = self.trajectory(self.sgd)
-            paths[f"{self.sgd} trajectory"] = [w0] + [geo.flat_parameters(s, self.names) for s in states]
+            states = self.src.trajectory(self.sgd)
+            paths[f"{self.sgd} trajectory"] = [w0] + [geo.flat_parameters(s, self.ev.names) for s in states]
         except FileNotFoundError as err:
             summary_note = f"SGD trajectory not drawn: {err}"
             self.log(f"plane: {summary_note}")
@@ -385,12 +418,12 @@ class _Job:
         return summary
 
     def snapshots(self, out: Path, grid: int, margin: float, bar: Progress) -> dict[str, Any]:
-        epochs = self.averaged_epochs()
-        states = self.trajectory(self.swa)
+        epochs = self.src.averaged_epochs()
+        states = self.src.trajectory(self.swa)
         chosen = [epochs[0], epochs[len(epochs) // 2], epochs[-1]]
-        w = tuple(geo.flat_parameters(states[e - 1], self.names) for e in chosen)
+        w = tuple(geo.flat_parameters(states[e - 1], self.ev.names) for e in chosen)
         first = epochs[0] - 1
-        path = [geo.flat_parameters(s, self.names) for s in states[max(first - 1, 0):]]
+        path = [geo.flat_parameters(s, self.ev.names) for s in states[max(first - 1, 0):]]
         marks = {"average of the three": (w[0] + w[1] + w[2]) / 3, f"{self.swa} (all {len(epochs)})":
                  self.weights(self.swa, "final.pt")}
         labels = tuple(f"epoch {e}" for e in chosen)
@@ -405,18 +438,18 @@ class _Job:
         Classification: Δ, agreement and KL from ``swalab.ensembles.ensemble_view``, and test errors
         (%); regression: Δ and test MSE (the ensemble averages the predictions).
         """
-        epochs = self.averaged_epochs()
-        states = self.trajectory(self.swa)
+        epochs = self.src.averaged_epochs()
+        states = self.src.trajectory(self.swa)
         snapshots = [states[e - 1] for e in epochs]
         average = self.run.load(self.swa, self.seed, "final.pt")
-        model = self.evaluator.model
-        test = BatchLoader(self.bundle.test, self.run.cfg.train.eval_batch_size, device=self.device)
-        y, task = self.bundle.test.y, self.task
+        model = self.ev.evaluator.model
+        test = BatchLoader(self.ev.bundle.test, self.run.cfg.train.eval_batch_size, device=self.ev.device)
+        y, task = self.ev.bundle.test.y, self.ev.task
         if task.probabilistic:
             view = ensemble_view(snapshots, average, model, test)
         else:
-            w_bar = geo.flat_parameters(average, self.names)
-            view = {"delta": max(float(torch.linalg.vector_norm(geo.flat_parameters(s, self.names) - w_bar))
+            w_bar = geo.flat_parameters(average, self.ev.names)
+            view = {"delta": max(float(torch.linalg.vector_norm(geo.flat_parameters(s, self.ev.names) - w_bar))
                                  for s in snapshots), "agreement": None, "kl": None}
 
         def score(outputs: Tensor) -> float:
@@ -435,10 +468,10 @@ class _Job:
 
     def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
-        run, bundle, train = self.run, self.bundle, self.run.cfg.train
+        run, bundle, train = self.run, self.ev.bundle, self.run.cfg.train
         steps = len(BatchLoader(bundle.train, train.batch_size))
-        ctx = EvalContext(self.task, self.device, train.eval_batch_size,
-                          lambda: run.bn_loader(bundle, self.seed, self.device), train.bn_batches)
+        ctx = EvalContext(self.ev.task, self.ev.device, train.eval_batch_size,
+                          lambda: run.bn_loader(bundle, self.seed, self.ev.device), train.bn_batches)
         labels, probs_list, summary = [], [], {}
         for m in run.cfg.methods:
             path = run.run_dir(m.label, self.seed) / "checkpoint.pt"
@@ -451,7 +484,7 @@ class _Job:
                 continue
             model = run.model(bundle)
             model.load_state_dict(ckpt["model"])
-            model.to(self.device)
+            model.to(self.ev.device)
             recipe = recipe_of(m, train, steps_per_epoch=steps, model=model)
             recipe.load_state_dict(ckpt["recipe"])
             splits = {"test": bundle.test, **({"val": bundle.val} if len(bundle.val) else {})}  # soups score on val
