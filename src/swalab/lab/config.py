@@ -72,7 +72,7 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
-    save_trajectory: bool = False  # keep the weights after every epoch (trajectory.pt), for landscapes
+    save_trajectory: bool = False  # keep the weights after every epoch (trajectory/), for landscapes
 
 
 @dataclass
