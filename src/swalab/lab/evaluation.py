@@ -21,7 +21,7 @@ class Shards(Protocol):
 
     def gather_rows(self, part: Tensor, n: int) -> Tensor: ...
 
-__all__ = ["EvalContext", "evaluate", "model_outputs", "predict"]
+__all__ = ["EvalContext", "evaluate", "joint_predictions", "model_outputs", "predict"]
 
 
 class EvalContext(NamedTuple):
@@ -56,6 +56,25 @@ def model_outputs(model: nn.Module, split: Split, ctx: EvalContext) -> Tensor:
 
 def predict(model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
     return {name: model_outputs(model, split, ctx) for name, split in splits.items()}
+
+
+def joint_predictions(
+    splits: dict[str, Split], ctx: EvalContext
+) -> tuple[Callable[[nn.Module], Tensor], Callable[[Tensor], dict[str, Tensor]]]:
+    """A ``predict_fn`` for the library's ensembles (``ensemble_predict``, ``bma_predict``): a model's
+    predictions on every split as one flat tensor (they average elementwise), and its inverse."""
+    shapes: dict[str, torch.Size] = {}
+
+    def predict_fn(model: nn.Module) -> Tensor:
+        outputs = predict(model, splits, ctx)
+        shapes.update({name: out.shape for name, out in outputs.items()})
+        return torch.cat([out.reshape(-1) for out in outputs.values()])
+
+    def unflatten(flat: Tensor) -> dict[str, Tensor]:
+        parts = flat.split([shape.numel() for shape in shapes.values()])
+        return {name: part.reshape(shapes[name]) for name, part in zip(shapes, parts)}
+
+    return predict_fn, unflatten
 
 
 def evaluate(outputs: Tensor, split: Split, task: Task) -> dict[str, float]:

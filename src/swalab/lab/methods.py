@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from ..averaging import EMA, SWA, AveragedModel, restart_from_average
 from ..bn import has_batchnorm, update_bn
 from ..data import Split
-from ..ensembles import FGE, fge_should_collect, greedy_soup, uniform_soup, weighted_soup
+from ..ensembles import FGE, ensemble_predict, fge_should_collect, greedy_soup, uniform_soup, weighted_soup
 from ..registry import Registry
 from ..schedules import constant_lr, cyclic_lr, fge_lr, sgd_reference_lr, swa_reference_lr, swa_should_average
-from ..swag import SWAG
-from .evaluation import EvalContext, evaluate, model_outputs, predict
+from ..swag import SWAG, bma_predict
+from .evaluation import EvalContext, evaluate, joint_predictions, model_outputs, predict
 
 __all__ = ["METHODS", "Recipe", "build_recipe", "method_role", "recipe_of", "run_epochs"]
 
@@ -358,14 +358,8 @@ class FGERecipe(Ensembling):
     def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
         if not self.fge.members:
             return super().predict(model, splits, ctx)
-        original = {k: v.clone() for k, v in model.state_dict().items()}
-        total: dict[str, Tensor] = {}
-        for member in self.fge.members:  # members keep their own BN statistics
-            model.load_state_dict(member)
-            for name, out in predict(model, splits, ctx).items():
-                total[name] = total[name] + out if name in total else out
-        model.load_state_dict(original)
-        return {name: out / len(self.fge.members) for name, out in total.items()}
+        predict_fn, unflatten = joint_predictions(splits, ctx)  # members keep their own BN statistics
+        return unflatten(ensemble_predict(self.fge.members, model, None, predict_fn=predict_fn)["probs"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"members": self.fge.members}
@@ -389,15 +383,12 @@ class SWAGRecipe(Ensembling):
         if self.swag.n_models == 0:
             return super().predict(model, splits, ctx)
         generator = torch.Generator(device=self.swag.mean.device).manual_seed(self.seed)
-        total: dict[str, Tensor] = {}
-        for _ in range(self.n_samples):
-            sample = self.swag.sample(self.scale, self.cov, generator=generator)
-            if has_batchnorm(sample):
-                update_bn(ctx.bn_loader(), sample, max_batches=ctx.bn_batches)
-            for name, split in splits.items():
-                out = model_outputs(sample, split, ctx)
-                total[name] = total[name] + out if name in total else out
-        return {name: out / self.n_samples for name, out in total.items()}
+        predict_fn, unflatten = joint_predictions(splits, ctx)
+        kind = "classification" if ctx.task.probabilistic else "regression"
+        out = bma_predict(self.swag, None, _Passes(ctx.bn_loader), n_samples=self.n_samples, scale=self.scale,
+                          cov=self.cov, task=kind, generator=generator, predict_fn=predict_fn,
+                          max_bn_batches=ctx.bn_batches)
+        return unflatten(out["probs" if ctx.task.probabilistic else "mean"])
 
     def final_state(self, model: nn.Module) -> dict[str, Tensor]:
         sample = self.swag.sample(0.0)  # the SWA mean
@@ -408,6 +399,16 @@ class SWAGRecipe(Ensembling):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.swag.load_state_dict(state["swag"])
+
+
+class _Passes:
+    """An iterable whose every pass is a fresh loader from ``make`` (the same seeded BN batches)."""
+
+    def __init__(self, make: Callable[[], Iterable[Any]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.make())
 
 
 class SoupRecipe(FGERecipe):

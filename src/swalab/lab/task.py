@@ -15,11 +15,12 @@ from torch import Tensor
 
 from .. import landscape, metrics
 
-__all__ = ["TASKS", "Classification", "NodeClassification", "Regression", "Task", "task_of"]
+__all__ = ["TASKS", "NodeClassification", "Regression", "Task", "task_of"]
 
 
 class Task:
-    """Classification: cross-entropy on logits, softmax probabilities, accuracy/NLL/ECE."""
+    """A prediction task; this base class is classification: cross-entropy on logits, softmax
+    probabilities, accuracy/NLL/ECE. Subclasses change what differs."""
 
     name = "classification"
     primary = "accuracy"  # the metric the tables and the progress lines report

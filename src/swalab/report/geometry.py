@@ -9,9 +9,9 @@ piece      what                                                                 
 line       train loss / test error along ``t * w_SGD + (1 - t) * w_SWA``           final.pt of both
 rays       along ``w + t d/||d||`` from both solutions (same directions), width   final.pt of both
 plane      plane through (SGD start, SGD end, SWA), SGD trajectory projected      init.pt, final.pt;
-                                                                                  trajectory (path) 
-snapshots  plane through three averaged SWA snapshots, their average marked       trajectory of SWA   
-ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory of SWA   
+                                                                                  trajectory (path)
+snapshots  plane through three averaged SWA snapshots, their average marked       trajectory of SWA
+ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory of SWA
 predictions final test probabilities of every method (reliability diagrams)       checkpoint.pt
 ========== ===================================================================== ======================
 
