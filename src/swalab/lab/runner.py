@@ -6,7 +6,6 @@ change their config (or be added) between runs.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import platform
 import subprocess
@@ -17,17 +16,16 @@ from typing import Any, Callable
 
 import torch
 
-from ..data import DataBundle
-from ..data import load as load_data
 from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .distributed import World, resolve_device
+from .inputs import load_bundle
 from .methods import recipe_of
 from .rundir import RunDirectory
 from .stats import primary_metric, summarize
 from .task import task_of
 from .trainer import train_run
 
-__all__ = ["run_experiment", "format_table", "load_bundle"]
+__all__ = ["run_experiment", "format_table"]
 
 _RUN_SPECIFIC = ("seeds", "description", "variants")
 
@@ -159,17 +157,6 @@ def run_experiment(
         layout.write_results(ordered)
     log(format_table(cfg.name, [{k: str(v) for k, v in r.items()} for r in ordered]))
     return ordered
-
-
-def load_bundle(cfg: ExperimentConfig, seed: int, download: bool = False) -> DataBundle:
-    """The experiment's dataset for ``seed``, cut to ``data.train_size``/``data.test_size`` if set."""
-    bundle = load_data(cfg.data.name, root=cfg.data.root, download=download, seed=seed, **cfg.data.options)
-    if cfg.data.train_size is not None and cfg.data.train_size < len(bundle.train):
-        keep = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[: cfg.data.train_size]
-        bundle = dataclasses.replace(bundle, train=bundle.train.subset(keep))
-    if cfg.data.test_size is not None and cfg.data.test_size < len(bundle.test):
-        bundle = dataclasses.replace(bundle, test=bundle.test.subset(slice(0, cfg.data.test_size)))
-    return bundle
 
 
 def _total_epochs(cfg: ExperimentConfig, todo: list) -> int:

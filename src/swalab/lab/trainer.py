@@ -20,17 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from ..bn import call_model, has_batchnorm, update_bn
-from ..data import BatchLoader, DataBundle
-from ..models import create as create_model
+from ..data import DataBundle
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
-from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng, shard_batches
+from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng
 from .evaluation import EvalContext, evaluate, model_outputs
+from .inputs import bn_loader, build_model, train_loader
 from .methods import recipe_of
 from .rundir import RunFiles
 from .task import task_of
 
-__all__ = ["RunResult", "bn_loader", "train_one_epoch", "train_run"]
+__all__ = ["RunResult", "train_one_epoch", "train_run"]
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -50,11 +50,6 @@ class RunResult:
     epochs: int
     metrics: dict[str, float]
     message: str = ""
-
-
-def build_model(cfg: ExperimentConfig, bundle: DataBundle, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return create_model(cfg.model.name, bundle.in_shape, bundle.num_outputs, **cfg.model.options)
 
 
 def train_one_epoch(
@@ -87,16 +82,6 @@ def train_one_epoch(
     return torch.as_tensor(total)
 
 
-def _train_loader(cfg: ExperimentConfig, bundle: DataBundle, seed: int, device: torch.device,
-                  world: World) -> Any:
-    """Batches in the order of a generator seeded by ``seed``; under DDP every rank draws the same
-    global batches and takes its slice of each."""
-    generator = torch.Generator().manual_seed(seed)
-    return shard_batches(BatchLoader(bundle.train, cfg.train.batch_size, shuffle=True, generator=generator,
-                                     augment=bundle.augment if cfg.train.augment else None, device=device),
-                         world), generator
-
-
 def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFiles, device: torch.device,
              world: World = World()) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
@@ -107,7 +92,7 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFil
     net, criterion = data_parallel(model, world), batch_loss(task_of(bundle.task), world)
     p = cfg.pretrain
     optimizer = make_optimizer(p.optimizer, model, p.lr, cfg.train.momentum, p.weight_decay)
-    loader, _ = _train_loader(cfg, bundle, 10_000 + seed, device, world)
+    loader, _ = train_loader(cfg, bundle, 10_000 + seed, device, world)
     total = p.epochs * len(loader)
 
     def cosine(epoch: int) -> Callable[[int], float]:
@@ -146,7 +131,7 @@ def train_run(
         model.load_state_dict(pretrain(cfg, bundle, seed, files, device, world))
     model.to(device)
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
-    loader, generator = _train_loader(cfg, bundle, seed, device, world)
+    loader, generator = train_loader(cfg, bundle, seed, device, world)
     recipe = recipe_of(method, train, steps_per_epoch=len(loader), model=model)
     lr = method.lr if method.lr is not None else train.lr
     optimizer = make_optimizer(train.optimizer, model, lr, train.momentum, train.weight_decay)
@@ -225,20 +210,6 @@ def train_run(
         if world.main:
             files.write_metrics(history)
     return RunResult("done", recipe.epochs, results)
-
-
-def bn_loader(cfg: ExperimentConfig, bundle: DataBundle, seed: int, device: torch.device | None,
-              world: World = World()) -> Iterable[Any]:
-    """The training data pass that recomputes BatchNorm statistics of a run's averaged models.
-
-    Seeded per run (so a resumed run and ``swalab landscape`` repeat it exactly); under DDP whole
-    global batches are dealt round-robin to the ranks.
-    """
-    train = cfg.train
-    loader = BatchLoader(bundle.train, train.batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(20_000 + seed),
-                         augment=bundle.augment if train.augment else None, device=device)
-    return shard_batches(loader, world, whole_batches=True, max_batches=train.bn_batches)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:

@@ -17,9 +17,7 @@ from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_confi
 from ..lab.files import load_torch
 from ..lab.methods import method_role
 from ..lab.rundir import RunDirectory
-from ..lab.runner import load_bundle
-from ..lab.trainer import bn_loader
-from ..models import create as create_model
+from ..lab.inputs import bn_loader, build_model, load_bundle
 
 __all__ = ["RunDir"]
 
@@ -127,7 +125,7 @@ class RunDir(RunDirectory):
         return load_bundle(self.cfg, seed)
 
     def model(self, bundle: DataBundle) -> nn.Module:
-        return create_model(self.cfg.model.name, bundle.in_shape, bundle.num_outputs, **self.cfg.model.options)
+        return build_model(self.cfg, bundle)
 
     def bn_loader(self, bundle: DataBundle, seed: int, device: torch.device | None = None) -> Iterable[Any]:
         """The training run's own BatchNorm-recomputation pass."""
