@@ -5,6 +5,7 @@ recorded before the laboratory refactor (issue 11) by ``tests/fixtures/make_base
 One exception: SWAG's final predictions now come from the library's ``bma_predict``, which
 averages the samples' probabilities in float64 (Welford) where the lab summed them in float32, so
 its losses and ECE agree to ~1e-9 relative, not to the last bit (accuracies are equal)."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -19,9 +20,11 @@ def same_row(got: dict[str, str], expected: dict[str, str]) -> bool:
     if expected["method"] not in LIBRARY_AVERAGED:
         return got == expected
     return got.keys() == expected.keys() and all(
-        got[k] == v if not v or k in ("seed", "epochs", "budget") or not v[0].isdigit()
+        got[k] == v
+        if not v or k in ("seed", "epochs", "budget") or not v[0].isdigit()
         else float(got[k]) == pytest.approx(float(v), rel=1e-7, abs=0)
-        for k, v in expected.items())
+        for k, v in expected.items()
+    )
 
 
 @pytest.mark.slow

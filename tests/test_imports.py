@@ -1,14 +1,25 @@
 """The package's imports point one way: a walk of every module's imports (``ast``, including
 imports inside functions and under ``TYPE_CHECKING``) finds no cycle, and the library never
 imports the laboratory or the report."""
+
 import ast
 from pathlib import Path
 
 import swalab
 
 ROOT = Path(swalab.__file__).parent
-LIBRARY = ("averaging", "schedules", "bn", "swag", "ensembles", "metrics", "landscape", "registry",
-           "data", "models")
+LIBRARY = (
+    "averaging",
+    "schedules",
+    "bn",
+    "swag",
+    "ensembles",
+    "metrics",
+    "landscape",
+    "registry",
+    "data",
+    "models",
+)
 
 
 def module_name(path: Path) -> str:
@@ -21,7 +32,7 @@ def modules() -> dict[str, Path]:
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The swalab modules ``name`` imports (``from pkg import mod`` counts as importing ``pkg.mod``)."""
+    """The swalab modules ``name`` imports (``from pkg import mod`` counts as ``pkg.mod``)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -52,7 +63,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -78,5 +89,7 @@ def test_the_package_has_no_import_cycle():
 def test_the_library_never_imports_the_lab_or_the_report():
     for name, deps in graph().items():
         if name.split(".")[1:2] and name.split(".")[1] in LIBRARY:
-            bad = sorted(d for d in deps if d.startswith(("swalab.lab", "swalab.report", "swalab.cli")))
+            bad = sorted(
+                d for d in deps if d.startswith(("swalab.lab", "swalab.report", "swalab.cli"))
+            )
             assert not bad, f"{name} imports {bad}"

@@ -18,12 +18,13 @@ __all__ = ["update_bn", "call_model", "default_forward", "has_batchnorm", "move_
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has a BatchNorm layer (whose statistics an averaged model must recompute)."""
+    """Whether ``model`` has a BatchNorm layer (an averaged model must recompute its statistics)."""
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
 def call_model(model: nn.Module, x: Any) -> Any:
-    """``model(x)``, or ``model(*x)`` for inputs that are a tuple/list (a graph's features, adjacency, mask)."""
+    """``model(x)``, or ``model(*x)`` for inputs that are a tuple/list (a graph's features,
+    adjacency and mask)."""
     return model(*x) if isinstance(x, (list, tuple)) else model(x)
 
 

@@ -41,7 +41,8 @@ __all__ = [
 StateDict = dict[str, Tensor]
 Checkpoint = Union[Mapping[str, Tensor], str, os.PathLike]
 ForwardFn = Callable[[nn.Module, Any], Any]
-PredictFn = Callable[[nn.Module], Tensor]  # a model's predictions over the data (a custom or sharded pass)
+# a model's predictions over the data, from a custom or sharded pass
+PredictFn = Callable[[nn.Module], Tensor]
 
 
 def fge_should_collect(epoch: int, cycle: int) -> bool:

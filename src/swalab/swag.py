@@ -242,9 +242,10 @@ def bma_predict(
             mean and the variance (over samples) of the outputs.
         forward_fn: ``forward_fn(model, batch)`` for prediction and ``update_bn``.
         predict_fn: ``predict_fn(model)`` returns a sample's predictions (probabilities, or values
-            for regression) in place of the pass over ``loader`` and the softmax — e.g. each process
+            for regression) in place of the pass over ``loader`` and the softmax, e.g. each process
             predicting its shard of the data and gathering the parts; ``targets`` is then None.
-        max_bn_batches: use only the first batches of ``bn_loader`` (``update_bn``'s ``max_batches``).
+        max_bn_batches: use only the first batches of ``bn_loader`` (``update_bn``'s
+            ``max_batches``).
 
     Returns:
         ``{"probs": [N, C], "targets"}`` or ``{"mean", "var", "targets"}``, on the CPU; ``targets``
@@ -261,7 +262,8 @@ def bma_predict(
     for s in range(n_samples):
         model = swag.sample(scale, cov, generator=generator)
         if has_bn:
-            update_bn(bn_loader, model, swag.device, forward_fn=forward_fn, max_batches=max_bn_batches)
+            update_bn(bn_loader, model, swag.device, forward_fn=forward_fn,
+                      max_batches=max_bn_batches)
         if predict_fn is None:
             outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
             y = outputs.double().softmax(-1) if task == "classification" else outputs.double()

@@ -72,7 +72,7 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
-    save_trajectory: bool = False  # keep the weights after every epoch (trajectory/), for landscapes
+    save_trajectory: bool = False  # keep the weights after every epoch (trajectory/): landscapes
 
 
 @dataclass
@@ -314,17 +314,20 @@ def check_parts(cfg: ExperimentConfig) -> None:
     if cfg.data.name not in DATASETS:
         errors.append(f"data.name: {_first_line(DATASETS, cfg.data.name)}")
     else:
-        known = set(inspect.signature(DATASETS.get(cfg.data.name)).parameters) - {"root", "download", "seed"}
+        params = inspect.signature(DATASETS.get(cfg.data.name)).parameters
+        known = set(params) - {"root", "download", "seed"}
         unknown = sorted(set(cfg.data.options) - known)
         if unknown:
-            errors.append(f"unknown data.options {unknown} for dataset {cfg.data.name!r} (known: {sorted(known)})")
+            errors.append(f"unknown data.options {unknown} for dataset {cfg.data.name!r} "
+                          f"(known: {sorted(known)})")
     if cfg.model.name not in MODELS:
         errors.append(f"model.name: {_first_line(MODELS, cfg.model.name)}")
     else:
         known = set(default_options(cfg.model.name))
         unknown = sorted(set(cfg.model.options) - known)
         if unknown:
-            errors.append(f"unknown model.options {unknown} for model {cfg.model.name!r} (known: {sorted(known)})")
+            errors.append(f"unknown model.options {unknown} for model {cfg.model.name!r} "
+                          f"(known: {sorted(known)})")
     for m in cfg.methods:
         try:
             recipe_of(m, cfg.train)

@@ -32,12 +32,13 @@ class EvalContext(NamedTuple):
     batch_size: int
     bn_loader: Callable[[], BatchLoader]  # a fresh, seeded pass over the training data
     bn_batches: int | None
-    world: Shards | None = None  # under DDP: each rank predicts its part of a split (see distributed.py)
+    world: Shards | None = None  # under DDP each rank predicts its part of a split (distributed.py)
 
 
 @torch.no_grad()
 def model_outputs(model: nn.Module, split: Split, ctx: EvalContext) -> Tensor:
-    """Predictions (``ctx.task.outputs``: probabilities or values) of ``model`` in eval mode, on the CPU.
+    """Predictions (``ctx.task.outputs``: probabilities or values) of ``model`` in eval mode, on
+    the CPU.
 
     Under DDP (``ctx.world``) each rank predicts its contiguous part of the split and the parts are
     gathered, so every rank returns the outputs for the whole split.
@@ -61,8 +62,9 @@ def predict(model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dic
 def joint_predictions(
     splits: dict[str, Split], ctx: EvalContext
 ) -> tuple[Callable[[nn.Module], Tensor], Callable[[Tensor], dict[str, Tensor]]]:
-    """A ``predict_fn`` for the library's ensembles (``ensemble_predict``, ``bma_predict``): a model's
-    predictions on every split as one flat tensor (they average elementwise), and its inverse."""
+    """A ``predict_fn`` for the library's ensembles (``ensemble_predict``, ``bma_predict``): a
+    model's predictions on every split as one flat tensor (they average elementwise), and its
+    inverse."""
     shapes: dict[str, torch.Size] = {}
 
     def predict_fn(model: nn.Module) -> Tensor:

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from ..averaging import EMA, SWA, AveragedModel, restart_from_average
 from ..bn import has_batchnorm, update_bn
 from ..data import Split
-from ..ensembles import FGE, ensemble_predict, fge_should_collect, greedy_soup, uniform_soup, weighted_soup
+from ..ensembles import (
+    FGE,
+    ensemble_predict,
+    fge_should_collect,
+    greedy_soup,
+    uniform_soup,
+    weighted_soup,
+)
 from ..registry import Registry
 from ..schedules import constant_lr, cyclic_lr, fge_lr, sgd_reference_lr, swa_reference_lr, swa_should_average
 from ..swag import SWAG, bma_predict
@@ -358,8 +365,10 @@ class FGERecipe(Ensembling):
     def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
         if not self.fge.members:
             return super().predict(model, splits, ctx)
-        predict_fn, unflatten = joint_predictions(splits, ctx)  # members keep their own BN statistics
-        return unflatten(ensemble_predict(self.fge.members, model, None, predict_fn=predict_fn)["probs"])
+        # members keep their own BN statistics
+        predict_fn, unflatten = joint_predictions(splits, ctx)
+        probs = ensemble_predict(self.fge.members, model, None, predict_fn=predict_fn)["probs"]
+        return unflatten(probs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"members": self.fge.members}
@@ -385,9 +394,9 @@ class SWAGRecipe(Ensembling):
         generator = torch.Generator(device=self.swag.mean.device).manual_seed(self.seed)
         predict_fn, unflatten = joint_predictions(splits, ctx)
         kind = "classification" if ctx.task.probabilistic else "regression"
-        out = bma_predict(self.swag, None, _Passes(ctx.bn_loader), n_samples=self.n_samples, scale=self.scale,
-                          cov=self.cov, task=kind, generator=generator, predict_fn=predict_fn,
-                          max_bn_batches=ctx.bn_batches)
+        out = bma_predict(self.swag, None, _Passes(ctx.bn_loader), n_samples=self.n_samples,
+                          scale=self.scale, cov=self.cov, task=kind, generator=generator,
+                          predict_fn=predict_fn, max_bn_batches=ctx.bn_batches)
         return unflatten(out["probs" if ctx.task.probabilistic else "mean"])
 
     def final_state(self, model: nn.Module) -> dict[str, Tensor]:
@@ -431,7 +440,8 @@ class SoupRecipe(FGERecipe):
             model.load_state_dict(state)
             if bn:
                 update_bn(ctx.bn_loader(), model, max_batches=ctx.bn_batches)
-            return ctx.task.score(evaluate(model_outputs(model, splits["val"], ctx), splits["val"], ctx.task))
+            outputs = model_outputs(model, splits["val"], ctx)
+            return ctx.task.score(evaluate(outputs, splits["val"], ctx.task))
 
         bn_loader = ctx.bn_loader() if bn else None
         if self.kind == "uniform":
@@ -534,8 +544,10 @@ def build_recipe(method: str, options: dict[str, Any], *, lr: float, budget_epoc
     return builder(run, **options)
 
 
-def recipe_of(method: Any, train: Any, steps_per_epoch: int = 1, model: nn.Module | None = None) -> Recipe:
-    """The recipe of a ``MethodConfig`` under a ``TrainConfig`` (its ``lr`` defaults to ``train.lr``)."""
-    return build_recipe(method.method, method.options, lr=method.lr if method.lr is not None else train.lr,
-                        budget_epochs=train.epochs, budget=method.budget, steps_per_epoch=steps_per_epoch,
-                        model=model)
+def recipe_of(
+    method: Any, train: Any, steps_per_epoch: int = 1, model: nn.Module | None = None
+) -> Recipe:
+    """The recipe of a ``MethodConfig`` under a ``TrainConfig`` (``lr`` defaults to ``train.lr``)."""
+    lr = method.lr if method.lr is not None else train.lr
+    return build_recipe(method.method, method.options, lr=lr, budget_epochs=train.epochs,
+                        budget=method.budget, steps_per_epoch=steps_per_epoch, model=model)

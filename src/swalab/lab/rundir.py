@@ -14,6 +14,7 @@
 The trainer, the runner and the report use only this module to find and touch these files; the
 file primitives (atomic writes, safe loads) are in ``files.py``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,9 +30,23 @@ from .files import append_text, atomic_save, atomic_write_text, load_torch, read
 __all__ = ["RESULT_FIELDS", "RunDirectory", "RunFiles", "read_results"]
 
 RESULT_FIELDS = [
-    "method", "method_name", "baseline", "seed", "budget", "epochs", "status",
-    "train_loss", "val_loss", "val_accuracy", "val_mse",
-    "test_loss", "test_accuracy", "test_ece", "test_mse", "seconds", "message",
+    "method",
+    "method_name",
+    "baseline",
+    "seed",
+    "budget",
+    "epochs",
+    "status",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_mse",
+    "test_loss",
+    "test_accuracy",
+    "test_ece",
+    "test_mse",
+    "seconds",
+    "message",
 ]
 
 
@@ -72,7 +87,9 @@ class RunFiles:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()
+        ]
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_text(self.metrics_path, _jsonl([record]))
@@ -90,7 +107,7 @@ class RunFiles:
         atomic_save(state, self.checkpoint_path)
 
     def mark_diverged(self, message: str) -> None:
-        """Keep the last good checkpoint, flagged so a re-run reports the divergence instead of retrying."""
+        """Keep the last good checkpoint, flagged: a re-run reports the divergence, not retrying."""
         ckpt = self.checkpoint() or {"epoch": -1}
         ckpt["diverged"] = message
         self.save_checkpoint(ckpt)
@@ -108,7 +125,9 @@ class RunFiles:
 
     @property
     def has_trajectory(self) -> bool:
-        return (self.trajectory_dir / "epoch00001.pt").is_file() or (self.path / "trajectory.pt").is_file()
+        return (self.trajectory_dir / "epoch00001.pt").is_file() or (
+            self.path / "trajectory.pt"
+        ).is_file()
 
     def trajectory(self) -> list[dict[str, Any]]:
         """Weights after epochs 1, 2, ... (older runs kept them in one ``trajectory.pt``)."""

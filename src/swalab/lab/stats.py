@@ -36,7 +36,7 @@ def primary_metric(rows: list[dict]) -> str:
 
 
 def baseline_label(rows: list[dict]) -> str | None:
-    """The baseline method (SGD) at budget 1 (the paper's baseline), else the first one, else none."""
+    """The baseline method (SGD) at budget 1 (the paper's), else the first one, else none."""
     sgd = [r for r in rows if method_role(r["method_name"]) == "baseline"]
     at_budget = [r for r in sgd if float(r["budget"]) == 1.0]
     return (at_budget or sgd or [{"method": None}])[0]["method"]

@@ -5,6 +5,7 @@ classification: the training loss, how raw outputs become predictions (probabili
 the metrics of a split, the validation score a soup maximises and the error a landscape reports.
 A dataset names its task (``DataBundle.task``); :func:`task_of` turns the name into the object.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,8 +44,11 @@ class Task:
 
     def metrics(self, outputs: Tensor, y: Tensor) -> dict[str, float]:
         """Loss and metrics of predictions ``outputs`` against targets ``y``."""
-        return {"loss": metrics.nll(outputs, y), "accuracy": 100 * metrics.accuracy(outputs, y),
-                "ece": metrics.ece(outputs, y)}
+        return {
+            "loss": metrics.nll(outputs, y),
+            "accuracy": 100 * metrics.accuracy(outputs, y),
+            "ece": metrics.ece(outputs, y),
+        }
 
     def score(self, result: dict[str, float]) -> float:
         """Validation score of ``metrics(...)``, higher is better (what a soup maximises)."""
@@ -54,7 +58,10 @@ class Task:
         """Test error of predictions in % (labels of -1, padding, ignored)."""
         y = y.reshape(-1)
         keep = y >= 0
-        return 100.0 * outputs.reshape(y.numel(), -1)[keep].argmax(-1).ne(y[keep]).double().mean().item()
+        return (
+            100.0
+            * outputs.reshape(y.numel(), -1)[keep].argmax(-1).ne(y[keep]).double().mean().item()
+        )
 
 
 class NodeClassification(Task):
@@ -64,8 +71,12 @@ class NodeClassification(Task):
     reliability = False
 
     def loss(self, output: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
+        return F.cross_entropy(
+            output.reshape(-1, output.shape[-1]),
+            y.reshape(-1),
+            ignore_index=-1,
+            reduction=reduction,
+        )
 
     def count(self, y: Tensor) -> Tensor:
         return (y >= 0).sum()
@@ -73,8 +84,10 @@ class NodeClassification(Task):
     def metrics(self, outputs: Tensor, y: Tensor) -> dict[str, float]:
         probs, y = outputs.reshape(-1, outputs.shape[-1]), y.reshape(-1)
         keep = y >= 0
-        return {"loss": metrics.nll(probs[keep], y[keep]),
-                "accuracy": 100 * metrics.balanced_accuracy(probs, y)}
+        return {
+            "loss": metrics.nll(probs[keep], y[keep]),
+            "accuracy": 100 * metrics.balanced_accuracy(probs, y),
+        }
 
 
 class Regression(Task):

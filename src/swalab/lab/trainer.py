@@ -82,8 +82,8 @@ def train_one_epoch(
     return torch.as_tensor(total)
 
 
-def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFiles, device: torch.device,
-             world: World = World()) -> dict[str, Tensor]:
+def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFiles,
+             device: torch.device, world: World = World()) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
     cached = world.on_main(lambda: files.experiment.load_pretrain(seed))
     if cached is not None:
@@ -156,9 +156,10 @@ def train_run(
         if world.main:
             files.save_weights("init", _cpu_state(model))
 
-    ctx = EvalContext(task, device, train.eval_batch_size, lambda: bn_loader(cfg, bundle, seed, device, world),
-                      train.bn_batches, world)
-    net, criterion = data_parallel(model, world), batch_loss(task, world)  # the model itself in one process
+    ctx = EvalContext(task, device, train.eval_batch_size,
+                      lambda: bn_loader(cfg, bundle, seed, device, world), train.bn_batches, world)
+    # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
+    net, criterion = data_parallel(model, world), batch_loss(task, world)
     for epoch in range(start_epoch, recipe.epochs):
         total_loss = train_one_epoch(model, net, loader, optimizer, criterion,
                                      lambda step: recipe.lr(epoch, step), world, recipe.after_step)
@@ -194,7 +195,7 @@ def train_run(
                 "torch_rng": rng_states[0], "history": history,
                 **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
             })
-            if not (last and recipe.running_model(model) is not None):  # that one waits for the final metrics
+            if not (last and recipe.running_model(model) is not None):  # waits for final metrics
                 files.append_metrics(record)
         on_epoch()
 

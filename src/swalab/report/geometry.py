@@ -168,9 +168,11 @@ def compute_landscape(
             bar.stage(piece)
             start = time.perf_counter()
             if piece == "line":
-                summary["line"] = job.line(out, np.linspace(*opts.line_range, opts.line_points), bar)
+                ts = np.linspace(*opts.line_range, opts.line_points)
+                summary["line"] = job.line(out, ts, bar)
             elif piece == "rays":
-                summary["rays"] = job.rays(out, opts.rays, opts.ray_points, opts.ray_distance, opts.rise, bar)
+                summary["rays"] = job.rays(out, opts.rays, opts.ray_points, opts.ray_distance,
+                                           opts.rise, bar)
             elif piece == "plane":
                 summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
             elif piece == "snapshots":
@@ -237,8 +239,8 @@ class _Sources:
         m = self.run.method(self.swa)
         epochs = recipe_of(m, self.run.cfg.train).averaged_epochs()
         if not epochs:
-            raise _Missing(f"snapshots come from the trajectory of a run that averages end-of-epoch weights; "
-                           f"{self.swa!r} ({m.method}) does not (pass --swa LABEL)")
+            raise _Missing("snapshots come from the trajectory of a run that averages end-of-epoch "
+                           f"weights; {self.swa!r} ({m.method}) does not (pass --swa LABEL)")
         return epochs
 
     def check_snapshots(self, needed: int) -> None:
@@ -251,8 +253,10 @@ class _Sources:
 
     def check_predictions(self, task: Task) -> None:
         if not task.reliability:
-            raise _Missing(f"reliability diagrams are for classification; {self.run.cfg.data.name} is {task.name}")
-        if not any(self.run.run(label, self.seed).checkpoint_path.is_file() for label in self.run.labels):
+            raise _Missing(f"reliability diagrams are for classification; "
+                           f"{self.run.cfg.data.name} is {task.name}")
+        runs = (self.run.run(label, self.seed) for label in self.run.labels)
+        if not any(files.checkpoint_path.is_file() for files in runs):
             raise _Missing(f"no checkpoint.pt under {self.run.path}/*/seed{self.seed}; "
                            f"run the experiment with `{self.run.resume_command}`")
 
@@ -265,7 +269,7 @@ class _Sources:
 
 
 class _Evaluation:
-    """One seed's data, one model instance and the evaluator of train loss and test error at any point."""
+    """One seed's data, one model instance, and the evaluator of train loss and test error."""
 
     def __init__(self, run: RunDir, seed: int, device: str | None) -> None:
         self.run, self.seed = run, seed
@@ -290,8 +294,8 @@ class _Evaluation:
             bn_batches = list(itertools.islice(self.run.bn_loader(bundle, self.seed, self.device), train.bn_batches))
             datasets = {name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
                         for name, split in (("train", bundle.train), ("test", bundle.test))}
-            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets, self.task.landscape_stats,
-                                                     train.weight_decay)
+            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets,
+                                                     self.task.landscape_stats, train.weight_decay)
         return self._evaluator
 
     @property

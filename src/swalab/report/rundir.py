@@ -111,7 +111,8 @@ class RunDir(RunDirectory):
 
     def check_trajectory(self, label: str, seed: int) -> None:
         if not self.run(label, seed).has_trajectory:
-            raise FileNotFoundError(f"no trajectory in {self.run(label, seed).path}; {self.trajectory_command}")
+            path = self.run(label, seed).path
+            raise FileNotFoundError(f"no trajectory in {path}; {self.trajectory_command}")
 
     def metrics(self, label: str, seed: int) -> list[dict[str, Any]]:
         return self.run(label, seed).metrics()
