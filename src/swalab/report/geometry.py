@@ -478,11 +478,11 @@ class _Pieces:
                           lambda: run.bn_loader(bundle, self.seed, self.ev.device), train.bn_batches)
         labels, probs_list, summary = [], [], {}
         for m in run.cfg.methods:
-            path = run.run_dir(m.label, self.seed) / "checkpoint.pt"
-            if not path.is_file():
-                log(f"predictions: {m.label} skipped (no checkpoint.pt in {path.parent})")
+            files = run.run(m.label, self.seed)
+            ckpt = files.checkpoint()
+            if ckpt is None:
+                log(f"predictions: {m.label} skipped (no checkpoint.pt in {files.path})")
                 continue
-            ckpt = run.load(m.label, self.seed, "checkpoint.pt")
             if ckpt.get("diverged"):
                 log(f"predictions: {m.label} skipped (diverged)")
                 continue
