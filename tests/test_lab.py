@@ -329,3 +329,22 @@ def test_soup_methods_train_and_evaluate(tmp_path, mnist1d):
         assert result.status == "done" and 0 < result.metrics["val_accuracy"] <= 100
     with pytest.raises(ValueError, match="kind must be one of"):
         recipe("soup", kind="best")
+
+
+def test_run_files_append_metrics_and_trajectory_without_rewriting(tmp_path):
+    """metrics.jsonl grows by one line and the trajectory by one file per epoch; earlier epochs'
+    files are not written again (the former trajectory.pt was re-read and rewritten every epoch)."""
+    from swalab.lab.rundir import RunDirectory
+
+    files = RunDirectory(tmp_path).run("swa", 3)
+    assert files.path == tmp_path / "swa" / "seed3" and not files.started and not files.has_trajectory
+    files.append_metrics({"epoch": 1, "lr": 0.1})
+    files.append_trajectory(1, {"w": torch.tensor([1.0])})
+    first = (files.trajectory_dir / "epoch00001.pt").stat().st_mtime_ns
+    files.append_metrics({"epoch": 2, "lr": 0.05})
+    files.append_trajectory(2, {"w": torch.tensor([2.0])})
+    assert (files.trajectory_dir / "epoch00001.pt").stat().st_mtime_ns == first
+    assert files.metrics() == [{"epoch": 1, "lr": 0.1}, {"epoch": 2, "lr": 0.05}]
+    assert [s["w"].item() for s in files.trajectory()] == [1.0, 2.0] and files.has_trajectory
+    files.save_checkpoint({"epoch": 1})
+    assert files.started and files.experiment.path == tmp_path
