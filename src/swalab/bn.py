@@ -14,7 +14,18 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["update_bn", "default_forward", "move_to"]
+__all__ = ["update_bn", "call_model", "default_forward", "has_batchnorm", "move_to"]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer (an averaged model must recompute its statistics)."""
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def call_model(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(*x)`` for inputs that are a tuple/list (a graph's features,
+    adjacency and mask)."""
+    return model(*x) if isinstance(x, (list, tuple)) else model(x)
 
 
 def move_to(batch: Any, device: Any) -> Any:
@@ -39,9 +50,7 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
         return model(**batch)
     if isinstance(batch, (list, tuple)):
         batch = batch[0]
-    if isinstance(batch, (list, tuple)):
-        return model(*batch)
-    return model(batch)
+    return call_model(model, batch)
 
 
 @torch.no_grad()
