@@ -29,6 +29,7 @@ from swalab.lab.distributed import (
     shard_batches,
 )
 from swalab.lab.evaluation import EvalContext, model_outputs
+from swalab.lab.task import task_of
 
 # The CLI and the runner (and scipy behind them) are imported inside the tests that use them: the
 # spawned ranks import this module, and every second of import is paid twice on a 2-core machine.
@@ -230,7 +231,7 @@ def _rank_worker(rank, port, out):
     # update_bn over whole global batches dealt round-robin, statistics all-reduced
     swalab.update_bn(shard_batches(_bn_loader(split), world, whole_batches=True), model)
     stats = {"mean": model[1].running_mean.clone(), "var": model[1].running_var.clone()}
-    ctx = EvalContext("classification", torch.device("cpu"), 16, lambda: None, None, world)
+    ctx = EvalContext(task_of("classification"), torch.device("cpu"), 16, lambda: None, None, world)
     outputs = model_outputs(model, split, ctx)
     # a few DDP steps on slices of global batches; SWA, EMA, SWAG and FGE fed the synchronised model
     net = data_parallel(model, world)
@@ -240,7 +241,7 @@ def _rank_worker(rank, port, out):
     swag, fge = swalab.SWAG(model, max_num_models=3), swalab.FGE()
     loader = shard_batches(BatchLoader(split, 16, shuffle=True, generator=torch.Generator().manual_seed(4)), world)
     for x, y in loader:
-        loss = global_batch_loss("classification", net(x), y, world)
+        loss = global_batch_loss(task_of("classification"), net(x), y, world)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -290,7 +291,8 @@ def test_two_ranks_update_bn_evaluation_and_averages(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run, tmp_path):
     from swalab.lab.config import load_config
-    from swalab.lab.runner import read_results, run_experiment
+    from swalab.lab.rundir import read_results
+    from swalab.lab.runner import run_experiment
 
     config, ddp = two_process_run
     run_experiment(load_config(str(config)), tmp_path / "single", progress=False, log=lambda text: None)
@@ -309,7 +311,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
 def test_killed_two_process_run_resumes_to_the_same_result(two_process_run, tmp_path):
-    from swalab.lab.runner import read_results
+    from swalab.lab.rundir import read_results
 
     config, ddp = two_process_run
     out = tmp_path / "killed"

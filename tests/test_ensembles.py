@@ -86,6 +86,26 @@ def test_fge_predict_averages_member_softmax_with_own_bn(on_disk: bool, tmp_path
     assert model.training
 
 
+def test_ensemble_predict_with_predict_fn_averages_what_it_returns() -> None:
+    """The hook a sharded evaluation uses: each member's predictions come from ``predict_fn``."""
+    model, loader = _bn_model(), _loader()
+    members = []
+    for step in range(2):
+        _train_step(model, loader[step])
+        members.append(copy.deepcopy(model.state_dict()))
+    by_loader = ensemble_predict(members, model, loader)
+    seen = []
+
+    def predict_fn(m: nn.Module) -> torch.Tensor:
+        seen.append(m.training)
+        outputs, _ = predict_outputs(m, loader)
+        return outputs.softmax(-1)
+
+    out = ensemble_predict(members, model, None, predict_fn=predict_fn)
+    assert torch.allclose(out["probs"], by_loader["probs"], atol=1e-7) and out["targets"] is None
+    assert len(seen) == 2
+
+
 def test_predict_outputs_without_targets_and_with_forward_fn() -> None:
     model = nn.Linear(4, 2)
     xs = [torch.randn(5, 4), torch.randn(3, 4)]

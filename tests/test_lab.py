@@ -1,5 +1,6 @@
 """The laboratory: config checking, recipes against their schedules, resumable runs, CLI errors."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from swalab.cli import main
 from swalab.data import load
 from swalab.lab.config import ConfigError, load_config, preset_names
 from swalab.lab.methods import METHODS, build_recipe
-from swalab.lab.runner import read_results, run_experiment
+from swalab.lab.rundir import read_results
+from swalab.lab.runner import run_experiment
 from swalab.lab.stats import summarize
 from swalab.lab.trainer import train_run
 from swalab.schedules import swa_reference_lr
@@ -218,8 +220,41 @@ def test_experiment_writes_results_table_and_skips_finished_runs(tmp_path, capsy
     before = (tmp_path / "run" / "swa" / "seed0" / "result.json").stat().st_mtime_ns
     run_experiment(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "swa" / "seed0" / "result.json").stat().st_mtime_ns == before
-    with pytest.raises(ConfigError, match="holds a run with a different config"):
+    with pytest.raises(ConfigError, match="holds started runs of sgd, swa with a different config"):
         run_experiment(load_config("mnist1d", TINY + ["train.lr=0.05"]), tmp_path / "run", progress=False)
+
+
+def test_all_config_errors_are_named_at_once_and_nothing_runs(tmp_path, capsys):
+    """The issue's example: an option value, an unknown option and a swa_start beyond the run,
+    found before any run trains and before anything is written."""
+    argv = ["run", "mnist1d", "--seeds", "1", "--out", str(tmp_path / "out"), "--set", "train.epochs=8",
+            "--set", "methods.swa.options.swa_lr=abc", "--set", "methods.fge.options.cyc=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "3 config errors" in err and err.count("\n") == 1
+    assert "methods.swa: swa_lr must be > 0, got abc" in err
+    assert "methods.fge: unknown option(s) ['cyc'] for method 'fge'" in err
+    assert "methods.swa-const: swa_start must be an epoch in 1..8, got 16" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_config_continues_for_unstarted_methods_only(tmp_path):
+    out = tmp_path / "run"
+    base = ["train.epochs=2", "seeds=[0]", "data.train_size=200", "data.test_size=100"]
+    run_experiment(load_config("mnist1d", base + ["methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]"]),
+                   out, progress=False, log=lambda text: None)
+    shutil.rmtree(out / "swa")  # swa has not started (as if the first run had stopped after sgd)
+    sgd_result = (out / "sgd" / "seed0" / "result.json").stat().st_mtime_ns
+    # swa's config changes and a new method is added: both run, sgd is kept
+    fixed = base + ["methods=[{method: sgd}, {method: swa, options: {swa_start: 1}}, {method: ema}]"]
+    rows = run_experiment(load_config("mnist1d", fixed), out, progress=False, log=lambda text: None)
+    assert [r["method"] for r in rows] == ["sgd", "swa", "ema"] and all(r["status"] == "done" for r in rows)
+    assert (out / "sgd" / "seed0" / "result.json").stat().st_mtime_ns == sgd_result
+    assert [r["method"] for r in read_results(out)] == ["sgd", "swa", "ema"]
+    # changing a started method is refused, naming it
+    changed = base + ["methods=[{method: sgd, options: {schedule: constant}}, {method: swa, options: {swa_start: 1}}]"]
+    with pytest.raises(ConfigError, match=r"holds started runs of sgd with a different config \(their method"):
+        run_experiment(load_config("mnist1d", changed), out, progress=False)
 
 
 def test_diverging_run_is_marked_and_others_go_on(tmp_path, capsys):
@@ -294,3 +329,22 @@ def test_soup_methods_train_and_evaluate(tmp_path, mnist1d):
         assert result.status == "done" and 0 < result.metrics["val_accuracy"] <= 100
     with pytest.raises(ValueError, match="kind must be one of"):
         recipe("soup", kind="best")
+
+
+def test_run_files_append_metrics_and_trajectory_without_rewriting(tmp_path):
+    """metrics.jsonl grows by one line and the trajectory by one file per epoch; earlier epochs'
+    files are not written again (the former trajectory.pt was re-read and rewritten every epoch)."""
+    from swalab.lab.rundir import RunDirectory
+
+    files = RunDirectory(tmp_path).run("swa", 3)
+    assert files.path == tmp_path / "swa" / "seed3" and not files.started and not files.has_trajectory
+    files.append_metrics({"epoch": 1, "lr": 0.1})
+    files.append_trajectory(1, {"w": torch.tensor([1.0])})
+    first = (files.trajectory_dir / "epoch00001.pt").stat().st_mtime_ns
+    files.append_metrics({"epoch": 2, "lr": 0.05})
+    files.append_trajectory(2, {"w": torch.tensor([2.0])})
+    assert (files.trajectory_dir / "epoch00001.pt").stat().st_mtime_ns == first
+    assert files.metrics() == [{"epoch": 1, "lr": 0.1}, {"epoch": 2, "lr": 0.05}]
+    assert [s["w"].item() for s in files.trajectory()] == [1.0, 2.0] and files.has_trajectory
+    files.save_checkpoint({"epoch": 1})
+    assert files.started and files.experiment.path == tmp_path

@@ -310,17 +310,32 @@ def test_bad_labels_seeds_and_pieces(run_dir, capsys):
 def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("landscape"))
-    (copy / "swa" / "seed0" / "trajectory.pt").unlink()
+    shutil.rmtree(copy / "swa" / "seed0" / "trajectory")
     err = one_line_error(capsys, ["landscape", str(copy), "--what", "snapshots"])
-    assert f"no trajectory.pt in {copy / 'swa' / 'seed0'}" in err and "--set train.save_trajectory=true" in err
+    assert f"no trajectory in {copy / 'swa' / 'seed0'}" in err and "--set train.save_trajectory=true" in err
     # by default the pieces that need it are skipped with that line, and the others are computed
     assert main(["landscape", str(copy), "--what", "line,snapshots"]) == 2
     capsys.readouterr()
     assert main(["landscape", str(copy), "--grid", "2", "--rays", "1", "--ray-points", "2", "--line-points", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "skipped snapshots: no trajectory.pt" in printed and "skipped ensemble: no trajectory.pt" in printed
+    assert "skipped snapshots: no trajectory" in printed and "skipped ensemble: no trajectory" in printed
     summary = json.loads((copy / "landscape" / "landscape.json").read_text())
     assert set(summary["skipped"]) == {"snapshots", "ensemble"} and "plane" in summary
     (copy / "sgd" / "seed0" / "final.pt").unlink()
     err = one_line_error(capsys, ["landscape", str(copy), "--what", "line"])
     assert "no final.pt in" in err and f"swalab run {copy / 'config.yaml'} --out {copy}" in err
+
+
+def test_cyclic_swa_snapshots_are_the_epochs_the_recipe_averages(tmp_path):
+    """Cyclic SWA (swa_start 5, cycle 2) averages the ends of its cycles, epochs 6, 8, 10; the
+    landscape marks the same epochs because it asks the recipe (it used to re-derive [5, 7, 9])."""
+    from swalab.lab.config import to_dict
+    from swalab.lab.rundir import RunDirectory
+    from swalab.report.geometry import _Sources
+    from swalab.report.rundir import RunDir
+
+    cfg = load_config("mnist1d", ["train.epochs=10", "methods=[{method: sgd}, {method: swa, options: "
+                                  "{swa_start: 5, schedule: cyclic, cycle: 2, swa_lr: 0.01}}]"])
+    RunDirectory(tmp_path).write_config(to_dict(cfg))
+    job = _Sources(RunDir(tmp_path), 0, "sgd", "swa")
+    assert job.averaged_epochs() == [6, 8, 10]

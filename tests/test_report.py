@@ -14,7 +14,7 @@ import yaml
 
 from swalab.cli import main
 from swalab.lab.config import load_config, to_dict
-from swalab.lab.runner import RESULT_FIELDS
+from swalab.lab.rundir import RESULT_FIELDS
 from swalab.lab.stats import summarize
 from swalab.report import build_report
 from swalab.report.build import format_value, learning_curves, results_tables

@@ -12,6 +12,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from swalab.averaging import AveragedModel
 from swalab.bn import update_bn
+from swalab.ensembles import predict_outputs
 from swalab.swag import SWAG, bma_predict
 
 
@@ -111,14 +112,20 @@ def _loader(n_batches: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch
     return [(torch.randn(16, 4, generator=gen) + 1, torch.randint(0, 3, (16,), generator=gen)) for _ in range(n_batches)]
 
 
-def test_bma_classification_at_scale_zero_is_the_mean_model_with_bn_recomputed() -> None:
-    model = _bn_model()
+def _three_collected(model: nn.Module) -> SWAG:
+    """A SWAG of three random steps of ``model`` (which is left at the last one)."""
     swag = SWAG(model, max_num_models=3)
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         swag.collect_model(model)
+    return swag
+
+
+def test_bma_classification_at_scale_zero_is_the_mean_model_with_bn_recomputed() -> None:
+    model = _bn_model()
+    swag = _three_collected(model)
     train, test = _loader(seed=1), _loader(seed=2)
     out = bma_predict(swag, test, train, n_samples=2, scale=0.0)
 
@@ -134,6 +141,18 @@ def test_bma_classification_at_scale_zero_is_the_mean_model_with_bn_recomputed()
     assert torch.allclose(noisy["probs"].sum(-1), torch.ones(48), atol=1e-5)
     with pytest.raises(ValueError, match="BatchNorm"):
         bma_predict(swag, test, None)
+
+
+def test_bma_with_predict_fn_and_a_bn_cap_matches_the_loader_pass() -> None:
+    """``predict_fn`` replaces the pass over ``loader`` (a sharded evaluation); ``max_bn_batches``
+    recomputes BatchNorm on the first batches only, as a loader cut to them does."""
+    model = _bn_model()
+    swag = _three_collected(model)
+    train, test = _loader(seed=1), _loader(seed=2)
+    expected = bma_predict(swag, test, train[:2], n_samples=3, generator=torch.Generator().manual_seed(0))
+    out = bma_predict(swag, None, train, n_samples=3, generator=torch.Generator().manual_seed(0),
+                      predict_fn=lambda m: predict_outputs(m, test)[0].softmax(-1), max_bn_batches=2)
+    assert torch.allclose(out["probs"], expected["probs"], atol=1e-7) and out["targets"] is None
 
 
 def test_bma_regression_variance_of_a_linear_model() -> None:

@@ -16,9 +16,20 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["update_bn", "default_forward", "move_to"]
+__all__ = ["update_bn", "call_model", "default_forward", "has_batchnorm", "move_to"]
 
-_EMPTY = object()
+_EMPTY = object()  # what next() returns for a loader without batches
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer (an averaged model must recompute its statistics)."""
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def call_model(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(*x)`` for inputs that are a tuple/list (a graph's features,
+    adjacency and mask)."""
+    return model(*x) if isinstance(x, (list, tuple)) else model(x)
 
 
 def move_to(batch: Any, device: Any) -> Any:
@@ -43,9 +54,7 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
         return model(**batch)
     if isinstance(batch, (list, tuple)):
         batch = batch[0]
-    if isinstance(batch, (list, tuple)):
-        return model(*batch)
-    return model(batch)
+    return call_model(model, batch)
 
 
 @torch.no_grad()
@@ -80,16 +89,19 @@ def update_bn(
     Example:
         >>> swalab.update_bn(train_loader, swa_model, forward_fn=lambda m, b: m(b["pixels"]))
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral)
-                                    or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be an integer >= 1, got {max_batches!r}")
     momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
     if not momenta:
         return
     batches = iter(loader)
     first = next(batches, _EMPTY)
-    if first is _EMPTY and not _distributed():  # checked before the statistics are reset, which would leave them at 0 and 1
-        raise ValueError("update_bn: the loader yielded no batches, so the BatchNorm statistics cannot be computed")
+    if first is _EMPTY and not _distributed():  # before the reset, which would leave them at 0 and 1
+        raise ValueError(
+            "update_bn: the loader yielded no batches, so the BatchNorm statistics cannot be computed"
+        )
     for module in momenta:
         module.reset_running_stats()
         module.momentum = None

@@ -60,13 +60,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
-    from .report import compute_landscape
+    from .report import LandscapeOptions, compute_landscape
 
     what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what else None
-    compute_landscape(args.run_dir, seed=args.seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
-                      margin=args.margin, line_points=args.line_points, rays=args.rays, ray_points=args.ray_points,
-                      ray_distance=args.ray_distance, rise=args.rise, device=args.device, threads=args.threads,
-                      progress=sys.stderr.isatty())
+    options = LandscapeOptions(seed=args.seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
+                               margin=args.margin, line_points=args.line_points, rays=args.rays,
+                               ray_points=args.ray_points, ray_distance=args.ray_distance, rise=args.rise,
+                               device=args.device, threads=args.threads)
+    compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
     return 0
 
 

@@ -42,6 +42,8 @@ __all__ = [
 StateDict = dict[str, Tensor]
 Checkpoint = Union[Mapping[str, Tensor], str, os.PathLike]
 ForwardFn = Callable[[nn.Module, Any], Any]
+# a model's predictions over the data, from a custom or sharded pass
+PredictFn = Callable[[nn.Module], Tensor]
 
 
 def fge_should_collect(epoch: int, cycle: int) -> bool:
@@ -134,13 +136,17 @@ def predict_outputs(
 def ensemble_predict(
     checkpoints: Sequence[Checkpoint],
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[Any] | None,
     *,
     forward_fn: ForwardFn | None = None,
+    predict_fn: PredictFn | None = None,
 ) -> dict[str, Tensor | None]:
     """Average the softmax probabilities of several checkpoints, loaded into ``model`` in turn.
 
     Each checkpoint keeps its own BatchNorm statistics (FGE). ``model``'s own weights are restored.
+    ``predict_fn(model)``, if given, returns the predictions to average (probabilities, or values
+    for regression) in place of the softmax of the outputs over ``loader`` — e.g. each process
+    predicting its shard of the data and gathering the parts; ``targets`` is then None.
 
     Returns:
         ``{"probs": [N, C] averaged probabilities, "targets": [N] or None}`` on the CPU.
@@ -154,8 +160,11 @@ def ensemble_predict(
             state = _load(checkpoint)
             _check_compatible(expected, _shapes(state), f"checkpoint {i}")
             model.load_state_dict(state)
-            outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
-            p = outputs.double().softmax(-1)
+            if predict_fn is None:
+                outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
+                p = outputs.double().softmax(-1)
+            else:
+                p, targets = predict_fn(model).double(), None
             probs = p if probs is None else probs.add_(p)
     finally:
         model.load_state_dict(original)

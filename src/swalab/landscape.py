@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bn import update_bn
+from .bn import call_model, has_batchnorm, update_bn
 
 __all__ = [
     "BatchStats",
@@ -229,14 +229,6 @@ def mse_stats(output: Tensor, y: Tensor) -> tuple[Tensor, None, int]:
     return per_sample.sum(), None, int(y.shape[0])
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _forward(model: nn.Module, x: Any) -> Tensor:
-    return model(*x) if isinstance(x, (tuple, list)) else model(x)
-
-
 class LandscapeEvaluator:
     """Train loss and test error at weight vectors, with one model instance and in-memory batches.
 
@@ -267,7 +259,7 @@ class LandscapeEvaluator:
         weight_decay: float = 0.0,
     ) -> None:
         self.model = model
-        self.bn_batches = list(bn_batches) if _has_batchnorm(model) else []
+        self.bn_batches = list(bn_batches) if has_batchnorm(model) else []
         self.datasets = {name: list(batches) for name, batches in datasets.items()}
         self.stats = stats
         self.weight_decay = weight_decay
@@ -283,7 +275,7 @@ class LandscapeEvaluator:
         for name, batches in self.datasets.items():
             losses, errors, count = [], [], 0
             for x, y in batches:
-                batch_loss, batch_errors, n = self.stats(_forward(self.model, x), y)
+                batch_loss, batch_errors, n = self.stats(call_model(self.model, x), y)
                 losses.append(batch_loss.double())
                 if batch_errors is not None:
                     errors.append(batch_errors)

@@ -22,10 +22,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from swalab.averaging import HostStaging, ModelBinding
-from swalab.bn import update_bn
+from swalab.bn import has_batchnorm, update_bn
 from swalab.ensembles import _check_compatible, predict_outputs
 
 __all__ = ["SWAG", "bma_predict"]
@@ -258,7 +257,7 @@ class SWAG:
 @torch.no_grad()
 def bma_predict(
     swag: SWAG,
-    loader: Iterable[Any],
+    loader: Iterable[Any] | None,
     bn_loader: Iterable[Any] | None = None,
     *,
     n_samples: int = 30,
@@ -267,6 +266,8 @@ def bma_predict(
     task: Literal["classification", "regression"] = "classification",
     generator: torch.Generator | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    predict_fn: Callable[[nn.Module], Tensor] | None = None,
+    max_bn_batches: int | None = None,
 ) -> dict[str, Tensor | None]:
     """Bayesian model averaging over SWAG samples (Maddox et al., 2019, §4).
 
@@ -282,6 +283,11 @@ def bma_predict(
         task: ``"classification"`` averages softmax probabilities; ``"regression"`` returns the
             mean and the variance (over samples) of the outputs.
         forward_fn: ``forward_fn(model, batch)`` for prediction and ``update_bn``.
+        predict_fn: ``predict_fn(model)`` returns a sample's predictions (probabilities, or values
+            for regression) in place of the pass over ``loader`` and the softmax, e.g. each process
+            predicting its shard of the data and gathering the parts; ``targets`` is then None.
+        max_bn_batches: use only the first batches of ``bn_loader`` (``update_bn``'s
+            ``max_batches``).
 
     Returns:
         ``{"probs": [N, C], "targets"}`` or ``{"mean", "var", "targets"}``, on the CPU; ``targets``
@@ -291,16 +297,20 @@ def bma_predict(
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-    has_bn = any(isinstance(m, _BatchNorm) for m in swag.base.modules())
+    has_bn = has_batchnorm(swag.base)
     if has_bn and bn_loader is None:
         raise ValueError("the model has BatchNorm layers: pass bn_loader to recompute them for each sample")
     mean = m2 = 0.0
     for s in range(n_samples):
         model = swag.sample(scale, cov, generator=generator)
         if has_bn:
-            update_bn(bn_loader, model, swag.device, forward_fn=forward_fn)
-        outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
-        y = outputs.double().softmax(-1) if task == "classification" else outputs.double()
+            update_bn(bn_loader, model, swag.device, forward_fn=forward_fn,
+                      max_batches=max_bn_batches)
+        if predict_fn is None:
+            outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
+            y = outputs.double().softmax(-1) if task == "classification" else outputs.double()
+        else:
+            y, targets = predict_fn(model).double(), None
         delta = y - mean  # Welford: running mean and sum of squared deviations over samples
         mean = mean + delta / (s + 1)
         if task == "regression":

@@ -6,6 +6,7 @@ config); the resolved config is saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..data import DATASETS
+from ..models import MODELS, default_options
+from .methods import recipe_of
 
 __all__ = [
     "ConfigError",
@@ -67,7 +72,7 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
-    save_trajectory: bool = False  # keep the weights after every epoch (trajectory.pt), for landscapes
+    save_trajectory: bool = False  # keep the weights after every epoch (trajectory/): landscapes
 
 
 @dataclass
@@ -292,4 +297,51 @@ def load_config(
         for key, value in variants[variant].items():
             _set_path(data, key, value)
     apply_overrides(data, overrides or [])
-    return _build(ExperimentConfig, data)
+    cfg = _build(ExperimentConfig, data)
+    check_parts(cfg)
+    return cfg
+
+
+def check_parts(cfg: ExperimentConfig) -> None:
+    """Build and check what the config names, before any data is loaded or any run trains: the
+    dataset and its options, the model and its options, and every method's recipe (its options,
+    their values, and epochs such as ``swa_start`` against the run's length).
+
+    Raises:
+        ConfigError: naming every problem found, in one line.
+    """
+    errors: list[str] = []
+    if cfg.data.name not in DATASETS:
+        errors.append(f"data.name: {_first_line(DATASETS, cfg.data.name)}")
+    else:
+        params = inspect.signature(DATASETS.get(cfg.data.name)).parameters
+        known = set(params) - {"root", "download", "seed"}
+        unknown = sorted(set(cfg.data.options) - known)
+        if unknown:
+            errors.append(f"unknown data.options {unknown} for dataset {cfg.data.name!r} "
+                          f"(known: {sorted(known)})")
+    if cfg.model.name not in MODELS:
+        errors.append(f"model.name: {_first_line(MODELS, cfg.model.name)}")
+    else:
+        known = set(default_options(cfg.model.name))
+        unknown = sorted(set(cfg.model.options) - known)
+        if unknown:
+            errors.append(f"unknown model.options {unknown} for model {cfg.model.name!r} "
+                          f"(known: {sorted(known)})")
+    for m in cfg.methods:
+        try:
+            recipe_of(m, cfg.train)
+        except (ValueError, TypeError) as err:
+            errors.append(f"methods.{m.label}: {str(err).splitlines()[0]}")
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} config errors: " + "; ".join(errors))
+
+
+def _first_line(registry: Any, name: str) -> str:
+    try:
+        registry.get(name)
+    except ValueError as err:
+        return str(err).splitlines()[0]
+    return ""

@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import BatchLoader, Split
 from ..data.base import Inputs
 from .config import ConfigError
-from .evaluation import loss_fn
+from .task import Task
 
 __all__ = [
     "RendezvousError",
@@ -59,6 +59,7 @@ __all__ = [
     "global_batch_loss",
     "rank_seed",
     "reported_by_rank0",
+    "resolve_device",
     "restore_rng",
     "setup",
     "shard_batches",
@@ -179,6 +180,13 @@ def reported_by_rank0(err: BaseException) -> bool:
     return rank != 0 and (isinstance(err, ConfigError) or getattr(err, "reported_by_rank0", False))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: ``"auto"`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def setup(batch_size: int, device: str = "auto", timeout: float = 60.0) -> World:
     """Join the process group described by torchrun's environment, or return a single-process World.
 
@@ -202,8 +210,6 @@ def setup(batch_size: int, device: str = "auto", timeout: float = 60.0) -> World
             f"processes {size}; set train.batch_size to a multiple of {size} or change --nproc_per_node"
         )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    from .trainer import resolve_device
-
     where = resolve_device(device)
     if where.type == "cuda":
         where = torch.device("cuda", local_rank)
@@ -299,7 +305,7 @@ def broadcast_buffers(model: nn.Module, world: World) -> None:
             b.copy_(part.view_as(b))
 
 
-def global_batch_loss(task: str, output: Tensor, y: Tensor, world: World) -> Tensor:
+def global_batch_loss(task: Task, output: Tensor, y: Tensor, world: World) -> Tensor:
     """The global batch's mean loss, computed from this rank's slice of it, for DDP.
 
     The value is the mean over the whole global batch, the same on every rank (one all-reduce of
@@ -308,22 +314,19 @@ def global_batch_loss(task: str, output: Tensor, y: Tensor, world: World) -> Ten
     count)``, which DDP's averaging over ranks turns into the gradient of the global mean, also when
     the last batch splits unevenly or (node classification) ranks hold different numbers of labels.
     """
-    total = loss_fn(task, output, y, reduction="sum")
-    if task == "node_classification":
-        count = (y >= 0).sum()
-    else:
-        count = torch.tensor(y.numel() if task == "regression" else len(y))
+    total = task.loss(output, y, reduction="sum")
+    count = task.count(y)
     stats = torch.stack([total.detach(), count.to(total)])
     dist.all_reduce(stats)
     share = total * (world.size / stats[1])
     return share + (stats[0] / stats[1] - share).detach()  # value: global mean; gradient: this rank's share
 
 
-def batch_loss(world: World) -> Callable[[str, Tensor, Tensor], Tensor]:
-    """``loss_fn`` in one process, :func:`global_batch_loss` under DDP."""
+def batch_loss(task: Task, world: World) -> Callable[[Tensor, Tensor], Tensor]:
+    """``task.loss`` in one process, :func:`global_batch_loss` under DDP."""
     if world.size == 1:
-        return loss_fn
-    return lambda task, output, y: global_batch_loss(task, output, y, world)
+        return task.loss
+    return lambda output, y: global_batch_loss(task, output, y, world)
 
 
 def _rows(x: Inputs, lo: int, hi: int) -> Inputs:

@@ -1,58 +1,44 @@
-"""Losses, predictions over a split and the metrics of a run (shared by trainer and recipes)."""
+"""Predictions over a split and the metrics of a run (shared by trainer and recipes)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import metrics
+from ..bn import call_model
 from ..data import BatchLoader, Split
+from .task import Task
 
-if TYPE_CHECKING:
-    from .distributed import World
 
-__all__ = ["EvalContext", "evaluate", "forward", "has_batchnorm", "loss_fn", "model_outputs", "predict"]
+class Shards(Protocol):
+    """How a split is divided over processes (``distributed.World``; evaluation needs no more)."""
+
+    size: int
+
+    def shard(self, split: Split) -> Split: ...
+
+    def gather_rows(self, part: Tensor, n: int) -> Tensor: ...
+
+__all__ = ["EvalContext", "evaluate", "joint_predictions", "model_outputs", "predict"]
 
 
 class EvalContext(NamedTuple):
     """What a recipe needs to produce its final predictions."""
 
-    task: str
+    task: Task
     device: torch.device
     batch_size: int
     bn_loader: Callable[[], BatchLoader]  # a fresh, seeded pass over the training data
     bn_batches: int | None
-    world: World | None = None  # under DDP: each rank predicts its part of a split (see distributed.py)
-
-
-def forward(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """Run a model on inputs that are a tensor or a tuple (graphs: features, adjacency, mask)."""
-    return model(*x) if isinstance(x, tuple) else model(x)
-
-
-def loss_fn(task: str, output: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy for classification (padded nodes ignored), mean squared error for regression.
-
-    ``reduction="sum"`` sums instead of averaging (a DDP rank's share of the global batch's loss).
-    """
-    if task == "regression":
-        return F.mse_loss(output, y, reduction=reduction)
-    if task == "node_classification":
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
-    return F.cross_entropy(output, y, reduction=reduction)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    world: Shards | None = None  # under DDP each rank predicts its part of a split (distributed.py)
 
 
 @torch.no_grad()
 def model_outputs(model: nn.Module, split: Split, ctx: EvalContext) -> Tensor:
-    """Probabilities (classification) or predictions (regression) of ``model`` in eval mode, on the CPU.
+    """Predictions (``ctx.task.outputs``: probabilities or values) of ``model`` in eval mode, on
+    the CPU.
 
     Under DDP (``ctx.world``) each rank predicts its contiguous part of the split and the parts are
     gathered, so every rank returns the outputs for the whole split.
@@ -64,8 +50,7 @@ def model_outputs(model: nn.Module, split: Split, ctx: EvalContext) -> Tensor:
     model.eval()
     outputs = []
     for x, _ in BatchLoader(split, ctx.batch_size, device=ctx.device):
-        out = forward(model, x)
-        outputs.append((out if ctx.task == "regression" else out.softmax(-1)).cpu())
+        outputs.append(ctx.task.outputs(call_model(model, x)).cpu())
     model.train(was_training)
     return torch.cat(outputs)
 
@@ -74,15 +59,26 @@ def predict(model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dic
     return {name: model_outputs(model, split, ctx) for name, split in splits.items()}
 
 
-def evaluate(outputs: Tensor, split: Split, task: str) -> dict[str, float]:
+def joint_predictions(
+    splits: dict[str, Split], ctx: EvalContext
+) -> tuple[Callable[[nn.Module], Tensor], Callable[[Tensor], dict[str, Tensor]]]:
+    """A ``predict_fn`` for the library's ensembles (``ensemble_predict``, ``bma_predict``): a
+    model's predictions on every split as one flat tensor (they average elementwise), and its
+    inverse."""
+    shapes: dict[str, torch.Size] = {}
+
+    def predict_fn(model: nn.Module) -> Tensor:
+        outputs = predict(model, splits, ctx)
+        shapes.update({name: out.shape for name, out in outputs.items()})
+        return torch.cat([out.reshape(-1) for out in outputs.values()])
+
+    def unflatten(flat: Tensor) -> dict[str, Tensor]:
+        parts = flat.split([shape.numel() for shape in shapes.values()])
+        return {name: part.reshape(shapes[name]) for name, part in zip(shapes, parts)}
+
+    return predict_fn, unflatten
+
+
+def evaluate(outputs: Tensor, split: Split, task: Task) -> dict[str, float]:
     """Loss and task metrics of ``outputs`` (probabilities or predictions) against ``split.y``."""
-    y = split.y
-    if task == "regression":
-        mse = metrics.mse(outputs, y)
-        return {"loss": mse, "mse": mse}
-    if task == "node_classification":
-        probs, y = outputs.reshape(-1, outputs.shape[-1]), y.reshape(-1)
-        keep = y >= 0
-        return {"loss": metrics.nll(probs[keep], y[keep]), "accuracy": 100 * metrics.balanced_accuracy(probs, y)}
-    return {"loss": metrics.nll(outputs, y), "accuracy": 100 * metrics.accuracy(outputs, y),
-            "ece": metrics.ece(outputs, y)}
+    return task.metrics(outputs, split.y)

@@ -7,27 +7,56 @@ new classes.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..averaging import EMA, SWA, AveragedModel, restart_from_average
-from ..bn import update_bn
+from ..bn import has_batchnorm, update_bn
 from ..data import Split
-from ..ensembles import FGE, fge_should_collect, greedy_soup, uniform_soup, weighted_soup
+from ..ensembles import (
+    FGE,
+    ensemble_predict,
+    fge_should_collect,
+    greedy_soup,
+    uniform_soup,
+    weighted_soup,
+)
 from ..registry import Registry
 from ..schedules import constant_lr, cyclic_lr, fge_lr, sgd_reference_lr, swa_reference_lr, swa_should_average
-from ..swag import SWAG
-from .evaluation import EvalContext, evaluate, has_batchnorm, model_outputs, predict
+from ..swag import SWAG, bma_predict
+from .evaluation import EvalContext, evaluate, joint_predictions, model_outputs, predict
 
-__all__ = ["METHODS", "Recipe", "build_recipe"]
+__all__ = ["METHODS", "Recipe", "build_recipe", "method_role", "recipe_of", "run_epochs"]
 
 METHODS = Registry("method")
 
-Predict = Callable[[Any], Tensor]
+# What a method is to the report and the statistics, declared by its builder (``_role``): the
+# paired baseline of every table ("baseline"), the average the landscape compares with it
+# ("average"), or an ensemble of predictions ("ensemble").
+ROLES = ("baseline", "average", "ensemble")
+
+
+def _role(role: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
+    def mark(builder: Callable[..., Recipe]) -> Callable[..., Recipe]:
+        builder.role = role  # type: ignore[attr-defined]
+        return builder
+
+    return mark
+
+
+def method_role(method: str) -> str | None:
+    """The role ``method`` declares (one of ``ROLES``), or None."""
+    return getattr(METHODS.get(method), "role", None) if method in METHODS else None
+
+
+def run_epochs(budget: float, budget_epochs: int) -> int:
+    """Length of a run at ``budget`` times the budget B: ``floor(budget * B + 0.5)``, at least 1."""
+    return max(1, math.floor(budget * budget_epochs + 0.5))
 
 
 class Recipe:
@@ -37,8 +66,6 @@ class Recipe:
         epochs: length of this method's run.
         steps_per_epoch: optimizer steps in one epoch.
     """
-
-    averages = False  # whether ``predictor`` evaluates an averaged model (BN is then recomputed)
 
     def __init__(self, epochs: int, steps_per_epoch: int, schedule: Callable[[int, int], float]) -> None:
         self.epochs = epochs
@@ -61,6 +88,11 @@ class Recipe:
     def running_model(self, model: nn.Module) -> nn.Module | None:
         """The model behind the method's learning curve besides the iterate (e.g. the running average)."""
         return None
+
+    def averaged_epochs(self) -> list[int]:
+        """1-based epochs whose end-of-epoch weights the final model averages with equal weights
+        (empty when the final model is not such an average)."""
+        return []
 
     def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
         """Final outputs on each split; an averaged model gets its BatchNorm statistics recomputed first."""
@@ -100,6 +132,7 @@ def _check(name: str, value: Any, ok: bool, expected: str) -> None:
 
 
 @METHODS.register("sgd")
+@_role("baseline")
 def sgd(
     run: RunSpec,
     *,
@@ -138,9 +171,8 @@ class Averaging(Recipe):
         restart: ``restart(epoch)`` says whether periodic SWA restarts from the average then.
         reset_at: 0-based epoch at whose end the average is emptied before collecting (PSWA's
             switch to ordinary SWA).
+        snapshots: the average is an equal-weight one of end-of-epoch weights (``averaged_epochs``).
     """
-
-    averages = True
 
     def __init__(
         self,
@@ -151,8 +183,10 @@ class Averaging(Recipe):
         collect: Callable[[int, int | None], bool],
         restart: Callable[[int], bool] = lambda epoch: False,
         reset_at: int | None = None,
+        snapshots: bool = False,
     ) -> None:
         super().__init__(epochs, steps_per_epoch, schedule)
+        self.snapshots = snapshots  # an equal-weight average of end-of-epoch weights (SWA)
         self.averaged = averaged
         self._collect = collect
         self._restart = restart
@@ -181,6 +215,11 @@ class Averaging(Recipe):
 
     def running_model(self, model: nn.Module) -> nn.Module | None:
         return self.averaged.module if self.averaged.count > 0 else None
+
+    def averaged_epochs(self) -> list[int]:
+        if not self.snapshots:
+            return []
+        return [epoch + 1 for epoch in range(self.epochs) if self._collect(epoch, None)]
 
     def state_dict(self) -> dict[str, Any]:
         # An empty average holds nothing (its first update copies): checkpoint it only once it counts.
@@ -221,6 +260,7 @@ def _phase_schedule(
 
 
 @METHODS.register("swa")
+@_role("average")
 def swa(
     run: RunSpec,
     *,
@@ -245,6 +285,7 @@ def swa(
         _phase_schedule(schedule, run.lr, swa_lr, start, run.steps_per_epoch, cycle, run.epochs),
         AveragedModel(run.model, rule=SWA()),
         collect=collect,
+        snapshots=True,
     )
 
 
@@ -324,14 +365,10 @@ class FGERecipe(Ensembling):
     def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
         if not self.fge.members:
             return super().predict(model, splits, ctx)
-        original = {k: v.clone() for k, v in model.state_dict().items()}
-        total: dict[str, Tensor] = {}
-        for member in self.fge.members:  # members keep their own BN statistics
-            model.load_state_dict(member)
-            for name, out in predict(model, splits, ctx).items():
-                total[name] = total[name] + out if name in total else out
-        model.load_state_dict(original)
-        return {name: out / len(self.fge.members) for name, out in total.items()}
+        # members keep their own BN statistics
+        predict_fn, unflatten = joint_predictions(splits, ctx)
+        probs = ensemble_predict(self.fge.members, model, None, predict_fn=predict_fn)["probs"]
+        return unflatten(probs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"members": self.fge.members}
@@ -355,15 +392,12 @@ class SWAGRecipe(Ensembling):
         if self.swag.n_models == 0:
             return super().predict(model, splits, ctx)
         generator = torch.Generator(device=self.swag.mean.device).manual_seed(self.seed)
-        total: dict[str, Tensor] = {}
-        for _ in range(self.n_samples):
-            sample = self.swag.sample(self.scale, self.cov, generator=generator)
-            if has_batchnorm(sample):
-                update_bn(ctx.bn_loader(), sample, max_batches=ctx.bn_batches)
-            for name, split in splits.items():
-                out = model_outputs(sample, split, ctx)
-                total[name] = total[name] + out if name in total else out
-        return {name: out / self.n_samples for name, out in total.items()}
+        predict_fn, unflatten = joint_predictions(splits, ctx)
+        kind = "classification" if ctx.task.probabilistic else "regression"
+        out = bma_predict(self.swag, None, _Passes(ctx.bn_loader), n_samples=self.n_samples,
+                          scale=self.scale, cov=self.cov, task=kind, generator=generator,
+                          predict_fn=predict_fn, max_bn_batches=ctx.bn_batches)
+        return unflatten(out["probs" if ctx.task.probabilistic else "mean"])
 
     def final_state(self, model: nn.Module) -> dict[str, Tensor]:
         sample = self.swag.sample(0.0)  # the SWA mean
@@ -374,6 +408,16 @@ class SWAGRecipe(Ensembling):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.swag.load_state_dict(state["swag"])
+
+
+class _Passes:
+    """An iterable whose every pass is a fresh loader from ``make`` (the same seeded BN batches)."""
+
+    def __init__(self, make: Callable[[], Iterable[Any]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.make())
 
 
 class SoupRecipe(FGERecipe):
@@ -396,8 +440,8 @@ class SoupRecipe(FGERecipe):
             model.load_state_dict(state)
             if bn:
                 update_bn(ctx.bn_loader(), model, max_batches=ctx.bn_batches)
-            metrics = evaluate(model_outputs(model, splits["val"], ctx), splits["val"], ctx.task)
-            return -metrics["mse"] if ctx.task == "regression" else metrics["accuracy"]
+            outputs = model_outputs(model, splits["val"], ctx)
+            return ctx.task.score(evaluate(outputs, splits["val"], ctx.task))
 
         bn_loader = ctx.bn_loader() if bn else None
         if self.kind == "uniform":
@@ -407,8 +451,9 @@ class SoupRecipe(FGERecipe):
             self.ingredients = greedy_soup(members, score, model=model, bn_loader=bn_loader).ingredients
         else:
             scores = [score(m) for m in members]
-            if ctx.task == "regression" and self.temperature is None:
-                raise ValueError("weighted soup on a regression task needs a temperature (scores are -MSE)")
+            if not ctx.task.probabilistic and self.temperature is None:
+                raise ValueError(f"weighted soup on a {ctx.task.name} task needs a temperature "
+                                 "(scores are negative errors)")
             weighted_soup(members, scores, temperature=self.temperature, model=model, bn_loader=bn_loader)
             self.ingredients = list(range(len(members)))
         return predict(model, splits, ctx)
@@ -434,6 +479,7 @@ def soup(
 
 
 @METHODS.register("fge")
+@_role("ensemble")
 def fge(
     run: RunSpec,
     *,
@@ -458,6 +504,7 @@ def fge(
 
 
 @METHODS.register("swag")
+@_role("ensemble")
 def swag(
     run: RunSpec,
     *,
@@ -481,15 +528,26 @@ def swag(
 
 
 def build_recipe(method: str, options: dict[str, Any], *, lr: float, budget_epochs: int, budget: float,
-                 steps_per_epoch: int, model: nn.Module) -> Recipe:
-    """The recipe of ``method`` for a run of ``round(budget * budget_epochs)`` epochs."""
-    import inspect
+                 steps_per_epoch: int = 1, model: nn.Module | None = None) -> Recipe:
+    """The recipe of ``method`` for a run of ``run_epochs(budget, budget_epochs)`` epochs.
 
+    Without ``model`` a stand-in is used: enough to check the options and to ask the recipe for its
+    epochs, schedule and averaged epochs before any data is loaded.
+    """
     builder = METHODS.get(method)
-    known = [k for k in inspect.signature(builder).parameters
-             if k != "run"]
+    known = [k for k in inspect.signature(builder).parameters if k != "run"]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {known}")
-    epochs = max(1, math.floor(budget * budget_epochs + 0.5)) if method != "none" else 0
-    return builder(RunSpec(lr, budget_epochs, epochs, steps_per_epoch, model), **options)
+    model = nn.Linear(1, 1) if model is None else model
+    run = RunSpec(lr, budget_epochs, run_epochs(budget, budget_epochs), steps_per_epoch, model)
+    return builder(run, **options)
+
+
+def recipe_of(
+    method: Any, train: Any, steps_per_epoch: int = 1, model: nn.Module | None = None
+) -> Recipe:
+    """The recipe of a ``MethodConfig`` under a ``TrainConfig`` (``lr`` defaults to ``train.lr``)."""
+    lr = method.lr if method.lr is not None else train.lr
+    return build_recipe(method.method, method.options, lr=lr, budget_epochs=train.epochs,
+                        budget=method.budget, steps_per_epoch=steps_per_epoch, model=model)

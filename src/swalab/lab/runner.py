@@ -1,21 +1,11 @@
 """Run every (method × seed) of an experiment into a run directory, resumably, and tabulate it.
 
-Layout of a run directory::
-
-    config.yaml  meta.json  results.csv
-    <method label>/seed<k>/{metrics.jsonl, checkpoint.pt, final.pt, result.json}
-    pretrain/seed<k>.pt          (only with a pre-training phase)
-
-Re-running the same command skips finished runs and continues unfinished ones from their last
-completed epoch.
+The layout of a run directory is in ``rundir.py``. Re-running the same command skips finished runs
+and continues unfinished ones from their last completed epoch; methods that have not started may
+change their config (or be added) between runs.
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import inspect
-import io
-import json
 import math
 import platform
 import subprocess
@@ -25,23 +15,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
-from ..data import DATASETS, DataBundle
-from ..data import load as load_data
-from .config import ConfigError, ExperimentConfig, to_dict
-from .distributed import World
+from .config import ConfigError, ExperimentConfig, check_parts, to_dict
+from .distributed import World, resolve_device
+from .inputs import load_bundle
+from .methods import recipe_of
+from .rundir import RunDirectory
 from .stats import primary_metric, summarize
-from .files import atomic_write_text
-from .trainer import resolve_device, train_run
+from .task import task_of
+from .trainer import train_run
 
-__all__ = ["run_experiment", "format_table", "load_bundle", "read_results", "RESULT_FIELDS"]
+__all__ = ["run_experiment", "format_table"]
 
-RESULT_FIELDS = [
-    "method", "method_name", "baseline", "seed", "budget", "epochs", "status",
-    "train_loss", "val_loss", "val_accuracy", "val_mse",
-    "test_loss", "test_accuracy", "test_ece", "test_mse", "seconds", "message",
-]
 _RUN_SPECIFIC = ("seeds", "description", "variants")
 
 
@@ -59,38 +44,34 @@ def _meta(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Any]:
     }
 
 
-def _check_out_dir(out: Path, cfg: ExperimentConfig) -> None:
-    """Refuse to mix two different experiments in one directory (resuming needs the same config)."""
-    saved = out / "config.yaml"
-    if not saved.exists():
+def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
+    """Refuse to change the config of methods that have started in this directory.
+
+    Methods that have not started (and new methods) may change; a change to the shared keys
+    (data, model, train, pretrain) changes every method, so it is refused once any has started.
+    """
+    out, old = layout.path, layout.saved_config()
+    if old is None:
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} is not empty and holds no swalab run; choose another --out")
         return
-    old = yaml.safe_load(saved.read_text()) or {}
     new = to_dict(cfg)
-    changed = sorted(k for k in new if k not in _RUN_SPECIFIC and old.get(k) != new[k])
-    if changed:
+    shared = sorted(k for k in new if k not in (*_RUN_SPECIFIC, "methods") and old.get(k) != new[k])
+    old_methods = {m.get("label"): m for m in old.get("methods") or [] if isinstance(m, dict)}
+    new_methods = {m["label"]: m for m in new["methods"]}
+    seeds = set(cfg.seeds) | set(old.get("seeds") or [])
+    started = [label for label in old_methods if any(layout.run(label, s).started for s in seeds)]
+    differ = [label for label in started
+              if shared or (label in new_methods and old_methods[label] != new_methods[label])]
+    if differ:
+        what = f"{', '.join(shared)} differ" if shared else "their method configs differ"
         raise ConfigError(
-            f"{out} holds a run with a different config ({', '.join(changed)} differ); "
-            "choose another --out to run this one"
+            f"{out} holds started runs of {', '.join(differ)} with a different config ({what}); "
+            "choose another --out, or change only methods that have not started"
         )
-
-
-def read_results(out: Path) -> list[dict[str, str]]:
-    path = out / "results.csv"
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
-def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in RESULT_FIELDS})
-    atomic_write_text(out / "results.csv", buffer.getvalue())
+    if shared and layout.pretrain_path(cfg.seeds[0]).parent.exists():
+        raise ConfigError(f"{out} holds a pre-training cache made with a different config "
+                          f"({', '.join(shared)} differ); choose another --out")
 
 
 def run_experiment(
@@ -108,6 +89,9 @@ def run_experiment(
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
     """
+    check_parts(cfg)  # every config error before anything is written or trained
+    layout = RunDirectory(out)
+
     def prepare() -> None:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -116,23 +100,21 @@ def run_experiment(
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
-        _check_out_dir(out, cfg)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        meta = dict(_meta(cfg, argv or sys.argv), processes=world.size)
-        atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+        _check_out_dir(layout, cfg)
+        layout.write_config(to_dict(cfg))
+        layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
 
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
-    DATASETS.get(cfg.data.name)  # unknown names fail before any work
     device = world.device if world.size > 1 else resolve_device(cfg.train.device)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
 
     def finished() -> dict[tuple[str, int], dict[str, Any]]:
-        paths = {(m.label, seed): out / m.label / f"seed{seed}" / "result.json" for seed, m in runs}
-        return {key: json.loads(path.read_text()) for key, path in paths.items() if path.exists()}
+        results = {(m.label, seed): layout.run(m.label, seed).result() for seed, m in runs}
+        return {key: row for key, row in results.items() if row is not None}
 
     rows = world.on_main(finished)
     todo = [(seed, m) for seed, m in runs if (m.label, seed) not in rows]
@@ -150,11 +132,9 @@ def run_experiment(
             if bar.tasks[task].total is None:
                 bar.update(task, total=_total_epochs(cfg, todo))
             bar.update(task, description=f"{method.label} seed {seed}")
-            run_dir = out / method.label / f"seed{seed}"
-            if world.main:
-                run_dir.mkdir(parents=True, exist_ok=True)
+            files = layout.run(method.label, seed)
             start = time.perf_counter()
-            result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=lambda: bar.advance(task),
+            result = train_run(cfg, method, seed, bundle, files, device, on_epoch=lambda: bar.advance(task),
                                world=world)
             row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
                    "seed": seed, "budget": method.budget,
@@ -165,38 +145,22 @@ def run_experiment(
             elif not progress:  # no live bar (not a terminal): one line per run, with an ETA
                 done, total = bar.tasks[task].completed, bar.tasks[task].total or 1
                 eta = (time.perf_counter() - started) / max(done, 1) * (total - done)
-                metric = "test_mse" if "test_mse" in result.metrics else "test_accuracy"
+                metric = f"test_{task_of(bundle.task).primary}"
                 log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
                     f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, ETA {eta:.0f} s")
             rows[(method.label, seed)] = row
             if world.main:
-                atomic_write_text(run_dir / "result.json", json.dumps(row, indent=2))
-                _write_results(out, [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
+                files.write_result(row)
+                layout.write_results([rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
     ordered = [rows[(m.label, s)] for s, m in runs]
     if world.main:
-        _write_results(out, ordered)
+        layout.write_results(ordered)
     log(format_table(cfg.name, [{k: str(v) for k, v in r.items()} for r in ordered]))
     return ordered
 
 
-def load_bundle(cfg: ExperimentConfig, seed: int, download: bool = False) -> DataBundle:
-    """The experiment's dataset for ``seed``, cut to ``data.train_size``/``data.test_size`` if set."""
-    options = dict(cfg.data.options)
-    builder_params = inspect.signature(DATASETS.get(cfg.data.name)).parameters
-    unknown = sorted(set(options) - set(builder_params) - {"root", "download", "seed"})
-    if unknown:
-        raise ConfigError(f"unknown data.options {unknown} for dataset {cfg.data.name!r}")
-    bundle = load_data(cfg.data.name, root=cfg.data.root, download=download, seed=seed, **options)
-    if cfg.data.train_size is not None and cfg.data.train_size < len(bundle.train):
-        keep = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[: cfg.data.train_size]
-        bundle = dataclasses.replace(bundle, train=bundle.train.subset(keep))
-    if cfg.data.test_size is not None and cfg.data.test_size < len(bundle.test):
-        bundle = dataclasses.replace(bundle, test=bundle.test.subset(slice(0, cfg.data.test_size)))
-    return bundle
-
-
 def _total_epochs(cfg: ExperimentConfig, todo: list) -> int:
-    return sum(0 if m.method == "none" else max(1, math.floor(m.budget * cfg.train.epochs + 0.5)) for _, m in todo)
+    return sum(recipe_of(m, cfg.train).epochs for _, m in todo)
 
 
 def _progress(enabled: bool) -> Any:

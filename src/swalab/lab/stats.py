@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from scipy import stats as scipy_stats
 
+from .methods import method_role
+
 __all__ = ["MethodSummary", "summarize", "primary_metric", "baseline_label"]
 
 
@@ -34,8 +36,8 @@ def primary_metric(rows: list[dict]) -> str:
 
 
 def baseline_label(rows: list[dict]) -> str | None:
-    """The SGD run at budget 1 (the paper's baseline), else the first SGD method, else none."""
-    sgd = [r for r in rows if r["method_name"] == "sgd"]
+    """The baseline method (SGD) at budget 1 (the paper's), else the first one, else none."""
+    sgd = [r for r in rows if method_role(r["method_name"]) == "baseline"]
     at_budget = [r for r in sgd if float(r["budget"]) == 1.0]
     return (at_budget or sgd or [{"method": None}])[0]["method"]
 

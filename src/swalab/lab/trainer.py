@@ -10,7 +10,6 @@ through DDP on the rank's slice of each global batch, and only rank 0 reads and 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,23 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..bn import update_bn
-from ..data import BatchLoader, DataBundle
-from ..models import create as create_model
+from ..bn import call_model, has_batchnorm, update_bn
+from ..data import DataBundle
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
-from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng, shard_batches
-from .files import atomic_save, atomic_write_text, load_torch
-from .evaluation import EvalContext, evaluate, forward, has_batchnorm, model_outputs
-from .methods import build_recipe
+from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng
+from .evaluation import EvalContext, evaluate, model_outputs
+from .inputs import bn_loader, build_model, train_loader
+from .methods import recipe_of
+from .rundir import RunFiles
+from .task import task_of
 
-__all__ = ["RunResult", "bn_loader", "train_run", "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+__all__ = ["RunResult", "train_one_epoch", "train_run"]
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -58,42 +52,60 @@ class RunResult:
     message: str = ""
 
 
-class Diverged(RuntimeError):
-    pass
+def train_one_epoch(
+    model: nn.Module,
+    net: nn.Module,
+    loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    lr: Callable[[int], float],
+    world: World,
+    after_step: Callable[[nn.Module], None] = lambda model: None,
+) -> Tensor:
+    """One pass over ``loader``, one optimizer step per batch; the summed loss, on the device.
+
+    The single training step of the laboratory (pre-training and every method): ``lr(step)`` is
+    written into the optimizer before the step, ``after_step(model)`` runs after it. ``net`` is
+    ``model`` itself or its DDP wrapper; the loss is summed on the device (no host sync per step).
+    """
+    model.train()
+    total: Tensor | float = 0.0
+    for step, (x, y) in enumerate(loader):
+        set_lr(optimizer, lr(step))
+        loss = loss_fn(call_model(net, x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        broadcast_buffers(model, world)  # rank 0's BN statistics everywhere (no-op in one process)
+        after_step(model)
+        total = total + loss.detach()
+    return torch.as_tensor(total)
 
 
-def build_model(cfg: ExperimentConfig, bundle: DataBundle, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return create_model(cfg.model.name, bundle.in_shape, bundle.num_outputs, **cfg.model.options)
-
-
-def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, device: torch.device,
-             world: World = World()) -> dict[str, Tensor]:
+def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFiles,
+             device: torch.device, world: World = World()) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
-    cached = world.on_main(lambda: load_torch(path) if path.exists() else None)
+    cached = world.on_main(lambda: files.experiment.load_pretrain(seed))
     if cached is not None:
         return cached
     model = build_model(cfg, bundle, seed).to(device)
-    net, criterion = data_parallel(model, world), batch_loss(world)
+    net, criterion = data_parallel(model, world), batch_loss(task_of(bundle.task), world)
     p = cfg.pretrain
     optimizer = make_optimizer(p.optimizer, model, p.lr, cfg.train.momentum, p.weight_decay)
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    loader = shard_batches(BatchLoader(bundle.train, cfg.train.batch_size, shuffle=True, generator=generator,
-                                       augment=bundle.augment if cfg.train.augment else None, device=device), world)
+    loader, _ = train_loader(cfg, bundle, 10_000 + seed, device, world)
     total = p.epochs * len(loader)
-    for epoch in range(p.epochs):
-        model.train()
-        for step, (x, y) in enumerate(loader):
+
+    def cosine(epoch: int) -> Callable[[int], float]:
+        def lr(step: int) -> float:
             t = (epoch * len(loader) + step) / total
-            set_lr(optimizer, p.lr * 0.5 * (1 + math.cos(math.pi * t)) if p.cosine else p.lr)
-            loss = criterion(bundle.task, forward(net, x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            broadcast_buffers(model, world)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            return p.lr * 0.5 * (1 + math.cos(math.pi * t)) if p.cosine else p.lr
+        return lr
+
+    for epoch in range(p.epochs):
+        train_one_epoch(model, net, loader, optimizer, criterion, cosine(epoch), world)
+    state = _cpu_state(model)
     if world.main:
-        atomic_save(state, path)
+        files.experiment.save_pretrain(seed, state)
     return state
 
 
@@ -102,38 +114,32 @@ def train_run(
     method: MethodConfig,
     seed: int,
     bundle: DataBundle,
-    run_dir: Path,
+    run_dir: Path | RunFiles,
     device: torch.device,
     on_epoch: Callable[[], None] = lambda: None,
     world: World = World(),
 ) -> RunResult:
-    """Train ``method`` with ``seed``, resuming from ``run_dir/checkpoint.pt`` if it exists.
+    """Train ``method`` with ``seed``, resuming from the run's checkpoint if it exists.
 
     Under DDP (``world.size > 1``) every rank calls this; recipes average and evaluate ``model``
     itself, whose state is the same on every rank after every step.
     """
-    train = cfg.train
+    files = run_dir if isinstance(run_dir, RunFiles) else RunFiles(run_dir)
+    train, task = cfg.train, task_of(bundle.task)
     model = build_model(cfg, bundle, seed)
     if cfg.pretrain.epochs > 0:
-        model.load_state_dict(pretrain(cfg, bundle, seed, run_dir.parent.parent / "pretrain" / f"seed{seed}.pt",
-                                       device, world))
+        model.load_state_dict(pretrain(cfg, bundle, seed, files, device, world))
     model.to(device)
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
-    # Under DDP every rank draws the same global batches and takes its slice of each.
-    generator = torch.Generator().manual_seed(seed)
-    loader = shard_batches(BatchLoader(bundle.train, train.batch_size, shuffle=True, generator=generator,
-                                       augment=bundle.augment if train.augment else None, device=device), world)
+    loader, generator = train_loader(cfg, bundle, seed, device, world)
+    recipe = recipe_of(method, train, steps_per_epoch=len(loader), model=model)
     lr = method.lr if method.lr is not None else train.lr
-    recipe = build_recipe(method.method, method.options, lr=lr, budget_epochs=train.epochs,
-                          budget=method.budget, steps_per_epoch=len(loader), model=model)
     optimizer = make_optimizer(train.optimizer, model, lr, train.momentum, train.weight_decay)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    checkpoint_path = run_dir / "checkpoint.pt"
     # Rank 0 reads the checkpoint and hands it to every rank (CPU tensors; load_state_dict moves them).
-    ckpt = world.on_main(lambda: load_torch(checkpoint_path)
-                         if checkpoint_path.exists() else None)
+    ckpt = world.on_main(files.checkpoint)
     if ckpt is not None:
         if ckpt.get("diverged"):
             return RunResult("diverged", ckpt["epoch"] + 1, {}, ckpt["diverged"])
@@ -143,98 +149,69 @@ def train_run(
         generator.set_state(ckpt["generator"])
         restore_rng(ckpt, world, seed)
         history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
+        if world.main:  # lines appended after the checkpoint by an interrupted epoch go
+            files.write_metrics(history)
     else:
         torch.manual_seed(rank_seed(seed, world.rank))  # dropout and any other global randomness
         if world.main:
-            atomic_save(_cpu_state(model), run_dir / "init.pt")
+            files.save_weights("init", _cpu_state(model))
 
-    ctx = EvalContext(bundle.task, device, train.eval_batch_size, lambda: bn_loader(cfg, bundle, seed, device, world),
-                      train.bn_batches, world)
-    net, criterion = data_parallel(model, world), batch_loss(world)  # the model itself in one process
+    ctx = EvalContext(task, device, train.eval_batch_size,
+                      lambda: bn_loader(cfg, bundle, seed, device, world), train.bn_batches, world)
+    # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
+    net, criterion = data_parallel(model, world), batch_loss(task, world)
     for epoch in range(start_epoch, recipe.epochs):
-        model.train()
-        total_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for step, (x, y) in enumerate(loader):
-            set_lr(optimizer, recipe.lr(epoch, step))
-            loss = criterion(bundle.task, forward(net, x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            broadcast_buffers(model, world)  # rank 0's BN statistics everywhere (no-op in one process)
-            recipe.after_step(model)
-            total_loss += loss.detach()
+        total_loss = train_one_epoch(model, net, loader, optimizer, criterion,
+                                     lambda step: recipe.lr(epoch, step), world, recipe.after_step)
         train_loss = total_loss.item() / len(loader)
         if not math.isfinite(train_loss):  # keep the previous epoch's checkpoint, the last good one
             message = f"{method.label} seed {seed}: loss became {train_loss} in epoch {epoch + 1}"
             if world.main:
-                _mark_diverged(checkpoint_path, message)
+                files.mark_diverged(message)
             return RunResult("diverged", epoch + 1, {}, message)
         recipe.after_epoch(epoch, model, optimizer)
 
+        # The epoch's record: one line of metrics.jsonl (a per-epoch hook reads it here).
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": recipe.lr(epoch, 0), "train_loss": train_loss}
         last = epoch + 1 == recipe.epochs
         if (epoch + 1) % train.eval_every == 0 or last:
             record.update({f"test_{k}": v for k, v in
-                           evaluate(model_outputs(model, bundle.test, ctx), bundle.test, bundle.task).items()})
+                           evaluate(model_outputs(model, bundle.test, ctx), bundle.test, task).items()})
             running = recipe.running_model(model)
             if running is not None and not last:  # the last epoch's average is the final model, evaluated below
                 if has_batchnorm(running):  # recompute BN on a copy: the average's own BN stays as it is
                     running = copy.deepcopy(running)
                     update_bn(ctx.bn_loader(), running, max_batches=ctx.bn_batches)
                 record.update({f"avg_test_{k}": v for k, v in
-                               evaluate(model_outputs(running, bundle.test, ctx), bundle.test, bundle.task).items()})
+                               evaluate(model_outputs(running, bundle.test, ctx), bundle.test, task).items()})
         history.append(record)
         rng_states = world.gather(torch.get_rng_state())  # every rank's dropout stream ([its own] in one process)
         if world.main:  # under DDP rank 0 alone writes
             if train.save_trajectory:
-                trajectory = load_torch(run_dir / "trajectory.pt") if epoch > 0 and (run_dir / "trajectory.pt").exists() else []
-                atomic_save(trajectory[:epoch] + [_cpu_state(model)], run_dir / "trajectory.pt")
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-            atomic_save({
+                files.append_trajectory(epoch + 1, _cpu_state(model))
+            files.save_checkpoint({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "recipe": recipe.state_dict(), "generator": generator.get_state(),
                 "torch_rng": rng_states[0], "history": history,
                 **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
-            }, checkpoint_path)
+            })
+            if not (last and recipe.running_model(model) is not None):  # waits for final metrics
+                files.append_metrics(record)
         on_epoch()
 
     splits = {name: getattr(bundle, name) for name in ("train", "val", "test") if len(getattr(bundle, name))}
     outputs = recipe.predict(model, splits, ctx)
     if world.main:
-        atomic_save(recipe.final_state(model), run_dir / "final.pt")
+        files.save_weights("final", recipe.final_state(model))
     results: dict[str, float] = {}
     for name, split in splits.items():
-        results.update({f"{name}_{k}": v for k, v in evaluate(outputs[name], split, bundle.task).items()})
+        results.update({f"{name}_{k}": v for k, v in evaluate(outputs[name], split, task).items()})
     if history and recipe.running_model(model) is not None:  # the learning curve's last average point
         history[-1].update({k.replace("test_", "avg_test_", 1): v for k, v in results.items() if k.startswith("test_")})
         if world.main:
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            files.write_metrics(history)
     return RunResult("done", recipe.epochs, results)
-
-
-def bn_loader(cfg: ExperimentConfig, bundle: DataBundle, seed: int, device: torch.device | None,
-              world: World = World()) -> Iterable[Any]:
-    """The training data pass that recomputes BatchNorm statistics of a run's averaged models.
-
-    Seeded per run (so a resumed run and ``swalab landscape`` repeat it exactly); under DDP whole
-    global batches are dealt round-robin to the ranks.
-    """
-    train = cfg.train
-    loader = BatchLoader(bundle.train, train.batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(20_000 + seed),
-                         augment=bundle.augment if train.augment else None, device=device)
-    return shard_batches(loader, world, whole_batches=True, max_batches=train.bn_batches)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _mark_diverged(checkpoint_path: Path, message: str) -> None:
-    """Keep the last good checkpoint, flagged so a re-run reports the divergence instead of retrying."""
-    if checkpoint_path.exists():
-        ckpt = load_torch(checkpoint_path)
-        ckpt["diverged"] = message
-        atomic_save(ckpt, checkpoint_path)
-    else:
-        atomic_save({"epoch": -1, "diverged": message}, checkpoint_path)

@@ -4,6 +4,6 @@
 ``build_report(run_dir)`` (``swalab report``) assembles tables and figures from saved files only.
 """
 from .build import build_report
-from .geometry import PIECES, compute_landscape
+from .geometry import PIECES, LandscapeOptions, compute_landscape
 
-__all__ = ["PIECES", "build_report", "compute_landscape"]
+__all__ = ["PIECES", "LandscapeOptions", "build_report", "compute_landscape"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 
 from .. import metrics
+from ..lab.files import atomic_write_text, read_json
+from ..lab.methods import method_role
 from ..lab.stats import MethodSummary, primary_metric, summarize
-from ..lab.files import atomic_write_text
 from . import figures
 from .rundir import RunDir
 
@@ -98,8 +98,7 @@ def _header(run: RunDir) -> list[Block]:
     blocks = [Block("h1", f"swalab report: {cfg.name}")]
     if cfg.description:
         blocks.append(Block("p", cfg.description))
-    meta_path = run.path / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = run.meta()
     facts = [f"run directory `{run.path}`", f"dataset {cfg.data.name}", f"model {cfg.model.name}",
              f"budget B = {cfg.train.epochs} epochs", f"seeds {cfg.seeds}"]
     if meta:
@@ -161,7 +160,7 @@ def _curves(run: RunDir, out: Path, metric: str) -> list[Block]:
     if not curves:
         return [Block("h2", "Learning curves"),
                 Block("note", f"no metrics.jsonl under {run.path}; run the experiment with `{run.resume_command}`")]
-    focus = [label for label in (run.default_label("sgd"), run.default_label("swa")) if label]
+    focus = [label for label in (run.default_label("baseline"), run.default_label("average")) if label]
     blocks = [Block("h2", "Learning curves")]
     blocks.append(Block("figure", f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds: the iterate (thin) "
                                   "and, for averaging methods, the running average with BatchNorm recomputed "
@@ -180,7 +179,7 @@ def _landscape(run: RunDir, out: Path) -> list[Block]:
         return [Block("h2", "Loss landscape"),
                 Block("note", f"no landscape in {src}; compute it with `swalab landscape {run.path}`")]
     try:
-        return _landscape_blocks(json.loads(summary_path.read_text()), src, out)
+        return _landscape_blocks(read_json(summary_path), src, out)
     except (KeyError, TypeError, ValueError) as err:
         return [Block("h2", "Loss landscape"),
                 Block("note", f"{summary_path} is unreadable or from another swalab version ({err!r}); "
@@ -235,12 +234,12 @@ def _width_text(value: float | None, max_distance: float) -> str:
 
 
 def _calibration(run: RunDir, out: Path) -> list[Block]:
-    ensembles = [m.label for m in run.cfg.methods if m.method in ("swag", "fge")]
+    ensembles = [m.label for m in run.cfg.methods if method_role(m.method) == "ensemble"]
     if not ensembles or primary_metric(run.results()) != "test_accuracy":
         return []
     blocks = [Block("h2", "Calibration")]
     summary_path = run.path / "landscape" / "landscape.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(summary_path) if summary_path.is_file() else {}
     path = run.path / "landscape" / "predictions.npz"
     if "predictions" in summary.get("skipped", {}):
         blocks.append(Block("note", f"no reliability diagrams: {summary['skipped']['predictions']}"))
@@ -251,7 +250,7 @@ def _calibration(run: RunDir, out: Path) -> list[Block]:
         return blocks
     data = np.load(path)
     labels = [str(x) for x in data["labels"]]
-    chosen = [label for label in (run.default_label("sgd"), run.default_label("swa"), *ensembles) if label in labels]
+    chosen = [label for label in (run.default_label("baseline"), run.default_label("average"), *ensembles) if label in labels]
     targets = torch.from_numpy(data["targets"])
     diagrams, eces = {}, {}
     for label in dict.fromkeys(chosen):

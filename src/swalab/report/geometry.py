@@ -9,9 +9,9 @@ piece      what                                                                 
 line       train loss / test error along ``t * w_SGD + (1 - t) * w_SWA``           final.pt of both
 rays       along ``w + t d/||d||`` from both solutions (same directions), width   final.pt of both
 plane      plane through (SGD start, SGD end, SWA), SGD trajectory projected      init.pt, final.pt;
-                                                                                  trajectory.pt (path)
-snapshots  plane through three averaged SWA snapshots, their average marked       trajectory.pt of SWA
-ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory.pt of SWA
+                                                                                  trajectory (path)
+snapshots  plane through three averaged SWA snapshots, their average marked       trajectory of SWA
+ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory of SWA
 predictions final test probabilities of every method (reliability diagrams)       checkpoint.pt
 ========== ===================================================================== ======================
 
@@ -22,11 +22,13 @@ SGD minimised, cross-entropy + ``wd/2 ||w||^2`` (the NLL alone is saved too). Re
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +39,16 @@ from torch import Tensor
 from .. import landscape as geo
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
+from ..lab.distributed import resolve_device
 from ..lab.evaluation import EvalContext
-from ..lab.methods import build_recipe
-from ..lab.files import atomic_write_text, load_torch
-from ..lab.trainer import resolve_device
-from ..schedules import swa_should_average
+from ..lab.files import atomic_output, atomic_write_text, read_json
+from ..lab.methods import recipe_of
+from ..lab.task import Task, task_of
 from . import figures
 from .progress import Progress
 from .rundir import RunDir
 
-__all__ = ["PIECES", "compute_landscape"]
+__all__ = ["PIECES", "LandscapeOptions", "compute_landscape"]
 
 PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions")
 METRICS = ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error")
@@ -56,31 +58,13 @@ class _Missing(Exception):
     """A piece cannot be computed from this run directory; the message says what to do."""
 
 
-def compute_landscape(
-    run_dir: str | Path,
-    *,
-    seed: int | None = None,
-    sgd: str | None = None,
-    swa: str | None = None,
-    what: Sequence[str] | None = None,
-    grid: int = 21,
-    margin: float = 0.2,
-    line_points: int = 21,
-    line_range: tuple[float, float] = (-0.5, 1.5),
-    rays: int = 10,
-    ray_points: int = 21,
-    ray_distance: float | None = None,
-    rise: float = 0.1,
-    device: str | None = None,
-    threads: int | None = None,
-    log: Callable[[str], None] = print,
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """Compute the landscape pieces ``what`` (default: all that the run directory allows).
+@dataclass(frozen=True)
+class LandscapeOptions:
+    """Which runs, which pieces and how finely: the options of ``swalab landscape``.
 
     Args:
         seed: which seed's runs (default: the first).
-        sgd, swa: method labels (default: the SGD and SWA runs at budget 1).
+        sgd, swa: method labels (default: the baseline and the averaging run at budget 1).
         what: pieces to compute (see the module docstring); one asked for by name that the
             directory cannot give is an error, while the default skips it with a one-line note.
         grid: points per side of the planes' grids; ``margin``: beyond [0, 1] on each side.
@@ -90,35 +74,70 @@ def compute_landscape(
             the width.
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
+    """
+
+    seed: int | None = None
+    sgd: str | None = None
+    swa: str | None = None
+    what: Sequence[str] | None = None
+    grid: int = 21
+    margin: float = 0.2
+    line_points: int = 21
+    line_range: tuple[float, float] = (-0.5, 1.5)
+    rays: int = 10
+    ray_points: int = 21
+    ray_distance: float | None = None
+    rise: float = 0.1
+    device: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.what or ()) - set(PIECES))
+        if unknown:
+            raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
+        if self.grid < 2 or self.line_points < 2 or self.ray_points < 2 or self.rays < 1:
+            raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+
+
+def compute_landscape(
+    run_dir: str | Path,
+    options: LandscapeOptions | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+    **changes: Any,
+) -> dict[str, Any]:
+    """Compute the landscape pieces ``options.what`` (default: all that the run directory allows).
+
+    Args:
+        options: see :class:`LandscapeOptions`; ``changes`` replace some of its fields
+            (``compute_landscape(run_dir, grid=5)``).
         progress: draw a progress bar (default: when stderr is a terminal; else plain lines).
 
     Returns:
         The summary also written to ``RUN_DIR/landscape/landscape.json``.
     """
+    opts = dataclasses.replace(options or LandscapeOptions(), **changes)
+    what = opts.what
     run = RunDir(run_dir)
-    seed = run.seed(seed)
-    sgd = sgd or run.default_label("sgd")
-    swa = swa or run.default_label("swa")
+    seed = run.seed(opts.seed)
+    sgd = opts.sgd or run.default_label("baseline")
+    swa = opts.swa or run.default_label("average")
     if sgd is None or swa is None:
         which = "SGD (method: sgd)" if sgd is None else "SWA (method: swa)"
         raise ValueError(f"{run.path} has no {which} run; name one with --{'sgd' if sgd is None else 'swa'} LABEL "
                          f"(labels: {', '.join(run.labels)})")
     run.method(sgd)
     run.method(swa)
-    unknown = sorted(set(what or ()) - set(PIECES))
-    if unknown:
-        raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
-    if grid < 2 or line_points < 2 or ray_points < 2 or rays < 1:
-        raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
-
-    threads = threads if threads is not None else run.cfg.train.threads
+    threads = opts.threads if opts.threads is not None else run.cfg.train.threads
     if threads is not None:
         torch.set_num_threads(threads)
-    job = _Job(run, seed, sgd, swa, device, log)
+    src, ev = _Sources(run, seed, sgd, swa), _Evaluation(run, seed, opts.device)
+    job = _Pieces(src, ev, log)
     requested = list(what) if what else list(PIECES)
-    checks = {"line": job.check_ends, "rays": job.check_ends, "plane": job.check_plane,
-              "snapshots": lambda: job.check_snapshots(3), "ensemble": lambda: job.check_snapshots(2),
-              "predictions": job.check_predictions}
+    checks = {"line": src.check_ends, "rays": src.check_ends, "plane": src.check_plane,
+              "snapshots": lambda: src.check_snapshots(3), "ensemble": lambda: src.check_snapshots(2),
+              "predictions": lambda: src.check_predictions(ev.task)}
     todo, skipped = [], {}
     for piece in requested:
         try:
@@ -135,27 +154,29 @@ def compute_landscape(
     out = run.path / "landscape"
     out.mkdir(exist_ok=True)
     summary = _previous_summary(out, seed, sgd, swa)
-    summary.update({"seed": seed, "sgd": sgd, "swa": swa, "protocol": job.protocol()})
+    summary.update({"seed": seed, "sgd": sgd, "swa": swa, "protocol": ev.protocol()})
     summary.setdefault("skipped", {}).update(skipped)
     for piece in todo:
         summary["skipped"].pop(piece, None)
     summary.setdefault("seconds", {})
 
-    sizes = {"line": line_points, "rays": 2 * rays * (ray_points - 1) + 2, "plane": grid * grid,
-             "snapshots": grid * grid, "ensemble": 0, "predictions": 0}
+    sizes = {"line": opts.line_points, "rays": 2 * opts.rays * (opts.ray_points - 1) + 2,
+             "plane": opts.grid ** 2, "snapshots": opts.grid ** 2, "ensemble": 0, "predictions": 0}
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
         for piece in todo:
             bar.stage(piece)
             start = time.perf_counter()
             if piece == "line":
-                summary["line"] = job.line(out, np.linspace(*line_range, line_points), bar)
+                ts = np.linspace(*opts.line_range, opts.line_points)
+                summary["line"] = job.line(out, ts, bar)
             elif piece == "rays":
-                summary["rays"] = job.rays(out, rays, ray_points, ray_distance, rise, bar)
+                summary["rays"] = job.rays(out, opts.rays, opts.ray_points, opts.ray_distance,
+                                           opts.rise, bar)
             elif piece == "plane":
-                summary["plane"] = job.plane(out, grid, margin, bar)
+                summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
             elif piece == "snapshots":
-                summary["snapshots"] = job.snapshots(out, grid, margin, bar)
+                summary["snapshots"] = job.snapshots(out, opts.grid, opts.margin, bar)
             elif piece == "ensemble":
                 summary["ensemble"] = job.ensemble()
             else:
@@ -167,6 +188,12 @@ def compute_landscape(
         bar.close()
     log(f"landscape of {run.path} (seed {seed}, {sgd} vs {swa}) written to {out}")
     return _clean(summary)
+
+
+def _savez(path: Path, **arrays: Any) -> None:
+    """``np.savez`` through a temporary file and a rename."""
+    with atomic_output(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _clean(value: Any) -> Any:
@@ -186,22 +213,18 @@ def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any
     """The existing summary if it is for the same seed and labels (pieces computed earlier are kept)."""
     path = out / "landscape.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path)
         if (old.get("seed"), old.get("sgd"), old.get("swa")) == (seed, sgd, swa):
             return old
     return {}
 
 
-class _Job:
-    """One seed's models, data and evaluator; each method computes, saves and summarises a piece."""
+class _Sources:
+    """What the run directory provides for one seed: which files each piece needs, the weights, the
+    trajectories, and the epochs the SWA run averaged (as its recipe says)."""
 
-    def __init__(self, run: RunDir, seed: int, sgd: str, swa: str, device: str | None,
-                 log: Callable[[str], None]) -> None:
-        self.run, self.seed, self.sgd, self.swa, self.log = run, seed, sgd, swa, log
-        self.device = resolve_device(device or run.cfg.train.device)
-        self._evaluator: geo.LandscapeEvaluator | None = None
-
-    # --- what each piece needs ---
+    def __init__(self, run: RunDir, seed: int, sgd: str, swa: str) -> None:
+        self.run, self.seed, self.sgd, self.swa = run, seed, sgd, swa
 
     def check_ends(self) -> None:
         self.run.file(self.sgd, self.seed, "final.pt")
@@ -212,40 +235,56 @@ class _Job:
         self.check_ends()
 
     def averaged_epochs(self) -> list[int]:
-        """1-based epochs whose weights the SWA run folded into its average."""
+        """1-based epochs whose weights the SWA run folded into its average, as its recipe says."""
         m = self.run.method(self.swa)
-        if m.method != "swa":
-            raise _Missing(f"snapshots come from an swa run's trajectory; {self.swa!r} is a {m.method} run "
-                           "(pass --swa LABEL)")
-        budget = self.run.cfg.train.epochs
-        epochs = max(1, math.floor(m.budget * budget + 0.5))
-        # the defaults of lab.methods.swa: swa_start = 0.8 B + 1, one model per epoch (or per cycle)
-        start = m.options.get("swa_start") or int(0.8 * budget) + 1
-        period = m.options.get("cycle", 1) if m.options.get("schedule") == "cyclic" else m.options.get("every", 1)
-        return [e + 1 for e in range(epochs) if swa_should_average(e, start, period)]
+        epochs = recipe_of(m, self.run.cfg.train).averaged_epochs()
+        if not epochs:
+            raise _Missing("snapshots come from the trajectory of a run that averages end-of-epoch "
+                           f"weights; {self.swa!r} ({m.method}) does not (pass --swa LABEL)")
+        return epochs
 
     def check_snapshots(self, needed: int) -> None:
         epochs = self.averaged_epochs()
         self.run.file(self.swa, self.seed, "final.pt")
-        self.run.file(self.swa, self.seed, "trajectory.pt")
+        self.run.check_trajectory(self.swa, self.seed)
         if len(epochs) < needed:
             raise _Missing(f"{self.swa} averaged {len(epochs)} snapshot(s) (epochs {epochs}), {needed} are needed; "
                            f"train longer or lower methods.{self.swa}.options.swa_start")
 
-    def check_predictions(self) -> None:
-        if self.bundle.task != "classification":
-            raise _Missing(f"reliability diagrams are for classification; {self.run.cfg.data.name} is {self.bundle.task}")
-        if not any((self.run.run_dir(label, self.seed) / "checkpoint.pt").is_file() for label in self.run.labels):
+    def check_predictions(self, task: Task) -> None:
+        if not task.reliability:
+            raise _Missing(f"reliability diagrams are for classification; "
+                           f"{self.run.cfg.data.name} is {task.name}")
+        runs = (self.run.run(label, self.seed) for label in self.run.labels)
+        if not any(files.checkpoint_path.is_file() for files in runs):
             raise _Missing(f"no checkpoint.pt under {self.run.path}/*/seed{self.seed}; "
                            f"run the experiment with `{self.run.resume_command}`")
 
-    # --- shared state ---
+    def weights(self, label: str, name: str, names: list[str]) -> Tensor:
+        """The flat parameters (ordered as ``names``) of ``<label>/seed<k>/<name>``."""
+        return geo.flat_parameters(self.run.load(label, self.seed, name), names)
+
+    def trajectory(self, label: str) -> list[dict[str, Tensor]]:
+        return self.run.trajectory(label, self.seed)
+
+
+class _Evaluation:
+    """One seed's data, one model instance, and the evaluator of train loss and test error."""
+
+    def __init__(self, run: RunDir, seed: int, device: str | None) -> None:
+        self.run, self.seed = run, seed
+        self.device = resolve_device(device or run.cfg.train.device)
+        self._evaluator: geo.LandscapeEvaluator | None = None
 
     @property
     def bundle(self) -> Any:
         if not hasattr(self, "_bundle"):
             self._bundle = self.run.data(self.seed)
         return self._bundle
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.bundle.task)
 
     @property
     def evaluator(self) -> geo.LandscapeEvaluator:
@@ -255,19 +294,13 @@ class _Job:
             bn_batches = list(itertools.islice(self.run.bn_loader(bundle, self.seed, self.device), train.bn_batches))
             datasets = {name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
                         for name, split in (("train", bundle.train), ("test", bundle.test))}
-            stats = geo.mse_stats if bundle.task == "regression" else geo.cross_entropy_stats
-            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets, stats, train.weight_decay)
+            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets,
+                                                     self.task.landscape_stats, train.weight_decay)
         return self._evaluator
 
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.evaluator.model.named_parameters()]
-
-    def weights(self, label: str, name: str) -> Tensor:
-        return geo.flat_parameters(self.run.load(label, self.seed, name), self.names)
-
-    def trajectory(self, label: str) -> list[dict[str, Tensor]]:
-        return self.run.load(label, self.seed, "trajectory.pt")
 
     def protocol(self) -> dict[str, Any]:
         train = self.run.cfg.train
@@ -288,12 +321,22 @@ class _Job:
             bar.advance()
         return {k: np.array(v) for k, v in values.items()}
 
-    # --- pieces ---
+
+class _Pieces:
+    """Each method computes one piece from the sources and the evaluation, saves its arrays
+    (``.npz``) and figure, and returns its summary."""
+
+    def __init__(self, src: _Sources, ev: _Evaluation, log: Callable[[str], None]) -> None:
+        self.src, self.ev, self.log = src, ev, log
+        self.run, self.seed, self.sgd, self.swa = src.run, src.seed, src.sgd, src.swa
+
+    def weights(self, label: str, name: str) -> Tensor:
+        return self.src.weights(label, name, self.ev.names)
 
     def line(self, out: Path, ts: np.ndarray, bar: Progress) -> dict[str, Any]:
         w_sgd, w_swa = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
-        values = self.evaluate([geo.segment(w_swa, w_sgd, float(t)) for t in ts], bar)
-        np.savez(out / "line.npz", t=ts, **values)
+        values = self.ev.evaluate([geo.segment(w_swa, w_sgd, float(t)) for t in ts], bar)
+        _savez(out / "line.npz", t=ts, **values)
         figures.line_figure(ts, values, self.sgd, self.swa, out / "line.png")
         i_swa, i_sgd = int(np.argmin(np.abs(ts))), int(np.argmin(np.abs(ts - 1)))
         return {
@@ -316,13 +359,13 @@ class _Job:
         widths: dict[str, list[float]] = {}
         for key, label in (("swa", self.swa), ("sgd", self.sgd)):
             w = origins[label]
-            at_zero = self.evaluate([w], bar)
-            along = [self.evaluate([w + float(t) * d for t in distances[1:]], bar) for d in directions]
+            at_zero = self.ev.evaluate([w], bar)
+            along = [self.ev.evaluate([w + float(t) * d for t in distances[1:]], bar) for d in directions]
             for k in METRICS:
                 arrays[f"{key}_{k}"] = np.stack([np.concatenate([at_zero[k], a[k]]) for a in along])
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
-        np.savez(out / "rays.npz", **arrays)
+        _savez(out / "rays.npz", **arrays)
         figures.rays_figure(arrays, self.sgd, self.swa, out / "rays.png")
         figures.width_figure(widths, distances[-1], rise, self.sgd, self.swa, out / "width.png")
         return {
@@ -342,12 +385,12 @@ class _Job:
         alphas = (geo.grid_coordinates(grid, margin) if -margin <= alpha1 <= 1 + margin
                   else np.linspace(min(0.0, alpha1) - margin, max(1.0, alpha1) + margin, grid))
         betas = geo.grid_coordinates(grid, margin)
-        values = self.evaluate([pl.point(float(a), float(b)) for a in alphas for b in betas], bar)
+        values = self.ev.evaluate([pl.point(float(a), float(b)) for a in alphas for b in betas], bar)
         values = {k: v.reshape(grid, grid) for k, v in values.items()}
         xy = np.stack(np.meshgrid(alphas * pl.dx, betas * pl.dy, indexing="ij"), axis=-1)
         path_xy = {k: np.array([pl.coordinates(p) for p in ws]) for k, ws in paths.items()}
         mark_xy = {k: np.array(pl.coordinates(p)) for k, p in marks.items()}
-        np.savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
+        _savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
                  point_labels=np.array(labels), dx=pl.dx, dy=pl.dy, **values,
                  **{f"path_{k}": v for k, v in path_xy.items()}, **{f"mark_{k}": v for k, v in mark_xy.items()})
         figures.plane_figure(xy, values, points, labels, path_xy, mark_xy, title, out / f"{name}.png")
@@ -366,8 +409,8 @@ class _Job:
         paths: dict[str, list[Tensor]] = {}
         summary_note = None
         try:
-            states = self.trajectory(self.sgd)
-            paths[f"{self.sgd} trajectory"] = [w0] + [geo.flat_parameters(s, self.names) for s in states]
+            states = self.src.trajectory(self.sgd)
+            paths[f"{self.sgd} trajectory"] = [w0] + [geo.flat_parameters(s, self.ev.names) for s in states]
         except FileNotFoundError as err:
             summary_note = f"SGD trajectory not drawn: {err}"
             self.log(f"plane: {summary_note}")
@@ -379,12 +422,12 @@ class _Job:
         return summary
 
     def snapshots(self, out: Path, grid: int, margin: float, bar: Progress) -> dict[str, Any]:
-        epochs = self.averaged_epochs()
-        states = self.trajectory(self.swa)
+        epochs = self.src.averaged_epochs()
+        states = self.src.trajectory(self.swa)
         chosen = [epochs[0], epochs[len(epochs) // 2], epochs[-1]]
-        w = tuple(geo.flat_parameters(states[e - 1], self.names) for e in chosen)
+        w = tuple(geo.flat_parameters(states[e - 1], self.ev.names) for e in chosen)
         first = epochs[0] - 1
-        path = [geo.flat_parameters(s, self.names) for s in states[max(first - 1, 0):]]
+        path = [geo.flat_parameters(s, self.ev.names) for s in states[max(first - 1, 0):]]
         marks = {"average of the three": (w[0] + w[1] + w[2]) / 3, f"{self.swa} (all {len(epochs)})":
                  self.weights(self.swa, "final.pt")}
         labels = tuple(f"epoch {e}" for e in chosen)
@@ -399,34 +442,28 @@ class _Job:
         Classification: Δ, agreement and KL from ``swalab.ensembles.ensemble_view``, and test errors
         (%); regression: Δ and test MSE (the ensemble averages the predictions).
         """
-        epochs = self.averaged_epochs()
-        states = self.trajectory(self.swa)
+        epochs = self.src.averaged_epochs()
+        states = self.src.trajectory(self.swa)
         snapshots = [states[e - 1] for e in epochs]
         average = self.run.load(self.swa, self.seed, "final.pt")
-        model = self.evaluator.model
-        test = BatchLoader(self.bundle.test, self.run.cfg.train.eval_batch_size, device=self.device)
-        y = self.bundle.test.y
-        if self.bundle.task == "regression":
-            w_bar = geo.flat_parameters(average, self.names)
-            view = {"delta": max(float(torch.linalg.vector_norm(geo.flat_parameters(s, self.names) - w_bar))
+        model = self.ev.evaluator.model
+        test = BatchLoader(self.ev.bundle.test, self.run.cfg.train.eval_batch_size, device=self.ev.device)
+        y, task = self.ev.bundle.test.y, self.ev.task
+        if task.probabilistic:
+            view = ensemble_view(snapshots, average, model, test)
+        else:
+            w_bar = geo.flat_parameters(average, self.ev.names)
+            view = {"delta": max(float(torch.linalg.vector_norm(geo.flat_parameters(s, self.ev.names) - w_bar))
                                  for s in snapshots), "agreement": None, "kl": None}
 
-            def score(outputs: Tensor) -> float:
-                return float((outputs.double() - y.double()).square().mean())
+        def score(outputs: Tensor) -> float:
+            return task.error(outputs, y)
 
-            metric, transform = "test MSE", (lambda out: out.double())
-        else:
-            view = ensemble_view(snapshots, average, model, test)
-            y, keep = y.reshape(-1), y.reshape(-1) >= 0  # graphs pad their nodes with -1
-
-            def score(probs: Tensor) -> float:
-                return 100.0 * probs.reshape(y.numel(), -1)[keep].argmax(-1).ne(y[keep]).double().mean().item()
-
-            metric, transform = "test error (%)", (lambda out: out.double().softmax(-1))
+        metric = task.error_label
         outputs = []
         for state in snapshots + [average]:
             model.load_state_dict(state)
-            outputs.append(transform(predict_outputs(model, test)[0]))
+            outputs.append(task.outputs(predict_outputs(model, test)[0].double()))
         return {
             "epochs": epochs, **view, "metric": metric, "average": score(outputs[-1]),
             "ensemble": score(torch.stack(outputs[:-1]).mean(0)),
@@ -435,25 +472,24 @@ class _Job:
 
     def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
-        run, bundle, train = self.run, self.bundle, self.run.cfg.train
+        run, bundle, train = self.run, self.ev.bundle, self.run.cfg.train
         steps = len(BatchLoader(bundle.train, train.batch_size))
-        ctx = EvalContext(bundle.task, self.device, train.eval_batch_size,
-                          lambda: run.bn_loader(bundle, self.seed, self.device), train.bn_batches)
+        ctx = EvalContext(self.ev.task, self.ev.device, train.eval_batch_size,
+                          lambda: run.bn_loader(bundle, self.seed, self.ev.device), train.bn_batches)
         labels, probs_list, summary = [], [], {}
         for m in run.cfg.methods:
-            path = run.run_dir(m.label, self.seed) / "checkpoint.pt"
-            if not path.is_file():
-                log(f"predictions: {m.label} skipped (no checkpoint.pt in {path.parent})")
+            files = run.run(m.label, self.seed)
+            ckpt = files.checkpoint()
+            if ckpt is None:
+                log(f"predictions: {m.label} skipped (no checkpoint.pt in {files.path})")
                 continue
-            ckpt = load_torch(path)
             if ckpt.get("diverged"):
                 log(f"predictions: {m.label} skipped (diverged)")
                 continue
             model = run.model(bundle)
             model.load_state_dict(ckpt["model"])
-            model.to(self.device)
-            recipe = build_recipe(m.method, m.options, lr=m.lr if m.lr is not None else train.lr,
-                                  budget_epochs=train.epochs, budget=m.budget, steps_per_epoch=steps, model=model)
+            model.to(self.ev.device)
+            recipe = recipe_of(m, train, steps_per_epoch=steps, model=model)
             recipe.load_state_dict(ckpt["recipe"])
             splits = {"test": bundle.test, **({"val": bundle.val} if len(bundle.val) else {})}  # soups score on val
             probs = recipe.predict(model, splits, ctx)["test"]
@@ -464,6 +500,6 @@ class _Job:
         if not labels:
             raise FileNotFoundError(f"no finished run under {run.path}/*/seed{self.seed}; "
                                     f"finish them with `{run.resume_command}`")
-        np.savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
+        _savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
                  targets=bundle.test.y.numpy())
         return summary

@@ -1,12 +1,12 @@
-"""Reading a laboratory run directory back: its config, results, per-run files and data.
+"""Reading a laboratory run directory back for the report: its config, results, per-run files, data.
 
-Every missing piece is reported as one line that names the file and the command that produces it.
+A thin reader over ``lab/rundir.py`` (which alone knows the layout): every missing piece is reported
+as one line that names the file and the command that produces it.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,16 +14,16 @@ from torch import nn
 
 from ..data import DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
-from ..lab.runner import load_bundle, read_results
 from ..lab.files import load_torch
-from ..lab.trainer import bn_loader
-from ..models import create as create_model
+from ..lab.methods import method_role
+from ..lab.rundir import RunDirectory
+from ..lab.inputs import bn_loader, build_model, load_bundle
 
 __all__ = ["RunDir"]
 
 
-class RunDir:
-    """A run directory written by ``swalab run``.
+class RunDir(RunDirectory):
+    """A run directory written by ``swalab run``, checked to hold a valid config.
 
     Raises:
         FileNotFoundError: the directory does not exist.
@@ -31,12 +31,12 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist; create a run with `swalab run mnist1d --out {self.path}`")
         if not self.path.is_dir():
             raise ValueError(f"{self.path} is not a directory; pass a run directory written by `swalab run`")
-        config = self.path / "config.yaml"
+        config = self.config_path
         if not config.is_file():
             what = "is empty" if not any(self.path.iterdir()) else "holds no swalab run (no config.yaml)"
             raise ValueError(f"{self.path} {what}; create a run with `swalab run mnist1d --out {self.path}`")
@@ -49,13 +49,13 @@ class RunDir:
 
     @property
     def resume_command(self) -> str:
-        return f"swalab run {self.path / 'config.yaml'} --out {self.path}"
+        return f"swalab run {self.config_path} --out {self.path}"
 
     @property
     def trajectory_command(self) -> str:
-        """How to get ``trajectory.pt`` files (they are only written when the config asks for them)."""
+        """How to get trajectories (they are only written when the config asks for them)."""
         return (f"re-run with --set train.save_trajectory=true into a new directory, e.g. "
-                f"`swalab run {self.path / 'config.yaml'} --out {self.path}-traj --set train.save_trajectory=true`")
+                f"`swalab run {self.config_path} --out {self.path}-traj --set train.save_trajectory=true`")
 
     # --- results ---
 
@@ -65,7 +65,7 @@ class RunDir:
 
     def results(self) -> list[dict[str, str]]:
         """The rows of ``results.csv``; an error naming the command when there are none."""
-        rows = read_results(self.path)
+        rows = super().results()
         if not rows:
             raise ValueError(f"no results in {self.path} (results.csv missing or empty); "
                              f"finish the runs with `{self.resume_command}`")
@@ -77,9 +77,10 @@ class RunDir:
                 return m
         raise ValueError(f"no method labelled {label!r} in {self.path} (labels: {', '.join(self.labels)})")
 
-    def default_label(self, method_name: str) -> str | None:
-        """The first method ``method_name`` at budget 1, else the first ``method_name`` at all, else None."""
-        named = [m for m in self.cfg.methods if m.method == method_name]
+    def default_label(self, role: str) -> str | None:
+        """The first method of ``role`` (see ``lab.methods.ROLES``) at budget 1, else the first of
+        that role at all, else None."""
+        named = [m for m in self.cfg.methods if method_role(m.method) == role]
         chosen = [m for m in named if m.budget == 1.0] or named
         return chosen[0].label if chosen else None
 
@@ -92,22 +93,29 @@ class RunDir:
 
     def run_dir(self, label: str, seed: int) -> Path:
         self.method(label)
-        return self.path / label / f"seed{seed}"
+        return self.run(label, seed).path
 
     def file(self, label: str, seed: int, name: str) -> Path:
         """``<label>/seed<k>/<name>``, or a one-line error naming the command that writes it."""
         path = self.run_dir(label, seed) / name
         if path.is_file():
             return path
-        if name == "trajectory.pt":
-            raise FileNotFoundError(f"no trajectory.pt in {path.parent}; {self.trajectory_command}")
         raise FileNotFoundError(f"no {name} in {path.parent} (run unfinished); finish it with `{self.resume_command}`")
 
+    def trajectory(self, label: str, seed: int) -> list[dict[str, Any]]:
+        """Weights after every epoch, or a one-line error naming the command that writes them."""
+        files = self.run(label, seed)
+        if not files.has_trajectory:
+            raise FileNotFoundError(f"no trajectory in {files.path}; {self.trajectory_command}")
+        return files.trajectory()
+
+    def check_trajectory(self, label: str, seed: int) -> None:
+        if not self.run(label, seed).has_trajectory:
+            path = self.run(label, seed).path
+            raise FileNotFoundError(f"no trajectory in {path}; {self.trajectory_command}")
+
     def metrics(self, label: str, seed: int) -> list[dict[str, Any]]:
-        path = self.run_dir(label, seed) / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return self.run(label, seed).metrics()
 
     def load(self, label: str, seed: int, name: str) -> Any:
         return load_torch(self.file(label, seed, name))
@@ -118,7 +126,7 @@ class RunDir:
         return load_bundle(self.cfg, seed)
 
     def model(self, bundle: DataBundle) -> nn.Module:
-        return create_model(self.cfg.model.name, bundle.in_shape, bundle.num_outputs, **self.cfg.model.options)
+        return build_model(self.cfg, bundle)
 
     def bn_loader(self, bundle: DataBundle, seed: int, device: torch.device | None = None) -> Iterable[Any]:
         """The training run's own BatchNorm-recomputation pass."""

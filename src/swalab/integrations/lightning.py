@@ -1,0 +1,343 @@
+"""SWA, EMA, periodic SWA and SWAG for ``lightning.pytorch.Trainer`` as one callback.
+
+``AveragingCallback`` keeps a :class:`swalab.AveragedModel` of the ``LightningModule`` (and
+optionally a :class:`swalab.SWAG` posterior collected at the same steps), validates the average
+inside the live module, checkpoints it, recomputes its BatchNorm statistics after training and
+leaves it in the module. Needs ``pip install 'swalab[integrations]'``.
+
+What it does differently from Lightning's ``StochasticWeightAveraging`` callback (experimental):
+
+- it averages after any optimizer step or any epoch, every ``update_every``-th from
+  ``update_after`` (the gating of ``AveragedModel``), with any rule (SWA, EMA with warm-up),
+  instead of once per epoch;
+- it never replaces the user's LR scheduler with ``SWALR``: that swap is why it supports one
+  optimizer and one scheduler, and why resuming loaded SWALR's state into the user's scheduler
+  (Lightning issue #11665). An optional swalab schedule writes the LR into every optimizer;
+- BatchNorm statistics are recomputed by ``swalab.update_bn`` after training, outside the training
+  loop, for any batch format (``bn_forward_fn``). Lightning adds one more training epoch that runs
+  forward passes with no backward, which under AMP fails with "No inf checks were recorded for
+  this optimizer" (#17245), and its statistics were computed wrongly (#14866);
+- the average is validated (swapped into the module's storage, no copy), so ``ModelCheckpoint`` can
+  monitor the average's metric and keep the best average; it is saved in every checkpoint as the
+  ``state_dict`` (``load_from_checkpoint`` gives the average) and restored on resume together with
+  the live weights and the step counters, so a resumed run ends with the same average (#6074).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from swalab.averaging import AveragedModel, AveragingRule, restart_from_average
+from swalab.bn import update_bn
+from swalab.integrations import require
+from swalab.schedules import Schedule, set_lr
+from swalab.swag import SWAG
+
+pl = require("lightning.pytorch", "Lightning")
+
+__all__ = ["AveragingCallback"]
+
+_MODEL_STATE = "swalab_model_state_dict"  # checkpoint key of the live weights, beside the average
+
+
+class AveragingCallback(pl.Callback):
+    """Weight averaging for a ``LightningModule``: SWA (Izmailov et al., 2018), EMA, periodic SWA
+    (Guo et al., 2023) and SWAG (Maddox et al., 2019).
+
+    After each optimizer step (``interval="step"``) or each training epoch (``"epoch"``), with
+    ``index`` its 0-based number (steps of this fit and of the run it resumes; the Trainer's
+    ``current_epoch``), the module is folded into the average when
+    ``AveragedModel.update_parameters(module, step=index)`` says so: from ``update_after``, every
+    ``update_every``-th. With several optimizers (manual optimisation) a step is one training batch
+    after which any optimizer stepped.
+
+    Args:
+        rule: ``swalab.SWA()`` (default) or ``swalab.EMA(decay, warmup_gamma)``.
+        interval: ``"step"`` or ``"epoch"``: what ``update_every``/``update_after`` count.
+        update_every, update_after: the ``AveragedModel`` gating, in ``interval`` units.
+        device, dtype, use_buffers: where and how the average is kept, as in ``AveragedModel``.
+        restart_every: periodic SWA: after every ``restart_every``-th averaged model, the module
+            restarts from the average with fresh optimizer states (``restart_from_average``).
+        restart_until: index from which restarts stop and a fresh average starts (the final SWA).
+        swag_max_models: also collect a ``swalab.SWAG`` posterior (rank ``K``) at the averaged
+            steps, available as ``callback.swag`` (e.g. for ``swalab.bma_predict``).
+        swag_no_cov_mat: SWAG-Diag only.
+        lr_schedule: a swalab schedule (e.g. ``swa_reference_lr``) written into every param group of
+            every optimizer; then the module must configure no LR scheduler of its own.
+        lr_interval: ``lr_schedule`` is called with the 0-based epoch (``"epoch"``, at each epoch's
+            start) or the 0-based step (``"step"``, before each step).
+        validate_average: validate the average instead of the live weights once it holds a model
+            (same metric names, so checkpoints and early stopping follow the average).
+        update_bn: recompute the average's BatchNorm statistics after training.
+        bn_loader: data for that pass (default: the trainer's training dataloader).
+        bn_forward_fn: ``bn_forward_fn(module, batch)`` runs the module on a batch (default: the
+            input is the batch, its first element, or its keyword arguments).
+        bn_max_batches: limit of that pass.
+        copy_to_model: after training, copy the average into the module (``trainer.test`` and
+            ``trainer.save_checkpoint`` then use it).
+
+    Example:
+        >>> callback = AveragingCallback(swalab.EMA(0.999, warmup_gamma=10), update_after=100)
+        >>> lightning.Trainer(max_epochs=10, callbacks=[callback]).fit(module, loader)
+        >>> callback.averaged.module   # the average, BN recomputed (also copied into `module`)
+    """
+
+    def __init__(
+        self,
+        rule: AveragingRule | None = None,
+        *,
+        interval: Literal["step", "epoch"] = "step",
+        update_every: int = 1,
+        update_after: int = 0,
+        device: int | str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        use_buffers: bool = False,
+        restart_every: int | None = None,
+        restart_until: int | None = None,
+        swag_max_models: int | None = None,
+        swag_no_cov_mat: bool = False,
+        lr_schedule: Schedule | None = None,
+        lr_interval: Literal["step", "epoch"] = "epoch",
+        validate_average: bool = True,
+        update_bn: bool = True,
+        bn_loader: Iterable[Any] | None = None,
+        bn_forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        bn_max_batches: int | None = None,
+        copy_to_model: bool = True,
+    ) -> None:
+        if rule is not None and not isinstance(rule, AveragingRule):
+            raise ValueError(f"rule must be a swalab AveragingRule (SWA(), EMA(...)), got {rule!r}")
+        for name, value in (("interval", interval), ("lr_interval", lr_interval)):
+            if value not in ("step", "epoch"):
+                raise ValueError(f"{name} must be 'step' or 'epoch', got {value!r}")
+        if restart_every is not None and not (
+            isinstance(restart_every, int) and restart_every >= 1
+        ):
+            raise ValueError(
+                f"restart_every must be an integer >= 1 or None, got {restart_every!r}"
+            )
+        if restart_until is not None and restart_every is None:
+            raise ValueError("restart_until is the end of periodic SWA: give restart_every too")
+        if restart_until is not None and not (
+            isinstance(restart_until, int) and restart_until >= 0
+        ):
+            raise ValueError(
+                f"restart_until must be an integer >= 0 or None, got {restart_until!r}"
+            )
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise ValueError(f"lr_schedule must be a function of the step, got {lr_schedule!r}")
+        self.rule = rule
+        self.interval, self.lr_interval = interval, lr_interval
+        self.update_every, self.update_after = update_every, update_after
+        self.device, self.dtype, self.use_buffers = device, dtype, use_buffers
+        self.restart_every, self.restart_until = restart_every, restart_until
+        self.swag_max_models, self.swag_no_cov_mat = swag_max_models, swag_no_cov_mat
+        self.lr_schedule = lr_schedule
+        self.validate_average, self.update_bn = validate_average, update_bn
+        self.bn_loader, self.bn_forward_fn, self.bn_max_batches = (
+            bn_loader,
+            bn_forward_fn,
+            bn_max_batches,
+        )
+        self.copy_to_model = copy_to_model
+        self.averaged: AveragedModel | None = None
+        self.swag: SWAG | None = None
+        # Progress, checkpointed: steps taken, the last global_step seen, the last epoch folded in,
+        # whether periodic SWA's restarts are over.
+        self._steps, self._last_global_step, self._last_epoch = 0, 0, -1
+        self._final_phase = False
+        self._swap: Any = None  # the open ``swapped_into`` context during validation
+        self._average_weights: dict[str, torch.Tensor] | None = None  # read from a checkpoint
+
+    # -- building -------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if sum(isinstance(cb, AveragingCallback) for cb in trainer.callbacks) > 1:
+            raise ValueError(
+                "use one swalab AveragingCallback per Trainer "
+                "(each owns the checkpoint's state_dict)"
+            )
+        # Each fit starts a new average; trainer.fit(ckpt_path=...) then restores the saved one.
+        self._steps, self._last_global_step, self._last_epoch = 0, 0, -1
+        self._final_phase = False
+        # The module refers to its Trainer; copy the module alone.
+        attached, pl_module.trainer = pl_module._trainer, None
+        try:
+            self.averaged = AveragedModel(
+                pl_module,
+                self.device,
+                use_buffers=self.use_buffers,
+                rule=self.rule,
+                dtype=self.dtype,
+                update_every=self.update_every,
+                update_after=self.update_after,
+            )
+            if self.swag_max_models is not None:
+                self.swag = SWAG(
+                    pl_module, self.swag_max_models, self.swag_no_cov_mat, device=self.device
+                )
+        finally:
+            pl_module.trainer = attached
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_schedule is not None and trainer.lr_scheduler_configs:
+            raise ValueError(
+                "lr_schedule drives the learning rate, but the module also configures "
+                "an LR scheduler: remove one of them"
+            )
+
+    # -- learning rate --------------------------------------------------------------------------
+
+    def _set_lr(self, trainer: pl.Trainer, index: int) -> None:
+        lr = self.lr_schedule(index)
+        for optimizer in trainer.optimizers:
+            set_lr(optimizer, lr)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_schedule is not None and self.lr_interval == "epoch":
+            self._set_lr(trainer, trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.lr_schedule is not None and self.lr_interval == "step":
+            self._set_lr(trainer, self._steps)
+
+    # -- averaging ------------------------------------------------------------------------------
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step > self._last_global_step:  # an optimizer stepped on this batch
+            self._last_global_step = trainer.global_step
+            self._steps += 1
+            if self.interval == "step":
+                self._fold(trainer, pl_module, self._steps - 1)
+        # Fold the epoch's model in after its last batch, before the epoch-end validation runs.
+        if self.interval == "epoch" and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._end_epoch(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.interval == "epoch":
+            self._end_epoch(trainer, pl_module)
+
+    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch > self._last_epoch:
+            self._last_epoch = trainer.current_epoch
+            self._fold(trainer, pl_module, trainer.current_epoch)
+
+    def _fold(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        """Average ``pl_module`` at ``index`` if the gating says so; then periodic SWA and SWAG."""
+        if self.restart_until is not None and index >= self.restart_until and not self._final_phase:
+            self._final_phase = True
+            self.averaged.reset()
+        if not self.averaged.update_parameters(pl_module, step=index):
+            return
+        if self.swag is not None:
+            self.swag.collect_model(pl_module)
+        restart = self.restart_every is not None and not self._final_phase
+        if restart and self.averaged.count % self.restart_every == 0:
+            for optimizer in trainer.optimizers:
+                restart_from_average(self.averaged, pl_module, optimizer)
+
+    # -- validation of the average --------------------------------------------------------------
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.validate_average
+            and self.averaged is not None
+            and self.averaged.count > 0
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+        ):
+            self._swap = self.averaged.swapped_into(pl_module)
+            self._swap.__enter__()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_back()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._swap_back()
+
+    def _swap_back(self) -> None:
+        if self._swap is not None:
+            swap, self._swap = self._swap, None
+            swap.__exit__(None, None, None)
+
+    # -- end of training ------------------------------------------------------------------------
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.averaged is None or self.averaged.count == 0:
+            return
+        if self.update_bn:
+            loader = self.bn_loader if self.bn_loader is not None else trainer.train_dataloader
+            device = next(self.averaged.module.parameters()).device
+            with trainer.precision_plugin.train_step_context():
+                update_bn(
+                    loader,
+                    self.averaged.module,
+                    device,
+                    forward_fn=self.bn_forward_fn,
+                    max_batches=self.bn_max_batches,
+                )
+        if self.copy_to_model:
+            pl_module.load_state_dict(self.averaged.module.state_dict())
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "steps": self._steps,
+            "last_global_step": self._last_global_step,
+            "last_epoch": self._last_epoch,
+            "final_phase": self._final_phase,
+            "count": self.averaged.count if self.averaged is not None else 0,
+        }
+        if self.swag is not None:
+            state["swag"] = self.swag.state_dict()
+        return state
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The checkpoint's model is the average (what was validated); the live weights beside it.
+        if self.averaged is not None and self.averaged.count > 0:
+            checkpoint[_MODEL_STATE] = checkpoint["state_dict"]
+            checkpoint["state_dict"] = self.averaged.module.state_dict()
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Called before load_state_dict; the module was given checkpoint["state_dict"], the average.
+        # Resuming fit restores the live weights; validate/test/predict keep the average.
+        if self.averaged is not None and _MODEL_STATE in checkpoint:
+            self._average_weights = checkpoint["state_dict"]
+            pl_module.load_state_dict(checkpoint[_MODEL_STATE])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.averaged is None:  # not fitting: nothing to resume
+            return
+        self._steps, self._last_global_step = state_dict["steps"], state_dict["last_global_step"]
+        self._last_epoch, self._final_phase = state_dict["last_epoch"], state_dict["final_phase"]
+        if state_dict["count"] > 0:
+            if self._average_weights is None:
+                raise ValueError("checkpoint has an average count but no averaged weights")
+            weights = {f"module.{k}": v for k, v in self._average_weights.items()}
+            weights["n_averaged"] = torch.tensor(state_dict["count"])
+            self.averaged.load_state_dict(weights)
+            self._average_weights = None
+        if self.swag is not None and "swag" in state_dict:
+            self.swag.load_state_dict(state_dict["swag"])

@@ -1,0 +1,268 @@
+"""swalab.integrations.transformers against the real Hugging Face Trainer on the CPU.
+
+A one-layer GPT-2 built from a config (no hub download) on 16 in-memory sequences. Oracles: the
+average equals the mean (or EMA recurrence) of the weights recorded after the averaged steps; the
+average saved beside a checkpoint loads with ``from_pretrained`` and equals the average then;
+the logged ``eval_average_loss`` equals the saved average's loss, computed sample by sample; a
+resumed run ends with the uninterrupted run's average.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import swalab
+
+transformers = pytest.importorskip("transformers")
+from swalab.integrations.transformers import AVERAGE_DIR, AveragingCallback  # noqa: E402
+
+STEPS = 8
+
+
+def _model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _data(seed, n=16):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 32, (n, 8), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def _args(out, **kwargs):
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=3,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return transformers.TrainingArguments(**dict(base, **kwargs))
+
+
+class Recorder(transformers.TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append([p.detach().clone() for p in model.parameters()])
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _mean(snapshots):
+    return [torch.stack(ts).mean(0) for ts in zip(*snapshots)]
+
+
+def _assert_close(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def _train(out, callback, recorder=None, resume=None, **kwargs):
+    callbacks = [callback] + ([recorder] if recorder else [])
+    trainer = transformers.Trainer(
+        model=_model(),
+        args=_args(out, **kwargs),
+        train_dataset=_data(0),
+        eval_dataset=_data(1, n=7),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_swa_every_k_steps_saved_beside_each_checkpoint(tmp_path):
+    recorder, callback = Recorder(), AveragingCallback(update_every=2, update_after=1)
+    _train(tmp_path, callback, recorder)
+    assert len(recorder.steps) == STEPS
+    _assert_close(
+        _params(callback.averaged.module), _mean(recorder.steps[1::2])
+    )  # steps 1, 3, 5, 7
+    at_4 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-4" / AVERAGE_DIR)
+    _assert_close(_params(at_4), _mean([recorder.steps[1], recorder.steps[3]]))
+    final = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
+    _assert_close(_params(final), _params(callback.averaged.module))
+
+
+def test_ema_with_warmup_follows_the_recurrence(tmp_path):
+    decay, gamma, power = 0.9, 2.0, 2 / 3
+    recorder = Recorder()
+    callback = AveragingCallback(swalab.EMA(decay, warmup_gamma=gamma), update_after=2)
+    _train(tmp_path, callback, recorder, save_strategy="no")
+    average = recorder.steps[2]
+    for t, weights in enumerate(recorder.steps[3:], start=1):
+        decay_t = min(decay, 1 - (1 + t / gamma) ** -power)
+        average = [decay_t * a + (1 - decay_t) * w for a, w in zip(average, weights)]
+    _assert_close(_params(callback.averaged.module), average)
+
+
+def _mean_loss(model, data):
+    """The oracle: each sample's loss with the model in eval mode, averaged over the samples."""
+    model.eval()
+    with torch.no_grad():
+        return sum(float(model(**{k: v[None] for k, v in row.items()}).loss) for row in data) / len(
+            data
+        )
+
+
+def test_evaluation_reports_the_average_and_current_loss(tmp_path):
+    callback = AveragingCallback(update_after=2)
+    trainer = _train(
+        tmp_path,
+        callback,
+        eval_strategy="steps",
+        eval_steps=4,
+        metric_for_best_model="average_loss",
+        greater_is_better=False,
+    )
+    metrics = trainer.evaluate()
+    average = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
+    assert metrics["eval_average_loss"] == pytest.approx(
+        _mean_loss(average, _data(1, n=7)), rel=1e-5
+    )
+    assert metrics["eval_current_loss"] == pytest.approx(
+        _mean_loss(trainer.model, _data(1, n=7)), rel=1e-5
+    )
+    assert abs(metrics["eval_average_loss"] - metrics["eval_current_loss"]) > 1e-4  # two models
+    logged = [entry for entry in trainer.state.log_history if "eval_average_loss" in entry]
+    assert [entry["step"] for entry in logged] == [4, 8, 8]
+    assert trainer.state.best_metric == min(entry["eval_average_loss"] for entry in logged[:2])
+
+
+@pytest.mark.parametrize("where", ["output_dir", "args"])
+def test_resume_gives_the_uninterrupted_average(tmp_path, where):
+    rule = swalab.EMA(0.8, warmup_gamma=3)
+    whole = AveragingCallback(rule, update_after=1)
+    _train(tmp_path / "whole", whole)
+    checkpoint = tmp_path / "whole" / "checkpoint-4"
+    resumed = AveragingCallback(rule, update_after=1)
+    if where == "output_dir":  # trainer.train(resume_from_checkpoint=True) finds checkpoint-4 there
+        shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-4")
+        _train(tmp_path / "resumed", resumed, resume=True)
+    else:  # a checkpoint elsewhere, named in TrainingArguments too
+        _train(
+            tmp_path / "resumed",
+            resumed,
+            resume=str(checkpoint),
+            resume_from_checkpoint=str(checkpoint),
+        )
+    assert resumed.averaged.count == whole.averaged.count == 7
+    _assert_close(_params(resumed.averaged.module), _params(whole.averaged.module))
+
+
+def test_resume_without_a_saved_average_is_refused(tmp_path):
+    _train(tmp_path, transformers.TrainerCallback(), max_steps=4)
+    with pytest.raises(ValueError, match="resuming at step 4 but .* holds no swalab average"):
+        _train(tmp_path, AveragingCallback(), resume=str(tmp_path / "checkpoint-4"))
+
+
+class TinyConfig(transformers.PretrainedConfig):
+    model_type = "swalab-tiny-bn"
+
+
+class TinyBN(transformers.PreTrainedModel):
+    """A Hugging Face model with BatchNorm as its first layer: its statistics are the inputs'."""
+
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.linear = torch.nn.Linear(4, 1)
+        self.post_init()
+
+    def forward(self, x, labels=None):
+        out = self.linear(self.norm(x))
+        loss = None if labels is None else torch.nn.functional.mse_loss(out, labels)
+        return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=out)
+
+
+def test_batchnorm_recomputed_after_training(tmp_path):
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)) * 2 + 1
+    data = [{"x": row, "labels": row.sum(0, keepdim=True)} for row in x]
+    args = _args(tmp_path, save_strategy="no")
+    trainer = transformers.Trainer(
+        model=TinyBN(TinyConfig()), args=args, train_dataset=data, callbacks=[AveragingCallback()]
+    )
+    trainer.train()
+    saved = TinyBN.from_pretrained(tmp_path / AVERAGE_DIR)
+    # 4 shuffled batches of 4: the mean of their means is the mean of x
+    torch.testing.assert_close(saved.norm.running_mean, x.mean(0))
+    assert int(saved.norm.num_batches_tracked) == 4
+
+
+def test_bad_rule_is_a_one_line_error():
+    with pytest.raises(ValueError, match="rule must be a swalab AveragingRule"):
+        AveragingCallback(rule="ema")
+
+
+def test_import_swalab_needs_neither_framework_and_a_missing_one_names_the_extra():
+    code = (
+        "import sys\n"
+        "import swalab\n"
+        "assert 'lightning' not in sys.modules and 'transformers' not in sys.modules\n"
+        "for name in ('lightning', 'transformers'):\n"
+        "    sys.modules[name] = None  # what Python does for a package that is not installed\n"
+        "for module in ('lightning', 'transformers'):\n"
+        "    try:\n"
+        "        __import__(f'swalab.integrations.{module}')\n"
+        "    except ImportError as error:\n"
+        "        print(error)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("Lightning is not installed: pip install 'swalab[integrations]'")
+    assert lines[1].startswith(
+        "Hugging Face transformers is not installed: pip install 'swalab[integrations]'"
+    )
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written(tmp_path):
+    from test_integration_lightning import readme_example
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", readme_example("**Hugging Face**")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'eval_average_loss'" in done.stdout and "'eval_current_loss'" in done.stdout
+    for directory in ("out/swalab_average", "out/checkpoint-20/swalab_average"):
+        assert (tmp_path / directory / "config.json").is_file(), directory
