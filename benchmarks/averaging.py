@@ -1,6 +1,7 @@
 """Time one averaging update: swalab vs torch.optim.swa_utils, against the memory-bandwidth floor.
 
-    python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...] [--threads N]
+    python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...]
+                                   [--threads N]
                                    [--baseline OLD/src/swalab/averaging.py]
 
 The floor moves the same 12 bytes per fp32 parameter as an ideal update (read the average, read
@@ -14,6 +15,7 @@ interleaved (each round times every contender once, so a busy machine slows all 
 depend on the memory bandwidth. On the CPU, also measures the peak extra memory while building
 the averaged copy of a ResNet-50, in units of its parameter bytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +37,18 @@ import swalab
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -51,7 +62,10 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet50": lambda: torchvision.models.resnet50(),
     "vit_b_16": lambda: torchvision.models.vit_b_16(),
 }
-DEFAULT_MODELS = {"cpu": "small_cnn,mlp_200,resnet50", "cuda": "small_cnn,mlp_200,resnet50,vit_b_16"}
+DEFAULT_MODELS = {
+    "cpu": "small_cnn,mlp_200,resnet50",
+    "cuda": "small_cnn,mlp_200,resnet50,vit_b_16",
+}
 
 
 def one_call_ms(fn: Callable[[], object], device: torch.device, wall: bool) -> float:
@@ -74,8 +88,9 @@ def one_call_ms(fn: Callable[[], object], device: torch.device, wall: bool) -> f
     return start.elapsed_time(end)
 
 
-def interleaved_medians(calls: dict[str, tuple[Callable[[], object], bool]], repeats: int,
-                        device: torch.device) -> dict[str, float]:
+def interleaved_medians(
+    calls: dict[str, tuple[Callable[[], object], bool]], repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median ms of each call; each round times every call once, so load drifts hit all alike."""
     for fn, _ in calls.values():
         fn()  # warm-up
@@ -87,7 +102,7 @@ def interleaved_medians(calls: dict[str, tuple[Callable[[], object], bool]], rep
 
 
 def load_baseline(path: str) -> ModuleType:
-    """Another version of ``swalab/averaging.py`` (e.g. from an older checkout), to time beside this one."""
+    """Another version of ``swalab/averaging.py`` (e.g. an older checkout's), timed beside this."""
     spec = importlib.util.spec_from_file_location("baseline_averaging", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"--baseline: cannot load {path!r} as a Python module")
@@ -97,8 +112,9 @@ def load_baseline(path: str) -> ModuleType:
     return module
 
 
-def time_updates(name: str, repeats: int, device: torch.device,
-                 baseline: ModuleType | None = None) -> list[tuple[str, float, str]]:
+def time_updates(
+    name: str, repeats: int, device: torch.device, baseline: ModuleType | None = None
+) -> list[tuple[str, float, str]]:
     """Rows ``(label, ms, floor label)``; the first rows are the floors."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
@@ -106,15 +122,26 @@ def time_updates(name: str, repeats: int, device: torch.device,
         "torch SWA (default)": (swa_utils.AveragedModel(model), "lerp"),
         "swalab SWA (default)": (swalab.AveragedModel(model), "lerp"),
         "torch EMA (multi_avg_fn)": (
-            swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)), "lerp"),
+            swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)),
+            "lerp",
+        ),
         "swalab EMA": (swalab.AveragedModel(model, rule=swalab.EMA(0.999)), "lerp"),
     }
     if baseline is not None:
         contenders["baseline SWA (default)"] = (baseline.AveragedModel(model), "lerp")
-        contenders["baseline EMA"] = (baseline.AveragedModel(model, rule=baseline.EMA(0.999)), "lerp")
+        contenders["baseline EMA"] = (
+            baseline.AveragedModel(model, rule=baseline.EMA(0.999)),
+            "lerp",
+        )
     if device.type == "cuda":
-        contenders["torch SWA, average on CPU"] = (swa_utils.AveragedModel(model, device="cpu"), "d2h")
-        contenders["swalab SWA, average on CPU"] = (swalab.AveragedModel(model, device="cpu"), "d2h")
+        contenders["torch SWA, average on CPU"] = (
+            swa_utils.AveragedModel(model, device="cpu"),
+            "d2h",
+        )
+        contenders["swalab SWA, average on CPU"] = (
+            swalab.AveragedModel(model, device="cpu"),
+            "d2h",
+        )
     for averaged, _ in contenders.values():
         averaged.update_parameters(model)  # the first update copies; time the averaging ones
     with torch.no_grad():
@@ -124,7 +151,10 @@ def time_updates(name: str, repeats: int, device: torch.device,
     floors = {"floor: flat lerp_ (12 B/param)": "lerp"}
     if device.type == "cuda":
         host = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True)
-        calls["floor: pinned D2H copy (4 B/param)"] = (lambda: host.copy_(weights, non_blocking=True), True)
+        calls["floor: pinned D2H copy (4 B/param)"] = (
+            lambda: host.copy_(weights, non_blocking=True),
+            True,
+        )
         floors["floor: pinned D2H copy (4 B/param)"] = "d2h"
     for label, (averaged, floor) in contenders.items():
         calls[label] = (lambda a=averaged: a.update_parameters(model), floor == "d2h")
@@ -151,7 +181,9 @@ print((rss('VmHWM') - base) / param_bytes)
 
 
 def peak_copy_ratio(which: str) -> float:
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, which], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, which], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip())
 
 
@@ -177,10 +209,14 @@ def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, help="calls per median (default: 15 on the CPU, 50 on a GPU)")
+    parser.add_argument(
+        "--repeats", type=int, help="calls per median (default: 15 on the CPU, 50 on a GPU)"
+    )
     parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--baseline", help="path of another swalab/averaging.py to time beside this one")
+    parser.add_argument(
+        "--baseline", help="path of another swalab/averaging.py to time beside this one"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -191,14 +227,23 @@ def main() -> None:
     names = (args.models or DEFAULT_MODELS[device.type]).split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown or repeats < 1:
-        parser.error(f"unknown model(s) {unknown}" if unknown else f"--repeats must be >= 1, got {repeats}")
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        parser.error(
+            f"unknown model(s) {unknown}" if unknown else f"--repeats must be >= 1, got {repeats}"
+        )
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
     print(f"torch {torch.__version__}, {where}, median of {repeats} calls\n")
     baseline = load_baseline(args.baseline) if args.baseline else None
     for name in names:
         print_table(name, time_updates(name, repeats, device, baseline))
     if device.type == "cpu":
-        print("### Peak extra memory while building the averaged copy of resnet50 (× parameter bytes)\n")
+        print(
+            "### Peak extra memory while building the averaged copy of resnet50"
+            " (× parameter bytes)\n"
+        )
         print("| implementation | peak extra |")
         print("|---|---:|")
         for which in ("torch", "swalab"):

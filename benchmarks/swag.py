@@ -73,7 +73,7 @@ def measure(channels: int, repeats: int, device: torch.device) -> dict[str, floa
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     updates = 10 * repeats  # updates are short: more repeats
     extra = {}
-    if device.type == "cuda":  # the state on the CPU: pinned chunks, each folded while the next copies
+    if device.type == "cuda":  # state on the CPU: pinned chunks, each folded while the next copies
         on_cpu = SWAG(model, max_num_models=K, device="cpu")
         for _ in range(K + 1):
             on_cpu.collect_model(model)

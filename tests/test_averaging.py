@@ -1,4 +1,5 @@
 """Oracle tests for swalab.averaging: SWA/EMA against hand-computed averages and torch's AveragedModel."""
+
 import copy
 import pickle
 
@@ -162,8 +163,15 @@ def test_average_on_another_device_and_dtype_keeps_integer_buffers():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("kwargs", [{}, {"use_buffers": True}, {"rule": swalab.EMA(0.9)},
-                                    {"use_buffers": True, "multi_avg_fn": swa_utils.get_swa_multi_avg_fn()}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"use_buffers": True},
+        {"rule": swalab.EMA(0.9)},
+        {"use_buffers": True, "multi_avg_fn": swa_utils.get_swa_multi_avg_fn()},
+    ],
+)
 @pytest.mark.parametrize("device", ["cpu", None])
 def test_cuda_model_averaged_on_cpu_or_gpu_equals_the_cpu_average(kwargs, device):
     """The pinned, chunked copy path (device="cpu") and the on-GPU path give the CPU numbers; a BN
@@ -314,7 +322,9 @@ def test_functional_rule_init_on_other_dtype():
 
 def test_rejects_conflicting_arguments():
     with pytest.raises(ValueError, match="at most one"):
-        swalab.AveragedModel(small_model(), multi_avg_fn=swa_utils.get_swa_multi_avg_fn(), rule=swalab.SWA())
+        swalab.AveragedModel(
+            small_model(), multi_avg_fn=swa_utils.get_swa_multi_avg_fn(), rule=swalab.SWA()
+        )
     with pytest.raises(ValueError, match="floating dtype"):
         swalab.AveragedModel(small_model(), dtype=torch.int32)
 
@@ -322,8 +332,12 @@ def test_rejects_conflicting_arguments():
 def test_update_every_and_after_gate_steps_and_warmup_counts_averaged_models():
     """EMA every k steps from step s (timm/ema-pytorch/Lightning options): an oracle on a scalar."""
     model = torch.nn.Linear(1, 1, bias=False)
-    ema = swalab.AveragedModel(model, rule=swalab.EMA(0.5, warmup_gamma=1.0, warmup_power=1.0),
-                               update_every=3, update_after=2)
+    ema = swalab.AveragedModel(
+        model,
+        rule=swalab.EMA(0.5, warmup_gamma=1.0, warmup_power=1.0),
+        update_every=3,
+        update_after=2,
+    )
     expected, count = None, 0
     for step in range(10):
         with torch.no_grad():
@@ -340,7 +354,9 @@ def test_update_every_and_after_gate_steps_and_warmup_counts_averaged_models():
     assert [calls.update_parameters(model) for _ in range(4)] == [True, False, True, False]
 
 
-@pytest.mark.parametrize("kwargs", [{"update_every": 0}, {"update_every": 1.5}, {"update_after": -1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"update_every": 0}, {"update_every": 1.5}, {"update_after": -1}]
+)
 def test_update_gating_options_are_checked(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         swalab.AveragedModel(torch.nn.Linear(1, 1), **kwargs)
@@ -361,13 +377,16 @@ def assert_unchanged(averaged, before) -> None:
 def test_user_function_on_bn_model_with_buffers_copies_integer_buffers(fn, use_buffers):
     """Issue 14, finding 4: torch's multi-tensor SWA rule on num_batches_tracked raised after the
     float tensors were written; integer buffers are copied and never passed to the user function."""
-    kwargs = {"multi_swa": {"multi_avg_fn": swa_utils.get_swa_multi_avg_fn()},
-              "multi_ema": {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(0.5)},
-              "single_swa": {"avg_fn": swa_utils.get_swa_avg_fn()}}[fn]
+    kwargs = {
+        "multi_swa": {"multi_avg_fn": swa_utils.get_swa_multi_avg_fn()},
+        "multi_ema": {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(0.5)},
+        "single_swa": {"avg_fn": swa_utils.get_swa_avg_fn()},
+    }[fn]
     model = small_model()
     averaged = swalab.AveragedModel(model, use_buffers=use_buffers, **kwargs)
-    reference = swalab.AveragedModel(model, use_buffers=use_buffers,
-                                     rule=swalab.EMA(0.5) if fn == "multi_ema" else swalab.SWA())
+    reference = swalab.AveragedModel(
+        model, use_buffers=use_buffers, rule=swalab.EMA(0.5) if fn == "multi_ema" else swalab.SWA()
+    )
     for seed in range(1, 5):
         perturb(model, seed, with_buffers=True)
         averaged.update_parameters(model)
@@ -403,7 +422,9 @@ def test_buffer_of_another_shape_is_refused_before_parameters_are_written():
     perturb(model, 1)
     model[1].register_buffer("running_mean", torch.zeros(7))
     before = snapshot(averaged)
-    with pytest.raises(ValueError, match=r"1\.running_mean has shape \(7,\), the averaged model has \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"1\.running_mean has shape \(7,\), the averaged model has \(5,\)"
+    ):
         averaged.update_parameters(model)
     assert_unchanged(averaged, before)
 
@@ -507,7 +528,9 @@ def test_restart_from_average_checks_shapes_before_writing():
     model = small_model()
     averaged = swalab.AveragedModel(model)
     averaged.update_parameters(model)
-    bigger = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2), nn.Linear(2, 2))
+    bigger = nn.Sequential(
+        nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2), nn.Linear(2, 2)
+    )
     optimizer = torch.optim.SGD(bigger.parameters(), lr=0.1)
     before = copy.deepcopy(bigger.state_dict())
     with pytest.raises(ValueError, match="model has 8 parameters, the averaged model has 6"):
@@ -519,11 +542,19 @@ def test_restart_from_average_checks_shapes_before_writing():
     assert averaged.count == 1
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"decay": float("nan")}, {"decay": float("inf")}, {"warmup_gamma": float("nan")},
-    {"warmup_gamma": float("inf")}, {"warmup_power": float("nan")}, {"warmup_power": float("inf")},
-    {"decay": True}, {"decay": "0.9"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decay": float("nan")},
+        {"decay": float("inf")},
+        {"warmup_gamma": float("nan")},
+        {"warmup_gamma": float("inf")},
+        {"warmup_power": float("nan")},
+        {"warmup_power": float("inf")},
+        {"decay": True},
+        {"decay": "0.9"},
+    ],
+)
 def test_ema_refuses_non_finite_or_non_numeric_hyperparameters(kwargs):
     """Issue 14, finding 7: EMA(warmup_gamma=nan) was accepted."""
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -532,10 +563,12 @@ def test_ema_refuses_non_finite_or_non_numeric_hyperparameters(kwargs):
 
 @pytest.mark.parametrize("chunk_bytes", [4, 12, 40, 1 << 20])
 def test_host_staging_chunks_cover_every_element_once(chunk_bytes):
-    """The chunked copy path (run CPU to CPU here): chunks tile the concatenated sources in order."""
+    """The chunked copy path (run CPU to CPU here): chunks tile the sources, in order."""
     from swalab.averaging import HostStaging
 
-    sources = [torch.arange(n, dtype=torch.float32) + 100 * i for i, n in enumerate([3, 1, 7, 0, 5])]
+    sources = [
+        torch.arange(n, dtype=torch.float32) + 100 * i for i, n in enumerate([3, 1, 7, 0, 5])
+    ]
     staging = HostStaging([s for s in sources if s.numel()], chunk_bytes=chunk_bytes)
     seen = []
     staging.run(lambda k, chunk: seen.append((staging.ranges[k], chunk.clone())))
@@ -554,7 +587,9 @@ def test_staged_group_lerps_chunk_by_chunk_like_one_pass():
     expected = [a + 0.25 * (s.double() - a) for a, s in zip(average, sources)]
     groups = _Groups(list(zip(average, sources)), chunk_bytes=28)  # 7 floats: chunks split tensors
     assert len(groups.cast) == 1 and not groups.staged  # same device: cast per update
-    groups._add_staged(*groups.cast.pop(), torch.float64)  # what a GPU model averaged on the CPU gets
+    groups._add_staged(
+        *groups.cast.pop(), torch.float64
+    )  # what a GPU model averaged on the CPU gets
     assert len(groups.staged[0][0].ranges) == 4
     groups.apply(0.25)
     for a, e in zip(average, expected):
@@ -569,7 +604,9 @@ def test_average_lives_in_one_flat_buffer_and_a_flat_model_is_one_op():
     averaged = swalab.AveragedModel(model)
     storages = {p.untyped_storage().data_ptr() for p in averaged.module.parameters()}
     assert len(storages) == 1  # parameters then float buffers of one dtype: one buffer
-    flat_model = swalab.AveragedModel(model).module  # itself a model whose parameters are one buffer
+    flat_model = swalab.AveragedModel(
+        model
+    ).module  # itself a model whose parameters are one buffer
     twice = swalab.AveragedModel(flat_model)
     snapshots = []
     for seed in range(3):
@@ -593,7 +630,9 @@ def test_updates_after_swapped_into_pair_the_right_tensors():
         pass
     perturb(model, 2)
     averaged.update_parameters(model)
-    torch.testing.assert_close(flat(averaged.module.parameters()), (first + flat(model.parameters())) / 2)
+    torch.testing.assert_close(
+        flat(averaged.module.parameters()), (first + flat(model.parameters())) / 2
+    )
 
 
 def test_host_staging_of_empty_tensors_does_nothing():
@@ -638,10 +677,14 @@ def test_inner_module_moved_to_another_dtype_is_paired_again():
     averaged = swalab.AveragedModel(model)
     perturb(model, 1)
     averaged.update_parameters(model)
-    averaged.module.to(torch.float64)  # the inner module's own to(): AveragedModel._apply is not called
+    averaged.module.to(
+        torch.float64
+    )  # the inner module's own to(): AveragedModel._apply is not called
     perturb(model, 2)
     averaged.update_parameters(model)
     assert averaged.module[0].weight.dtype == torch.float64
     first = copy.deepcopy(model)
     perturb(first, 1)
-    torch.testing.assert_close(averaged.module[0].weight, (first[0].weight.double() + model[0].weight.double()) / 2)
+    torch.testing.assert_close(
+        averaged.module[0].weight, (first[0].weight.double() + model[0].weight.double()) / 2
+    )

@@ -264,7 +264,8 @@ def test_var_clamp_must_be_finite(var_clamp) -> None:
 def test_cuda_model_collected_on_cpu_or_gpu_equals_cpu_collection(device: str) -> None:
     model = nn.Sequential(nn.Linear(500, 1000), nn.BatchNorm1d(1000), nn.Linear(1000, 3000))
     gpu_model = copy.deepcopy(model).cuda()
-    reference, swag = SWAG(model, max_num_models=3), SWAG(gpu_model, max_num_models=3, device=device)
+    reference = SWAG(model, max_num_models=3)
+    swag = SWAG(gpu_model, max_num_models=3, device=device)
     for seed in range(4):
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -274,4 +275,5 @@ def test_cuda_model_collected_on_cpu_or_gpu_equals_cpu_collection(device: str) -
         reference.collect_model(model)
         swag.collect_model(gpu_model)
     for key in ("mean", "sq_mean", "cov_mat_sqrt"):
-        torch.testing.assert_close(getattr(swag, key).cpu(), getattr(reference, key), rtol=1e-5, atol=1e-6)
+        expected = getattr(reference, key)
+        torch.testing.assert_close(getattr(swag, key).cpu(), expected, rtol=1e-5, atol=1e-6)

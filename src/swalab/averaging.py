@@ -12,6 +12,7 @@ uses ``w_ema <- w_ema + (1 - decay_t) (w - w_ema)``. Both are one ``torch._forea
 (device, dtype) group with a Python-float weight, so the update reads the average, reads the
 weights and writes the average (12 bytes per fp32 parameter) and never waits for the device.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,13 +60,17 @@ class AverageState(NamedTuple):
     count: int = 0
 
 
-def _groups(average: Sequence[Tensor], params: Sequence[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+def _groups(
+    average: Sequence[Tensor], params: Sequence[Tensor]
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
     """Pairs of lists that share the average's (device, dtype); params are cast to it if needed."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for a, p in zip(average, params):
         avg_list, param_list = groups.setdefault((a.device, a.dtype), ([], []))
         avg_list.append(a)
-        param_list.append(p if (p.device, p.dtype) == (a.device, a.dtype) else p.to(a.device, a.dtype))
+        param_list.append(
+            p if (p.device, p.dtype) == (a.device, a.dtype) else p.to(a.device, a.dtype)
+        )
     return iter(groups.values())
 
 
@@ -96,7 +101,9 @@ class AveragingRule:
     def weight(self, n: int) -> float:
         raise NotImplementedError
 
-    def init(self, params: Sequence[Tensor], device: Any = None, dtype: torch.dtype | None = None) -> AverageState:
+    def init(
+        self, params: Sequence[Tensor], device: Any = None, dtype: torch.dtype | None = None
+    ) -> AverageState:
         average = [
             p.detach().to(device=device, dtype=dtype if p.is_floating_point() else None, copy=True)
             for p in params
@@ -104,7 +111,11 @@ class AveragingRule:
         return AverageState(average, 0)
 
     def update(self, state: AverageState, params: Sequence[Tensor]) -> AverageState:
-        lerp_(state.average, [p.detach() for p in params], 1.0 if state.count == 0 else self.weight(state.count))
+        lerp_(
+            state.average,
+            [p.detach() for p in params],
+            1.0 if state.count == 0 else self.weight(state.count),
+        )
         return AverageState(state.average, state.count + 1)
 
 
@@ -137,8 +148,12 @@ class EMA(AveragingRule):
     def __post_init__(self) -> None:
         if not _is_real(self.decay) or not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must be a number in [0, 1], got {self.decay!r}")
-        if self.warmup_gamma is not None and not (_is_real(self.warmup_gamma) and 0 < self.warmup_gamma < math.inf):
-            raise ValueError(f"warmup_gamma must be a finite number > 0 (or None), got {self.warmup_gamma!r}")
+        if self.warmup_gamma is not None and not (
+            _is_real(self.warmup_gamma) and 0 < self.warmup_gamma < math.inf
+        ):
+            raise ValueError(
+                f"warmup_gamma must be a finite number > 0 (or None), got {self.warmup_gamma!r}"
+            )
         if not (_is_real(self.warmup_power) and 0 < self.warmup_power < math.inf):
             raise ValueError(f"warmup_power must be a finite number > 0, got {self.warmup_power!r}")
 
@@ -159,8 +174,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _check_not_sharded(model: nn.Module) -> None:
     """Refuse FSDP (1 or 2) and DTensor-sharded models: each rank holds only shards of the weights."""
-    sharded = any(type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
-                  for m in model.modules()) or any(type(p).__name__ == "DTensor" for p in model.parameters())
+    sharded = any(
+        type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
+        for m in model.modules()
+    ) or any(type(p).__name__ == "DTensor" for p in model.parameters())
     if sharded:
         raise ValueError(
             "AveragedModel does not support sharded models (FSDP, DTensor parameters): average an unsharded "
@@ -178,7 +195,8 @@ def _slots(modules: Sequence[nn.Module]) -> list[dict[str, Any]]:
 
 
 def _tree(slots: Sequence[dict[str, Any]]) -> list[Any]:
-    """Every child, parameter and buffer in ``slots`` (C-level iteration): changes when one is replaced."""
+    """Every child, parameter and buffer in ``slots`` (C-level iteration): changes when one is
+    replaced."""
     return list(itertools.chain.from_iterable(map(dict.values, slots)))
 
 
@@ -219,8 +237,11 @@ class ModelBinding:
         if model is not self.model:
             return False
         tree = _tree(self._slots)
-        return (len(tree) == len(self._tree) and all(map(operator.is_, tree, self._tree))
-                and list(map(Tensor.data_ptr, self._tensors)) == self._ptrs)
+        return (
+            len(tree) == len(self._tree)
+            and all(map(operator.is_, tree, self._tree))
+            and list(map(Tensor.data_ptr, self._tensors)) == self._ptrs
+        )
 
 
 class HostStaging:
@@ -237,7 +258,10 @@ class HostStaging:
         if not sources or any(not t.is_contiguous() for t in sources):
             raise ValueError("HostStaging needs a non-empty list of contiguous tensors")
         device, dtype = sources[0].device, sources[0].dtype
-        if any((t.device, t.dtype) != (device, dtype) for t in sources) or device.type not in ("cpu", "cuda"):
+        if any((t.device, t.dtype) != (device, dtype) for t in sources) or device.type not in (
+            "cpu",
+            "cuda",
+        ):
             raise ValueError("HostStaging needs tensors of one device (CPU or CUDA) and one dtype")
         self._stream_device = device
         per_chunk = max(1, chunk_bytes // sources[0].element_size())
@@ -265,8 +289,11 @@ class HostStaging:
         self.on_host = device.type == "cpu"
         pin = not self.on_host and torch.cuda.is_available()
         self._host = [torch.empty(size, dtype=dtype, pin_memory=pin) for _ in range(n_buffers)]
-        self._device = [] if self.on_host else [torch.empty(size, dtype=dtype, device=device)
-                                                 for _ in range(n_buffers)]
+        self._device = (
+            []
+            if self.on_host
+            else [torch.empty(size, dtype=dtype, device=device) for _ in range(n_buffers)]
+        )
         self._events = [] if self.on_host else [torch.cuda.Event() for _ in range(n_buffers)]
 
     def pieces(self, targets: Sequence[Tensor]) -> list[tuple[list[Tensor], list[int]]]:
@@ -279,7 +306,7 @@ class HostStaging:
             for i, t in enumerate(targets):
                 lo, hi = max(start, bounds[i]), min(end, bounds[i + 1])
                 if lo < hi:
-                    chunk_pieces.append(t.view(-1)[lo - bounds[i]:hi - bounds[i]])
+                    chunk_pieces.append(t.view(-1)[lo - bounds[i] : hi - bounds[i]])
                     sizes.append(hi - lo)
             out.append((chunk_pieces, sizes))
         return out
@@ -328,7 +355,11 @@ def _flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     first = tensors[0]
     ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     for t in tensors:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset:
+        if (
+            not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != ptr
+            or t.storage_offset() != offset
+        ):
             return None
         offset += t.numel()
     return first.as_strided((offset - first.storage_offset(),), (1,))
@@ -356,32 +387,46 @@ class _Groups:
         for (a_device, a_dtype, t_device, t_dtype), (avg_list, src_list) in groups.items():
             if (a_device, a_dtype) == (t_device, t_dtype):
                 self._add_direct(avg_list, src_list)
-            elif a_device.type == "cpu" and t_device.type == "cuda" and all(
-                    x.is_contiguous() for x in avg_list + src_list):
+            elif (
+                a_device.type == "cpu"
+                and t_device.type == "cuda"
+                and all(x.is_contiguous() for x in avg_list + src_list)
+            ):
                 self._add_staged(avg_list, src_list, a_dtype)
             else:
                 self.cast.append((avg_list, src_list))
 
     def _add_direct(self, avg_list: list[Tensor], src_list: list[Tensor]) -> None:
         """One op over flat views when both sides are one buffer; on the CPU, many small tensors of
-        the model are first gathered into one (a multi-tensor op there costs about 0.5 us a tensor)."""
+        the model are first gathered into one (a multi-tensor op there costs about 0.5 us a
+        tensor)."""
         avg_flat, src_flat = _flat_view(avg_list), _flat_view(src_list)
         if avg_flat is not None and src_flat is not None:
             self.direct.append(([avg_flat], [src_flat]))
-        elif (avg_flat is not None and avg_flat.device.type == "cpu" and len(src_list) > 1
-              and avg_flat.numel() <= _GATHER_MAX_NUMEL and avg_flat.numel() <= _GATHER_MEAN_NUMEL * len(src_list)
-              and all(t.is_contiguous() for t in src_list)):
-            self.gathered.append((avg_flat, [t.view(-1) for t in src_list], torch.empty_like(avg_flat)))
+        elif (
+            avg_flat is not None
+            and avg_flat.device.type == "cpu"
+            and len(src_list) > 1
+            and avg_flat.numel() <= _GATHER_MAX_NUMEL
+            and avg_flat.numel() <= _GATHER_MEAN_NUMEL * len(src_list)
+            and all(t.is_contiguous() for t in src_list)
+        ):
+            self.gathered.append(
+                (avg_flat, [t.view(-1) for t in src_list], torch.empty_like(avg_flat))
+            )
         else:
             self.direct.append((avg_list, src_list))
 
-    def _add_staged(self, avg_list: list[Tensor], src_list: list[Tensor], dtype: torch.dtype) -> None:
+    def _add_staged(
+        self, avg_list: list[Tensor], src_list: list[Tensor], dtype: torch.dtype
+    ) -> None:
         staging = HostStaging(src_list, self.chunk_bytes)
         pieces = staging.pieces(avg_list)
         self.staged.append((staging, [p for p, _ in pieces], [s for _, s in pieces], dtype))
 
     def apply(self, weight: float) -> None:
         """``average <- lerp(average, model, weight)`` over every group; ``weight == 1`` copies."""
+
         def update(avg_list: list[Tensor], src_list: Sequence[Tensor]) -> None:
             if weight == 1.0 or not (avg_list[0].is_floating_point() or avg_list[0].is_complex()):
                 torch._foreach_copy_(avg_list, src_list)
@@ -395,7 +440,9 @@ class _Groups:
         for avg_list, src_list in self.cast:
             update(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)])
         for staging, pieces, sizes, dtype in self.staged:
-            staging.run(lambda k, chunk, p=pieces, s=sizes, d=dtype: update(p[k], chunk.to(d).split(s[k])))
+            staging.run(
+                lambda k, chunk, p=pieces, s=sizes, d=dtype: update(p[k], chunk.to(d).split(s[k]))
+            )
 
 
 class _Pairing:
@@ -417,7 +464,7 @@ class _Pairing:
         folded = {id(a) for a, _ in self.folded}
         self.averaged = _Groups(self.folded)
         self.copied = _Groups([(a, t) for a, t in params + buffers if id(a) not in folded])
-        # The average's tensors too: ``averaged.module.to(...)`` gives them new storage unseen by us.
+        # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
         self.binding = ModelBinding(
             model, [t for _, t in theirs_p + theirs_b] + [a for _, a in ours_p + ours_b]
         )
@@ -428,8 +475,9 @@ class AveragedModel(nn.Module):
     r"""Averaged copy of a model for SWA and EMA; a drop-in for ``torch.optim.swa_utils.AveragedModel``.
 
     Same constructor, ``update_parameters``, ``n_averaged``, ``module``, ``forward`` and
-    ``state_dict`` keys as torch's. With the default rule (``SWA()``, or ``rule=EMA(...)``) each update is
-    one ``torch._foreach_lerp_`` per (device, dtype) group over parameters and averaged buffers, with
+    ``state_dict`` keys as torch's. With the default rule (``SWA()``, or ``rule=EMA(...)``) each
+    update is one ``torch._foreach_lerp_`` per (device, dtype) group over parameters and averaged
+    buffers, with
     the count kept on the host, so it never synchronises with the device and launches no kernel for
     the bookkeeping (``n_averaged`` is brought up to date when read or saved). The model's tensors
     are paired with the average's on the first update and checked again only when a cheap test
@@ -560,19 +608,26 @@ class AveragedModel(nn.Module):
         """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them.
 
         Floating tensors only, grouped by the average's (device, dtype) like torch. The first call
-        after binding tries the function on one-element copies, so an error leaves the average whole.
+        after binding tries the function on one-element copies, so an error leaves the average
+        whole.
         """
         n_averaged = self.n_averaged
-        groups = [(avg_list, [t.to(avg_list[0].device, avg_list[0].dtype) for t in src_list])
-                  for avg_list, src_list in _group_pairs(pairing.folded)]
+        groups = [
+            (avg_list, [t.to(avg_list[0].device, avg_list[0].dtype) for t in src_list])
+            for avg_list, src_list in _group_pairs(pairing.folded)
+        ]
         if not pairing.tried:
-            dry = [([a.reshape(-1)[:1].clone() for a in avg], [t.reshape(-1)[:1] for t in src])
-                   for avg, src in groups]
+            dry = [
+                ([a.reshape(-1)[:1].clone() for a in avg], [t.reshape(-1)[:1] for t in src])
+                for avg, src in groups
+            ]
             self._call_torch_fn(dry, n_averaged)
             pairing.tried = True
         self._call_torch_fn(groups, n_averaged)
 
-    def _call_torch_fn(self, groups: list[tuple[list[Tensor], list[Tensor]]], n_averaged: Tensor) -> None:
+    def _call_torch_fn(
+        self, groups: list[tuple[list[Tensor], list[Tensor]]], n_averaged: Tensor
+    ) -> None:
         for avg_list, src_list in groups:
             n = n_averaged.to(avg_list[0].device)
             if self.multi_avg_fn is not None:
@@ -585,13 +640,19 @@ class AveragedModel(nn.Module):
         """Start a new average: the next ``update_parameters`` copies the model (periodic SWA)."""
         self._count = 0
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
         self.n_averaged  # noqa: B018 -- write the host count into the buffer before it is saved
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
         self.n_averaged  # noqa: B018 -- up to date, in case the state_dict lacks it (strict=False)
-        result = super().load_state_dict(_strip_compile_prefix(state_dict), strict=strict, assign=assign)
+        result = super().load_state_dict(
+            _strip_compile_prefix(state_dict), strict=strict, assign=assign
+        )
         self._count = self._written = int(self._buffers["n_averaged"])
         self._pairing = None
         return result
@@ -619,7 +680,9 @@ class AveragedModel(nn.Module):
         live = _unwrap(model)
         live_tensors = [*live.parameters(), *live.buffers()]
         ours = [*self.module.parameters(), *self.module.buffers()]
-        if len(live_tensors) != len(ours) or any(t.shape != a.shape for t, a in zip(live_tensors, ours)):
+        if len(live_tensors) != len(ours) or any(
+            t.shape != a.shape for t, a in zip(live_tensors, ours)
+        ):
             raise ValueError("model does not match the averaged model's parameters and buffers")
         pairs = [(t, a) for t, a in zip(live_tensors, ours) if t.is_floating_point()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
@@ -640,7 +703,9 @@ def _group_pairs(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[list[Tens
     return list(groups.values())
 
 
-def _exchange(pairs: list[tuple[Tensor, Tensor]], saved: list[Tensor | None] | None) -> list[Tensor | None]:
+def _exchange(
+    pairs: list[tuple[Tensor, Tensor]], saved: list[Tensor | None] | None
+) -> list[Tensor | None]:
     """Swap storage of same-device/dtype pairs; copy the others in (saving) or back (restoring)."""
     out: list[Tensor | None] = []
     with torch.no_grad():
@@ -664,8 +729,13 @@ def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn
     buffers, in the model's order, so that an update can be one operation over the whole buffer.
     """
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    keys = [(torch.device(device) if device is not None else t.device,
-             dtype if (dtype is not None and t.is_floating_point()) else t.dtype) for t in tensors]
+    keys = [
+        (
+            torch.device(device) if device is not None else t.device,
+            dtype if (dtype is not None and t.is_floating_point()) else t.dtype,
+        )
+        for t in tensors
+    ]
     sizes: dict[tuple[torch.device, torch.dtype], int] = {}
     for t, key in zip(tensors, keys):
         sizes[key] = sizes.get(key, 0) + t.numel()
@@ -675,7 +745,7 @@ def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn
     for t, key in zip(tensors, keys):
         start = offsets[key]
         offsets[key] += t.numel()
-        clone = flats[key][start:start + t.numel()].view(t.shape)
+        clone = flats[key][start : start + t.numel()].view(t.shape)
         clone.copy_(t.detach())
         if isinstance(t, nn.Parameter):
             clone = nn.Parameter(clone, requires_grad=t.requires_grad)
@@ -684,7 +754,9 @@ def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn
 
 
 @torch.no_grad()
-def restart_from_average(averaged: AveragedModel, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def restart_from_average(
+    averaged: AveragedModel, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
     """Periodic SWA restart (Guo, Jin & Liu, 2023): the model continues from the average.
 
     Copies the averaged weights (and buffers) into ``model``, clears the optimizer's state
@@ -696,6 +768,8 @@ def restart_from_average(averaged: AveragedModel, model: nn.Module, optimizer: t
     ours_b, theirs_b = list(averaged.module.named_buffers()), list(live.named_buffers())
     _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
     _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
-    lerp_([t.detach() for _, t in theirs_p + theirs_b], [a.detach() for _, a in ours_p + ours_b], 1.0)
+    lerp_(
+        [t.detach() for _, t in theirs_p + theirs_b], [a.detach() for _, a in ours_p + ours_b], 1.0
+    )
     optimizer.state.clear()
     averaged.reset()

@@ -89,18 +89,18 @@ def update_bn(
     Example:
         >>> swalab.update_bn(train_loader, swa_model, forward_fn=lambda m, b: m(b["pixels"]))
     """
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1
-    ):
+    integral = isinstance(max_batches, numbers.Integral) and not isinstance(max_batches, bool)
+    if max_batches is not None and not (integral and max_batches >= 1):
         raise ValueError(f"max_batches must be an integer >= 1, got {max_batches!r}")
     momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
     if not momenta:
         return
     batches = iter(loader)
     first = next(batches, _EMPTY)
-    if first is _EMPTY and not _distributed():  # before the reset, which would leave them at 0 and 1
+    if first is _EMPTY and not _distributed():  # before the reset, which would leave 0 and 1
         raise ValueError(
-            "update_bn: the loader yielded no batches, so the BatchNorm statistics cannot be computed"
+            "update_bn: the loader yielded no batches, so the BatchNorm statistics cannot be "
+            "computed"
         )
     for module in momenta:
         module.reset_running_stats()

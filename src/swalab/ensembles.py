@@ -214,7 +214,7 @@ class FGE:
         self._bound = None
         live = model.state_dict(keep_vars=True)
         if not all(isinstance(v, Tensor) for v in live.values()):
-            raise ValueError("collect: the model's state_dict holds non-tensor entries (extra state)")
+            raise ValueError("collect: the model's state_dict holds non-tensor entries")
         if self._shapes is None:
             self._shapes = _shapes(live)
         _check_compatible(self._shapes, _shapes(live), "collect: model")
@@ -228,16 +228,19 @@ class FGE:
 
     @torch.no_grad()
     def collect(self, model: nn.Module) -> None:
-        """Add a CPU copy of ``model.state_dict()`` to the ensemble (or save it under ``directory``).
+        """Add a CPU copy of ``model.state_dict()`` to the ensemble (or save it in ``directory``).
 
         From a GPU, tensors are copied in chunks through pinned memory (as ``AveragedModel`` does).
         """
         _, live, staged = self._bind(model)
-        state = {k: torch.empty(v.shape, dtype=v.dtype) if v.device.type == "cuda" and v.is_contiguous()
+        staged_keys = {k for keys, _ in staged for k in keys}
+        state = {k: torch.empty(v.shape, dtype=v.dtype) if k in staged_keys
                  else v.detach().to("cpu", copy=True) for k, v in live.items()}
         for keys, staging in staged:
             pieces = staging.pieces([state[k] for k in keys])
-            staging.run(lambda k, chunk, p=pieces: torch._foreach_copy_(p[k][0], chunk.split(p[k][1])))
+            staging.run(
+                lambda k, chunk, p=pieces: torch._foreach_copy_(p[k][0], chunk.split(p[k][1]))
+            )
         if self.directory is None:
             self.members.append(state)
         else:

@@ -114,7 +114,7 @@ class SWAG:
         return 0 if self.cov_mat_sqrt is None else min(self.n_models, self.max_num_models)
 
     def _bind(self, model: nn.Module) -> tuple[ModelBinding, Any, list[Tensor], list[Tensor]]:
-        """The model's parameters in our order, ready for the update; checked in full when not bound.
+        """The model's parameters in our order, ready for the update; checked in full if not bound.
 
         Returns the binding, how the parameters reach ``device``/``dtype`` (``None``: they are there
         already; a :class:`HostStaging` for a GPU model collected on the CPU; ``"cast"``), the
@@ -126,7 +126,9 @@ class SWAG:
         self._bound = None
         signature = _signature(model)
         if signature != self._signature:
-            _check_compatible(self._signature, signature, "collect_model: model of another architecture")
+            _check_compatible(
+                self._signature, signature, "collect_model: model of another architecture"
+            )
         named = dict(model.named_parameters())
         live = [named[name] for name in self._param_names]
         named = dict(model.named_buffers())
@@ -135,8 +137,8 @@ class SWAG:
         route: Any = "cast"
         if all((p.device, p.dtype) == (self.device, self.dtype) for p in params):
             route = None
-        elif (self.device.type == "cpu" and all(p.device.type == "cuda" and p.is_contiguous() for p in params)
-              and len({(p.device, p.dtype) for p in params}) == 1):
+        elif (self.device.type == "cpu" and len({(p.device, p.dtype) for p in params}) == 1
+              and all(p.device.type == "cuda" and p.is_contiguous() for p in params)):
             route = HostStaging(params)
         self._bound = (ModelBinding(model, live + live_buffers), route, params, buffers)
         return self._bound
@@ -158,7 +160,8 @@ class SWAG:
         if isinstance(route, HostStaging):
             def fold(k: int, chunk: Tensor) -> None:
                 start, end = route.ranges[k]
-                theta, mean, sq_mean = chunk.to(self.dtype), self.mean[start:end], self.sq_mean[start:end]
+                theta = chunk.to(self.dtype)
+                mean, sq_mean = self.mean[start:end], self.sq_mean[start:end]
                 mean.lerp_(theta, 1.0 / (n + 1))
                 sq_mean.mul_(n / (n + 1)).addcmul_(theta, theta, value=1.0 / (n + 1))
                 if row is not None:
@@ -197,7 +200,8 @@ class SWAG:
         Returns:
             ``base``, holding the sample.
         """
-        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and 0 <= scale < math.inf):
+        number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not (number and 0 <= scale < math.inf):
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
         if cov and self.cov_mat_sqrt is None:
             raise ValueError("cov=True needs the deviations D, but this SWAG was built with no_cov_mat=True")
