@@ -1,18 +1,31 @@
 """Time one averaging update: swalab vs torch.optim.swa_utils, against the memory-bandwidth floor.
 
-    python benchmarks/averaging.py [--repeats 15]
+    python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...]
+                                   [--threads N]
+                                   [--baseline OLD/src/swalab/averaging.py]
 
 The floor moves the same 12 bytes per fp32 parameter as an ideal update (read the average, read
-the weights, write the average) with one in-place add over a flat buffer. Also measures the peak
-extra memory while building the averaged copy, in units of the model's parameter bytes.
+the weights, write the average) with one ``lerp_`` over a flat buffer. On a GPU the update is also
+timed with the average on the CPU (``device="cpu"``, the case of a model that does not fit twice on
+the GPU), against the floor of a bare device-to-host copy of all parameters into pinned memory.
+GPU times are CUDA-event times of one call from an idle device (the host work that launches the
+kernels is inside); CPU times, and the CPU-average rows, are wall-clock times. Medians of N calls,
+interleaved (each round times every contender once, so a busy machine slows all alike).
+``mlp_200`` (100 small linear layers, 200 tensors) shows the host work per tensor, which does not
+depend on the memory bandwidth. On the CPU, also measures the peak extra memory while building
+the averaged copy of a ResNet-50, in units of its parameter bytes.
 """
+
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torchvision
@@ -24,43 +37,130 @@ import swalab
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
-MODELS = {"resnet50": lambda: torchvision.models.resnet50(), "small_cnn": small_cnn}
+def mlp_200() -> nn.Module:
+    return nn.Sequential(*[nn.Linear(16, 16) for _ in range(100)])
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "small_cnn": small_cnn,
+    "mlp_200": mlp_200,
+    "resnet50": lambda: torchvision.models.resnet50(),
+    "vit_b_16": lambda: torchvision.models.vit_b_16(),
+}
+DEFAULT_MODELS = {
+    "cpu": "small_cnn,mlp_200,resnet50",
+    "cuda": "small_cnn,mlp_200,resnet50,vit_b_16",
+}
+
+
+def one_call_ms(fn: Callable[[], object], device: torch.device, wall: bool) -> float:
+    """One call from an idle device: CUDA-event time on a GPU unless ``wall``, else wall-clock."""
+    if device.type != "cuda":
+        begin = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return (time.perf_counter() - begin) * 1e3
+    torch.cuda.synchronize()
+    if wall:
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - begin) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
-def time_updates(name: str, repeats: int) -> list[tuple[str, float]]:
+def interleaved_medians(
+    calls: dict[str, tuple[Callable[[], object], bool]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median ms of each call; each round times every call once, so load drifts hit all alike."""
+    for fn, _ in calls.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, (fn, wall) in calls.items():
+            times[label].append(one_call_ms(fn, device, wall))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def load_baseline(path: str) -> ModuleType:
+    """Another version of ``swalab/averaging.py`` (e.g. an older checkout's), timed beside this."""
+    spec = importlib.util.spec_from_file_location("baseline_averaging", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: cannot load {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_updates(
+    name: str, repeats: int, device: torch.device, baseline: ModuleType | None = None
+) -> list[tuple[str, float, str]]:
+    """Rows ``(label, ms, floor label)``; the first rows are the floors."""
     torch.manual_seed(0)
-    model = MODELS[name]()
-    contenders = {
-        "torch SWA (default)": swa_utils.AveragedModel(model),
-        "swalab SWA (default)": swalab.AveragedModel(model),
-        "torch EMA (multi_avg_fn)": swa_utils.AveragedModel(
-            model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)
+    model = MODELS[name]().to(device)
+    contenders: dict[str, tuple[nn.Module, str]] = {
+        "torch SWA (default)": (swa_utils.AveragedModel(model), "lerp"),
+        "swalab SWA (default)": (swalab.AveragedModel(model), "lerp"),
+        "torch EMA (multi_avg_fn)": (
+            swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)),
+            "lerp",
         ),
-        "swalab EMA": swalab.AveragedModel(model, rule=swalab.EMA(0.999)),
+        "swalab EMA": (swalab.AveragedModel(model, rule=swalab.EMA(0.999)), "lerp"),
     }
-    for averaged in contenders.values():
+    if baseline is not None:
+        contenders["baseline SWA (default)"] = (baseline.AveragedModel(model), "lerp")
+        contenders["baseline EMA"] = (
+            baseline.AveragedModel(model, rule=baseline.EMA(0.999)),
+            "lerp",
+        )
+    if device.type == "cuda":
+        contenders["torch SWA, average on CPU"] = (
+            swa_utils.AveragedModel(model, device="cpu"),
+            "d2h",
+        )
+        contenders["swalab SWA, average on CPU"] = (
+            swalab.AveragedModel(model, device="cpu"),
+            "d2h",
+        )
+    for averaged, _ in contenders.values():
         averaged.update_parameters(model)  # the first update copies; time the averaging ones
-    average = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    weights = average.clone()
-    rows = [("floor: flat add_ (12 B/param)", median_ms(lambda: average.add_(weights), repeats))]
-    rows += [(label, median_ms(lambda a=a: a.update_parameters(model), repeats)) for label, a in contenders.items()]
-    return rows
+    with torch.no_grad():
+        weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    average = weights.clone()
+    calls = {"floor: flat lerp_ (12 B/param)": (lambda: average.lerp_(weights, 0.5), False)}
+    floors = {"floor: flat lerp_ (12 B/param)": "lerp"}
+    if device.type == "cuda":
+        host = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True)
+        calls["floor: pinned D2H copy (4 B/param)"] = (
+            lambda: host.copy_(weights, non_blocking=True),
+            True,
+        )
+        floors["floor: pinned D2H copy (4 B/param)"] = "d2h"
+    for label, (averaged, floor) in contenders.items():
+        calls[label] = (lambda a=averaged: a.update_parameters(model), floor == "d2h")
+        floors[label] = floor
+    medians = interleaved_medians(calls, repeats, device)
+    return [(label, medians[label], floors[label]) for label in calls]
 
 
 PEAK_SCRIPT = """
@@ -81,35 +181,73 @@ print((rss('VmHWM') - base) / param_bytes)
 
 
 def peak_copy_ratio(which: str) -> float:
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, which], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, which], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip())
+
+
+def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
+    model = MODELS[name]()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = sum(1 for _ in model.parameters())
+    floors = {floor: ms for label, ms, floor in rows if label.startswith("floor")}
+    times = {label: ms for label, ms, _ in rows}
+    print(f"### {name}: {n_params / 1e6:.2f}M parameters in {n_tensors} tensors\n")
+    print("| update | ms | × floor | speed-up vs torch |")
+    print("|---|---:|---:|---:|")
+    for label, ms, floor in rows:
+        torch_label = label.replace("swalab", "torch").replace("EMA", "EMA (multi_avg_fn)")
+        speedup = f"{times[torch_label] / ms:.1f}×" if label.startswith("swalab") else ""
+        baseline_label = label.replace("swalab", "baseline")
+        if label.startswith("swalab") and baseline_label in times:
+            speedup += f" ({times[baseline_label] / ms:.1f}× baseline)"
+        print(f"| {label} | {ms:.3f} | {ms / floors[floor]:.2f} | {speedup} |")
+    print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--repeats", type=int, help="calls per median (default: 15 on the CPU, 50 on a GPU)"
+    )
+    parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--baseline", help="path of another swalab/averaging.py to time beside this one"
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats\n")
-    for name in MODELS:
-        model = MODELS[name]()
-        n_params = sum(p.numel() for p in model.parameters())
-        n_tensors = sum(1 for _ in model.parameters())
-        rows = time_updates(name, args.repeats)
-        floor = rows[0][1]
-        times = dict(rows)
-        print(f"## {name}: {n_params / 1e6:.2f}M parameters in {n_tensors} tensors\n")
-        print("| update | ms | × floor | speed-up vs torch |")
-        print("|---|---:|---:|---:|")
-        for label, ms in rows:
-            torch_label = label.replace("swalab", "torch").replace("EMA", "EMA (multi_avg_fn)")
-            speedup = f"{times[torch_label] / ms:.1f}×" if label.startswith("swalab") else ""
-            print(f"| {label} | {ms:.2f} | {ms / floor:.2f} | {speedup} |")
-        print()
-    print("## Peak extra memory while building the averaged copy of resnet50 (× parameter bytes)\n")
-    print("| implementation | peak extra |")
-    print("|---|---:|")
-    for which in ("torch", "swalab"):
-        print(f"| {which} AveragedModel(model) | {peak_copy_ratio(which):.2f} |")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is available")
+    repeats = args.repeats or (50 if device.type == "cuda" else 15)
+    names = (args.models or DEFAULT_MODELS[device.type]).split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or repeats < 1:
+        parser.error(
+            f"unknown model(s) {unknown}" if unknown else f"--repeats must be >= 1, got {repeats}"
+        )
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, {where}, median of {repeats} calls\n")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    for name in names:
+        print_table(name, time_updates(name, repeats, device, baseline))
+    if device.type == "cpu":
+        print(
+            "### Peak extra memory while building the averaged copy of resnet50"
+            " (× parameter bytes)\n"
+        )
+        print("| implementation | peak extra |")
+        print("|---|---:|")
+        for which in ("torch", "swalab"):
+            print(f"| {which} AveragedModel(model) | {peak_copy_ratio(which):.2f} |")
 
 
 if __name__ == "__main__":

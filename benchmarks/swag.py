@@ -2,6 +2,8 @@
 
     python benchmarks/swag.py [--repeats 7] [--device cpu] [--threads N]
 
+With ``--device cuda`` it also times the collection of the GPU model into a state kept on the CPU.
+
 Data of MNIST-1D's size (4,000 sequences of length 40, 10 classes; synthetic, the timing does not
 depend on the values), batch 100, Adam 1e-2, the MNIST-1D reference CNN (25 channels, 5,210
 parameters) and a wider one (128 channels). Target (issue 3): one collection per epoch adds <= 10%
@@ -70,7 +72,13 @@ def measure(channels: int, repeats: int, device: torch.device) -> dict[str, floa
     torch_swa.update_parameters(model)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     updates = 10 * repeats  # updates are short: more repeats
-    return {
+    extra = {}
+    if device.type == "cuda":  # state on the CPU: pinned chunks, each folded while the next copies
+        on_cpu = SWAG(model, max_num_models=K, device="cpu")
+        for _ in range(K + 1):
+            on_cpu.collect_model(model)
+        extra["swag_cpu"] = median_ms(lambda: on_cpu.collect_model(model), updates, sync)
+    return extra | {
         "params": sum(p.numel() for p in model.parameters()),
         "epoch": median_ms(epoch, repeats, sync),
         "swa": median_ms(lambda: swa.update_parameters(model), updates, sync),
@@ -123,11 +131,15 @@ def main() -> None:
     print("| model | params | epoch ms | SWA update ms (torch) | SWAG collect ms | SWAG / SWA "
           "| SWAG % of epoch | SWAG sample ms | SWAG state / params |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    results = {}
     for label, channels in WIDTHS.items():
-        r = measure(channels, args.repeats, device)
+        r = results[label] = measure(channels, args.repeats, device)
         print(f"| {label} | {r['params']:,} | {r['epoch']:.1f} | {r['swa']:.3f} ({r['torch_swa']:.3f}) "
               f"| {r['swag']:.3f} | {r['swag'] / r['swa']:.1f}× | {100 * r['swag'] / r['epoch']:.2f}% "
               f"| {r['sample']:.3f} | {r['memory']:.2f} |")
+    if device.type == "cuda":
+        print("\nSWAG collect with the state on the CPU (`SWAG(model, device=\"cpu\")`), ms: "
+              + ", ".join(f"{label} {r['swag_cpu']:.3f}" for label, r in results.items()))
     print(f"\nResident memory added by SWAG(K = {K}) of a 512-channel CNN after {K + 1} collections: "
           f"{rss_ratio():.2f} × parameter bytes (state 2 + K = {2 + K}, plus 1 for the sampling copy `base`).")
 

@@ -1,4 +1,5 @@
 """Oracle tests for swalab.averaging: SWA/EMA against hand-computed averages and torch's AveragedModel."""
+
 import copy
 import pickle
 
@@ -162,13 +163,44 @@ def test_average_on_another_device_and_dtype_keeps_integer_buffers():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cpu_average_of_cuda_model():
-    model = small_model().cuda()
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"use_buffers": True},
+        {"rule": swalab.EMA(0.9)},
+        {"use_buffers": True, "multi_avg_fn": swa_utils.get_swa_multi_avg_fn()},
+    ],
+)
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_cuda_model_averaged_on_cpu_or_gpu_equals_the_cpu_average(kwargs, device):
+    """The pinned, chunked copy path (device="cpu") and the on-GPU path give the CPU numbers; a BN
+    model with use_buffers=True works on CUDA (torch's multi-tensor SWA rule fails there)."""
+    model = small_model()
+    gpu_model = copy.deepcopy(model).cuda()
+    reference = swalab.AveragedModel(model, **kwargs)
+    averaged = swalab.AveragedModel(gpu_model, device=device, **kwargs)
+    for seed in range(4):
+        perturb(model, seed, with_buffers=True)
+        gpu_model.load_state_dict(model.state_dict())
+        reference.update_parameters(model)
+        averaged.update_parameters(gpu_model)
+    assert averaged.module[0].weight.device.type == ("cpu" if device == "cpu" else "cuda")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(averaged.state_dict()[key].cpu(), value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_model_averaged_on_cpu_through_several_chunks():
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 3000)).cuda()  # 16 MB: two chunks
     averaged = swalab.AveragedModel(model, device="cpu")
+    snapshots = []
     for seed in range(3):
         perturb(model, seed)
+        snapshots.append(flat(model.parameters()).cpu())
         averaged.update_parameters(model)
-    assert averaged.module[0].weight.device.type == "cpu"
+    assert len(averaged._pairing.averaged.staged[0][0].ranges) >= 2
+    torch.testing.assert_close(flat(averaged.module.parameters()), torch.stack(snapshots).mean(0))
 
 
 def test_mismatched_model_raises_and_leaves_average_untouched():
@@ -290,7 +322,9 @@ def test_functional_rule_init_on_other_dtype():
 
 def test_rejects_conflicting_arguments():
     with pytest.raises(ValueError, match="at most one"):
-        swalab.AveragedModel(small_model(), multi_avg_fn=swa_utils.get_swa_multi_avg_fn(), rule=swalab.SWA())
+        swalab.AveragedModel(
+            small_model(), multi_avg_fn=swa_utils.get_swa_multi_avg_fn(), rule=swalab.SWA()
+        )
     with pytest.raises(ValueError, match="floating dtype"):
         swalab.AveragedModel(small_model(), dtype=torch.int32)
 
@@ -298,8 +332,12 @@ def test_rejects_conflicting_arguments():
 def test_update_every_and_after_gate_steps_and_warmup_counts_averaged_models():
     """EMA every k steps from step s (timm/ema-pytorch/Lightning options): an oracle on a scalar."""
     model = torch.nn.Linear(1, 1, bias=False)
-    ema = swalab.AveragedModel(model, rule=swalab.EMA(0.5, warmup_gamma=1.0, warmup_power=1.0),
-                               update_every=3, update_after=2)
+    ema = swalab.AveragedModel(
+        model,
+        rule=swalab.EMA(0.5, warmup_gamma=1.0, warmup_power=1.0),
+        update_every=3,
+        update_after=2,
+    )
     expected, count = None, 0
     for step in range(10):
         with torch.no_grad():
@@ -316,7 +354,337 @@ def test_update_every_and_after_gate_steps_and_warmup_counts_averaged_models():
     assert [calls.update_parameters(model) for _ in range(4)] == [True, False, True, False]
 
 
-@pytest.mark.parametrize("kwargs", [{"update_every": 0}, {"update_every": 1.5}, {"update_after": -1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"update_every": 0}, {"update_every": 1.5}, {"update_after": -1}]
+)
 def test_update_gating_options_are_checked(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         swalab.AveragedModel(torch.nn.Linear(1, 1), **kwargs)
+
+
+def snapshot(averaged) -> dict:
+    return {k: v.clone() for k, v in averaged.state_dict().items()} | {"count": averaged.count}
+
+
+def assert_unchanged(averaged, before) -> None:
+    assert averaged.count == before["count"]
+    for key, value in averaged.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+@pytest.mark.parametrize("fn", ["multi_swa", "multi_ema", "single_swa"])
+def test_user_function_on_bn_model_with_buffers_copies_integer_buffers(fn, use_buffers):
+    """Issue 14, finding 4: torch's multi-tensor SWA rule on num_batches_tracked raised after the
+    float tensors were written; integer buffers are copied and never passed to the user function."""
+    kwargs = {
+        "multi_swa": {"multi_avg_fn": swa_utils.get_swa_multi_avg_fn()},
+        "multi_ema": {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(0.5)},
+        "single_swa": {"avg_fn": swa_utils.get_swa_avg_fn()},
+    }[fn]
+    model = small_model()
+    averaged = swalab.AveragedModel(model, use_buffers=use_buffers, **kwargs)
+    reference = swalab.AveragedModel(
+        model, use_buffers=use_buffers, rule=swalab.EMA(0.5) if fn == "multi_ema" else swalab.SWA()
+    )
+    for seed in range(1, 5):
+        perturb(model, seed, with_buffers=True)
+        averaged.update_parameters(model)
+        reference.update_parameters(model)
+    assert int(averaged.module[1].num_batches_tracked) == 4  # copied from the last model
+    for key, value in averaged.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], rtol=1e-6, atol=1e-6)
+
+
+def test_failing_user_function_leaves_average_and_count_unchanged():
+    calls = []
+
+    def fails_on_second_tensor(avg_list, param_list, n):
+        calls.append(len(avg_list))
+        avg_list[0].add_(1.0)  # writes before it fails: only the dry copy may see this
+        raise RuntimeError("boom")
+
+    model = small_model()
+    averaged = swalab.AveragedModel(model, multi_avg_fn=fails_on_second_tensor)
+    averaged.update_parameters(model)  # the first update copies without calling the function
+    perturb(model, 1)
+    before = snapshot(averaged)
+    with pytest.raises(RuntimeError, match="boom"):
+        averaged.update_parameters(model)
+    assert calls == [6]
+    assert_unchanged(averaged, before)
+
+
+def test_buffer_of_another_shape_is_refused_before_parameters_are_written():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    perturb(model, 1)
+    model[1].register_buffer("running_mean", torch.zeros(7))
+    before = snapshot(averaged)
+    with pytest.raises(
+        ValueError, match=r"1\.running_mean has shape \(7,\), the averaged model has \(5,\)"
+    ):
+        averaged.update_parameters(model)
+    assert_unchanged(averaged, before)
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_model_missing_the_averages_buffers_is_refused(use_buffers):
+    model = small_model()
+    averaged = swalab.AveragedModel(model, use_buffers=use_buffers)
+    averaged.update_parameters(model)
+    no_stats = small_model()
+    no_stats[1] = nn.BatchNorm1d(5, track_running_stats=False)
+    before = snapshot(averaged)
+    with pytest.raises(ValueError, match="model has 0 buffers, the averaged model has 3"):
+        averaged.update_parameters(no_stats)
+    assert_unchanged(averaged, before)
+
+
+def test_integer_tensor_where_a_float_one_was_is_refused():
+    model = small_model()
+    averaged = swalab.AveragedModel(model, use_buffers=True)
+    averaged.update_parameters(model)
+    model[1].running_var = torch.ones(5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"1\.running_var is torch\.int64"):
+        averaged.update_parameters(model)
+
+
+def test_replaced_submodule_is_rebound_never_averaged_against_stale_tensors():
+    """Issue 9: the bound tensors are checked cheaply; a new nn.Linear in a submodule is noticed."""
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    perturb(model, 1)
+    averaged.update_parameters(model)
+    first = model[3].weight.detach().clone()
+    model[3] = nn.Linear(5, 2)  # same shapes: re-bound to the new tensors
+    with torch.no_grad():
+        model[3].weight.fill_(3.0)
+    averaged.update_parameters(model)
+    torch.testing.assert_close(averaged.module[3].weight, (first + 3.0) / 2)
+    model[3] = nn.Linear(5, 4)  # another shape: refused, naming the tensor
+    before = snapshot(averaged)
+    with pytest.raises(ValueError, match=r"3\.weight has shape \(4, 5\)"):
+        averaged.update_parameters(model)
+    assert_unchanged(averaged, before)
+
+
+def test_model_moved_to_another_dtype_is_rebound_and_cast():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    perturb(model, 1)
+    averaged.update_parameters(model)
+    first = averaged.module[0].weight.clone()
+    model.to(torch.float64)  # same Parameter objects, new storage (param.data = ...)
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+    averaged.update_parameters(model)
+    assert averaged.module[0].weight.dtype == torch.float32
+    torch.testing.assert_close(averaged.module[0].weight, (first + 2.0) / 2)
+
+
+def test_parameter_data_reassigned_is_noticed():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    model[0].weight.data = torch.full((5, 3), 4.0)
+    averaged.update_parameters(model)
+    torch.testing.assert_close(averaged.module[0].weight, (small_model()[0].weight + 4.0) / 2)
+    model[0].weight.data = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match=r"0\.weight has shape \(3, 5\)"):
+        averaged.update_parameters(model)
+
+
+def test_binding_is_reused_and_dropped_by_load_state_dict_and_to():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    pairing = averaged._pairing
+    averaged.update_parameters(model)
+    assert averaged._pairing is pairing  # the cheap check passed: nothing looked up again
+    averaged.load_state_dict(averaged.state_dict())
+    assert averaged._pairing is None
+    averaged.update_parameters(model)
+    averaged.to(torch.float64)
+    assert averaged._pairing is None
+    averaged.update_parameters(model)
+    assert averaged.module[0].weight.dtype == torch.float64 and averaged.count == 4
+
+
+def test_n_averaged_is_a_correct_buffer_without_a_kernel_per_update():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    buffer = averaged._buffers["n_averaged"]
+    for _ in range(3):
+        averaged.update_parameters(model)
+    assert buffer._version == 0  # not written by the updates
+    assert averaged.state_dict()["n_averaged"].item() == 3 and averaged.n_averaged.item() == 3
+    averaged.reset()
+    assert averaged.n_averaged.item() == 0 and averaged.state_dict()["n_averaged"].item() == 0
+
+
+def test_restart_from_average_checks_shapes_before_writing():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    bigger = nn.Sequential(
+        nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2), nn.Linear(2, 2)
+    )
+    optimizer = torch.optim.SGD(bigger.parameters(), lr=0.1)
+    before = copy.deepcopy(bigger.state_dict())
+    with pytest.raises(ValueError, match="model has 8 parameters, the averaged model has 6"):
+        swalab.restart_from_average(averaged, bigger, optimizer)
+    wider = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"0\.weight has shape \(6, 3\)"):
+        swalab.restart_from_average(averaged, wider, torch.optim.SGD(wider.parameters(), lr=0.1))
+    assert all(torch.equal(v, before[k]) for k, v in bigger.state_dict().items())
+    assert averaged.count == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decay": float("nan")},
+        {"decay": float("inf")},
+        {"warmup_gamma": float("nan")},
+        {"warmup_gamma": float("inf")},
+        {"warmup_power": float("nan")},
+        {"warmup_power": float("inf")},
+        {"decay": True},
+        {"decay": "0.9"},
+    ],
+)
+def test_ema_refuses_non_finite_or_non_numeric_hyperparameters(kwargs):
+    """Issue 14, finding 7: EMA(warmup_gamma=nan) was accepted."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        swalab.EMA(**kwargs)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4, 12, 40, 1 << 20])
+def test_host_staging_chunks_cover_every_element_once(chunk_bytes):
+    """The chunked copy path (run CPU to CPU here): chunks tile the sources, in order."""
+    from swalab.averaging import HostStaging
+
+    sources = [
+        torch.arange(n, dtype=torch.float32) + 100 * i for i, n in enumerate([3, 1, 7, 0, 5])
+    ]
+    staging = HostStaging([s for s in sources if s.numel()], chunk_bytes=chunk_bytes)
+    seen = []
+    staging.run(lambda k, chunk: seen.append((staging.ranges[k], chunk.clone())))
+    assert [r for r, _ in seen] == staging.ranges
+    assert all(e - s <= max(1, chunk_bytes // 4) for s, e in staging.ranges)
+    torch.testing.assert_close(torch.cat([c for _, c in seen]), torch.cat(sources))
+
+
+def test_staged_group_lerps_chunk_by_chunk_like_one_pass():
+    """The GPU-to-CPU path's bookkeeping, run CPU to CPU: chunks split tensors, casts, lerps."""
+    from swalab.averaging import _Groups
+
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randn(s, generator=g) for s in [(4, 3), (5,), (2, 2, 2)]]
+    average = [torch.randn(s.shape, generator=g, dtype=torch.float64) for s in sources]
+    expected = [a + 0.25 * (s.double() - a) for a, s in zip(average, sources)]
+    groups = _Groups(list(zip(average, sources)), chunk_bytes=28)  # 7 floats: chunks split tensors
+    assert len(groups.cast) == 1 and not groups.staged  # same device: cast per update
+    groups._add_staged(
+        *groups.cast.pop(), torch.float64
+    )  # what a GPU model averaged on the CPU gets
+    assert len(groups.staged[0][0].ranges) == 4
+    groups.apply(0.25)
+    for a, e in zip(average, expected):
+        torch.testing.assert_close(a, e)
+    groups.apply(1.0)
+    for a, s in zip(average, sources):
+        assert torch.equal(a, s.double())
+
+
+def test_average_lives_in_one_flat_buffer_and_a_flat_model_is_one_op():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    storages = {p.untyped_storage().data_ptr() for p in averaged.module.parameters()}
+    assert len(storages) == 1  # parameters then float buffers of one dtype: one buffer
+    flat_model = swalab.AveragedModel(
+        model
+    ).module  # itself a model whose parameters are one buffer
+    twice = swalab.AveragedModel(flat_model)
+    snapshots = []
+    for seed in range(3):
+        perturb(flat_model, seed)
+        snapshots.append(flat(flat_model.parameters()))
+        twice.update_parameters(flat_model)
+        averaged.update_parameters(flat_model)
+    assert len(twice._pairing.averaged.direct[0][0]) == 1  # one lerp over the flat views
+    expected = torch.stack(snapshots).mean(0)
+    for result in (twice, averaged):
+        torch.testing.assert_close(flat(result.module.parameters()), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_updates_after_swapped_into_pair_the_right_tensors():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    perturb(model, 1)
+    averaged.update_parameters(model)
+    first = flat(model.parameters())
+    with averaged.swapped_into(model):
+        pass
+    perturb(model, 2)
+    averaged.update_parameters(model)
+    torch.testing.assert_close(
+        flat(averaged.module.parameters()), (first + flat(model.parameters())) / 2
+    )
+
+
+def test_host_staging_of_empty_tensors_does_nothing():
+    from swalab.averaging import HostStaging
+
+    staging = HostStaging([torch.zeros(0), torch.zeros(0, 3)])
+    calls = []
+    staging.run(lambda k, chunk: calls.append(k))
+    assert staging.ranges == [] and calls == []
+
+
+def test_host_staging_device_branch_double_buffers_in_order():
+    """The GPU branch (gather on the device, copy to the host, wait on the slot's event), run on
+    CPU tensors with the events replaced by a log: chunk k + 1 is issued before chunk k is used."""
+    from swalab.averaging import HostStaging
+
+    sources = [torch.arange(10.0), torch.arange(10.0, 13.0), torch.arange(13.0, 30.0)]
+    staging = HostStaging(sources, chunk_bytes=24)  # 6 floats a chunk: 5 chunks
+    log = []
+
+    class Event:
+        def __init__(self, slot):
+            self.slot = slot
+
+        def synchronize(self):
+            log.append(("wait", self.slot))
+
+    size = staging._host[0].numel()
+    staging.on_host = False
+    staging._device = [torch.empty(size), torch.empty(size)]
+    staging._events = [Event(0), Event(1)]
+    staging._record = lambda slot: log.append(("copied", slot))
+    chunks = []
+    staging.run(lambda k, chunk: (log.append(("use", k)), chunks.append(chunk.clone())))
+    assert torch.equal(torch.cat(chunks), torch.arange(30.0))
+    assert log[:5] == [("copied", 0), ("copied", 1), ("wait", 0), ("use", 0), ("copied", 0)]
+    assert log[-2:] == [("wait", 0), ("use", 4)]
+
+
+def test_inner_module_moved_to_another_dtype_is_paired_again():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    perturb(model, 1)
+    averaged.update_parameters(model)
+    averaged.module.to(
+        torch.float64
+    )  # the inner module's own to(): AveragedModel._apply is not called
+    perturb(model, 2)
+    averaged.update_parameters(model)
+    assert averaged.module[0].weight.dtype == torch.float64
+    first = copy.deepcopy(model)
+    perturb(first, 1)
+    torch.testing.assert_close(
+        averaged.module[0].weight, (first[0].weight.double() + model[0].weight.double()) / 2
+    )

@@ -107,7 +107,7 @@ def test_updates_the_averaged_model():
 def test_model_without_bn_is_left_alone_and_bad_limit_rejected():
     model = nn.Linear(4, 2)
     swalab.update_bn(batches([3], 4), model)
-    with pytest.raises(ValueError, match="max_batches must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_batches must be an integer >= 1, got 0"):
         swalab.update_bn(batches([3], 4), linear_bn(), max_batches=0)
 
 
@@ -132,3 +132,22 @@ def test_distributed_statistics_equal_single_process_over_all_data(tmp_path):
         stats = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(stats["mean"], mean)
         torch.testing.assert_close(stats["var"], var)
+
+
+def test_empty_loader_raises_before_resetting_statistics():
+    """Issue 14, finding 4: update_bn([], model) silently reset the statistics to 0 and 1."""
+    model = linear_bn()
+    with torch.no_grad():
+        model[0].running_mean.fill_(2.0)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        swalab.update_bn([], model)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        swalab.update_bn(iter(()), model)
+    assert torch.equal(model[0].running_mean, torch.full((4,), 2.0))
+    swalab.update_bn([], nn.Linear(2, 2))  # no BatchNorm: nothing to compute, nothing read
+
+
+@pytest.mark.parametrize("max_batches", [1.5, float("inf"), True, 0])
+def test_max_batches_must_be_a_positive_integer(max_batches):
+    with pytest.raises(ValueError, match="max_batches"):
+        swalab.update_bn(batches([4], 4), linear_bn(), max_batches=max_batches)

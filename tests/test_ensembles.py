@@ -240,6 +240,9 @@ def test_bad_input(tmp_path) -> None:
         weighted_soup(states, [1.0])
     with pytest.raises(ValueError, match="temperature"):
         weighted_soup(states, [1.0, 2.0], temperature=0.0)
+    for temperature in (float("inf"), float("nan")):  # issue 14, finding 7: inf was accepted
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            weighted_soup(states, [1.0, 2.0], temperature=temperature)
     with pytest.raises(ValueError, match="needs a model"):
         uniform_soup(states, bn_loader=[torch.zeros(1)])
     with pytest.raises(ValueError, match="'0.weight'"):
@@ -253,3 +256,35 @@ def test_bad_input(tmp_path) -> None:
     torch.save([1, 2], tmp_path / "not_a_state.pt")
     with pytest.raises(ValueError, match="state_dict"):
         uniform_soup([tmp_path / "not_a_state.pt"])
+
+
+def test_fge_collect_notices_a_replaced_layer_and_copies_current_values() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    fge = FGE()
+    fge.collect(model)
+    model[2] = nn.Linear(4, 2)
+    with torch.no_grad():
+        model[2].weight.fill_(5.0)
+        model[1].running_mean.fill_(1.5)
+    fge.collect(model)
+    assert torch.equal(fge.members[1]["2.weight"], torch.full((2, 4), 5.0))
+    assert torch.equal(fge.members[1]["1.running_mean"], torch.full((4,), 1.5))
+    assert not torch.equal(fge.members[0]["2.weight"], fge.members[1]["2.weight"])
+    model[2] = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="collect: model: key '2.weight' has shape"):
+        fge.collect(model)
+    assert len(fge) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fge_collect_from_gpu_equals_state_dict() -> None:
+    model = nn.Sequential(nn.Linear(300, 400), nn.BatchNorm1d(400), nn.Linear(400, 2)).cuda()
+    fge = FGE()
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        fge.collect(model)
+        for key, value in model.state_dict().items():
+            assert fge.members[-1][key].device.type == "cpu"
+            assert torch.equal(fge.members[-1][key], value.cpu()), key

@@ -198,3 +198,82 @@ def test_bad_input() -> None:
         SWAG(model, max_num_models=5).load_state_dict(swag.state_dict())
     with pytest.raises(ValueError, match="task"):
         bma_predict(swag, [], task="segmentation")
+
+
+@pytest.mark.parametrize("chunk_bytes", [12, 1 << 20])
+def test_chunked_host_path_gives_the_same_moments(chunk_bytes: int) -> None:
+    """The path of a GPU model collected on the CPU (pinned chunks), run CPU to CPU here."""
+    from swalab.averaging import HostStaging
+
+    model, k = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)), 3
+    direct, chunked = SWAG(model, max_num_models=k), SWAG(model, max_num_models=k)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+            model[1].running_mean.normal_()
+        direct.collect_model(model)
+        binding, _, params, buffers = chunked._bind(model)
+        chunked._bound = (binding, HostStaging(params, chunk_bytes), params, buffers)
+        chunked.collect_model(model)
+    for key, value in direct.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(chunked.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(chunked.base[1].running_mean, model[1].running_mean)
+
+
+def test_replaced_layer_is_noticed_between_collections() -> None:
+    """The bound parameters are re-looked-up when a submodule is replaced (never stale tensors)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    swag = SWAG(model, max_num_models=2)
+    swag.collect_model(model)
+    first = parameters_to_vector(model.parameters()).detach().clone()
+    model[1] = nn.Linear(3, 2)
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+        model[1].bias.fill_(2.0)
+    swag.collect_model(model)
+    second = torch.cat([first[:15], torch.ones(6), torch.full((2,), 2.0)])
+    torch.testing.assert_close(swag.mean, (first + second) / 2)
+    model[1] = nn.Linear(3, 5)
+    with pytest.raises(ValueError, match="another architecture"):
+        swag.collect_model(model)
+    assert swag.n_models == 2
+    torch.testing.assert_close(swag.mean, (first + second) / 2)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), True])
+def test_sample_refuses_non_finite_scale(scale) -> None:
+    """Issue 14, finding 7: SWAG.sample(scale=inf) was accepted."""
+    model = nn.Linear(2, 1)
+    swag = SWAG(model, max_num_models=2)
+    swag.collect_model(model)
+    with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+        swag.sample(scale=scale, cov=False)
+
+
+@pytest.mark.parametrize("var_clamp", [float("inf"), float("nan"), -1.0])
+def test_var_clamp_must_be_finite(var_clamp) -> None:
+    with pytest.raises(ValueError, match="var_clamp"):
+        SWAG(nn.Linear(2, 1), var_clamp=var_clamp)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cuda_model_collected_on_cpu_or_gpu_equals_cpu_collection(device: str) -> None:
+    model = nn.Sequential(nn.Linear(500, 1000), nn.BatchNorm1d(1000), nn.Linear(1000, 3000))
+    gpu_model = copy.deepcopy(model).cuda()
+    reference = SWAG(model, max_num_models=3)
+    swag = SWAG(gpu_model, max_num_models=3, device=device)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        gpu_model.load_state_dict(model.state_dict())
+        reference.collect_model(model)
+        swag.collect_model(gpu_model)
+    for key in ("mean", "sq_mean", "cov_mat_sqrt"):
+        expected = getattr(reference, key)
+        torch.testing.assert_close(getattr(swag, key).cpu(), expected, rtol=1e-5, atol=1e-6)

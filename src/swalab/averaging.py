@@ -12,11 +12,15 @@ uses ``w_ema <- w_ema + (1 - decay_t) (w - w_ema)``. Both are one ``torch._forea
 (device, dtype) group with a Python-float weight, so the update reads the average, reads the
 weights and writes the average (12 bytes per fp32 parameter) and never waits for the device.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import itertools
+import math
+import numbers
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,6 +48,11 @@ __all__ = [
 ]
 
 
+def _is_real(value: Any) -> bool:
+    """A real Python or NumPy number, not a bool (``nan`` passes: callers compare it to a range)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class AverageState(NamedTuple):
     """The averaged tensors (updated in place) and how many models they hold."""
 
@@ -51,13 +60,17 @@ class AverageState(NamedTuple):
     count: int = 0
 
 
-def _groups(average: Sequence[Tensor], params: Sequence[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+def _groups(
+    average: Sequence[Tensor], params: Sequence[Tensor]
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
     """Pairs of lists that share the average's (device, dtype); params are cast to it if needed."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for a, p in zip(average, params):
         avg_list, param_list = groups.setdefault((a.device, a.dtype), ([], []))
         avg_list.append(a)
-        param_list.append(p if (p.device, p.dtype) == (a.device, a.dtype) else p.to(a.device, a.dtype))
+        param_list.append(
+            p if (p.device, p.dtype) == (a.device, a.dtype) else p.to(a.device, a.dtype)
+        )
     return iter(groups.values())
 
 
@@ -88,7 +101,9 @@ class AveragingRule:
     def weight(self, n: int) -> float:
         raise NotImplementedError
 
-    def init(self, params: Sequence[Tensor], device: Any = None, dtype: torch.dtype | None = None) -> AverageState:
+    def init(
+        self, params: Sequence[Tensor], device: Any = None, dtype: torch.dtype | None = None
+    ) -> AverageState:
         average = [
             p.detach().to(device=device, dtype=dtype if p.is_floating_point() else None, copy=True)
             for p in params
@@ -96,7 +111,11 @@ class AveragingRule:
         return AverageState(average, 0)
 
     def update(self, state: AverageState, params: Sequence[Tensor]) -> AverageState:
-        lerp_(state.average, [p.detach() for p in params], 1.0 if state.count == 0 else self.weight(state.count))
+        lerp_(
+            state.average,
+            [p.detach() for p in params],
+            1.0 if state.count == 0 else self.weight(state.count),
+        )
         return AverageState(state.average, state.count + 1)
 
 
@@ -127,12 +146,16 @@ class EMA(AveragingRule):
     warmup_power: float = 2 / 3
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
-        if self.warmup_gamma is not None and self.warmup_gamma <= 0:
-            raise ValueError(f"warmup_gamma must be > 0, got {self.warmup_gamma}")
-        if self.warmup_power <= 0:
-            raise ValueError(f"warmup_power must be > 0, got {self.warmup_power}")
+        if not _is_real(self.decay) or not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be a number in [0, 1], got {self.decay!r}")
+        if self.warmup_gamma is not None and not (
+            _is_real(self.warmup_gamma) and 0 < self.warmup_gamma < math.inf
+        ):
+            raise ValueError(
+                f"warmup_gamma must be a finite number > 0 (or None), got {self.warmup_gamma!r}"
+            )
+        if not (_is_real(self.warmup_power) and 0 < self.warmup_power < math.inf):
+            raise ValueError(f"warmup_power must be a finite number > 0, got {self.warmup_power!r}")
 
     def weight(self, n: int) -> float:
         decay = self.decay
@@ -151,8 +174,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _check_not_sharded(model: nn.Module) -> None:
     """Refuse FSDP (1 or 2) and DTensor-sharded models: each rank holds only shards of the weights."""
-    sharded = any(type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
-                  for m in model.modules()) or any(type(p).__name__ == "DTensor" for p in model.parameters())
+    sharded = any(
+        type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
+        for m in model.modules()
+    ) or any(type(p).__name__ == "DTensor" for p in model.parameters())
     if sharded:
         raise ValueError(
             "AveragedModel does not support sharded models (FSDP, DTensor parameters): average an unsharded "
@@ -164,13 +189,306 @@ def _strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
 
 
+def _slots(modules: Sequence[nn.Module]) -> list[dict[str, Any]]:
+    """The dicts that hold each module's children, parameters and buffers."""
+    return [d for m in modules for d in (m._modules, m._parameters, m._buffers)]
+
+
+def _tree(slots: Sequence[dict[str, Any]]) -> list[Any]:
+    """Every child, parameter and buffer in ``slots`` (C-level iteration): changes when one is
+    replaced."""
+    return list(itertools.chain.from_iterable(map(dict.values, slots)))
+
+
+def _same_kind(a: Tensor, b: Tensor) -> bool:
+    return a.is_floating_point() == b.is_floating_point() and a.is_complex() == b.is_complex()
+
+
+def _check_pairs(
+    ours: Sequence[tuple[str, Tensor]], theirs: Sequence[tuple[str, Tensor]], kind: str, whose: str
+) -> None:
+    """``ValueError`` naming the first tensor whose count, shape or kind (float/int) differs."""
+    if len(theirs) != len(ours):
+        raise ValueError(f"model has {len(theirs)} {kind}, {whose} has {len(ours)}")
+    for (name, a), (_, t) in zip(ours, theirs):
+        if t.shape != a.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, {whose} has {tuple(a.shape)}")
+        if not _same_kind(a, t):
+            raise ValueError(f"{name} is {t.dtype}, {whose} has {a.dtype}")
+
+
+class ModelBinding:
+    """A model's tensors looked up once, and a cheap test that the model still holds them.
+
+    ``holds(model)`` compares the module tree's slots by identity and the tensors' storage
+    addresses, so a replaced submodule or parameter, ``model.to(dtype)`` or ``.data = ...`` is
+    noticed without walking ``named_parameters()`` again.
+    """
+
+    def __init__(self, model: nn.Module, tensors: Sequence[Tensor]) -> None:
+        """``tensors``: the model's own parameters and buffers (not detached aliases of them)."""
+        self.model = model
+        self._slots = _slots(list(model.modules()))
+        self._tree = _tree(self._slots)
+        self._tensors = list(tensors)
+        self._ptrs = list(map(Tensor.data_ptr, self._tensors))
+
+    def holds(self, model: nn.Module) -> bool:
+        if model is not self.model:
+            return False
+        tree = _tree(self._slots)
+        return (
+            len(tree) == len(self._tree)
+            and all(map(operator.is_, tree, self._tree))
+            and list(map(Tensor.data_ptr, self._tensors)) == self._ptrs
+        )
+
+
+class HostStaging:
+    """Copy tensors of one device and dtype to the host in chunks, through two staging buffers.
+
+    ``run(fn)`` calls ``fn(k, chunk)`` for each chunk ``k``, a 1-D host tensor holding elements
+    ``ranges[k]`` of the sources concatenated (flattened, in order); the copy of chunk ``k + 1``
+    is in flight while ``fn`` works on chunk ``k``. From a GPU, each chunk is gathered on the
+    device (one ``cat``) and copied to pinned memory without blocking; from the CPU (tests, or a
+    CPU model) it is gathered straight into the staging buffer. Sources must be contiguous.
+    """
+
+    def __init__(self, sources: Sequence[Tensor], chunk_bytes: int = 8 << 20) -> None:
+        if not sources or any(not t.is_contiguous() for t in sources):
+            raise ValueError("HostStaging needs a non-empty list of contiguous tensors")
+        device, dtype = sources[0].device, sources[0].dtype
+        if any((t.device, t.dtype) != (device, dtype) for t in sources) or device.type not in (
+            "cpu",
+            "cuda",
+        ):
+            raise ValueError("HostStaging needs tensors of one device (CPU or CUDA) and one dtype")
+        self._stream_device = device
+        per_chunk = max(1, chunk_bytes // sources[0].element_size())
+        flats = [t.detach().view(-1) for t in sources]
+        self.slices: list[list[Tensor]] = [[]]  # the sources' pieces gathered into each chunk
+        self.ranges: list[tuple[int, int]] = []
+        start = filled = 0
+        for flat in flats:
+            lo = 0
+            while lo < flat.numel():
+                hi = min(flat.numel(), lo + per_chunk - filled)
+                self.slices[-1].append(flat[lo:hi])
+                filled += hi - lo
+                lo = hi
+                if filled == per_chunk:
+                    self.ranges.append((start, start + filled))
+                    start, filled = start + filled, 0
+                    self.slices.append([])
+        if filled:
+            self.ranges.append((start, start + filled))
+        else:
+            self.slices.pop()
+        size = max((e - s for s, e in self.ranges), default=0)
+        n_buffers = min(2, len(self.ranges))  # none when every source is empty
+        self.on_host = device.type == "cpu"
+        pin = not self.on_host and torch.cuda.is_available()
+        self._host = [torch.empty(size, dtype=dtype, pin_memory=pin) for _ in range(n_buffers)]
+        self._device = (
+            []
+            if self.on_host
+            else [torch.empty(size, dtype=dtype, device=device) for _ in range(n_buffers)]
+        )
+        self._events = [] if self.on_host else [torch.cuda.Event() for _ in range(n_buffers)]
+
+    def pieces(self, targets: Sequence[Tensor]) -> list[tuple[list[Tensor], list[int]]]:
+        """For each chunk, the slices of ``targets`` (contiguous, shaped like the sources) that pair
+        with its elements, and their sizes (to ``split`` the chunk)."""
+        bounds = list(itertools.accumulate((t.numel() for t in targets), initial=0))
+        out = []
+        for start, end in self.ranges:
+            chunk_pieces, sizes = [], []
+            for i, t in enumerate(targets):
+                lo, hi = max(start, bounds[i]), min(end, bounds[i + 1])
+                if lo < hi:
+                    chunk_pieces.append(t.view(-1)[lo - bounds[i] : hi - bounds[i]])
+                    sizes.append(hi - lo)
+            out.append((chunk_pieces, sizes))
+        return out
+
+    def _issue(self, k: int) -> None:
+        slot = k % len(self._host)
+        n = self.ranges[k][1] - self.ranges[k][0]
+        host, pieces = self._host[slot][:n], self.slices[k]
+        if self.on_host:
+            if len(pieces) > 1:
+                torch.cat(pieces, out=host)
+            else:
+                host.copy_(pieces[0])
+            return
+        if len(pieces) > 1:
+            gathered = self._device[slot][:n]
+            torch.cat(pieces, out=gathered)
+        else:
+            gathered = pieces[0]
+        host.copy_(gathered, non_blocking=True)
+        self._record(slot)
+
+    def _record(self, slot: int) -> None:
+        """Mark the end of the copy into ``slot`` on the stream that runs it (the current one)."""
+        self._events[slot].record(torch.cuda.current_stream(self._stream_device))
+
+    def run(self, fn: Callable[[int, Tensor], None]) -> None:
+        if not self.ranges:
+            return
+        self._issue(0)
+        for k, (start, end) in enumerate(self.ranges):
+            if k + 1 < len(self.ranges):
+                self._issue(k + 1)  # into the other buffer, which fn(k - 1) has finished with
+            slot = k % len(self._host)
+            if self._events:
+                self._events[slot].synchronize()
+            fn(k, self._host[slot][: end - start])
+
+
+_GATHER_MAX_NUMEL = 1 << 22  # gather at most 16 MB of fp32 into a scratch buffer ...
+_GATHER_MEAN_NUMEL = 4096  # ... and only tensors this small on average
+
+
+def _flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
+    """A 1-D view over ``tensors`` if they are contiguous, consecutive pieces of one storage."""
+    first = tensors[0]
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (
+            not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != ptr
+            or t.storage_offset() != offset
+        ):
+            return None
+        offset += t.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,))
+
+
+class _Groups:
+    """Pairs ``(average tensor, model tensor)`` grouped once, and the update over all of them.
+
+    Groups are keyed by (average device/dtype, model device/dtype): same device and dtype is one
+    multi-tensor op on the tensors themselves; a model on an accelerator averaged on the CPU goes
+    through :class:`HostStaging`; anything else is cast per update.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]], chunk_bytes: int = 8 << 20) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.direct: list[tuple[list[Tensor], list[Tensor]]] = []
+        self.gathered: list[tuple[Tensor, list[Tensor], Tensor]] = []
+        self.cast: list[tuple[list[Tensor], list[Tensor]]] = []
+        self.staged: list[tuple[HostStaging, list[list[Tensor]], list[list[int]], torch.dtype]] = []
+        groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
+        for a, t in pairs:
+            avg_list, src_list = groups.setdefault((a.device, a.dtype, t.device, t.dtype), ([], []))
+            avg_list.append(a)
+            src_list.append(t)
+        for (a_device, a_dtype, t_device, t_dtype), (avg_list, src_list) in groups.items():
+            if (a_device, a_dtype) == (t_device, t_dtype):
+                self._add_direct(avg_list, src_list)
+            elif (
+                a_device.type == "cpu"
+                and t_device.type == "cuda"
+                and all(x.is_contiguous() for x in avg_list + src_list)
+            ):
+                self._add_staged(avg_list, src_list, a_dtype)
+            else:
+                self.cast.append((avg_list, src_list))
+
+    def _add_direct(self, avg_list: list[Tensor], src_list: list[Tensor]) -> None:
+        """One op over flat views when both sides are one buffer; on the CPU, many small tensors of
+        the model are first gathered into one (a multi-tensor op there costs about 0.5 us a
+        tensor)."""
+        avg_flat, src_flat = _flat_view(avg_list), _flat_view(src_list)
+        if avg_flat is not None and src_flat is not None:
+            self.direct.append(([avg_flat], [src_flat]))
+        elif (
+            avg_flat is not None
+            and avg_flat.device.type == "cpu"
+            and len(src_list) > 1
+            and avg_flat.numel() <= _GATHER_MAX_NUMEL
+            and avg_flat.numel() <= _GATHER_MEAN_NUMEL * len(src_list)
+            and all(t.is_contiguous() for t in src_list)
+        ):
+            self.gathered.append(
+                (avg_flat, [t.view(-1) for t in src_list], torch.empty_like(avg_flat))
+            )
+        else:
+            self.direct.append((avg_list, src_list))
+
+    def _add_staged(
+        self, avg_list: list[Tensor], src_list: list[Tensor], dtype: torch.dtype
+    ) -> None:
+        staging = HostStaging(src_list, self.chunk_bytes)
+        pieces = staging.pieces(avg_list)
+        self.staged.append((staging, [p for p, _ in pieces], [s for _, s in pieces], dtype))
+
+    def apply(self, weight: float) -> None:
+        """``average <- lerp(average, model, weight)`` over every group; ``weight == 1`` copies."""
+
+        def update(avg_list: list[Tensor], src_list: Sequence[Tensor]) -> None:
+            if weight == 1.0 or not (avg_list[0].is_floating_point() or avg_list[0].is_complex()):
+                torch._foreach_copy_(avg_list, src_list)
+            else:
+                torch._foreach_lerp_(avg_list, src_list, weight)
+
+        for avg_list, src_list in self.direct:
+            update(avg_list, src_list)
+        for avg_flat, src_views, scratch in self.gathered:
+            update([avg_flat], [torch.cat(src_views, out=scratch)])
+        for avg_list, src_list in self.cast:
+            update(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)])
+        for staging, pieces, sizes, dtype in self.staged:
+            staging.run(
+                lambda k, chunk, p=pieces, s=sizes, d=dtype: update(p[k], chunk.to(d).split(s[k]))
+            )
+
+
+class _Pairing:
+    """An ``AveragedModel``'s tensors paired with a model's: checked in full once, then bound.
+
+    Parameters (and floating buffers with ``use_buffers``) are averaged in one pass per group;
+    integer buffers, and every buffer without ``use_buffers``, are copied.
+    """
+
+    def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
+        ours_p, theirs_p = list(averaged.module.named_parameters()), list(model.named_parameters())
+        ours_b, theirs_b = list(averaged.module.named_buffers()), list(model.named_buffers())
+        _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
+        _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
+        params = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_p, theirs_p)]
+        buffers = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_b, theirs_b)]
+        candidates = params + buffers if averaged.use_buffers else params
+        self.folded = [(a, t) for a, t in candidates if a.is_floating_point() or a.is_complex()]
+        folded = {id(a) for a, _ in self.folded}
+        self.averaged = _Groups(self.folded)
+        self.copied = _Groups([(a, t) for a, t in params + buffers if id(a) not in folded])
+        # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
+        self.binding = ModelBinding(
+            model, [t for _, t in theirs_p + theirs_b] + [a for _, a in ours_p + ours_b]
+        )
+        self.tried = False  # whether the user's avg_fn/multi_avg_fn has been tried on a dry copy
+
+
 class AveragedModel(nn.Module):
     r"""Averaged copy of a model for SWA and EMA; a drop-in for ``torch.optim.swa_utils.AveragedModel``.
 
     Same constructor, ``update_parameters``, ``n_averaged``, ``module``, ``forward`` and
-    ``state_dict`` keys as torch's. With the default rule (``SWA()``, or ``rule=EMA(...)``) each update is
-    one ``torch._foreach_lerp_`` per (device, dtype) group with the count kept on the host, so it
-    never synchronises with the device. ``avg_fn``/``multi_avg_fn`` behave exactly as in torch.
+    ``state_dict`` keys as torch's. With the default rule (``SWA()``, or ``rule=EMA(...)``) each
+    update is one ``torch._foreach_lerp_`` per (device, dtype) group over parameters and averaged
+    buffers, with
+    the count kept on the host, so it never synchronises with the device and launches no kernel for
+    the bookkeeping (``n_averaged`` is brought up to date when read or saved). The model's tensors
+    are paired with the average's on the first update and checked again only when a cheap test
+    (same modules, same tensors, same storage) fails. A model on a GPU averaged on the CPU
+    (``device="cpu"``) is copied in chunks through pinned memory, each chunk folded in while the
+    next is in flight. ``avg_fn``/``multi_avg_fn`` behave exactly as in torch, except that integer
+    buffers are copied, never passed to them.
+
+    Everything about the model is checked before anything is written: after a ``ValueError`` the
+    average and its count are as before. Between updates the averaged model keeps a reference to
+    the last model it was paired with (until ``load_state_dict``, ``to()`` or another model).
 
     Args:
         model: the model whose weights are averaged (``torch.compile`` and ``DistributedDataParallel``
@@ -198,8 +516,6 @@ class AveragedModel(nn.Module):
         >>> swa_model(x_test)
     """
 
-    n_averaged: Tensor
-
     def __init__(
         self,
         model: nn.Module,
@@ -224,44 +540,43 @@ class AveragedModel(nn.Module):
             raise ValueError(f"update_after must be an integer >= 0, got {update_after!r}")
         _check_not_sharded(model)
         self.module = _copy_module(_unwrap(model), device, dtype)
-        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
+        # n_averaged is torch's buffer; the count lives on the host and is written into it when the
+        # buffer is read (the property below) or saved, so updates launch no kernel for it.
+        self._buffers["n_averaged"] = torch.tensor(0, dtype=torch.long, device=device)
         self.avg_fn = avg_fn
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
         self.rule = rule if rule is not None else SWA()
         self.update_every, self.update_after = update_every, update_after
         self._calls = 0  # steps seen when the caller gives none
-        self._state = AverageState(self._averaged_tensors(), 0)
+        self._count = 0
+        self._written = 0  # the count last written into the n_averaged buffer
+        self._pairing: _Pairing | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def _averaged_tensors(self) -> list[Tensor]:
-        tensors = self.module.parameters() if not self.use_buffers else itertools.chain(
-            self.module.parameters(), self.module.buffers()
-        )
-        return [t.detach() for t in tensors]
+    @property
+    def n_averaged(self) -> Tensor:
+        """torch's ``n_averaged`` buffer (a long scalar on the average's device), up to date."""
+        buffer = self._buffers["n_averaged"]
+        if self._written != self._count:
+            buffer.fill_(self._count)
+            self._written = self._count
+        return buffer
 
-    def _source_tensors(self, model: nn.Module) -> list[Tensor]:
-        """The model's tensors that pair with ours, after checking count and shapes (nothing written yet)."""
-        model = _unwrap(model)
-        tensors = list(model.parameters())
-        if self.use_buffers:
-            tensors += list(model.buffers())
-        average = self._state.average
-        if len(tensors) != len(average):
-            kind = "parameters and buffers" if self.use_buffers else "parameters"
-            raise ValueError(f"model has {len(tensors)} {kind}, the averaged model has {len(average)}")
-        for i, (t, a) in enumerate(zip(tensors, average)):
-            if t.shape != a.shape:
-                name = list(self._names())[i]
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, the averaged model has {tuple(a.shape)}")
-        return [t.detach() for t in tensors]
+    @property
+    def count(self) -> int:
+        """Number of models averaged so far (the host copy of ``n_averaged``)."""
+        return self._count
 
-    def _names(self) -> Iterator[str]:
-        yield from (name for name, _ in self.module.named_parameters())
-        if self.use_buffers:
-            yield from (name for name, _ in self.module.named_buffers())
+    def _bind(self, model: nn.Module) -> _Pairing:
+        """The pairing with ``model``: the bound one if the cheap test passes, else checked anew."""
+        pairing = self._pairing
+        if pairing is None or not pairing.binding.holds(model):
+            self._pairing = None  # a failed check leaves nothing bound
+            pairing = self._pairing = _Pairing(self, model)
+        return pairing
 
     def should_update(self, step: int) -> bool:
         """Whether ``step`` (0-based) is averaged: ``step >= update_after`` and every ``update_every``-th after it."""
@@ -278,51 +593,77 @@ class AveragedModel(nn.Module):
             step, self._calls = self._calls, self._calls + 1
         if not self.should_update(step):
             return False
-        current = self._source_tensors(model)
-        if self.avg_fn is None and self.multi_avg_fn is None:
-            self._state = self.rule.update(self._state, current)
+        pairing = self._bind(_unwrap(model))
+        if self._count == 0:
+            pairing.averaged.apply(1.0)
+        elif self.avg_fn is None and self.multi_avg_fn is None:
+            pairing.averaged.apply(self.rule.weight(self._count))
         else:
-            self._update_with_torch_fn(current)
-            self._state = AverageState(self._state.average, self._state.count + 1)
-        if not self.use_buffers:
-            lerp_([b.detach() for b in self.module.buffers()], [b.detach() for b in _unwrap(model).buffers()], 1.0)
-        self.n_averaged.add_(1)
+            self._update_with_torch_fn(pairing)
+        pairing.copied.apply(1.0)
+        self._count += 1
         return True
 
-    def _update_with_torch_fn(self, current: list[Tensor]) -> None:
-        """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them."""
-        average = self._state.average
-        if self._state.count == 0:
-            lerp_(average, current, 1.0)
-        elif self.multi_avg_fn is not None:
-            for avg_list, param_list in _groups(average, current):
-                self.multi_avg_fn(avg_list, param_list, self.n_averaged.to(avg_list[0].device))
-        else:
-            for a, p in zip(average, current):
-                a.copy_(self.avg_fn(a, p.to(a.device), self.n_averaged.to(a.device)))
+    def _update_with_torch_fn(self, pairing: _Pairing) -> None:
+        """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them.
 
-    @property
-    def count(self) -> int:
-        """Number of models averaged so far (the host copy of ``n_averaged``)."""
-        return self._state.count
+        Floating tensors only, grouped by the average's (device, dtype) like torch. The first call
+        after binding tries the function on one-element copies, so an error leaves the average
+        whole.
+        """
+        n_averaged = self.n_averaged
+        groups = [
+            (avg_list, [t.to(avg_list[0].device, avg_list[0].dtype) for t in src_list])
+            for avg_list, src_list in _group_pairs(pairing.folded)
+        ]
+        if not pairing.tried:
+            dry = [
+                ([a.reshape(-1)[:1].clone() for a in avg], [t.reshape(-1)[:1] for t in src])
+                for avg, src in groups
+            ]
+            self._call_torch_fn(dry, n_averaged)
+            pairing.tried = True
+        self._call_torch_fn(groups, n_averaged)
+
+    def _call_torch_fn(
+        self, groups: list[tuple[list[Tensor], list[Tensor]]], n_averaged: Tensor
+    ) -> None:
+        for avg_list, src_list in groups:
+            n = n_averaged.to(avg_list[0].device)
+            if self.multi_avg_fn is not None:
+                self.multi_avg_fn(avg_list, src_list, n)
+            else:
+                for a, t in zip(avg_list, src_list):
+                    a.copy_(self.avg_fn(a, t, n))
 
     def reset(self) -> None:
         """Start a new average: the next ``update_parameters`` copies the model (periodic SWA)."""
-        self._state = AverageState(self._state.average, 0)
-        self.n_averaged.zero_()
+        self._count = 0
 
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        result = super().load_state_dict(_strip_compile_prefix(state_dict), strict=strict, assign=assign)
-        self._state = AverageState(self._averaged_tensors(), int(self.n_averaged))
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        self.n_averaged  # noqa: B018 -- write the host count into the buffer before it is saved
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def load_state_dict(
+        self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        self.n_averaged  # noqa: B018 -- up to date, in case the state_dict lacks it (strict=False)
+        result = super().load_state_dict(
+            _strip_compile_prefix(state_dict), strict=strict, assign=assign
+        )
+        self._count = self._written = int(self._buffers["n_averaged"])
+        self._pairing = None
         return result
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The averaged tensors are the module's own: pickle only the count and re-link on unpickling.
-        return dict(super().__getstate__(), _state=AverageState([], self._state.count))
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AveragedModel:
+        self._pairing = None  # .to(), .cuda(), .half() ... give the average new tensors
+        return super()._apply(fn, recurse)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._state = AverageState(self._averaged_tensors(), self._state.count)
+    def __getstate__(self) -> dict[str, Any]:
+        # The pairing holds the trained model's tensors: never pickle or deep-copy it.
+        return dict(super().__getstate__(), _pairing=None)
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -339,9 +680,12 @@ class AveragedModel(nn.Module):
         live = _unwrap(model)
         live_tensors = [*live.parameters(), *live.buffers()]
         ours = [*self.module.parameters(), *self.module.buffers()]
-        if len(live_tensors) != len(ours) or any(t.shape != a.shape for t, a in zip(live_tensors, ours)):
+        if len(live_tensors) != len(ours) or any(
+            t.shape != a.shape for t, a in zip(live_tensors, ours)
+        ):
             raise ValueError("model does not match the averaged model's parameters and buffers")
         pairs = [(t, a) for t, a in zip(live_tensors, ours) if t.is_floating_point()]
+        self._pairing = None  # storage moves between the two models: pair again afterwards
         saved = _exchange(pairs, saved=None)
         try:
             yield model
@@ -349,7 +693,19 @@ class AveragedModel(nn.Module):
             _exchange(pairs, saved)
 
 
-def _exchange(pairs: list[tuple[Tensor, Tensor]], saved: list[Tensor | None] | None) -> list[Tensor | None]:
+def _group_pairs(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """(average, model) pairs grouped by the average's (device, dtype), in order."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for a, t in pairs:
+        avg_list, src_list = groups.setdefault((a.device, a.dtype), ([], []))
+        avg_list.append(a)
+        src_list.append(t)
+    return list(groups.values())
+
+
+def _exchange(
+    pairs: list[tuple[Tensor, Tensor]], saved: list[Tensor | None] | None
+) -> list[Tensor | None]:
     """Swap storage of same-device/dtype pairs; copy the others in (saving) or back (restoring)."""
     out: list[Tensor | None] = []
     with torch.no_grad():
@@ -367,26 +723,53 @@ def _exchange(pairs: list[tuple[Tensor, Tensor]], saved: list[Tensor | None] | N
 
 
 def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn.Module:
-    """Deep copy with every tensor created directly on ``device``/``dtype`` (one copy at peak)."""
+    """Deep copy with every tensor created directly on ``device``/``dtype`` (one copy at peak).
+
+    The copies of each (device, dtype) are views into one flat buffer, parameters first, then
+    buffers, in the model's order, so that an update can be one operation over the whole buffer.
+    """
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    keys = [
+        (
+            torch.device(device) if device is not None else t.device,
+            dtype if (dtype is not None and t.is_floating_point()) else t.dtype,
+        )
+        for t in tensors
+    ]
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    for t, key in zip(tensors, keys):
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    flats = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
     memo: dict[int, Any] = {}
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
-        clone = tensor.detach().to(device=device, dtype=target_dtype, copy=True)
-        if isinstance(tensor, nn.Parameter):
-            clone = nn.Parameter(clone, requires_grad=tensor.requires_grad)
-        memo[id(tensor)] = clone
+    for t, key in zip(tensors, keys):
+        start = offsets[key]
+        offsets[key] += t.numel()
+        clone = flats[key][start : start + t.numel()].view(t.shape)
+        clone.copy_(t.detach())
+        if isinstance(t, nn.Parameter):
+            clone = nn.Parameter(clone, requires_grad=t.requires_grad)
+        memo[id(t)] = clone
     return copy.deepcopy(model, memo)
 
 
 @torch.no_grad()
-def restart_from_average(averaged: AveragedModel, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def restart_from_average(
+    averaged: AveragedModel, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
     """Periodic SWA restart (Guo, Jin & Liu, 2023): the model continues from the average.
 
     Copies the averaged weights (and buffers) into ``model``, clears the optimizer's state
-    (momentum) and resets the average's count so the next period starts a fresh average.
+    (momentum) and resets the average's count so the next period starts a fresh average. A model
+    whose tensors differ in count, shape or kind raises ``ValueError`` before anything is written.
     """
     live = _unwrap(model)
-    lerp_([t.detach() for t in itertools.chain(live.parameters(), live.buffers())],
-          [t.detach() for t in itertools.chain(averaged.module.parameters(), averaged.module.buffers())], 1.0)
+    ours_p, theirs_p = list(averaged.module.named_parameters()), list(live.named_parameters())
+    ours_b, theirs_b = list(averaged.module.named_buffers()), list(live.named_buffers())
+    _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
+    _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
+    lerp_(
+        [t.detach() for _, t in theirs_p + theirs_b], [a.detach() for _, a in ours_p + ours_b], 1.0
+    )
     optimizer.state.clear()
     averaged.reset()

@@ -7,6 +7,8 @@ per-batch statistics over the pass — exactly ``torch.optim.swa_utils.update_bn
 """
 from __future__ import annotations
 
+import itertools
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -15,6 +17,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["update_bn", "call_model", "default_forward", "has_batchnorm", "move_to"]
+
+_EMPTY = object()  # what next() returns for a loader without batches
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -74,6 +78,10 @@ def update_bn(
             :func:`default_forward`).
         max_batches: stop after this many batches (all by default).
 
+    Raises:
+        ValueError: if the model has BatchNorm layers and ``loader`` yields no batch (nothing is
+            reset then); with ``torch.distributed``, a rank may have no batch if others have some.
+
     When ``torch.distributed`` is initialised, the statistics of all ranks are combined (weighted
     by their number of batches), so every rank ends with those of the whole data. Momenta and the
     train/eval mode of the model are restored.
@@ -81,11 +89,19 @@ def update_bn(
     Example:
         >>> swalab.update_bn(train_loader, swa_model, forward_fn=lambda m, b: m(b["pixels"]))
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    integral = isinstance(max_batches, numbers.Integral) and not isinstance(max_batches, bool)
+    if max_batches is not None and not (integral and max_batches >= 1):
+        raise ValueError(f"max_batches must be an integer >= 1, got {max_batches!r}")
     momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
     if not momenta:
         return
+    batches = iter(loader)
+    first = next(batches, _EMPTY)
+    if first is _EMPTY and not _distributed():  # before the reset, which would leave 0 and 1
+        raise ValueError(
+            "update_bn: the loader yielded no batches, so the BatchNorm statistics cannot be "
+            "computed"
+        )
     for module in momenta:
         module.reset_running_stats()
         module.momentum = None
@@ -93,7 +109,7 @@ def update_bn(
     model.train()
     forward = forward_fn or default_forward
     try:
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(itertools.chain([] if first is _EMPTY else [first], batches)):
             if max_batches is not None and i >= max_batches:
                 break
             forward(model, move_to(batch, device) if device is not None else batch)
@@ -102,6 +118,11 @@ def update_bn(
         for module, momentum in momenta.items():
             module.momentum = momentum
         model.train(was_training)
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_reduce_statistics(modules: list[_BatchNorm]) -> None:

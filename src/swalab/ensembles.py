@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Union
 import torch
 from torch import Tensor, nn
 
+from swalab.averaging import HostStaging, ModelBinding
 from swalab.bn import default_forward, move_to, update_bn
 
 __all__ = [
@@ -201,17 +202,45 @@ class FGE:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.members: list[StateDict | Path] = []
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._bound: tuple[ModelBinding, dict[str, Tensor], list[Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.members)
 
+    def _bind(self, model: nn.Module) -> tuple[ModelBinding, dict[str, Tensor], list[Any]]:
+        """The model's state tensors, looked up and checked once, then only tested cheaply."""
+        if self._bound is not None and self._bound[0].holds(model):
+            return self._bound
+        self._bound = None
+        live = model.state_dict(keep_vars=True)
+        if not all(isinstance(v, Tensor) for v in live.values()):
+            raise ValueError("collect: the model's state_dict holds non-tensor entries")
+        if self._shapes is None:
+            self._shapes = _shapes(live)
+        _check_compatible(self._shapes, _shapes(live), "collect: model")
+        groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+        for key, value in live.items():  # contiguous GPU tensors are staged per (device, dtype)
+            if value.device.type == "cuda" and value.is_contiguous():
+                groups.setdefault((value.device, value.dtype), []).append(key)
+        staged = [(keys, HostStaging([live[k].detach() for k in keys])) for keys in groups.values()]
+        self._bound = (ModelBinding(model, list(live.values())), live, staged)
+        return self._bound
+
     @torch.no_grad()
     def collect(self, model: nn.Module) -> None:
-        """Add a CPU copy of ``model.state_dict()`` to the ensemble (or save it under ``directory``)."""
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if self._shapes is None:
-            self._shapes = _shapes(state)
-        _check_compatible(self._shapes, _shapes(state), "collect: model")
+        """Add a CPU copy of ``model.state_dict()`` to the ensemble (or save it in ``directory``).
+
+        From a GPU, tensors are copied in chunks through pinned memory (as ``AveragedModel`` does).
+        """
+        _, live, staged = self._bind(model)
+        staged_keys = {k for keys, _ in staged for k in keys}
+        state = {k: torch.empty(v.shape, dtype=v.dtype) if k in staged_keys
+                 else v.detach().to("cpu", copy=True) for k, v in live.items()}
+        for keys, staging in staged:
+            pieces = staging.pieces([state[k] for k in keys])
+            staging.run(
+                lambda k, chunk, p=pieces: torch._foreach_copy_(p[k][0], chunk.split(p[k][1]))
+            )
         if self.directory is None:
             self.members.append(state)
         else:
@@ -306,8 +335,8 @@ def _score_weights(scores: Sequence[float], temperature: float | None) -> list[f
     if not all(math.isfinite(s) for s in scores):
         raise ValueError(f"scores must be finite, got {scores}")
     if temperature is not None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, 0).tolist()
     if min(scores) < 0 or sum(scores) <= 0:
         raise ValueError(f"weights proportional to scores need scores >= 0 with a positive sum, got {scores}")

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from swalab.averaging import HostStaging, ModelBinding
 from swalab.bn import has_batchnorm, update_bn
 from swalab.ensembles import _check_compatible, predict_outputs
 
@@ -75,8 +76,8 @@ class SWAG:
                 f"max_num_models (K) must be >= 2 for the low-rank term D^T z / sqrt(K - 1), got {max_num_models}; "
                 "pass no_cov_mat=True for SWAG-Diag"
             )
-        if not var_clamp >= 0:
-            raise ValueError(f"var_clamp must be >= 0, got {var_clamp}")
+        if not (isinstance(var_clamp, (int, float)) and 0 <= var_clamp < math.inf):
+            raise ValueError(f"var_clamp must be a finite number >= 0, got {var_clamp!r}")
         params = list(model.parameters())
         if not params:
             raise ValueError("model has no parameters")
@@ -100,6 +101,8 @@ class SWAG:
         self.n_models = 0
         self._mean_views = self._views(self.mean)
         self._sq_mean_views = self._views(self.sq_mean)
+        self._base_buffers = [b.detach() for _, b in self.base.named_buffers()]
+        self._bound: tuple[ModelBinding, Any, list[Tensor], list[Tensor]] | None = None
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         """Per-parameter views of a flat ``[d]`` tensor."""
@@ -110,30 +113,72 @@ class SWAG:
         """Number of deviation rows held: ``min(n_models, K)`` (0 with ``no_cov_mat``)."""
         return 0 if self.cov_mat_sqrt is None else min(self.n_models, self.max_num_models)
 
+    def _bind(self, model: nn.Module) -> tuple[ModelBinding, Any, list[Tensor], list[Tensor]]:
+        """The model's parameters in our order, ready for the update; checked in full if not bound.
+
+        Returns the binding, how the parameters reach ``device``/``dtype`` (``None``: they are there
+        already; a :class:`HostStaging` for a GPU model collected on the CPU; ``"cast"``), the
+        parameters and the model's buffers paired with ``base``'s.
+        """
+        bound = self._bound
+        if bound is not None and bound[0].holds(model):
+            return bound
+        self._bound = None
+        signature = _signature(model)
+        if signature != self._signature:
+            _check_compatible(
+                self._signature, signature, "collect_model: model of another architecture"
+            )
+        named = dict(model.named_parameters())
+        live = [named[name] for name in self._param_names]
+        named = dict(model.named_buffers())
+        live_buffers = [named[name] for name, _ in self.base.named_buffers()]
+        params, buffers = [p.detach() for p in live], [b.detach() for b in live_buffers]
+        route: Any = "cast"
+        if all((p.device, p.dtype) == (self.device, self.dtype) for p in params):
+            route = None
+        elif (self.device.type == "cpu" and len({(p.device, p.dtype) for p in params}) == 1
+              and all(p.device.type == "cuda" and p.is_contiguous() for p in params)):
+            route = HostStaging(params)
+        self._bound = (ModelBinding(model, live + live_buffers), route, params, buffers)
+        return self._bound
+
     @torch.no_grad()
     def collect_model(self, model: nn.Module) -> None:
         """Fold ``model``'s weights into the moments and store its deviation from the new mean.
 
         Multi-tensor passes over the parameters (``torch._foreach_*``), the count kept on the host:
         ``mean <- lerp(mean, theta, 1/(n+1))``, ``sq_mean <- n/(n+1) sq_mean + theta**2/(n+1)``,
-        ``D[n % K] <- theta - mean``. ``base`` takes ``model``'s buffers (e.g. BN statistics).
+        ``D[n % K] <- theta - mean``. ``base`` takes ``model``'s buffers (e.g. BN statistics). The
+        model's tensors are looked up and checked once, then only tested cheaply for replacement (as
+        in ``AveragedModel``); a GPU model collected on the CPU is copied in pinned chunks, each
+        folded in while the next is in flight.
         """
-        signature = _signature(model)
-        if signature != self._signature:
-            _check_compatible(self._signature, signature, "collect_model: model of another architecture")
-        named = dict(model.named_parameters())
-        theta = [named[name].detach().to(self.device, self.dtype) for name in self._param_names]
+        _, route, params, buffers = self._bind(model)
         n = self.n_models
-        torch._foreach_lerp_(self._mean_views, theta, 1.0 / (n + 1))
-        torch._foreach_mul_(self._sq_mean_views, n / (n + 1))
-        torch._foreach_addcmul_(self._sq_mean_views, theta, theta, value=1.0 / (n + 1))
-        if self.cov_mat_sqrt is not None:
-            row = self._views(self.cov_mat_sqrt[n % self.max_num_models])
-            torch._foreach_copy_(row, theta)
-            torch._foreach_sub_(row, self._mean_views)
-        buffers = dict(model.named_buffers())
-        for name, buffer in self.base.named_buffers():
-            buffer.copy_(buffers[name])
+        row = None if self.cov_mat_sqrt is None else self.cov_mat_sqrt[n % self.max_num_models]
+        if isinstance(route, HostStaging):
+            def fold(k: int, chunk: Tensor) -> None:
+                start, end = route.ranges[k]
+                theta = chunk.to(self.dtype)
+                mean, sq_mean = self.mean[start:end], self.sq_mean[start:end]
+                mean.lerp_(theta, 1.0 / (n + 1))
+                sq_mean.mul_(n / (n + 1)).addcmul_(theta, theta, value=1.0 / (n + 1))
+                if row is not None:
+                    torch.sub(theta, mean, out=row[start:end])
+
+            route.run(fold)
+        else:
+            theta = params if route is None else [p.to(self.device, self.dtype) for p in params]
+            torch._foreach_lerp_(self._mean_views, theta, 1.0 / (n + 1))
+            torch._foreach_mul_(self._sq_mean_views, n / (n + 1))
+            torch._foreach_addcmul_(self._sq_mean_views, theta, theta, value=1.0 / (n + 1))
+            if row is not None:
+                row_views = self._views(row)
+                torch._foreach_copy_(row_views, theta)
+                torch._foreach_sub_(row_views, self._mean_views)
+        if buffers:
+            torch._foreach_copy_(self._base_buffers, buffers)
         self.n_models += 1
 
     @torch.no_grad()
@@ -148,15 +193,16 @@ class SWAG:
         BatchNorm statistics are not recomputed (see ``bma_predict``).
 
         Args:
-            scale: multiplies the covariance, ``>= 0``.
+            scale: multiplies the covariance, finite and ``>= 0``.
             cov: include the low-rank term ``D^T z2``.
             generator: a ``torch.Generator`` on ``device``, for reproducible samples.
 
         Returns:
             ``base``, holding the sample.
         """
-        if not (isinstance(scale, (int, float)) and scale >= 0):
-            raise ValueError(f"scale must be >= 0, got {scale}")
+        number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not (number and 0 <= scale < math.inf):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
         if cov and self.cov_mat_sqrt is None:
             raise ValueError("cov=True needs the deviations D, but this SWAG was built with no_cov_mat=True")
         if self.n_models == 0:
