@@ -1,5 +1,6 @@
 """``swalab`` command line: list presets and registries, run experiments.
 
+    swalab --version
     swalab list
     swalab run mnist1d
     swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
@@ -11,10 +12,20 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any, Callable
 
 __all__ = ["main"]
+
+
+def _options(builder: Callable[..., Any], skip: tuple[str, ...]) -> str:
+    """``name=default`` for every keyword option of a registered builder."""
+    params = inspect.signature(builder).parameters.values()
+    return ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
+                     for p in params if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -28,10 +39,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cfg = load_config(name)
         variants = f"  [variants: {', '.join(cfg.variants)}]" if cfg.variants else ""
         print(f"  {name:<26} {cfg.description}{variants}")
+    fixed = {"datasets": ("root", "download", "seed"), "models": ("in_shape", "num_outputs"), "methods": ("run",)}
     for title, registry in (("datasets", DATASETS), ("models", MODELS), ("methods", METHODS)):
-        print(f"{title}:")
+        print(f"{title}:  (options with their defaults; or name one of your own as package.module:callable)")
         for name in registry.names():
             print(f"  {name:<26} {registry.describe(name)}")
+            options = _options(registry.get(name), fixed[title])
+            if options:
+                print(textwrap.fill(options, width=100, initial_indent=" " * 29, subsequent_indent=" " * 29))
     return 0
 
 
@@ -77,9 +92,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swalab", description="Stochastic Weight Averaging laboratory")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"swalab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="presets, datasets, models and methods")

@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     save_trajectory: bool = False  # keep the weights after every epoch (trajectory.pt), for landscapes
+    log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb (tracking.py)
 
 
 @dataclass
@@ -127,6 +128,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
     for key, value, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    from .tracking import check_trackers  # names only: a report needs no tracker package
+
+    check_trackers(cfg.train.log, packages=False)
     labels = [m.label for m in cfg.methods]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:

@@ -29,10 +29,13 @@ import yaml
 
 from ..data import DATASETS, DataBundle
 from ..data import load as load_data
+from ..models import MODELS
 from .config import ConfigError, ExperimentConfig, to_dict
 from .distributed import World
 from .stats import primary_metric, summarize
 from .files import atomic_write_text
+from .methods import METHODS
+from .tracking import EpochReporter, check_trackers, open_trackers
 from .trainer import resolve_device, train_run
 
 __all__ = ["run_experiment", "format_table", "load_bundle", "read_results", "RESULT_FIELDS"]
@@ -66,14 +69,20 @@ def _check_out_dir(out: Path, cfg: ExperimentConfig) -> None:
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} is not empty and holds no swalab run; choose another --out")
         return
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = to_dict(cfg)
+    old = _identity(yaml.safe_load(saved.read_text()) or {})
+    new = _identity(to_dict(cfg))
     changed = sorted(k for k in new if k not in _RUN_SPECIFIC and old.get(k) != new[k])
     if changed:
         raise ConfigError(
             f"{out} holds a run with a different config ({', '.join(changed)} differ); "
             "choose another --out to run this one"
         )
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without what a resumed run may change: the trackers (``train.log``)."""
+    train = {k: v for k, v in (config.get("train") or {}).items() if k != "log"}
+    return {**config, "train": train}
 
 
 def read_results(out: Path) -> list[dict[str, str]]:
@@ -121,10 +130,14 @@ def run_experiment(
         meta = dict(_meta(cfg, argv or sys.argv), processes=world.size)
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
 
+    check_trackers(cfg.train.log)  # a missing tracker package fails before any work
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
-    DATASETS.get(cfg.data.name)  # unknown names fail before any work
+    DATASETS.get(cfg.data.name)  # unknown names (or a user's module:callable that fails) before any work
+    MODELS.get(cfg.model.name)
+    for m in cfg.methods:
+        METHODS.get(m.method)
     device = world.device if world.size > 1 else resolve_device(cfg.train.device)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
@@ -140,34 +153,53 @@ def run_experiment(
     log(f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {where}, writing {out}")
 
     bundles: dict[int, Any] = {}
-    started = time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task("epochs", total=None)
+        reporter = EpochReporter(bar, task, log, lines=not progress)
+        pretrain_todo = world.on_main(lambda: sorted({seed for seed, _ in todo if cfg.pretrain.epochs > 0
+                                                      and not (out / "pretrain" / f"seed{seed}.pt").exists()}))
         for seed, method in todo:
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
                 bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
             bundle = bundles[seed]
             if bar.tasks[task].total is None:
-                bar.update(task, total=_total_epochs(cfg, todo))
+                reporter.set_total(_total_epochs(cfg, todo) + cfg.pretrain.epochs * len(pretrain_todo))
             bar.update(task, description=f"{method.label} seed {seed}")
             run_dir = out / method.label / f"seed{seed}"
             if world.main:
                 run_dir.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=lambda: bar.advance(task),
-                               world=world)
+            run_epochs = _total_epochs(cfg, [(seed, method)])
+            reported: list[int] = []
+            trackers = open_trackers(cfg.train.log if world.main else [], out, method.label, seed, to_dict(cfg))
+
+            def on_epoch(record: dict[str, Any]) -> None:
+                if record.get("phase") == "pretrain":
+                    reporter.epoch(f"pretrain seed {seed}", record, cfg.pretrain.epochs)
+                    return
+                if not reported:  # a resumed run: the epochs done before it started are not run here
+                    reporter.skip(record["epoch"] - 1)
+                reported.append(record["epoch"])
+                trackers.log(record)
+                reporter.epoch(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}", record, run_epochs)
+
+            try:
+                result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=on_epoch, world=world)
+            finally:
+                trackers.close()
+            # epochs not run here: all of a resumed run that had finished, or those after a divergence
+            reporter.skip(run_epochs - len(reported) - (reported[0] - 1 if reported else 0))
             row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
                    "seed": seed, "budget": method.budget,
                    "epochs": result.epochs, "status": result.status, "seconds": round(time.perf_counter() - start, 2),
                    "message": result.message, **result.metrics}
             if result.status == "diverged":
                 log(f"diverged: {result.message}; the other runs go on")
-            elif not progress:  # no live bar (not a terminal): one line per run, with an ETA
-                done, total = bar.tasks[task].completed, bar.tasks[task].total or 1
-                eta = (time.perf_counter() - started) / max(done, 1) * (total - done)
+            elif not progress:  # no live bar (not a terminal): a line per epoch above, one per run here
                 metric = "test_mse" if "test_mse" in result.metrics else "test_accuracy"
                 log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
-                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, ETA {eta:.0f} s")
+                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, "
+                    f"ETA {reporter.eta_text()}")
             rows[(method.label, seed)] = row
             if world.main:
                 atomic_write_text(run_dir / "result.json", json.dumps(row, indent=2))

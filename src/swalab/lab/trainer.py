@@ -68,7 +68,8 @@ def build_model(cfg: ExperimentConfig, bundle: DataBundle, seed: int) -> nn.Modu
 
 
 def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, device: torch.device,
-             world: World = World()) -> dict[str, Tensor]:
+             world: World = World(), on_epoch: Callable[[dict[str, Any]], None] = lambda record: None
+             ) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
     cached = world.on_main(lambda: load_torch(path) if path.exists() else None)
     if cached is not None:
@@ -91,6 +92,7 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, d
             loss.backward()
             optimizer.step()
             broadcast_buffers(model, world)
+        on_epoch({"phase": "pretrain", "epoch": epoch + 1})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if world.main:
         atomic_save(state, path)
@@ -104,7 +106,7 @@ def train_run(
     bundle: DataBundle,
     run_dir: Path,
     device: torch.device,
-    on_epoch: Callable[[], None] = lambda: None,
+    on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
     world: World = World(),
 ) -> RunResult:
     """Train ``method`` with ``seed``, resuming from ``run_dir/checkpoint.pt`` if it exists.
@@ -116,7 +118,7 @@ def train_run(
     model = build_model(cfg, bundle, seed)
     if cfg.pretrain.epochs > 0:
         model.load_state_dict(pretrain(cfg, bundle, seed, run_dir.parent.parent / "pretrain" / f"seed{seed}.pt",
-                                       device, world))
+                                       device, world, on_epoch))
     model.to(device)
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
     # Under DDP every rank draws the same global batches and takes its slice of each.
@@ -196,7 +198,8 @@ def train_run(
                 "torch_rng": rng_states[0], "history": history,
                 **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
             }, checkpoint_path)
-        on_epoch()
+        if not last:  # the last epoch is reported with the final model's metrics, below
+            on_epoch(record)
 
     splits = {name: getattr(bundle, name) for name in ("train", "val", "test") if len(getattr(bundle, name))}
     outputs = recipe.predict(model, splits, ctx)
@@ -209,6 +212,8 @@ def train_run(
         history[-1].update({k.replace("test_", "avg_test_", 1): v for k, v in results.items() if k.startswith("test_")})
         if world.main:
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    if history:
+        on_epoch(history[-1])
     return RunResult("done", recipe.epochs, results)
 
 
