@@ -15,8 +15,9 @@ import argparse
 import inspect
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["main"]
 

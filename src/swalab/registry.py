@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
+from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["Registry", "import_callable"]
 
 
 def import_callable(spec: str, what: str) -> Callable[..., Any]:
     """The callable named by ``"package.module:attribute"`` (the attribute may be dotted).
+
+    The module comes from an installed package or the working directory (as with ``python -m``).
 
     Raises:
         ValueError: one line naming what failed: the form, the module, the attribute, or a value
@@ -34,6 +39,8 @@ def import_callable(spec: str, what: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr or ":" in attr:
         raise ValueError(f"{what} {spec!r} must have the form 'package.module:callable'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # like `python -m`: modules of the working directory
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
@@ -43,7 +50,7 @@ def import_callable(spec: str, what: str) -> Callable[..., Any]:
             raise ValueError(f"module {module_name!r} has no attribute {attr!r} (for {what} {spec!r})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{what} {spec!r} is a {type(obj).__name__}, not a callable")
+        raise ValueError(f"{what} {spec!r} is a {type(obj).__name__}, not a callable")  # noqa: TRY004 (a config error)
     return obj
 
 

@@ -8,7 +8,8 @@ each named tracker, one writer per (method, seed), step = epoch:
   ``tensorboard --logdir <out>/tb`` compares the methods;
 - ``csv``: ``<out>/<label>/seed<k>/metrics.csv``, one row per epoch;
 - ``mlflow``: a run ``<label>/seed<k>`` of the experiment named after the config, in the local
-  store ``file:<out>/mlruns``;
+  store ``sqlite:///<out>/mlflow.db`` (MLflow 3 keeps its ``file:`` store in maintenance mode and
+  refuses it by default);
 - ``wandb``: an offline W&B run under ``<out>/wandb`` (``wandb sync`` uploads it later).
 
 A resumed run continues its writers: TensorBoard purges the steps it writes again, the CSV file
@@ -126,9 +127,10 @@ class _MLflow:
     def __init__(self, store: Path, experiment: str, name: str, params: dict[str, Any], id_file: Path) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=store.resolve().as_uri())
+        self.client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=(store.parent / "mlartifacts").resolve().as_uri())
         if id_file.exists():
             self.run_id = json.loads(id_file.read_text())["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
@@ -200,7 +202,7 @@ def open_trackers(names: Sequence[str], out: Path, label: str, seed: int, config
         elif name == "csv":
             writers.append(_CSV(run_dir / "metrics.csv"))
         elif name == "mlflow":
-            writers.append(_MLflow(out / "mlruns", experiment, f"{label}/seed{seed}", params,
+            writers.append(_MLflow(out / "mlflow.db", experiment, f"{label}/seed{seed}", params,
                                    run_dir / "mlflow.json"))
         elif name == "wandb":
             writers.append(_Wandb(out, experiment, label, seed, {**config, "run": params}, run_dir))
