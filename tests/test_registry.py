@@ -104,8 +104,8 @@ def test_readme_own_model_example_runs_as_written(tmp_path):
     (tmp_path / "mine.yaml").write_text(config)
     script = f"import sys; from swalab.cli import main; sys.path.remove(''); sys.exit(main({command.split()[1:]!r}))"
     env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, check=False, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = (tmp_path / "runs/mine/results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and all(",done," in row for row in rows[1:])

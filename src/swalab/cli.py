@@ -7,7 +7,7 @@
     swalab run my_experiment.yaml --out runs/x
     torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
     swalab landscape runs/mnist1d --grid 21 --rays 10
-    swalab report runs/mnist1d --html
+    swalab report runs/mnist1d --html --format png,svg,pdf
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    build_report(args.run_dir, html_page=args.html)
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    build_report(args.run_dir, html_page=args.html, formats=formats)
     return 0
 
 
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="report of a run (Markdown + PNGs; --html: one self-contained page)")
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
     p.add_argument("--html", action="store_true", help="also write report/report.html with embedded images")
+    p.add_argument("--format", default="png", metavar="png,svg,pdf",
+                   help="figure files to write (PNG always: the pages show it), e.g. png,svg,pdf (default: png)")
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -10,8 +10,7 @@ import base64
 import html
 import json
 import math
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from .. import metrics
 from ..lab.stats import MethodSummary, primary_metric, summarize
 from ..lab.files import atomic_write_text
-from . import figures
+from . import export, figures
 from .rundir import RunDir
 
 __all__ = ["Block", "build_report", "format_value", "learning_curves", "results_tables"]
@@ -39,7 +38,8 @@ LANDSCAPE_FIGURES = (
 
 @dataclass
 class Block:
-    """One element of the report: ``kind`` is h1, h2, h3, p, note, code, table or figure."""
+    """One element of the report: ``kind`` is h1, h2, h3, p, note, code, table, figure or files
+    (``rows``: ``[name, path]`` of files written beside the report)."""
 
     kind: str
     text: str = ""
@@ -112,13 +112,16 @@ def _header(run: RunDir) -> list[Block]:
     return blocks
 
 
-def _results(run: RunDir) -> list[Block]:
+def _results(run: RunDir, out: Path) -> list[Block]:
     rows = run.results()
     blocks = [Block("h2", "Results"),
               Block("p", "Mean ± std over seeds; Δ = paired difference to the baseline over the same seeds with "
                          "its 95% t-interval; the raw value of every seed.")]
-    for _, _, table in results_tables(rows):
+    for metric, summaries, table in results_tables(rows):
         blocks.append(table)
+        files = export.write_table(out, f"table_{metric}", table.text, table.header, table.rows,
+                                   export.summary_csv(summaries, rows, metric))
+        blocks.append(Block("files", rows=[["CSV (full precision)", files[0].name], ["LaTeX (booktabs)", files[1].name]]))
     unfinished = sorted({r["method"] for r in rows if r["status"] != "done"})
     if unfinished:
         blocks.append(Block("note", f"not finished or diverged: {', '.join(unfinished)}"))
@@ -129,7 +132,8 @@ def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.nd
                                                      dict[str, tuple[np.ndarray, np.ndarray]]]:
     """From every ``metrics.jsonl``: per method the test metric over epochs averaged over seeds,
     ``{"epoch", "iterate", "average"}`` (``average``: the running average, NaN before it exists;
-    absent for methods without one), and the LR schedule of the first seed, ``(epochs, lr)``.
+    absent for methods without one) with the std over seeds as ``iterate_std``/``average_std``,
+    and the LR schedule of the first seed, ``(epochs, lr)``.
     """
     curves: dict[str, dict[str, np.ndarray]] = {}
     schedules: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -147,15 +151,22 @@ def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.nd
         if not by_key[metric]:
             continue
         epochs = sorted(by_key[metric])
-        curve = {"epoch": np.array(epochs), "iterate": np.array([np.mean(by_key[metric][e]) for e in epochs])}
+        curve = {"epoch": np.array(epochs), "iterate": np.array([np.mean(by_key[metric][e]) for e in epochs]),
+                 "iterate_std": np.array([_std(by_key[metric][e]) for e in epochs])}
         averages = by_key[f"avg_{metric}"]
         if averages:
             curve["average"] = np.array([np.mean(averages[e]) if e in averages else np.nan for e in epochs])
+            curve["average_std"] = np.array([_std(averages[e]) if e in averages else np.nan for e in epochs])
         curves[label] = curve
     return curves, schedules
 
 
-def _curves(run: RunDir, out: Path, metric: str) -> list[Block]:
+def _std(values: list[float]) -> float:
+    """Sample standard deviation over seeds (ddof 1, as in the results tables); 0 for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _curves(run: RunDir, out: Path, metric: str, formats: Sequence[str]) -> list[Block]:
     """Learning curves averaged over seeds and the LR schedules (first seed), from metrics.jsonl."""
     curves, schedules = learning_curves(run, metric)
     if not curves:
@@ -163,31 +174,32 @@ def _curves(run: RunDir, out: Path, metric: str) -> list[Block]:
                 Block("note", f"no metrics.jsonl under {run.path}; run the experiment with `{run.resume_command}`")]
     focus = [label for label in (run.default_label("sgd"), run.default_label("swa")) if label]
     blocks = [Block("h2", "Learning curves")]
-    blocks.append(Block("figure", f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds: the iterate (thin) "
-                                  "and, for averaging methods, the running average with BatchNorm recomputed "
-                                  "(dashed) — document 003's Figure 1.",
-                        image=figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png")))
+    blocks.append(Block("figure", f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
+                                  "the iterate (thin) and, for averaging methods, the running average with "
+                                  "BatchNorm recomputed (dashed) — document 003's Figure 1.",
+                        image=figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png",
+                                                             formats=formats)))
     blocks.append(Block("h2", "Learning-rate schedules"))
     blocks.append(Block("figure", f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
-                        image=figures.lr_figure(schedules, out / "lr_schedules.png")))
+                        image=figures.lr_figure(schedules, out / "lr_schedules.png", formats=formats)))
     return blocks
 
 
-def _landscape(run: RunDir, out: Path) -> list[Block]:
+def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     src = run.path / "landscape"
     summary_path = src / "landscape.json"
     if not summary_path.is_file():
         return [Block("h2", "Loss landscape"),
                 Block("note", f"no landscape in {src}; compute it with `swalab landscape {run.path}`")]
     try:
-        return _landscape_blocks(json.loads(summary_path.read_text()), src, out)
+        return _landscape_blocks(json.loads(summary_path.read_text()), src, out, formats)
     except (KeyError, TypeError, ValueError) as err:
         return [Block("h2", "Loss landscape"),
                 Block("note", f"{summary_path} is unreadable or from another swalab version ({err!r}); "
                               f"recompute it with `swalab landscape {run.path}`")]
 
 
-def _landscape_blocks(s: dict[str, Any], src: Path, out: Path) -> list[Block]:
+def _landscape_blocks(s: dict[str, Any], src: Path, out: Path, formats: Sequence[str]) -> list[Block]:
     blocks = [Block("h2", "Loss landscape")]
     blocks.append(Block("p", f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
                              f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}."))
@@ -208,9 +220,8 @@ def _landscape_blocks(s: dict[str, Any], src: Path, out: Path) -> list[Block]:
                             ["solution", "median width", "rays beyond the range"], rows))
     for piece, name, caption in LANDSCAPE_FIGURES:
         if piece in s and (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
             note = f" {s[piece]['note']}" if isinstance(s.get(piece), dict) and s[piece].get("note") else ""
-            blocks.append(Block("figure", caption + note, image=out / name))
+            blocks.append(Block("figure", caption + note, image=export.landscape_figure(name, s, src, out, formats)))
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
@@ -234,7 +245,7 @@ def _width_text(value: float | None, max_distance: float) -> str:
     return f"> {max_distance:.3g}" if value is None else f"{value:.3f}"
 
 
-def _calibration(run: RunDir, out: Path) -> list[Block]:
+def _calibration(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     ensembles = [m.label for m in run.cfg.methods if m.method in ("swag", "fge")]
     if not ensembles or primary_metric(run.results()) != "test_accuracy":
         return []
@@ -260,7 +271,26 @@ def _calibration(run: RunDir, out: Path) -> list[Block]:
         eces[label] = metrics.ece(probs, targets)
     blocks.append(Block("figure", f"Reliability diagrams of the final predictions (seed {summary['seed']}; SWAG: Bayesian "
                                   "model averaging over its samples, FGE: averaged member probabilities).",
-                        image=figures.reliability_figure(diagrams, eces, out / "reliability.png")))
+                        image=figures.reliability_figure(diagrams, eces, out / "reliability.png",
+                                                                 formats=formats)))
+    return blocks
+
+
+def _times(run: RunDir, out: Path) -> list[Block]:
+    """Run times from ``results.csv`` and the environment from ``meta.json``."""
+    blocks = [Block("h2", "Run times and environment")]
+    header, rows = export.run_times(run.results())
+    if rows:
+        caption = "Wall-clock time of the runs (a resumed run: the time of its last process)"
+        blocks.append(Block("table", caption, header, rows))
+        files = export.write_table(out, "table_run_times", caption, header, rows)
+        blocks.append(Block("files", rows=[["CSV", files[0].name], ["LaTeX (booktabs)", files[1].name]]))
+    else:
+        blocks.append(Block("note", "results.csv records no run times"))
+    meta_path = run.path / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        blocks.append(Block("table", "Environment (meta.json)", ["key", "value"], export.environment(meta)))
     return blocks
 
 
@@ -284,8 +314,17 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
             lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in b.rows]
             lines.append("")
         elif b.kind == "figure" and b.image is not None:
-            lines += [f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})", "", f"*{b.text}*", ""]
+            lines += [f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})", "",
+                      f"*{b.text}*" + "".join(f" [{p.suffix[1:].upper()}]({p.name})" for p in _vector_files(b.image)),
+                      ""]
+        elif b.kind == "files":
+            lines += [" · ".join(f"[{name}]({path})" for name, path in b.rows), ""]
     return "\n".join(lines)
+
+
+def _vector_files(image: Path) -> list[Path]:
+    """The SVG and PDF files written beside a figure's PNG."""
+    return [p for p in (image.with_suffix(".svg"), image.with_suffix(".pdf")) if p.is_file()]
 
 
 _CSS = """
@@ -299,7 +338,7 @@ th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 td { white-space: nowrap; } th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .scroll { overflow-x: auto; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
+figcaption { color: #555; font-size: 0.9em; } .files { font-size: 0.85em; margin-top: -1em; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5em 1em; }
 code, pre { background: #f6f6f6; padding: .1em .3em; } pre { padding: .6em; overflow-x: auto; }
 """
@@ -329,26 +368,36 @@ def render_html(blocks: list[Block], title: str) -> str:
                         f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
         elif b.kind == "figure" and b.image is not None:
             data = base64.b64encode(b.image.read_bytes()).decode("ascii")
+            vector = "".join(f' <a href="{html.escape(p.name)}">{p.suffix[1:].upper()}</a>'
+                             for p in _vector_files(b.image))
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.image.stem)}">'
-                        f"<figcaption>{_inline_code(b.text)}</figcaption></figure>")
+                        f"<figcaption>{_inline_code(b.text)}{vector}</figcaption></figure>")
+        elif b.kind == "files":
+            body.append('<p class="files">' + " · ".join(f'<a href="{html.escape(path)}">{html.escape(name)}</a>'
+                                                        for name, path in b.rows) + "</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def build_report(run_dir: str | Path, *, html_page: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write ``RUN_DIR/report/report.md`` (+ PNGs) and, with ``html_page``, ``report.html``.
+def build_report(run_dir: str | Path, *, html_page: bool = False, formats: Sequence[str] = ("png",),
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``RUN_DIR/report/report.md`` (+ PNGs, tables as CSV and LaTeX) and, with ``html_page``,
+    ``report.html``; ``formats`` adds ``svg`` and/or ``pdf`` files of every figure.
 
     Returns:
         ``{"markdown": path, "html": path or None, "figures": [paths], "missing": [notes]}``.
     """
+    unknown = sorted(set(formats) - set(figures.FORMATS))
+    if unknown:
+        raise ValueError(f"--format takes {', '.join(figures.FORMATS)}, got {', '.join(unknown)}")
     run = RunDir(run_dir)
     rows = run.results()
     out = run.path / "report"
     out.mkdir(exist_ok=True)
-    blocks = _header(run) + _results(run) + _curves(run, out, primary_metric(rows)) + _landscape(run, out) \
-        + _calibration(run, out)
+    blocks = _header(run) + _results(run, out) + _curves(run, out, primary_metric(rows), formats) \
+        + _landscape(run, out, formats) + _calibration(run, out, formats) + _times(run, out)
     markdown = out / "report.md"
     atomic_write_text(markdown, render_markdown(blocks, out))
     page = None
