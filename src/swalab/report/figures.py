@@ -286,7 +286,7 @@ def lr_figure(schedules: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path
     for i, (label, (epochs, lr)) in enumerate(schedules.items()):
         x = np.concatenate([epochs - 1, epochs[-1:]])  # epoch e runs from e - 1 to e
         ax.plot(x, np.concatenate([lr, lr[-1:]]), drawstyle="steps-post", label=label, lw=1.5,
-                color=f"C{i % 10}", alpha=0.85)
+                color=f"C{i % 10}", alpha=0.85, ls=("-", "--", ":", "-.")[i % 4])  # equal schedules stay visible
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_yscale("log")
