@@ -109,3 +109,20 @@ def test_readme_own_model_example_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = (tmp_path / "runs/mine/results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and all(",done," in row for row in rows[1:])
+
+
+def test_cli_version_and_list_with_options(capsys):
+    import swalab
+    from swalab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"swalab {swalab.__version__}\n"
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    options = {lines[i - 1].split()[0]: line.strip() for i, line in enumerate(lines)
+               if line.startswith(" " * 29) and not line.startswith(" " * 30)}
+    assert options["swa"] == "swa_lr=0.05, swa_start=None, schedule='reference', cycle=1, every=1"
+    assert options["mnist1d_cnn"] == "bn=False"
+    assert "sgd" in options and options["sgd"].startswith("schedule='reference'")
+    assert "none" not in options  # no options, no line
