@@ -70,14 +70,16 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
 
         # every results table also as CSV and booktabs LaTeX, linked under it
         captions = [t.find_element("tag name", "caption").text for t in tables]
-        assert captions[-2:] == ["Wall-clock time of the runs (a resumed run: the time of its last process)",
-                                 "Environment (meta.json)"]
-        assert [r.find_elements("tag name", "td")[0].text for r in tables[-2].find_elements("css selector",
-                                                                                           "tbody tr")] == [
-            "sgd", "swa", "swag", "all"]
+        assert captions[-2:] == [
+            "Wall-clock time of the runs (a resumed run: the time of its last process)",
+            "Environment (meta.json)"]
+        time_rows = tables[-2].find_elements("css selector", "tbody tr")
+        first_cells = [r.find_elements("tag name", "td")[0].text for r in time_rows]
+        assert first_cells == ["sgd", "swa", "swag", "all"]
         links = [a.get_attribute("href") for a in driver.find_elements("css selector", "p.files a")]
         names = [Path(link.removeprefix("file://")).name for link in links]
-        assert names == [f"table_{m}.{ext}" for m in ("test_accuracy", "test_loss", "test_ece", "run_times")
+        assert names == [f"table_{m}.{ext}"
+                         for m in ("test_accuracy", "test_loss", "test_ece", "run_times")
                          for ext in ("csv", "tex")]
         for link in links:
             text = Path(link.removeprefix("file://")).read_text()
@@ -93,7 +95,8 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         for alt, complete, width, height in images:
             assert complete and width > 0 and height > 0, f"figure {alt} did not decode"
         # each figure's SVG and PDF linked from its caption, and valid files of their kind
-        vector = [a.get_attribute("href") for a in driver.find_elements("css selector", "figcaption a")]
+        vector = [a.get_attribute("href")
+                  for a in driver.find_elements("css selector", "figcaption a")]
         assert sorted(Path(v).name for v in vector) == sorted(f"{alt}.{ext}" for alt, *_ in images
                                                               for ext in ("svg", "pdf"))
         for v in vector:

@@ -1,5 +1,6 @@
 """The report for a paper: spread bands, full y-range, equal-aspect planes, a visible legend, tables
 as CSV and booktabs LaTeX, SVG/PDF figures, run times; and the progress counter behind the ETA."""
+
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,9 @@ from swalab.report.rundir import RunDir
 def drawn(monkeypatch):
     """The matplotlib figures the figure functions build, instead of files."""
     figs = []
-    monkeypatch.setattr(figures, "_save", lambda fig, path, formats=("png",): figs.append(fig) or path)
+    monkeypatch.setattr(
+        figures, "_save", lambda fig, path, formats=("png",): figs.append(fig) or path
+    )
     return figs
 
 
@@ -35,21 +38,36 @@ def test_learning_curves_carry_the_std_over_seeds(tmp_path):
 
 
 def _curve(epochs, values, std):
-    return {"epoch": np.arange(1, epochs + 1), "iterate": np.asarray(values, float), "iterate_std": np.full(epochs, std)}
+    return {
+        "epoch": np.arange(1, epochs + 1),
+        "iterate": np.asarray(values, float),
+        "iterate_std": np.full(epochs, std),
+    }
 
 
 def test_learning_curves_figure_bands_full_range_and_inset(tmp_path, drawn):
-    rising = np.concatenate([[10, 40, 70], np.linspace(90, 92, 17)])  # first epochs far below the end
-    curves = {"sgd": _curve(20, rising, 0.5), "swa": {**_curve(20, rising + 0.5, 0.5),
-                                                      "average": np.r_[[np.nan] * 10, np.full(10, 93.0)],
-                                                      "average_std": np.r_[[np.nan] * 10, np.full(10, 0.4)]}}
+    rising = np.concatenate(
+        [[10, 40, 70], np.linspace(90, 92, 17)]
+    )  # first epochs far below the end
+    curves = {
+        "sgd": _curve(20, rising, 0.5),
+        "swa": {
+            **_curve(20, rising + 0.5, 0.5),
+            "average": np.r_[[np.nan] * 10, np.full(10, 93.0)],
+            "average_std": np.r_[[np.nan] * 10, np.full(10, 0.4)],
+        },
+    }
     figures.learning_curves_figure(curves, "test_accuracy", ["sgd", "swa"], tmp_path / "c.png")
-    left, right = drawn[0].axes[:2]
+    left = drawn[0].axes[0]
     assert left.get_ylim()[0] < 10 and left.get_ylim()[1] > 93  # nothing cut off
     bands = [c for c in left.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 3  # sgd, swa iterate, swa average
     (inset,) = left.child_axes
-    assert inset.get_xlim() == (10.0, 20.0) and 89 < inset.get_ylim()[0] < 90 and inset.get_ylim()[1] < 94
+    assert (
+        inset.get_xlim() == (10.0, 20.0)
+        and 89 < inset.get_ylim()[0] < 90
+        and inset.get_ylim()[1] < 94
+    )
     # a loss falling over two decades: log scale instead of an inset
     drawn.clear()
     loss = {"sgd": _curve(20, np.geomspace(5, 0.03, 20), 0.0)}
@@ -62,10 +80,12 @@ def test_learning_curves_figure_bands_full_range_and_inset(tmp_path, drawn):
 def test_plane_figure_equal_aspect_labels_and_visible_legend(tmp_path, drawn):
     a, b = np.meshgrid(np.linspace(-2, 17, 7), np.linspace(-0.3, 1.2, 5), indexing="ij")
     xy = np.stack([a, b], axis=-1)
-    values = {"train_loss": 0.1 + a ** 2 / 100 + b ** 2, "test_error": 10 + a + b}
+    values = {"train_loss": 0.1 + a**2 / 100 + b**2, "test_error": 10 + a + b}
     points = np.array([[0.0, 0.0], [15.0, 0.0], [14.0, 0.9]])
     path = {"sgd trajectory": np.array([[0.0, 0.0], [7.0, 0.5], [15.0, 0.0]])}
-    figures.plane_figure(xy, values, points, ["sgd start", "sgd end", "swa"], path, {}, "t", tmp_path / "p.png")
+    figures.plane_figure(
+        xy, values, points, ["sgd start", "sgd end", "swa"], path, {}, "t", tmp_path / "p.png"
+    )
     fig = drawn[0]
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert len(panels) == 2
@@ -73,7 +93,7 @@ def test_plane_figure_equal_aspect_labels_and_visible_legend(tmp_path, drawn):
         assert ax.get_aspect() == 1.0 and ax.get_xlabel().startswith("distance along û")
         assert ax.get_ylabel() == "distance along v̂ ⊥ û"
         assert [t.get_text() for t in ax.texts] == ["w₁: sgd start", "w₂: sgd end", "w₃: swa"]
-    fig.canvas.draw()  # constrained layout: a plane 19 wide and 1.5 high gets the panels one above the other
+    fig.canvas.draw()  # a plane 19 wide and 1.5 high: the panels one above the other
     assert panels[0].get_position().y0 > panels[1].get_position().y1
     (legend,) = fig.legends
     texts = [t.get_text() for t in legend.get_texts()]
@@ -85,14 +105,27 @@ def test_plane_figure_equal_aspect_labels_and_visible_legend(tmp_path, drawn):
 
 
 def test_latex_table_is_booktabs_with_escapes():
-    text = export.latex_table("test accuracy (%)", ["method", "mean ± std", "Δ [95% CI]"],
-                              [["swa_1", "95.93 ± 0.65", "-0.20 [-0.55, +0.95]"]], "tab:x")
+    text = export.latex_table(
+        "test accuracy (%)",
+        ["method", "mean ± std", "Δ [95% CI]"],
+        [["swa_1", "95.93 ± 0.65", "-0.20 [-0.55, +0.95]"]],
+        "tab:x",
+    )
     assert text.splitlines() == [
-        r"% needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering", r"\caption{test accuracy (\%)}",
-        r"\label{tab:x}", r"\begin{tabular}{lrr}", r"\toprule",
-        r"method & mean $\pm$ std & $\Delta$ [95\% CI] \\", r"\midrule",
-        r"swa\_1 & 95.93 $\pm$ 0.65 & $-$0.20 [$-$0.55, +0.95] \\", r"\bottomrule", r"\end{tabular}",
-        r"\end{table}"]
+        r"% needs \usepackage{booktabs}",
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\caption{test accuracy (\%)}",
+        r"\label{tab:x}",
+        r"\begin{tabular}{lrr}",
+        r"\toprule",
+        r"method & mean $\pm$ std & $\Delta$ [95\% CI] \\",
+        r"\midrule",
+        r"swa\_1 & 95.93 $\pm$ 0.65 & $-$0.20 [$-$0.55, +0.95] \\",
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
 
 
 def test_summary_csv_holds_summarize_numbers(tmp_path):
@@ -109,12 +142,18 @@ def test_summary_csv_holds_summarize_numbers(tmp_path):
 
 
 def test_run_times():
-    rows = [{"method": "sgd", "seconds": "1"}, {"method": "sgd", "seconds": "3"},
-            {"method": "swa", "seconds": "3721"}, {"method": "swa", "seconds": ""}]
+    rows = [
+        {"method": "sgd", "seconds": "1"},
+        {"method": "sgd", "seconds": "3"},
+        {"method": "swa", "seconds": "3721"},
+        {"method": "swa", "seconds": ""},
+    ]
     header, body = export.run_times(rows)
-    assert header[0] == "method" and body == [["sgd", "2", "2.0 ± 1.4", "4 s"], ["swa", "1", "3721.0 ± 0.0",
-                                                                              "1 h 02 min"],
-                                              ["all", "3", "1241.7", "1 h 02 min"]]
+    assert header[0] == "method" and body == [
+        ["sgd", "2", "2.0 ± 1.4", "4 s"],
+        ["swa", "1", "3721.0 ± 0.0", "1 h 02 min"],
+        ["all", "3", "1241.7", "1 h 02 min"],
+    ]
 
 
 def test_report_formats_and_tables(tmp_path, capsys):
@@ -128,9 +167,15 @@ def test_report_formats_and_tables(tmp_path, capsys):
     for stem in ("table_test_accuracy", "table_test_loss", "table_test_ece"):
         assert (out / f"{stem}.csv").is_file() and "\\toprule" in (out / f"{stem}.tex").read_text()
     markdown = report["markdown"].read_text()
-    assert "[CSV (full precision)](table_test_accuracy.csv) · [LaTeX (booktabs)](table_test_accuracy.tex)" in markdown
+    assert (
+        "[CSV (full precision)](table_test_accuracy.csv) · "
+        "[LaTeX (booktabs)](table_test_accuracy.tex)"
+        in markdown
+    )
     assert "[SVG](learning_curves.svg) [PDF](learning_curves.pdf)" in markdown
-    assert "**Environment (meta.json)**" in markdown and "results.csv records no run times" in markdown
+    assert (
+        "**Environment (meta.json)**" in markdown and "results.csv records no run times" in markdown
+    )
     assert main(["report", str(run), "--format", "png,gif"]) == 2
     assert capsys.readouterr().err.strip() == "swalab: error: --format takes png, svg, pdf, got gif"
 
@@ -140,7 +185,9 @@ def test_epoch_reporter_eta_counts_only_this_process(monkeypatch):
     4 / 2 · (7 − 2) = 10 s, not 4 / 2 · (10 − 2)."""
     from rich.progress import Progress
 
-    clock = itertools.chain([100.0], itertools.repeat(104.0))  # started at 100 s, both epochs seen at 104 s
+    clock = itertools.chain(
+        [100.0], itertools.repeat(104.0)
+    )  # started at 100 s, both epochs seen at 104 s
     monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(clock))
     bar = Progress(disable=True)
     task = bar.add_task("epochs", total=None)

@@ -25,8 +25,9 @@ __all__ = ["main"]
 def _options(builder: Callable[..., Any], skip: tuple[str, ...]) -> str:
     """``name=default`` for every keyword option of a registered builder."""
     params = inspect.signature(builder).parameters.values()
-    return ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
-                     for p in params if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    shown = [p for p in params
+             if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in shown)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -40,14 +41,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cfg = load_config(name)
         variants = f"  [variants: {', '.join(cfg.variants)}]" if cfg.variants else ""
         print(f"  {name:<26} {cfg.description}{variants}")
-    fixed = {"datasets": ("root", "download", "seed"), "models": ("in_shape", "num_outputs"), "methods": ("run",)}
+    fixed = {"datasets": ("root", "download", "seed"), "models": ("in_shape", "num_outputs"),
+             "methods": ("run",)}  # what the lab passes itself
     for title, registry in (("datasets", DATASETS), ("models", MODELS), ("methods", METHODS)):
-        print(f"{title}:  (options with their defaults; or name one of your own as package.module:callable)")
+        print(f"{title}:  (options with their defaults; your own: package.module:callable)")
         for name in registry.names():
             print(f"  {name:<26} {registry.describe(name)}")
             options = _options(registry.get(name), fixed[title])
             if options:
-                print(textwrap.fill(options, width=100, initial_indent=" " * 29, subsequent_indent=" " * 29))
+                indent = " " * 29
+                print(textwrap.fill(options, width=100, initial_indent=indent,
+                                    subsequent_indent=indent))
     return 0
 
 
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
     p.add_argument("--html", action="store_true", help="also write report/report.html with embedded images")
     p.add_argument("--format", default="png", metavar="png,svg,pdf",
-                   help="figure files to write (PNG always: the pages show it), e.g. png,svg,pdf (default: png)")
+                   help="figure files, e.g. png,svg,pdf (default: png; PNG always)")
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -14,6 +14,7 @@ Example:
     >>> MODELS.get("torch.nn:Identity")  # any importable callable
     <class 'torch.nn.modules.linear.Identity'>
 """
+
 from __future__ import annotations
 
 import difflib
@@ -39,18 +40,26 @@ def import_callable(spec: str, what: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr or ":" in attr:
         raise ValueError(f"{what} {spec!r} must have the form 'package.module:callable'")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # like `python -m`: modules of the working directory
+    if (
+        os.getcwd() not in sys.path and "" not in sys.path
+    ):  # like `python -m`: modules of the working directory
         sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for {what} {spec!r}: {err}") from None
+        raise ValueError(
+            f"cannot import module {module_name!r} for {what} {spec!r}: {err}"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (for {what} {spec!r})")
+            raise ValueError(
+                f"module {module_name!r} has no attribute {attr!r} (for {what} {spec!r})"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{what} {spec!r} is a {type(obj).__name__}, not a callable")  # noqa: TRY004 (a config error)
+        # a config error (ValueError: one line from the CLI), not a TypeError
+        kind = type(obj).__name__
+        raise ValueError(f"{what} {spec!r} is a {kind}, not a callable")  # noqa: TRY004
     return obj
 
 
@@ -78,14 +87,18 @@ class Registry:
         return decorator
 
     def _entry_points(self) -> dict[str, EntryPoint]:
-        return {ep.name: ep for ep in entry_points(group=self.group) if ep.name not in self._builders}
+        return {
+            ep.name: ep for ep in entry_points(group=self.group) if ep.name not in self._builders
+        }
 
     def get(self, name: str) -> Callable[..., Any]:
         if name in self._builders:
             return self._builders[name]
         plugin = self._entry_points().get(name)
         if plugin is not None:
-            return import_callable(plugin.value, f"{self.kind} {name!r} (entry point in {self.group})")
+            return import_callable(
+                plugin.value, f"{self.kind} {name!r} (entry point in {self.group})"
+            )
         if ":" in name:
             return import_callable(name, self.kind)
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)

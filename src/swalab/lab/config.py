@@ -68,7 +68,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     save_trajectory: bool = False  # keep the weights after every epoch (trajectory.pt), for landscapes
-    log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb (tracking.py)
+    log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb
 
 
 @dataclass

@@ -134,7 +134,7 @@ def run_experiment(
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
-    DATASETS.get(cfg.data.name)  # unknown names (or a user's module:callable that fails) before any work
+    DATASETS.get(cfg.data.name)  # unknown names, or a module:callable that fails, before any work
     MODELS.get(cfg.model.name)
     for m in cfg.methods:
         METHODS.get(m.method)
@@ -156,14 +156,15 @@ def run_experiment(
     with _progress(progress) as bar:
         task = bar.add_task("epochs", total=None)
         reporter = EpochReporter(bar, task, log, lines=not progress)
-        pretrain_todo = world.on_main(lambda: sorted({seed for seed, _ in todo if cfg.pretrain.epochs > 0
-                                                      and not (out / "pretrain" / f"seed{seed}.pt").exists()}))
+        pretrain_todo = world.on_main(lambda: sorted(
+            {seed for seed, _ in todo if not (out / "pretrain" / f"seed{seed}.pt").exists()}))
         for seed, method in todo:
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
                 bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
             bundle = bundles[seed]
             if bar.tasks[task].total is None:
-                reporter.set_total(_total_epochs(cfg, todo) + cfg.pretrain.epochs * len(pretrain_todo))
+                pretraining = cfg.pretrain.epochs * len(pretrain_todo)
+                reporter.set_total(_total_epochs(cfg, todo) + pretraining)
             bar.update(task, description=f"{method.label} seed {seed}")
             run_dir = out / method.label / f"seed{seed}"
             if world.main:
@@ -171,23 +172,26 @@ def run_experiment(
             start = time.perf_counter()
             run_epochs = _total_epochs(cfg, [(seed, method)])
             reported: list[int] = []
-            trackers = open_trackers(cfg.train.log if world.main else [], out, method.label, seed, to_dict(cfg))
+            trackers = open_trackers(cfg.train.log if world.main else [], out, method.label, seed,
+                                     to_dict(cfg))
 
             def on_epoch(record: dict[str, Any]) -> None:
                 if record.get("phase") == "pretrain":
                     reporter.epoch(f"pretrain seed {seed}", record, cfg.pretrain.epochs)
                     return
-                if not reported:  # a resumed run: the epochs done before it started are not run here
+                if not reported:  # a resumed run: the epochs it had done are not run here
                     reporter.skip(record["epoch"] - 1)
                 reported.append(record["epoch"])
                 trackers.log(record)
-                reporter.epoch(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}", record, run_epochs)
+                what = f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}"
+                reporter.epoch(what, record, run_epochs)
 
             try:
-                result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=on_epoch, world=world)
+                result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=on_epoch,
+                                   world=world)
             finally:
                 trackers.close()
-            # epochs not run here: all of a resumed run that had finished, or those after a divergence
+            # epochs not run here: all of a resumed run that had finished, those after a divergence
             reporter.skip(run_epochs - len(reported) - (reported[0] - 1 if reported else 0))
             row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
                    "seed": seed, "budget": method.budget,
@@ -195,7 +199,7 @@ def run_experiment(
                    "message": result.message, **result.metrics}
             if result.status == "diverged":
                 log(f"diverged: {result.message}; the other runs go on")
-            elif not progress:  # no live bar (not a terminal): a line per epoch above, one per run here
+            elif not progress:  # no live bar: a line per epoch (on_epoch), one per run here
                 metric = "test_mse" if "test_mse" in result.metrics else "test_accuracy"
                 log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
                     f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, "

@@ -15,6 +15,7 @@ each named tracker, one writer per (method, seed), step = epoch:
 A resumed run continues its writers: TensorBoard purges the steps it writes again, the CSV file
 drops rows past the checkpoint, MLflow and W&B reopen the same run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,7 +39,7 @@ TRACKERS = {"tensorboard": "tensorboard", "csv": None, "mlflow": "mlflow", "wand
 
 
 def check_trackers(names: Sequence[str], *, packages: bool = True) -> None:
-    """One-line ``ConfigError`` for an unknown tracker name or, with ``packages``, a missing package."""
+    """One-line ``ConfigError`` for an unknown tracker or, with ``packages``, a missing package."""
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"train.log: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
@@ -48,14 +49,22 @@ def check_trackers(names: Sequence[str], *, packages: bool = True) -> None:
         for name in names:
             package = TRACKERS[name]
             if package and importlib.util.find_spec(package) is None:
-                raise ConfigError(f"train.log: tracker {name!r} needs the package {package!r} "
-                                  f"(pip install {package})")
+                raise ConfigError(
+                    f"train.log: tracker {name!r} needs the package {package!r} "
+                    f"(pip install {package})"
+                )
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
     """The record's finite numbers, without the step (``epoch``)."""
-    return {k: float(v) for k, v in record.items()
-            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k != "epoch"
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
 
 
 class _TensorBoard:
@@ -64,7 +73,9 @@ class _TensorBoard:
         self.writer: Any = None
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.writer is None:  # opened at the first record: a resumed run purges the steps it rewrites
+        if (
+            self.writer is None
+        ):  # opened at the first record: a resumed run purges the steps it rewrites
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.log_dir), purge_step=record["epoch"])
@@ -78,7 +89,7 @@ class _TensorBoard:
 
 
 class _CSV:
-    """Wide CSV, one row per epoch; a key that appears later (the average) rewrites the file once."""
+    """Wide CSV, one row per epoch; a key appearing later (the average) rewrites the file once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -122,15 +133,22 @@ class _CSV:
 
 
 class _MLflow:
-    """A run of the local MLflow store; its id is kept in the run directory so a resume reopens it."""
+    """A run of the local MLflow store; its id is kept in the run directory for a resume."""
 
-    def __init__(self, store: Path, experiment: str, name: str, params: dict[str, Any], id_file: Path) -> None:
+    def __init__(
+        self, store: Path, experiment: str, name: str, params: dict[str, Any], id_file: Path
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=(store.parent / "mlartifacts").resolve().as_uri())
+        experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(
+                experiment, artifact_location=(store.parent / "mlartifacts").resolve().as_uri()
+            )
+        )
         if id_file.exists():
             self.run_id = json.loads(id_file.read_text())["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
@@ -145,8 +163,10 @@ class _MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, record["epoch"])
-                                                    for k, v in _scalars(record).items()])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(k, v, now, record["epoch"]) for k, v in _scalars(record).items()],
+        )
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -155,15 +175,24 @@ class _MLflow:
 class _Wandb:
     """An offline W&B run whose id is derived from the run directory, so a resume reopens it."""
 
-    def __init__(self, root: Path, project: str, label: str, seed: int, config: dict[str, Any],
-                 run_dir: Path) -> None:
+    def __init__(
+        self, root: Path, project: str, label: str, seed: int, config: dict[str, Any], run_dir: Path
+    ) -> None:
         import wandb
 
         run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
         root.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, group=label, name=f"{label}/seed{seed}", id=run_id,
-                              resume="allow", dir=str(root), mode="offline", config=config,
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=project,
+            group=label,
+            name=f"{label}/seed{seed}",
+            id=run_id,
+            resume="allow",
+            dir=str(root),
+            mode="offline",
+            config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(_scalars(record), step=record["epoch"])
@@ -187,14 +216,20 @@ class RunTrackers:
             writer.close()
 
 
-def open_trackers(names: Sequence[str], out: Path, label: str, seed: int, config: dict[str, Any]) -> RunTrackers:
+def open_trackers(
+    names: Sequence[str], out: Path, label: str, seed: int, config: dict[str, Any]
+) -> RunTrackers:
     """The writers ``names`` for run ``<out>/<label>/seed<seed>`` of the experiment ``config``."""
     run_dir = out / label / f"seed{seed}"
     experiment = str(config.get("name", "experiment"))
     method = next((m for m in config.get("methods", []) if m.get("label") == label), {})
-    params = {"method": method.get("method", label), "label": label, "seed": seed,
-              "budget": method.get("budget", 1.0), **{f"options.{k}": v for k, v in
-                                                     method.get("options", {}).items()}}
+    params = {
+        "method": method.get("method", label),
+        "label": label,
+        "seed": seed,
+        "budget": method.get("budget", 1.0),
+        **{f"options.{k}": v for k, v in method.get("options", {}).items()},
+    }
     writers: list[Any] = []
     for name in names:
         if name == "tensorboard":
@@ -202,8 +237,15 @@ def open_trackers(names: Sequence[str], out: Path, label: str, seed: int, config
         elif name == "csv":
             writers.append(_CSV(run_dir / "metrics.csv"))
         elif name == "mlflow":
-            writers.append(_MLflow(out / "mlflow.db", experiment, f"{label}/seed{seed}", params,
-                                   run_dir / "mlflow.json"))
+            writers.append(
+                _MLflow(
+                    out / "mlflow.db",
+                    experiment,
+                    f"{label}/seed{seed}",
+                    params,
+                    run_dir / "mlflow.json",
+                )
+            )
         elif name == "wandb":
             writers.append(_Wandb(out, experiment, label, seed, {**config, "run": params}, run_dir))
     return RunTrackers(writers)
@@ -237,17 +279,22 @@ class EpochReporter:
         return elapsed / self.done * max(self.total - self.done, 0) if self.done else math.nan
 
     def epoch(self, what: str, record: dict[str, Any], of: int) -> None:
-        """One finished epoch ``record["epoch"]`` of ``of`` of the run (or pre-training) ``what``."""
+        """Epoch ``record["epoch"]`` of ``of`` of the run (or pre-training) ``what`` is done."""
         self.done += 1
         self.bar.advance(self.task)
         if not self.lines:
             return
-        metrics = " ".join(f"{k} {v:.4g}" for k, v in record.items()
-                           if k in ("train_loss", "test_accuracy", "avg_test_accuracy", "test_mse", "avg_test_mse")
-                           and isinstance(v, (int, float)))
+        metrics = " ".join(
+            f"{k} {v:.4g}"
+            for k, v in record.items()
+            if k in ("train_loss", "test_accuracy", "avg_test_accuracy", "test_mse", "avg_test_mse")
+            and isinstance(v, (int, float))
+        )
         elapsed = time.perf_counter() - self.started
-        self.log(f"{what} epoch {record['epoch']}/{of}: {metrics}{' ' if metrics else ''}"
-                 f"[{self.done}/{self.total} epochs, {elapsed:.0f} s, ETA {self.eta_text()}]")
+        self.log(
+            f"{what} epoch {record['epoch']}/{of}: {metrics}{' ' if metrics else ''}"
+            f"[{self.done}/{self.total} epochs, {elapsed:.0f} s, ETA {self.eta_text()}]"
+        )
 
     def eta_text(self) -> str:
         return "?" if math.isnan(self.eta()) else f"{self.eta():.0f} s"

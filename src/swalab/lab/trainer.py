@@ -68,8 +68,8 @@ def build_model(cfg: ExperimentConfig, bundle: DataBundle, seed: int) -> nn.Modu
 
 
 def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, device: torch.device,
-             world: World = World(), on_epoch: Callable[[dict[str, Any]], None] = lambda record: None
-             ) -> dict[str, Tensor]:
+             world: World = World(),
+             on_epoch: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
     cached = world.on_main(lambda: load_torch(path) if path.exists() else None)
     if cached is not None:

@@ -121,7 +121,8 @@ def _results(run: RunDir, out: Path) -> list[Block]:
         blocks.append(table)
         files = export.write_table(out, f"table_{metric}", table.text, table.header, table.rows,
                                    export.summary_csv(summaries, rows, metric))
-        blocks.append(Block("files", rows=[["CSV (full precision)", files[0].name], ["LaTeX (booktabs)", files[1].name]]))
+        blocks.append(Block("files", rows=[["CSV (full precision)", files[0].name],
+                                           ["LaTeX (booktabs)", files[1].name]]))
     unfinished = sorted({r["method"] for r in rows if r["status"] != "done"})
     if unfinished:
         blocks.append(Block("note", f"not finished or diverged: {', '.join(unfinished)}"))
@@ -151,12 +152,15 @@ def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.nd
         if not by_key[metric]:
             continue
         epochs = sorted(by_key[metric])
-        curve = {"epoch": np.array(epochs), "iterate": np.array([np.mean(by_key[metric][e]) for e in epochs]),
-                 "iterate_std": np.array([_std(by_key[metric][e]) for e in epochs])}
+        iterates = by_key[metric]
+        curve = {"epoch": np.array(epochs),
+                 "iterate": np.array([np.mean(iterates[e]) for e in epochs]),
+                 "iterate_std": np.array([_std(iterates[e]) for e in epochs])}
         averages = by_key[f"avg_{metric}"]
         if averages:
             curve["average"] = np.array([np.mean(averages[e]) if e in averages else np.nan for e in epochs])
-            curve["average_std"] = np.array([_std(averages[e]) if e in averages else np.nan for e in epochs])
+            curve["average_std"] = np.array([_std(averages[e]) if e in averages else np.nan
+                                             for e in epochs])
         curves[label] = curve
     return curves, schedules
 
@@ -174,14 +178,16 @@ def _curves(run: RunDir, out: Path, metric: str, formats: Sequence[str]) -> list
                 Block("note", f"no metrics.jsonl under {run.path}; run the experiment with `{run.resume_command}`")]
     focus = [label for label in (run.default_label("sgd"), run.default_label("swa")) if label]
     blocks = [Block("h2", "Learning curves")]
-    blocks.append(Block("figure", f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
-                                  "the iterate (thin) and, for averaging methods, the running average with "
-                                  "BatchNorm recomputed (dashed) — document 003's Figure 1.",
-                        image=figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png",
-                                                             formats=formats)))
+    caption = (f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
+               "the iterate (thin) and, for averaging methods, the running average with "
+               "BatchNorm recomputed (dashed) — document 003's Figure 1.")
+    image = figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png",
+                                           formats=formats)
+    blocks.append(Block("figure", caption, image=image))
     blocks.append(Block("h2", "Learning-rate schedules"))
     blocks.append(Block("figure", f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
-                        image=figures.lr_figure(schedules, out / "lr_schedules.png", formats=formats)))
+                        image=figures.lr_figure(schedules, out / "lr_schedules.png",
+                                                formats=formats)))
     return blocks
 
 
@@ -199,7 +205,8 @@ def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
                               f"recompute it with `swalab landscape {run.path}`")]
 
 
-def _landscape_blocks(s: dict[str, Any], src: Path, out: Path, formats: Sequence[str]) -> list[Block]:
+def _landscape_blocks(s: dict[str, Any], src: Path, out: Path,
+                      formats: Sequence[str]) -> list[Block]:
     blocks = [Block("h2", "Loss landscape")]
     blocks.append(Block("p", f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
                              f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}."))
@@ -221,7 +228,8 @@ def _landscape_blocks(s: dict[str, Any], src: Path, out: Path, formats: Sequence
     for piece, name, caption in LANDSCAPE_FIGURES:
         if piece in s and (src / name).is_file():
             note = f" {s[piece]['note']}" if isinstance(s.get(piece), dict) and s[piece].get("note") else ""
-            blocks.append(Block("figure", caption + note, image=export.landscape_figure(name, s, src, out, formats)))
+            image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
+            blocks.append(Block("figure", caption + note, image=image))
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
@@ -284,13 +292,15 @@ def _times(run: RunDir, out: Path) -> list[Block]:
         caption = "Wall-clock time of the runs (a resumed run: the time of its last process)"
         blocks.append(Block("table", caption, header, rows))
         files = export.write_table(out, "table_run_times", caption, header, rows)
-        blocks.append(Block("files", rows=[["CSV", files[0].name], ["LaTeX (booktabs)", files[1].name]]))
+        blocks.append(Block("files", rows=[["CSV", files[0].name],
+                                           ["LaTeX (booktabs)", files[1].name]]))
     else:
         blocks.append(Block("note", "results.csv records no run times"))
     meta_path = run.path / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        blocks.append(Block("table", "Environment (meta.json)", ["key", "value"], export.environment(meta)))
+        blocks.append(Block("table", "Environment (meta.json)", ["key", "value"],
+                            export.environment(meta)))
     return blocks
 
 
@@ -314,9 +324,9 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
             lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in b.rows]
             lines.append("")
         elif b.kind == "figure" and b.image is not None:
+            vector = "".join(f" [{p.suffix[1:].upper()}]({p.name})" for p in _vector_files(b.image))
             lines += [f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})", "",
-                      f"*{b.text}*" + "".join(f" [{p.suffix[1:].upper()}]({p.name})" for p in _vector_files(b.image)),
-                      ""]
+                      f"*{b.text}*{vector}", ""]
         elif b.kind == "files":
             lines += [" · ".join(f"[{name}]({path})" for name, path in b.rows), ""]
     return "\n".join(lines)
@@ -373,8 +383,9 @@ def render_html(blocks: list[Block], title: str) -> str:
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.image.stem)}">'
                         f"<figcaption>{_inline_code(b.text)}{vector}</figcaption></figure>")
         elif b.kind == "files":
-            body.append('<p class="files">' + " · ".join(f'<a href="{html.escape(path)}">{html.escape(name)}</a>'
-                                                        for name, path in b.rows) + "</p>")
+            links = (f'<a href="{html.escape(path)}">{html.escape(name)}</a>'
+                     for name, path in b.rows)
+            body.append('<p class="files">' + " · ".join(links) + "</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"

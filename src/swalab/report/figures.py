@@ -3,6 +3,7 @@
 Every figure is written as PNG (what the Markdown and HTML pages show) and, with ``formats``, also
 as SVG and PDF beside it (vector files for a paper), each through a temporary file and a rename.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ __all__ = [
 SWA_COLOR, SGD_COLOR = "tab:blue", "tab:orange"
 DPI = 200  # PNG resolution (SVG and PDF are vector files)
 FORMATS = ("png", "svg", "pdf")
-# The paper's plane figures (dnn-mode-connectivity plane_plot.py): clip values, log_alpha of the levels.
+# The paper's plane figures (dnn-mode-connectivity plane_plot.py): clip values, levels' log_alpha.
 TRAIN_LOSS_CLIP, TRAIN_LOSS_LOG_ALPHA = 5.0, -5.0
 TEST_ERROR_CLIP, TEST_ERROR_LOG_ALPHA = 40.0, -1.0
 
@@ -40,11 +41,18 @@ def _save(fig: Figure, path: Path, formats: Sequence[str] = ("png",)) -> Path:
     """Write ``fig`` as ``path`` (PNG) and as each other format in ``formats`` beside it."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        raise ValueError(f"figure formats must be among {', '.join(FORMATS)}, got {', '.join(unknown)}")
+        raise ValueError(
+            f"figure formats must be among {', '.join(FORMATS)}, got {', '.join(unknown)}"
+        )
     for fmt in dict.fromkeys(["png", *formats]):
         with atomic_output(path.with_suffix(f".{fmt}")) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight",
-                        metadata={"Date": None} if fmt == "svg" else None)  # reproducible SVG files
+            fig.savefig(
+                tmp,
+                format=fmt,
+                dpi=DPI,
+                bbox_inches="tight",
+                metadata={"Date": None} if fmt == "svg" else None,
+            )  # reproducible SVG files
     return path
 
 
@@ -55,7 +63,15 @@ def _error_label(values: Mapping[str, np.ndarray]) -> tuple[str, str]:
     return "test_error", "test error (%)"
 
 
-def line_figure(ts: np.ndarray, values: Mapping[str, np.ndarray], sgd: str, swa: str, path: Path, *, formats: Sequence[str] = ("png",)) -> Path:
+def line_figure(
+    ts: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Train loss and test error along ``t * w_SGD + (1 - t) * w_SWA`` (paper Fig. 5)."""
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
@@ -74,7 +90,14 @@ def line_figure(ts: np.ndarray, values: Mapping[str, np.ndarray], sgd: str, swa:
     return _save(fig, path, formats)
 
 
-def rays_figure(arrays: Mapping[str, np.ndarray], sgd: str, swa: str, path: Path, *, formats: Sequence[str] = ("png",)) -> Path:
+def rays_figure(
+    arrays: Mapping[str, np.ndarray],
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Train loss and test error along random rays from both solutions (paper Fig. 4)."""
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
@@ -89,12 +112,22 @@ def rays_figure(arrays: Mapping[str, np.ndarray], sgd: str, swa: str, path: Path
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"random rays w + t·d/‖d‖, d ~ N(0, I), {len(arrays['swa_train_loss'])} directions")
+    fig.suptitle(
+        f"random rays w + t·d/‖d‖, d ~ N(0, I), {len(arrays['swa_train_loss'])} directions"
+    )
     return _save(fig, path, formats)
 
 
-def width_figure(widths: Mapping[str, Sequence[float]], max_distance: float, rise: float, sgd: str, swa: str,
-                 path: Path, *, formats: Sequence[str] = ("png",)) -> Path:
+def width_figure(
+    widths: Mapping[str, Sequence[float]],
+    max_distance: float,
+    rise: float,
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Per solution, the distance along each ray at which the train loss has risen by ``rise``."""
     fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
@@ -103,9 +136,17 @@ def width_figure(widths: Mapping[str, Sequence[float]], max_distance: float, ris
         inside = np.isfinite(w)
         jitter = np.linspace(-0.12, 0.12, len(w)) if len(w) > 1 else np.zeros(1)
         ax.scatter(i + jitter[inside], w[inside], color=color, s=18)
-        ax.scatter(i + jitter[~inside], np.full((~inside).sum(), max_distance), color=color, marker="^", s=24)
+        ax.scatter(
+            i + jitter[~inside],
+            np.full((~inside).sum(), max_distance),
+            color=color,
+            marker="^",
+            s=24,
+        )
         if inside.any():
-            ax.hlines(np.median(np.where(inside, w, max_distance)), i - 0.25, i + 0.25, color=color, lw=2)
+            ax.hlines(
+                np.median(np.where(inside, w, max_distance)), i - 0.25, i + 0.25, color=color, lw=2
+            )
     ax.set_xticks([0, 1], [swa, sgd])
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylim(0, max_distance * 1.05)
@@ -123,11 +164,20 @@ def _level_format(levels: np.ndarray) -> str:
     return f"%.{digits}g"
 
 
-def _plane_panel(fig: Figure, ax: Axes, xy: np.ndarray, values: np.ndarray, clip: float | None, log_alpha: float,
-                 title: str) -> None:
+def _plane_panel(
+    fig: Figure,
+    ax: Axes,
+    xy: np.ndarray,
+    values: np.ndarray,
+    clip: float | None,
+    log_alpha: float,
+    title: str,
+) -> None:
     levels = log_levels(values, clip, log_alpha)
     norm = colors.BoundaryNorm(levels, 256, extend="max")
-    filled = ax.contourf(xy[..., 0], xy[..., 1], values, levels=levels, cmap="viridis", norm=norm, extend="max")
+    filled = ax.contourf(
+        xy[..., 0], xy[..., 1], values, levels=levels, cmap="viridis", norm=norm, extend="max"
+    )
     ax.contour(xy[..., 0], xy[..., 1], values, levels=levels, colors="k", linewidths=0.5, alpha=0.4)
     bar = fig.colorbar(filled, ax=ax, ticks=levels, format=_level_format(levels), shrink=0.9)
     bar.ax.tick_params(labelsize=7)
@@ -144,40 +194,103 @@ def _plane_panel(fig: Figure, ax: Axes, xy: np.ndarray, values: np.ndarray, clip
 _OUTLINED = [patheffects.Stroke(linewidth=3.0, foreground="k"), patheffects.Normal()]
 
 
-def plane_figure(xy: np.ndarray, values: Mapping[str, np.ndarray], points: np.ndarray, labels: Sequence[str],
-                 paths: Mapping[str, np.ndarray], marks: Mapping[str, np.ndarray], title: str, path: Path, *,
-                 formats: Sequence[str] = ("png",)) -> Path:
+def plane_figure(
+    xy: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    points: np.ndarray,
+    labels: Sequence[str],
+    paths: Mapping[str, np.ndarray],
+    marks: Mapping[str, np.ndarray],
+    title: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Train loss and test error on the plane through w₁, w₂, w₃ (paper Fig. 1, 3), in the paper's
-    style: log-scaled contour levels, equal aspect, the three points and the projected trajectory."""
+    style: log-scaled contour levels, equal aspect, the three points, the projected trajectory."""
     key, label = _error_label(values)
     span_x = float(np.ptp(xy[..., 0])) or 1.0
     ratio = float(np.ptp(xy[..., 1])) / span_x
     stacked = ratio < 0.5  # a long thin plane: the panels one above the other, each the full width
     panel_w = 10.0 if stacked else 5.6
     panel_h = min(max(panel_w * ratio, 1.0), 6.0) + 0.9
-    fig = Figure(figsize=(panel_w + 1.6, 2 * panel_h + 1.2) if stacked else (2 * panel_w + 2.4, panel_h + 1.4),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(panel_w + 1.6, 2 * panel_h + 1.2)
+        if stacked
+        else (2 * panel_w + 2.4, panel_h + 1.4),
+        layout="constrained",
+    )
     axes = fig.subplots(2, 1) if stacked else fig.subplots(1, 2)
-    panels = (("train_loss", TRAIN_LOSS_CLIP, TRAIN_LOSS_LOG_ALPHA, f"train loss (clipped at {TRAIN_LOSS_CLIP:g})"),
-              (key, TEST_ERROR_CLIP if key == "test_error" else None,
-               TEST_ERROR_LOG_ALPHA if key == "test_error" else TRAIN_LOSS_LOG_ALPHA,
-               f"{label}" + (f" (clipped at {TEST_ERROR_CLIP:g}%)" if key == "test_error" else "")))
+    panels = (
+        (
+            "train_loss",
+            TRAIN_LOSS_CLIP,
+            TRAIN_LOSS_LOG_ALPHA,
+            f"train loss (clipped at {TRAIN_LOSS_CLIP:g})",
+        ),
+        (
+            key,
+            TEST_ERROR_CLIP if key == "test_error" else None,
+            TEST_ERROR_LOG_ALPHA if key == "test_error" else TRAIN_LOSS_LOG_ALPHA,
+            f"{label}" + (f" (clipped at {TEST_ERROR_CLIP:g}%)" if key == "test_error" else ""),
+        ),
+    )
     x_mid = 0.5 * (xy[..., 0].min() + xy[..., 0].max())
     for ax, (k, clip, log_alpha, panel_title) in zip(axes, panels):
         _plane_panel(fig, ax, xy, values[k], clip, log_alpha, panel_title)
         for name, p in paths.items():
-            ax.plot(p[:, 0], p[:, 1], color="w", lw=1.4, marker=".", ms=5, label=name, path_effects=_OUTLINED,
-                    zorder=3)
-        ax.scatter(points[:, 0], points[:, 1], color="k", edgecolors="w", marker="o", s=45, zorder=4,
-                   label="w₁, w₂, w₃")
+            ax.plot(
+                p[:, 0],
+                p[:, 1],
+                color="w",
+                lw=1.4,
+                marker=".",
+                ms=5,
+                label=name,
+                path_effects=_OUTLINED,
+                zorder=3,
+            )
+        ax.scatter(
+            points[:, 0],
+            points[:, 1],
+            color="k",
+            edgecolors="w",
+            marker="o",
+            s=45,
+            zorder=4,
+            label="w₁, w₂, w₃",
+        )
         for i, ((x, y), text) in enumerate(zip(points, labels)):
-            ax.annotate(f"w{'₁₂₃'[i]}: {text}", (x, y), textcoords="offset points",
-                        xytext=(6 if x < x_mid else -6, 6), fontsize=8, ha="left" if x < x_mid else "right",
-                        zorder=6, bbox={"boxstyle": "round,pad=0.2", "fc": "w", "alpha": 0.8})
+            ax.annotate(
+                f"w{'₁₂₃'[i]}: {text}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(6 if x < x_mid else -6, 6),
+                fontsize=8,
+                ha="left" if x < x_mid else "right",
+                zorder=6,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "w", "alpha": 0.8},
+            )
         for (name, p), marker in zip(marks.items(), ("*", "X", "P")):
-            ax.scatter([p[0]], [p[1]], color="r", edgecolors="w", marker=marker, s=110, zorder=5, label=name)
+            ax.scatter(
+                [p[0]],
+                [p[1]],
+                color="r",
+                edgecolors="w",
+                marker=marker,
+                s=110,
+                zorder=5,
+                label=name,
+            )
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4), fontsize=8, framealpha=1.0)
+    fig.legend(
+        handles,
+        names,
+        loc="outside lower center",
+        ncols=min(len(names), 4),
+        fontsize=8,
+        framealpha=1.0,
+    )
     fig.suptitle(title)
     return _save(fig, path, formats)
 
@@ -189,7 +302,9 @@ def _curve(ax: Axes, x: np.ndarray, y: np.ndarray, std: np.ndarray | None, **sty
         ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.18, lw=0)
 
 
-def _late_window(curves: Mapping[str, Mapping[str, np.ndarray]], keys: Sequence[str]) -> tuple[float, float, float]:
+def _late_window(
+    curves: Mapping[str, Mapping[str, np.ndarray]], keys: Sequence[str]
+) -> tuple[float, float, float]:
     """The first epoch of the second half and the y-range of every curve ± std from there on."""
     last = max(float(c["epoch"][-1]) for c in curves.values())
     start = max(1.0, 0.5 * last)
@@ -204,8 +319,14 @@ def _late_window(curves: Mapping[str, Mapping[str, np.ndarray]], keys: Sequence[
     return start, float(min(lows)), float(max(highs))
 
 
-def learning_curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], metric: str, focus: Sequence[str],
-                           path: Path, *, formats: Sequence[str] = ("png",)) -> Path:
+def learning_curves_figure(
+    curves: Mapping[str, Mapping[str, np.ndarray]],
+    metric: str,
+    focus: Sequence[str],
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Test metric over epochs: the SGD iterate and the running SWA model (document 003, Fig. 1),
     mean over seeds with a ± std band, on the full y-range.
 
@@ -227,28 +348,53 @@ def learning_curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], metri
         # before averaging starts, a method's model is its iterate
         if "average" in c:
             before = np.isnan(c["average"])
-            own[label] = {"epoch": c["epoch"], "own": np.where(before, c["iterate"], c["average"]),
-                          "own_std": np.where(before, c.get("iterate_std", 0 * c["iterate"]),
-                                              c.get("average_std", 0 * c["iterate"]))}
+            own[label] = {
+                "epoch": c["epoch"],
+                "own": np.where(before, c["iterate"], c["average"]),
+                "own_std": np.where(
+                    before,
+                    c.get("iterate_std", 0 * c["iterate"]),
+                    c.get("average_std", 0 * c["iterate"]),
+                ),
+            }
         else:
             own[label] = {"epoch": c["epoch"], "own": c["iterate"], "own_std": c.get("iterate_std")}
 
     def draw_left(ax: Axes) -> None:
         for label in (f for f in focus if f in curves):
             c = curves[label]
-            _curve(ax, c["epoch"], c["iterate"], c.get("iterate_std"), color=color[label], lw=1.2,
-                   label=f"{label} (iterate)" if "average" in c else label)
+            _curve(
+                ax,
+                c["epoch"],
+                c["iterate"],
+                c.get("iterate_std"),
+                color=color[label],
+                lw=1.2,
+                label=f"{label} (iterate)" if "average" in c else label,
+            )
             if "average" in c:
-                _curve(ax, c["epoch"], c["average"], c.get("average_std"), color=color[label], lw=2.2, ls="--",
-                       label=f"{label} (running average)")
+                _curve(
+                    ax,
+                    c["epoch"],
+                    c["average"],
+                    c.get("average_std"),
+                    color=color[label],
+                    lw=2.2,
+                    ls="--",
+                    label=f"{label} (running average)",
+                )
 
     def draw_right(ax: Axes) -> None:
         for label, c in own.items():
-            _curve(ax, c["epoch"], c["own"], c.get("own_std"), color=color[label], lw=1.5, label=label)
+            _curve(
+                ax, c["epoch"], c["own"], c.get("own_std"), color=color[label], lw=1.5, label=label
+            )
 
     unit = " (%)" if metric.endswith("accuracy") else ""
-    panels = ((left, draw_left, {k: curves[k] for k in focus if k in curves}, ("iterate", "average")),
-              (right, draw_right, own, ("own",)))
+    panels = (
+        (left, draw_left, {k: curves[k] for k in focus if k in curves}, ("iterate", "average")),
+        (right, draw_right, own, ("own",)),
+    )
     for ax, draw, shown, keys in panels:
         draw(ax)
         ax.set_xlabel("epoch")
@@ -279,14 +425,27 @@ def learning_curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], metri
     return _save(fig, path, formats)
 
 
-def lr_figure(schedules: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, *, formats: Sequence[str] = ("png",)) -> Path:
-    """Learning rate of every method: the value at the first step of each epoch, held through the epoch."""
+def lr_figure(
+    schedules: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Learning rate of every method: its value at the first step of each epoch, held for it."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     ax = fig.subplots()
     for i, (label, (epochs, lr)) in enumerate(schedules.items()):
         x = np.concatenate([epochs - 1, epochs[-1:]])  # epoch e runs from e - 1 to e
-        ax.plot(x, np.concatenate([lr, lr[-1:]]), drawstyle="steps-post", label=label, lw=1.5,
-                color=f"C{i % 10}", alpha=0.85, ls=("-", "--", ":", "-.")[i % 4])  # equal schedules stay visible
+        ax.plot(
+            x,
+            np.concatenate([lr, lr[-1:]]),
+            drawstyle="steps-post",
+            label=label,
+            lw=1.5,
+            color=f"C{i % 10}",
+            alpha=0.85,
+            ls=("-", "--", ":", "-.")[i % 4],
+        )  # equal schedules stay visible
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_yscale("log")
@@ -295,8 +454,13 @@ def lr_figure(schedules: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path
     return _save(fig, path, formats)
 
 
-def reliability_figure(diagrams: Mapping[str, Mapping[str, Sequence[float]]], eces: Mapping[str, float],
-                       path: Path, *, formats: Sequence[str] = ("png",)) -> Path:
+def reliability_figure(
+    diagrams: Mapping[str, Mapping[str, Sequence[float]]],
+    eces: Mapping[str, float],
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Reliability diagrams: accuracy minus confidence per equal-mass bin (SWAG paper style)."""
     fig = Figure(figsize=(11, 4))
     left, right = fig.subplots(1, 2)
