@@ -156,8 +156,8 @@ def run_experiment(
     with _progress(progress) as bar:
         task = bar.add_task("epochs", total=None)
         reporter = EpochReporter(bar, task, log, lines=not progress)
-        pretrain_todo = world.on_main(lambda: sorted(
-            {seed for seed, _ in todo if not (out / "pretrain" / f"seed{seed}.pt").exists()}))
+        pretrain_todo = set(world.on_main(lambda: sorted(
+            {seed for seed, _ in todo if not (out / "pretrain" / f"seed{seed}.pt").exists()})))
         for seed, method in todo:
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
                 bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
@@ -165,7 +165,8 @@ def run_experiment(
             if bar.tasks[task].total is None:
                 pretraining = cfg.pretrain.epochs * len(pretrain_todo)
                 reporter.set_total(_total_epochs(cfg, todo) + pretraining)
-            bar.update(task, description=f"{method.label} seed {seed}")
+            pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
+            bar.update(task, description=f"{'pretrain' if pretraining_now else method.label} seed {seed}")
             run_dir = out / method.label / f"seed{seed}"
             if world.main:
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +179,9 @@ def run_experiment(
             def on_epoch(record: dict[str, Any]) -> None:
                 if record.get("phase") == "pretrain":
                     reporter.epoch(f"pretrain seed {seed}", record, cfg.pretrain.epochs)
+                    if record["epoch"] == cfg.pretrain.epochs:  # the bar names the run again
+                        pretrain_todo.discard(seed)
+                        bar.update(task, description=f"{method.label} seed {seed}")
                     return
                 if not reported:  # a resumed run: the epochs it had done are not run here
                     reporter.skip(record["epoch"] - 1)
