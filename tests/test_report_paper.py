@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 
 import numpy as np
 import pytest
@@ -181,13 +180,12 @@ def test_report_formats_and_tables(tmp_path, capsys):
 
 
 def test_epoch_reporter_eta_counts_only_this_process(monkeypatch):
-    """10 epochs planned, 3 of them done before a resume: after 2 epochs in 4 s the ETA is
-    4 / 2 · (7 − 2) = 10 s, not 4 / 2 · (10 − 2)."""
+    """10 epochs planned, 3 of them done before a resume; started at t = 100 s, the first epoch
+    here ends at 110 s (start-up included), the next two at 112 and 114 s: the ETA is
+    (114 − 110) / 2 · (7 − 3) = 8 s — neither 14 / 3 · 4 (start-up) nor with 10 epochs to do."""
     from rich.progress import Progress
 
-    clock = itertools.chain(
-        [100.0], itertools.repeat(104.0)
-    )  # started at 100 s, both epochs seen at 104 s
+    clock = iter([100.0, 110.0, 112.0, 114.0])
     monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(clock))
     bar = Progress(disable=True)
     task = bar.add_task("epochs", total=None)
@@ -195,7 +193,11 @@ def test_epoch_reporter_eta_counts_only_this_process(monkeypatch):
     reporter = tracking.EpochReporter(bar, task, lines.append, lines=True)
     reporter.set_total(10)
     reporter.skip(3)
-    reporter.epoch("[1/1] sgd seed 0", {"epoch": 4, "train_loss": 0.5}, 10)
-    reporter.epoch("[1/1] sgd seed 0", {"epoch": 5, "train_loss": 0.25}, 10)
-    assert bar.tasks[task].total == 7 and bar.tasks[task].completed == 2
-    assert lines[1] == "[1/1] sgd seed 0 epoch 5/10: train_loss 0.25 [2/7 epochs, 4 s, ETA 10 s]"
+    for epoch in (4, 5, 6):
+        reporter.epoch("[1/1] sgd seed 0", {"epoch": epoch, "train_loss": 1 / (epoch - 3)}, 10)
+    assert bar.tasks[task].total == 7 and bar.tasks[task].completed == 3
+    assert lines == [
+        "[1/1] sgd seed 0 epoch 4/10: train_loss 1 [1/7 epochs, 10 s, ETA ?]",
+        "[1/1] sgd seed 0 epoch 5/10: train_loss 0.5 [2/7 epochs, 12 s, ETA 10 s]",
+        "[1/1] sgd seed 0 epoch 6/10: train_loss 0.3333 [3/7 epochs, 14 s, ETA 8 s]",
+    ]

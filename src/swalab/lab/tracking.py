@@ -253,10 +253,12 @@ def open_trackers(
 
 class EpochReporter:
     """Counts epochs (pre-training and training) on the progress bar and prints a line per epoch
-    when there is no bar; the ETA uses only the epochs run in this process.
+    when there is no bar.
 
     The total starts as every epoch the unfinished runs could need; epochs a resumed run had
-    already done are taken off it when the run reports its first epoch.
+    already done are taken off it when the run reports its first epoch. The ETA is the time per
+    epoch since the first epoch this process finished (so neither the epochs of an earlier process
+    nor one-off start-up work such as building the dataset count) times the epochs left.
     """
 
     def __init__(self, bar: Any, task: Any, log: Callable[[str], None], lines: bool) -> None:
@@ -264,6 +266,7 @@ class EpochReporter:
         self.done = 0
         self.total = 0
         self.started = time.perf_counter()
+        self.first: float | None = None  # when the first epoch of this process ended
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -274,13 +277,23 @@ class EpochReporter:
         if epochs > 0:
             self.set_total(self.total - epochs)
 
-    def eta(self) -> float:
-        elapsed = time.perf_counter() - self.started
-        return elapsed / self.done * max(self.total - self.done, 0) if self.done else math.nan
+    def eta(self, now: float | None = None) -> float:
+        """Seconds left; NaN until two epochs have ended (one gives no rate without start-up)."""
+        now = time.perf_counter() if now is None else now
+        if self.first is None or self.done < 2:
+            return math.nan
+        return (now - self.first) / (self.done - 1) * max(self.total - self.done, 0)
+
+    def eta_text(self, now: float | None = None) -> str:
+        eta = self.eta(now)
+        return "?" if math.isnan(eta) else f"{eta:.0f} s"
 
     def epoch(self, what: str, record: dict[str, Any], of: int) -> None:
         """Epoch ``record["epoch"]`` of ``of`` of the run (or pre-training) ``what`` is done."""
+        now = time.perf_counter()
         self.done += 1
+        if self.first is None:
+            self.first = now
         self.bar.advance(self.task)
         if not self.lines:
             return
@@ -290,11 +303,7 @@ class EpochReporter:
             if k in ("train_loss", "test_accuracy", "avg_test_accuracy", "test_mse", "avg_test_mse")
             and isinstance(v, (int, float))
         )
-        elapsed = time.perf_counter() - self.started
         self.log(
             f"{what} epoch {record['epoch']}/{of}: {metrics}{' ' if metrics else ''}"
-            f"[{self.done}/{self.total} epochs, {elapsed:.0f} s, ETA {self.eta_text()}]"
+            f"[{self.done}/{self.total} epochs, {now - self.started:.0f} s, ETA {self.eta_text(now)}]"
         )
-
-    def eta_text(self) -> str:
-        return "?" if math.isnan(self.eta()) else f"{self.eta():.0f} s"
