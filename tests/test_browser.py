@@ -78,12 +78,13 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         assert first_cells == ["sgd", "swa", "swag", "all"]
         links = [a.get_attribute("href") for a in driver.find_elements("css selector", "p.files a")]
         names = [Path(link.removeprefix("file://")).name for link in links]
-        assert names == [f"table_{m}.{ext}"
-                         for m in ("test_accuracy", "test_loss", "test_ece", "run_times")
-                         for ext in ("csv", "tex")]
+        tables_in_order = ("test_accuracy", "test_loss", "test_ece", "solutions", "width",
+                           "ensemble", "run_times")
+        assert names == [f"table_{t}.{ext}" for t in tables_in_order for ext in ("csv", "tex")]
         for link in links:
             text = Path(link.removeprefix("file://")).read_text()
-            assert text.startswith(("method,", "% needs \\usepackage{booktabs}")), link
+            heads = ("method,", "solution,", "Δ", "% needs \\usepackage{booktabs}")
+            assert text.startswith(heads), link
             assert "\\toprule" in text or link.endswith(".csv")
 
         # every figure decoded: as many images as the report has figures, each with a non-zero size

@@ -107,7 +107,7 @@ def test_latex_table_is_booktabs_with_escapes():
     text = export.latex_table(
         "test accuracy (%)",
         ["method", "mean ± std", "Δ [95% CI]"],
-        [["swa_1", "95.93 ± 0.65", "-0.20 [-0.55, +0.95]"]],
+        [["swa_1", "95.93 ± 0.65", "-0.20 [-0.55, +0.95] (3–5)"]],
         "tab:x",
     )
     assert text.splitlines() == [
@@ -118,9 +118,9 @@ def test_latex_table_is_booktabs_with_escapes():
         r"\label{tab:x}",
         r"\begin{tabular}{lrr}",
         r"\toprule",
-        r"method & mean $\pm$ std & $\Delta$ [95\% CI] \\",
+        r"method & mean \ensuremath{\pm} std & \ensuremath{\Delta} [95\% CI] \\",
         r"\midrule",
-        r"swa\_1 & 95.93 $\pm$ 0.65 & $-$0.20 [$-$0.55, +0.95] \\",
+        r"swa\_1 & 95.93 \ensuremath{\pm} 0.65 & \ensuremath{-}0.20 [\ensuremath{-}0.55, +0.95] (3--5) \\",
         r"\bottomrule",
         r"\end{tabular}",
         r"\end{table}",

@@ -166,7 +166,8 @@ def run_experiment(
                 pretraining = cfg.pretrain.epochs * len(pretrain_todo)
                 reporter.set_total(_total_epochs(cfg, todo) + pretraining)
             pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
-            bar.update(task, description=f"{'pretrain' if pretraining_now else method.label} seed {seed}")
+            phase = "pretrain" if pretraining_now else method.label
+            bar.update(task, description=f"{phase} seed {seed}")
             run_dir = out / method.label / f"seed{seed}"
             if world.main:
                 run_dir.mkdir(parents=True, exist_ok=True)

@@ -305,5 +305,6 @@ class EpochReporter:
         )
         self.log(
             f"{what} epoch {record['epoch']}/{of}: {metrics}{' ' if metrics else ''}"
-            f"[{self.done}/{self.total} epochs, {now - self.started:.0f} s, ETA {self.eta_text(now)}]"
+            f"[{self.done}/{self.total} epochs, {now - self.started:.0f} s, "
+            f"ETA {self.eta_text(now)}]"
         )

@@ -46,6 +46,7 @@ class Block:
     header: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     image: Path | None = None
+    stem: str = ""  # a table with a stem is also written as <stem>.csv and <stem>.tex
 
 
 # --- numbers -----------------------------------------------------------------------------------------
@@ -216,15 +217,17 @@ def _landscape_blocks(s: dict[str, Any], src: Path, out: Path,
         rows = [[s[key], *(_number(line[key][k], 2 if "error" in k else 4)
                            for k in ("train_loss", "train_nll", "train_error", "test_nll", "test_error"))]
                 for key in ("swa", "sgd")]
-        blocks.append(Block("table", f"The two solutions, BN recomputed (‖w_SGD − w_SWA‖ = {line['distance']:.3f})",
-                            header, rows))
+        blocks.append(Block("table", f"The two solutions, BN recomputed (‖w_SGD − w_SWA‖ = "
+                                     f"{line['distance']:.3f})", header, rows,
+                            stem="table_solutions"))
     if "rays" in s:
         r = s["rays"]
         rows = [[s[key], _width_text(r["width"][key]["median"], r["max_distance"]),
                  f"{r['width'][key]['beyond_range']} / {r['rays']}"] for key in ("swa", "sgd")]
         blocks.append(Block("table", f"Width: distance at which the train loss rises by {r['rise']:g} "
                                      f"({r['rays']} random directions up to distance {r['max_distance']:.3g})",
-                            ["solution", "median width", "rays beyond the range"], rows))
+                            ["solution", "median width", "rays beyond the range"], rows,
+                            stem="table_width"))
     for piece, name, caption in LANDSCAPE_FIGURES:
         if piece in s and (src / name).is_file():
             note = f" {s[piece]['note']}" if isinstance(s.get(piece), dict) and s[piece].get("note") else ""
@@ -239,7 +242,9 @@ def _landscape_blocks(s: dict[str, Any], src: Path, out: Path,
                              f"{m} of the ensemble", f"mean {m} of the snapshots"],
                             [[_number(e["delta"], 4), "–" if e["agreement"] is None else f"{100 * e['agreement']:.2f}%",
                               _number(e["kl"], 4), *(_number(e[k], 2 if "%" in m else 4)
-                                                    for k in ("average", "ensemble", "snapshots_mean"))]]))
+                                                    for k in ("average", "ensemble",
+                                                              "snapshots_mean"))]],
+                            stem="table_ensemble"))
     for piece, message in s.get("skipped", {}).items():
         blocks.append(Block("note", f"{piece} not computed: {message}"))
     return blocks
@@ -284,16 +289,25 @@ def _calibration(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     return blocks
 
 
+def _export_tables(blocks: list[Block], out: Path) -> list[Block]:
+    """Every table with a stem also as CSV and LaTeX, linked under it."""
+    exported: list[Block] = []
+    for b in blocks:
+        exported.append(b)
+        if b.kind == "table" and b.stem:
+            files = export.write_table(out, b.stem, b.text, b.header, b.rows)
+            exported.append(Block("files", rows=[["CSV", files[0].name],
+                                                 ["LaTeX (booktabs)", files[1].name]]))
+    return exported
+
+
 def _times(run: RunDir, out: Path) -> list[Block]:
     """Run times from ``results.csv`` and the environment from ``meta.json``."""
     blocks = [Block("h2", "Run times and environment")]
     header, rows = export.run_times(run.results())
     if rows:
         caption = "Wall-clock time of the runs (a resumed run: the time of its last process)"
-        blocks.append(Block("table", caption, header, rows))
-        files = export.write_table(out, "table_run_times", caption, header, rows)
-        blocks.append(Block("files", rows=[["CSV", files[0].name],
-                                           ["LaTeX (booktabs)", files[1].name]]))
+        blocks.append(Block("table", caption, header, rows, stem="table_run_times"))
     else:
         blocks.append(Block("note", "results.csv records no run times"))
     meta_path = run.path / "meta.json"
@@ -409,6 +423,7 @@ def build_report(run_dir: str | Path, *, html_page: bool = False, formats: Seque
     out.mkdir(exist_ok=True)
     blocks = _header(run) + _results(run, out) + _curves(run, out, primary_metric(rows), formats) \
         + _landscape(run, out, formats) + _calibration(run, out, formats) + _times(run, out)
+    blocks = _export_tables(blocks, out)
     markdown = out / "report.md"
     atomic_write_text(markdown, render_markdown(blocks, out))
     page = None

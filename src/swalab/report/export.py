@@ -33,18 +33,23 @@ _LATEX_SPECIAL = {
     "}": r"\}",
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
-    "±": r"$\pm$",
-    "Δ": r"$\Delta$",
+    "±": r"\ensuremath{\pm}",
+    "Δ": r"\ensuremath{\Delta}",
     "–": "--",
-    "−": "$-$",
+    "−": r"\ensuremath{-}",
+    "‖": r"\ensuremath{\|}",
+    "§": r"\S{}",
+    "·": r"\ensuremath{\cdot}",
+    "w̄": r"\ensuremath{\bar{w}}",
 }
 
 
 def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped, ±, Δ, – written as LaTeX and the sign of a
-    negative number as a minus (``-2.75`` -> ``$-$2.75``)."""
-    escaped = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
-    return re.sub(r"(?<![\w.])-(?=\d)", "$-$", escaped)
+    r"""``text`` with LaTeX's special characters escaped, ±, Δ, – written as LaTeX and the sign of a
+    negative number as a minus (``-2.75`` -> ``\ensuremath{-}2.75``), in text and math alike."""
+    text = text.replace("w̄", "\0")  # w + combining macron: one symbol, \bar{w}
+    escaped = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text).replace("\0", _LATEX_SPECIAL["w̄"])
+    return re.sub(r"(?<![\w.-])-(?=\d)", lambda _: r"\ensuremath{-}", escaped)  # not in 3--5
 
 
 def latex_table(
