@@ -46,7 +46,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     run = _small_run(tmp_path / "run")
     compute_landscape(run, grid=5, rays=2, ray_points=4, line_points=5, log=lambda _: None, progress=False)
-    report = build_report(run, html_page=True, log=lambda _: None)
+    report = build_report(run, html_page=True, formats=("png", "svg", "pdf"), log=lambda _: None)
     assert report["missing"] == []
     page = report["html"]
     assert "http://" not in page.read_text() and "https://" not in page.read_text()  # nothing external
@@ -68,6 +68,25 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         assert [r.find_elements("tag name", "td")[0].text for r in rows] == ["sgd", "swa", "swag"]
         assert rows[1].find_elements("tag name", "td")[3].text == "sgd"
 
+        # every results table also as CSV and booktabs LaTeX, linked under it
+        captions = [t.find_element("tag name", "caption").text for t in tables]
+        assert captions[-2:] == [
+            "Wall-clock time of the runs (a resumed run: the time of its last process)",
+            "Environment (meta.json)"]
+        time_rows = tables[-2].find_elements("css selector", "tbody tr")
+        first_cells = [r.find_elements("tag name", "td")[0].text for r in time_rows]
+        assert first_cells == ["sgd", "swa", "swag", "all"]
+        links = [a.get_attribute("href") for a in driver.find_elements("css selector", "p.files a")]
+        names = [Path(link.removeprefix("file://")).name for link in links]
+        tables_in_order = ("test_accuracy", "test_loss", "test_ece", "solutions", "width",
+                           "ensemble", "run_times")
+        assert names == [f"table_{t}.{ext}" for t in tables_in_order for ext in ("csv", "tex")]
+        for link in links:
+            text = Path(link.removeprefix("file://")).read_text()
+            heads = ("method,", "solution,", "Δ", "% needs \\usepackage{booktabs}")
+            assert text.startswith(heads), link
+            assert "\\toprule" in text or link.endswith(".csv")
+
         # every figure decoded: as many images as the report has figures, each with a non-zero size
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);")
@@ -76,6 +95,20 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         assert len(images) == len(report["figures"])
         for alt, complete, width, height in images:
             assert complete and width > 0 and height > 0, f"figure {alt} did not decode"
+        # each figure's SVG and PDF linked from its caption, and valid files of their kind
+        vector = [a.get_attribute("href")
+                  for a in driver.find_elements("css selector", "figcaption a")]
+        assert sorted(Path(v).name for v in vector) == sorted(f"{alt}.{ext}" for alt, *_ in images
+                                                              for ext in ("svg", "pdf"))
+        for v in vector:
+            head = Path(v.removeprefix("file://")).read_bytes()[:200]
+            assert head.startswith(b"%PDF-") if v.endswith(".pdf") else b"<svg" in head, v
+        # an SVG figure renders in the browser too
+        driver.get((page.parent / "plane.svg").as_uri())
+        box = driver.execute_script("const r = document.documentElement.getBoundingClientRect(); "
+                                    "return [r.width, r.height];")
+        assert box[0] > 100 and box[1] > 100
+        driver.get(page.as_uri())
 
         overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
         assert overflow <= 0, f"the page is {overflow} px wider than the window"

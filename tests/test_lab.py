@@ -188,7 +188,7 @@ def test_resumed_run_is_bit_identical(tmp_path, mnist1d):
 
     epochs_done = []
 
-    def stop_after_two():
+    def stop_after_two(record):
         epochs_done.append(1)
         if len(epochs_done) == 2:
             raise KeyboardInterrupt

@@ -1,20 +1,33 @@
 """``swalab`` command line: list presets and registries, run experiments.
 
+    swalab --version
     swalab list
     swalab run mnist1d
     swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
     swalab run my_experiment.yaml --out runs/x
     torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
     swalab landscape runs/mnist1d --grid 21 --rays 10
-    swalab report runs/mnist1d --html
+    swalab report runs/mnist1d --html --format png,svg,pdf
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
+
+
+def _options(builder: Callable[..., Any], skip: tuple[str, ...]) -> str:
+    """``name=default`` for every keyword option of a registered builder."""
+    params = inspect.signature(builder).parameters.values()
+    shown = [p for p in params
+             if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in shown)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -28,10 +41,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cfg = load_config(name)
         variants = f"  [variants: {', '.join(cfg.variants)}]" if cfg.variants else ""
         print(f"  {name:<26} {cfg.description}{variants}")
+    fixed = {"datasets": ("root", "download", "seed"), "models": ("in_shape", "num_outputs"),
+             "methods": ("run",)}  # what the lab passes itself
     for title, registry in (("datasets", DATASETS), ("models", MODELS), ("methods", METHODS)):
-        print(f"{title}:")
+        print(f"{title}:  (options with their defaults; your own: package.module:callable)")
         for name in registry.names():
             print(f"  {name:<26} {registry.describe(name)}")
+            options = _options(registry.get(name), fixed[title])
+            if options:
+                indent = " " * 29
+                print(textwrap.fill(options, width=100, initial_indent=indent,
+                                    subsequent_indent=indent))
     return 0
 
 
@@ -74,13 +94,21 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    build_report(args.run_dir, html_page=args.html)
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    build_report(args.run_dir, html_page=args.html, formats=formats)
     return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swalab", description="Stochastic Weight Averaging laboratory")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"swalab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="presets, datasets, models and methods")
@@ -120,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="report of a run (Markdown + PNGs; --html: one self-contained page)")
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
     p.add_argument("--html", action="store_true", help="also write report/report.html with embedded images")
+    p.add_argument("--format", default="png", metavar="png,svg,pdf",
+                   help="figure files, e.g. png,svg,pdf (default: png; PNG always)")
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -1,24 +1,80 @@
 """One tiny registry mechanism (timm-style) used for datasets, models and methods.
 
+A name is found, in this order, among the builders registered with ``@register``, among the
+entry points of the group ``swalab.<kind>s`` (``swalab.models``, ``swalab.datasets``,
+``swalab.methods``) that installed packages declare, and, when it has the form
+``package.module:callable``, by importing ``callable`` from ``package.module`` — so a config can
+name a user's own model, dataset or method without registering it.
+
 Example:
     >>> MODELS = Registry("model")
     >>> @MODELS.register("mlp")
     ... def mlp(in_shape, num_outputs, width=32): ...
     >>> MODELS.create("mlp", in_shape=(2,), num_outputs=1)
+    >>> MODELS.get("torch.nn:Identity")  # any importable callable
+    <class 'torch.nn.modules.linear.Identity'>
 """
+
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "import_callable"]
+
+
+def import_callable(spec: str, what: str) -> Callable[..., Any]:
+    """The callable named by ``"package.module:attribute"`` (the attribute may be dotted).
+
+    The module comes from an installed package or the working directory (as with ``python -m``).
+
+    Raises:
+        ValueError: one line naming what failed: the form, the module, the attribute, or a value
+            that is not callable. ``what`` (e.g. ``"model"``) says what the name was for.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr or ":" in attr:
+        raise ValueError(f"{what} {spec!r} must have the form 'package.module:callable'")
+    if (
+        os.getcwd() not in sys.path and "" not in sys.path
+    ):  # like `python -m`: modules of the working directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"cannot import module {module_name!r} for {what} {spec!r}: {err}"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(
+                f"module {module_name!r} has no attribute {attr!r} (for {what} {spec!r})"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        # a config error (ValueError: one line from the CLI), not a TypeError
+        kind = type(obj).__name__
+        raise ValueError(f"{what} {spec!r} is a {kind}, not a callable")  # noqa: TRY004
+    return obj
 
 
 class Registry:
-    """Maps names to builder callables; unknown names raise ``ValueError`` with the nearest names."""
+    """Maps names to builder callables; unknown names raise ``ValueError`` with the nearest names.
 
-    def __init__(self, kind: str) -> None:
+    Args:
+        kind: what the builders build (``"model"``), used in messages.
+        group: the entry-point group searched for names not registered here
+            (default ``"swalab.<kind>s"``).
+    """
+
+    def __init__(self, kind: str, group: str | None = None) -> None:
         self.kind = kind
+        self.group = group or f"swalab.{kind}s"
         self._builders: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -30,20 +86,34 @@ class Registry:
 
         return decorator
 
+    def _entry_points(self) -> dict[str, EntryPoint]:
+        return {
+            ep.name: ep for ep in entry_points(group=self.group) if ep.name not in self._builders
+        }
+
     def get(self, name: str) -> Callable[..., Any]:
-        if name not in self._builders:
-            close = difflib.get_close_matches(name, self._builders, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(
-                f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})"
+        if name in self._builders:
+            return self._builders[name]
+        plugin = self._entry_points().get(name)
+        if plugin is not None:
+            return import_callable(
+                plugin.value, f"{self.kind} {name!r} (entry point in {self.group})"
             )
-        return self._builders[name]
+        if ":" in name:
+            return import_callable(name, self.kind)
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())}; "
+            f"or 'package.module:callable')"
+        )
 
     def create(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)
 
     def names(self) -> list[str]:
-        return sorted(self._builders)
+        """Registered names and those of installed entry points (not ``module:callable`` names)."""
+        return sorted([*self._builders, *self._entry_points()])
 
     def describe(self, name: str) -> str:
         """First line of the builder's docstring, for ``swalab list``."""
@@ -51,4 +121,4 @@ class Registry:
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
     def __contains__(self, name: str) -> bool:
-        return name in self._builders
+        return name in self._builders or name in self._entry_points()

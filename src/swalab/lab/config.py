@@ -18,6 +18,8 @@ import yaml
 from ..data import DATASETS
 from ..models import MODELS, default_options
 from .methods import recipe_of
+from .errors import ConfigError
+from .tracking import check_trackers
 
 __all__ = [
     "ConfigError",
@@ -35,10 +37,6 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key."""
 
 
 @dataclass
@@ -73,6 +71,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     save_trajectory: bool = False  # keep the weights after every epoch (trajectory/): landscapes
+    log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb
 
 
 @dataclass
@@ -132,6 +131,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     for key, value, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    check_trackers(cfg.train.log, packages=False)  # names only: a report needs no tracker package
     labels = [m.label for m in cfg.methods]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
@@ -311,8 +311,9 @@ def check_parts(cfg: ExperimentConfig) -> None:
         ConfigError: naming every problem found, in one line.
     """
     errors: list[str] = []
-    if cfg.data.name not in DATASETS:
-        errors.append(f"data.name: {_first_line(DATASETS, cfg.data.name)}")
+    dataset_error, model_error = _lookup_error(DATASETS, cfg.data.name), _lookup_error(MODELS, cfg.model.name)
+    if dataset_error:
+        errors.append(f"data.name: {dataset_error}")
     else:
         params = inspect.signature(DATASETS.get(cfg.data.name)).parameters
         known = set(params) - {"root", "download", "seed"}
@@ -320,8 +321,8 @@ def check_parts(cfg: ExperimentConfig) -> None:
         if unknown:
             errors.append(f"unknown data.options {unknown} for dataset {cfg.data.name!r} "
                           f"(known: {sorted(known)})")
-    if cfg.model.name not in MODELS:
-        errors.append(f"model.name: {_first_line(MODELS, cfg.model.name)}")
+    if model_error:
+        errors.append(f"model.name: {model_error}")
     else:
         known = set(default_options(cfg.model.name))
         unknown = sorted(set(cfg.model.options) - known)
@@ -339,7 +340,8 @@ def check_parts(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"{len(errors)} config errors: " + "; ".join(errors))
 
 
-def _first_line(registry: Any, name: str) -> str:
+def _lookup_error(registry: Any, name: str) -> str:
+    """The first line of the error looking ``name`` up raises, or "" when it is found."""
     try:
         registry.get(name)
     except ValueError as err:

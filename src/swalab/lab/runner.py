@@ -23,6 +23,7 @@ from .methods import recipe_of
 from .rundir import RunDirectory
 from .stats import primary_metric, summarize
 from .task import task_of
+from .tracking import EpochReporter, check_trackers, open_trackers
 from .trainer import train_run
 
 __all__ = ["run_experiment", "format_table"]
@@ -55,7 +56,7 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} is not empty and holds no swalab run; choose another --out")
         return
-    new = to_dict(cfg)
+    old, new = _identity(old), _identity(to_dict(cfg))
     shared = sorted(k for k in new if k not in (*_RUN_SPECIFIC, "methods") and old.get(k) != new[k])
     old_methods = {m.get("label"): m for m in old.get("methods") or [] if isinstance(m, dict)}
     new_methods = {m["label"]: m for m in new["methods"]}
@@ -72,6 +73,12 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
     if shared and layout.pretrain_path(cfg.seeds[0]).parent.exists():
         raise ConfigError(f"{out} holds a pre-training cache made with a different config "
                           f"({', '.join(shared)} differ); choose another --out")
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without what a resumed run may change: the trackers (``train.log``)."""
+    train = {k: v for k, v in (config.get("train") or {}).items() if k != "log"}
+    return {**config, "train": train}
 
 
 def run_experiment(
@@ -104,6 +111,7 @@ def run_experiment(
         layout.write_config(to_dict(cfg))
         layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
 
+    check_trackers(cfg.train.log)  # a missing tracker package fails before any work
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
@@ -122,32 +130,60 @@ def run_experiment(
     log(f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {where}, writing {out}")
 
     bundles: dict[int, Any] = {}
-    started = time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task("epochs", total=None)
+        reporter = EpochReporter(bar, task, log, lines=not progress)
+        pretrain_todo = set(world.on_main(lambda: sorted(
+            {seed for seed, _ in todo if not layout.pretrain_path(seed).exists()})))
         for seed, method in todo:
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
                 bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
             bundle = bundles[seed]
             if bar.tasks[task].total is None:
-                bar.update(task, total=_total_epochs(cfg, todo))
-            bar.update(task, description=f"{method.label} seed {seed}")
+                pretraining = cfg.pretrain.epochs * len(pretrain_todo)
+                reporter.set_total(_total_epochs(cfg, todo) + pretraining)
+            pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
+            phase = "pretrain" if pretraining_now else method.label
+            bar.update(task, description=f"{phase} seed {seed}")
             files = layout.run(method.label, seed)
             start = time.perf_counter()
-            result = train_run(cfg, method, seed, bundle, files, device, on_epoch=lambda: bar.advance(task),
-                               world=world)
+            run_epochs = _total_epochs(cfg, [(seed, method)])
+            reported: list[int] = []
+            trackers = open_trackers(cfg.train.log if world.main else [], out, method.label, seed,
+                                     to_dict(cfg))
+
+            def on_epoch(record: dict[str, Any]) -> None:
+                if record.get("phase") == "pretrain":
+                    reporter.epoch(f"pretrain seed {seed}", record, cfg.pretrain.epochs)
+                    if record["epoch"] == cfg.pretrain.epochs:  # the bar names the run again
+                        pretrain_todo.discard(seed)
+                        bar.update(task, description=f"{method.label} seed {seed}")
+                    return
+                if not reported:  # a resumed run: the epochs it had done are not run here
+                    reporter.skip(record["epoch"] - 1)
+                reported.append(record["epoch"])
+                trackers.log(record)
+                what = f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}"
+                reporter.epoch(what, record, run_epochs)
+
+            try:
+                result = train_run(cfg, method, seed, bundle, files, device, on_epoch=on_epoch,
+                                   world=world)
+            finally:
+                trackers.close()
+            # epochs not run here: all of a resumed run that had finished, those after a divergence
+            reporter.skip(run_epochs - len(reported) - (reported[0] - 1 if reported else 0))
             row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
                    "seed": seed, "budget": method.budget,
                    "epochs": result.epochs, "status": result.status, "seconds": round(time.perf_counter() - start, 2),
                    "message": result.message, **result.metrics}
             if result.status == "diverged":
                 log(f"diverged: {result.message}; the other runs go on")
-            elif not progress:  # no live bar (not a terminal): one line per run, with an ETA
-                done, total = bar.tasks[task].completed, bar.tasks[task].total or 1
-                eta = (time.perf_counter() - started) / max(done, 1) * (total - done)
+            elif not progress:  # no live bar: a line per epoch (on_epoch), one per run here
                 metric = f"test_{task_of(bundle.task).primary}"
                 log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
-                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, ETA {eta:.0f} s")
+                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, "
+                    f"ETA {reporter.eta_text()}")
             rows[(method.label, seed)] = row
             if world.main:
                 files.write_result(row)

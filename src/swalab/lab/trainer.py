@@ -83,7 +83,8 @@ def train_one_epoch(
 
 
 def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFiles,
-             device: torch.device, world: World = World()) -> dict[str, Tensor]:
+             device: torch.device, world: World = World(),
+             on_epoch: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
     cached = world.on_main(lambda: files.experiment.load_pretrain(seed))
     if cached is not None:
@@ -103,6 +104,7 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFil
 
     for epoch in range(p.epochs):
         train_one_epoch(model, net, loader, optimizer, criterion, cosine(epoch), world)
+        on_epoch({"phase": "pretrain", "epoch": epoch + 1})
     state = _cpu_state(model)
     if world.main:
         files.experiment.save_pretrain(seed, state)
@@ -116,7 +118,7 @@ def train_run(
     bundle: DataBundle,
     run_dir: Path | RunFiles,
     device: torch.device,
-    on_epoch: Callable[[], None] = lambda: None,
+    on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
     world: World = World(),
 ) -> RunResult:
     """Train ``method`` with ``seed``, resuming from the run's checkpoint if it exists.
@@ -128,7 +130,7 @@ def train_run(
     train, task = cfg.train, task_of(bundle.task)
     model = build_model(cfg, bundle, seed)
     if cfg.pretrain.epochs > 0:
-        model.load_state_dict(pretrain(cfg, bundle, seed, files, device, world))
+        model.load_state_dict(pretrain(cfg, bundle, seed, files, device, world, on_epoch))
     model.to(device)
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
     loader, generator = train_loader(cfg, bundle, seed, device, world)
@@ -197,7 +199,8 @@ def train_run(
             })
             if not (last and recipe.running_model(model) is not None):  # waits for final metrics
                 files.append_metrics(record)
-        on_epoch()
+        if not last:  # the last epoch is reported with the final model's metrics, below
+            on_epoch(record)
 
     splits = {name: getattr(bundle, name) for name in ("train", "val", "test") if len(getattr(bundle, name))}
     outputs = recipe.predict(model, splits, ctx)
@@ -210,6 +213,8 @@ def train_run(
         history[-1].update({k.replace("test_", "avg_test_", 1): v for k, v in results.items() if k.startswith("test_")})
         if world.main:
             files.write_metrics(history)
+    if history:
+        on_epoch(history[-1])
     return RunResult("done", recipe.epochs, results)
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from .. import metrics
 from ..lab.files import atomic_write_text, read_json
 from ..lab.methods import method_role
 from ..lab.stats import MethodSummary, primary_metric, summarize
-from . import figures
+from . import export, figures
 from .rundir import RunDir
 
 __all__ = ["Block", "build_report", "format_value", "learning_curves", "results_tables"]
@@ -39,13 +38,15 @@ LANDSCAPE_FIGURES = (
 
 @dataclass
 class Block:
-    """One element of the report: ``kind`` is h1, h2, h3, p, note, code, table or figure."""
+    """One element of the report: ``kind`` is h1, h2, h3, p, note, code, table, figure or files
+    (``rows``: ``[name, path]`` of files written beside the report)."""
 
     kind: str
     text: str = ""
     header: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     image: Path | None = None
+    stem: str = ""  # a table with a stem is also written as <stem>.csv and <stem>.tex
 
 
 # --- numbers -----------------------------------------------------------------------------------------
@@ -111,13 +112,17 @@ def _header(run: RunDir) -> list[Block]:
     return blocks
 
 
-def _results(run: RunDir) -> list[Block]:
+def _results(run: RunDir, out: Path) -> list[Block]:
     rows = run.results()
     blocks = [Block("h2", "Results"),
               Block("p", "Mean ± std over seeds; Δ = paired difference to the baseline over the same seeds with "
                          "its 95% t-interval; the raw value of every seed.")]
-    for _, _, table in results_tables(rows):
+    for metric, summaries, table in results_tables(rows):
         blocks.append(table)
+        files = export.write_table(out, f"table_{metric}", table.text, table.header, table.rows,
+                                   export.summary_csv(summaries, rows, metric))
+        blocks.append(Block("files", rows=[["CSV (full precision)", files[0].name],
+                                           ["LaTeX (booktabs)", files[1].name]]))
     unfinished = sorted({r["method"] for r in rows if r["status"] != "done"})
     if unfinished:
         blocks.append(Block("note", f"not finished or diverged: {', '.join(unfinished)}"))
@@ -128,7 +133,8 @@ def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.nd
                                                      dict[str, tuple[np.ndarray, np.ndarray]]]:
     """From every ``metrics.jsonl``: per method the test metric over epochs averaged over seeds,
     ``{"epoch", "iterate", "average"}`` (``average``: the running average, NaN before it exists;
-    absent for methods without one), and the LR schedule of the first seed, ``(epochs, lr)``.
+    absent for methods without one) with the std over seeds as ``iterate_std``/``average_std``,
+    and the LR schedule of the first seed, ``(epochs, lr)``.
     """
     curves: dict[str, dict[str, np.ndarray]] = {}
     schedules: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -146,15 +152,25 @@ def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.nd
         if not by_key[metric]:
             continue
         epochs = sorted(by_key[metric])
-        curve = {"epoch": np.array(epochs), "iterate": np.array([np.mean(by_key[metric][e]) for e in epochs])}
+        iterates = by_key[metric]
+        curve = {"epoch": np.array(epochs),
+                 "iterate": np.array([np.mean(iterates[e]) for e in epochs]),
+                 "iterate_std": np.array([_std(iterates[e]) for e in epochs])}
         averages = by_key[f"avg_{metric}"]
         if averages:
             curve["average"] = np.array([np.mean(averages[e]) if e in averages else np.nan for e in epochs])
+            curve["average_std"] = np.array([_std(averages[e]) if e in averages else np.nan
+                                             for e in epochs])
         curves[label] = curve
     return curves, schedules
 
 
-def _curves(run: RunDir, out: Path, metric: str) -> list[Block]:
+def _std(values: list[float]) -> float:
+    """Sample standard deviation over seeds (ddof 1, as in the results tables); 0 for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _curves(run: RunDir, out: Path, metric: str, formats: Sequence[str]) -> list[Block]:
     """Learning curves averaged over seeds and the LR schedules (first seed), from metrics.jsonl."""
     curves, schedules = learning_curves(run, metric)
     if not curves:
@@ -162,31 +178,35 @@ def _curves(run: RunDir, out: Path, metric: str) -> list[Block]:
                 Block("note", f"no metrics.jsonl under {run.path}; run the experiment with `{run.resume_command}`")]
     focus = [label for label in (run.default_label("baseline"), run.default_label("average")) if label]
     blocks = [Block("h2", "Learning curves")]
-    blocks.append(Block("figure", f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds: the iterate (thin) "
-                                  "and, for averaging methods, the running average with BatchNorm recomputed "
-                                  "(dashed) — document 003's Figure 1.",
-                        image=figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png")))
+    caption = (f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
+               "the iterate (thin) and, for averaging methods, the running average with "
+               "BatchNorm recomputed (dashed) — document 003's Figure 1.")
+    image = figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png",
+                                           formats=formats)
+    blocks.append(Block("figure", caption, image=image))
     blocks.append(Block("h2", "Learning-rate schedules"))
     blocks.append(Block("figure", f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
-                        image=figures.lr_figure(schedules, out / "lr_schedules.png")))
+                        image=figures.lr_figure(schedules, out / "lr_schedules.png",
+                                                formats=formats)))
     return blocks
 
 
-def _landscape(run: RunDir, out: Path) -> list[Block]:
+def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     src = run.path / "landscape"
     summary_path = src / "landscape.json"
     if not summary_path.is_file():
         return [Block("h2", "Loss landscape"),
                 Block("note", f"no landscape in {src}; compute it with `swalab landscape {run.path}`")]
     try:
-        return _landscape_blocks(read_json(summary_path), src, out)
+        return _landscape_blocks(read_json(summary_path), src, out, formats)
     except (KeyError, TypeError, ValueError) as err:
         return [Block("h2", "Loss landscape"),
                 Block("note", f"{summary_path} is unreadable or from another swalab version ({err!r}); "
                               f"recompute it with `swalab landscape {run.path}`")]
 
 
-def _landscape_blocks(s: dict[str, Any], src: Path, out: Path) -> list[Block]:
+def _landscape_blocks(s: dict[str, Any], src: Path, out: Path,
+                      formats: Sequence[str]) -> list[Block]:
     blocks = [Block("h2", "Loss landscape")]
     blocks.append(Block("p", f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
                              f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}."))
@@ -196,20 +216,22 @@ def _landscape_blocks(s: dict[str, Any], src: Path, out: Path) -> list[Block]:
         rows = [[s[key], *(_number(line[key][k], 2 if "error" in k else 4)
                            for k in ("train_loss", "train_nll", "train_error", "test_nll", "test_error"))]
                 for key in ("swa", "sgd")]
-        blocks.append(Block("table", f"The two solutions, BN recomputed (‖w_SGD − w_SWA‖ = {line['distance']:.3f})",
-                            header, rows))
+        blocks.append(Block("table", f"The two solutions, BN recomputed (‖w_SGD − w_SWA‖ = "
+                                     f"{line['distance']:.3f})", header, rows,
+                            stem="table_solutions"))
     if "rays" in s:
         r = s["rays"]
         rows = [[s[key], _width_text(r["width"][key]["median"], r["max_distance"]),
                  f"{r['width'][key]['beyond_range']} / {r['rays']}"] for key in ("swa", "sgd")]
         blocks.append(Block("table", f"Width: distance at which the train loss rises by {r['rise']:g} "
                                      f"({r['rays']} random directions up to distance {r['max_distance']:.3g})",
-                            ["solution", "median width", "rays beyond the range"], rows))
+                            ["solution", "median width", "rays beyond the range"], rows,
+                            stem="table_width"))
     for piece, name, caption in LANDSCAPE_FIGURES:
         if piece in s and (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
             note = f" {s[piece]['note']}" if isinstance(s.get(piece), dict) and s[piece].get("note") else ""
-            blocks.append(Block("figure", caption + note, image=out / name))
+            image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
+            blocks.append(Block("figure", caption + note, image=image))
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
@@ -219,7 +241,9 @@ def _landscape_blocks(s: dict[str, Any], src: Path, out: Path) -> list[Block]:
                              f"{m} of the ensemble", f"mean {m} of the snapshots"],
                             [[_number(e["delta"], 4), "–" if e["agreement"] is None else f"{100 * e['agreement']:.2f}%",
                               _number(e["kl"], 4), *(_number(e[k], 2 if "%" in m else 4)
-                                                    for k in ("average", "ensemble", "snapshots_mean"))]]))
+                                                    for k in ("average", "ensemble",
+                                                              "snapshots_mean"))]],
+                            stem="table_ensemble"))
     for piece, message in s.get("skipped", {}).items():
         blocks.append(Block("note", f"{piece} not computed: {message}"))
     return blocks
@@ -233,7 +257,7 @@ def _width_text(value: float | None, max_distance: float) -> str:
     return f"> {max_distance:.3g}" if value is None else f"{value:.3f}"
 
 
-def _calibration(run: RunDir, out: Path) -> list[Block]:
+def _calibration(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     ensembles = [m.label for m in run.cfg.methods if method_role(m.method) == "ensemble"]
     if not ensembles or primary_metric(run.results()) != "test_accuracy":
         return []
@@ -259,7 +283,37 @@ def _calibration(run: RunDir, out: Path) -> list[Block]:
         eces[label] = metrics.ece(probs, targets)
     blocks.append(Block("figure", f"Reliability diagrams of the final predictions (seed {summary['seed']}; SWAG: Bayesian "
                                   "model averaging over its samples, FGE: averaged member probabilities).",
-                        image=figures.reliability_figure(diagrams, eces, out / "reliability.png")))
+                        image=figures.reliability_figure(diagrams, eces, out / "reliability.png",
+                                                                 formats=formats)))
+    return blocks
+
+
+def _export_tables(blocks: list[Block], out: Path) -> list[Block]:
+    """Every table with a stem also as CSV and LaTeX, linked under it."""
+    exported: list[Block] = []
+    for b in blocks:
+        exported.append(b)
+        if b.kind == "table" and b.stem:
+            files = export.write_table(out, b.stem, b.text, b.header, b.rows)
+            exported.append(Block("files", rows=[["CSV", files[0].name],
+                                                 ["LaTeX (booktabs)", files[1].name]]))
+    return exported
+
+
+def _times(run: RunDir, out: Path) -> list[Block]:
+    """Run times from ``results.csv`` and the environment from ``meta.json``."""
+    blocks = [Block("h2", "Run times and environment")]
+    header, rows = export.run_times(run.results())
+    if rows:
+        caption = "Wall-clock time of the runs (a resumed run: the time of its last process)"
+        blocks.append(Block("table", caption, header, rows, stem="table_run_times"))
+    else:
+        blocks.append(Block("note", "results.csv records no run times"))
+    meta_path = run.path / "meta.json"
+    if meta_path.is_file():
+        meta = read_json(meta_path)
+        blocks.append(Block("table", "Environment (meta.json)", ["key", "value"],
+                            export.environment(meta)))
     return blocks
 
 
@@ -283,8 +337,17 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
             lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in b.rows]
             lines.append("")
         elif b.kind == "figure" and b.image is not None:
-            lines += [f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})", "", f"*{b.text}*", ""]
+            vector = "".join(f" [{p.suffix[1:].upper()}]({p.name})" for p in _vector_files(b.image))
+            lines += [f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})", "",
+                      f"*{b.text}*{vector}", ""]
+        elif b.kind == "files":
+            lines += [" · ".join(f"[{name}]({path})" for name, path in b.rows), ""]
     return "\n".join(lines)
+
+
+def _vector_files(image: Path) -> list[Path]:
+    """The SVG and PDF files written beside a figure's PNG."""
+    return [p for p in (image.with_suffix(".svg"), image.with_suffix(".pdf")) if p.is_file()]
 
 
 _CSS = """
@@ -298,7 +361,7 @@ th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 td { white-space: nowrap; } th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .scroll { overflow-x: auto; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
+figcaption { color: #555; font-size: 0.9em; } .files { font-size: 0.85em; margin-top: -1em; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5em 1em; }
 code, pre { background: #f6f6f6; padding: .1em .3em; } pre { padding: .6em; overflow-x: auto; }
 """
@@ -328,26 +391,38 @@ def render_html(blocks: list[Block], title: str) -> str:
                         f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
         elif b.kind == "figure" and b.image is not None:
             data = base64.b64encode(b.image.read_bytes()).decode("ascii")
+            vector = "".join(f' <a href="{html.escape(p.name)}">{p.suffix[1:].upper()}</a>'
+                             for p in _vector_files(b.image))
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.image.stem)}">'
-                        f"<figcaption>{_inline_code(b.text)}</figcaption></figure>")
+                        f"<figcaption>{_inline_code(b.text)}{vector}</figcaption></figure>")
+        elif b.kind == "files":
+            links = (f'<a href="{html.escape(path)}">{html.escape(name)}</a>'
+                     for name, path in b.rows)
+            body.append('<p class="files">' + " · ".join(links) + "</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def build_report(run_dir: str | Path, *, html_page: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write ``RUN_DIR/report/report.md`` (+ PNGs) and, with ``html_page``, ``report.html``.
+def build_report(run_dir: str | Path, *, html_page: bool = False, formats: Sequence[str] = ("png",),
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``RUN_DIR/report/report.md`` (+ PNGs, tables as CSV and LaTeX) and, with ``html_page``,
+    ``report.html``; ``formats`` adds ``svg`` and/or ``pdf`` files of every figure.
 
     Returns:
         ``{"markdown": path, "html": path or None, "figures": [paths], "missing": [notes]}``.
     """
+    unknown = sorted(set(formats) - set(figures.FORMATS))
+    if unknown:
+        raise ValueError(f"--format takes {', '.join(figures.FORMATS)}, got {', '.join(unknown)}")
     run = RunDir(run_dir)
     rows = run.results()
     out = run.path / "report"
     out.mkdir(exist_ok=True)
-    blocks = _header(run) + _results(run) + _curves(run, out, primary_metric(rows)) + _landscape(run, out) \
-        + _calibration(run, out)
+    blocks = _header(run) + _results(run, out) + _curves(run, out, primary_metric(rows), formats) \
+        + _landscape(run, out, formats) + _calibration(run, out, formats) + _times(run, out)
+    blocks = _export_tables(blocks, out)
     markdown = out / "report.md"
     atomic_write_text(markdown, render_markdown(blocks, out))
     page = None

@@ -1,4 +1,9 @@
-"""Matplotlib figures of the landscape and the report, drawn without pyplot (no global state) to PNG."""
+"""Matplotlib figures of the landscape and the report, drawn without pyplot (no global state).
+
+Every figure is written as PNG (what the Markdown and HTML pages show) and, with ``formats``, also
+as SVG and PDF beside it (vector files for a paper), each through a temporary file and a rename.
+"""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colors
+from matplotlib import colors, patheffects
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -14,6 +19,7 @@ from ..lab.files import atomic_output
 from ..landscape import log_levels
 
 __all__ = [
+    "FORMATS",
     "learning_curves_figure",
     "line_figure",
     "lr_figure",
@@ -24,15 +30,29 @@ __all__ = [
 ]
 
 SWA_COLOR, SGD_COLOR = "tab:blue", "tab:orange"
-DPI = 110
-# The paper's plane figures (dnn-mode-connectivity plane_plot.py): clip values, log_alpha of the levels.
+DPI = 200  # PNG resolution (SVG and PDF are vector files)
+FORMATS = ("png", "svg", "pdf")
+# The paper's plane figures (dnn-mode-connectivity plane_plot.py): clip values, levels' log_alpha.
 TRAIN_LOSS_CLIP, TRAIN_LOSS_LOG_ALPHA = 5.0, -5.0
 TEST_ERROR_CLIP, TEST_ERROR_LOG_ALPHA = 40.0, -1.0
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip("."))
+def _save(fig: Figure, path: Path, formats: Sequence[str] = ("png",)) -> Path:
+    """Write ``fig`` as ``path`` (PNG) and as each other format in ``formats`` beside it."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(
+            f"figure formats must be among {', '.join(FORMATS)}, got {', '.join(unknown)}"
+        )
+    for fmt in dict.fromkeys(["png", *formats]):
+        with atomic_output(path.with_suffix(f".{fmt}")) as tmp:
+            fig.savefig(
+                tmp,
+                format=fmt,
+                dpi=DPI,
+                bbox_inches="tight",
+                metadata={"Date": None} if fmt == "svg" else None,
+            )  # reproducible SVG files
     return path
 
 
@@ -43,7 +63,15 @@ def _error_label(values: Mapping[str, np.ndarray]) -> tuple[str, str]:
     return "test_error", "test error (%)"
 
 
-def line_figure(ts: np.ndarray, values: Mapping[str, np.ndarray], sgd: str, swa: str, path: Path) -> Path:
+def line_figure(
+    ts: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Train loss and test error along ``t * w_SGD + (1 - t) * w_SWA`` (paper Fig. 5)."""
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
@@ -59,10 +87,17 @@ def line_figure(ts: np.ndarray, values: Mapping[str, np.ndarray], sgd: str, swa:
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
     fig.suptitle(f"line w(t) = t·w_{sgd} + (1 − t)·w_{swa}")
-    return _save(fig, path)
+    return _save(fig, path, formats)
 
 
-def rays_figure(arrays: Mapping[str, np.ndarray], sgd: str, swa: str, path: Path) -> Path:
+def rays_figure(
+    arrays: Mapping[str, np.ndarray],
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Train loss and test error along random rays from both solutions (paper Fig. 4)."""
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
@@ -77,12 +112,22 @@ def rays_figure(arrays: Mapping[str, np.ndarray], sgd: str, swa: str, path: Path
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"random rays w + t·d/‖d‖, d ~ N(0, I), {len(arrays['swa_train_loss'])} directions")
-    return _save(fig, path)
+    fig.suptitle(
+        f"random rays w + t·d/‖d‖, d ~ N(0, I), {len(arrays['swa_train_loss'])} directions"
+    )
+    return _save(fig, path, formats)
 
 
-def width_figure(widths: Mapping[str, Sequence[float]], max_distance: float, rise: float, sgd: str, swa: str,
-                 path: Path) -> Path:
+def width_figure(
+    widths: Mapping[str, Sequence[float]],
+    max_distance: float,
+    rise: float,
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Per solution, the distance along each ray at which the train loss has risen by ``rise``."""
     fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
@@ -91,16 +136,24 @@ def width_figure(widths: Mapping[str, Sequence[float]], max_distance: float, ris
         inside = np.isfinite(w)
         jitter = np.linspace(-0.12, 0.12, len(w)) if len(w) > 1 else np.zeros(1)
         ax.scatter(i + jitter[inside], w[inside], color=color, s=18)
-        ax.scatter(i + jitter[~inside], np.full((~inside).sum(), max_distance), color=color, marker="^", s=24)
+        ax.scatter(
+            i + jitter[~inside],
+            np.full((~inside).sum(), max_distance),
+            color=color,
+            marker="^",
+            s=24,
+        )
         if inside.any():
-            ax.hlines(np.median(np.where(inside, w, max_distance)), i - 0.25, i + 0.25, color=color, lw=2)
+            ax.hlines(
+                np.median(np.where(inside, w, max_distance)), i - 0.25, i + 0.25, color=color, lw=2
+            )
     ax.set_xticks([0, 1], [swa, sgd])
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylim(0, max_distance * 1.05)
     ax.set_ylabel(f"distance where train loss rises by {rise:g}")
     ax.set_title("width along random rays (▲: beyond the range, bar: median)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return _save(fig, path, formats)
 
 
 def _level_format(levels: np.ndarray) -> str:
@@ -111,106 +164,303 @@ def _level_format(levels: np.ndarray) -> str:
     return f"%.{digits}g"
 
 
-def _plane_panel(fig: Figure, ax: Axes, xy: np.ndarray, values: np.ndarray, clip: float | None, log_alpha: float,
-                 title: str) -> None:
+def _plane_panel(
+    fig: Figure,
+    ax: Axes,
+    xy: np.ndarray,
+    values: np.ndarray,
+    clip: float | None,
+    log_alpha: float,
+    title: str,
+) -> None:
     levels = log_levels(values, clip, log_alpha)
     norm = colors.BoundaryNorm(levels, 256, extend="max")
-    filled = ax.contourf(xy[..., 0], xy[..., 1], values, levels=levels, cmap="viridis", norm=norm, extend="max")
+    filled = ax.contourf(
+        xy[..., 0], xy[..., 1], values, levels=levels, cmap="viridis", norm=norm, extend="max"
+    )
     ax.contour(xy[..., 0], xy[..., 1], values, levels=levels, colors="k", linewidths=0.5, alpha=0.4)
-    bar = fig.colorbar(filled, ax=ax, ticks=levels, format=_level_format(levels))
+    bar = fig.colorbar(filled, ax=ax, ticks=levels, format=_level_format(levels), shrink=0.9)
     bar.ax.tick_params(labelsize=7)
     ax.set_xlim(xy[..., 0].min(), xy[..., 0].max())
     ax.set_ylim(xy[..., 1].min(), xy[..., 1].max())
+    ax.set_aspect("equal")  # distances in weight space read the same along both axes
+    ax.set_xlabel("distance along û = (w₂ − w₁)/‖w₂ − w₁‖", fontsize=8)
+    ax.set_ylabel("distance along v̂ ⊥ û", fontsize=8)
+    ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=10)
 
 
-def plane_figure(xy: np.ndarray, values: Mapping[str, np.ndarray], points: np.ndarray, labels: Sequence[str],
-                 paths: Mapping[str, np.ndarray], marks: Mapping[str, np.ndarray], title: str, path: Path) -> Path:
-    """Train loss and test error on the plane through three points (paper Fig. 1, 3), log-scaled levels."""
-    fig = Figure(figsize=(13, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2)
+# the trajectory: a white line with a black outline, visible on the colour map and in the legend
+_OUTLINED = [patheffects.Stroke(linewidth=3.0, foreground="k"), patheffects.Normal()]
+
+
+def plane_figure(
+    xy: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    points: np.ndarray,
+    labels: Sequence[str],
+    paths: Mapping[str, np.ndarray],
+    marks: Mapping[str, np.ndarray],
+    title: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Train loss and test error on the plane through w₁, w₂, w₃ (paper Fig. 1, 3), in the paper's
+    style: log-scaled contour levels, equal aspect, the three points, the projected trajectory."""
     key, label = _error_label(values)
-    panels = (("train_loss", TRAIN_LOSS_CLIP, TRAIN_LOSS_LOG_ALPHA, f"train loss (clipped at {TRAIN_LOSS_CLIP:g})"),
-              (key, TEST_ERROR_CLIP if key == "test_error" else None,
-               TEST_ERROR_LOG_ALPHA if key == "test_error" else TRAIN_LOSS_LOG_ALPHA,
-               f"{label}" + (f" (clipped at {TEST_ERROR_CLIP:g}%)" if key == "test_error" else "")))
+    span_x = float(np.ptp(xy[..., 0])) or 1.0
+    ratio = float(np.ptp(xy[..., 1])) / span_x
+    stacked = ratio < 0.5  # a long thin plane: the panels one above the other, each the full width
+    panel_w = 10.0 if stacked else 5.6
+    panel_h = min(max(panel_w * ratio, 1.0), 6.0) + 0.9
+    fig = Figure(
+        figsize=(panel_w + 1.6, 2 * panel_h + 1.2)
+        if stacked
+        else (2 * panel_w + 2.4, panel_h + 1.4),
+        layout="constrained",
+    )
+    axes = fig.subplots(2, 1) if stacked else fig.subplots(1, 2)
+    panels = (
+        (
+            "train_loss",
+            TRAIN_LOSS_CLIP,
+            TRAIN_LOSS_LOG_ALPHA,
+            f"train loss (clipped at {TRAIN_LOSS_CLIP:g})",
+        ),
+        (
+            key,
+            TEST_ERROR_CLIP if key == "test_error" else None,
+            TEST_ERROR_LOG_ALPHA if key == "test_error" else TRAIN_LOSS_LOG_ALPHA,
+            f"{label}" + (f" (clipped at {TEST_ERROR_CLIP:g}%)" if key == "test_error" else ""),
+        ),
+    )
+    x_mid = 0.5 * (xy[..., 0].min() + xy[..., 0].max())
     for ax, (k, clip, log_alpha, panel_title) in zip(axes, panels):
         _plane_panel(fig, ax, xy, values[k], clip, log_alpha, panel_title)
         for name, p in paths.items():
-            ax.plot(p[:, 0], p[:, 1], color="w", lw=1.2, marker=".", ms=5, label=name)
-        x_mid = 0.5 * (xy[..., 0].min() + xy[..., 0].max())
-        for (x, y), text in zip(points, labels):
-            ax.scatter([x], [y], color="k", marker="o", s=40, zorder=3)
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(6 if x < x_mid else -6, 6), fontsize=8,
-                        ha="left" if x < x_mid else "right", zorder=5,
-                        bbox={"boxstyle": "round,pad=0.2", "fc": "w", "alpha": 0.75})
+            ax.plot(
+                p[:, 0],
+                p[:, 1],
+                color="w",
+                lw=1.4,
+                marker=".",
+                ms=5,
+                label=name,
+                path_effects=_OUTLINED,
+                zorder=3,
+            )
+        ax.scatter(
+            points[:, 0],
+            points[:, 1],
+            color="k",
+            edgecolors="w",
+            marker="o",
+            s=45,
+            zorder=4,
+            label="w₁, w₂, w₃",
+        )
+        for i, ((x, y), text) in enumerate(zip(points, labels)):
+            ax.annotate(
+                f"w{'₁₂₃'[i]}: {text}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(6 if x < x_mid else -6, 6),
+                fontsize=8,
+                ha="left" if x < x_mid else "right",
+                zorder=6,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "w", "alpha": 0.8},
+            )
         for (name, p), marker in zip(marks.items(), ("*", "X", "P")):
-            ax.scatter([p[0]], [p[1]], color="r", marker=marker, s=90, zorder=4, label=name)
-        if paths or marks:
-            ax.legend(fontsize=7, loc="best", framealpha=0.8)
+            ax.scatter(
+                [p[0]],
+                [p[1]],
+                color="r",
+                edgecolors="w",
+                marker=marker,
+                s=110,
+                zorder=5,
+                label=name,
+            )
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        names,
+        loc="outside lower center",
+        ncols=min(len(names), 4),
+        fontsize=8,
+        framealpha=1.0,
+    )
     fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, formats)
 
 
-def learning_curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], metric: str, focus: Sequence[str],
-                           path: Path) -> Path:
-    """Test metric over epochs: the SGD iterate and the running SWA model (document 003, Fig. 1).
+def _curve(ax: Axes, x: np.ndarray, y: np.ndarray, std: np.ndarray | None, **style: object) -> None:
+    """A mean curve with its ± std band over seeds (no band for a single seed)."""
+    (line,) = ax.plot(x, y, **style)
+    if std is not None and np.any(std > 0):
+        ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.18, lw=0)
+
+
+def _late_window(
+    curves: Mapping[str, Mapping[str, np.ndarray]], keys: Sequence[str]
+) -> tuple[float, float, float]:
+    """The first epoch of the second half and the y-range of every curve ± std from there on."""
+    last = max(float(c["epoch"][-1]) for c in curves.values())
+    start = max(1.0, 0.5 * last)
+    lows, highs = [], []
+    for c in curves.values():
+        late = c["epoch"] >= start
+        for key in keys:
+            if key in c:
+                std = np.nan_to_num(c.get(f"{key}_std", np.zeros_like(c[key])))
+                lows.append(np.nanmin(np.where(late, c[key] - std, np.nan), initial=np.inf))
+                highs.append(np.nanmax(np.where(late, c[key] + std, np.nan), initial=-np.inf))
+    return start, float(min(lows)), float(max(highs))
+
+
+def learning_curves_figure(
+    curves: Mapping[str, Mapping[str, np.ndarray]],
+    metric: str,
+    focus: Sequence[str],
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Test metric over epochs: the SGD iterate and the running SWA model (document 003, Fig. 1),
+    mean over seeds with a ± std band, on the full y-range.
+
+    Where the first epochs would squeeze the end of training into a few pixels, an accuracy panel
+    gets an inset on the second half of training and a positive loss or MSE a log y-axis.
 
     Args:
         curves: ``{label: {"epoch", "iterate", "average" (absent for non-averaging methods)}}``,
-            already averaged over seeds.
+            averaged over seeds, with optional ``"iterate_std"``/``"average_std"``.
         metric: e.g. ``test_accuracy``.
         focus: labels drawn in the left panel with both curves (SGD and SWA); the right panel shows
             every method's own model: its running average where it has one, else its iterate.
     """
-    fig = Figure(figsize=(12, 4), layout="constrained")
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
     left, right = fig.subplots(1, 2)
     color = {label: f"C{i % 10}" for i, label in enumerate(curves)}
-    for label in (f for f in focus if f in curves):
-        c = curves[label]
-        ax_label = f"{label} (iterate)" if "average" in c else label
-        left.plot(c["epoch"], c["iterate"], color=color[label], lw=1.2, label=ax_label)
-        if "average" in c:
-            left.plot(c["epoch"], c["average"], color=color[label], lw=2.2, ls="--", label=f"{label} (running average)")
+    own: dict[str, dict[str, np.ndarray]] = {}
     for label, c in curves.items():
         # before averaging starts, a method's model is its iterate
-        own = np.where(np.isnan(c["average"]), c["iterate"], c["average"]) if "average" in c else c["iterate"]
-        right.plot(c["epoch"], own, color=color[label], lw=1.5, label=label)
+        if "average" in c:
+            before = np.isnan(c["average"])
+            own[label] = {
+                "epoch": c["epoch"],
+                "own": np.where(before, c["iterate"], c["average"]),
+                "own_std": np.where(
+                    before,
+                    c.get("iterate_std", 0 * c["iterate"]),
+                    c.get("average_std", 0 * c["iterate"]),
+                ),
+            }
+        else:
+            own[label] = {"epoch": c["epoch"], "own": c["iterate"], "own_std": c.get("iterate_std")}
+
+    def draw_left(ax: Axes) -> None:
+        for label in (f for f in focus if f in curves):
+            c = curves[label]
+            _curve(
+                ax,
+                c["epoch"],
+                c["iterate"],
+                c.get("iterate_std"),
+                color=color[label],
+                lw=1.2,
+                label=f"{label} (iterate)" if "average" in c else label,
+            )
+            if "average" in c:
+                _curve(
+                    ax,
+                    c["epoch"],
+                    c["average"],
+                    c.get("average_std"),
+                    color=color[label],
+                    lw=2.2,
+                    ls="--",
+                    label=f"{label} (running average)",
+                )
+
+    def draw_right(ax: Axes) -> None:
+        for label, c in own.items():
+            _curve(
+                ax, c["epoch"], c["own"], c.get("own_std"), color=color[label], lw=1.5, label=label
+            )
+
     unit = " (%)" if metric.endswith("accuracy") else ""
-    for ax in (left, right):
+    panels = (
+        (left, draw_left, {k: curves[k] for k in focus if k in curves}, ("iterate", "average")),
+        (right, draw_right, own, ("own",)),
+    )
+    for ax, draw, shown, keys in panels:
+        draw(ax)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric.replace("_", " ") + unit)
         ax.grid(alpha=0.3)
-    left.legend(fontsize=8)
+        if not shown:
+            continue
+        values = np.concatenate([c[k] for c in shown.values() for k in keys if k in c])
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        start, late_low, late_high = _late_window(shown, keys)
+        squeezed = high - low > 4 * max(late_high - late_low, 1e-12)
+        if squeezed and metric.endswith("accuracy"):
+            inset = ax.inset_axes((0.42, 0.08, 0.55, 0.5))
+            draw(inset)
+            pad = 0.1 * (late_high - late_low) or 0.5
+            inset.set_xlim(start, max(float(c["epoch"][-1]) for c in shown.values()))
+            inset.set_ylim(late_low - pad, late_high + pad)
+            inset.tick_params(labelsize=7)
+            inset.grid(alpha=0.3)
+            ax.indicate_inset_zoom(inset, edgecolor="0.4")
+        elif squeezed and low > 0 and high / low > 10:
+            ax.set_yscale("log")
+    left.legend(fontsize=8, loc="upper left" if metric.endswith("accuracy") else "upper right")
     right.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     left.set_title(" vs ".join(f for f in focus if f in curves) or "no SGD/SWA runs", fontsize=10)
     right.set_title("every method's own model (running average where there is one)", fontsize=10)
-    if metric.endswith("accuracy"):
-        top = max(float(np.nanmax(np.concatenate([c["iterate"], c.get("average", c["iterate"])])))
-                  for c in curves.values())
-        for ax in (left, right):
-            ax.set_ylim(max(0.0, top - 30), min(100.0, top + 2))
-    return _save(fig, path)
+    fig.suptitle("mean over seeds, band: ± std", fontsize=9)
+    return _save(fig, path, formats)
 
 
-def lr_figure(schedules: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
-    """Learning rate of every method: the value at the first step of each epoch, held through the epoch."""
+def lr_figure(
+    schedules: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Learning rate of every method: its value at the first step of each epoch, held for it."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     ax = fig.subplots()
     for i, (label, (epochs, lr)) in enumerate(schedules.items()):
         x = np.concatenate([epochs - 1, epochs[-1:]])  # epoch e runs from e - 1 to e
-        ax.plot(x, np.concatenate([lr, lr[-1:]]), drawstyle="steps-post", label=label, lw=1.5,
-                color=f"C{i % 10}", alpha=0.85)
+        ax.plot(
+            x,
+            np.concatenate([lr, lr[-1:]]),
+            drawstyle="steps-post",
+            label=label,
+            lw=1.5,
+            color=f"C{i % 10}",
+            alpha=0.85,
+            ls=("-", "--", ":", "-.")[i % 4],
+        )  # equal schedules stay visible
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, path)
+    return _save(fig, path, formats)
 
 
-def reliability_figure(diagrams: Mapping[str, Mapping[str, Sequence[float]]], eces: Mapping[str, float],
-                       path: Path) -> Path:
+def reliability_figure(
+    diagrams: Mapping[str, Mapping[str, Sequence[float]]],
+    eces: Mapping[str, float],
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
     """Reliability diagrams: accuracy minus confidence per equal-mass bin (SWAG paper style)."""
     fig = Figure(figsize=(11, 4))
     left, right = fig.subplots(1, 2)
@@ -229,4 +479,4 @@ def reliability_figure(diagrams: Mapping[str, Mapping[str, Sequence[float]]], ec
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("calibration on the test set (20 equal-mass bins)")
-    return _save(fig, path)
+    return _save(fig, path, formats)

@@ -1,0 +1,246 @@
+"""What a paper needs from a report: tables as CSV and LaTeX (booktabs), landscape figures redrawn
+in every format from their saved data, and the run times and environment of the run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..lab.files import atomic_write_text
+from ..lab.stats import MethodSummary
+from . import figures
+from .geometry import METRICS
+
+__all__ = ["landscape_figure", "latex_table", "run_times", "summary_csv", "write_table"]
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"\ensuremath{\pm}",
+    "Δ": r"\ensuremath{\Delta}",
+    "–": "--",
+    "−": r"\ensuremath{-}",
+    "‖": r"\ensuremath{\|}",
+    "§": r"\S{}",
+    "·": r"\ensuremath{\cdot}",
+    "w̄": r"\ensuremath{\bar{w}}",
+}
+
+
+def latex_escape(text: str) -> str:
+    r"""``text`` with LaTeX's special characters escaped, ±, Δ, – written as LaTeX and the sign of a
+    negative number as a minus (``-2.75`` -> ``\ensuremath{-}2.75``), in text and math alike."""
+    text = text.replace("w̄", "\0")  # w + combining macron: one symbol, \bar{w}
+    escaped = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text).replace("\0", _LATEX_SPECIAL["w̄"])
+    return re.sub(r"(?<![\w.-])-(?=\d)", lambda _: r"\ensuremath{-}", escaped)  # not in 3--5
+
+
+def latex_table(
+    caption: str, header: Sequence[str], rows: Sequence[Sequence[str]], label: str
+) -> str:
+    """A booktabs table: the first column left-aligned, the others right-aligned."""
+    spec = "l" + "r" * (len(header) - 1)
+    lines = [
+        r"% needs \usepackage{booktabs}",
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{latex_escape(caption)}}}",
+        rf"\label{{{label}}}",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(latex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def summary_csv(
+    summaries: Sequence[MethodSummary], rows: Sequence[dict[str, str]], metric: str
+) -> str:
+    """Full-precision numbers of a results table: mean, std, paired Δ, its interval, each seed."""
+    seeds = sorted({int(r["seed"]) for r in rows})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        [
+            "method",
+            "metric",
+            "n",
+            "diverged",
+            "mean",
+            "std",
+            "baseline",
+            "diff_mean",
+            "diff_low",
+            "diff_high",
+        ]
+        + [f"seed{s}" for s in seeds]
+    )
+    for s in summaries:
+        done = sorted(
+            int(r["seed"]) for r in rows if r["method"] == s.label and r["status"] == "done"
+        )
+        by_seed = dict(zip(done, s.values))
+        writer.writerow(
+            [
+                s.label,
+                metric,
+                len(s.values),
+                s.diverged,
+                _plain(s.mean),
+                _plain(s.std),
+                s.baseline or "",
+                _plain(s.diff_mean),
+                _plain(s.diff_low),
+                _plain(s.diff_high),
+            ]
+            + [_plain(by_seed.get(seed)) for seed in seeds]
+        )
+    return buffer.getvalue()
+
+
+def _plain(value: float | None) -> str:
+    return (
+        ""
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else repr(float(value))
+    )
+
+
+def write_table(
+    out: Path,
+    stem: str,
+    caption: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    csv_text: str | None = None,
+) -> list[Path]:
+    """``<stem>.csv`` (``csv_text``, else the shown cells) and ``<stem>.tex`` in ``out``."""
+    if csv_text is None:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([list(header), *map(list, rows)])
+        csv_text = buffer.getvalue()
+    paths = [out / f"{stem}.csv", out / f"{stem}.tex"]
+    atomic_write_text(paths[0], csv_text)
+    atomic_write_text(paths[1], latex_table(caption, header, rows, f"tab:{stem}"))
+    return paths
+
+
+def run_times(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
+    """Per method the wall-clock seconds of its runs (as ``results.csv`` records them): mean ± std
+    over seeds and the total; a last row sums every run."""
+    by_method: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("seconds") not in (None, ""):
+            by_method.setdefault(r["method"], []).append(float(r["seconds"]))
+    header = ["method", "runs", "seconds per run (mean ± std)", "total"]
+    body = [
+        [
+            label,
+            str(len(v)),
+            f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.1f}",
+            _duration(sum(v)),
+        ]
+        for label, v in by_method.items()
+    ]
+    if body:
+        every = [x for v in by_method.values() for x in v]
+        body.append(["all", str(len(every)), f"{np.mean(every):.1f}", _duration(sum(every))])
+    return header, body
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours} h {minutes:02d} min"
+        if hours
+        else f"{minutes} min {sec:02d} s"
+        if minutes
+        else f"{sec} s"
+    )
+
+
+def environment(meta: dict[str, Any]) -> list[list[str]]:
+    """``meta.json`` as (key, value) rows, the command last."""
+    return [
+        [key, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+        for key, value in meta.items()
+        if key != "command"
+    ]
+
+
+def landscape_figure(
+    name: str, summary: dict[str, Any], src: Path, out: Path, formats: Sequence[str]
+) -> Path:
+    """Redraw landscape figure ``name`` (``line.png``, ...) from its saved ``npz`` into ``out`` in
+    every format; a landscape without the data (an older one) has its PNG copied as it is."""
+    target = out / name
+    try:
+        return _redraw(Path(name).stem, summary, src, target, formats)
+    except (KeyError, OSError, ValueError):
+        shutil.copyfile(src / name, target)
+        return target
+
+
+def _redraw(stem: str, s: dict[str, Any], src: Path, target: Path, formats: Sequence[str]) -> Path:
+    sgd, swa = s["sgd"], s["swa"]
+    if stem == "line":
+        with np.load(src / "line.npz") as d:
+            return figures.line_figure(
+                d["t"], {k: d[k] for k in METRICS}, sgd, swa, target, formats=formats
+            )
+    if stem in ("rays", "width"):
+        with np.load(src / "rays.npz") as d:
+            arrays = {k: d[k] for k in d.files}
+        if stem == "rays":
+            return figures.rays_figure(arrays, sgd, swa, target, formats=formats)
+        widths = {key: arrays[f"{key}_width"] for key in ("swa", "sgd")}
+        return figures.width_figure(
+            widths,
+            float(arrays["distances"][-1]),
+            s["rays"]["rise"],
+            sgd,
+            swa,
+            target,
+            formats=formats,
+        )
+    with np.load(src / f"{stem}.npz") as d:
+        labels = [str(x) for x in d["point_labels"]]
+        paths = {k[len("path_") :]: d[k] for k in d.files if k.startswith("path_")}
+        marks = {k[len("mark_") :]: d[k] for k in d.files if k.startswith("mark_")}
+        title = (
+            f"plane through {labels[0]}, {labels[1]}, {labels[2]} (seed {s['seed']})"
+            if stem == "plane"
+            else f"plane through three {swa} snapshots (seed {s['seed']})"
+        )
+        return figures.plane_figure(
+            d["grid"],
+            {k: d[k] for k in METRICS},
+            d["points"],
+            labels,
+            paths,
+            marks,
+            title,
+            target,
+            formats=formats,
+        )
