@@ -13,12 +13,17 @@ plane      plane through (SGD start, SGD end, SWA), SGD trajectory projected    
 snapshots  plane through three averaged SWA snapshots, their average marked       trajectory.pt of SWA
 ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory.pt of SWA
 predictions final test probabilities of every method (reliability diagrams)       checkpoint.pt
+bn         w_SWA with the BN statistics it carries (the last iterate's) vs            final.pt, checkpoint.pt
+           recomputed ones (paper §3.2; claim 6 of ``swalab claims``)                 of SWA; a BN model
 ========== ===================================================================== ======================
 
 Every evaluated point is loaded into one model instance, BatchNorm statistics are recomputed with
 the training run's own BN pass (same batches at every point), and the train loss is the objective
 SGD minimised, cross-entropy + ``wd/2 ||w||^2`` (the NLL alone is saved too). Results go to
-``RUN_DIR/landscape/``: ``landscape.json`` (summary), one ``.npz`` and one ``.png`` per piece.
+``RUN_DIR/landscape/`` for the run's first seed, ``RUN_DIR/landscape/seed<k>/`` for another seed
+(:func:`landscape_dir`): ``landscape.json`` (summary), one ``.npz`` and one ``.png`` per piece.
+With ``stack > 1`` points are evaluated that many at a time with stacked weights
+(``LandscapeEvaluator.evaluate_many``; the same numbers).
 """
 from __future__ import annotations
 
@@ -46,9 +51,9 @@ from . import figures
 from .progress import Progress
 from .rundir import RunDir
 
-__all__ = ["PIECES", "compute_landscape"]
+__all__ = ["PIECES", "compute_landscape", "landscape_dir"]
 
-PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions")
+PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions", "bn")
 METRICS = ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error")
 
 
@@ -73,6 +78,7 @@ def compute_landscape(
     rise: float = 0.1,
     device: str | None = None,
     threads: int | None = None,
+    stack: int = 1,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
 ) -> dict[str, Any]:
@@ -90,6 +96,7 @@ def compute_landscape(
             the width.
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
+        stack: points evaluated per vectorised pass (default 1: one by one; the same numbers).
         progress: draw a progress bar (default: when stderr is a terminal; else plain lines).
 
     Returns:
@@ -110,15 +117,17 @@ def compute_landscape(
         raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
     if grid < 2 or line_points < 2 or ray_points < 2 or rays < 1:
         raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+    if stack < 1:
+        raise ValueError(f"--stack must be >= 1, got {stack}")
 
     threads = threads if threads is not None else run.cfg.train.threads
     if threads is not None:
         torch.set_num_threads(threads)
-    job = _Job(run, seed, sgd, swa, device, log)
+    job = _Job(run, seed, sgd, swa, device, log, stack)
     requested = list(what) if what else list(PIECES)
     checks = {"line": job.check_ends, "rays": job.check_ends, "plane": job.check_plane,
               "snapshots": lambda: job.check_snapshots(3), "ensemble": lambda: job.check_snapshots(2),
-              "predictions": job.check_predictions}
+              "predictions": job.check_predictions, "bn": job.check_bn}
     todo, skipped = [], {}
     for piece in requested:
         try:
@@ -132,8 +141,8 @@ def compute_landscape(
     if not todo:
         raise FileNotFoundError(next(iter(skipped.values())))
 
-    out = run.path / "landscape"
-    out.mkdir(exist_ok=True)
+    out = landscape_dir(run, seed)
+    out.mkdir(parents=True, exist_ok=True)
     summary = _previous_summary(out, seed, sgd, swa)
     summary.update({"seed": seed, "sgd": sgd, "swa": swa, "protocol": job.protocol()})
     summary.setdefault("skipped", {}).update(skipped)
@@ -142,7 +151,7 @@ def compute_landscape(
     summary.setdefault("seconds", {})
 
     sizes = {"line": line_points, "rays": 2 * rays * (ray_points - 1) + 2, "plane": grid * grid,
-             "snapshots": grid * grid, "ensemble": 0, "predictions": 0}
+             "snapshots": grid * grid, "ensemble": 0, "predictions": 0, "bn": 0}
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
         for piece in todo:
@@ -158,6 +167,8 @@ def compute_landscape(
                 summary["snapshots"] = job.snapshots(out, grid, margin, bar)
             elif piece == "ensemble":
                 summary["ensemble"] = job.ensemble()
+            elif piece == "bn":
+                summary["bn"] = job.bn()
             else:
                 summary["predictions"] = job.predictions(out, log)
             summary["seconds"][piece] = round(time.perf_counter() - start, 2)
@@ -167,6 +178,11 @@ def compute_landscape(
         bar.close()
     log(f"landscape of {run.path} (seed {seed}, {sgd} vs {swa}) written to {out}")
     return _clean(summary)
+
+
+def landscape_dir(run: RunDir, seed: int) -> Path:
+    """``RUN_DIR/landscape`` for the run's first seed, ``RUN_DIR/landscape/seed<k>`` for the others."""
+    return run.path / "landscape" if seed == run.cfg.seeds[0] else run.path / "landscape" / f"seed{seed}"
 
 
 def _clean(value: Any) -> Any:
@@ -196,8 +212,8 @@ class _Job:
     """One seed's models, data and evaluator; each method computes, saves and summarises a piece."""
 
     def __init__(self, run: RunDir, seed: int, sgd: str, swa: str, device: str | None,
-                 log: Callable[[str], None]) -> None:
-        self.run, self.seed, self.sgd, self.swa, self.log = run, seed, sgd, swa, log
+                 log: Callable[[str], None], stack: int = 1) -> None:
+        self.run, self.seed, self.sgd, self.swa, self.log, self.stack = run, seed, sgd, swa, log, stack
         self.device = resolve_device(device or run.cfg.train.device)
         self._evaluator: geo.LandscapeEvaluator | None = None
 
@@ -206,6 +222,12 @@ class _Job:
     def check_ends(self) -> None:
         self.run.file(self.sgd, self.seed, "final.pt")
         self.run.file(self.swa, self.seed, "final.pt")
+
+    def check_bn(self) -> None:
+        if not geo.has_batchnorm(self.evaluator.model):
+            raise _Missing(f"{self.run.cfg.model.name} has no BatchNorm: nothing to recompute")
+        self.run.file(self.swa, self.seed, "final.pt")
+        self.run.file(self.swa, self.seed, "checkpoint.pt")
 
     def check_plane(self) -> None:
         self.run.file(self.sgd, self.seed, "init.pt")
@@ -256,7 +278,8 @@ class _Job:
             datasets = {name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
                         for name, split in (("train", bundle.train), ("test", bundle.test))}
             stats = geo.mse_stats if bundle.task == "regression" else geo.cross_entropy_stats
-            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets, stats, train.weight_decay)
+            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets, stats, train.weight_decay,
+                                                     stack=self.stack)
         return self._evaluator
 
     @property
@@ -280,12 +303,14 @@ class _Job:
         }
 
     def evaluate(self, points: list[Tensor], bar: Progress) -> dict[str, np.ndarray]:
+        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``)."""
         values: dict[str, list[float]] = {k: [] for k in METRICS}
-        for w in points:
-            result = self.evaluator(w)
-            for k in METRICS:
-                values[k].append(result[k])
-            bar.advance()
+        step = self.evaluator.stack
+        for start in range(0, len(points), step):
+            for result in self.evaluator.evaluate_many(points[start:start + step]):
+                for k in METRICS:
+                    values[k].append(result[k])
+                bar.advance()
         return {k: np.array(v) for k, v in values.items()}
 
     # --- pieces ---
@@ -316,10 +341,11 @@ class _Job:
         widths: dict[str, list[float]] = {}
         for key, label in (("swa", self.swa), ("sgd", self.sgd)):
             w = origins[label]
-            at_zero = self.evaluate([w], bar)
-            along = [self.evaluate([w + float(t) * d for t in distances[1:]], bar) for d in directions]
+            # the solution itself once, then every ray's points in one list (stacked passes span rays)
+            values = self.evaluate([w] + [w + float(t) * d for d in directions for t in distances[1:]], bar)
             for k in METRICS:
-                arrays[f"{key}_{k}"] = np.stack([np.concatenate([at_zero[k], a[k]]) for a in along])
+                along = values[k][1:].reshape(n, points - 1)
+                arrays[f"{key}_{k}"] = np.concatenate([np.full((n, 1), values[k][0]), along], axis=1)
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
         np.savez(out / "rays.npz", **arrays)
@@ -432,6 +458,26 @@ class _Job:
             "ensemble": score(torch.stack(outputs[:-1]).mean(0)),
             "snapshots_mean": float(np.mean([score(o) for o in outputs[:-1]])),
         }
+
+    def bn(self) -> dict[str, Any]:
+        """w_SWA evaluated with the BN statistics it carries and with recomputed ones (paper §3.2).
+
+        "Carried": the running statistics of the SWA run's last SGD iterate (``checkpoint.pt``), which
+        an averaged copy of the weights holds unless BN is recomputed; "recomputed": ``final.pt``
+        as the run saved it, after its own BN pass.
+        """
+        final = self.run.load(self.swa, self.seed, "final.pt")
+        iterate = self.run.load(self.swa, self.seed, "checkpoint.pt")["model"]
+        model, evaluator = self.evaluator.model, self.evaluator
+        squared_norm = float(geo.flat_parameters(final, self.names).square().sum())
+        buffers = {name for name, _ in model.named_buffers()}
+        result = {}
+        for key, state in (("recomputed", final),
+                           ("carried", {k: iterate[k] if k in buffers else v for k, v in final.items()})):
+            model.load_state_dict(state)
+            result[key] = evaluator.measure(squared_norm)
+        result["carried_from"] = f"BN running statistics of {self.swa}'s last SGD iterate (checkpoint.pt)"
+        return result
 
     def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
