@@ -17,6 +17,7 @@ the same run. The default landscape of ``swalab run mnist1d`` evaluates 1,305 po
 rays 402, two planes 441 each): its estimated seconds are the per-point time × 1,305. The numbers
 of both paths are compared (max |Δ| of NLL and of the error rate).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,13 @@ import time
 import torch
 
 from swalab.data import BatchLoader, load
-from swalab.landscape import LandscapeEvaluator, cross_entropy_stats, flat_parameters, grid_coordinates, plane
+from swalab.landscape import (
+    LandscapeEvaluator,
+    cross_entropy_stats,
+    flat_parameters,
+    grid_coordinates,
+    plane,
+)
 from swalab.models import create
 
 BN_BATCH, EVAL_BATCH, BN_SEED, WD = 100, 1000, 20_000, 5e-4
@@ -36,9 +43,15 @@ DEFAULT_LANDSCAPE_POINTS = 21 + 402 + 2 * 441
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", type=int, default=21)
-    parser.add_argument("--points", type=int, help="time the first N points of the plane (default: all)")
-    parser.add_argument("--stacks", default="8,16,32", help="stack sizes to compare with the old path")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
+    parser.add_argument(
+        "--points", type=int, help="time the first N points of the plane (default: all)"
+    )
+    parser.add_argument(
+        "--stacks", default="8,16,32", help="stack sizes to compare with the old path"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats (median reported)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,18 +61,31 @@ def main() -> None:
 
     bundle = load("mnist1d", seed=0, val_size=500)
     ws = []
-    for seed in range(3):  # three weight vectors spanning the plane (the cost does not depend on their values)
+    for seed in range(
+        3
+    ):  # three weight vectors spanning the plane (the cost does not depend on their values)
         torch.manual_seed(seed)
-        ws.append(flat_parameters(create("mnist1d_cnn", bundle.in_shape, bundle.num_outputs, bn=True)))
+        ws.append(
+            flat_parameters(create("mnist1d_cnn", bundle.in_shape, bundle.num_outputs, bn=True))
+        )
     pl = plane(*ws)
     coords = grid_coordinates(args.grid)
     points = [pl.point(float(a), float(b)) for a in coords for b in coords][: args.points]
 
     model = create("mnist1d_cnn", bundle.in_shape, bundle.num_outputs, bn=True)
-    bn = list(BatchLoader(bundle.train, BN_BATCH, shuffle=True, generator=torch.Generator().manual_seed(BN_SEED)))
-    data = {name: list(BatchLoader(split, EVAL_BATCH)) for name, split in (("train", bundle.train), ("test", bundle.test))}
-    evaluators = {k: LandscapeEvaluator(model, bn, data, cross_entropy_stats, weight_decay=WD, stack=k)
-                  for k in [1] + stacks}
+    bn = list(
+        BatchLoader(
+            bundle.train, BN_BATCH, shuffle=True, generator=torch.Generator().manual_seed(BN_SEED)
+        )
+    )
+    data = {
+        name: list(BatchLoader(split, EVAL_BATCH))
+        for name, split in (("train", bundle.train), ("test", bundle.test))
+    }
+    evaluators = {
+        k: LandscapeEvaluator(model, bn, data, cross_entropy_stats, weight_decay=WD, stack=k)
+        for k in [1] + stacks
+    }
 
     wall: dict[int, list[float]] = {k: [] for k in evaluators}
     cpu: dict[int, list[float]] = {k: [] for k in evaluators}
@@ -72,21 +98,39 @@ def main() -> None:
             cpu[k].append(time.process_time() - start_cpu)
 
     n = len(points)
-    print(f"{n} points of a {args.grid} x {args.grid} plane, mnist1d_cnn bn=true, "
-          f"{sum(p.numel() for p in model.parameters())} parameters, BN recomputed at every point; "
-          f"torch {torch.__version__}, {args.threads} thread(s); medians of {args.repeats} interleaved repeats")
+    print(
+        f"{n} points of a {args.grid} x {args.grid} plane, mnist1d_cnn bn=true, "
+        f"{sum(p.numel() for p in model.parameters())} parameters, BN recomputed at every point; "
+        f"torch {torch.__version__}, {args.threads} thread(s); medians of {args.repeats} interleaved repeats"
+    )
     print()
-    print("| path | wall s | CPU s | ms/point (CPU) | default landscape, 1,305 points (CPU s) "
-          "| speed-up (wall) | speed-up (CPU) | max abs diff NLL / error (points) |")
+    print(
+        "| path | wall s | CPU s | ms/point (CPU) | default landscape, 1,305 points (CPU s) "
+        "| speed-up (wall) | speed-up (CPU) | max abs diff NLL / error (points) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     base_wall, base_cpu = statistics.median(wall[1]), statistics.median(cpu[1])
     for k in evaluators:
         w, c = statistics.median(wall[k]), statistics.median(cpu[k])
-        nll = max(abs(a[m] - b[m]) for a, b in zip(results[k], results[1]) for m in ("train_nll", "test_nll"))
-        err = max(abs(a[m] - b[m]) for a, b in zip(results[k], results[1]) for m in ("train_error", "test_error"))
-        name = "old path: one point at a time (stack=1)" if k == 1 else f"stacked weights, vmap (stack={k})"
-        print(f"| {name} | {w:.1f} | {c:.1f} | {1000 * c / n:.1f} | {DEFAULT_LANDSCAPE_POINTS * c / n:.0f} "
-              f"| {base_wall / w:.2f}x | {base_cpu / c:.2f}x | {nll:.1e} / {err:.2f} |")
+        nll = max(
+            abs(a[m] - b[m])
+            for a, b in zip(results[k], results[1])
+            for m in ("train_nll", "test_nll")
+        )
+        err = max(
+            abs(a[m] - b[m])
+            for a, b in zip(results[k], results[1])
+            for m in ("train_error", "test_error")
+        )
+        name = (
+            "old path: one point at a time (stack=1)"
+            if k == 1
+            else f"stacked weights, vmap (stack={k})"
+        )
+        print(
+            f"| {name} | {w:.1f} | {c:.1f} | {1000 * c / n:.1f} | {DEFAULT_LANDSCAPE_POINTS * c / n:.0f} "
+            f"| {base_wall / w:.2f}x | {base_cpu / c:.2f}x | {nll:.1e} / {err:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Example:
     >>> alphas = betas = grid_coordinates(21)
     >>> surface = [[evaluator(pl.point(a, b))["train_loss"] for b in betas] for a in alphas]
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,9 @@ BatchStats = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None, int]]
 # --- vectors ----------------------------------------------------------------------------------------
 
 
-def flat_parameters(source: nn.Module | Mapping[str, Tensor], names: Sequence[str] | None = None) -> Tensor:
+def flat_parameters(
+    source: nn.Module | Mapping[str, Tensor], names: Sequence[str] | None = None
+) -> Tensor:
     """The parameters of a model, or the entries ``names`` of a state_dict, as one float64 vector."""
     if isinstance(source, nn.Module):
         tensors = [p.detach() for p in source.parameters()]
@@ -72,7 +75,9 @@ def flat_parameters(source: nn.Module | Mapping[str, Tensor], names: Sequence[st
             raise ValueError("flat_parameters of a state_dict needs the parameter names")
         missing = [n for n in names if n not in source]
         if missing:
-            raise ValueError(f"state_dict lacks parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+            raise ValueError(
+                f"state_dict lacks parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+            )
         tensors = [source[n].detach() for n in names]
     return torch.cat([t.reshape(-1).to("cpu", torch.float64) for t in tensors])
 
@@ -105,7 +110,9 @@ def random_directions(dim: int, n: int, generator: torch.Generator | None = None
     return d / torch.linalg.vector_norm(d, dim=1, keepdim=True)
 
 
-def width(distances: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray, rise: float) -> float:
+def width(
+    distances: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray, rise: float
+) -> float:
     """The distance at which ``losses`` first exceeds ``losses[0] + rise`` along a ray.
 
     Args:
@@ -122,7 +129,9 @@ def width(distances: Sequence[float] | np.ndarray, losses: Sequence[float] | np.
     d = np.asarray(distances, dtype=float)
     f = np.asarray(losses, dtype=float)
     if d.shape != f.shape or d.ndim != 1 or len(d) < 2:
-        raise ValueError(f"distances and losses must be 1-D of the same length >= 2, got {d.shape}, {f.shape}")
+        raise ValueError(
+            f"distances and losses must be 1-D of the same length >= 2, got {d.shape}, {f.shape}"
+        )
     threshold = f[0] + rise
     above = np.nonzero(f >= threshold)[0]
     if len(above) == 0:
@@ -164,8 +173,8 @@ class Plane(NamedTuple):
 def plane(w0: Tensor, w1: Tensor, w2: Tensor) -> Plane:
     """The plane through three weight vectors (Garipov et al., 2018), basis by Gram–Schmidt::
 
-        u = w2 - w0; dx = ||u||; u /= dx
-        v = w1 - w0; v -= (u . v) u; dy = ||v||; v /= dy
+    u = w2 - w0; dx = ||u||; u /= dx
+    v = w1 - w0; v -= (u . v) u; dy = ||v||; v /= dy
     """
     w0, w1, w2 = (w.to(torch.float64) for w in (w0, w1, w2))
     u = w2 - w0
@@ -189,7 +198,9 @@ def grid_coordinates(n: int = 21, margin: float = 0.2) -> np.ndarray:
     return np.linspace(-margin, 1.0 + margin, n)
 
 
-def log_levels(values: np.ndarray, vmax: float | None = None, log_alpha: float = -5.0, n: int = 7) -> np.ndarray:
+def log_levels(
+    values: np.ndarray, vmax: float | None = None, log_alpha: float = -5.0, n: int = 7
+) -> np.ndarray:
     """Contour levels spaced logarithmically above the minimum (dnn-mode-connectivity ``plane_plot.py``).
 
     Values are clipped at ``vmax``; level ``k`` is ``min + exp(log_alpha + k * g)`` with
@@ -304,11 +315,15 @@ class LandscapeEvaluator:
         ``squared_norm`` is ``||w||^2`` of its parameters, for the weight-decay term.
         """
         self.model.eval()
-        outputs = {name: [_forward(self.model, x) for x, _ in batches]
-                   for name, batches in self.datasets.items()}
+        outputs = {
+            name: [_forward(self.model, x) for x, _ in batches]
+            for name, batches in self.datasets.items()
+        }
         return self._summarise(outputs, squared_norm)
 
-    def _summarise(self, outputs: Mapping[str, list[Tensor]], squared_norm: float) -> dict[str, float]:
+    def _summarise(
+        self, outputs: Mapping[str, list[Tensor]], squared_norm: float
+    ) -> dict[str, float]:
         penalty = 0.5 * self.weight_decay * squared_norm
         out: dict[str, float] = {}
         for name, batches in self.datasets.items():
@@ -322,7 +337,9 @@ class LandscapeEvaluator:
             nll = float(torch.stack(losses).sum()) / count  # one host synchronisation per dataset
             out[f"{name}_nll"] = nll
             out[f"{name}_loss"] = nll + penalty
-            out[f"{name}_error"] = 100.0 * float(torch.stack(errors).sum()) / count if errors else math.nan
+            out[f"{name}_error"] = (
+                100.0 * float(torch.stack(errors).sum()) / count if errors else math.nan
+            )
         return out
 
     def evaluate_many(self, ws: Sequence[Tensor] | Tensor) -> list[dict[str, float]]:
@@ -330,7 +347,7 @@ class LandscapeEvaluator:
         ws = list(ws)
         results: list[dict[str, float]] = []
         for start in range(0, len(ws), self.stack):
-            chunk = ws[start:start + self.stack]
+            chunk = ws[start : start + self.stack]
             if len(chunk) == 1:
                 results.append(self(chunk[0]))
             else:
@@ -351,8 +368,12 @@ class LandscapeEvaluator:
         prefix = {m: name for name, m in model.named_modules()}
         for m in bns:  # one set of running statistics per point, reset as update_bn resets them
             if m.track_running_stats and m.running_mean is not None:
-                stacked[_join(prefix[m], "running_mean")] = torch.zeros(k, *m.running_mean.shape).to(m.running_mean)
-                stacked[_join(prefix[m], "running_var")] = torch.ones(k, *m.running_var.shape).to(m.running_var)
+                stacked[_join(prefix[m], "running_mean")] = torch.zeros(
+                    k, *m.running_mean.shape
+                ).to(m.running_mean)
+                stacked[_join(prefix[m], "running_var")] = torch.ones(k, *m.running_var.shape).to(
+                    m.running_var
+                )
 
         def run(state: dict[str, Tensor], x: Any) -> Tensor:
             args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
@@ -364,21 +385,30 @@ class LandscapeEvaluator:
         try:
             if self.bn_batches:
                 for m in bns:
-                    m.momentum = None  # cumulative average: 1 / num_batches_tracked, shared by the points
+                    m.momentum = (
+                        None  # cumulative average: 1 / num_batches_tracked, shared by the points
+                    )
                     if m.num_batches_tracked is not None:
                         m.num_batches_tracked.zero_()
                 model.train()
                 for x, _ in self.bn_batches:
                     batched(stacked, x)
             model.eval()
-            outputs = {name: [batched(stacked, x) for x, _ in batches] for name, batches in self.datasets.items()}
+            outputs = {
+                name: [batched(stacked, x) for x, _ in batches]
+                for name, batches in self.datasets.items()
+            }
         finally:
             for m, momentum in momenta.items():
                 m.momentum = momentum
             model.train(was_training)
         norms = ws.square().sum(1).tolist()
-        return [self._summarise({name: [o[i] for o in outs] for name, outs in outputs.items()}, norms[i])
-                for i in range(k)]
+        return [
+            self._summarise(
+                {name: [o[i] for o in outs] for name, outs in outputs.items()}, norms[i]
+            )
+            for i in range(k)
+        ]
 
 
 def _join(prefix: str, name: str) -> str:

@@ -20,6 +20,7 @@ and standard deviation: a two-sided one-sample t-test, alpha 0.05, power 0.8 (cl
 one-sided tests at 0.025, normal-theory approximation). Statistics, thresholds and margins are
 written down in ``docs/claims.md``; nothing here depends on the outcome.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,22 @@ from scipy import stats as scipy_stats
 from ..lab.stats import primary_metric
 from .rundir import RunDir
 
-__all__ = ["ALPHA", "POWER", "Claim", "claim_rows", "evaluate_claims", "format_claims", "paired_verdict",
-           "seeds_to_decide"]
+__all__ = [
+    "ALPHA",
+    "POWER",
+    "Claim",
+    "claim_rows",
+    "evaluate_claims",
+    "format_claims",
+    "paired_verdict",
+    "seeds_to_decide",
+]
 
 ALPHA, POWER = 0.05, 0.8
-EQUIVALENCE_MARGIN = {"classification": 1.0, "regression": 5.0}  # claim 4: error points / MSE percent
+EQUIVALENCE_MARGIN = {
+    "classification": 1.0,
+    "regression": 5.0,
+}  # claim 4: error points / MSE percent
 MAX_SEEDS = 10_000  # beyond this a claim counts as undecidable at the observed variance
 
 
@@ -68,7 +80,11 @@ def _interval(values: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan, math.nan
-    half = scipy_stats.t.ppf(1 - ALPHA / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = (
+        scipy_stats.t.ppf(1 - ALPHA / 2, len(values) - 1)
+        * statistics.stdev(values)
+        / math.sqrt(len(values))
+    )
     return mean, mean - half, mean + half
 
 
@@ -137,7 +153,11 @@ class _Inputs:
         self.rows = run.results()
         self.metric = primary_metric(self.rows)
         self.task = "regression" if self.metric == "test_mse" else "classification"
-        self.done = {(r["method"], int(r["seed"])): float(r[self.metric]) for r in self.rows if r["status"] == "done"}
+        self.done = {
+            (r["method"], int(r["seed"])): float(r[self.metric])
+            for r in self.rows
+            if r["status"] == "done"
+        }
         self.sgd, self.swa = run.default_label("sgd"), run.default_label("swa")
         self.landscapes: dict[int, tuple[dict[str, Any], Path]] = {}
         self.other_labels: list[int] = []
@@ -157,8 +177,11 @@ class _Inputs:
     def gain(self, label: str, base: str) -> dict[int, float]:
         """Per seed ``metric(label) - metric(base)``, sign flipped for MSE so that > 0 favours ``label``."""
         sign = -1.0 if self.task == "regression" else 1.0
-        return {s: sign * (v - self.done[(base, s)]) for (lab, s), v in self.done.items()
-                if lab == label and (base, s) in self.done}
+        return {
+            s: sign * (v - self.done[(base, s)])
+            for (lab, s), v in self.done.items()
+            if lab == label and (base, s) in self.done
+        }
 
     @property
     def landscape_command(self) -> str:
@@ -166,16 +189,29 @@ class _Inputs:
 
     def piece(self, name: str) -> tuple[dict[int, tuple[dict[str, Any], Path]], str]:
         """Seeds whose landscape has ``name``, and why the others have not (the command to run)."""
-        have = {s: (summary, where) for s, (summary, where) in self.landscapes.items() if name in summary}
+        have = {
+            s: (summary, where)
+            for s, (summary, where) in self.landscapes.items()
+            if name in summary
+        }
         if have:
             return have, ""
-        skipped = [summary["skipped"][name] for summary, _ in self.landscapes.values()
-                   if name in summary.get("skipped", {})]
+        skipped = [
+            summary["skipped"][name]
+            for summary, _ in self.landscapes.values()
+            if name in summary.get("skipped", {})
+        ]
         if skipped:
             return {}, f"the landscape skipped {name}: {skipped[0]}"
-        extra = (f" (landscapes of seeds {self.other_labels} compare other labels)" if self.other_labels else "")
-        return {}, f"no {name} landscape piece under {self.run.path / 'landscape'}{extra}; " \
-                   f"compute it with `{self.landscape_command}`"
+        extra = (
+            f" (landscapes of seeds {self.other_labels} compare other labels)"
+            if self.other_labels
+            else ""
+        )
+        return {}, (
+            f"no {name} landscape piece under {self.run.path / 'landscape'}{extra}; "
+            f"compute it with `{self.landscape_command}`"
+        )
 
 
 # --- the claims ---------------------------------------------------------------------------------
@@ -183,49 +219,73 @@ class _Inputs:
 
 def _claim1(inp: _Inputs) -> list[Claim]:
     unit = "points of test accuracy" if inp.task == "classification" else "test MSE, SGD minus SWA"
-    swas = [m for m in inp.run.cfg.methods if m.method == "swa" and not m.baseline
-            and m.options.get("schedule", "swa") != "constant"]
+    swas = [
+        m
+        for m in inp.run.cfg.methods
+        if m.method == "swa" and not m.baseline and m.options.get("schedule", "swa") != "constant"
+    ]
     if inp.sgd is None or not swas:
         missing = "an sgd method" if inp.sgd is None else "an swa method"
-        return [Claim("1", "SWA generalises better than SGD at the same budget", "Table 1",
-                      f"SWA − SGD, {unit}", note=f"the run has no {missing}; add one to the config and "
-                                                 f"`swalab run` it")]
+        return [
+            Claim(
+                "1",
+                "SWA generalises better than SGD at the same budget",
+                "Table 1",
+                f"SWA − SGD, {unit}",
+                note=f"the run has no {missing}; add one to the config and `swalab run` it",
+            )
+        ]
     out = []
     for m in sorted(swas, key=lambda m: m.budget):
         budget = "the same budget" if m.budget == 1.0 else f"{m.budget:g}B"
-        claim = Claim("1" if m.budget == 1.0 else f"1 ({m.budget:g}B)",
-                      f"SWA ({m.label}) generalises better than SGD at {budget}", "Table 1",
-                      f"{m.label} − {inp.sgd}, {unit}, per seed")
+        claim = Claim(
+            "1" if m.budget == 1.0 else f"1 ({m.budget:g}B)",
+            f"SWA ({m.label}) generalises better than SGD at {budget}",
+            "Table 1",
+            f"{m.label} − {inp.sgd}, {unit}, per seed",
+        )
         values = inp.gain(m.label, inp.sgd)
         if not values:
-            claim.note = f"no finished {m.label}/{inp.sgd} pair in results.csv; `{inp.run.resume_command}`"
+            claim.note = (
+                f"no finished {m.label}/{inp.sgd} pair in results.csv; `{inp.run.resume_command}`"
+            )
         out.append(paired_verdict(claim, values))
     out.sort(key=lambda c: c.id != "1")
     return out
 
 
 def _claim2(inp: _Inputs) -> Claim:
-    claim = Claim("2", "SWA finds wider solutions than SGD", "Fig. 4 (widths along random rays)",
-                  "median over rays of width(w_SWA) − width(w_SGD), the same directions from both; width = "
-                  "distance at which the train loss has risen by `rise` (a ray that stays below counts as "
-                  "the largest distance)")
+    claim = Claim(
+        "2",
+        "SWA finds wider solutions than SGD",
+        "Fig. 4 (widths along random rays)",
+        "median over rays of width(w_SWA) − width(w_SGD), the same directions from both; width = "
+        "distance at which the train loss has risen by `rise` (a ray that stays below counts as "
+        "the largest distance)",
+    )
     have, why = inp.piece("rays")
     values = {}
     for seed, (summary, _) in have.items():
         r = summary["rays"]
         cap = float(r["max_distance"])
-        swa, sgd = ([cap if w is None else float(w) for w in r["width"][k]["per_ray"]] for k in ("swa", "sgd"))
+        swa, sgd = (
+            [cap if w is None else float(w) for w in r["width"][k]["per_ray"]]
+            for k in ("swa", "sgd")
+        )
         values[seed] = float(np.median(np.array(swa) - np.array(sgd)))
     claim.note = why
     return paired_verdict(claim, values)
 
 
 def _claim3(inp: _Inputs) -> Claim:
-    claim = Claim("3", "SGD ends at the periphery of a flat region that extends towards SWA",
-                  "Fig. 5 (line through w_SGD and w_SWA)",
-                  "train loss at t = 1.5 minus train loss at t = 0.5 on w(t) = t·w_SGD + (1 − t)·w_SWA "
-                  "(half the SGD–SWA distance beyond SGD vs towards SWA; > 0: the loss rises away from SWA "
-                  "faster than towards it)")
+    claim = Claim(
+        "3",
+        "SGD ends at the periphery of a flat region that extends towards SWA",
+        "Fig. 5 (line through w_SGD and w_SWA)",
+        "train loss at t = 1.5 minus train loss at t = 0.5 on w(t) = t·w_SGD + (1 − t)·w_SWA "
+        "(half the SGD–SWA distance beyond SGD vs towards SWA; > 0: the loss rises away from SWA "
+        "faster than towards it)",
+    )
     have, why = inp.piece("line")
     values = {}
     for seed, (_, where) in have.items():
@@ -235,7 +295,10 @@ def _claim3(inp: _Inputs) -> Claim:
         with np.load(path) as line:
             ts, loss = line["t"], line["train_loss"]
         if ts.min() > 0.5 or ts.max() < 1.5:
-            why = why or f"{path}: the line must span t in [0.5, 1.5]; recompute with `{inp.landscape_command}`"
+            why = (
+                why
+                or f"{path}: the line must span t in [0.5, 1.5]; recompute with `{inp.landscape_command}`"
+            )
             continue
         values[seed] = float(np.interp(1.5, ts, loss) - np.interp(0.5, ts, loss))
     claim.note = why
@@ -244,11 +307,18 @@ def _claim3(inp: _Inputs) -> Claim:
 
 def _claim4(inp: _Inputs) -> Claim:
     margin = EQUIVALENCE_MARGIN[inp.task]
-    stat = ("test error of w_SWA minus test error of the ensemble of its snapshots, points"
-            if inp.task == "classification" else
-            "test MSE of w_SWA minus that of the ensemble of its snapshots, in % of the ensemble's")
-    claim = Claim("4", "SWA approximates the ensemble of the snapshots it averages",
-                  "§3.4 (SWA comparable to FGE)", f"{stat}; equivalent within ±{margin:g}", margin=margin)
+    stat = (
+        "test error of w_SWA minus test error of the ensemble of its snapshots, points"
+        if inp.task == "classification"
+        else "test MSE of w_SWA minus that of the ensemble of its snapshots, in % of the ensemble's"
+    )
+    claim = Claim(
+        "4",
+        "SWA approximates the ensemble of the snapshots it averages",
+        "§3.4 (SWA comparable to FGE)",
+        f"{stat}; equivalent within ±{margin:g}",
+        margin=margin,
+    )
     have, why = inp.piece("ensemble")
     values = {}
     for seed, (summary, _) in have.items():
@@ -258,7 +328,9 @@ def _claim4(inp: _Inputs) -> Claim:
         if inp.task == "classification":
             values[seed] = float(e["average"]) - float(e["ensemble"])
         else:
-            values[seed] = 100.0 * (float(e["average"]) - float(e["ensemble"])) / float(e["ensemble"])
+            values[seed] = (
+                100.0 * (float(e["average"]) - float(e["ensemble"])) / float(e["ensemble"])
+            )
     claim.note = why
     # the statistic is "SWA worse by": > margin contradicts; orientation kept for the equivalence test
     return paired_verdict(claim, values)
@@ -266,14 +338,23 @@ def _claim4(inp: _Inputs) -> Claim:
 
 def _claim5(inp: _Inputs) -> Claim:
     unit = "points of test accuracy" if inp.task == "classification" else "test MSE, SGD minus SWA"
-    pairs = [(m.label, m.baseline) for m in inp.run.cfg.methods
-             if m.method == "swa" and m.options.get("schedule") == "constant" and m.baseline]
-    claim = Claim("5", "Averaging at a constant learning rate beats the constant-LR iterate",
-                  "§5 fixed-LR ablation (CIFAR-100)", f"SWA(constant LR) − SGD(constant LR), {unit}")
+    pairs = [
+        (m.label, m.baseline)
+        for m in inp.run.cfg.methods
+        if m.method == "swa" and m.options.get("schedule") == "constant" and m.baseline
+    ]
+    claim = Claim(
+        "5",
+        "Averaging at a constant learning rate beats the constant-LR iterate",
+        "§5 fixed-LR ablation (CIFAR-100)",
+        f"SWA(constant LR) − SGD(constant LR), {unit}",
+    )
     if not pairs:
-        claim.note = ("the run has no fixed-LR ablation; add `{method: sgd, label: sgd-const, options: "
-                      "{schedule: constant}}` and `{method: swa, label: swa-const, baseline: sgd-const, "
-                      "options: {schedule: constant}}` to the config (as the mnist1d preset does) and `swalab run` it")
+        claim.note = (
+            "the run has no fixed-LR ablation; add `{method: sgd, label: sgd-const, options: "
+            "{schedule: constant}}` and `{method: swa, label: swa-const, baseline: sgd-const, "
+            "options: {schedule: constant}}` to the config (as the mnist1d preset does) and `swalab run` it"
+        )
         return claim
     label, base = pairs[0]
     claim.statistic = f"{label} − {base}, {unit}, per seed"
@@ -284,18 +365,29 @@ def _claim5(inp: _Inputs) -> Claim:
 
 
 def _claim6(inp: _Inputs) -> Claim:
-    metric = "test error (points)" if inp.task == "classification" else "test MSE (% of the recomputed one)"
-    claim = Claim("6", "BatchNorm statistics must be recomputed for the averaged weights", "§3.2",
-                  f"{metric} of w_SWA with the BN statistics it carries (its run's last iterate's) minus with "
-                  "recomputed ones")
+    metric = (
+        "test error (points)"
+        if inp.task == "classification"
+        else "test MSE (% of the recomputed one)"
+    )
+    claim = Claim(
+        "6",
+        "BatchNorm statistics must be recomputed for the averaged weights",
+        "§3.2",
+        f"{metric} of w_SWA with the BN statistics it carries (its run's last iterate's) minus with "
+        "recomputed ones",
+    )
     have, why = inp.piece("bn")
     values = {}
     for seed, (summary, _) in have.items():
         b = summary["bn"]
         key = "test_error" if inp.task == "classification" else "test_nll"
         carried, recomputed = float(b["carried"][key]), float(b["recomputed"][key])
-        values[seed] = carried - recomputed if inp.task == "classification" else \
-            100.0 * (carried - recomputed) / recomputed
+        values[seed] = (
+            carried - recomputed
+            if inp.task == "classification"
+            else 100.0 * (carried - recomputed) / recomputed
+        )
     claim.note = why
     return paired_verdict(claim, values)
 
@@ -315,27 +407,62 @@ def _num(value: float | None) -> str:
 
 def claim_rows(claims: list[Claim]) -> tuple[list[str], list[list[str]]]:
     """A table: claim, source, seeds, mean d, 95% interval, verdict, seeds to decide, note."""
-    header = ["claim", "paper", "seeds", "mean d", "95% CI", "verdict", "seeds to decide", "statistic d / note"]
+    header = [
+        "claim",
+        "paper",
+        "seeds",
+        "mean d",
+        "95% CI",
+        "verdict",
+        "seeds to decide",
+        "statistic d / note",
+    ]
     rows = []
     for c in claims:
         interval = "–" if c.low is None else f"[{_num(c.low)}, {_num(c.high)}]"
-        needed = "–" if not c.values else ("never at this mean" if c.seeds_needed is None and len(c.values) > 1
-                                           else "–" if c.seeds_needed is None else str(c.seeds_needed))
+        needed = (
+            "–"
+            if not c.values
+            else (
+                "never at this mean"
+                if c.seeds_needed is None and len(c.values) > 1
+                else "–"
+                if c.seeds_needed is None
+                else str(c.seeds_needed)
+            )
+        )
         if c.margin is not None and c.values:
             needed += f" (within ±{c.margin:g})" if needed[0].isdigit() else ""
         verdict = c.verdict if c.values else "no input"
-        rows.append([f"{c.id}. {c.title}", c.source, str(len(c.values)), _num(c.mean), interval, verdict,
-                     needed, c.statistic + (f" — {c.note}" if c.note else "")])
+        rows.append(
+            [
+                f"{c.id}. {c.title}",
+                c.source,
+                str(len(c.values)),
+                _num(c.mean),
+                interval,
+                verdict,
+                needed,
+                c.statistic + (f" — {c.note}" if c.note else ""),
+            ]
+        )
     return header, rows
 
 
 def format_claims(claims: list[Claim]) -> str:
     """Plain text for the terminal: one block per claim."""
-    lines = [f"verdicts: 95% paired t-interval over seeds; seeds to decide: paired t-test, two-sided "
-             f"alpha {ALPHA:g}, power {POWER:g}, at the observed mean and sd (a power calculation)"]
+    lines = [
+        (
+            f"verdicts: 95% paired t-interval over seeds; seeds to decide: paired t-test, two-sided "
+            f"alpha {ALPHA:g}, power {POWER:g}, at the observed mean and sd (a power calculation)"
+        )
+    ]
     _, rows = claim_rows(claims)
     for row in rows:
         claim, source, n, mean, interval, verdict, needed, statistic = row
-        lines += ["", f"{claim}  [{source}]", f"  verdict: {verdict.upper()}  (seeds {n}, mean d {mean}, "
-                  f"95% CI {interval}, seeds to decide: {needed})", f"  d = {statistic}"]
+        summary = (
+            f"  verdict: {verdict.upper()}  (seeds {n}, mean d {mean}, 95% CI {interval}, "
+            f"seeds to decide: {needed})"
+        )
+        lines += ["", f"{claim}  [{source}]", summary, f"  d = {statistic}"]
     return "\n".join(lines)
