@@ -13,7 +13,7 @@ import yaml
 from scipy import stats as scipy_stats
 
 from swalab.cli import main
-from swalab.lab.config import load_config, to_dict
+from swalab.lab.config import load_config, preset_names, to_dict
 from swalab.lab.runner import RESULT_FIELDS
 from swalab.report import build_report
 from swalab.report.claims import Claim, evaluate_claims, paired_verdict, seeds_to_decide
@@ -319,3 +319,40 @@ def test_report_opens_with_the_claims(tmp_path):
     assert markdown.index("## Claims") < markdown.index("## Results")
     assert "| 5. Averaging at a constant learning rate beats the constant-LR iterate |" in markdown
     assert "contradicts the paper on: claim 5" in markdown
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_gets_six_claims(tmp_path, preset):
+    """Table 1 presets included: the claims read the preset's own methods, whatever the task."""
+    cfg = load_config(preset, [f"seeds={SEEDS}"])
+    regression = preset.startswith(("friedman", "toy2d"))
+    metric = {
+        m.label: [0.5 + 0.01 * s if regression else 90.0 + s for s in SEEDS] for m in cfg.methods
+    }
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    key = "test_mse" if regression else "test_accuracy"
+    rows = [
+        {
+            "method": m.label,
+            "method_name": m.method,
+            "baseline": m.baseline,
+            "seed": s,
+            "budget": m.budget,
+            "epochs": 1,
+            "status": "done",
+            key: metric[m.label][i],
+        }
+        for i, s in enumerate(SEEDS)
+        for m in cfg.methods
+    ]
+    with (tmp_path / "run" / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    claims = evaluate_claims(tmp_path / "run")
+    assert [c.id.split(" ")[0] for c in claims if c.id[0] != "1" or c.id == "1"] == list("123456")
+    for c in claims:
+        assert c.values or c.note, c.id  # a verdict's inputs, or a line saying what is missing
+        if c.id.startswith("1") and c.values:
+            assert c.values == {s: 0.0 for s in SEEDS} and c.verdict == "undecided"
