@@ -46,6 +46,8 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     run = _small_run(tmp_path / "run")
     compute_landscape(run, grid=5, rays=2, ray_points=4, line_points=5, log=lambda _: None, progress=False)
+    compute_landscape(run, seed=1, what=["line", "rays", "ensemble", "bn"], rays=2, ray_points=4, line_points=5,
+                      log=lambda _: None, progress=False)  # the claims pair seeds 0 and 1
     report = build_report(run, html_page=True, formats=("png", "svg", "pdf"), log=lambda _: None)
     assert report["missing"] == []
     page = report["html"]
@@ -61,10 +63,19 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         driver.get(page.as_uri())
         assert driver.title == "swalab report: mnist1d"
 
-        # the results tables: one row per method, the paired difference of SWA to SGD
+        # the Claims section comes first: six claims (claim 1 once per SWA budget), each with a verdict
+        assert driver.find_elements("tag name", "h2")[0].text == "Claims"
         tables = driver.find_elements("css selector", "table.results")
-        assert tables, "no results table"
-        rows = tables[0].find_elements("css selector", "tbody tr")
+        assert tables, "no table"
+        claims = tables[0].find_elements("css selector", "tbody tr")
+        assert [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims] == list("123456")
+        verdicts = [r.find_elements("tag name", "td")[5].text for r in claims]
+        assert set(verdicts) <= {"supported", "contradicted", "undecided", "no input"}
+        assert verdicts[4] == "no input"  # no fixed-LR ablation in this run
+        assert all(v != "no input" for i, v in enumerate(verdicts) if i != 4)  # both seeds have the pieces
+
+        # the results tables: one row per method, the paired difference of SWA to SGD
+        rows = tables[1].find_elements("css selector", "tbody tr")
         assert [r.find_elements("tag name", "td")[0].text for r in rows] == ["sgd", "swa", "swag"]
         assert rows[1].find_elements("tag name", "td")[3].text == "sgd"
 
@@ -78,12 +89,12 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         assert first_cells == ["sgd", "swa", "swag", "all"]
         links = [a.get_attribute("href") for a in driver.find_elements("css selector", "p.files a")]
         names = [Path(link.removeprefix("file://")).name for link in links]
-        tables_in_order = ("test_accuracy", "test_loss", "test_ece", "solutions", "width",
+        tables_in_order = ("claims", "test_accuracy", "test_loss", "test_ece", "solutions", "width",
                            "ensemble", "run_times")
         assert names == [f"table_{t}.{ext}" for t in tables_in_order for ext in ("csv", "tex")]
         for link in links:
             text = Path(link.removeprefix("file://")).read_text()
-            heads = ("method,", "solution,", "Δ", "% needs \\usepackage{booktabs}")
+            heads = ("claim,", "method,", "solution,", "Δ", "% needs \\usepackage{booktabs}")
             assert text.startswith(heads), link
             assert "\\toprule" in text or link.endswith(".csv")
 

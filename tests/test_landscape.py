@@ -197,6 +197,42 @@ def test_evaluator_recomputes_batchnorm_at_every_point():
     assert expected["test_error"] == pytest.approx(100 * out.argmax(1).ne(y).float().mean().item())
 
 
+@pytest.mark.parametrize("bn", [True, False])
+def test_stacked_evaluation_matches_point_by_point(bn):
+    """evaluate_many (vmap over stacked weights, one BN state per point) against __call__ point by point.
+
+    Tolerance: NLL and loss to 1e-5 relative (float32 sums in a different order); the error rate
+    exactly, except where an argmax tie flips (none on these random points).
+    """
+    from swalab.models import create
+
+    torch.manual_seed(0)
+    model = create("mnist1d_cnn", (1, 40), 10, bn=bn)
+    g = torch.Generator().manual_seed(3)
+    bn_batches = [(torch.randn(20, 1, 40, generator=g), torch.zeros(20, dtype=torch.long)) for _ in range(4)]
+    data = {name: [(torch.randn(50, 1, 40, generator=g), torch.randint(0, 10, (50,), generator=g))
+                   for _ in range(2)] for name in ("train", "test")}
+    w = flat_parameters(model)
+    points = [w + 0.3 * d for d in random_directions(w.numel(), 7, g)]
+    stacked = LandscapeEvaluator(model, bn_batches, data, cross_entropy_stats, weight_decay=5e-4, stack=3)
+    together = stacked.evaluate_many(points)  # chunks of 3, 3 and 1: both paths
+    one_by_one = [LandscapeEvaluator(model, bn_batches, data, cross_entropy_stats, 5e-4, stack=1)(p)
+                  for p in points]
+    assert len(together) == len(one_by_one) == 7
+    for a, b in zip(together, one_by_one):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.endswith("error"):
+                assert a[key] == b[key]
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-5)
+    # the stacked pass leaves nothing behind: the point-by-point path still gives the same numbers
+    assert stacked(points[0]) == one_by_one[0]
+    assert len({round(r["test_nll"], 6) for r in together}) == 7  # the points really differ
+    with pytest.raises(ValueError, match="stack must be >= 1"):
+        LandscapeEvaluator(model, bn_batches, data, stack=0)
+
+
 def test_load_flat_round_trip_and_checks():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     w = torch.arange(26, dtype=torch.float64)
@@ -280,6 +316,34 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
     assert set(json.loads((out / "landscape.json").read_text())) >= {"line", "rays", "plane", "snapshots"}
     for name in ("line", "rays", "width", "plane", "snapshots"):
         assert (out / f"{name}.png").stat().st_size > 0
+
+
+def test_bn_piece_and_stacked_line(run_dir):
+    """Claim 6's piece: w_SWA with recomputed BN is the run's own result; with the BN statistics of the
+    SWA run's last iterate it is evaluated by hand here. The line comes out the same stacked or not."""
+    s = compute_landscape(run_dir, what=["bn", "line"], line_points=5, **QUIET)
+    rows = results(run_dir)
+    assert 100 - s["bn"]["recomputed"]["test_error"] == pytest.approx(float(rows["swa"]["test_accuracy"]))
+    assert s["bn"]["recomputed"]["test_nll"] == pytest.approx(float(rows["swa"]["test_loss"]), rel=1e-5)
+    final = torch.load(run_dir / "swa" / "seed0" / "final.pt")
+    iterate = torch.load(run_dir / "swa" / "seed0" / "checkpoint.pt", weights_only=False)["model"]
+    from swalab.data import load
+    from swalab.models import create
+
+    bundle = load("mnist1d", seed=0, val_size=500)
+    model = create("mnist1d_cnn", bundle.in_shape, bundle.num_outputs, bn=True)
+    model.load_state_dict({k: iterate[k] if "running" in k or "num_batches" in k else v for k, v in final.items()})
+    model.eval()
+    with torch.no_grad():
+        errors = model(bundle.test.x).argmax(1).ne(bundle.test.y).double().mean().item()
+    assert s["bn"]["carried"]["test_error"] == pytest.approx(100 * errors)
+    assert s["bn"]["carried"]["test_error"] != s["bn"]["recomputed"]["test_error"]
+    before = dict(np.load(run_dir / "landscape" / "line.npz"))
+    compute_landscape(run_dir, what=["line"], line_points=5, stack=3, **QUIET)
+    after = np.load(run_dir / "landscape" / "line.npz")
+    for key in ("train_loss", "test_nll"):
+        np.testing.assert_allclose(after[key], before[key], rtol=1e-5)
+    np.testing.assert_array_equal(after["test_error"], before["test_error"])
 
 
 # --- bad input: one line, exit status 2 ---------------------------------------------------------------

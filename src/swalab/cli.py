@@ -7,6 +7,8 @@
     swalab run my_experiment.yaml --out runs/x
     torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
     swalab landscape runs/mnist1d --grid 21 --rays 10
+    swalab landscape runs/mnist1d --seed all --what line,rays,ensemble,bn
+    swalab claims runs/mnist1d
     swalab report runs/mnist1d --html --format png,svg,pdf
 """
 from __future__ import annotations
@@ -81,13 +83,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
     from .report import LandscapeOptions, compute_landscape
+    from .report.rundir import RunDir
 
     what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what else None
-    options = LandscapeOptions(seed=args.seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
-                               margin=args.margin, line_points=args.line_points, rays=args.rays,
-                               ray_points=args.ray_points, ray_distance=args.ray_distance, rise=args.rise,
-                               device=args.device, threads=args.threads)
-    compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
+    if args.seed is None or args.seed == "all":
+        seeds = RunDir(args.run_dir).cfg.seeds if args.seed == "all" else [None]
+    else:
+        try:
+            seeds = [int(args.seed)]
+        except ValueError:
+            raise ValueError(f"--seed must be an integer or 'all', got {args.seed!r}") from None
+    for seed in seeds:
+        options = LandscapeOptions(seed=seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
+                                   margin=args.margin, line_points=args.line_points, rays=args.rays,
+                                   ray_points=args.ray_points, ray_distance=args.ray_distance,
+                                   rise=args.rise, device=args.device, threads=args.threads,
+                                   stack=args.stack)
+        compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
+    return 0
+
+
+def _cmd_claims(args: argparse.Namespace) -> int:
+    from .report.claims import evaluate_claims, format_claims
+
+    print(format_claims(evaluate_claims(args.run_dir)))
     return 0
 
 
@@ -129,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("landscape", help="loss-landscape geometry of a run: line, rays, planes, ensemble view")
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
-    p.add_argument("--seed", type=int, help="which seed's runs (default: the first)")
+    p.add_argument("--seed", help="which seed's runs, or 'all' (default: the first; seeds other than the "
+                                  "first are written to RUN_DIR/landscape/seed<k>/)")
     p.add_argument("--sgd", help="label of the SGD run (default: the sgd method at budget 1)")
     p.add_argument("--swa", help="label of the SWA run (default: the swa method at budget 1)")
-    p.add_argument("--what", help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions "
+    p.add_argument("--what", help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn "
                                   "(default: all the run directory allows)")
     p.add_argument("--grid", type=int, default=21, help="points per side of the planes (default: 21)")
     p.add_argument("--margin", type=float, default=0.2, help="plane margin beyond [0, 1] (default: 0.2)")
@@ -143,7 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rise", type=float, default=0.1, help="train-loss rise that defines the width (default: 0.1)")
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's train.device)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the run's train.threads)")
+    p.add_argument("--stack", type=int, default=1,
+                   help="points evaluated at once with stacked weights, torch.vmap (default: 1, one by one)")
     p.set_defaults(func=_cmd_landscape)
+
+    p = sub.add_parser("claims", help="the SWA paper's six claims checked on a run: statistic, paired 95%% "
+                                      "interval over seeds, verdict, seeds needed to decide")
+    p.add_argument("run_dir", help="a run directory written by `swalab run`")
+    p.set_defaults(func=_cmd_claims)
 
     p = sub.add_parser("report", help="report of a run (Markdown + PNGs; --html: one self-contained page)")
     p.add_argument("run_dir", help="a run directory written by `swalab run`")

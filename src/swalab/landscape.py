@@ -25,6 +25,7 @@ Example:
     >>> alphas = betas = grid_coordinates(21)
     >>> surface = [[evaluator(pl.point(a, b))["train_loss"] for b in betas] for a in alphas]
 """
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,7 @@ __all__ = [
     "cross_entropy_stats",
     "flat_parameters",
     "grid_coordinates",
+    "has_batchnorm",
     "load_flat",
     "log_levels",
     "mse_stats",
@@ -62,7 +64,9 @@ BatchStats = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None, int]]
 # --- vectors ----------------------------------------------------------------------------------------
 
 
-def flat_parameters(source: nn.Module | Mapping[str, Tensor], names: Sequence[str] | None = None) -> Tensor:
+def flat_parameters(
+    source: nn.Module | Mapping[str, Tensor], names: Sequence[str] | None = None
+) -> Tensor:
     """The parameters of a model, or the entries ``names`` of a state_dict, as one float64 vector."""
     if isinstance(source, nn.Module):
         tensors = [p.detach() for p in source.parameters()]
@@ -71,7 +75,9 @@ def flat_parameters(source: nn.Module | Mapping[str, Tensor], names: Sequence[st
             raise ValueError("flat_parameters of a state_dict needs the parameter names")
         missing = [n for n in names if n not in source]
         if missing:
-            raise ValueError(f"state_dict lacks parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+            raise ValueError(
+                f"state_dict lacks parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+            )
         tensors = [source[n].detach() for n in names]
     return torch.cat([t.reshape(-1).to("cpu", torch.float64) for t in tensors])
 
@@ -104,7 +110,9 @@ def random_directions(dim: int, n: int, generator: torch.Generator | None = None
     return d / torch.linalg.vector_norm(d, dim=1, keepdim=True)
 
 
-def width(distances: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray, rise: float) -> float:
+def width(
+    distances: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray, rise: float
+) -> float:
     """The distance at which ``losses`` first exceeds ``losses[0] + rise`` along a ray.
 
     Args:
@@ -121,7 +129,9 @@ def width(distances: Sequence[float] | np.ndarray, losses: Sequence[float] | np.
     d = np.asarray(distances, dtype=float)
     f = np.asarray(losses, dtype=float)
     if d.shape != f.shape or d.ndim != 1 or len(d) < 2:
-        raise ValueError(f"distances and losses must be 1-D of the same length >= 2, got {d.shape}, {f.shape}")
+        raise ValueError(
+            f"distances and losses must be 1-D of the same length >= 2, got {d.shape}, {f.shape}"
+        )
     threshold = f[0] + rise
     above = np.nonzero(f >= threshold)[0]
     if len(above) == 0:
@@ -163,8 +173,8 @@ class Plane(NamedTuple):
 def plane(w0: Tensor, w1: Tensor, w2: Tensor) -> Plane:
     """The plane through three weight vectors (Garipov et al., 2018), basis by Gram–Schmidt::
 
-        u = w2 - w0; dx = ||u||; u /= dx
-        v = w1 - w0; v -= (u . v) u; dy = ||v||; v /= dy
+    u = w2 - w0; dx = ||u||; u /= dx
+    v = w1 - w0; v -= (u . v) u; dy = ||v||; v /= dy
     """
     w0, w1, w2 = (w.to(torch.float64) for w in (w0, w1, w2))
     u = w2 - w0
@@ -188,7 +198,9 @@ def grid_coordinates(n: int = 21, margin: float = 0.2) -> np.ndarray:
     return np.linspace(-margin, 1.0 + margin, n)
 
 
-def log_levels(values: np.ndarray, vmax: float | None = None, log_alpha: float = -5.0, n: int = 7) -> np.ndarray:
+def log_levels(
+    values: np.ndarray, vmax: float | None = None, log_alpha: float = -5.0, n: int = 7
+) -> np.ndarray:
     """Contour levels spaced logarithmically above the minimum (dnn-mode-connectivity ``plane_plot.py``).
 
     Values are clipped at ``vmax``; level ``k`` is ``min + exp(log_alpha + k * g)`` with
@@ -236,6 +248,12 @@ class LandscapeEvaluator:
     statistics with one pass over ``bn_batches`` (if the model has BN; the same batches at every
     point, so the surface carries no batch-sampling noise), then evaluate in eval mode.
 
+    :meth:`evaluate_many` gives the same numbers for several vectors at once: the parameter sets
+    are stacked and the model is run with ``torch.func.functional_call`` under ``torch.vmap``, so
+    one forward pass serves ``stack`` points. BatchNorm keeps one set of running statistics per
+    point (stacked buffers, reset and averaged over the pass exactly as :func:`~swalab.bn.update_bn`
+    does with ``momentum=None``).
+
     Args:
         model: the architecture; its parameters and BN statistics are overwritten.
         bn_batches: ``(x, y)`` training batches for the BN pass (ignored without BN).
@@ -244,6 +262,11 @@ class LandscapeEvaluator:
         weight_decay: ``wd``: ``<name>_loss`` adds ``wd / 2 * ||w||^2`` to the data loss — the
             objective SGD with ``weight_decay=wd`` minimises. (The dnn-mode-connectivity code adds
             ``wd / 2 * sum_p ||p||``, a sum of unsquared per-tensor norms; we use the objective.)
+        stack: how many points :meth:`evaluate_many` runs in one vectorised pass (default 1: one
+            by one). On a CPU the stacked pass was measured no faster for the MNIST-1D CNN (its
+            convolutions become grouped ones; ``benchmarks/landscape.py``); it is meant for small
+            models on a GPU, where one launch per point dominates. Models with dropout are always
+            evaluated one by one (a vmapped train-mode pass would draw different masks).
 
     Returns (``__call__``):
         ``{"<name>_nll": mean data loss (cross-entropy or MSE), "<name>_loss": nll + wd/2 ||w||^2,
@@ -257,25 +280,47 @@ class LandscapeEvaluator:
         datasets: Mapping[str, Iterable[Batch]],
         stats: BatchStats = cross_entropy_stats,
         weight_decay: float = 0.0,
+        stack: int = 1,
     ) -> None:
+        if stack < 1:
+            raise ValueError(f"stack must be >= 1, got {stack}")
         self.model = model
         self.bn_batches = list(bn_batches) if has_batchnorm(model) else []
         self.datasets = {name: list(batches) for name, batches in datasets.items()}
         self.stats = stats
         self.weight_decay = weight_decay
+        has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+        self.stack = 1 if has_dropout else stack
 
     @torch.inference_mode()
     def __call__(self, w: Tensor) -> dict[str, float]:
         load_flat(self.model, w)
         if self.bn_batches:
             update_bn(self.bn_batches, self.model)
+        return self.measure(float(w.double().square().sum()))
+
+    @torch.inference_mode()
+    def measure(self, squared_norm: float) -> dict[str, float]:
+        """The metrics of the model as it stands (eval mode, BN statistics as they are).
+
+        ``squared_norm`` is ``||w||^2`` of its parameters, for the weight-decay term.
+        """
         self.model.eval()
-        penalty = 0.5 * self.weight_decay * float(w.double().square().sum())
+        outputs = {
+            name: [call_model(self.model, x) for x, _ in batches]
+            for name, batches in self.datasets.items()
+        }
+        return self._summarise(outputs, squared_norm)
+
+    def _summarise(
+        self, outputs: Mapping[str, list[Tensor]], squared_norm: float
+    ) -> dict[str, float]:
+        penalty = 0.5 * self.weight_decay * squared_norm
         out: dict[str, float] = {}
         for name, batches in self.datasets.items():
             losses, errors, count = [], [], 0
-            for x, y in batches:
-                batch_loss, batch_errors, n = self.stats(call_model(self.model, x), y)
+            for output, (_, y) in zip(outputs[name], batches):
+                batch_loss, batch_errors, n = self.stats(output, y)
                 losses.append(batch_loss.double())
                 if batch_errors is not None:
                     errors.append(batch_errors)
@@ -283,5 +328,79 @@ class LandscapeEvaluator:
             nll = float(torch.stack(losses).sum()) / count  # one host synchronisation per dataset
             out[f"{name}_nll"] = nll
             out[f"{name}_loss"] = nll + penalty
-            out[f"{name}_error"] = 100.0 * float(torch.stack(errors).sum()) / count if errors else math.nan
+            out[f"{name}_error"] = (
+                100.0 * float(torch.stack(errors).sum()) / count if errors else math.nan
+            )
         return out
+
+    def evaluate_many(self, ws: Sequence[Tensor] | Tensor) -> list[dict[str, float]]:
+        """``[self(w) for w in ws]``, computed ``stack`` points at a time with stacked weights."""
+        ws = list(ws)
+        results: list[dict[str, float]] = []
+        for start in range(0, len(ws), self.stack):
+            chunk = ws[start : start + self.stack]
+            if len(chunk) == 1:
+                results.append(self(chunk[0]))
+            else:
+                results += self._stacked(torch.stack([w.to(torch.float64) for w in chunk]))
+        return results
+
+    @torch.inference_mode()
+    def _stacked(self, ws: Tensor) -> list[dict[str, float]]:
+        model, k = self.model, ws.shape[0]
+        params = list(model.named_parameters())
+        total = sum(p.numel() for _, p in params)
+        if ws.dim() != 2 or ws.shape[1] != total:
+            raise ValueError(f"expected vectors of {total} parameters, got shape {tuple(ws.shape)}")
+        stacked: dict[str, Tensor] = {}
+        for (name, p), chunk in zip(params, ws.split([p.numel() for _, p in params], dim=1)):
+            stacked[name] = chunk.reshape(k, *p.shape).to(p.device, p.dtype)
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        prefix = {m: name for name, m in model.named_modules()}
+        for m in bns:  # one set of running statistics per point, reset as update_bn resets them
+            if m.track_running_stats and m.running_mean is not None:
+                stacked[_join(prefix[m], "running_mean")] = torch.zeros(
+                    k, *m.running_mean.shape
+                ).to(m.running_mean)
+                stacked[_join(prefix[m], "running_var")] = torch.ones(k, *m.running_var.shape).to(
+                    m.running_var
+                )
+
+        def run(state: dict[str, Tensor], x: Any) -> Tensor:
+            args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+            return torch.func.functional_call(model, state, args, strict=False)
+
+        batched = torch.vmap(run, in_dims=(0, None))
+        was_training = model.training
+        momenta = {m: m.momentum for m in bns}
+        try:
+            if self.bn_batches:
+                for m in bns:
+                    m.momentum = (
+                        None  # cumulative average: 1 / num_batches_tracked, shared by the points
+                    )
+                    if m.num_batches_tracked is not None:
+                        m.num_batches_tracked.zero_()
+                model.train()
+                for x, _ in self.bn_batches:
+                    batched(stacked, x)
+            model.eval()
+            outputs = {
+                name: [batched(stacked, x) for x, _ in batches]
+                for name, batches in self.datasets.items()
+            }
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
+            model.train(was_training)
+        norms = ws.square().sum(1).tolist()
+        return [
+            self._summarise(
+                {name: [o[i] for o in outs] for name, outs in outputs.items()}, norms[i]
+            )
+            for i in range(k)
+        ]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -112,6 +112,25 @@ def _header(run: RunDir) -> list[Block]:
     return blocks
 
 
+def _claims(run: RunDir) -> list[Block]:
+    """The paper's six claims with their verdicts (``swalab claims``; docs/claims.md)."""
+    from .claims import ALPHA, POWER, claim_rows, evaluate_claims
+
+    claims = evaluate_claims(run.path)
+    header, rows = claim_rows(claims)
+    blocks = [Block("h2", "Claims"),
+              Block("p", f"Each claim of the SWA paper as a per-seed statistic d (> 0: the paper's side), its "
+                         f"paired 95% interval over seeds and a verdict; seeds to decide: a power calculation "
+                         f"(paired t-test, two-sided alpha {ALPHA:g}, power {POWER:g}) at the observed mean and "
+                         "standard deviation. Statistics and thresholds: docs/claims.md."),
+              Block("table", "The paper's claims on this run", header, rows, stem="table_claims")]
+    against = [c for c in claims if c.verdict == "contradicted"]
+    if against:
+        blocks.append(Block("note", "this run contradicts the paper on: "
+                                    + "; ".join(f"claim {c.id} ({c.title})" for c in against)))
+    return blocks
+
+
 def _results(run: RunDir, out: Path) -> list[Block]:
     rows = run.results()
     blocks = [Block("h2", "Results"),
@@ -420,8 +439,9 @@ def build_report(run_dir: str | Path, *, html_page: bool = False, formats: Seque
     rows = run.results()
     out = run.path / "report"
     out.mkdir(exist_ok=True)
-    blocks = _header(run) + _results(run, out) + _curves(run, out, primary_metric(rows), formats) \
-        + _landscape(run, out, formats) + _calibration(run, out, formats) + _times(run, out)
+    blocks = _header(run) + _claims(run) + _results(run, out) \
+        + _curves(run, out, primary_metric(rows), formats) + _landscape(run, out, formats) \
+        + _calibration(run, out, formats) + _times(run, out)
     blocks = _export_tables(blocks, out)
     markdown = out / "report.md"
     atomic_write_text(markdown, render_markdown(blocks, out))

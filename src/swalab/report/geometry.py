@@ -13,12 +13,17 @@ plane      plane through (SGD start, SGD end, SWA), SGD trajectory projected    
 snapshots  plane through three averaged SWA snapshots, their average marked       trajectory of SWA
 ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory of SWA
 predictions final test probabilities of every method (reliability diagrams)       checkpoint.pt
+bn         w_SWA with the BN statistics it carries (the last iterate's) vs            final.pt, checkpoint.pt
+           recomputed ones (paper §3.2; claim 6 of ``swalab claims``)                 of SWA; a BN model
 ========== ===================================================================== ======================
 
 Every evaluated point is loaded into one model instance, BatchNorm statistics are recomputed with
 the training run's own BN pass (same batches at every point), and the train loss is the objective
 SGD minimised, cross-entropy + ``wd/2 ||w||^2`` (the NLL alone is saved too). Results go to
-``RUN_DIR/landscape/``: ``landscape.json`` (summary), one ``.npz`` and one ``.png`` per piece.
+``RUN_DIR/landscape/`` for the run's first seed, ``RUN_DIR/landscape/seed<k>/`` for another seed
+(:func:`landscape_dir`): ``landscape.json`` (summary), one ``.npz`` and one ``.png`` per piece.
+With ``stack > 1`` points are evaluated that many at a time with stacked weights
+(``LandscapeEvaluator.evaluate_many``; the same numbers).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import landscape as geo
+from ..bn import has_batchnorm
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
 from ..lab.distributed import resolve_device
@@ -48,9 +54,9 @@ from . import figures
 from .progress import Progress
 from .rundir import RunDir
 
-__all__ = ["PIECES", "LandscapeOptions", "compute_landscape"]
+__all__ = ["PIECES", "LandscapeOptions", "compute_landscape", "landscape_dir"]
 
-PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions")
+PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions", "bn")
 METRICS = ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error")
 
 
@@ -90,6 +96,7 @@ class LandscapeOptions:
     rise: float = 0.1
     device: str | None = None
     threads: int | None = None
+    stack: int = 1  # points per vectorised pass (1: one by one; the same numbers)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.what or ()) - set(PIECES))
@@ -97,6 +104,8 @@ class LandscapeOptions:
             raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
         if self.grid < 2 or self.line_points < 2 or self.ray_points < 2 or self.rays < 1:
             raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+        if self.stack < 1:
+            raise ValueError(f"--stack must be >= 1, got {self.stack}")
 
 
 def compute_landscape(
@@ -132,12 +141,12 @@ def compute_landscape(
     threads = opts.threads if opts.threads is not None else run.cfg.train.threads
     if threads is not None:
         torch.set_num_threads(threads)
-    src, ev = _Sources(run, seed, sgd, swa), _Evaluation(run, seed, opts.device)
+    src, ev = _Sources(run, seed, sgd, swa), _Evaluation(run, seed, opts.device, opts.stack)
     job = _Pieces(src, ev, log)
     requested = list(what) if what else list(PIECES)
     checks = {"line": src.check_ends, "rays": src.check_ends, "plane": src.check_plane,
               "snapshots": lambda: src.check_snapshots(3), "ensemble": lambda: src.check_snapshots(2),
-              "predictions": lambda: src.check_predictions(ev.task)}
+              "predictions": lambda: src.check_predictions(ev.task), "bn": lambda: src.check_bn(ev)}
     todo, skipped = [], {}
     for piece in requested:
         try:
@@ -151,8 +160,8 @@ def compute_landscape(
     if not todo:
         raise FileNotFoundError(next(iter(skipped.values())))
 
-    out = run.path / "landscape"
-    out.mkdir(exist_ok=True)
+    out = landscape_dir(run, seed)
+    out.mkdir(parents=True, exist_ok=True)
     summary = _previous_summary(out, seed, sgd, swa)
     summary.update({"seed": seed, "sgd": sgd, "swa": swa, "protocol": ev.protocol()})
     summary.setdefault("skipped", {}).update(skipped)
@@ -161,7 +170,7 @@ def compute_landscape(
     summary.setdefault("seconds", {})
 
     sizes = {"line": opts.line_points, "rays": 2 * opts.rays * (opts.ray_points - 1) + 2,
-             "plane": opts.grid ** 2, "snapshots": opts.grid ** 2, "ensemble": 0, "predictions": 0}
+             "plane": opts.grid ** 2, "snapshots": opts.grid ** 2, "ensemble": 0, "predictions": 0, "bn": 0}
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
         for piece in todo:
@@ -179,6 +188,8 @@ def compute_landscape(
                 summary["snapshots"] = job.snapshots(out, opts.grid, opts.margin, bar)
             elif piece == "ensemble":
                 summary["ensemble"] = job.ensemble()
+            elif piece == "bn":
+                summary["bn"] = job.bn()
             else:
                 summary["predictions"] = job.predictions(out, log)
             summary["seconds"][piece] = round(time.perf_counter() - start, 2)
@@ -188,6 +199,11 @@ def compute_landscape(
         bar.close()
     log(f"landscape of {run.path} (seed {seed}, {sgd} vs {swa}) written to {out}")
     return _clean(summary)
+
+
+def landscape_dir(run: RunDir, seed: int) -> Path:
+    """``RUN_DIR/landscape`` for the run's first seed, ``RUN_DIR/landscape/seed<k>`` for the others."""
+    return run.path / "landscape" if seed == run.cfg.seeds[0] else run.path / "landscape" / f"seed{seed}"
 
 
 def _savez(path: Path, **arrays: Any) -> None:
@@ -230,6 +246,12 @@ class _Sources:
         self.run.file(self.sgd, self.seed, "final.pt")
         self.run.file(self.swa, self.seed, "final.pt")
 
+    def check_bn(self, ev: _Evaluation) -> None:
+        if not has_batchnorm(ev.evaluator.model):
+            raise _Missing(f"{self.run.cfg.model.name} has no BatchNorm: nothing to recompute")
+        self.run.file(self.swa, self.seed, "final.pt")
+        self.run.file(self.swa, self.seed, "checkpoint.pt")
+
     def check_plane(self) -> None:
         self.run.file(self.sgd, self.seed, "init.pt")
         self.check_ends()
@@ -271,8 +293,8 @@ class _Sources:
 class _Evaluation:
     """One seed's data, one model instance, and the evaluator of train loss and test error."""
 
-    def __init__(self, run: RunDir, seed: int, device: str | None) -> None:
-        self.run, self.seed = run, seed
+    def __init__(self, run: RunDir, seed: int, device: str | None, stack: int = 1) -> None:
+        self.run, self.seed, self.stack = run, seed, stack
         self.device = resolve_device(device or run.cfg.train.device)
         self._evaluator: geo.LandscapeEvaluator | None = None
 
@@ -295,7 +317,8 @@ class _Evaluation:
             datasets = {name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
                         for name, split in (("train", bundle.train), ("test", bundle.test))}
             self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets,
-                                                     self.task.landscape_stats, train.weight_decay)
+                                                     self.task.landscape_stats, train.weight_decay,
+                                                     stack=self.stack)
         return self._evaluator
 
     @property
@@ -313,12 +336,14 @@ class _Evaluation:
         }
 
     def evaluate(self, points: list[Tensor], bar: Progress) -> dict[str, np.ndarray]:
+        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``)."""
         values: dict[str, list[float]] = {k: [] for k in METRICS}
-        for w in points:
-            result = self.evaluator(w)
-            for k in METRICS:
-                values[k].append(result[k])
-            bar.advance()
+        step = self.evaluator.stack
+        for start in range(0, len(points), step):
+            for result in self.evaluator.evaluate_many(points[start:start + step]):
+                for k in METRICS:
+                    values[k].append(result[k])
+                bar.advance()
         return {k: np.array(v) for k, v in values.items()}
 
 
@@ -359,10 +384,11 @@ class _Pieces:
         widths: dict[str, list[float]] = {}
         for key, label in (("swa", self.swa), ("sgd", self.sgd)):
             w = origins[label]
-            at_zero = self.ev.evaluate([w], bar)
-            along = [self.ev.evaluate([w + float(t) * d for t in distances[1:]], bar) for d in directions]
+            # the solution itself once, then every ray's points in one list (stacked passes span rays)
+            values = self.ev.evaluate([w] + [w + float(t) * d for d in directions for t in distances[1:]], bar)
             for k in METRICS:
-                arrays[f"{key}_{k}"] = np.stack([np.concatenate([at_zero[k], a[k]]) for a in along])
+                along = values[k][1:].reshape(n, points - 1)
+                arrays[f"{key}_{k}"] = np.concatenate([np.full((n, 1), values[k][0]), along], axis=1)
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
         _savez(out / "rays.npz", **arrays)
@@ -469,6 +495,26 @@ class _Pieces:
             "ensemble": score(torch.stack(outputs[:-1]).mean(0)),
             "snapshots_mean": float(np.mean([score(o) for o in outputs[:-1]])),
         }
+
+    def bn(self) -> dict[str, Any]:
+        """w_SWA evaluated with the BN statistics it carries and with recomputed ones (paper §3.2).
+
+        "Carried": the running statistics of the SWA run's last SGD iterate (``checkpoint.pt``), which
+        an averaged copy of the weights holds unless BN is recomputed; "recomputed": ``final.pt``
+        as the run saved it, after its own BN pass.
+        """
+        final = self.run.load(self.swa, self.seed, "final.pt")
+        iterate = self.run.load(self.swa, self.seed, "checkpoint.pt")["model"]
+        model, evaluator = self.ev.evaluator.model, self.ev.evaluator
+        squared_norm = float(geo.flat_parameters(final, self.ev.names).square().sum())
+        buffers = {name for name, _ in model.named_buffers()}
+        result = {}
+        for key, state in (("recomputed", final),
+                           ("carried", {k: iterate[k] if k in buffers else v for k, v in final.items()})):
+            model.load_state_dict(state)
+            result[key] = evaluator.measure(squared_norm)
+        result["carried_from"] = f"BN running statistics of {self.swa}'s last SGD iterate (checkpoint.pt)"
+        return result
 
     def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""

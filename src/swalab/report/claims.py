@@ -1,0 +1,467 @@
+"""``swalab claims RUN_DIR``: the SWA paper's six claims checked on a run, one verdict each.
+
+Izmailov et al. (2018) claim, and source documents 002 and 004 repeat:
+
+1. SWA generalises better than SGD at the same budget, and at 1.25B / 1.5B (Table 1);
+2. SWA finds wider solutions: along random rays the train loss rises more slowly from w_SWA
+   than from w_SGD (Fig. 4, the width figure of document 004);
+3. SGD ends at the periphery of a flat region whose interior lies towards w_SWA (Fig. 5);
+4. SWA approximates the ensemble of the snapshots it averages (§3.4, "comparable to FGE");
+5. averaging with a constant learning rate works where the constant-LR iterate does not (the
+   fixed-LR ablation of §5);
+6. BatchNorm statistics must be recomputed for the averaged weights (§3.2).
+
+For each claim a per-seed statistic ``d`` (oriented so that ``d > 0`` agrees with the paper) is
+paired over the seeds, its 95% t-interval computed, and a verdict given: **supported** when the
+interval lies on the paper's side, **contradicted** when it lies on the other side, **undecided**
+otherwise (claim 4 is an equivalence claim: supported when the interval lies inside
+``[-margin, +margin]``). The seeds needed to decide are a power calculation at the observed mean
+and standard deviation: a two-sided one-sample t-test, alpha 0.05, power 0.8 (claim 4: two
+one-sided tests at 0.025, normal-theory approximation). Statistics, thresholds and margins are
+written down in ``docs/claims.md``; nothing here depends on the outcome.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from ..lab.files import read_json
+from ..lab.stats import primary_metric
+from ..lab.task import TASKS
+from .geometry import landscape_dir
+from .rundir import RunDir
+
+__all__ = [
+    "ALPHA",
+    "POWER",
+    "Claim",
+    "claim_rows",
+    "evaluate_claims",
+    "format_claims",
+    "paired_verdict",
+    "seeds_to_decide",
+]
+
+ALPHA, POWER = 0.05, 0.8
+EQUIVALENCE_MARGIN = {"accuracy": 1.0, "mse": 5.0}  # claim 4, by the task's primary metric: error
+# points / MSE percent
+MAX_SEEDS = 10_000  # beyond this a claim counts as undecidable at the observed variance
+
+
+@dataclass
+class Claim:
+    """One claim's verdict; ``values`` holds the per-seed statistic ``d`` (``d > 0``: the paper's side)."""
+
+    id: str
+    title: str
+    source: str
+    statistic: str
+    values: dict[int, float] = field(default_factory=dict)
+    mean: float | None = None
+    low: float | None = None
+    high: float | None = None
+    verdict: str = "undecided"
+    seeds_needed: int | None = None
+    margin: float | None = None  # equivalence claims only
+    note: str = ""  # why there is no verdict (missing input, does not apply) or a remark
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = (
+        scipy_stats.t.ppf(1 - ALPHA / 2, len(values) - 1)
+        * statistics.stdev(values)
+        / math.sqrt(len(values))
+    )
+    return mean, mean - half, mean + half
+
+
+def seeds_to_decide(mean: float, sd: float, margin: float | None = None) -> int | None:
+    """Seeds for a paired t-test (two-sided, ``ALPHA``) to reach ``POWER`` at this mean and sd.
+
+    Without ``margin``: the smallest ``n >= 2`` whose power against ``mean != 0``, computed with the
+    noncentral t distribution, is at least ``POWER``. With ``margin`` (equivalence, two one-sided
+    tests at ``ALPHA / 2``): the smallest ``n`` with ``(margin - |mean|) sqrt(n) / sd >=
+    t_{1 - ALPHA/2, n-1} + t_{POWER, n-1}``. ``None`` when no number of seeds decides it (no
+    observed difference, a mean beyond the margin, or more than ``MAX_SEEDS``).
+    """
+    if not (math.isfinite(mean) and math.isfinite(sd)):
+        return None
+    effect = (margin - abs(mean)) if margin is not None else abs(mean)
+    if effect <= 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, MAX_SEEDS + 1):
+        df, nc = n - 1, effect * math.sqrt(n) / sd
+        if margin is not None:
+            reached = nc >= scipy_stats.t.ppf(1 - ALPHA / 2, df) + scipy_stats.t.ppf(POWER, df)
+        else:
+            crit = scipy_stats.t.ppf(1 - ALPHA / 2, df)
+            power = scipy_stats.nct.sf(crit, df, nc) + scipy_stats.nct.cdf(-crit, df, nc)
+            reached = power >= POWER
+        if reached:
+            return n
+    return None
+
+
+def paired_verdict(claim: Claim, values: dict[int, float]) -> Claim:
+    """Fill ``claim`` from per-seed values: mean, 95% interval, verdict, seeds needed."""
+    claim.values = dict(sorted(values.items()))
+    data = list(claim.values.values())
+    if not data:
+        return claim
+    claim.mean, low, high = _interval(data)
+    if len(data) < 2:
+        claim.note = claim.note or "one seed: no interval; a verdict needs at least 2 seeds"
+        return claim
+    claim.low, claim.high = low, high
+    sd = statistics.stdev(data)
+    if claim.margin is not None:
+        if -claim.margin < low and high < claim.margin:
+            claim.verdict = "supported"
+        elif low > claim.margin or high < -claim.margin:
+            claim.verdict = "contradicted"
+    elif low > 0:
+        claim.verdict = "supported"
+    elif high < 0:
+        claim.verdict = "contradicted"
+    claim.seeds_needed = seeds_to_decide(claim.mean, sd, claim.margin)
+    return claim
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+class _Inputs:
+    """What the claims read from a run directory: results.csv and the per-seed landscape summaries."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.rows = run.results()
+        self.metric = primary_metric(self.rows)
+        self.task = next(t for t in TASKS.values() if f"test_{t.primary}" == self.metric)
+        self.done = {
+            (r["method"], int(r["seed"])): float(r[self.metric])
+            for r in self.rows
+            if r["status"] == "done"
+        }
+        self.sgd, self.swa = run.default_label("baseline"), run.default_label("average")
+        self.landscapes: dict[int, tuple[dict[str, Any], Path]] = {}
+        self.other_labels: list[int] = []
+        for seed in run.cfg.seeds:
+            path = landscape_dir(run, seed) / "landscape.json"
+            if not path.is_file():
+                continue
+            summary = read_json(path)
+            if summary.get("seed") != seed:
+                continue
+            if (summary.get("sgd"), summary.get("swa")) != (self.sgd, self.swa):
+                self.other_labels.append(seed)
+                continue
+            self.landscapes[seed] = (summary, path.parent)
+
+    def gain(self, label: str, base: str) -> dict[int, float]:
+        """Per seed ``metric(label) - metric(base)``, sign flipped for MSE so that > 0 favours ``label``."""
+        sign = -1.0 if not self.task.probabilistic else 1.0
+        return {
+            s: sign * (v - self.done[(base, s)])
+            for (lab, s), v in self.done.items()
+            if lab == label and (base, s) in self.done
+        }
+
+    @property
+    def landscape_command(self) -> str:
+        return f"swalab landscape {self.run.path} --seed all --what line,rays,ensemble,bn"
+
+    def piece(self, name: str) -> tuple[dict[int, tuple[dict[str, Any], Path]], str]:
+        """Seeds whose landscape has ``name``, and why the others have not (the command to run)."""
+        have = {
+            s: (summary, where)
+            for s, (summary, where) in self.landscapes.items()
+            if name in summary
+        }
+        if have:
+            return have, ""
+        skipped = [
+            summary["skipped"][name]
+            for summary, _ in self.landscapes.values()
+            if name in summary.get("skipped", {})
+        ]
+        if skipped:
+            return {}, f"the landscape skipped {name}: {skipped[0]}"
+        extra = (
+            f" (landscapes of seeds {self.other_labels} compare other labels)"
+            if self.other_labels
+            else ""
+        )
+        return {}, (
+            f"no {name} landscape piece under {self.run.path / 'landscape'}{extra}; "
+            f"compute it with `{self.landscape_command}`"
+        )
+
+
+# --- the claims ---------------------------------------------------------------------------------
+
+
+def _claim1(inp: _Inputs) -> list[Claim]:
+    unit = "points of test accuracy" if inp.task.probabilistic else "test MSE, SGD minus SWA"
+    swas = [
+        m
+        for m in inp.run.cfg.methods
+        if m.method == "swa" and not m.baseline and m.options.get("schedule", "swa") != "constant"
+    ]
+    if inp.sgd is None or not swas:
+        missing = "an sgd method" if inp.sgd is None else "an swa method"
+        return [
+            Claim(
+                "1",
+                "SWA generalises better than SGD at the same budget",
+                "Table 1",
+                f"SWA − SGD, {unit}",
+                note=f"the run has no {missing}; add one to the config and `swalab run` it",
+            )
+        ]
+    out = []
+    for m in sorted(swas, key=lambda m: m.budget):
+        budget = "the same budget" if m.budget == 1.0 else f"{m.budget:g}B"
+        claim = Claim(
+            "1" if m.budget == 1.0 else f"1 ({m.budget:g}B)",
+            f"SWA ({m.label}) generalises better than SGD at {budget}",
+            "Table 1",
+            f"{m.label} − {inp.sgd}, {unit}, per seed",
+        )
+        values = inp.gain(m.label, inp.sgd)
+        if not values:
+            claim.note = (
+                f"no finished {m.label}/{inp.sgd} pair in results.csv; `{inp.run.resume_command}`"
+            )
+        out.append(paired_verdict(claim, values))
+    out.sort(key=lambda c: c.id != "1")
+    return out
+
+
+def _claim2(inp: _Inputs) -> Claim:
+    claim = Claim(
+        "2",
+        "SWA finds wider solutions than SGD",
+        "Fig. 4 (widths along random rays)",
+        "median over rays of width(w_SWA) − width(w_SGD), the same directions from both; width = "
+        "distance at which the train loss has risen by `rise` (a ray that stays below counts as "
+        "the largest distance)",
+    )
+    have, why = inp.piece("rays")
+    values = {}
+    for seed, (summary, _) in have.items():
+        r = summary["rays"]
+        cap = float(r["max_distance"])
+        swa, sgd = (
+            [cap if w is None else float(w) for w in r["width"][k]["per_ray"]]
+            for k in ("swa", "sgd")
+        )
+        values[seed] = float(np.median(np.array(swa) - np.array(sgd)))
+    claim.note = why
+    return paired_verdict(claim, values)
+
+
+def _claim3(inp: _Inputs) -> Claim:
+    claim = Claim(
+        "3",
+        "SGD ends at the periphery of a flat region that extends towards SWA",
+        "Fig. 5 (line through w_SGD and w_SWA)",
+        "train loss at t = 1.5 minus train loss at t = 0.5 on w(t) = t·w_SGD + (1 − t)·w_SWA "
+        "(half the SGD–SWA distance beyond SGD vs towards SWA; > 0: the loss rises away from SWA "
+        "faster than towards it)",
+    )
+    have, why = inp.piece("line")
+    values = {}
+    for seed, (_, where) in have.items():
+        path = where / "line.npz"
+        if not path.is_file():
+            continue
+        with np.load(path) as line:
+            ts, loss = line["t"], line["train_loss"]
+        if ts.min() > 0.5 or ts.max() < 1.5:
+            why = (
+                why
+                or f"{path}: the line must span t in [0.5, 1.5]; recompute with `{inp.landscape_command}`"
+            )
+            continue
+        values[seed] = float(np.interp(1.5, ts, loss) - np.interp(0.5, ts, loss))
+    claim.note = why
+    return paired_verdict(claim, values)
+
+
+def _claim4(inp: _Inputs) -> Claim:
+    margin = EQUIVALENCE_MARGIN[inp.task.primary]
+    stat = (
+        "test error of w_SWA minus test error of the ensemble of its snapshots, points"
+        if inp.task.probabilistic
+        else "test MSE of w_SWA minus that of the ensemble of its snapshots, in % of the ensemble's"
+    )
+    claim = Claim(
+        "4",
+        "SWA approximates the ensemble of the snapshots it averages",
+        "§3.4 (SWA comparable to FGE)",
+        f"{stat}; equivalent within ±{margin:g}",
+        margin=margin,
+    )
+    have, why = inp.piece("ensemble")
+    values = {}
+    for seed, (summary, _) in have.items():
+        e = summary["ensemble"]
+        if e.get("average") is None or e.get("ensemble") is None:
+            continue
+        if inp.task.probabilistic:
+            values[seed] = float(e["average"]) - float(e["ensemble"])
+        else:
+            values[seed] = (
+                100.0 * (float(e["average"]) - float(e["ensemble"])) / float(e["ensemble"])
+            )
+    claim.note = why
+    # the statistic is "SWA worse by": > margin contradicts; orientation kept for the equivalence test
+    return paired_verdict(claim, values)
+
+
+def _claim5(inp: _Inputs) -> Claim:
+    unit = "points of test accuracy" if inp.task.probabilistic else "test MSE, SGD minus SWA"
+    pairs = [
+        (m.label, m.baseline)
+        for m in inp.run.cfg.methods
+        if m.method == "swa" and m.options.get("schedule") == "constant" and m.baseline
+    ]
+    claim = Claim(
+        "5",
+        "Averaging at a constant learning rate beats the constant-LR iterate",
+        "§5 fixed-LR ablation (CIFAR-100)",
+        f"SWA(constant LR) − SGD(constant LR), {unit}",
+    )
+    if not pairs:
+        claim.note = (
+            "the run has no fixed-LR ablation; add `{method: sgd, label: sgd-const, options: "
+            "{schedule: constant}}` and `{method: swa, label: swa-const, baseline: sgd-const, "
+            "options: {schedule: constant}}` to the config (as the mnist1d preset does) and `swalab run` it"
+        )
+        return claim
+    label, base = pairs[0]
+    claim.statistic = f"{label} − {base}, {unit}, per seed"
+    values = inp.gain(label, base)
+    if not values:
+        claim.note = f"no finished {label}/{base} pair in results.csv; `{inp.run.resume_command}`"
+    return paired_verdict(claim, values)
+
+
+def _claim6(inp: _Inputs) -> Claim:
+    metric = (
+        "test error (points)"
+        if inp.task.probabilistic
+        else "test MSE (% of the recomputed one)"
+    )
+    claim = Claim(
+        "6",
+        "BatchNorm statistics must be recomputed for the averaged weights",
+        "§3.2",
+        f"{metric} of w_SWA with the BN statistics it carries (its run's last iterate's) minus with "
+        "recomputed ones",
+    )
+    have, why = inp.piece("bn")
+    values = {}
+    for seed, (summary, _) in have.items():
+        b = summary["bn"]
+        key = "test_error" if inp.task.probabilistic else "test_nll"
+        carried, recomputed = float(b["carried"][key]), float(b["recomputed"][key])
+        values[seed] = (
+            carried - recomputed
+            if inp.task.probabilistic
+            else 100.0 * (carried - recomputed) / recomputed
+        )
+    claim.note = why
+    return paired_verdict(claim, values)
+
+
+def evaluate_claims(run_dir: str | Path) -> list[Claim]:
+    """The six claims on the run directory (claim 1 once per SWA budget), in order."""
+    inp = _Inputs(RunDir(run_dir))
+    return [*_claim1(inp), _claim2(inp), _claim3(inp), _claim4(inp), _claim5(inp), _claim6(inp)]
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:+.3g}"
+
+
+def claim_rows(claims: list[Claim]) -> tuple[list[str], list[list[str]]]:
+    """A table: claim, source, seeds, mean d, 95% interval, verdict, seeds to decide, note."""
+    header = [
+        "claim",
+        "paper",
+        "seeds",
+        "mean d",
+        "95% CI",
+        "verdict",
+        "seeds to decide",
+        "statistic d / note",
+    ]
+    rows = []
+    for c in claims:
+        interval = "–" if c.low is None else f"[{_num(c.low)}, {_num(c.high)}]"
+        needed = (
+            "–"
+            if not c.values
+            else (
+                "never at this mean"
+                if c.seeds_needed is None and len(c.values) > 1
+                else "–"
+                if c.seeds_needed is None
+                else str(c.seeds_needed)
+            )
+        )
+        if c.margin is not None and c.values:
+            needed += f" (within ±{c.margin:g})" if needed[0].isdigit() else ""
+        verdict = c.verdict if c.values else "no input"
+        rows.append(
+            [
+                f"{c.id}. {c.title}",
+                c.source,
+                str(len(c.values)),
+                _num(c.mean),
+                interval,
+                verdict,
+                needed,
+                c.statistic + (f" — {c.note}" if c.note else ""),
+            ]
+        )
+    return header, rows
+
+
+def format_claims(claims: list[Claim]) -> str:
+    """Plain text for the terminal: one block per claim."""
+    lines = [
+        (
+            f"verdicts: 95% paired t-interval over seeds; seeds to decide: paired t-test, two-sided "
+            f"alpha {ALPHA:g}, power {POWER:g}, at the observed mean and sd (a power calculation)"
+        )
+    ]
+    _, rows = claim_rows(claims)
+    for row in rows:
+        claim, source, n, mean, interval, verdict, needed, statistic = row
+        summary = (
+            f"  verdict: {verdict.upper()}  (seeds {n}, mean d {mean}, 95% CI {interval}, "
+            f"seeds to decide: {needed})"
+        )
+        lines += ["", f"{claim}  [{source}]", summary, f"  d = {statistic}"]
+    return "\n".join(lines)
