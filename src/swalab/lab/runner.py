@@ -33,6 +33,8 @@ from .config import ConfigError, ExperimentConfig, to_dict
 from .distributed import World
 from .stats import primary_metric, summarize
 from .files import atomic_write_text
+from .jobs import RunsFailed, check_jobs, run_jobs
+from .precision import Precision
 from .trainer import resolve_device, train_run
 
 __all__ = ["run_experiment", "format_table", "load_bundle", "read_results", "RESULT_FIELDS"]
@@ -102,8 +104,12 @@ def run_experiment(
     log: Callable[[str], None] = print,
     progress: bool = True,
     world: World = World(),
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
+
+    ``jobs > 1`` trains that many runs at once in worker processes (jobs.py); runs that raise are
+    reported by :class:`RunsFailed` after the others have finished.
 
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
@@ -121,14 +127,16 @@ def run_experiment(
         meta = dict(_meta(cfg, argv or sys.argv), processes=world.size)
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
 
+    runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
+    check_jobs(jobs, len(runs), world.size)  # bad input fails before any work
+    DATASETS.get(cfg.data.name)
+    device = world.device if world.size > 1 else resolve_device(cfg.train.device)
+    Precision(cfg.train.precision, cfg.train.channels_last, device)  # e.g. fp16 on the CPU
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
-    DATASETS.get(cfg.data.name)  # unknown names fail before any work
-    device = world.device if world.size > 1 else resolve_device(cfg.train.device)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
 
     def finished() -> dict[tuple[str, int], dict[str, Any]]:
         paths = {(m.label, seed): out / m.label / f"seed{seed}" / "result.json" for seed, m in runs}
@@ -141,24 +149,15 @@ def run_experiment(
 
     bundles: dict[int, Any] = {}
     started = time.perf_counter()
+    failures: list[str] = []
     with _progress(progress) as bar:
         task = bar.add_task("epochs", total=None)
-        for seed, method in todo:
-            if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
-                bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
-            bundle = bundles[seed]
-            if bar.tasks[task].total is None:
-                bar.update(task, total=_total_epochs(cfg, todo))
-            bar.update(task, description=f"{method.label} seed {seed}")
+
+        def record(seed: int, method: Any, result: Any, seconds: float) -> None:
             run_dir = out / method.label / f"seed{seed}"
-            if world.main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
-            result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=lambda: bar.advance(task),
-                               world=world)
             row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
                    "seed": seed, "budget": method.budget,
-                   "epochs": result.epochs, "status": result.status, "seconds": round(time.perf_counter() - start, 2),
+                   "epochs": result.epochs, "status": result.status, "seconds": seconds,
                    "message": result.message, **result.metrics}
             if result.status == "diverged":
                 log(f"diverged: {result.message}; the other runs go on")
@@ -172,10 +171,34 @@ def run_experiment(
             if world.main:
                 atomic_write_text(run_dir / "result.json", json.dumps(row, indent=2))
                 _write_results(out, [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
-    ordered = [rows[(m.label, s)] for s, m in runs]
+
+        if jobs > 1 and todo:
+            if download:  # once, here, rather than by several workers at once
+                load_bundle(cfg, todo[0][0], download)
+            bar.update(task, total=_total_epochs(cfg, todo))
+            failures = run_jobs(cfg, out, todo, jobs, device, record=record, bar=bar, task=task, log=log,
+                                progress=progress)
+        for seed, method in todo if jobs == 1 else []:
+            if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
+                bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
+            bundle = bundles[seed]
+            if bar.tasks[task].total is None:
+                bar.update(task, total=_total_epochs(cfg, todo))
+            bar.update(task, description=f"{method.label} seed {seed}")
+            run_dir = out / method.label / f"seed{seed}"
+            if world.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            result = train_run(cfg, method, seed, bundle, run_dir, device, on_epoch=lambda: bar.advance(task),
+                               world=world)
+            record(seed, method, result, round(time.perf_counter() - start, 2))
+    ordered = [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows]
     if world.main:
         _write_results(out, ordered)
     log(format_table(cfg.name, [{k: str(v) for k, v in r.items()} for r in ordered]))
+    if failures:
+        raise RunsFailed(f"{len(failures)} run(s) failed, the others finished (first: {failures[0]}); "
+                         "run the same command again to retry them")
     return ordered
 
 

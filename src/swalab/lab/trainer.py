@@ -26,17 +26,13 @@ from ..models import create as create_model
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
 from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng, shard_batches
+from .devices import resolve_device
 from .files import atomic_save, atomic_write_text, load_torch
 from .evaluation import EvalContext, evaluate, forward, has_batchnorm, model_outputs
 from .methods import build_recipe
+from .precision import Precision
 
 __all__ = ["RunResult", "bn_loader", "train_run", "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -73,7 +69,8 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, d
     cached = world.on_main(lambda: load_torch(path) if path.exists() else None)
     if cached is not None:
         return cached
-    model = build_model(cfg, bundle, seed).to(device)
+    precision = Precision(cfg.train.precision, cfg.train.channels_last, device)
+    model = precision.model(build_model(cfg, bundle, seed).to(device))
     net, criterion = data_parallel(model, world), batch_loss(world)
     p = cfg.pretrain
     optimizer = make_optimizer(p.optimizer, model, p.lr, cfg.train.momentum, p.weight_decay)
@@ -86,10 +83,10 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, path: Path, d
         for step, (x, y) in enumerate(loader):
             t = (epoch * len(loader) + step) / total
             set_lr(optimizer, p.lr * 0.5 * (1 + math.cos(math.pi * t)) if p.cosine else p.lr)
-            loss = criterion(bundle.task, forward(net, x), y)
+            with precision.autocast():
+                loss = criterion(bundle.task, forward(net, precision.inputs(x)), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            precision.backward_step(loss, optimizer)
             broadcast_buffers(model, world)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if world.main:
@@ -117,7 +114,8 @@ def train_run(
     if cfg.pretrain.epochs > 0:
         model.load_state_dict(pretrain(cfg, bundle, seed, run_dir.parent.parent / "pretrain" / f"seed{seed}.pt",
                                        device, world))
-    model.to(device)
+    precision = Precision(train.precision, train.channels_last, device)
+    precision.model(model.to(device))
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
     # Under DDP every rank draws the same global batches and takes its slice of each.
     generator = torch.Generator().manual_seed(seed)
@@ -141,6 +139,7 @@ def train_run(
         optimizer.load_state_dict(ckpt["optimizer"])
         recipe.load_state_dict(ckpt["recipe"])
         generator.set_state(ckpt["generator"])
+        precision.load_state_dict(ckpt.get("grad_scaler", {}))
         restore_rng(ckpt, world, seed)
         history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
     else:
@@ -156,10 +155,10 @@ def train_run(
         total_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for step, (x, y) in enumerate(loader):
             set_lr(optimizer, recipe.lr(epoch, step))
-            loss = criterion(bundle.task, forward(net, x), y)
+            with precision.autocast():  # fp32 unless train.precision says otherwise
+                loss = criterion(bundle.task, forward(net, precision.inputs(x)), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            precision.backward_step(loss, optimizer)
             broadcast_buffers(model, world)  # rank 0's BN statistics everywhere (no-op in one process)
             recipe.after_step(model)
             total_loss += loss.detach()
@@ -193,7 +192,7 @@ def train_run(
             atomic_save({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "recipe": recipe.state_dict(), "generator": generator.get_state(),
-                "torch_rng": rng_states[0], "history": history,
+                "torch_rng": rng_states[0], "history": history, "grad_scaler": precision.state_dict(),
                 **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
             }, checkpoint_path)
         on_epoch()
