@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ExperimentConfig, MethodConfig
+from .methods import build_recipe
 
 __all__ = ["RunsFailed", "Slot", "check_jobs", "run_jobs", "slots"]
 
@@ -175,6 +176,9 @@ def run_jobs(
     event when there is no terminal.
     """
     methods = {m.label: m for m in cfg.methods}
+    for m in methods.values():  # bad method options: one line here, not N failed runs
+        build_recipe(m.method, m.options, lr=m.lr or cfg.train.lr, budget_epochs=cfg.train.epochs,
+                     budget=m.budget, steps_per_epoch=1, model=torch.nn.Linear(1, 1))
     seeds = sorted({seed for seed, _ in todo}, key=[s for s, _ in todo].index)
     cached = {s for s in seeds if cfg.pretrain.epochs == 0 or (out / "pretrain" / f"seed{s}.pt").exists()}
     pending: list[Job] = [("pretrain", s, "") for s in seeds if s not in cached]
