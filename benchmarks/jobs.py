@@ -8,6 +8,7 @@ prints the median wall times and their ratio (target for mnist1d on the 2-core C
 one-minute load average before and after each command is printed too: on a machine shared with
 other work the ratio is only as good as the cores that were free.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,31 @@ import tempfile
 import time
 from pathlib import Path
 
-METRICS = ("method", "seed", "status", "train_loss", "val_loss", "val_accuracy", "val_mse",
-           "test_loss", "test_accuracy", "test_ece", "test_mse")
+METRICS = (
+    "method",
+    "seed",
+    "status",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_mse",
+    "test_loss",
+    "test_accuracy",
+    "test_ece",
+    "test_mse",
+)
 
 
-def run(preset: str, jobs: int, sets: list[str], variant: str | None) -> tuple[float, list[dict], str]:
+def run(
+    preset: str, jobs: int, sets: list[str], variant: str | None
+) -> tuple[float, list[dict], str]:
     """(wall seconds, metric rows, load averages) of one ``swalab run`` in a fresh directory."""
     out = Path(tempfile.mkdtemp()) / "run"
     argv = [sys.executable, "-m", "swalab", "run", preset, "--out", str(out), "--jobs", str(jobs)]
     argv += [a for s in sets for a in ("--set", s)] + (["--variant", variant] if variant else [])
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
@@ -63,13 +77,23 @@ def main() -> None:
         identical &= results[1] == results[args.jobs]
     seq, par = statistics.median(walls[1]), statistics.median(walls[args.jobs])
     extra = f" --set {' --set '.join(args.set)}" if args.set else ""
-    print(f"swalab run {args.preset}{extra}: {os.cpu_count()} CPUs, median of {args.repeats} repeat(s)\n")
-    print("| command | wall s (each repeat) | median s | ratio | load avg (1 min) before -> after | target |")
+    print(
+        f"swalab run {args.preset}{extra}: {os.cpu_count()} CPUs, "
+        f"median of {args.repeats} repeat(s)\n"
+    )
+    print(
+        "| command | wall s (each repeat) | median s | ratio | load avg (1 min) before -> after "
+        "| target |"
+    )
     print("|---|---|---:|---:|---|---|")
-    print(f"| --jobs 1 | {', '.join(f'{w:.1f}' for w in walls[1])} | {seq:.1f} | 1.00 | "
-          f"{'; '.join(loads[1])} | |")
-    print(f"| --jobs {args.jobs} | {', '.join(f'{w:.1f}' for w in walls[args.jobs])} | {par:.1f} | "
-          f"{par / seq:.2f} | {'; '.join(loads[args.jobs])} | <= 0.6 |")
+    print(
+        f"| --jobs 1 | {', '.join(f'{w:.1f}' for w in walls[1])} | {seq:.1f} | 1.00 | "
+        f"{'; '.join(loads[1])} | |"
+    )
+    print(
+        f"| --jobs {args.jobs} | {', '.join(f'{w:.1f}' for w in walls[args.jobs])} | {par:.1f} | "
+        f"{par / seq:.2f} | {'; '.join(loads[args.jobs])} | <= 0.6 |"
+    )
     print(f"\nresults.csv metrics identical: {'yes' if identical else 'NO'}")
 
 

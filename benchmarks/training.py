@@ -17,6 +17,7 @@ lab's BatchLoader does when they fit, and autocasts / uses channels_last like th
 
 The GCN's dense vs sparse paths are timed by benchmarks/gcn.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,27 +56,44 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 
 def cifar_like(classes: int, train: int = 45000, test: int = 10000) -> DataBundle:
-    """Random CIFAR-shaped data with the paper's augmentation: the speed of CIFAR without a download."""
+    """Random CIFAR-shaped data with the paper's augmentation: CIFAR's speed without a download."""
     g = torch.Generator().manual_seed(0)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["resnet"])
 
     def split(n: int) -> Split:
         images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-        return Split((images.float() / 255 - mean) / std, torch.randint(0, classes, (n,), generator=g))
+        return Split(
+            (images.float() / 255 - mean) / std, torch.randint(0, classes, (n,), generator=g)
+        )
 
     fill = (-mean / std).flatten()
-    return DataBundle(f"cifar{classes}-shaped", "classification", split(train), split(0), split(test),
-                      classes, (3, 32, 32), lambda x, gen: random_crop_flip(x, gen, 4, True, fill))
+    return DataBundle(
+        f"cifar{classes}-shaped",
+        "classification",
+        split(train),
+        split(0),
+        split(test),
+        classes,
+        (3, 32, 32),
+        lambda x, gen: random_crop_flip(x, gen, 4, True, fill),
+    )
 
 
 def config(args, method: str, epochs: int):
     options = "{swa_lr: 0.05}" if method == "swa" else "{}"
-    return load_config("mnist1d", [
-        f"train.epochs={epochs}", f"train.eval_every={epochs}", f"train.batch_size={args.batch_size}",
-        f"train.precision={args.precision}", f"train.channels_last={args.channels_last}",
-        f"model.name={args.model}", f"model.options={args.model_options}",
-        f"methods=[{{method: {method}, options: {options}}}]",
-    ])
+    return load_config(
+        "mnist1d",
+        [
+            f"train.epochs={epochs}",
+            f"train.eval_every={epochs}",
+            f"train.batch_size={args.batch_size}",
+            f"train.precision={args.precision}",
+            f"train.channels_last={args.channels_last}",
+            f"model.name={args.model}",
+            f"model.options={args.model_options}",
+            f"methods=[{{method: {method}, options: {options}}}]",
+        ],
+    )
 
 
 def swalab_run(cfg, bundle, device) -> None:
@@ -96,7 +114,9 @@ def bare_loop(args, bundle, device) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    )
     schedule = sgd_reference_lr(0.1, args.epochs)
     generator = torch.Generator().manual_seed(0)
     x, y = bundle.train.x.to(device), bundle.train.y.to(device)
@@ -107,7 +127,7 @@ def bare_loop(args, bundle, device) -> None:
         model.train()
         perm = torch.randperm(len(y), generator=generator).to(device)
         for i in range(0, len(y), b):
-            idx = perm[i:i + b]
+            idx = perm[i : i + b]
             inputs = bundle.augment(x[idx], generator) if bundle.augment else x[idx]
             if args.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -126,8 +146,12 @@ def bare_loop(args, bundle, device) -> None:
         for split in (bundle.train, bundle.val, bundle.test):
             if not len(split):
                 continue
-            probs = torch.cat([model(split.x[i:i + 1000].to(device)).softmax(1)
-                               for i in range(0, len(split.y), 1000)])
+            probs = torch.cat(
+                [
+                    model(split.x[i : i + 1000].to(device)).softmax(1)
+                    for i in range(0, len(split.y), 1000)
+                ]
+            )
             target = split.y.to(device)
             F.nll_loss(probs.log(), target).item(), probs.argmax(1).eq(target).float().mean().item()
 
@@ -141,7 +165,9 @@ def main() -> None:
     parser.add_argument("--data", default="mnist1d", choices=["mnist1d", "cifar10", "cifar100"])
     parser.add_argument("--model", help="default: mnist1d_cnn (bn) for mnist1d, vgg16 for CIFAR")
     parser.add_argument("--batch-size", type=int, help="default: 100 for mnist1d, 128 for CIFAR")
-    parser.add_argument("--train-size", type=int, default=45000, help="CIFAR-shaped training images")
+    parser.add_argument(
+        "--train-size", type=int, default=45000, help="CIFAR-shaped training images"
+    )
     parser.add_argument("--test-size", type=int, default=10000, help="CIFAR-shaped test images")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
@@ -175,15 +201,28 @@ def main() -> None:
     ratio_of = wall if device.type == "cuda" else cpu
     basis = "wall" if device.type == "cuda" else "CPU"
     bare, sgd_label, swa_label = rows
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} thread(s)"
-    print(f"{args.data} {args.model}, batch {args.batch_size}, {args.epochs} epochs, {args.precision}"
-          f"{', channels_last' if args.channels_last else ''}, {where}, median of {args.repeats} repeats\n")
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} thread(s)"
+    )
+    print(
+        f"{args.data} {args.model}, batch {args.batch_size}, {args.epochs} epochs, {args.precision}"
+        f"{', channels_last' if args.channels_last else ''}, {where}, "
+        f"median of {args.repeats} repeats\n"
+    )
     print(f"| run | wall s | CPU s | s/epoch (wall) | {basis} ratio | target |")
     print("|---|---:|---:|---:|---:|---|")
-    for label, versus, target in ((bare, None, ""), (sgd_label, bare, "≤ 1.05"), (swa_label, sgd_label, "≤ 1.02")):
-        ratio = "1.000" if versus is None else f"{ratio_of[label] / ratio_of[versus]:.3f} vs {versus}"
-        print(f"| {label} | {wall[label]:.2f} | {cpu[label]:.2f} | {wall[label] / args.epochs:.2f} | "
-              f"{ratio} | {target} |")
+    for label, versus, target in (
+        (bare, None, ""),
+        (sgd_label, bare, "≤ 1.05"),
+        (swa_label, sgd_label, "≤ 1.02"),
+    ):
+        ratio = (
+            "1.000" if versus is None else f"{ratio_of[label] / ratio_of[versus]:.3f} vs {versus}"
+        )
+        print(
+            f"| {label} | {wall[label]:.2f} | {cpu[label]:.2f} | {wall[label] / args.epochs:.2f} | "
+            f"{ratio} | {target} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Mixed precision and channels_last in the training step (averages stay fp32), and training data
 kept on the device with the batches of a loader that moves each batch."""
+
 import copy
 import gc
 import math
@@ -24,7 +25,11 @@ def mnist1d():
 
 
 def test_bf16_on_the_cpu_trains_and_the_average_stays_fp32(tmp_path, mnist1d):
-    sets = ["train.epochs=2", "pretrain.epochs=1", "methods=[{method: swa, options: {swa_start: 1}}]"]
+    sets = [
+        "train.epochs=2",
+        "pretrain.epochs=1",
+        "methods=[{method: swa, options: {swa_start: 1}}]",
+    ]
     fp32 = load_config("mnist1d", sets)
     bf16 = load_config("mnist1d", sets + ["train.precision=bf16"])
     a = train_run(fp32, fp32.methods[0], 0, mnist1d, tmp_path / "fp32" / "swa" / "seed0", CPU)
@@ -35,7 +40,9 @@ def test_bf16_on_the_cpu_trains_and_the_average_stays_fp32(tmp_path, mnist1d):
     average = torch.load(tmp_path / "bf16" / "swa" / "seed0" / "final.pt")
     floats = [v for v in average.values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float32 for v in floats)
-    pretrained = torch.load(tmp_path / "bf16" / "pretrain" / "seed0.pt")  # pre-training autocasts too
+    pretrained = torch.load(
+        tmp_path / "bf16" / "pretrain" / "seed0.pt"
+    )  # pre-training autocasts too
     fp32_pretrained = torch.load(tmp_path / "fp32" / "pretrain" / "seed0.pt")
     assert all(v.dtype == fp32_pretrained[k].dtype for k, v in pretrained.items())
     assert not all(torch.equal(v, fp32_pretrained[k]) for k, v in pretrained.items())
@@ -74,7 +81,9 @@ def test_channels_last_formats_weights_and_batches_and_gives_the_same_step():
 def test_precision_refuses_fp16_on_the_cpu_and_unknown_values():
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device, got cpu"):
         Precision("fp16", False, CPU)
-    with pytest.raises(ConfigError, match="train.precision must be one of fp32, bf16, fp16, got 'fp8'"):
+    with pytest.raises(
+        ConfigError, match="train.precision must be one of fp32, bf16, fp16, got 'fp8'"
+    ):
         Precision("fp8", False, CPU)
     with pytest.raises(ConfigError, match="train.precision must be one of"):
         load_config("mnist1d", ["train.precision=fp8"])
@@ -84,11 +93,11 @@ def test_precision_refuses_fp16_on_the_cpu_and_unknown_values():
 
 
 def moved_batches(split, batch_size, generator, augment):
-    """Today's loader, written out: permutation and augmentation drawn on the CPU from ``generator``,
+    """Today's loader, written out: permutation and augmentation drawn on the CPU from ``generator``
     each batch cut from the CPU split and moved."""
     order = torch.randperm(len(split), generator=generator)
     for start in range(0, len(split), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         yield augment(split.x[index], generator), split.y[index]
 
 
@@ -100,8 +109,15 @@ def test_batches_on_the_device_equal_todays_for_the_same_generator(keep):
     def augment(x, g):
         return random_crop_flip(x, g, padding=2, flip=True, fill=torch.zeros(3))
 
-    loader = BatchLoader(split, 16, shuffle=True, generator=torch.Generator().manual_seed(5),
-                         augment=augment, device="cpu", keep_on_device=keep)
+    loader = BatchLoader(
+        split,
+        16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(5),
+        augment=augment,
+        device="cpu",
+        keep_on_device=keep,
+    )
     reference = torch.Generator().manual_seed(5)
     for _ in range(2):  # two epochs: the generator carries on identically
         got, want = list(loader), list(moved_batches(split, 16, reference, augment))
@@ -114,8 +130,9 @@ def test_split_is_copied_to_the_device_once_and_freed_with_it():
     split = Split(torch.randn(10, 2), torch.arange(10))
     meta = torch.device("meta")  # a device other than the split's, without a GPU
     first = BatchLoader(split, 4, device=meta, keep_on_device=True)
-    second = BatchLoader(split, 4, shuffle=True, generator=torch.Generator(), device=meta,
-                         keep_on_device=True)
+    second = BatchLoader(
+        split, 4, shuffle=True, generator=torch.Generator(), device=meta, keep_on_device=True
+    )
     batches = list(first) + list(second)
     assert [x.device.type for x, _ in batches] == ["meta"] * 6
     assert [x.shape[0] for x, _ in batches] == [4, 4, 2, 4, 4, 2]

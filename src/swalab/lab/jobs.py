@@ -19,6 +19,7 @@ is a result like any other. Ctrl-C (SIGINT reaches the main process; the workers
 every worker; each run's checkpoint is written atomically after every epoch, so the same command
 resumes them all.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,14 +67,20 @@ def check_jobs(jobs: int, runs: int, processes: int = 1) -> None:
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ConfigError(f"--jobs must be an integer >= 1, got {jobs!r}")
     if jobs > runs:
-        raise ConfigError(f"--jobs {jobs} is more than the {runs} runs of this experiment; "
-                          f"use --jobs {runs} or fewer")
+        raise ConfigError(
+            f"--jobs {jobs} is more than the {runs} runs of this experiment; "
+            f"use --jobs {runs} or fewer"
+        )
     if jobs > 1 and processes > 1:
-        raise ConfigError(f"--jobs {jobs} cannot be combined with torchrun ({processes} processes); "
-                          "use --jobs 1 under torchrun")
+        raise ConfigError(
+            f"--jobs {jobs} cannot be combined with torchrun ({processes} processes); "
+            "use --jobs 1 under torchrun"
+        )
 
 
-def slots(jobs: int, device: torch.device, threads: int | None, cores: int | None = None) -> list[Slot]:
+def slots(
+    jobs: int, device: torch.device, threads: int | None, cores: int | None = None
+) -> list[Slot]:
     """The device and thread count of each of ``jobs`` workers (see the module docstring)."""
     cores = cpu_cores() if cores is None else cores
     per_job = max(1, min(threads or cores, cores // jobs))
@@ -83,7 +90,9 @@ def slots(jobs: int, device: torch.device, threads: int | None, cores: int | Non
     return [Slot(device, per_job) for _ in range(jobs)]
 
 
-def _worker(index: int, slot: Slot, cfg: ExperimentConfig, out: Path, tasks: Any, events: Any) -> None:
+def _worker(
+    index: int, slot: Slot, cfg: ExperimentConfig, out: Path, tasks: Any, events: Any
+) -> None:
     """A worker process: take jobs from ``tasks`` until ``None``, report on ``events``."""
     from .runner import load_bundle
     from .trainer import pretrain, train_run
@@ -115,10 +124,17 @@ def _worker(index: int, slot: Slot, cfg: ExperimentConfig, out: Path, tasks: Any
             else:
                 run_dir = out / label / f"seed{seed}"
                 run_dir.mkdir(parents=True, exist_ok=True)
-                result = train_run(cfg, methods[label], seed, bundles[seed], run_dir, slot.device,
-                                   on_epoch=lambda: events.put(("epoch", index, job, None)))
+                result = train_run(
+                    cfg,
+                    methods[label],
+                    seed,
+                    bundles[seed],
+                    run_dir,
+                    slot.device,
+                    on_epoch=lambda job=job: events.put(("epoch", index, job, None)),
+                )
             events.put(("done", index, job, (result, round(time.perf_counter() - start, 2))))
-        except Exception as err:  # reported; the worker takes the next job
+        except Exception as err:  # noqa: BLE001  (reported; the worker takes the next job)
             text = str(err).splitlines()[0] if str(err) else ""
             events.put(("failed", index, job, f"{type(err).__name__}: {text}"))
 
@@ -138,8 +154,11 @@ class _Pool:
     def start(self, i: int) -> None:
         self.tasks[i] = self.context.Queue()
         self.processes[i] = self.context.Process(
-            target=_worker, args=(i, self.placement[i], self.cfg, self.out, self.tasks[i], self.events),
-            daemon=True, name=f"swalab-job-{i}")
+            target=_worker,
+            args=(i, self.placement[i], self.cfg, self.out, self.tasks[i], self.events),
+            daemon=True,
+            name=f"swalab-job-{i}",
+        )
         self.processes[i].start()
 
     def stop(self, graceful: bool) -> None:
@@ -177,15 +196,27 @@ def run_jobs(
     """
     methods = {m.label: m for m in cfg.methods}
     for m in methods.values():  # bad method options: one line here, not N failed runs
-        build_recipe(m.method, m.options, lr=m.lr or cfg.train.lr, budget_epochs=cfg.train.epochs,
-                     budget=m.budget, steps_per_epoch=1, model=torch.nn.Linear(1, 1))
+        build_recipe(
+            m.method,
+            m.options,
+            lr=m.lr or cfg.train.lr,
+            budget_epochs=cfg.train.epochs,
+            budget=m.budget,
+            steps_per_epoch=1,
+            model=torch.nn.Linear(1, 1),
+        )
     seeds = sorted({seed for seed, _ in todo}, key=[s for s, _ in todo].index)
-    cached = {s for s in seeds if cfg.pretrain.epochs == 0 or (out / "pretrain" / f"seed{s}.pt").exists()}
+    cached = {
+        s for s in seeds if cfg.pretrain.epochs == 0 or (out / "pretrain" / f"seed{s}.pt").exists()
+    }
     pending: list[Job] = [("pretrain", s, "") for s in seeds if s not in cached]
     pending += [("run", seed, m.label) for seed, m in todo]
     placement = slots(min(jobs, len(todo)), device, cfg.train.threads)
     where = sorted({str(s.device) for s in placement})
-    log(f"{len(placement)} jobs at once on {', '.join(where)}, {placement[0].threads} thread(s) each")
+    log(
+        f"{len(placement)} jobs at once on {', '.join(where)}, "
+        f"{placement[0].threads} thread(s) each"
+    )
     if device.type == "cpu" and len(placement) > cpu_cores():
         log(f"note: {len(placement)} jobs share {cpu_cores()} CPU cores")
     failures: list[str] = []

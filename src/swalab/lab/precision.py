@@ -1,4 +1,4 @@
-"""Mixed precision and memory format of the training step: ``train.precision``, ``train.channels_last``.
+"""Mixed precision and memory format of the training step (``train.precision``, ``channels_last``).
 
 ``bf16``/``fp16`` run the forward pass and the loss under ``torch.autocast`` (Micikevicius et al.
 2018, "Mixed Precision Training"); the weights, the optimizer state, and with them every average
@@ -7,6 +7,7 @@ training step autocasts. ``fp16`` scales the loss with a ``torch.amp.GradScaler`
 checkpointed); it needs CUDA. ``channels_last`` stores 4-D weights and input batches as NHWC, which
 tensor-core convolutions prefer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,10 +28,13 @@ class Precision:
 
     def __init__(self, precision: str, channels_last: bool, device: torch.device) -> None:
         if precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            raise ConfigError(
+                f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
         if precision == "fp16" and device.type != "cuda":
-            raise ConfigError(f"train.precision fp16 needs a CUDA device, got {device.type}; "
-                              "use bf16 or fp32")
+            raise ConfigError(
+                f"train.precision fp16 needs a CUDA device, got {device.type}; use bf16 or fp32"
+            )
         self.precision, self.channels_last, self.device = precision, channels_last, device
         self.dtype = _DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
