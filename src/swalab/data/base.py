@@ -158,7 +158,8 @@ class BatchLoader:
         device = torch.device(self.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if self.keep_on_device or fits_on_device(_nbytes(self.split), device):
+        kept = (id(self.split), str(device)) in _ON_DEVICE  # copied before: no memory check again
+        if self.keep_on_device or kept or fits_on_device(_nbytes(self.split), device):
             return on_device(self.split, device)
         return self.split
 

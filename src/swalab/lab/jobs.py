@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,7 +160,15 @@ class _Pool:
             daemon=True,
             name=f"swalab-job-{i}",
         )
-        self.processes[i].start()
+        # started with SIGINT ignored (inherited through exec), so a Ctrl-C during its start-up
+        # does not kill it with a traceback: the main process stops the workers
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            self.processes[i].start()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
 
     def stop(self, graceful: bool) -> None:
         """``graceful``: let idle workers exit; otherwise terminate them (SIGTERM) mid-epoch."""
