@@ -1,7 +1,6 @@
 """The laboratory: config checking, recipes against their schedules, resumable runs, CLI errors."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

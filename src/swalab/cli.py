@@ -3,6 +3,7 @@
     swalab --version
     swalab list
     swalab run mnist1d
+    swalab run mnist1d --jobs 2
     swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
     swalab run my_experiment.yaml --out runs/x
     torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
@@ -73,7 +74,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
     world = setup(cfg.train.batch_size, cfg.train.device, args.dist_timeout)  # one process unless under torchrun
     try:
-        run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty(), world=world)
+        run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty(), world=world,
+                       jobs=args.jobs)
     except BaseException:
         world.close(finished=False)
         raise
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="a preset variant, e.g. cpu or full")
     p.add_argument("--download", action="store_true", help="download datasets that are missing")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N (method, seed) runs at once, in N processes (default: 1)")
     p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others to join (default: 60)")
     p.set_defaults(func=_cmd_run)
@@ -191,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        from .lab.jobs import RunsFailed
+
+        if debug or not isinstance(err, RunsFailed):  # some runs failed, the others finished
+            raise
+        print(f"swalab: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, KeyError) as err:
         if debug:
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -111,6 +112,11 @@ class BatchLoader:
     state alone. ``augment`` (if given) is applied to each batch of inputs after it is moved to
     ``device``, with the same generator.
 
+    Data on the device: when the whole split fits on ``device`` (:func:`fits_on_device`), it is
+    copied there once (shared by every loader of the same split) and batches are cut there, so no
+    batch crosses the bus. The random numbers are still drawn on the CPU from ``generator``, so the
+    batches are those of a loader that moves each batch.
+
     Args:
         split: the data.
         batch_size: samples per batch (the last batch may be smaller unless ``drop_last``).
@@ -119,6 +125,8 @@ class BatchLoader:
         augment: batched augmentation ``(x, generator) -> x``, e.g. ``bundle.augment``.
         drop_last: skip the final incomplete batch.
         device: where batches are moved; ``None`` leaves them where the split lives.
+        keep_on_device: hold the whole split on ``device``: ``None`` when it fits, ``True``
+            always, ``False`` never (move each batch).
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class BatchLoader:
         augment: Augment | None = None,
         drop_last: bool = False,
         device: torch.device | str | None = None,
+        keep_on_device: bool | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -140,17 +149,31 @@ class BatchLoader:
         self.augment = augment
         self.drop_last = drop_last
         self.device = device
+        self.keep_on_device = keep_on_device
+
+    def _source(self) -> Split:
+        """The split to index: its copy on ``device`` when it is kept there, else itself."""
+        if self.device is None or self.keep_on_device is False:
+            return self.split
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        kept = (id(self.split), str(device)) in _ON_DEVICE  # copied before: no memory check again
+        if self.keep_on_device or kept or fits_on_device(_nbytes(self.split), device):
+            return on_device(self.split, device)
+        return self.split
 
     def __len__(self) -> int:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
-        n = len(self.split)
+        split = self._source()
+        n = len(split)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.split.y.device)
+        order = order.to(split.y.device)
         for b in range(len(self)):
-            batch = self.split.subset(order[b * self.batch_size : (b + 1) * self.batch_size])
+            batch = split.subset(order[b * self.batch_size : (b + 1) * self.batch_size])
             x, y = batch.x, batch.y
             if self.device is not None:
                 x = (
@@ -162,6 +185,36 @@ class BatchLoader:
             if self.augment is not None:
                 x = self.augment(x, self.generator)
             yield x, y
+
+
+def _nbytes(split: Split) -> int:
+    return sum(t.numel() * t.element_size() for t in (*_tensors(split.x), split.y))
+
+
+def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.25) -> bool:
+    """Whether ``nbytes`` of data may stay on ``device``: on CUDA at most ``fraction`` of its
+    free memory (the rest is the model's and the activations'); the CPU always."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes <= fraction * free
+    return device.type == "cpu"
+
+
+_ON_DEVICE: dict[tuple[int, str], Split] = {}
+
+
+def on_device(split: Split, device: torch.device) -> Split:
+    """``split`` copied to ``device``, once: the copy lives as long as ``split`` does."""
+    key = (id(split), str(device))
+    if key not in _ON_DEVICE:
+        x = (
+            tuple(t.to(device) for t in split.x)
+            if isinstance(split.x, tuple)
+            else split.x.to(device)
+        )
+        _ON_DEVICE[key] = Split(x, split.y.to(device))
+        weakref.finalize(split, _ON_DEVICE.pop, key, None)
+    return _ON_DEVICE[key]
 
 
 # --- helpers shared by the dataset modules -------------------------------------------------------

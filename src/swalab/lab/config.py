@@ -72,6 +72,8 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     save_trajectory: bool = False  # keep the weights after every epoch (trajectory/): landscapes
     log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the training step (lab/precision.py)
+    channels_last: bool = False  # NHWC weights and batches in the training step
 
 
 @dataclass
@@ -120,6 +122,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("train.eval_every", cfg.train.eval_every, cfg.train.eval_every > 0, "> 0"),
         ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, ">= 0"),
         ("train.optimizer", cfg.train.optimizer, cfg.train.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("train.precision", cfg.train.precision, cfg.train.precision in PRECISIONS,
+         f"one of {', '.join(PRECISIONS)}"),
         ("pretrain.epochs", cfg.pretrain.epochs, cfg.pretrain.epochs >= 0, ">= 0"),
         ("pretrain.lr", cfg.pretrain.lr, cfg.pretrain.lr > 0, "> 0"),
         ("pretrain.optimizer", cfg.pretrain.optimizer, cfg.pretrain.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
@@ -146,6 +150,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _type_name(tp: Any) -> str:

@@ -46,7 +46,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import BatchLoader, Split
 from ..data.base import Inputs
-from .config import ConfigError
+from .devices import resolve_device
+from .errors import ConfigError
 from .task import Task
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
     "global_batch_loss",
     "rank_seed",
     "reported_by_rank0",
-    "resolve_device",
     "restore_rng",
     "setup",
     "shard_batches",
@@ -178,13 +178,6 @@ def reported_by_rank0(err: BaseException) -> bool:
     """
     rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     return rank != 0 and (isinstance(err, ConfigError) or getattr(err, "reported_by_rank0", False))
-
-
-def resolve_device(name: str) -> torch.device:
-    """``train.device``: ``"auto"`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def setup(batch_size: int, device: str = "auto", timeout: float = 60.0) -> World:

@@ -17,12 +17,14 @@ from typing import Any, Callable
 import torch
 
 from .config import ConfigError, ExperimentConfig, check_parts, to_dict
-from .distributed import World, resolve_device
+from .devices import resolve_device
+from .distributed import World
 from .inputs import load_bundle
+from .jobs import RunsFailed, check_jobs, run_jobs
 from .methods import recipe_of
+from .precision import Precision
 from .rundir import RunDirectory
 from .stats import primary_metric, summarize
-from .task import task_of
 from .tracking import EpochReporter, check_trackers, open_trackers
 from .trainer import train_run
 
@@ -90,8 +92,12 @@ def run_experiment(
     log: Callable[[str], None] = print,
     progress: bool = True,
     world: World = World(),
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
+
+    ``jobs > 1`` trains that many runs at once in worker processes (jobs.py); runs that raise are
+    reported by :class:`RunsFailed` after the others have finished.
 
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
@@ -111,14 +117,16 @@ def run_experiment(
         layout.write_config(to_dict(cfg))
         layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
 
+    runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
+    check_jobs(jobs, len(runs), world.size)  # bad input fails before any work
+    device = world.device if world.size > 1 else resolve_device(cfg.train.device)
+    Precision(cfg.train.precision, cfg.train.channels_last, device)  # e.g. fp16 on the CPU
     check_trackers(cfg.train.log)  # a missing tracker package fails before any work
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
-    device = world.device if world.size > 1 else resolve_device(cfg.train.device)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
 
     def finished() -> dict[tuple[str, int], dict[str, Any]]:
         results = {(m.label, seed): layout.run(m.label, seed).result() for seed, m in runs}
@@ -130,12 +138,37 @@ def run_experiment(
     log(f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {where}, writing {out}")
 
     bundles: dict[int, Any] = {}
+    failures: list[str] = []
     with _progress(progress) as bar:
         task = bar.add_task("epochs", total=None)
         reporter = EpochReporter(bar, task, log, lines=not progress)
+
+        def record(seed: int, method: Any, result: Any, seconds: float) -> None:
+            row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
+                   "seed": seed, "budget": method.budget,
+                   "epochs": result.epochs, "status": result.status, "seconds": seconds,
+                   "message": result.message, **result.metrics}
+            if result.status == "diverged":
+                log(f"diverged: {result.message}; the other runs go on")
+            elif not progress:  # no live bar: a line per epoch (on_epoch), one per run here
+                metric = primary_metric([result.metrics])
+                log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
+                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, "
+                    f"ETA {reporter.eta_text()}")
+            rows[(method.label, seed)] = row
+            if world.main:
+                layout.run(method.label, seed).write_result(row)
+                layout.write_results([rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
+
+        if jobs > 1 and todo:
+            if download:  # once, here, rather than by several workers at once
+                load_bundle(cfg, todo[0][0], download)
+            reporter.set_total(_total_epochs(cfg, todo))
+            failures = run_jobs(cfg, out, todo, jobs, device, record=record, bar=bar, task=task, log=log,
+                                progress=progress)
         pretrain_todo = set(world.on_main(lambda: sorted(
             {seed for seed, _ in todo if not layout.pretrain_path(seed).exists()})))
-        for seed, method in todo:
+        for seed, method in todo if jobs == 1 else []:
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
                 bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
             bundle = bundles[seed]
@@ -145,7 +178,6 @@ def run_experiment(
             pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
             phase = "pretrain" if pretraining_now else method.label
             bar.update(task, description=f"{phase} seed {seed}")
-            files = layout.run(method.label, seed)
             start = time.perf_counter()
             run_epochs = _total_epochs(cfg, [(seed, method)])
             reported: list[int] = []
@@ -167,31 +199,20 @@ def run_experiment(
                 reporter.epoch(what, record, run_epochs)
 
             try:
-                result = train_run(cfg, method, seed, bundle, files, device, on_epoch=on_epoch,
-                                   world=world)
+                result = train_run(cfg, method, seed, bundle, layout.run(method.label, seed), device,
+                                   on_epoch=on_epoch, world=world)
             finally:
                 trackers.close()
             # epochs not run here: all of a resumed run that had finished, those after a divergence
             reporter.skip(run_epochs - len(reported) - (reported[0] - 1 if reported else 0))
-            row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
-                   "seed": seed, "budget": method.budget,
-                   "epochs": result.epochs, "status": result.status, "seconds": round(time.perf_counter() - start, 2),
-                   "message": result.message, **result.metrics}
-            if result.status == "diverged":
-                log(f"diverged: {result.message}; the other runs go on")
-            elif not progress:  # no live bar: a line per epoch (on_epoch), one per run here
-                metric = f"test_{task_of(bundle.task).primary}"
-                log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
-                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, "
-                    f"ETA {reporter.eta_text()}")
-            rows[(method.label, seed)] = row
-            if world.main:
-                files.write_result(row)
-                layout.write_results([rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
-    ordered = [rows[(m.label, s)] for s, m in runs]
+            record(seed, method, result, round(time.perf_counter() - start, 2))
+    ordered = [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows]
     if world.main:
         layout.write_results(ordered)
     log(format_table(cfg.name, [{k: str(v) for k, v in r.items()} for r in ordered]))
+    if failures:
+        raise RunsFailed(f"{len(failures)} run(s) failed, the others finished (first: {failures[0]}); "
+                         "run the same command again to retry them")
     return ordered
 
 

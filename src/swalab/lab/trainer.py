@@ -27,6 +27,7 @@ from .distributed import World, batch_loss, broadcast_buffers, data_parallel, ra
 from .evaluation import EvalContext, evaluate, model_outputs
 from .inputs import bn_loader, build_model, train_loader
 from .methods import recipe_of
+from .precision import Precision
 from .rundir import RunFiles
 from .task import task_of
 
@@ -60,6 +61,7 @@ def train_one_epoch(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     lr: Callable[[int], float],
     world: World,
+    precision: Precision,
     after_step: Callable[[nn.Module], None] = lambda model: None,
 ) -> Tensor:
     """One pass over ``loader``, one optimizer step per batch; the summed loss, on the device.
@@ -67,15 +69,17 @@ def train_one_epoch(
     The single training step of the laboratory (pre-training and every method): ``lr(step)`` is
     written into the optimizer before the step, ``after_step(model)`` runs after it. ``net`` is
     ``model`` itself or its DDP wrapper; the loss is summed on the device (no host sync per step).
+    ``precision`` autocasts the forward pass and the loss, scales fp16 gradients and puts batches in
+    the model's memory format (``train.precision``, ``train.channels_last``).
     """
     model.train()
     total: Tensor | float = 0.0
     for step, (x, y) in enumerate(loader):
         set_lr(optimizer, lr(step))
-        loss = loss_fn(call_model(net, x), y)
+        with precision.autocast():  # fp32 unless train.precision says otherwise
+            loss = loss_fn(call_model(net, precision.inputs(x)), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward_step(loss, optimizer)
         broadcast_buffers(model, world)  # rank 0's BN statistics everywhere (no-op in one process)
         after_step(model)
         total = total + loss.detach()
@@ -89,7 +93,8 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFil
     cached = world.on_main(lambda: files.experiment.load_pretrain(seed))
     if cached is not None:
         return cached
-    model = build_model(cfg, bundle, seed).to(device)
+    precision = Precision(cfg.train.precision, cfg.train.channels_last, device)
+    model = precision.model(build_model(cfg, bundle, seed).to(device))
     net, criterion = data_parallel(model, world), batch_loss(task_of(bundle.task), world)
     p = cfg.pretrain
     optimizer = make_optimizer(p.optimizer, model, p.lr, cfg.train.momentum, p.weight_decay)
@@ -103,7 +108,7 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFil
         return lr
 
     for epoch in range(p.epochs):
-        train_one_epoch(model, net, loader, optimizer, criterion, cosine(epoch), world)
+        train_one_epoch(model, net, loader, optimizer, criterion, cosine(epoch), world, precision)
         on_epoch({"phase": "pretrain", "epoch": epoch + 1})
     state = _cpu_state(model)
     if world.main:
@@ -131,7 +136,8 @@ def train_run(
     model = build_model(cfg, bundle, seed)
     if cfg.pretrain.epochs > 0:
         model.load_state_dict(pretrain(cfg, bundle, seed, files, device, world, on_epoch))
-    model.to(device)
+    precision = Precision(train.precision, train.channels_last, device)
+    precision.model(model.to(device))
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
     loader, generator = train_loader(cfg, bundle, seed, device, world)
     recipe = recipe_of(method, train, steps_per_epoch=len(loader), model=model)
@@ -149,6 +155,7 @@ def train_run(
         optimizer.load_state_dict(ckpt["optimizer"])
         recipe.load_state_dict(ckpt["recipe"])
         generator.set_state(ckpt["generator"])
+        precision.load_state_dict(ckpt.get("grad_scaler", {}))
         restore_rng(ckpt, world, seed)
         history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
         if world.main:  # lines appended after the checkpoint by an interrupted epoch go
@@ -164,7 +171,8 @@ def train_run(
     net, criterion = data_parallel(model, world), batch_loss(task, world)
     for epoch in range(start_epoch, recipe.epochs):
         total_loss = train_one_epoch(model, net, loader, optimizer, criterion,
-                                     lambda step: recipe.lr(epoch, step), world, recipe.after_step)
+                                     lambda step: recipe.lr(epoch, step), world, precision,
+                                     recipe.after_step)
         train_loss = total_loss.item() / len(loader)
         if not math.isfinite(train_loss):  # keep the previous epoch's checkpoint, the last good one
             message = f"{method.label} seed {seed}: loss became {train_loss} in epoch {epoch + 1}"
@@ -194,7 +202,7 @@ def train_run(
             files.save_checkpoint({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "recipe": recipe.state_dict(), "generator": generator.get_state(),
-                "torch_rng": rng_states[0], "history": history,
+                "torch_rng": rng_states[0], "history": history, "grad_scaler": precision.state_dict(),
                 **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
             })
             if not (last and recipe.running_model(model) is not None):  # waits for final metrics

@@ -45,7 +45,7 @@ from .. import landscape as geo
 from ..bn import has_batchnorm
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
-from ..lab.distributed import resolve_device
+from ..lab.devices import resolve_device
 from ..lab.evaluation import EvalContext
 from ..lab.files import atomic_output, atomic_write_text, read_json
 from ..lab.methods import recipe_of

@@ -1,0 +1,73 @@
+"""Mixed precision and memory format of the training step (``train.precision``, ``channels_last``).
+
+``bf16``/``fp16`` run the forward pass and the loss under ``torch.autocast`` (Micikevicius et al.
+2018, "Mixed Precision Training"); the weights, the optimizer state, and with them every average
+(SWA, EMA, SWAG moments), the BatchNorm recomputation and the evaluation stay in fp32: only the
+training step autocasts. ``fp16`` scales the loss with a ``torch.amp.GradScaler`` (its state is
+checkpointed); it needs CUDA. ``channels_last`` stores 4-D weights and input batches as NHWC, which
+tensor-core convolutions prefer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import PRECISIONS, ConfigError
+
+__all__ = ["Precision"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Autocast, gradient scaling and memory format of one run's training step on ``device``."""
+
+    def __init__(self, precision: str, channels_last: bool, device: torch.device) -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
+        if precision == "fp16" and device.type != "cuda":
+            raise ConfigError(
+                f"train.precision fp16 needs a CUDA device, got {device.type}; use bf16 or fp32"
+            )
+        self.precision, self.channels_last, self.device = precision, channels_last, device
+        self.dtype = _DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of the forward pass and the loss (a no-op in fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def model(self, model: nn.Module) -> nn.Module:
+        """``model`` in channels_last memory format if asked (in place; the dtype stays fp32)."""
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def inputs(self, x: Any) -> Any:
+        """A batch in the model's memory format (4-D tensors only)."""
+        if self.channels_last and isinstance(x, Tensor) and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``loss.backward()`` and ``optimizer.step()``, through the gradient scaler in fp16."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
