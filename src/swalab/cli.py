@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .lab.config import load_config
+    from .lab.config import check_device, load_config
     from .lab.distributed import setup
+    from .lab.files import run_directory
     from .lab.runner import run_experiment
 
     overrides = list(args.set)
@@ -45,13 +47,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         overrides.append(f"seeds={list(range(args.seeds))}")
-    if args.device:
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out must be a directory path, got ''")
+    if args.device is not None:
+        check_device(args.device, "--device")
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides, args.variant)
+    check_device(cfg.train.device, "train.device")
     out = Path(args.out) if args.out else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
     world = setup(cfg.train.batch_size, cfg.train.device, args.dist_timeout)  # one process unless under torchrun
     try:
-        run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty(), world=world)
+        # rank 0 alone writes: it holds the --out lock for the whole run
+        with run_directory(out) if world.main else contextlib.nullcontext():
+            run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty(),
+                           world=world)
     except BaseException:
         world.close(finished=False)
         raise
@@ -60,20 +69,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
+    from .lab.config import check_device
+    from .lab.files import run_directory
     from .report import compute_landscape
 
+    if args.device is not None:
+        check_device(args.device, "--device")
     what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what else None
-    compute_landscape(args.run_dir, seed=args.seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
-                      margin=args.margin, line_points=args.line_points, rays=args.rays, ray_points=args.ray_points,
-                      ray_distance=args.ray_distance, rise=args.rise, device=args.device, threads=args.threads,
-                      progress=sys.stderr.isatty())
+    with run_directory(args.run_dir, lock=False) if Path(args.run_dir).is_dir() else contextlib.nullcontext():
+        compute_landscape(args.run_dir, seed=args.seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
+                          margin=args.margin, line_points=args.line_points, rays=args.rays,
+                          ray_points=args.ray_points, ray_distance=args.ray_distance, rise=args.rise,
+                          device=args.device, threads=args.threads, progress=sys.stderr.isatty())
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .lab.files import run_directory
     from .report import build_report
 
-    build_report(args.run_dir, html_page=args.html)
+    with run_directory(args.run_dir, lock=False) if Path(args.run_dir).is_dir() else contextlib.nullcontext():
+        build_report(args.run_dir, html_page=args.html)
     return 0
 
 
@@ -133,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:
         if debug:
             raise
         from .lab.distributed import reported_by_rank0
@@ -141,5 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if reported_by_rank0(err):  # under torchrun: the same error is printed once, by rank 0
             return 2
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, OSError) and err.filename is not None and not isinstance(err, FileNotFoundError):
+            message = f"{err.filename}: {err.strerror or err}"  # e.g. a full disk while reading data
         print(f"swalab: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
         return 2

@@ -130,11 +130,8 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -145,7 +142,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename."""
     with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a failed write as a RuntimeError
+            space = os.statvfs(tmp.parent)
+            if space.f_bavail * space.f_frsize < tmp.stat().st_size + (1 << 20):
+                raise _write_error(Path(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+            raise RunFileError(f"cannot write {path}: {str(err).splitlines()[0]}") from None
 
 
 def append_text(path: Path, text: str) -> None:

@@ -29,10 +29,10 @@ import yaml
 
 from ..data import DATASETS, DataBundle
 from ..data import load as load_data
-from .config import ConfigError, ExperimentConfig, to_dict
+from .config import ConfigError, ExperimentConfig, read_yaml, to_dict
 from .distributed import World
 from .stats import primary_metric, summarize
-from .files import atomic_write_text
+from .files import atomic_write_text, holds_files, read_json
 from .trainer import resolve_device, train_run
 
 __all__ = ["run_experiment", "format_table", "load_bundle", "read_results", "RESULT_FIELDS"]
@@ -63,10 +63,10 @@ def _check_out_dir(out: Path, cfg: ExperimentConfig) -> None:
     """Refuse to mix two different experiments in one directory (resuming needs the same config)."""
     saved = out / "config.yaml"
     if not saved.exists():
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and holds_files(out):
             raise ConfigError(f"{out} is not empty and holds no swalab run; choose another --out")
         return
-    old = yaml.safe_load(saved.read_text()) or {}
+    old = read_yaml(saved)
     new = to_dict(cfg)
     changed = sorted(k for k in new if k not in _RUN_SPECIFIC and old.get(k) != new[k])
     if changed:
@@ -112,7 +112,7 @@ def run_experiment(
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"
-            probe.write_text("")
+            atomic_write_text(probe, "")  # never through a planted link
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
@@ -132,7 +132,7 @@ def run_experiment(
 
     def finished() -> dict[tuple[str, int], dict[str, Any]]:
         paths = {(m.label, seed): out / m.label / f"seed{seed}" / "result.json" for seed, m in runs}
-        return {key: json.loads(path.read_text()) for key, path in paths.items() if path.exists()}
+        return {key: read_json(path) for key, path in paths.items() if path.exists()}
 
     rows = world.on_main(finished)
     todo = [(seed, m) for seed, m in runs if (m.label, seed) not in rows]

@@ -24,7 +24,7 @@ from ..bn import update_bn
 from ..data import BatchLoader, DataBundle
 from ..models import create as create_model
 from ..schedules import set_lr
-from .config import ExperimentConfig, MethodConfig
+from .config import ExperimentConfig, MethodConfig, check_device
 from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng, shard_batches
 from .files import atomic_save, atomic_write_text, load_torch
 from .evaluation import EvalContext, evaluate, forward, has_batchnorm, model_outputs
@@ -34,9 +34,7 @@ __all__ = ["RunResult", "bn_loader", "train_run", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name, "train.device")
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -10,7 +10,6 @@ import base64
 import html
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from .. import metrics
 from ..lab.stats import MethodSummary, primary_metric, summarize
-from ..lab.files import atomic_write_text
+from ..lab.files import RunFileError, atomic_write_bytes, atomic_write_text, read_json
 from . import figures
 from .rundir import RunDir
 
@@ -99,7 +98,7 @@ def _header(run: RunDir) -> list[Block]:
     if cfg.description:
         blocks.append(Block("p", cfg.description))
     meta_path = run.path / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_json(meta_path) if meta_path.is_file() else {}
     facts = [f"run directory `{run.path}`", f"dataset {cfg.data.name}", f"model {cfg.model.name}",
              f"budget B = {cfg.train.epochs} epochs", f"seeds {cfg.seeds}"]
     if meta:
@@ -208,7 +207,7 @@ def _landscape_blocks(s: dict[str, Any], src: Path, out: Path) -> list[Block]:
                             ["solution", "median width", "rays beyond the range"], rows))
     for piece, name, caption in LANDSCAPE_FIGURES:
         if piece in s and (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+            atomic_write_bytes(out / name, (src / name).read_bytes())  # replaces, never follows, a link
             note = f" {s[piece]['note']}" if isinstance(s.get(piece), dict) and s[piece].get("note") else ""
             blocks.append(Block("figure", caption + note, image=out / name))
     if "ensemble" in s:
@@ -240,7 +239,7 @@ def _calibration(run: RunDir, out: Path) -> list[Block]:
         return []
     blocks = [Block("h2", "Calibration")]
     summary_path = run.path / "landscape" / "landscape.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(summary_path) if summary_path.is_file() else {}
     path = run.path / "landscape" / "predictions.npz"
     if "predictions" in summary.get("skipped", {}):
         blocks.append(Block("note", f"no reliability diagrams: {summary['skipped']['predictions']}"))
@@ -249,7 +248,12 @@ def _calibration(run: RunDir, out: Path) -> list[Block]:
         blocks.append(Block("note", f"no final predictions in {path}; compute them with "
                                     f"`swalab landscape {run.path} --what predictions`"))
         return blocks
-    data = np.load(path)
+    try:
+        with np.load(path) as npz:  # allow_pickle=False: arrays only
+            data = {key: npz[key] for key in ("labels", "targets", "probs")}
+    except Exception as err:  # noqa: BLE001 - any failure to read it is a bad file
+        raise RunFileError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                           f"delete it and run `swalab landscape {run.path} --what predictions`") from None
     labels = [str(x) for x in data["labels"]]
     chosen = [label for label in (run.default_label("sgd"), run.default_label("swa"), *ensembles) if label in labels]
     targets = torch.from_numpy(data["targets"])

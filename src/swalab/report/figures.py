@@ -10,6 +10,7 @@ from matplotlib import colors
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..lab.files import atomic_output
 from ..landscape import log_levels
 
 __all__ = [
@@ -30,8 +31,8 @@ TEST_ERROR_CLIP, TEST_ERROR_LOG_ALPHA = 40.0, -1.0
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    with atomic_output(path) as tmp:  # a rename replaces a planted link instead of writing through it
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
     return path
 
 

@@ -39,7 +39,7 @@ from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
 from ..lab.evaluation import EvalContext
 from ..lab.methods import build_recipe
-from ..lab.files import atomic_write_text, load_torch
+from ..lab.files import atomic_output, atomic_write_text, load_torch, read_json
 from ..lab.trainer import resolve_device
 from ..schedules import swa_should_average
 from . import figures
@@ -110,6 +110,15 @@ def compute_landscape(
         raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
     if grid < 2 or line_points < 2 or ray_points < 2 or rays < 1:
         raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+    for key, value, ok, expected in (
+        ("--margin", margin, math.isfinite(margin) and margin >= 0, "finite and >= 0"),
+        ("--rise", rise, math.isfinite(rise) and rise > 0, "finite and > 0"),
+        ("--ray-distance", ray_distance, ray_distance is None or (math.isfinite(ray_distance) and ray_distance > 0),
+         "finite and > 0"),
+        ("--threads", threads, threads is None or threads >= 1, ">= 1"),
+    ):
+        if not ok:
+            raise ValueError(f"{key} must be {expected}, got {value}")
 
     threads = threads if threads is not None else run.cfg.train.threads
     if threads is not None:
@@ -182,11 +191,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _savez(path: Path, **arrays: Any) -> None:
+    """``np.savez`` through a temporary file and a rename (never through a planted link)."""
+    with atomic_output(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
 def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any]:
     """The existing summary if it is for the same seed and labels (pieces computed earlier are kept)."""
     path = out / "landscape.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path)
         if (old.get("seed"), old.get("sgd"), old.get("swa")) == (seed, sgd, swa):
             return old
     return {}
@@ -293,7 +308,7 @@ class _Job:
     def line(self, out: Path, ts: np.ndarray, bar: Progress) -> dict[str, Any]:
         w_sgd, w_swa = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
         values = self.evaluate([geo.segment(w_swa, w_sgd, float(t)) for t in ts], bar)
-        np.savez(out / "line.npz", t=ts, **values)
+        _savez(out / "line.npz", t=ts, **values)
         figures.line_figure(ts, values, self.sgd, self.swa, out / "line.png")
         i_swa, i_sgd = int(np.argmin(np.abs(ts))), int(np.argmin(np.abs(ts - 1)))
         return {
@@ -322,7 +337,7 @@ class _Job:
                 arrays[f"{key}_{k}"] = np.stack([np.concatenate([at_zero[k], a[k]]) for a in along])
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
-        np.savez(out / "rays.npz", **arrays)
+        _savez(out / "rays.npz", **arrays)
         figures.rays_figure(arrays, self.sgd, self.swa, out / "rays.png")
         figures.width_figure(widths, distances[-1], rise, self.sgd, self.swa, out / "width.png")
         return {
@@ -347,7 +362,7 @@ class _Job:
         xy = np.stack(np.meshgrid(alphas * pl.dx, betas * pl.dy, indexing="ij"), axis=-1)
         path_xy = {k: np.array([pl.coordinates(p) for p in ws]) for k, ws in paths.items()}
         mark_xy = {k: np.array(pl.coordinates(p)) for k, p in marks.items()}
-        np.savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
+        _savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
                  point_labels=np.array(labels), dx=pl.dx, dy=pl.dy, **values,
                  **{f"path_{k}": v for k, v in path_xy.items()}, **{f"mark_{k}": v for k, v in mark_xy.items()})
         figures.plane_figure(xy, values, points, labels, path_xy, mark_xy, title, out / f"{name}.png")
@@ -464,6 +479,6 @@ class _Job:
         if not labels:
             raise FileNotFoundError(f"no finished run under {run.path}/*/seed{self.seed}; "
                                     f"finish them with `{run.resume_command}`")
-        np.savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
+        _savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
                  targets=bundle.test.y.numpy())
         return summary

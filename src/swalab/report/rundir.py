@@ -15,7 +15,7 @@ from torch import nn
 from ..data import DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
 from ..lab.runner import load_bundle, read_results
-from ..lab.files import load_torch
+from ..lab.files import RunFileError, load_torch
 from ..lab.trainer import bn_loader
 from ..models import create as create_model
 
@@ -107,7 +107,11 @@ class RunDir:
         path = self.run_dir(label, seed) / "metrics.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as err:
+            raise RunFileError(f"cannot read {path}: {str(err).splitlines()[0]}; delete {path.parent} "
+                               f"to retrain that run") from None
 
     def load(self, label: str, seed: int, name: str) -> Any:
         return load_torch(self.file(label, seed, name))
