@@ -190,8 +190,12 @@ def load_torch(path: Path) -> Any:
     except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file
         text = str(err)
         unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
         if unsupported:
-            reason = f"it holds a pickled {unsupported.group(1)}, which is not a tensor, number or string"
+            reason = (f"it holds a pickled {unsupported.group(1)} (refused: a run file holds only "
+                      "tensors, numbers and strings)")
+        elif unpickler:
+            reason = unpickler.group(1).strip()
         else:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             reason = lines[0] if lines else type(err).__name__
