@@ -238,6 +238,8 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" +
     (["--set", "train.augment=maybe"], "train.augment must be bool, got 'maybe'"),
     (["--set", "seeds=[-1]"], "seeds must be in [0, 2**31)"),
     (["--set", "x=[&a 1, *a]"], "YAML aliases are not supported"),
+    (["--set", "model.options.width=3"], "unknown model.options ['width'] for model 'mnist1d_cnn'"),
+    (["--set", "data.options.noise=3"], "unknown data.options ['noise'] for dataset 'mnist1d'"),
 ])
 def test_cli_bad_values_fail_before_any_work(extra, message, tmp_path, capsys):
     out = tmp_path / "out"

@@ -191,8 +191,11 @@ def _finite(value: float) -> bool:
 
 
 def _check_option_types(cfg: ExperimentConfig) -> None:
-    """Model and data options whose builder parameter is a bool, int or float must be one
-    (``bn: maybe`` is an error, not ``True``); unknown names are reported where they are built."""
+    """Model and data options must be parameters of their builder, and where the parameter is a
+    bool, int, float or str the value must be one (``bn: maybe`` is an error, not ``True``).
+    Unknown model and dataset names are reported where they are built (with suggestions)."""
+    import inspect
+
     from ..data import DATASETS
     from ..models import MODELS
 
@@ -200,6 +203,14 @@ def _check_option_types(cfg: ExperimentConfig) -> None:
                                          ("data.options", DATASETS, cfg.data.name, cfg.data.options)):
         if name not in registry:
             continue
+        params = inspect.signature(registry.get(name)).parameters
+        fixed = {"in_shape", "num_outputs"} if registry is MODELS else {"root", "download", "seed"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(options) - (set(params) - fixed))
+            if unknown:
+                what = "model" if registry is MODELS else "dataset"
+                raise ConfigError(f"unknown {key} {unknown} for {what} {name!r}; it takes "
+                                  f"{sorted(set(params) - fixed)}")
         try:
             hints = typing.get_type_hints(registry.get(name))
         except (NameError, TypeError):  # an annotation that does not resolve is not checked
