@@ -354,6 +354,8 @@ def test_orphan_temp_files_and_the_lock_do_not_block_out(tmp_path):
     orphan = out / ".config.yaml.tmp-abcd1234.yaml"  # left by a process killed mid-write
     orphan.write_text("half")
     (out / LOCK_NAME).write_text("")
+    old_orphan = out / ".config.yaml.k2j4_x9a.yaml"  # the temp name before this fix
+    old_orphan.write_text("half")
     assert not holds_files(out)
     assert main(tiny_args(out, "methods=[{method: sgd}]", "train.epochs=1")) == 0
     assert not orphan.exists() and (out / "results.csv").is_file()

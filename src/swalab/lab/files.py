@@ -46,6 +46,7 @@ __all__ = [
 LOCK_NAME = ".swalab.lock"
 # Temporary files are ``.<name>.tmp-<8 random chars><suffix>`` (the suffix kept for savefig/np.savez).
 _TEMP = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}(\.[^.]*)?$")
+_OLD_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[^.]*)?$")  # earlier temp names
 _ROOTS: list[str] = []  # run directories opened by run_directory() in this process
 
 
@@ -55,7 +56,7 @@ class RunFileError(ValueError):
 
 def is_scratch(name: str) -> bool:
     """Whether a file name is one of ours that holds no result: a temporary file or the lock file."""
-    return name == LOCK_NAME or _TEMP.match(name) is not None
+    return name == LOCK_NAME or _TEMP.match(name) is not None or _OLD_TEMP.match(name) is not None
 
 
 def holds_files(directory: Path) -> bool:
