@@ -3,6 +3,7 @@
 Every test here fails on the code before the fix: pickled code runs on resume, writes follow planted
 symlinks, labels lead out of --out, files are created 0600, bad values train or crash late.
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,8 +31,13 @@ from swalab.lab.files import (
     run_directory,
 )
 
-TINY = ["seeds=[0]", "train.epochs=3", "data.train_size=200", "data.test_size=200",
-        "methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]"]
+TINY = [
+    "seeds=[0]",
+    "train.epochs=3",
+    "data.train_size=200",
+    "data.test_size=200",
+    "methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]",
+]
 
 
 def tiny_args(out: Path, *extra: str) -> list[str]:
@@ -53,7 +59,11 @@ class Payload:
 
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("swalab: error: ") and "Traceback" not in err, err
+    assert (
+        err.count("\n") == 1
+        and err.startswith("swalab: error: ")
+        and "Traceback" not in err
+    ), err
     return err
 
 
@@ -76,12 +86,17 @@ def run(finished, tmp_path) -> Path:
 
 def test_every_file_of_a_real_run_loads_weights_only(finished):
     names = sorted(str(p.relative_to(finished)) for p in finished.rglob("*.pt"))
-    assert names == ["pretrain/seed0.pt"] + [f"{label}/seed0/{name}" for label in ("sgd", "swa")
-                                             for name in ("checkpoint.pt", "final.pt", "init.pt", "trajectory.pt")]
+    assert names == ["pretrain/seed0.pt"] + [
+        f"{label}/seed0/{name}"
+        for label in ("sgd", "swa")
+        for name in ("checkpoint.pt", "final.pt", "init.pt", "trajectory.pt")
+    ]
     for name in names:
         assert load_torch(finished / name) is not None
     ckpt = load_torch(finished / "swa" / "seed0" / "checkpoint.pt")
-    assert ckpt["generator"].dtype == torch.uint8 and ckpt["optimizer"]["state"]  # RNG and optimizer state
+    assert (
+        ckpt["generator"].dtype == torch.uint8 and ckpt["optimizer"]["state"]
+    )  # RNG and optimizer state
     assert len(load_torch(finished / "swa" / "seed0" / "trajectory.pt")) == 3
 
 
@@ -91,10 +106,16 @@ def test_malicious_checkpoint_does_not_run_on_resume(run, tmp_path, capsys):
     path = run / "swa" / "seed0" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
     torch.save({**ckpt, "extra": Payload(marker)}, path)
-    (path.parent / "result.json").unlink()  # the run is unfinished: the next command resumes it
+    (
+        path.parent / "result.json"
+    ).unlink()  # the run is unfinished: the next command resumes it
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
     err = one_line_error(capsys)
-    assert str(path) in err and "pickled io.open (refused" in err and f"delete {path.parent}" in err
+    assert (
+        str(path) in err
+        and "pickled io.open (refused" in err
+        and f"delete {path.parent}" in err
+    )
     assert not marker.exists()
 
 
@@ -104,7 +125,12 @@ def test_malicious_run_files_do_not_run_in_landscape(run, tmp_path, capsys, name
     path = run / "sgd" / "seed0" / name
     torch.save({"weights": torch.zeros(2), "extra": Payload(marker)}, path)
     what = {"final.pt": "line", "init.pt": "plane", "trajectory.pt": "plane"}[name]
-    assert main(["landscape", str(run), "--what", what, "--grid", "2", "--line-points", "2"]) == 2
+    assert (
+        main(
+            ["landscape", str(run), "--what", what, "--grid", "2", "--line-points", "2"]
+        )
+        == 2
+    )
     assert str(path) in one_line_error(capsys) and not marker.exists()
 
 
@@ -114,7 +140,11 @@ def test_malicious_pretrain_cache_is_refused(run, tmp_path, capsys):
     shutil.rmtree(run / "sgd")  # sgd trains again from the cache
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
     err = one_line_error(capsys)
-    assert "pretrain/seed0.pt" in err and "pre-train that seed again" in err and not marker.exists()
+    assert (
+        "pretrain/seed0.pt" in err
+        and "pre-train that seed again" in err
+        and not marker.exists()
+    )
 
 
 # --- finding 2: no write goes through a symlink ---------------------------------------------------
@@ -123,10 +153,10 @@ def test_malicious_pretrain_cache_is_refused(run, tmp_path, capsys):
 def test_atomic_writes_replace_a_planted_link_and_leave_its_target(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")
+    import matplotlib.pyplot as plt
+
     from swalab.report.figures import _save
     from swalab.report.geometry import _savez
-
-    import matplotlib.pyplot as plt
 
     writers = {
         "a.txt": lambda p: atomic_write_text(p, "new"),
@@ -139,7 +169,11 @@ def test_atomic_writes_replace_a_planted_link_and_leave_its_target(tmp_path):
         link.parent.mkdir(exist_ok=True)
         link.symlink_to(victim)
         write(link)
-        assert victim.read_text() == "precious" and not link.is_symlink() and link.stat().st_size > 0
+        assert (
+            victim.read_text() == "precious"
+            and not link.is_symlink()
+            and link.stat().st_size > 0
+        )
     plt.close("all")
     log = tmp_path / "run" / "log"
     log.symlink_to(victim)
@@ -182,11 +216,30 @@ def test_symlinked_folder_inside_the_run_is_refused(run, tmp_path, capsys):
 # --- finding 3: labels and names stay inside --out, and are unique ------------------------------------
 
 
-@pytest.mark.parametrize("label", ["../ESCAPE", "/abs/path", "sgd/", "a/b", ".", "..", ".hidden", "x\x00y",
-                                   "tab\there", "x" * 101, " sgd", "a\\b", "pretrain", "report"])
+@pytest.mark.parametrize(
+    "label",
+    [
+        "../ESCAPE",
+        "/abs/path",
+        "sgd/",
+        "a/b",
+        ".",
+        "..",
+        ".hidden",
+        "x\x00y",
+        "tab\there",
+        "x" * 101,
+        " sgd",
+        "a\\b",
+        "pretrain",
+        "report",
+    ],
+)
 def test_labels_are_single_safe_folder_names(label):
     with pytest.raises(ConfigError, match=r"methods\[0\]\.label must be"):
-        load_config("mnist1d", [f"methods=[{{method: sgd, label: {json.dumps(label)}}}]"])
+        load_config(
+            "mnist1d", [f"methods=[{{method: sgd, label: {json.dumps(label)}}}]"]
+        )
 
 
 def test_traversal_label_writes_nothing_outside_out(tmp_path, capsys):
@@ -198,49 +251,115 @@ def test_traversal_label_writes_nothing_outside_out(tmp_path, capsys):
 
 def test_absolute_name_without_out_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "mnist1d", "--set", f"name={tmp_path}/abs", *sum((["--set", t] for t in TINY), [])]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "mnist1d",
+                "--set",
+                f"name={tmp_path}/abs",
+                *[arg for item in TINY for arg in ("--set", item)],
+            ]
+        )
+        == 2
+    )
     assert "name must be a plain folder name" in one_line_error(capsys)
     assert not (tmp_path / "abs").exists() and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("other", ["sgd/", "SGD", "ｓｇｄ"])
-def test_labels_unique_after_normalisation(other):
-    with pytest.raises(ConfigError, match="label"):
-        load_config("mnist1d", [f"methods=[{{method: sgd}}, {{method: sgd, label: '{other}'}}]"])
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ("sgd/", r"methods\[1\]\.label must be a plain folder name"),
+        (
+            "SGD",
+            "labels must be unique, got 'SGD' and 'sgd' \\(the same folder name\\)",
+        ),
+        ("ｓｇｄ", "labels must be unique, got 'ｓｇｄ' and 'sgd'"),
+        ("sgd", "labels must be unique, got 'sgd' more than once"),
+    ],
+)
+def test_labels_unique_after_normalisation(other, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(
+            "mnist1d", [f"methods=[{{method: sgd}}, {{method: sgd, label: '{other}'}}]"]
+        )
 
 
 def test_ordinary_labels_still_accepted():
-    cfg = load_config("mnist1d", ["methods=[{method: sgd}, {method: swa, budget: 1.5}, "
-                                  "{method: swa, label: 'swa lr=0.05 (paper)'}]"])
+    cfg = load_config(
+        "mnist1d",
+        [
+            (
+                "methods=[{method: sgd}, {method: swa, budget: 1.5}, "
+                "{method: swa, label: 'swa lr=0.05 (paper)'}]"
+            )
+        ],
+    )
     assert [m.label for m in cfg.methods] == ["sgd", "swa-1.5B", "swa lr=0.05 (paper)"]
 
 
 # --- findings 5-7: every value checked before any work, one line, exit 2 ----------------------------
 
 
-ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" + "".join(
-    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("bcdefgh", "cdefghi"))
+ALIAS_BOMB = (
+    "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+    + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+        for p, c in zip("bcdefgh", "cdefghi")
+    )
+)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--device", "foo"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
-    (["--set", "train.device=foo"], "train.device must be auto, cpu, cuda"),
-    (["--set", "train.threads=0"], "train.threads must be >= 1 or null, got 0"),
-    (["--set", "data.train_size=0"], "data.train_size must be > 0 or null, got 0"),
-    (["--set", "train.weight_decay=.inf"], "train.weight_decay must be a finite number >= 0, got inf"),
-    (["--set", "train.momentum=.nan"], "train.momentum must be a finite number in [0, 1), got nan"),
-    (["--set", "train.epochs=2.5"], "train.epochs must be int, got 2.5"),
-    (["--set", "model.options.bn=maybe"], "model.options.bn must be bool, got 'maybe'"),
-    (["--set", "methods.swa.budget=.inf"], "budget must be a finite number > 0, got inf"),
-    (["--set", "methods.swa.lr=.nan"], "lr must be a finite number > 0, got nan"),
-    (["--set", "methods.swa.options.swa_lr=.nan"], "methods.swa.options.swa_lr must be a finite number"),
-    (["--set", "methods=[{method: sgd, label: %s}]" % ("x" * 300)], "label must be a plain folder name"),
-    (["--set", "train.augment=maybe"], "train.augment must be bool, got 'maybe'"),
-    (["--set", "seeds=[-1]"], "seeds must be in [0, 2**31)"),
-    (["--set", "x=[&a 1, *a]"], "YAML aliases are not supported"),
-    (["--set", "model.options.width=3"], "unknown model.options ['width'] for model 'mnist1d_cnn'"),
-    (["--set", "data.options.noise=3"], "unknown data.options ['noise'] for dataset 'mnist1d'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--device", "foo"],
+            "--device must be auto, cpu, cuda, cuda:N or mps, got 'foo'",
+        ),
+        (["--set", "train.device=foo"], "train.device must be auto, cpu, cuda"),
+        (["--set", "train.threads=0"], "train.threads must be >= 1 or null, got 0"),
+        (["--set", "data.train_size=0"], "data.train_size must be > 0 or null, got 0"),
+        (
+            ["--set", "train.weight_decay=.inf"],
+            "train.weight_decay must be a finite number >= 0, got inf",
+        ),
+        (
+            ["--set", "train.momentum=.nan"],
+            "train.momentum must be a finite number in [0, 1), got nan",
+        ),
+        (["--set", "train.epochs=2.5"], "train.epochs must be int, got 2.5"),
+        (
+            ["--set", "model.options.bn=maybe"],
+            "model.options.bn must be bool, got 'maybe'",
+        ),
+        (
+            ["--set", "methods.swa.budget=.inf"],
+            "budget must be a finite number > 0, got inf",
+        ),
+        (["--set", "methods.swa.lr=.nan"], "lr must be a finite number > 0, got nan"),
+        (
+            ["--set", "methods.swa.options.swa_lr=.nan"],
+            "methods.swa.options.swa_lr must be a finite number",
+        ),
+        (
+            ["--set", "methods=[{method: sgd, label: %s}]" % ("x" * 300)],
+            "label must be a plain folder name",
+        ),
+        (["--set", "train.augment=maybe"], "train.augment must be bool, got 'maybe'"),
+        (["--set", "seeds=[-1]"], "seeds must be in [0, 2**31)"),
+        (["--set", "x=[&a 1, *a]"], "YAML aliases are not supported"),
+        (
+            ["--set", "model.options.width=3"],
+            "unknown model.options ['width'] for model 'mnist1d_cnn'",
+        ),
+        (
+            ["--set", "data.options.noise=3"],
+            "unknown data.options ['noise'] for dataset 'mnist1d'",
+        ),
+    ],
+)
 def test_cli_bad_values_fail_before_any_work(extra, message, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", "mnist1d", "--out", str(out), *extra]) == 2
@@ -248,10 +367,15 @@ def test_cli_bad_values_fail_before_any_work(extra, message, tmp_path, capsys):
     assert not out.exists()  # nothing written, nothing trained
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without a GPU"
+)
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_cli_cuda_without_a_gpu(device, tmp_path, capsys):
-    assert main(["run", "mnist1d", "--out", str(tmp_path / "out"), "--device", device]) == 2
+    assert (
+        main(["run", "mnist1d", "--out", str(tmp_path / "out"), "--device", device])
+        == 2
+    )
     assert "no CUDA GPU is available here" in one_line_error(capsys)
 
 
@@ -267,16 +391,22 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     path.write_text(ALIAS_BOMB)
     assert len(ALIAS_BOMB) < 600
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "YAML aliases are not supported" in one_line_error(capsys) and not (tmp_path / "out").exists()
+    assert (
+        "YAML aliases are not supported" in one_line_error(capsys)
+        and not (tmp_path / "out").exists()
+    )
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--ray-distance", "-1"], "--ray-distance must be finite and > 0, got -1.0"),
-    (["--margin", "nan"], "--margin must be finite and >= 0, got nan"),
-    (["--rise", "inf"], "--rise must be finite and > 0, got inf"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
-    (["--device", "foo"], "--device must be auto, cpu, cuda"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ray-distance", "-1"], "--ray-distance must be finite and > 0, got -1.0"),
+        (["--margin", "nan"], "--margin must be finite and >= 0, got nan"),
+        (["--rise", "inf"], "--rise must be finite and > 0, got inf"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--device", "foo"], "--device must be auto, cpu, cuda"),
+    ],
+)
 def test_landscape_bad_options(finished, extra, message, capsys):
     before = sorted(finished.rglob("*"))
     assert main(["landscape", str(finished), *extra]) == 2
@@ -287,18 +417,27 @@ def test_landscape_bad_options(finished, extra, message, capsys):
 # --- finding 6: a corrupt file is named in one line -------------------------------------------------
 
 
-@pytest.mark.parametrize("name, command", [
-    ("swa/seed0/checkpoint.pt", "run"), ("swa/seed0/result.json", "run"), ("config.yaml", "run"),
-    ("sgd/seed0/final.pt", "landscape"), ("config.yaml", "report"), ("swa/seed0/metrics.jsonl", "report"),
-])
+@pytest.mark.parametrize(
+    "name, command",
+    [
+        ("swa/seed0/checkpoint.pt", "run"),
+        ("swa/seed0/result.json", "run"),
+        ("config.yaml", "run"),
+        ("sgd/seed0/final.pt", "landscape"),
+        ("config.yaml", "report"),
+        ("swa/seed0/metrics.jsonl", "report"),
+    ],
+)
 def test_corrupt_run_file_is_named(run, name, command, capsys):
     path = run / name
     path.write_bytes(b"\x00garbage{")
     if name.endswith("checkpoint.pt"):
         (path.parent / "result.json").unlink()
-    argv = {"run": tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true"),
-            "landscape": ["landscape", str(run), "--what", "line", "--line-points", "2"],
-            "report": ["report", str(run)]}[command]
+    argv = {
+        "run": tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true"),
+        "landscape": ["landscape", str(run), "--what", "line", "--line-points", "2"],
+        "report": ["report", str(run)],
+    }[command]
     assert main(argv) == 2
     assert str(path) in one_line_error(capsys)
 
@@ -319,7 +458,9 @@ def test_resnet50_weights_that_are_not_a_torch_file(tmp_path):
 
     path = tmp_path / "resnet50.pth"
     path.write_text("<html>404</html>")
-    with pytest.raises(ValueError, match=f"{path} is not a torchvision resnet50 state_dict"):
+    with pytest.raises(
+        ValueError, match=f"{path} is not a torchvision resnet50 state_dict"
+    ):
         load_pretrained(torch.nn.Linear(1, 1), path)
 
 
@@ -332,9 +473,13 @@ def test_disk_full_is_one_line_leaves_no_temp_and_keeps_the_old_file(tmp_path):
     with pytest.raises(RunFileError) as info, atomic_output(target) as tmp:
         tmp.write_text("half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    assert str(info.value) == (f"cannot write {target}: No space left on device; free some space and run "
-                               "the same command again to continue")
-    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
+    assert str(info.value) == (
+        f"cannot write {target}: No space left on device; free some space and run "
+        "the same command again to continue"
+    )
+    assert target.read_text() == "old" and sorted(
+        p.name for p in target.parent.iterdir()
+    ) == ["result.json"]
 
 
 def test_torch_save_failure_leaves_no_temp(tmp_path, monkeypatch):
@@ -351,7 +496,9 @@ def test_torch_save_failure_leaves_no_temp(tmp_path, monkeypatch):
 def test_orphan_temp_files_and_the_lock_do_not_block_out(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    orphan = out / ".config.yaml.tmp-abcd1234.yaml"  # left by a process killed mid-write
+    orphan = (
+        out / ".config.yaml.tmp-abcd1234.yaml"
+    )  # left by a process killed mid-write
     orphan.write_text("half")
     (out / LOCK_NAME).write_text("")
     old_orphan = out / ".config.yaml.k2j4_x9a.yaml"  # the temp name before this fix
@@ -361,7 +508,9 @@ def test_orphan_temp_files_and_the_lock_do_not_block_out(tmp_path):
     assert not orphan.exists() and (out / "results.csv").is_file()
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+@pytest.mark.parametrize(
+    "umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)]
+)
 def test_files_follow_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:

@@ -59,8 +59,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         # rank 0 alone writes: it holds the --out lock for the whole run
         with run_directory(out) if world.main else contextlib.nullcontext():
-            run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty(),
-                           world=world)
+            run_experiment(cfg, out, download=args.download, argv=sys.argv,
+                           progress=sys.stderr.isatty(), world=world)
     except BaseException:
         world.close(finished=False)
         raise
@@ -70,25 +70,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
     from .lab.config import check_device
-    from .lab.files import run_directory
     from .report import compute_landscape
 
     if args.device is not None:
         check_device(args.device, "--device")
     what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what else None
-    with run_directory(args.run_dir, lock=False) if Path(args.run_dir).is_dir() else contextlib.nullcontext():
-        compute_landscape(args.run_dir, seed=args.seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
-                          margin=args.margin, line_points=args.line_points, rays=args.rays,
-                          ray_points=args.ray_points, ray_distance=args.ray_distance, rise=args.rise,
-                          device=args.device, threads=args.threads, progress=sys.stderr.isatty())
+    with _writing(args.run_dir):
+        compute_landscape(args.run_dir, seed=args.seed, sgd=args.sgd, swa=args.swa, what=what,
+                          grid=args.grid, margin=args.margin, line_points=args.line_points,
+                          rays=args.rays, ray_points=args.ray_points, ray_distance=args.ray_distance,
+                          rise=args.rise, device=args.device, threads=args.threads,
+                          progress=sys.stderr.isatty())
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def _writing(run_dir: str) -> contextlib.AbstractContextManager:
+    """Writes of ``swalab landscape``/``report`` stay inside the run directory (no lock: they only
+    add their own files); a missing directory is reported by the command itself."""
     from .lab.files import run_directory
+
+    return run_directory(run_dir, lock=False) if Path(run_dir).is_dir() else contextlib.nullcontext()
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    with run_directory(args.run_dir, lock=False) if Path(args.run_dir).is_dir() else contextlib.nullcontext():
+    with _writing(args.run_dir):
         build_report(args.run_dir, html_page=args.html)
     return 0
 
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if reported_by_rank0(err):  # under torchrun: the same error is printed once, by rank 0
             return 2
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        if isinstance(err, OSError) and err.filename is not None and not isinstance(err, FileNotFoundError):
-            message = f"{err.filename}: {err.strerror or err}"  # e.g. a full disk while reading data
+        if isinstance(err, OSError) and err.filename and not isinstance(err, FileNotFoundError):
+            message = f"{err.filename}: {err.strerror or err}"  # e.g. an unreadable data file
         print(f"swalab: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
         return 2

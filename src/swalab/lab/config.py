@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "PRESET_DIR",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -24,13 +25,12 @@ __all__ = [
     "ModelConfig",
     "PretrainConfig",
     "TrainConfig",
-    "PRESET_DIR",
     "apply_overrides",
     "check_device",
     "load_config",
     "parse_yaml",
-    "read_yaml",
     "preset_names",
+    "read_yaml",
     "to_dict",
 ]
 
@@ -128,7 +128,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("train.eval_every", t.eval_every, t.eval_every > 0, "> 0"),
         ("train.bn_batches", t.bn_batches, t.bn_batches is None or t.bn_batches > 0, "> 0 or null"),
         ("train.threads", t.threads, t.threads is None or t.threads > 0, ">= 1 or null"),
-        ("train.device", t.device, bool(t.device.strip()), "a device name (auto, cpu, cuda, cuda:1)"),
+        ("train.device", t.device, bool(t.device.strip()), "a device (auto, cpu, cuda, cuda:1)"),
         ("train.weight_decay", t.weight_decay, _finite(t.weight_decay) and t.weight_decay >= 0,
          ">= 0"),
         ("train.optimizer", t.optimizer, t.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
@@ -159,15 +159,18 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if not _path_component(m.label) or m.label in RESERVED_LABELS:
             shown = m.label if len(m.label) <= 40 else m.label[:40] + "..."
             what = f"not one of {RESERVED_LABELS}" if m.label in RESERVED_LABELS else SAFE_NAME
-            raise ConfigError(f"methods[{i}].label must be {what}, got {shown!r} ({len(m.label)} characters)")
+            raise ConfigError(f"methods[{i}].label must be {what}, "
+                              f"got {shown!r} ({len(m.label)} characters)")
         key = unicodedata.normalize("NFKC", m.label).casefold()
         if key in seen:
-            same = "more than once" if seen[key] == m.label else f"and {seen[key]!r} (the same folder name)"
+            same = ("more than once" if seen[key] == m.label
+                    else f"and {seen[key]!r} (the same folder name)")
             raise ConfigError(f"method labels must be unique, got {m.label!r} {same}")
         seen[key] = m.label
     for m in cfg.methods:
         if not (_finite(m.budget) and m.budget > 0):
-            raise ConfigError(f"methods.{m.label}.budget must be a finite number > 0, got {m.budget}")
+            raise ConfigError(f"methods.{m.label}.budget must be a finite number > 0, "
+                              f"got {m.budget}")
         if m.lr is not None and not (_finite(m.lr) and m.lr > 0):
             raise ConfigError(f"methods.{m.label}.lr must be a finite number > 0, got {m.lr}")
         if m.baseline and m.baseline not in labels:
@@ -175,7 +178,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         _check_finite(f"methods.{m.label}.options", m.options)
 
 
-SAFE_NAME = "a plain folder name (1-100 characters; no '/', '\\', control characters; not starting with '.')"
+SAFE_NAME = ("a plain folder name (1-100 characters; no '/', '\\', control characters; "
+             "not starting with '.')")
 RESERVED_LABELS = ("pretrain", "landscape", "report")  # folders of a run directory
 
 
@@ -199,8 +203,10 @@ def _check_option_types(cfg: ExperimentConfig) -> None:
     from ..data import DATASETS
     from ..models import MODELS
 
-    for key, registry, name, options in (("model.options", MODELS, cfg.model.name, cfg.model.options),
-                                         ("data.options", DATASETS, cfg.data.name, cfg.data.options)):
+    for key, registry, name, options in (
+        ("model.options", MODELS, cfg.model.name, cfg.model.options),
+        ("data.options", DATASETS, cfg.data.name, cfg.data.options),
+    ):
         if name not in registry:
             continue
         params = inspect.signature(registry.get(name)).parameters
@@ -217,13 +223,14 @@ def _check_option_types(cfg: ExperimentConfig) -> None:
             hints = {}
         for option, value in options.items():
             tp = hints.get(option)
-            scalar = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            scalar = typing.get_args(tp) if union else (tp,)
             if tp is not None and all(t in (bool, int, float, str, type(None)) for t in scalar):
                 _coerce(value, tp, f"{key}.{option}")
 
 
 def _check_finite(key: str, value: Any) -> None:
-    """Numbers anywhere in free-form options must be finite (``.nan``/``.inf`` are typos, not values)."""
+    """Numbers anywhere in free-form options must be finite (``.nan``, ``.inf`` are typos)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if isinstance(value, dict):
@@ -328,7 +335,8 @@ def check_device(name: str, key: str = "--device") -> Any:
         if count == 0:
             raise ConfigError(f"{key} {name!r}: no CUDA GPU is available here; use --device cpu")
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"{key} {name!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise ConfigError(f"{key} {name!r}: this machine has {count} CUDA device(s) "
+                              f"(cuda:0..cuda:{count - 1})")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{key} {name!r}: MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -342,7 +350,7 @@ def parse_yaml(text: str) -> Any:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; an unreadable, oversized or invalid file is a one-line error."""
+    """A YAML mapping from ``path``; an unreadable, oversized or invalid file: a one-line error."""
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"larger than {MAX_CONFIG_BYTES} bytes; is it a swalab config?")

@@ -10,7 +10,7 @@ how a file is written and read lives in one place:
 - inside a run directory opened with :func:`run_directory`, a write whose folders are symlinks
   (``sgd -> /elsewhere``) or that leads outside the directory is refused;
 - ``torch.load`` runs with ``weights_only=True``: a run file received from someone else cannot run
-  code (a pickled ``__reduce__`` is refused), and a file that fails to load is named with what to do;
+  code (a pickled ``__reduce__`` is refused); a file that fails to load is named with what to do;
 - :func:`run_directory` takes an advisory ``fcntl.flock`` lock so two processes never write one run.
 """
 
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 LOCK_NAME = ".swalab.lock"
-# Temporary files are ``.<name>.tmp-<8 random chars><suffix>`` (the suffix kept for savefig/np.savez).
+# Temporary files: ``.<name>.tmp-<8 random chars><suffix>`` (suffix kept for savefig/np.savez).
 _TEMP = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}(\.[^.]*)?$")
 _OLD_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[^.]*)?$")  # earlier temp names
 _ROOTS: list[str] = []  # run directories opened by run_directory() in this process
@@ -56,7 +56,11 @@ class RunFileError(ValueError):
 
 def is_scratch(name: str) -> bool:
     """Whether a file name is one of ours that holds no result: a temporary file or the lock file."""
-    return name == LOCK_NAME or _TEMP.match(name) is not None or _OLD_TEMP.match(name) is not None
+    return (
+        name == LOCK_NAME
+        or _TEMP.match(name) is not None
+        or _OLD_TEMP.match(name) is not None
+    )
 
 
 def holds_files(directory: Path) -> bool:
@@ -72,8 +76,11 @@ def _umask() -> int:
 
 def _write_error(path: Path, err: OSError) -> RunFileError:
     reason = err.strerror or str(err)
-    hint = ("; free some space and run the same command again to continue"
-            if err.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    hint = (
+        "; free some space and run the same command again to continue"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT)
+        else ""
+    )
     return RunFileError(f"cannot write {path}: {reason}{hint}")
 
 
@@ -88,17 +95,23 @@ def _check_inside(path: Path) -> None:
             continue
         relative = Path(os.path.relpath(target, root))
         if ".." in relative.parts or target == root:
-            raise RunFileError(f"refusing to write {path}: it is not a file inside the run directory {root}")
+            raise RunFileError(
+                f"refusing to write {path}: it is not a file inside the run directory {root}"
+            )
         folder = Path(root)
         for part in relative.parts[:-1]:
             folder = folder / part
             if folder.is_symlink():
-                raise RunFileError(f"refusing to write {path}: {folder} is a symlink; a run directory's "
-                                   "folders must be real folders (remove the link)")
+                raise RunFileError(
+                    f"refusing to write {path}: {folder} is a symlink; a run directory's "
+                    "folders must be real folders (remove the link)"
+                )
             with contextlib.suppress(FileExistsError):
                 folder.mkdir()
         return
-    raise RunFileError(f"refusing to write {path}: it is outside the run directory {_ROOTS[-1]}")
+    raise RunFileError(
+        f"refusing to write {path}: it is outside the run directory {_ROOTS[-1]}"
+    )
 
 
 @contextlib.contextmanager
@@ -115,7 +128,9 @@ def atomic_output(path: Path) -> Iterator[Path]:
     try:
         _check_inside(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix
+        )
         os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
         yield Path(tmp)
@@ -145,11 +160,17 @@ def atomic_save(obj: Any, path: Path) -> None:
     with atomic_output(path) as tmp:
         try:
             torch.save(obj, tmp)
-        except RuntimeError as err:  # torch's zip writer reports a failed write as a RuntimeError
+        except (
+            RuntimeError
+        ) as err:  # torch's zip writer reports a failed write as a RuntimeError
             space = os.statvfs(tmp.parent)
             if space.f_bavail * space.f_frsize < tmp.stat().st_size + (1 << 20):
-                raise _write_error(Path(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
-            raise RunFileError(f"cannot write {path}: {str(err).splitlines()[0]}") from None
+                raise _write_error(
+                    Path(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                ) from None
+            raise RunFileError(
+                f"cannot write {path}: {str(err).splitlines()[0]}"
+            ) from None
 
 
 def append_text(path: Path, text: str) -> None:
@@ -158,12 +179,16 @@ def append_text(path: Path, text: str) -> None:
     try:
         _check_inside(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666
+        )
         with os.fdopen(fd, "a") as f:
             f.write(text)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise RunFileError(f"refusing to write {path}: it is a symlink (remove it)") from None
+            raise RunFileError(
+                f"refusing to write {path}: it is a symlink (remove it)"
+            ) from None
         raise _write_error(path, err) from None
 
 
@@ -193,14 +218,18 @@ def load_torch(path: Path) -> Any:
         unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
         if unsupported:
-            reason = (f"it holds a pickled {unsupported.group(1)} (refused: a run file holds only "
-                      "tensors, numbers and strings)")
+            reason = (
+                f"it holds a pickled {unsupported.group(1)} (refused: a run file holds only "
+                "tensors, numbers and strings)"
+            )
         elif unpickler:
             reason = unpickler.group(1).strip()
         else:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             reason = lines[0] if lines else type(err).__name__
-        raise RunFileError(f"cannot load {path}: {reason}; {_redo_hint(path)}") from None
+        raise RunFileError(
+            f"cannot load {path}: {reason}; {_redo_hint(path)}"
+        ) from None
 
 
 def read_json(path: Path) -> Any:
@@ -211,7 +240,9 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as err:
-        raise RunFileError(f"cannot read {path}: {str(err).splitlines()[0]}; {_redo_hint(path)}") from None
+        raise RunFileError(
+            f"cannot read {path}: {str(err).splitlines()[0]}; {_redo_hint(path)}"
+        ) from None
 
 
 def _sweep(root: Path) -> None:
@@ -237,11 +268,19 @@ def run_directory(out: Path, *, lock: bool = True) -> Iterator[Path]:
         raise RunFileError("--out must be a directory path, got ''")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666) if lock else None
+        fd = (
+            os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            if lock
+            else None
+        )
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise RunFileError(f"refusing to open {out / LOCK_NAME}: it is a symlink (remove it)") from None
-        raise RunFileError(f"cannot write to --out {out}: {err.strerror or err}") from None
+            raise RunFileError(
+                f"refusing to open {out / LOCK_NAME}: it is a symlink (remove it)"
+            ) from None
+        raise RunFileError(
+            f"cannot write to --out {out}: {err.strerror or err}"
+        ) from None
     root = os.path.abspath(out)
     try:
         if fd is not None:
@@ -250,8 +289,10 @@ def run_directory(out: Path, *, lock: bool = True) -> Iterator[Path]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunFileError(f"{out} is in use by another swalab process (lock {out / LOCK_NAME}); "
-                                   "wait for it to finish, or choose another --out") from None
+                raise RunFileError(
+                    f"{out} is in use by another swalab process (lock {out / LOCK_NAME}); "
+                    "wait for it to finish, or choose another --out"
+                ) from None
             _sweep(out)
         _ROOTS.append(root)
         try:
