@@ -213,6 +213,30 @@ def test_symlinked_folder_inside_the_run_is_refused(run, tmp_path, capsys):
     assert "is a symlink" in one_line_error(capsys) and not any(elsewhere.rglob("*.*"))
 
 
+def test_symlinked_report_folder_is_refused(run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "report").symlink_to(elsewhere, target_is_directory=True)
+    assert main(["report", str(run)]) == 2
+    assert f"{run / 'report'} is a symlink" in one_line_error(capsys)
+    assert not any(elsewhere.iterdir())
+
+
+def test_run_files_that_are_not_regular_files_are_refused(run, capsys):
+    checkpoint = run / "swa" / "seed0" / "checkpoint.pt"
+    checkpoint.unlink()
+    checkpoint.symlink_to("/dev/zero")
+    (checkpoint.parent / "result.json").unlink()
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    assert f"cannot read {checkpoint}: not a regular file" in one_line_error(capsys)
+    config = run / "config.yaml"
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    checkpoint.unlink()
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    assert f"{config}: larger than 1048576 bytes" in one_line_error(capsys)
+
+
 # --- finding 3: labels and names stay inside --out, and are unique ------------------------------------
 
 

@@ -352,9 +352,11 @@ def parse_yaml(text: str) -> Any:
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from ``path``; an unreadable, oversized or invalid file: a one-line error."""
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        with path.open("rb") as f:  # bounded: a link to /dev/zero is not read forever
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"larger than {MAX_CONFIG_BYTES} bytes; is it a swalab config?")
-        data = parse_yaml(path.read_text())
+        data = parse_yaml(raw.decode())
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

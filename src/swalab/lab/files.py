@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,6 +202,20 @@ def _redo_hint(path: Path) -> str:
     return f"delete {path} to recompute it"
 
 
+def _check_regular(path: Path) -> None:
+    """A run file is a regular file: a FIFO or a link to ``/dev/zero`` would hang the reader."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise RunFileError(f"cannot read {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise RunFileError(
+            f"cannot read {path}: not a regular file; {_redo_hint(path)}"
+        )
+
+
 def load_torch(path: Path) -> Any:
     """Load a run file written by ``atomic_save`` onto the CPU, with ``weights_only=True``.
 
@@ -209,6 +224,7 @@ def load_torch(path: Path) -> Any:
     run code) is refused and the file named in a one-line error.
     """
     path = Path(path)
+    _check_regular(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -235,6 +251,7 @@ def load_torch(path: Path) -> Any:
 def read_json(path: Path) -> Any:
     """Parse a JSON run file; a corrupt one is named in a one-line error."""
     path = Path(path)
+    _check_regular(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
