@@ -477,6 +477,22 @@ def test_corrupt_predictions_npz_is_named(tmp_path, capsys):
     assert str(run / "landscape" / "predictions.npz") in one_line_error(capsys)
 
 
+def test_restart_run_retrains_a_run_with_a_bad_file(run, capsys):
+    args = tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")
+    expected = (run / "swa" / "seed0" / "result.json").read_text()
+    (run / "swa" / "seed0" / "result.json").write_text("{")
+    assert main(args) == 2
+    assert "run again with --restart-run swa" in one_line_error(capsys)
+    assert main([*args, "--restart-run", "nope"]) == 2
+    assert "--restart-run 'nope' is not a method label" in one_line_error(capsys)
+    assert main([*args, "--restart-run", "swa"]) == 0
+    retrained = json.loads((run / "swa" / "seed0" / "result.json").read_text())
+    old = json.loads(expected)
+    assert {k: v for k, v in retrained.items() if k != "seconds"} == {
+        k: v for k, v in old.items() if k != "seconds"
+    }  # the same run, trained again bit-identically on the CPU
+
+
 def test_resnet50_weights_that_are_not_a_torch_file(tmp_path):
     from swalab.models.resnet import load_pretrained
 

@@ -54,13 +54,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides, args.variant)
     check_device(cfg.train.device, "train.device")
+    labels = [m.label for m in cfg.methods]
+    for label in args.restart_run:
+        if label not in labels:
+            raise ValueError(f"--restart-run {label!r} is not a method label of this experiment "
+                             f"(labels: {', '.join(labels)})")
     out = Path(args.out) if args.out else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
     world = setup(cfg.train.batch_size, cfg.train.device, args.dist_timeout)  # one process unless under torchrun
     try:
         # rank 0 alone writes: it holds the --out lock for the whole run
         with run_directory(out) if world.main else contextlib.nullcontext():
             run_experiment(cfg, out, download=args.download, argv=sys.argv,
-                           progress=sys.stderr.isatty(), world=world)
+                           progress=sys.stderr.isatty(), world=world, restart=args.restart_run)
     except BaseException:
         world.close(finished=False)
         raise
@@ -116,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. train.lr=0.05 or methods.swa.options.swa_lr=0.02")
     p.add_argument("--variant", help="a preset variant, e.g. cpu or full")
     p.add_argument("--download", action="store_true", help="download datasets that are missing")
+    p.add_argument("--restart-run", action="append", default=[], metavar="LABEL",
+                   help="delete the runs of method LABEL (every seed) in --out and train them again, "
+                        "e.g. after an unreadable file; repeatable")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others to join (default: 60)")

@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ __all__ = [
     "is_scratch",
     "load_torch",
     "read_json",
+    "remove_tree",
     "run_directory",
 ]
 
@@ -198,7 +200,8 @@ def _redo_hint(path: Path) -> str:
     if path.parent.name == "pretrain":
         return f"delete {path} to pre-train that seed again"
     if path.parent.name.startswith("seed"):
-        return f"delete {path.parent} to retrain that run"
+        label = path.parent.parent.name
+        return f"run again with --restart-run {label} (or delete {path.parent}) to retrain that run"
     return f"delete {path} to recompute it"
 
 
@@ -260,6 +263,19 @@ def read_json(path: Path) -> Any:
         raise RunFileError(
             f"cannot read {path}: {str(err).splitlines()[0]}; {_redo_hint(path)}"
         ) from None
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder of a run directory (a symlink in its place is unlinked, never followed)."""
+    path = Path(path)
+    try:
+        _check_inside(path)
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+    except OSError as err:
+        raise RunFileError(f"cannot delete {path}: {err.strerror or err}") from None
 
 
 def _sweep(root: Path) -> None:

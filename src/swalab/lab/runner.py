@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -32,7 +32,7 @@ from ..data import load as load_data
 from .config import ConfigError, ExperimentConfig, read_yaml, to_dict
 from .distributed import World
 from .stats import primary_metric, summarize
-from .files import atomic_write_text, holds_files, read_json
+from .files import atomic_write_text, holds_files, read_json, remove_tree
 from .trainer import resolve_device, train_run
 
 __all__ = ["run_experiment", "format_table", "load_bundle", "read_results", "RESULT_FIELDS"]
@@ -102,8 +102,11 @@ def run_experiment(
     log: Callable[[str], None] = print,
     progress: bool = True,
     world: World = World(),
+    restart: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
+
+    ``restart``: method labels whose runs (every seed) are deleted first and trained again.
 
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
@@ -117,6 +120,8 @@ def run_experiment(
         except OSError as err:
             raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
         _check_out_dir(out, cfg)
+        for label in restart:  # after the config check: only runs of this same experiment
+            remove_tree(out / label)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         meta = dict(_meta(cfg, argv or sys.argv), processes=world.size)
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
