@@ -189,10 +189,10 @@ def test_check_jobs():
         ),
         pytest.param(
             ["--device", "cuda:3"],
-            "device 'cuda:3' does not exist",
+            "'cuda:3' does not exist",
             marks=pytest.mark.skipif(torch.cuda.device_count() > 3, reason="cuda:3 exists here"),
         ),
-        (["--device", "tpu"], "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["--device", "tpu"], "must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
         (
             ["--jobs", "2", "--set", "methods.swa.options.swa_start=500"],
             "swa_start must be an epoch in 1..30",
@@ -209,5 +209,6 @@ def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
 def test_cli_cuda_without_gpu_is_one_line(capsys, tmp_path):
     assert main(["run", "mnist1d", "--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
     assert capsys.readouterr().err == (
-        "swalab: error: device 'cuda' does not exist: no CUDA GPU is visible; use --device cpu\n"
+        "swalab: error: --device 'cuda' does not exist: no CUDA GPU is available here; "
+        "use --device cpu\n"
     )

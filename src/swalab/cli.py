@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import sys
 import textwrap
@@ -60,7 +61,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .lab.config import load_config
+    from .lab.devices import resolve_device
     from .lab.distributed import setup
+    from .lab.files import run_directory
     from .lab.runner import run_experiment
 
     overrides = list(args.set)
@@ -68,14 +71,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         overrides.append(f"seeds={list(range(args.seeds))}")
-    if args.device:
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out must be a directory path, got ''")
+    if args.device is not None:
+        resolve_device(args.device, "--device")
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides, args.variant)
+    resolve_device(cfg.train.device, "train.device")
+    labels = [m.label for m in cfg.methods]
+    for label in args.restart_run:
+        if label not in labels:
+            raise ValueError(f"--restart-run {label!r} is not a method label of this experiment "
+                             f"(labels: {', '.join(labels)})")
     out = Path(args.out) if args.out else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
     world = setup(cfg.train.batch_size, cfg.train.device, args.dist_timeout)  # one process unless under torchrun
     try:
-        run_experiment(cfg, out, download=args.download, argv=sys.argv, progress=sys.stderr.isatty(), world=world,
-                       jobs=args.jobs)
+        # rank 0 alone writes: it holds the --out lock for the whole run
+        with run_directory(out) if world.main else contextlib.nullcontext():
+            run_experiment(cfg, out, download=args.download, argv=sys.argv,
+                           progress=sys.stderr.isatty(), world=world, jobs=args.jobs,
+                           restart=args.restart_run)
     except BaseException:
         world.close(finished=False)
         raise
@@ -84,9 +99,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
+    from .lab.devices import resolve_device
     from .report import LandscapeOptions, compute_landscape
     from .report.rundir import RunDir
 
+    if args.device is not None:
+        resolve_device(args.device, "--device")
     what = [w.strip() for w in args.what.split(",") if w.strip()] if args.what else None
     if args.seed is None or args.seed == "all":
         seeds = RunDir(args.run_dir).cfg.seeds if args.seed == "all" else [None]
@@ -95,13 +113,14 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             seeds = [int(args.seed)]
         except ValueError:
             raise ValueError(f"--seed must be an integer or 'all', got {args.seed!r}") from None
-    for seed in seeds:
-        options = LandscapeOptions(seed=seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
-                                   margin=args.margin, line_points=args.line_points, rays=args.rays,
-                                   ray_points=args.ray_points, ray_distance=args.ray_distance,
-                                   rise=args.rise, device=args.device, threads=args.threads,
-                                   stack=args.stack)
-        compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
+    with _writing(args.run_dir):
+        for seed in seeds:
+            options = LandscapeOptions(seed=seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
+                                       margin=args.margin, line_points=args.line_points, rays=args.rays,
+                                       ray_points=args.ray_points, ray_distance=args.ray_distance,
+                                       rise=args.rise, device=args.device, threads=args.threads,
+                                       stack=args.stack)
+            compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
     return 0
 
 
@@ -112,11 +131,20 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writing(run_dir: str) -> contextlib.AbstractContextManager:
+    """Writes of ``swalab landscape``/``report`` stay inside the run directory (no lock: they only
+    add their own files); a missing directory is reported by the command itself."""
+    from .lab.files import run_directory
+
+    return run_directory(run_dir, lock=False) if Path(run_dir).is_dir() else contextlib.nullcontext()
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
-    build_report(args.run_dir, html_page=args.html, formats=formats)
+    with _writing(args.run_dir):
+        build_report(args.run_dir, html_page=args.html, formats=formats)
     return 0
 
 
@@ -143,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. train.lr=0.05 or methods.swa.options.swa_lr=0.02")
     p.add_argument("--variant", help="a preset variant, e.g. cpu or full")
     p.add_argument("--download", action="store_true", help="download datasets that are missing")
+    p.add_argument("--restart-run", action="append", default=[], metavar="LABEL",
+                   help="delete the runs of method LABEL (every seed) in --out and train them again, "
+                        "e.g. after an unreadable file; repeatable")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N (method, seed) runs at once, in N processes (default: 1)")
@@ -202,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"swalab: error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:
         if debug:
             raise
         from .lab.distributed import reported_by_rank0
@@ -210,5 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if reported_by_rank0(err):  # under torchrun: the same error is printed once, by rank 0
             return 2
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, OSError) and err.filename and not isinstance(err, FileNotFoundError):
+            message = f"{err.filename}: {err.strerror or err}"  # e.g. an unreadable data file
         print(f"swalab: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
         return 2

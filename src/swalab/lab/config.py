@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from .errors import ConfigError
 from .tracking import check_trackers
 
 __all__ = [
+    "PRESET_DIR",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -29,10 +32,11 @@ __all__ = [
     "ModelConfig",
     "PretrainConfig",
     "TrainConfig",
-    "PRESET_DIR",
     "apply_overrides",
     "load_config",
+    "parse_yaml",
     "preset_names",
+    "read_yaml",
     "to_dict",
 ]
 
@@ -96,6 +100,10 @@ class MethodConfig:
     lr: float | None = None  # this method's initial learning rate (default: train.lr)
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = self.method if self.budget == 1.0 else f"{self.method}-{self.budget:g}B"
+
 
 @dataclass
 class ExperimentConfig:
@@ -114,39 +122,121 @@ class ExperimentConfig:
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
+    t, p, d = cfg.train, cfg.pretrain, cfg.data
     checks = [
-        ("train.epochs", cfg.train.epochs, cfg.train.epochs > 0, "> 0"),
-        ("train.lr", cfg.train.lr, cfg.train.lr > 0, "> 0"),
-        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size > 0, "> 0"),
-        ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size > 0, "> 0"),
-        ("train.eval_every", cfg.train.eval_every, cfg.train.eval_every > 0, "> 0"),
-        ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, ">= 0"),
-        ("train.optimizer", cfg.train.optimizer, cfg.train.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
-        ("train.precision", cfg.train.precision, cfg.train.precision in PRECISIONS,
-         f"one of {', '.join(PRECISIONS)}"),
-        ("pretrain.epochs", cfg.pretrain.epochs, cfg.pretrain.epochs >= 0, ">= 0"),
-        ("pretrain.lr", cfg.pretrain.lr, cfg.pretrain.lr > 0, "> 0"),
-        ("pretrain.optimizer", cfg.pretrain.optimizer, cfg.pretrain.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
-        ("data.train_size", cfg.data.train_size, (cfg.data.train_size or 1) > 0, "> 0"),
-        ("data.test_size", cfg.data.test_size, (cfg.data.test_size or 1) > 0, "> 0"),
-        ("seeds", cfg.seeds, len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "distinct, at least one"),
+        ("name", cfg.name[:40], _path_component(cfg.name), SAFE_NAME),
+        ("train.epochs", t.epochs, t.epochs > 0, "> 0"),
+        ("train.lr", t.lr, _finite(t.lr) and t.lr > 0, "> 0"),
+        ("train.momentum", t.momentum, _finite(t.momentum) and 0 <= t.momentum < 1, "in [0, 1)"),
+        ("train.batch_size", t.batch_size, t.batch_size > 0, "> 0"),
+        ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size > 0, "> 0"),
+        ("train.eval_every", t.eval_every, t.eval_every > 0, "> 0"),
+        ("train.bn_batches", t.bn_batches, t.bn_batches is None or t.bn_batches > 0, "> 0 or null"),
+        ("train.threads", t.threads, t.threads is None or t.threads > 0, ">= 1 or null"),
+        ("train.device", t.device, bool(t.device.strip()), "a device (auto, cpu, cuda, cuda:1)"),
+        ("train.weight_decay", t.weight_decay, _finite(t.weight_decay) and t.weight_decay >= 0,
+         ">= 0"),
+        ("train.optimizer", t.optimizer, t.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("train.precision", t.precision, t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+        ("pretrain.epochs", p.epochs, p.epochs >= 0, ">= 0"),
+        ("pretrain.lr", p.lr, _finite(p.lr) and p.lr > 0, "> 0"),
+        ("pretrain.weight_decay", p.weight_decay, _finite(p.weight_decay) and p.weight_decay >= 0,
+         ">= 0"),
+        ("pretrain.optimizer", p.optimizer, p.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("data.train_size", d.train_size, d.train_size is None or d.train_size > 0, "> 0 or null"),
+        ("data.test_size", d.test_size, d.test_size is None or d.test_size > 0, "> 0 or null"),
+        ("data.root", d.root, bool(d.root), "a directory path"),
+        ("seeds", cfg.seeds, len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds),
+         "distinct, at least one"),
+        ("seeds", cfg.seeds, all(0 <= s < 2**31 for s in cfg.seeds), "in [0, 2**31)"),
         ("methods", len(cfg.methods), len(cfg.methods) > 0, "at least one method"),
     ]
     for key, value, ok, expected in checks:
         if not ok:
+            if isinstance(value, float) and not math.isfinite(value):
+                expected = f"a finite number {expected}"
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
     check_trackers(cfg.train.log, packages=False)  # names only: a report needs no tracker package
+    for key, options in (("data.options", d.options), ("model.options", cfg.model.options)):
+        _check_finite(key, options)
+    _check_option_types(cfg)
     labels = [m.label for m in cfg.methods]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise ConfigError(f"method labels must be unique, got {duplicates} more than once")
+    seen: dict[str, str] = {}
+    for i, m in enumerate(cfg.methods):
+        if not _path_component(m.label) or m.label in RESERVED_LABELS:
+            shown = m.label if len(m.label) <= 40 else m.label[:40] + "..."
+            what = f"not one of {RESERVED_LABELS}" if m.label in RESERVED_LABELS else SAFE_NAME
+            raise ConfigError(f"methods[{i}].label must be {what}, "
+                              f"got {shown!r} ({len(m.label)} characters)")
+        key = unicodedata.normalize("NFKC", m.label).casefold()
+        if key in seen:
+            same = ("more than once" if seen[key] == m.label
+                    else f"and {seen[key]!r} (the same folder name)")
+            raise ConfigError(f"method labels must be unique, got {m.label!r} {same}")
+        seen[key] = m.label
     for m in cfg.methods:
-        if m.budget <= 0:
-            raise ConfigError(f"methods.{m.label}.budget must be > 0, got {m.budget}")
-        if m.lr is not None and m.lr <= 0:
-            raise ConfigError(f"methods.{m.label}.lr must be > 0, got {m.lr}")
+        if not (_finite(m.budget) and m.budget > 0):
+            raise ConfigError(f"methods.{m.label}.budget must be a finite number > 0, "
+                              f"got {m.budget}")
+        if m.lr is not None and not (_finite(m.lr) and m.lr > 0):
+            raise ConfigError(f"methods.{m.label}.lr must be a finite number > 0, got {m.lr}")
         if m.baseline and m.baseline not in labels:
             raise ConfigError(f"methods.{m.label}.baseline must be a method label, got {m.baseline!r}")
+        _check_finite(f"methods.{m.label}.options", m.options)
+
+
+SAFE_NAME = ("a plain folder name (1-100 characters; no '/', '\\', control characters; "
+             "not starting with '.')")
+RESERVED_LABELS = ("pretrain", "landscape", "report")  # folders of a run directory
+
+
+def _path_component(name: str) -> bool:
+    """Whether ``name`` is one safe folder name: it cannot lead out of its parent or hide there."""
+    return (0 < len(name) <= 100 and name == name.strip() and not name.startswith(".")
+            and "/" not in name and "\\" not in name
+            and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def _check_option_types(cfg: ExperimentConfig) -> None:
+    """Model and data options must be parameters of their builder, and where the parameter is a
+    bool, int, float or str the value must be one (``bn: maybe`` is an error, not ``True``).
+    Unknown model and dataset names are reported where they are built (with suggestions)."""
+
+    from ..data import DATASETS
+    from ..models import MODELS
+
+    for key, registry, name, options in (
+        ("model.options", MODELS, cfg.model.name, cfg.model.options),
+        ("data.options", DATASETS, cfg.data.name, cfg.data.options),
+    ):
+        if name not in registry:
+            continue
+        try:
+            hints = typing.get_type_hints(registry.get(name))
+        except (NameError, TypeError):  # an annotation that does not resolve is not checked
+            hints = {}
+        for option, value in options.items():
+            tp = hints.get(option)
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            scalar = typing.get_args(tp) if union else (tp,)
+            if tp is not None and all(t in (bool, int, float, str, type(None)) for t in scalar):
+                _coerce(value, tp, f"{key}.{option}")
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """Numbers anywhere in free-form options must be finite (``.nan``, ``.inf`` are typos)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(f"{key}[{i}]", v)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -201,10 +291,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     if cls is MethodConfig and "method" not in kwargs:
         raise ConfigError(f"{prefix} needs a 'method'")
-    obj = cls(**kwargs)
-    if isinstance(obj, MethodConfig) and not obj.label:
-        obj.label = obj.method if obj.budget == 1.0 else f"{obj.method}-{obj.budget:g}B"
-    return obj
+    return cls(**kwargs)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -216,11 +303,40 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything near this size is not one
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases: ``*name`` is refused, so a few hundred bytes cannot
+    expand into millions of nodes (the "billion laughs" alias bomb)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases are not supported (*{event.anchor} at line "
+                              f"{event.start_mark.line + 1}); write the value out")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text to plain data with the safe loader, aliases refused."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; an unreadable, oversized or invalid file: a one-line error."""
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:  # bounded: a link to /dev/zero is not read forever
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"larger than {MAX_CONFIG_BYTES} bytes; is it a swalab config?")
+        data = parse_yaml(raw.decode())
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys")
     return data
@@ -263,7 +379,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
         raise ConfigError(f"--set expects key=value, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -292,7 +408,7 @@ def load_config(
             close = difflib.get_close_matches(source, preset_names(), n=3, cutoff=0.4)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"unknown preset {source!r}{hint} (see `swalab list`)")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     data.setdefault("name", path.stem)
     if variant is not None:
         variants = data.get("variants") or {}

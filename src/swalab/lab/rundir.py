@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from .files import append_text, atomic_save, atomic_write_text, load_torch, read_json
+from .config import read_yaml
+from .files import RunFileError, append_text, atomic_save, atomic_write_text, load_torch, read_json
 
 __all__ = ["RESULT_FIELDS", "RunDirectory", "RunFiles", "read_results"]
 
@@ -87,9 +88,12 @@ class RunFiles:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [
-            json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()
-        ]
+        path = self.metrics_path
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as err:
+            raise RunFileError(f"cannot read {path}: {str(err).splitlines()[0]}; delete {path.parent} "
+                               "to retrain that run") from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_text(self.metrics_path, _jsonl([record]))
@@ -154,7 +158,7 @@ class RunDirectory:
         """The config saved by an earlier ``swalab run`` as plain data, or None."""
         if not self.config_path.exists():
             return None
-        return yaml.safe_load(self.config_path.read_text()) or {}
+        return read_yaml(self.config_path)  # aliases refused, size bounded
 
     def write_config(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from .methods import recipe_of
 from .precision import Precision
 from .rundir import RunDirectory
 from .stats import primary_metric, summarize
+from .files import atomic_write_text, holds_files, remove_tree
 from .tracking import EpochReporter, check_trackers, open_trackers
 from .trainer import train_run
 
@@ -55,7 +56,7 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
     """
     out, old = layout.path, layout.saved_config()
     if old is None:
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and holds_files(out):
             raise ConfigError(f"{out} is not empty and holds no swalab run; choose another --out")
         return
     old, new = _identity(old), _identity(to_dict(cfg))
@@ -93,11 +94,13 @@ def run_experiment(
     progress: bool = True,
     world: World = World(),
     jobs: int = 1,
+    restart: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
 
     ``jobs > 1`` trains that many runs at once in worker processes (jobs.py); runs that raise are
-    reported by :class:`RunsFailed` after the others have finished.
+    reported by :class:`RunsFailed` after the others have finished. ``restart``: method labels
+    whose runs (every seed) are deleted first and trained again.
 
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
@@ -109,11 +112,13 @@ def run_experiment(
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"
-            probe.write_text("")
+            atomic_write_text(probe, "")  # never through a planted link
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
         _check_out_dir(layout, cfg)
+        for label in restart:  # after the config check: only runs of this same experiment
+            remove_tree(layout.path / label)
         layout.write_config(to_dict(cfg))
         layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
 

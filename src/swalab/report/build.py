@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..lab.files import atomic_write_text, read_json
+from ..lab.files import RunFileError, atomic_write_text, read_json
 from ..lab.methods import method_role
 from ..lab.stats import MethodSummary, primary_metric, summarize
 from . import export, figures
@@ -291,7 +291,12 @@ def _calibration(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
         blocks.append(Block("note", f"no final predictions in {path}; compute them with "
                                     f"`swalab landscape {run.path} --what predictions`"))
         return blocks
-    data = np.load(path)
+    try:
+        with np.load(path) as npz:  # allow_pickle=False: arrays only
+            data = {key: npz[key] for key in ("labels", "targets", "probs")}
+    except Exception as err:  # noqa: BLE001 - any failure to read it is a bad file
+        raise RunFileError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                           f"delete it and run `swalab landscape {run.path} --what predictions`") from None
     labels = [str(x) for x in data["labels"]]
     chosen = [label for label in (run.default_label("baseline"), run.default_label("average"), *ensembles) if label in labels]
     targets = torch.from_numpy(data["targets"])
@@ -328,9 +333,8 @@ def _times(run: RunDir, out: Path) -> list[Block]:
         blocks.append(Block("table", caption, header, rows, stem="table_run_times"))
     else:
         blocks.append(Block("note", "results.csv records no run times"))
-    meta_path = run.path / "meta.json"
-    if meta_path.is_file():
-        meta = read_json(meta_path)
+    meta = run.meta()
+    if meta:
         blocks.append(Block("table", "Environment (meta.json)", ["key", "value"],
                             export.environment(meta)))
     return blocks

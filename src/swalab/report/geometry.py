@@ -106,6 +106,16 @@ class LandscapeOptions:
             raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
         if self.stack < 1:
             raise ValueError(f"--stack must be >= 1, got {self.stack}")
+        for key, value, ok, expected in (
+            ("--margin", self.margin, math.isfinite(self.margin) and self.margin >= 0, "finite and >= 0"),
+            ("--rise", self.rise, math.isfinite(self.rise) and self.rise > 0, "finite and > 0"),
+            ("--ray-distance", self.ray_distance,
+             self.ray_distance is None or (math.isfinite(self.ray_distance) and self.ray_distance > 0),
+             "finite and > 0"),
+            ("--threads", self.threads, self.threads is None or self.threads >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise ValueError(f"{key} must be {expected}, got {value}")
 
 
 def compute_landscape(
@@ -223,6 +233,12 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _savez(path: Path, **arrays: Any) -> None:
+    """``np.savez`` through a temporary file and a rename (never through a planted link)."""
+    with atomic_output(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any]:

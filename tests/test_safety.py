@@ -1,0 +1,573 @@
+"""Issue 14: a run directory from someone else is safe to open, and bad input fails before work.
+
+Every test here fails on the code before the fix: pickled code runs on resume, writes follow planted
+symlinks, labels lead out of --out, files are created 0600, bad values train or crash late.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from swalab.cli import main
+from swalab.lab.config import ConfigError, load_config
+from swalab.lab.rundir import RunDirectory
+from swalab.lab.files import (
+    LOCK_NAME,
+    RunFileError,
+    append_text,
+    atomic_output,
+    atomic_save,
+    atomic_write_text,
+    holds_files,
+    load_torch,
+    run_directory,
+)
+
+TINY = [
+    "seeds=[0]",
+    "train.epochs=3",
+    "data.train_size=200",
+    "data.test_size=200",
+    "methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]",
+]
+
+
+def tiny_args(out: Path, *extra: str) -> list[str]:
+    args = ["run", "mnist1d", "--out", str(out)]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return args
+
+
+class Payload:
+    """An extra pickled object whose unpickling creates ``marker`` (stands in for any shell command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and err.startswith("swalab: error: ")
+        and "Traceback" not in err
+    ), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A real small run: pre-training cache, trajectories, SGD and SWA, every file of a run directory."""
+    out = tmp_path_factory.mktemp("safety") / "run"
+    assert main(tiny_args(out, "pretrain.epochs=1", "train.save_trajectory=true")) == 0
+    return out
+
+
+@pytest.fixture
+def run(finished, tmp_path) -> Path:
+    """A private copy of the finished run."""
+    return Path(shutil.copytree(finished, tmp_path / "run", symlinks=True))
+
+
+# --- finding 1: no code runs from a received run directory ----------------------------------------
+
+
+def test_every_file_of_a_real_run_loads_weights_only(finished):
+    names = sorted(str(p.relative_to(finished)) for p in finished.rglob("*.pt"))
+    trajectory = [f"trajectory/epoch{n:05d}.pt" for n in (1, 2, 3)]  # one file per epoch
+    assert names == ["pretrain/seed0.pt"] + [
+        f"{label}/seed0/{name}"
+        for label in ("sgd", "swa")
+        for name in ("checkpoint.pt", "final.pt", "init.pt", *trajectory)
+    ]
+    for name in names:
+        assert load_torch(finished / name) is not None
+    ckpt = load_torch(finished / "swa" / "seed0" / "checkpoint.pt")
+    assert (
+        ckpt["generator"].dtype == torch.uint8 and ckpt["optimizer"]["state"]
+    )  # RNG and optimizer state
+    assert len(RunDirectory(finished).run("swa", 0).trajectory()) == 3
+
+
+def test_malicious_checkpoint_does_not_run_on_resume(run, tmp_path, capsys):
+    """Done-when of issue 14: `swalab run` into a directory holding a malicious checkpoint."""
+    marker = tmp_path / "PWNED"
+    path = run / "swa" / "seed0" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "extra": Payload(marker)}, path)
+    (
+        path.parent / "result.json"
+    ).unlink()  # the run is unfinished: the next command resumes it
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    err = one_line_error(capsys)
+    assert (
+        str(path) in err
+        and "pickled io.open (refused" in err
+        and f"delete {path.parent}" in err
+    )
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["final.pt", "init.pt", "trajectory/epoch00001.pt"])
+def test_malicious_run_files_do_not_run_in_landscape(run, tmp_path, capsys, name):
+    marker = tmp_path / "PWNED"
+    path = run / "sgd" / "seed0" / name
+    torch.save({"weights": torch.zeros(2), "extra": Payload(marker)}, path)
+    what = {"final.pt": "line", "init.pt": "plane", "trajectory/epoch00001.pt": "plane"}[name]
+    assert (
+        main(
+            ["landscape", str(run), "--what", what, "--grid", "2", "--line-points", "2"]
+        )
+        == 2
+    )
+    assert str(path) in one_line_error(capsys) and not marker.exists()
+
+
+def test_malicious_pretrain_cache_is_refused(run, tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    torch.save({"extra": Payload(marker)}, run / "pretrain" / "seed0.pt")
+    shutil.rmtree(run / "sgd")  # sgd trains again from the cache
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    err = one_line_error(capsys)
+    assert (
+        "pretrain/seed0.pt" in err
+        and "pre-train that seed again" in err
+        and not marker.exists()
+    )
+
+
+# --- finding 2: no write goes through a symlink ---------------------------------------------------
+
+
+def test_atomic_writes_replace_a_planted_link_and_leave_its_target(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    import matplotlib.pyplot as plt
+
+    from swalab.report.figures import _save
+    from swalab.report.geometry import _savez
+
+    writers = {
+        "a.txt": lambda p: atomic_write_text(p, "new"),
+        "b.pt": lambda p: atomic_save({"w": torch.ones(1)}, p),
+        "c.npz": lambda p: _savez(p, x=np.ones(2)),
+        "d.png": lambda p: _save(plt.figure(), p),
+    }
+    for name, write in writers.items():
+        link = tmp_path / "run" / name
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(victim)
+        write(link)
+        assert (
+            victim.read_text() == "precious"
+            and not link.is_symlink()
+            and link.stat().st_size > 0
+        )
+    plt.close("all")
+    log = tmp_path / "run" / "log"
+    log.symlink_to(victim)
+    with pytest.raises(RunFileError, match=f"refusing to write {log}: it is a symlink"):
+        append_text(log, "x")
+    assert victim.read_text() == "precious"
+
+
+def test_report_does_not_write_through_planted_links(run, tmp_path):
+    assert main(["report", str(run), "--html"]) == 0
+    written = sorted(p for p in (run / "report").iterdir())
+    assert written
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for path in written:
+        path.unlink()
+        path.symlink_to(victim)
+    assert main(["report", str(run), "--html"]) == 0
+    assert victim.read_text() == "precious"
+    assert all(p.is_file() and not p.is_symlink() for p in written)
+
+
+def test_write_test_link_in_out_is_not_followed(run, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (run / ".write-test").symlink_to(victim)
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 0
+    assert victim.read_text() == "precious"
+
+
+def test_symlinked_folder_inside_the_run_is_refused(run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(run / "swa")
+    (run / "swa").symlink_to(elsewhere, target_is_directory=True)
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    assert "is a symlink" in one_line_error(capsys) and not any(elsewhere.rglob("*.*"))
+
+
+def test_symlinked_report_folder_is_refused(run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "report").symlink_to(elsewhere, target_is_directory=True)
+    assert main(["report", str(run)]) == 2
+    assert f"{run / 'report'} is a symlink" in one_line_error(capsys)
+    assert not any(elsewhere.iterdir())
+
+
+def test_run_files_that_are_not_regular_files_are_refused(run, capsys):
+    checkpoint = run / "swa" / "seed0" / "checkpoint.pt"
+    checkpoint.unlink()
+    checkpoint.symlink_to("/dev/zero")
+    (checkpoint.parent / "result.json").unlink()
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    assert f"cannot read {checkpoint}: not a regular file" in one_line_error(capsys)
+    config = run / "config.yaml"
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    checkpoint.unlink()
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    assert f"{config}: larger than 1048576 bytes" in one_line_error(capsys)
+
+
+# --- finding 3: labels and names stay inside --out, and are unique ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        "../ESCAPE",
+        "/abs/path",
+        "sgd/",
+        "a/b",
+        ".",
+        "..",
+        ".hidden",
+        "x\x00y",
+        "tab\there",
+        "x" * 101,
+        " sgd",
+        "a\\b",
+        "pretrain",
+        "report",
+    ],
+)
+def test_labels_are_single_safe_folder_names(label):
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.label must be"):
+        load_config(
+            "mnist1d", [f"methods=[{{method: sgd, label: {json.dumps(label)}}}]"]
+        )
+
+
+def test_traversal_label_writes_nothing_outside_out(tmp_path, capsys):
+    out = tmp_path / "deep" / "out"
+    code = main(tiny_args(out, "methods=[{method: sgd, label: ../../ESCAPE}]"))
+    assert code == 2 and "label must be" in one_line_error(capsys)
+    assert not (tmp_path / "ESCAPE").exists() and not out.exists()
+
+
+def test_absolute_name_without_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(
+            [
+                "run",
+                "mnist1d",
+                "--set",
+                f"name={tmp_path}/abs",
+                *[arg for item in TINY for arg in ("--set", item)],
+            ]
+        )
+        == 2
+    )
+    assert "name must be a plain folder name" in one_line_error(capsys)
+    assert not (tmp_path / "abs").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ("sgd/", r"methods\[1\]\.label must be a plain folder name"),
+        (
+            "SGD",
+            "labels must be unique, got 'SGD' and 'sgd' \\(the same folder name\\)",
+        ),
+        ("ｓｇｄ", "labels must be unique, got 'ｓｇｄ' and 'sgd'"),
+        ("sgd", "labels must be unique, got 'sgd' more than once"),
+    ],
+)
+def test_labels_unique_after_normalisation(other, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(
+            "mnist1d", [f"methods=[{{method: sgd}}, {{method: sgd, label: '{other}'}}]"]
+        )
+
+
+def test_ordinary_labels_still_accepted():
+    cfg = load_config(
+        "mnist1d",
+        [
+            (
+                "methods=[{method: sgd}, {method: swa, budget: 1.5}, "
+                "{method: swa, label: 'swa lr=0.05 (paper)'}]"
+            )
+        ],
+    )
+    assert [m.label for m in cfg.methods] == ["sgd", "swa-1.5B", "swa lr=0.05 (paper)"]
+
+
+# --- findings 5-7: every value checked before any work, one line, exit 2 ----------------------------
+
+
+ALIAS_BOMB = (
+    "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+    + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+        for p, c in zip("bcdefgh", "cdefghi")
+    )
+)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--device", "foo"],
+            "--device must be auto, cpu, cuda, cuda:N or mps, got 'foo'",
+        ),
+        (["--set", "train.device=foo"], "train.device must be auto, cpu, cuda"),
+        (["--set", "train.threads=0"], "train.threads must be >= 1 or null, got 0"),
+        (["--set", "data.train_size=0"], "data.train_size must be > 0 or null, got 0"),
+        (
+            ["--set", "train.weight_decay=.inf"],
+            "train.weight_decay must be a finite number >= 0, got inf",
+        ),
+        (
+            ["--set", "train.momentum=.nan"],
+            "train.momentum must be a finite number in [0, 1), got nan",
+        ),
+        (["--set", "train.epochs=2.5"], "train.epochs must be int, got 2.5"),
+        (
+            ["--set", "model.options.bn=maybe"],
+            "model.options.bn must be bool, got 'maybe'",
+        ),
+        (
+            ["--set", "methods.swa.budget=.inf"],
+            "budget must be a finite number > 0, got inf",
+        ),
+        (["--set", "methods.swa.lr=.nan"], "lr must be a finite number > 0, got nan"),
+        (
+            ["--set", "methods.swa.options.swa_lr=.nan"],
+            "methods.swa.options.swa_lr must be a finite number",
+        ),
+        (
+            ["--set", "methods=[{method: sgd, label: %s}]" % ("x" * 300)],
+            "label must be a plain folder name",
+        ),
+        (["--set", "train.augment=maybe"], "train.augment must be bool, got 'maybe'"),
+        (["--set", "seeds=[-1]"], "seeds must be in [0, 2**31)"),
+        (["--set", "x=[&a 1, *a]"], "YAML aliases are not supported"),
+        (
+            ["--set", "model.options.width=3"],
+            "unknown model.options ['width'] for model 'mnist1d_cnn'",
+        ),
+        (
+            ["--set", "data.options.noise=3"],
+            "unknown data.options ['noise'] for dataset 'mnist1d'",
+        ),
+    ],
+)
+def test_cli_bad_values_fail_before_any_work(extra, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "mnist1d", "--out", str(out), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert not out.exists()  # nothing written, nothing trained
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without a GPU"
+)
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_cli_cuda_without_a_gpu(device, tmp_path, capsys):
+    assert (
+        main(["run", "mnist1d", "--out", str(tmp_path / "out"), "--device", device])
+        == 2
+    )
+    assert "no CUDA GPU is available here" in one_line_error(capsys)
+
+
+def test_cli_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "mnist1d", "--out", ""]) == 2
+    assert "--out must be a directory path, got ''" in one_line_error(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 600
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        "YAML aliases are not supported" in one_line_error(capsys)
+        and not (tmp_path / "out").exists()
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ray-distance", "-1"], "--ray-distance must be finite and > 0, got -1.0"),
+        (["--margin", "nan"], "--margin must be finite and >= 0, got nan"),
+        (["--rise", "inf"], "--rise must be finite and > 0, got inf"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--device", "foo"], "--device must be auto, cpu, cuda"),
+    ],
+)
+def test_landscape_bad_options(finished, extra, message, capsys):
+    before = sorted(finished.rglob("*"))
+    assert main(["landscape", str(finished), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert sorted(finished.rglob("*")) == before
+
+
+# --- finding 6: a corrupt file is named in one line -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, command",
+    [
+        ("swa/seed0/checkpoint.pt", "run"),
+        ("swa/seed0/result.json", "run"),
+        ("config.yaml", "run"),
+        ("sgd/seed0/final.pt", "landscape"),
+        ("config.yaml", "report"),
+        ("swa/seed0/metrics.jsonl", "report"),
+    ],
+)
+def test_corrupt_run_file_is_named(run, name, command, capsys):
+    path = run / name
+    path.write_bytes(b"\x00garbage{")
+    if name.endswith("checkpoint.pt"):
+        (path.parent / "result.json").unlink()
+    argv = {
+        "run": tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true"),
+        "landscape": ["landscape", str(run), "--what", "line", "--line-points", "2"],
+        "report": ["report", str(run)],
+    }[command]
+    assert main(argv) == 2
+    assert str(path) in one_line_error(capsys)
+
+
+def test_corrupt_predictions_npz_is_named(tmp_path, capsys):
+    from test_report import make_run
+
+    run = make_run(tmp_path / "run")
+    (run / "landscape").mkdir()
+    (run / "landscape" / "landscape.json").write_text('{"seed": 0, "predictions": {}}')
+    (run / "landscape" / "predictions.npz").write_bytes(b"PK\x03\x04 not a zip")
+    assert main(["report", str(run)]) == 2
+    assert str(run / "landscape" / "predictions.npz") in one_line_error(capsys)
+
+
+def test_restart_run_retrains_a_run_with_a_bad_file(run, capsys):
+    args = tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")
+    expected = (run / "swa" / "seed0" / "result.json").read_text()
+    (run / "swa" / "seed0" / "result.json").write_text("{")
+    assert main(args) == 2
+    assert "run again with --restart-run swa" in one_line_error(capsys)
+    assert main([*args, "--restart-run", "nope"]) == 2
+    assert "--restart-run 'nope' is not a method label" in one_line_error(capsys)
+    assert main([*args, "--restart-run", "swa"]) == 0
+    retrained = json.loads((run / "swa" / "seed0" / "result.json").read_text())
+    old = json.loads(expected)
+    assert {k: v for k, v in retrained.items() if k != "seconds"} == {
+        k: v for k, v in old.items() if k != "seconds"
+    }  # the same run, trained again bit-identically on the CPU
+
+
+def test_resnet50_weights_that_are_not_a_torch_file(tmp_path):
+    from swalab.models.resnet import load_pretrained
+
+    path = tmp_path / "resnet50.pth"
+    path.write_text("<html>404</html>")
+    with pytest.raises(
+        ValueError, match=f"{path} is not a torchvision resnet50 state_dict"
+    ):
+        load_pretrained(torch.nn.Linear(1, 1), path)
+
+
+# --- finding 6-7: disk full, temp files, umask, the --out lock -----------------------------------
+
+
+def test_disk_full_is_one_line_leaves_no_temp_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "run" / "result.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RunFileError) as info, atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert str(info.value) == (
+        f"cannot write {target}: No space left on device; free some space and run "
+        "the same command again to continue"
+    )
+    assert target.read_text() == "old" and sorted(
+        p.name for p in target.parent.iterdir()
+    ) == ["result.json"]
+
+
+def test_torch_save_failure_leaves_no_temp(tmp_path, monkeypatch):
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RunFileError, match=f"cannot write {tmp_path / 'x.pt'}"):
+        atomic_save({}, tmp_path / "x.pt")
+    assert not any(tmp_path.iterdir())
+
+
+def test_orphan_temp_files_and_the_lock_do_not_block_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    orphan = (
+        out / ".config.yaml.tmp-abcd1234.yaml"
+    )  # left by a process killed mid-write
+    orphan.write_text("half")
+    (out / LOCK_NAME).write_text("")
+    old_orphan = out / ".config.yaml.k2j4_x9a.yaml"  # the temp name before this fix
+    old_orphan.write_text("half")
+    assert not holds_files(out)
+    assert main(tiny_args(out, "methods=[{method: sgd}]", "train.epochs=1")) == 0
+    assert not orphan.exists() and (out / "results.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)]
+)
+def test_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_save({"w": torch.ones(1)}, tmp_path / "b.pt")
+        append_text(tmp_path / "c.log", "x\n")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "b.pt", "c.log"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
+
+
+def test_second_process_on_the_same_out_exits_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    with run_directory(out):  # another process holds the lock (flock: per open file)
+        assert main(tiny_args(out)) == 2
+    assert "is in use by another swalab process" in one_line_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
