@@ -12,6 +12,7 @@ median of the per-round ratios sparse / dense (and the ratio of the fastest epoc
 disturbed by other load on a shared machine). The two paths' mean losses agree, which checks that
 they compute the same thing.
 """
+
 from __future__ import annotations
 
 import argparse

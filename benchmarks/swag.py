@@ -9,6 +9,7 @@ depend on the values), batch 100, Adam 1e-2, the MNIST-1D reference CNN (25 chan
 parameters) and a wider one (128 channels). Target (issue 3): one collection per epoch adds <= 10%
 to the epoch, and the state is exactly (2 + K) x the parameters: mean, sq_mean and K deviations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,7 @@ def measure(channels: int, repeats: int, device: torch.device) -> dict[str, floa
     }
 
 
-RSS_SCRIPT = """
+RSS_SCRIPT = f"""
 import torch
 from swalab.models.cnn import MNIST1DCNN
 from swalab.swag import SWAG
@@ -104,16 +105,18 @@ for _ in range(3):
 model = MNIST1DCNN(1, 40, 10, channels=512)
 param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 base = rss()
-swag = SWAG(model, max_num_models=%d)
-for _ in range(%d):
+swag = SWAG(model, max_num_models={K})
+for _ in range({K + 1}):
     swag.collect_model(model)
 print((rss() - base) / param_bytes)
-""" % (K, K + 1)
+"""
 
 
 def rss_ratio() -> float:
     """Resident memory added by a SWAG after K + 1 collections (wide model), x parameter bytes."""
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip())
 
 
@@ -126,22 +129,32 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} epochs and {10 * args.repeats} updates, K = {K}\n")
-    print("| model | params | epoch ms | SWA update ms (torch) | SWAG collect ms | SWAG / SWA "
-          "| SWAG % of epoch | SWAG sample ms | SWAG state / params |")
+    print(
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} epochs and {10 * args.repeats} updates, K = {K}\n"
+    )
+    print(
+        "| model | params | epoch ms | SWA update ms (torch) | SWAG collect ms | SWAG / SWA "
+        "| SWAG % of epoch | SWAG sample ms | SWAG state / params |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for label, channels in WIDTHS.items():
         r = results[label] = measure(channels, args.repeats, device)
-        print(f"| {label} | {r['params']:,} | {r['epoch']:.1f} | {r['swa']:.3f} ({r['torch_swa']:.3f}) "
-              f"| {r['swag']:.3f} | {r['swag'] / r['swa']:.1f}× | {100 * r['swag'] / r['epoch']:.2f}% "
-              f"| {r['sample']:.3f} | {r['memory']:.2f} |")
+        print(
+            f"| {label} | {r['params']:,} | {r['epoch']:.1f} | {r['swa']:.3f} ({r['torch_swa']:.3f}) "
+            f"| {r['swag']:.3f} | {r['swag'] / r['swa']:.1f}× | {100 * r['swag'] / r['epoch']:.2f}% "
+            f"| {r['sample']:.3f} | {r['memory']:.2f} |"
+        )
     if device.type == "cuda":
-        print("\nSWAG collect with the state on the CPU (`SWAG(model, device=\"cpu\")`), ms: "
-              + ", ".join(f"{label} {r['swag_cpu']:.3f}" for label, r in results.items()))
-    print(f"\nResident memory added by SWAG(K = {K}) of a 512-channel CNN after {K + 1} collections: "
-          f"{rss_ratio():.2f} × parameter bytes (state 2 + K = {2 + K}, plus 1 for the sampling copy `base`).")
+        print(
+            '\nSWAG collect with the state on the CPU (`SWAG(model, device="cpu")`), ms: '
+            + ", ".join(f"{label} {r['swag_cpu']:.3f}" for label, r in results.items())
+        )
+    print(
+        f"\nResident memory added by SWAG(K = {K}) of a 512-channel CNN after {K + 1} collections: "
+        f"{rss_ratio():.2f} × parameter bytes (state 2 + K = {2 + K}, plus 1 for the sampling copy `base`)."
+    )
 
 
 if __name__ == "__main__":

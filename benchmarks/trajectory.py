@@ -6,6 +6,7 @@ former ``trajectory.pt``, re-read and rewritten whole every epoch (I/O quadratic
 Each row times writing the weights after every one of E epochs (a state of P float32 values, a
 model of that size) into a fresh directory, median of the repeats; the ratio is old / new.
 """
+
 from __future__ import annotations
 
 import argparse

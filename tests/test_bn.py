@@ -1,4 +1,5 @@
 """Oracle tests for swalab.update_bn: running statistics against statistics computed by hand."""
+
 import os
 
 import pytest

@@ -3,6 +3,7 @@
 Needs Debian's ``chromium`` and ``chromium-driver`` (CI installs them) and ``selenium``; without
 chromium the test is skipped. The screenshot is kept as ``test-artifacts/report.png``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,39 +20,73 @@ from swalab.report import build_report, compute_landscape
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage",
-         "--window-size=1280,1000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+]
 
 
 def _small_run(out: Path) -> Path:
     """SGD, SWA and SWAG on MNIST-1D: 2 seeds of 5 epochs, trajectories kept, 3 averaged snapshots."""
-    cfg = load_config("mnist1d", [
-        "seeds=[0, 1]", "train.epochs=5", "train.save_trajectory=true", "train.threads=1",
-        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}},"
-        " {method: swag, options: {swa_lr: 0.05, swa_start: 3, n_samples: 3}}]",
-    ])
-    run_experiment(cfg, out, argv=["swalab", "run", "mnist1d", "(tests/test_browser.py)"], log=lambda _: None,
-                   progress=False)
+    cfg = load_config(
+        "mnist1d",
+        [
+            "seeds=[0, 1]",
+            "train.epochs=5",
+            "train.save_trajectory=true",
+            "train.threads=1",
+            "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}},"
+            " {method: swag, options: {swa_lr: 0.05, swa_start: 3, n_samples: 3}}]",
+        ],
+    )
+    run_experiment(
+        cfg,
+        out,
+        argv=["swalab", "run", "mnist1d", "(tests/test_browser.py)"],
+        log=lambda _: None,
+        progress=False,
+    )
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
 def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     torch.set_num_threads(1)
     run = _small_run(tmp_path / "run")
-    compute_landscape(run, grid=5, rays=2, ray_points=4, line_points=5, log=lambda _: None, progress=False)
-    compute_landscape(run, seed=1, what=["line", "rays", "ensemble", "bn"], rays=2, ray_points=4, line_points=5,
-                      log=lambda _: None, progress=False)  # the claims pair seeds 0 and 1
+    compute_landscape(
+        run, grid=5, rays=2, ray_points=4, line_points=5, log=lambda _: None, progress=False
+    )
+    compute_landscape(
+        run,
+        seed=1,
+        what=["line", "rays", "ensemble", "bn"],
+        rays=2,
+        ray_points=4,
+        line_points=5,
+        log=lambda _: None,
+        progress=False,
+    )  # the claims pair seeds 0 and 1
     report = build_report(run, html_page=True, formats=("png", "svg", "pdf"), log=lambda _: None)
     assert report["missing"] == []
     page = report["html"]
-    assert "http://" not in page.read_text() and "https://" not in page.read_text()  # nothing external
+    assert (
+        "http://" not in page.read_text() and "https://" not in page.read_text()
+    )  # nothing external
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -68,11 +103,15 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         tables = driver.find_elements("css selector", "table.results")
         assert tables, "no table"
         claims = tables[0].find_elements("css selector", "tbody tr")
-        assert [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims] == list("123456")
+        assert [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims] == list(
+            "123456"
+        )
         verdicts = [r.find_elements("tag name", "td")[5].text for r in claims]
         assert set(verdicts) <= {"supported", "contradicted", "undecided", "no input"}
         assert verdicts[4] == "no input"  # no fixed-LR ablation in this run
-        assert all(v != "no input" for i, v in enumerate(verdicts) if i != 4)  # both seeds have the pieces
+        assert all(
+            v != "no input" for i, v in enumerate(verdicts) if i != 4
+        )  # both seeds have the pieces
 
         # the results tables: one row per method, the paired difference of SWA to SGD
         rows = tables[1].find_elements("css selector", "tbody tr")
@@ -83,14 +122,23 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         captions = [t.find_element("tag name", "caption").text for t in tables]
         assert captions[-2:] == [
             "Wall-clock time of the runs (a resumed run: the time of its last process)",
-            "Environment (meta.json)"]
+            "Environment (meta.json)",
+        ]
         time_rows = tables[-2].find_elements("css selector", "tbody tr")
         first_cells = [r.find_elements("tag name", "td")[0].text for r in time_rows]
         assert first_cells == ["sgd", "swa", "swag", "all"]
         links = [a.get_attribute("href") for a in driver.find_elements("css selector", "p.files a")]
         names = [Path(link.removeprefix("file://")).name for link in links]
-        tables_in_order = ("claims", "test_accuracy", "test_loss", "test_ece", "solutions", "width",
-                           "ensemble", "run_times")
+        tables_in_order = (
+            "claims",
+            "test_accuracy",
+            "test_loss",
+            "test_ece",
+            "solutions",
+            "width",
+            "ensemble",
+            "run_times",
+        )
         assert names == [f"table_{t}.{ext}" for t in tables_in_order for ext in ("csv", "tex")]
         for link in links:
             text = Path(link.removeprefix("file://")).read_text()
@@ -100,39 +148,61 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
 
         # every figure decoded: as many images as the report has figures, each with a non-zero size
         images = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);")
-        expected = {"learning_curves", "lr_schedules", "line", "rays", "width", "plane", "snapshots", "reliability"}
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);"
+        )
+        expected = {
+            "learning_curves",
+            "lr_schedules",
+            "line",
+            "rays",
+            "width",
+            "plane",
+            "snapshots",
+            "reliability",
+        }
         assert {alt for alt, *_ in images} == expected
         assert len(images) == len(report["figures"])
         for alt, complete, width, height in images:
             assert complete and width > 0 and height > 0, f"figure {alt} did not decode"
         # each figure's SVG and PDF linked from its caption, and valid files of their kind
-        vector = [a.get_attribute("href")
-                  for a in driver.find_elements("css selector", "figcaption a")]
-        assert sorted(Path(v).name for v in vector) == sorted(f"{alt}.{ext}" for alt, *_ in images
-                                                              for ext in ("svg", "pdf"))
+        vector = [
+            a.get_attribute("href") for a in driver.find_elements("css selector", "figcaption a")
+        ]
+        assert sorted(Path(v).name for v in vector) == sorted(
+            f"{alt}.{ext}" for alt, *_ in images for ext in ("svg", "pdf")
+        )
         for v in vector:
             head = Path(v.removeprefix("file://")).read_bytes()[:200]
             assert head.startswith(b"%PDF-") if v.endswith(".pdf") else b"<svg" in head, v
         # an SVG figure renders in the browser too
         driver.get((page.parent / "plane.svg").as_uri())
-        box = driver.execute_script("const r = document.documentElement.getBoundingClientRect(); "
-                                    "return [r.width, r.height];")
+        box = driver.execute_script(
+            "const r = document.documentElement.getBoundingClientRect(); "
+            "return [r.width, r.height];"
+        )
         assert box[0] > 100 and box[1] > 100
         driver.get(page.as_uri())
 
-        overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
+        overflow = driver.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth;"
+        )
         assert overflow <= 0, f"the page is {overflow} px wider than the window"
 
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == [], f"console errors: {errors}"
 
         # a full-page screenshot, kept as a test artifact
-        size = driver.execute_script("return [document.documentElement.scrollWidth, "
-                                     "document.documentElement.scrollHeight];")
-        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1}})
+        size = driver.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight];"
+        )
+        shot = driver.execute_cdp_cmd(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1},
+            },
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "report.png").write_bytes(base64.b64decode(shot["data"]))
         driver.save_screenshot(str(ARTIFACTS / "report-top.png"))

@@ -99,10 +99,11 @@ def test_interval_and_verdicts_by_hand():
     )
     one = paired_verdict(Claim("x", "t", "s", "d"), {0: 5.0})
     assert one.verdict == "undecided" and one.low is None and "at least 2 seeds" in one.note
+
     # equivalence: inside the margin supported, outside contradicted, straddling undecided
-    eq = lambda d: (
-        paired_verdict(Claim("x", "t", "s", "d", margin=1.0), dict(zip(SEEDS, d))).verdict
-    )
+    def eq(d):
+        return paired_verdict(Claim("x", "t", "s", "d", margin=1.0), dict(zip(SEEDS, d))).verdict
+
     assert (eq([0.1, -0.1, 0.0]), eq([3.0, 3.1, 2.9]), eq([0.5, 1.5, 1.0])) == (
         "supported",
         "contradicted",
@@ -119,7 +120,10 @@ def test_seeds_to_decide_matches_power_tables():
     assert seeds_to_decide(0.0, 0.0) is None
     n = seeds_to_decide(0.3, 1.0)
     crit = scipy_stats.t.ppf(0.975, n - 1)
-    power = lambda k: scipy_stats.nct.sf(scipy_stats.t.ppf(0.975, k - 1), k - 1, 0.3 * math.sqrt(k))
+
+    def power(k):
+        return scipy_stats.nct.sf(scipy_stats.t.ppf(0.975, k - 1), k - 1, 0.3 * math.sqrt(k))
+
     assert power(n) >= 0.8 > power(n - 1) and crit > 0
     # equivalence within ±1 at mean 0, sd 1: sqrt(n) >= t_{.975,n-1} + t_{.8,n-1}:
     # n = 9: 3.000 < 2.306 + 0.889 = 3.195; n = 10: 3.162 >= 2.262 + 0.883 = 3.145

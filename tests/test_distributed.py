@@ -4,6 +4,7 @@ The end-to-end tests launch the real ``torchrun -m swalab run`` with 2 processes
 BatchNorm (an MLP on the 2-D toy regression), whose DDP run is the single-process run up to float rounding; the
 library-level tests run 2 ranks with ``torch.multiprocessing.spawn`` on loopback.
 """
+
 import json
 import os
 import signal
@@ -60,10 +61,23 @@ def _free_port() -> int:
 
 
 def _torchrun(config, out):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "swalab", "run", str(config), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "swalab",
+        "run",
+        str(config),
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _children(pid):
@@ -110,29 +124,47 @@ def test_sharded_batches_are_the_single_process_batches_split_over_ranks():
     split = Split(torch.arange(23.0).unsqueeze(1), torch.arange(23))
 
     def loader():
-        return BatchLoader(split, 6, shuffle=True, generator=torch.Generator().manual_seed(3), augment=_noise)
+        return BatchLoader(
+            split, 6, shuffle=True, generator=torch.Generator().manual_seed(3), augment=_noise
+        )
 
     single = list(loader())
     ranks = [list(ShardedBatches(loader(), World(rank=r, size=2))) for r in range(2)]
-    assert [len(r) for r in ranks] == [len(single)] * 2 == [len(ShardedBatches(loader(), World(0, 2)))] * 2
+    assert (
+        [len(r) for r in ranks]
+        == [len(single)] * 2
+        == [len(ShardedBatches(loader(), World(0, 2)))] * 2
+    )
     for b, (x, y) in enumerate(single):
         # contiguous slices of the same (augmented) global batch; the last one (5 samples) splits 2/3
         torch.testing.assert_close(torch.cat([ranks[0][b][0], ranks[1][b][0]]), x, rtol=0, atol=0)
         assert torch.equal(torch.cat([ranks[0][b][1], ranks[1][b][1]]), y)
     assert [len(r[-1][1]) for r in ranks] == [2, 3]
 
-    whole = [list(ShardedBatches(loader(), World(r, 2), whole_batches=True, max_batches=3)) for r in range(2)]
-    assert [[y.tolist() for _, y in w] for w in whole] == [[single[0][1].tolist(), single[2][1].tolist()],
-                                                           [single[1][1].tolist()]]
-    assert shard_batches(loader(), World()).__class__ is BatchLoader  # one process: the loader itself
+    whole = [
+        list(ShardedBatches(loader(), World(r, 2), whole_batches=True, max_batches=3))
+        for r in range(2)
+    ]
+    assert [[y.tolist() for _, y in w] for w in whole] == [
+        [single[0][1].tolist(), single[2][1].tolist()],
+        [single[1][1].tolist()],
+    ]
+    assert (
+        shard_batches(loader(), World()).__class__ is BatchLoader
+    )  # one process: the loader itself
 
 
 # --- bad input: one line, non-zero exit, no hang ---------------------------------------------------
 
 
 def _torchrun_env(monkeypatch, rank, world_size, port):
-    for key, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world_size,
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():
+    for key, value in {
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "WORLD_SIZE": world_size,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }.items():
         monkeypatch.setenv(key, str(value))
 
 
@@ -143,8 +175,10 @@ def test_batch_not_divisible_by_world_size_is_one_line(tmp_path, monkeypatch, ca
     args = ["run", "mnist1d", "--out", str(tmp_path / "out"), "--set", "train.batch_size=100"]
     assert main(args) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == ["swalab: error: train.batch_size 100 is the global batch and must be divisible by the number "
-                   "of processes 3; set train.batch_size to a multiple of 3 or change --nproc_per_node"]
+    assert err == [
+        "swalab: error: train.batch_size 100 is the global batch and must be divisible by the number "
+        "of processes 3; set train.batch_size to a multiple of 3 or change --nproc_per_node"
+    ]
     assert not (tmp_path / "out").exists()
     _torchrun_env(monkeypatch, 1, 3, _free_port())
     assert main(args) == 2
@@ -152,7 +186,9 @@ def test_batch_not_divisible_by_world_size_is_one_line(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("rank", [0, 1], ids=["alone-as-rank-0", "no-rank-0"])
-def test_unreachable_processes_fail_within_the_timeout_with_one_line(tmp_path, monkeypatch, capfd, rank):
+def test_unreachable_processes_fail_within_the_timeout_with_one_line(
+    tmp_path, monkeypatch, capfd, rank
+):
     from swalab.cli import main
 
     port = _free_port()
@@ -162,8 +198,10 @@ def test_unreachable_processes_fail_within_the_timeout_with_one_line(tmp_path, m
     assert time.monotonic() - start < 15
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith(f"swalab: error: process {rank} of 2 could not reach the others at "
-                             f"127.0.0.1:{port} within 1 s (--dist-timeout)")
+    assert err[0].startswith(
+        f"swalab: error: process {rank} of 2 could not reach the others at "
+        f"127.0.0.1:{port} within 1 s (--dist-timeout)"
+    )
     assert not dist.is_initialized()
 
 
@@ -196,7 +234,9 @@ def test_averaged_model_refuses_fsdp2_and_unwraps_ddp(one_process_group):
         swalab.AveragedModel(model)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 (FullyShardedDataParallel) needs an accelerator")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="FSDP1 (FullyShardedDataParallel) needs an accelerator"
+)
 def test_averaged_model_refuses_fsdp1(one_process_group):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -219,7 +259,9 @@ def _data():
 
 
 def _bn_loader(split):  # 70 samples in batches of 16: 5 batches, the last of 6
-    return BatchLoader(split, 16, shuffle=True, generator=torch.Generator().manual_seed(2), augment=_noise)
+    return BatchLoader(
+        split, 16, shuffle=True, generator=torch.Generator().manual_seed(2), augment=_noise
+    )
 
 
 def _rank_worker(rank, port, out):
@@ -239,7 +281,9 @@ def _rank_worker(rank, port, out):
     swa = swalab.AveragedModel(model)
     ema = swalab.AveragedModel(model, rule=swalab.EMA(0.9))
     swag, fge = swalab.SWAG(model, max_num_models=3), swalab.FGE()
-    loader = shard_batches(BatchLoader(split, 16, shuffle=True, generator=torch.Generator().manual_seed(4)), world)
+    loader = shard_batches(
+        BatchLoader(split, 16, shuffle=True, generator=torch.Generator().manual_seed(4)), world
+    )
     for x, y in loader:
         loss = global_batch_loss(task_of("classification"), net(x), y, world)
         optimizer.zero_grad()
@@ -250,8 +294,13 @@ def _rank_worker(rank, port, out):
             averaged.update_parameters(model)
         swag.collect_model(model)
         fge.collect(model)
-    state = {"swa": swa.state_dict(), "ema": ema.state_dict(), "swag": swag.state_dict(), "fge": fge.members,
-             "model": model.state_dict()}
+    state = {
+        "swa": swa.state_dict(),
+        "ema": ema.state_dict(),
+        "swag": swag.state_dict(),
+        "fge": fge.members,
+        "model": model.state_dict(),
+    }
     torch.save({"stats": stats, "outputs": outputs, "state": state}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
@@ -295,21 +344,29 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_
     from swalab.lab.runner import run_experiment
 
     config, ddp = two_process_run
-    run_experiment(load_config(str(config)), tmp_path / "single", progress=False, log=lambda text: None)
+    run_experiment(
+        load_config(str(config)), tmp_path / "single", progress=False, log=lambda text: None
+    )
     for method in METHODS:
         one, two = _final(tmp_path / "single", method), _final(ddp, method)
         assert one.keys() == two.keys()
         for key in one:
-            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=2e-6, msg=f"{method} {key}")
+            torch.testing.assert_close(
+                two[key], one[key], rtol=1e-5, atol=2e-6, msg=f"{method} {key}"
+            )
     rows = {(r["method"]): r for r in read_results(tmp_path / "single")}
     for row in read_results(ddp):
         for metric in METRICS:
-            assert float(row[metric]) == pytest.approx(float(rows[row["method"]][metric]), rel=1e-4), (row, metric)
+            assert float(row[metric]) == pytest.approx(
+                float(rows[row["method"]][metric]), rel=1e-4
+            ), (row, metric)
     assert json.loads((ddp / "meta.json").read_text())["processes"] == 2
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc"
+)
 def test_killed_two_process_run_resumes_to_the_same_result(two_process_run, tmp_path):
     from swalab.lab.rundir import read_results
 
@@ -336,4 +393,6 @@ def test_killed_two_process_run_resumes_to_the_same_result(two_process_run, tmp_
         one, two = _final(ddp, method), _final(out, method)
         assert all(torch.equal(one[k], two[k]) for k in one), method
     for a, b in zip(read_results(ddp), read_results(out)):
-        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }

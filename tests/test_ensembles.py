@@ -1,4 +1,5 @@
 """Oracle tests of swalab.ensembles: FGE collection, prediction averaging, soups, the ensemble view."""
+
 from __future__ import annotations
 
 import copy
@@ -50,7 +51,10 @@ def _bn_model(seed: int = 0) -> nn.Module:
 
 def _loader(seed: int = 0, n_batches: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(2 * torch.randn(10, 4, generator=gen) + 1, torch.randint(0, 3, (10,), generator=gen)) for _ in range(n_batches)]
+    return [
+        (2 * torch.randn(10, 4, generator=gen) + 1, torch.randint(0, 3, (10,), generator=gen))
+        for _ in range(n_batches)
+    ]
 
 
 def _train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -73,13 +77,17 @@ def test_fge_predict_averages_member_softmax_with_own_bn(on_disk: bool, tmp_path
         snapshots.append(copy.deepcopy(model).eval())
     assert len(fge) == 3
     if on_disk:
-        assert sorted(p.name for p in (tmp_path / "fge").iterdir()) == [f"member_{i:03d}.pt" for i in range(3)]
+        assert sorted(p.name for p in (tmp_path / "fge").iterdir()) == [
+            f"member_{i:03d}.pt" for i in range(3)
+        ]
     _train_step(model, loader[0])  # the template's own weights must come back after predict
     before = copy.deepcopy(model.state_dict())
 
     out = fge.predict(loader, model)
     with torch.no_grad():
-        expected = torch.stack([torch.cat([m(x).softmax(-1) for x, _ in loader]) for m in snapshots]).mean(0)
+        expected = torch.stack(
+            [torch.cat([m(x).softmax(-1) for x, _ in loader]) for m in snapshots]
+        ).mean(0)
     assert torch.allclose(out["probs"], expected, atol=1e-6)
     assert torch.equal(out["targets"], torch.cat([y for _, y in loader]))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -135,7 +143,9 @@ def test_uniform_and_weighted_soups_by_hand(tmp_path) -> None:
         weighted = weighted_soup(checkpoints, scores=[1.0, 3.0])  # weights 1/4, 3/4
         assert torch.allclose(weighted["w"], torch.tensor([2.5, 5.0])) and weighted["n"].item() == 5
     # softmax([0, ln 3]) = [1/4, 3/4]
-    tempered = weighted_soup(states, scores=[0.0, 2 * torch.log(torch.tensor(3.0)).item()], temperature=2.0)
+    tempered = weighted_soup(
+        states, scores=[0.0, 2 * torch.log(torch.tensor(3.0)).item()], temperature=2.0
+    )
     assert torch.allclose(tempered["w"], torch.tensor([2.5, 5.0]))
     assert states[0]["w"].tolist() == [1.0, 2.0]  # inputs untouched
 
@@ -148,7 +158,13 @@ def test_soup_keeps_half_precision_dtype() -> None:
 
 
 def test_greedy_soup_never_accepts_a_candidate_that_lowers_the_metric() -> None:
-    values = [1.2, 0.5, 3.0, 0.9, 0.9]  # the last one duplicates the first ingredient: equal, not better
+    values = [
+        1.2,
+        0.5,
+        3.0,
+        0.9,
+        0.9,
+    ]  # the last one duplicates the first ingredient: equal, not better
     states = [{"w": torch.tensor([v])} for v in values]
     history: list[float] = []
 
@@ -164,7 +180,7 @@ def test_greedy_soup_never_accepts_a_candidate_that_lowers_the_metric() -> None:
     assert result.ingredients == [3, 0]
     assert result.state_dict["w"].item() == pytest.approx(1.05)
     assert result.score == pytest.approx(-0.05)
-    soup_scores = history[len(values):]  # after the candidates' own scores
+    soup_scores = history[len(values) :]  # after the candidates' own scores
     assert soup_scores == pytest.approx([-0.1, -0.05, -0.4 / 3, -0.7])
     best = -0.1
     for score, accepted in zip(soup_scores, [False, True, False, False]):
@@ -176,7 +192,9 @@ def test_greedy_soup_never_accepts_a_candidate_that_lowers_the_metric() -> None:
 def test_greedy_soup_uses_given_scores_without_reevaluating() -> None:
     states = [{"w": torch.tensor([v])} for v in (0.0, 2.0)]
     calls = []
-    result = greedy_soup(states, lambda s: calls.append(s) or -abs(s["w"].item() - 1.0), scores=[-1.0, -1.0])
+    result = greedy_soup(
+        states, lambda s: calls.append(s) or -abs(s["w"].item() - 1.0), scores=[-1.0, -1.0]
+    )
     assert len(calls) == 1 and result.ingredients == [0, 1] and result.state_dict["w"].item() == 1.0
 
 
@@ -208,8 +226,12 @@ def test_ensemble_view_by_hand() -> None:
     p_ens = ((x @ w1.T).softmax(-1) + (x @ w2.T).softmax(-1)) / 2
     p_avg = (x @ average["weight"].T).softmax(-1)
     assert view["delta"] == pytest.approx(torch.linalg.vector_norm(w1 - w2).item() / 2)
-    assert view["agreement"] == pytest.approx((p_ens.argmax(-1) == p_avg.argmax(-1)).float().mean().item())
-    assert view["kl"] == pytest.approx((p_ens * (p_ens / p_avg).log()).sum(-1).mean().item(), rel=1e-5)
+    assert view["agreement"] == pytest.approx(
+        (p_ens.argmax(-1) == p_avg.argmax(-1)).float().mean().item()
+    )
+    assert view["kl"] == pytest.approx(
+        (p_ens * (p_ens / p_avg).log()).sum(-1).mean().item(), rel=1e-5
+    )
     same = ensemble_view([average, average], average, model, [(x, torch.zeros(3))])
     assert same == pytest.approx({"delta": 0.0, "agreement": 1.0, "kl": 0.0}, abs=1e-7)
 
@@ -219,7 +241,9 @@ def test_ensemble_predict_single_checkpoint_is_the_model() -> None:
     loader = _loader()
     out = ensemble_predict([model.state_dict()], model, loader)
     with torch.no_grad():
-        assert torch.allclose(out["probs"], torch.cat([model(x).softmax(-1) for x, _ in loader]), atol=1e-6)
+        assert torch.allclose(
+            out["probs"], torch.cat([model(x).softmax(-1) for x, _ in loader]), atol=1e-6
+        )
 
 
 def test_bad_input(tmp_path) -> None:
@@ -233,7 +257,9 @@ def test_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="unexpected key 'bias'"):
         weighted_soup([states[0], {**states[1], "bias": torch.zeros(1)}], [1, 1])
     with pytest.raises(ValueError, match="key 'w' has shape \\(3,\\)"):
-        greedy_soup([states[0], {"w": torch.zeros(3), "n": torch.tensor(1)}], lambda s: 0.0, scores=[1, 0])
+        greedy_soup(
+            [states[0], {"w": torch.zeros(3), "n": torch.tensor(1)}], lambda s: 0.0, scores=[1, 0]
+        )
     with pytest.raises(ValueError, match="scores"):
         weighted_soup(states, [1.0, -1.0])
     with pytest.raises(ValueError, match="2 checkpoints"):

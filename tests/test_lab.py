@@ -1,4 +1,5 @@
 """The laboratory: config checking, recipes against their schedules, resumable runs, CLI errors."""
+
 import json
 import shutil
 
@@ -17,7 +18,9 @@ from swalab.lab.trainer import train_run
 from swalab.schedules import swa_reference_lr
 
 TINY = [
-    "train.epochs=4", "train.eval_every=2", "seeds=[0, 1]",
+    "train.epochs=4",
+    "train.eval_every=2",
+    "seeds=[0, 1]",
     "methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]",
 ]
 
@@ -67,16 +70,30 @@ def test_every_preset_is_valid(preset):
         data_params = inspect.signature(DATASETS.get(cfg.data.name)).parameters
         assert set(cfg.data.options) <= set(data_params), cfg.data.options
         for m in cfg.methods:
-            build_recipe(m.method, m.options, lr=cfg.train.lr, budget_epochs=cfg.train.epochs,
-                         budget=m.budget, steps_per_epoch=3, model=nn.Linear(2, 2))
+            build_recipe(
+                m.method,
+                m.options,
+                lr=cfg.train.lr,
+                budget_epochs=cfg.train.epochs,
+                budget=m.budget,
+                steps_per_epoch=3,
+                model=nn.Linear(2, 2),
+            )
 
 
 # --- recipes -------------------------------------------------------------------------------
 
 
 def recipe(method, budget=1.0, epochs=10, **options):
-    return build_recipe(method, options, lr=0.1, budget_epochs=epochs, budget=budget,
-                        steps_per_epoch=2, model=nn.Linear(1, 1, bias=False))
+    return build_recipe(
+        method,
+        options,
+        lr=0.1,
+        budget_epochs=epochs,
+        budget=budget,
+        steps_per_epoch=2,
+        model=nn.Linear(1, 1, bias=False),
+    )
 
 
 def run_recipe(r):
@@ -139,7 +156,9 @@ def test_pswa_restarts_every_period_then_ordinary_swa():
 
 def test_sgd_step_schedule_divides_every_n_iterations():
     r = recipe("sgd", schedule="step", step_every=3, step_factor=4.0)
-    assert [r.lr(e, s) for e in range(3) for s in range(2)] == pytest.approx([0.1, 0.1, 0.1, 0.025, 0.025, 0.025])
+    assert [r.lr(e, s) for e in range(3) for s in range(2)] == pytest.approx(
+        [0.1, 0.1, 0.1, 0.025, 0.025, 0.025]
+    )
 
 
 def test_fge_collects_at_cycle_minimum():
@@ -157,11 +176,14 @@ def test_fge_collects_at_cycle_minimum():
     assert collected == [5, 7, 9]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"swa_start": 50}, r"swa_start must be an epoch in 1\.\.10, got 50"),
-    ({"swa_lr": 0.0}, "swa_lr must be > 0"),
-    ({"swa_rate": 0.1}, r"unknown option\(s\) \['swa_rate'\] for method 'swa'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"swa_start": 50}, r"swa_start must be an epoch in 1\.\.10, got 50"),
+        ({"swa_lr": 0.0}, "swa_lr must be > 0"),
+        ({"swa_rate": 0.1}, r"unknown option\(s\) \['swa_rate'\] for method 'swa'"),
+    ],
+)
 def test_bad_method_options(bad, message):
     with pytest.raises(ValueError, match=message):
         recipe("swa", **bad)
@@ -181,7 +203,9 @@ def mnist1d():
 
 
 def test_resumed_run_is_bit_identical(tmp_path, mnist1d):
-    cfg = load_config("mnist1d", ["train.epochs=4", "methods=[{method: swa, options: {swa_start: 2}}]"])
+    cfg = load_config(
+        "mnist1d", ["train.epochs=4", "methods=[{method: swa, options: {swa_start: 2}}]"]
+    )
     method = cfg.methods[0]
     full = train_run(cfg, method, 0, mnist1d, tmp_path / "full", torch.device("cpu"))
 
@@ -193,22 +217,39 @@ def test_resumed_run_is_bit_identical(tmp_path, mnist1d):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, method, 0, mnist1d, tmp_path / "cut", torch.device("cpu"), on_epoch=stop_after_two)
+        train_run(
+            cfg, method, 0, mnist1d, tmp_path / "cut", torch.device("cpu"), on_epoch=stop_after_two
+        )
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     resumed = train_run(cfg, method, 0, mnist1d, tmp_path / "cut", torch.device("cpu"))
     assert resumed.metrics == full.metrics
     a, b = torch.load(tmp_path / "full" / "final.pt"), torch.load(tmp_path / "cut" / "final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (
+        tmp_path / "cut" / "metrics.jsonl"
+    ).read_text()
 
 
 def test_experiment_writes_results_table_and_skips_finished_runs(tmp_path, capsys):
     cfg = load_config("mnist1d", TINY)
     rows = run_experiment(cfg, tmp_path / "run", progress=False)
     assert [(r["method"], r["seed"], r["status"]) for r in rows] == [
-        ("sgd", 0, "done"), ("swa", 0, "done"), ("sgd", 1, "done"), ("swa", 1, "done")]
+        ("sgd", 0, "done"),
+        ("swa", 0, "done"),
+        ("sgd", 1, "done"),
+        ("swa", 1, "done"),
+    ]
     saved = read_results(tmp_path / "run")
-    assert {"method", "seed", "budget", "epochs", "status", "train_loss", "test_loss", "test_accuracy"} <= set(saved[0])
+    assert {
+        "method",
+        "seed",
+        "budget",
+        "epochs",
+        "status",
+        "train_loss",
+        "test_loss",
+        "test_accuracy",
+    } <= set(saved[0])
     assert float(saved[1]["test_accuracy"]) == rows[1]["test_accuracy"]
     table = capsys.readouterr().out
     summary = summarize(saved, "test_accuracy")[1]
@@ -220,14 +261,28 @@ def test_experiment_writes_results_table_and_skips_finished_runs(tmp_path, capsy
     run_experiment(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "swa" / "seed0" / "result.json").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="holds started runs of sgd, swa with a different config"):
-        run_experiment(load_config("mnist1d", TINY + ["train.lr=0.05"]), tmp_path / "run", progress=False)
+        run_experiment(
+            load_config("mnist1d", TINY + ["train.lr=0.05"]), tmp_path / "run", progress=False
+        )
 
 
 def test_all_config_errors_are_named_at_once_and_nothing_runs(tmp_path, capsys):
     """The issue's example: an option value, an unknown option and a swa_start beyond the run,
     found before any run trains and before anything is written."""
-    argv = ["run", "mnist1d", "--seeds", "1", "--out", str(tmp_path / "out"), "--set", "train.epochs=8",
-            "--set", "methods.swa.options.swa_lr=abc", "--set", "methods.fge.options.cyc=2"]
+    argv = [
+        "run",
+        "mnist1d",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        "train.epochs=8",
+        "--set",
+        "methods.swa.options.swa_lr=abc",
+        "--set",
+        "methods.fge.options.cyc=2",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "3 config errors" in err and err.count("\n") == 1
@@ -240,36 +295,60 @@ def test_all_config_errors_are_named_at_once_and_nothing_runs(tmp_path, capsys):
 def test_changed_config_continues_for_unstarted_methods_only(tmp_path):
     out = tmp_path / "run"
     base = ["train.epochs=2", "seeds=[0]", "data.train_size=200", "data.test_size=100"]
-    run_experiment(load_config("mnist1d", base + ["methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]"]),
-                   out, progress=False, log=lambda text: None)
+    run_experiment(
+        load_config(
+            "mnist1d", base + ["methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]"]
+        ),
+        out,
+        progress=False,
+        log=lambda text: None,
+    )
     shutil.rmtree(out / "swa")  # swa has not started (as if the first run had stopped after sgd)
     sgd_result = (out / "sgd" / "seed0" / "result.json").stat().st_mtime_ns
     # swa's config changes and a new method is added: both run, sgd is kept
-    fixed = base + ["methods=[{method: sgd}, {method: swa, options: {swa_start: 1}}, {method: ema}]"]
+    fixed = base + [
+        "methods=[{method: sgd}, {method: swa, options: {swa_start: 1}}, {method: ema}]"
+    ]
     rows = run_experiment(load_config("mnist1d", fixed), out, progress=False, log=lambda text: None)
-    assert [r["method"] for r in rows] == ["sgd", "swa", "ema"] and all(r["status"] == "done" for r in rows)
+    assert [r["method"] for r in rows] == ["sgd", "swa", "ema"] and all(
+        r["status"] == "done" for r in rows
+    )
     assert (out / "sgd" / "seed0" / "result.json").stat().st_mtime_ns == sgd_result
     assert [r["method"] for r in read_results(out)] == ["sgd", "swa", "ema"]
     # changing a started method is refused, naming it
-    changed = base + ["methods=[{method: sgd, options: {schedule: constant}}, {method: swa, options: {swa_start: 1}}]"]
-    with pytest.raises(ConfigError, match=r"holds started runs of sgd with a different config \(their method"):
+    changed = base + [
+        "methods=[{method: sgd, options: {schedule: constant}}, {method: swa, options: {swa_start: 1}}]"
+    ]
+    with pytest.raises(
+        ConfigError, match=r"holds started runs of sgd with a different config \(their method"
+    ):
         run_experiment(load_config("mnist1d", changed), out, progress=False)
 
 
 def test_diverging_run_is_marked_and_others_go_on(tmp_path, capsys):
-    cfg = load_config("mnist1d", [
-        "train.epochs=2", "seeds=[0]", "data.name=friedman1", "data.options={}", "model.name=mlp",
-        "model.options={}", "train.lr=0.01",
-        # from the first step the cyclic LR climbs towards 1e8: MSE overflows within the epoch
-        "methods=[{method: swa, label: wild, options: {swa_start: 1, schedule: cyclic, swa_lr: 1.0e+8}}, {method: sgd}]",
-    ])
+    cfg = load_config(
+        "mnist1d",
+        [
+            "train.epochs=2",
+            "seeds=[0]",
+            "data.name=friedman1",
+            "data.options={}",
+            "model.name=mlp",
+            "model.options={}",
+            "train.lr=0.01",
+            # from the first step the cyclic LR climbs towards 1e8: MSE overflows within the epoch
+            "methods=[{method: swa, label: wild, options: {swa_start: 1, schedule: cyclic, swa_lr: 1.0e+8}}, {method: sgd}]",
+        ],
+    )
     rows = run_experiment(cfg, tmp_path / "run", progress=False)
     assert rows[0]["status"] == "diverged" and "wild seed 0: loss became" in rows[0]["message"]
     assert rows[1]["status"] == "done" and rows[1]["test_mse"] < 1.0
     assert "diverged: wild seed 0" in capsys.readouterr().out
     saved = read_results(tmp_path / "run")
     assert saved[0]["status"] == "diverged" and saved[0]["test_mse"] == ""
-    checkpoint = torch.load(tmp_path / "run" / "wild" / "seed0" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(
+        tmp_path / "run" / "wild" / "seed0" / "checkpoint.pt", weights_only=False
+    )
     assert "diverged" in checkpoint
     # a re-run reports the divergence again instead of retrying
     assert run_experiment(cfg, tmp_path / "run", progress=False)[0]["status"] == "diverged"
@@ -278,14 +357,23 @@ def test_diverging_run_is_marked_and_others_go_on(tmp_path, capsys):
 # --- CLI -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "mnist1"], "unknown preset 'mnist1'; did you mean 'mnist1d'"),
-    (["run", "mnist1d", "--set", "train.epochs"], "--set expects key=value"),
-    (["run", "mnist1d", "--set", "model.name=resnet5"], "unknown model 'resnet5'"),
-    (["run", "mnist1d", "--set", "data.name=cifar"], "unknown dataset 'cifar'; did you mean 'cifar10'"),
-    (["run", "mnist1d", "--set", "train.epochs=-1"], "train.epochs must be > 0, got -1"),
-    (["run", "mnist1d", "--set", "methods.swa.options.swa_start=500"], "swa_start must be an epoch in 1..30"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "mnist1"], "unknown preset 'mnist1'; did you mean 'mnist1d'"),
+        (["run", "mnist1d", "--set", "train.epochs"], "--set expects key=value"),
+        (["run", "mnist1d", "--set", "model.name=resnet5"], "unknown model 'resnet5'"),
+        (
+            ["run", "mnist1d", "--set", "data.name=cifar"],
+            "unknown dataset 'cifar'; did you mean 'cifar10'",
+        ),
+        (["run", "mnist1d", "--set", "train.epochs=-1"], "train.epochs must be > 0, got -1"),
+        (
+            ["run", "mnist1d", "--set", "methods.swa.options.swa_start=500"],
+            "swa_start must be an epoch in 1..30",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -293,9 +381,24 @@ def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
 
 
 def test_cli_missing_dataset_offline_names_path_and_flag(capsys, tmp_path):
-    code = main(["run", "mnist1d", "--out", str(tmp_path / "out"), "--set", "data.name=cifar10",
-                 "--set", f"data.root={tmp_path}/data", "--set", "data.options={}", "--set", "model.name=small_cnn",
-                 "--set", "model.options={}"])
+    code = main(
+        [
+            "run",
+            "mnist1d",
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "data.name=cifar10",
+            "--set",
+            f"data.root={tmp_path}/data",
+            "--set",
+            "data.options={}",
+            "--set",
+            "model.name=small_cnn",
+            "--set",
+            "model.options={}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path}/data" in err and "--download" in err
 
@@ -317,12 +420,15 @@ def test_cli_list_shows_presets_and_registries(capsys):
 def test_soup_methods_train_and_evaluate(tmp_path, mnist1d):
     """Every soup kind trains, scores its snapshots on the validation split and evaluates (the greedy
     rule itself is tested in test_ensembles.py)."""
-    cfg = load_config("mnist1d", [
-        "train.epochs=4",
-        "methods=[{method: soup, label: greedy, options: {swa_start: 2}},"
-        " {method: soup, label: weighted, options: {kind: weighted, swa_start: 2}},"
-        " {method: soup, label: uniform, options: {kind: uniform, swa_start: 2}}]",
-    ])
+    cfg = load_config(
+        "mnist1d",
+        [
+            "train.epochs=4",
+            "methods=[{method: soup, label: greedy, options: {swa_start: 2}},"
+            " {method: soup, label: weighted, options: {kind: weighted, swa_start: 2}},"
+            " {method: soup, label: uniform, options: {kind: uniform, swa_start: 2}}]",
+        ],
+    )
     for method in cfg.methods:
         result = train_run(cfg, method, 0, mnist1d, tmp_path / method.label, torch.device("cpu"))
         assert result.status == "done" and 0 < result.metrics["val_accuracy"] <= 100
@@ -336,7 +442,9 @@ def test_run_files_append_metrics_and_trajectory_without_rewriting(tmp_path):
     from swalab.lab.rundir import RunDirectory
 
     files = RunDirectory(tmp_path).run("swa", 3)
-    assert files.path == tmp_path / "swa" / "seed3" and not files.started and not files.has_trajectory
+    assert (
+        files.path == tmp_path / "swa" / "seed3" and not files.started and not files.has_trajectory
+    )
     files.append_metrics({"epoch": 1, "lr": 0.1})
     files.append_trajectory(1, {"w": torch.tensor([1.0])})
     first = (files.trajectory_dir / "epoch00001.pt").stat().st_mtime_ns

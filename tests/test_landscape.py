@@ -1,4 +1,5 @@
 """Oracle tests for swalab.landscape and ``swalab landscape``: known coordinates, closed forms, exact re-runs."""
+
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,8 @@ from torch import nn
 
 from swalab import update_bn
 from swalab.cli import main
+from swalab.lab.config import load_config
+from swalab.lab.runner import run_experiment
 from swalab.landscape import (
     LandscapeEvaluator,
     cross_entropy_stats,
@@ -27,8 +30,6 @@ from swalab.landscape import (
     segment,
     width,
 )
-from swalab.lab.config import load_config
-from swalab.lab.runner import run_experiment
 from swalab.report import compute_landscape
 from swalab.report.progress import Progress
 
@@ -45,8 +46,14 @@ def test_plane_by_hand():
     assert pl.dx == 4 and pl.dy == 2
     assert torch.equal(pl.u, torch.tensor([1.0, 0, 0], dtype=torch.float64))
     assert torch.equal(pl.v, torch.tensor([0.0, 1, 0], dtype=torch.float64))
-    assert pl.coordinates(w0) == (0, 0) and pl.coordinates(w2) == (4, 0) and pl.coordinates(w1) == (1, 2)
-    assert pl.distance(torch.tensor([3.0, -1, 4], dtype=torch.float64)) == 3  # 3 along e3 off the plane
+    assert (
+        pl.coordinates(w0) == (0, 0)
+        and pl.coordinates(w2) == (4, 0)
+        and pl.coordinates(w1) == (1, 2)
+    )
+    assert (
+        pl.distance(torch.tensor([3.0, -1, 4], dtype=torch.float64)) == 3
+    )  # 3 along e3 off the plane
     assert torch.equal(pl.point(0.25, 1.0), w1)
 
 
@@ -83,7 +90,9 @@ def test_grid_is_the_reference_linspace():
 def test_log_levels_crowd_at_the_minimum():
     values = np.array([[0.1, 0.5], [2.0, 9.0]])
     levels = log_levels(values, vmax=5.0, log_alpha=-5.0, n=7)
-    assert len(levels) == 8 and levels[0] == 0.1 and levels[-1] == 5.0  # the maximum clipped at vmax
+    assert (
+        len(levels) == 8 and levels[0] == 0.1 and levels[-1] == 5.0
+    )  # the maximum clipped at vmax
     assert np.all(np.diff(levels) > 0)
     gaps = levels[1:-1] - 0.1  # min + exp(log_alpha + k g): a geometric sequence
     gamma = (math.log(5.0 - 0.1) + 5.0) / 7
@@ -102,7 +111,11 @@ def test_progress_prints_plain_lines_with_eta():
     for _ in range(4):
         bar.advance()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("landscape: plane: 4/4 points") and lines[-1].endswith("ETA 0 s")
+    assert (
+        len(lines) == 4
+        and lines[-1].startswith("landscape: plane: 4/4 points")
+        and lines[-1].endswith("ETA 0 s")
+    )
     assert "ETA" in lines[0]
 
 
@@ -150,7 +163,10 @@ def half_square(output, y):
 
 def test_rays_on_a_quadratic_match_the_closed_form():
     g = torch.Generator().manual_seed(0)
-    c, h = torch.randn(20, generator=g, dtype=torch.float64), torch.rand(20, generator=g, dtype=torch.float64) + 0.5
+    c, h = (
+        torch.randn(20, generator=g, dtype=torch.float64),
+        torch.rand(20, generator=g, dtype=torch.float64) + 0.5,
+    )
     model = Quadratic(c, h).double()
     batches = [(torch.zeros(7, 1), torch.zeros(7)), (torch.zeros(3, 1), torch.zeros(3))]
     wd = 1e-2
@@ -163,7 +179,9 @@ def test_rays_on_a_quadratic_match_the_closed_form():
             w = c + float(t) * d
             out = evaluate(w)
             assert out["train_nll"] == pytest.approx(0.5 * t * t * curvature, rel=1e-12, abs=1e-15)
-            assert out["train_loss"] == pytest.approx(out["train_nll"] + 0.5 * wd * float(w @ w), rel=1e-12)
+            assert out["train_loss"] == pytest.approx(
+                out["train_nll"] + 0.5 * wd * float(w @ w), rel=1e-12
+            )
             assert math.isnan(out["train_error"])
             losses.append(out["train_nll"])
         rise = 0.5
@@ -177,7 +195,9 @@ def test_evaluator_recomputes_batchnorm_at_every_point():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     g = torch.Generator().manual_seed(1)
-    bn = [(torch.randn(8, 3, generator=g) * 2 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    bn = [
+        (torch.randn(8, 3, generator=g) * 2 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(3)
+    ]
     data = [(torch.randn(10, 3, generator=g), torch.randint(0, 2, (10,), generator=g))]
     evaluate = LandscapeEvaluator(model, bn, {"test": data}, cross_entropy_stats)
     w_a = flat_parameters(model)
@@ -193,7 +213,9 @@ def test_evaluator_recomputes_batchnorm_at_every_point():
     with torch.no_grad():
         out = reference(x)
     expected = evaluate(w_b)
-    assert expected["test_nll"] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-6)
+    assert expected["test_nll"] == pytest.approx(
+        nn.functional.cross_entropy(out, y).item(), rel=1e-6
+    )
     assert expected["test_error"] == pytest.approx(100 * out.argmax(1).ne(y).float().mean().item())
 
 
@@ -209,15 +231,26 @@ def test_stacked_evaluation_matches_point_by_point(bn):
     torch.manual_seed(0)
     model = create("mnist1d_cnn", (1, 40), 10, bn=bn)
     g = torch.Generator().manual_seed(3)
-    bn_batches = [(torch.randn(20, 1, 40, generator=g), torch.zeros(20, dtype=torch.long)) for _ in range(4)]
-    data = {name: [(torch.randn(50, 1, 40, generator=g), torch.randint(0, 10, (50,), generator=g))
-                   for _ in range(2)] for name in ("train", "test")}
+    bn_batches = [
+        (torch.randn(20, 1, 40, generator=g), torch.zeros(20, dtype=torch.long)) for _ in range(4)
+    ]
+    data = {
+        name: [
+            (torch.randn(50, 1, 40, generator=g), torch.randint(0, 10, (50,), generator=g))
+            for _ in range(2)
+        ]
+        for name in ("train", "test")
+    }
     w = flat_parameters(model)
     points = [w + 0.3 * d for d in random_directions(w.numel(), 7, g)]
-    stacked = LandscapeEvaluator(model, bn_batches, data, cross_entropy_stats, weight_decay=5e-4, stack=3)
+    stacked = LandscapeEvaluator(
+        model, bn_batches, data, cross_entropy_stats, weight_decay=5e-4, stack=3
+    )
     together = stacked.evaluate_many(points)  # chunks of 3, 3 and 1: both paths
-    one_by_one = [LandscapeEvaluator(model, bn_batches, data, cross_entropy_stats, 5e-4, stack=1)(p)
-                  for p in points]
+    one_by_one = [
+        LandscapeEvaluator(model, bn_batches, data, cross_entropy_stats, 5e-4, stack=1)(p)
+        for p in points
+    ]
     assert len(together) == len(one_by_one) == 7
     for a, b in zip(together, one_by_one):
         assert a.keys() == b.keys()
@@ -239,7 +272,9 @@ def test_load_flat_round_trip_and_checks():
     load_flat(model, w)
     assert model[0].weight.dtype == torch.float32
     assert torch.equal(flat_parameters(model), w)
-    assert torch.equal(flat_parameters(model.state_dict(), [n for n, _ in model.named_parameters()]), w)
+    assert torch.equal(
+        flat_parameters(model.state_dict(), [n for n, _ in model.named_parameters()]), w
+    )
     with pytest.raises(ValueError, match="26 parameters"):
         load_flat(model, torch.zeros(25))
 
@@ -252,11 +287,17 @@ def run_dir(tmp_path_factory) -> Path:
     """SGD, SWA and a greedy soup on MNIST-1D, one seed of 5 epochs, trajectories kept, SWA averaging
     epochs 3-5 (the soup scores its snapshots on the validation split, also when predictions are rebuilt)."""
     out = tmp_path_factory.mktemp("landscape") / "run"
-    cfg = load_config("mnist1d", [
-        "seeds=[0]", "train.epochs=5", "train.save_trajectory=true", "train.threads=1",
-        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}},"
-        " {method: soup, options: {swa_start: 3}}]",
-    ])
+    cfg = load_config(
+        "mnist1d",
+        [
+            "seeds=[0]",
+            "train.epochs=5",
+            "train.save_trajectory=true",
+            "train.threads=1",
+            "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 3}},"
+            " {method: soup, options: {swa_start: 3}}]",
+        ],
+    )
     run_experiment(cfg, out, log=lambda _: None, progress=False)
     return out
 
@@ -277,11 +318,19 @@ def test_line_endpoints_reproduce_the_runs(run_dir):
     assert summary["sgd"]["test_nll"] == pytest.approx(float(rows["sgd"]["test_loss"]), rel=0.1)
     data = np.load(run_dir / "landscape" / "line.npz")
     np.testing.assert_allclose(data["t"], [-0.5, 0, 0.5, 1, 1.5])
-    assert data["test_nll"][1] == summary["swa"]["test_nll"] and data["test_nll"][3] == summary["sgd"]["test_nll"]
+    assert (
+        data["test_nll"][1] == summary["swa"]["test_nll"]
+        and data["test_nll"][3] == summary["sgd"]["test_nll"]
+    )
     state = torch.load(run_dir / "sgd" / "seed0" / "final.pt")
-    weight_norm2 = sum(float(state[n].double().square().sum()) for n in state
-                       if not n.endswith(("running_mean", "running_var", "num_batches_tracked")))
-    assert summary["sgd"]["train_loss"] == pytest.approx(summary["sgd"]["train_nll"] + 0.5 * 5e-4 * weight_norm2)
+    weight_norm2 = sum(
+        float(state[n].double().square().sum())
+        for n in state
+        if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
+    assert summary["sgd"]["train_loss"] == pytest.approx(
+        summary["sgd"]["train_nll"] + 0.5 * 5e-4 * weight_norm2
+    )
     assert (run_dir / "landscape" / "line.png").stat().st_size > 0
 
 
@@ -305,15 +354,27 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
     assert snap["swa (all 3)"]["xy"] == pytest.approx(snap["average of the three"]["xy"], abs=1e-6)
     assert snap["average of the three"]["distance_to_plane"] == pytest.approx(0, abs=1e-6)
     e = s["ensemble"]
-    assert e["epochs"] == [3, 4, 5] and 0 < e["agreement"] <= 1 and e["delta"] > 0 and e["metric"] == "test error (%)"
+    assert (
+        e["epochs"] == [3, 4, 5]
+        and 0 < e["agreement"] <= 1
+        and e["delta"] > 0
+        and e["metric"] == "test error (%)"
+    )
     assert 100 - e["average"] == pytest.approx(float(results(run_dir)["swa"]["test_accuracy"]))
     rays = np.load(out / "rays.npz")
     assert rays["swa_train_loss"].shape == (2, 3)
-    assert np.all(rays["swa_train_loss"][:, 0] == rays["swa_train_loss"][0, 0])  # every ray starts at w_SWA
+    assert np.all(
+        rays["swa_train_loss"][:, 0] == rays["swa_train_loss"][0, 0]
+    )  # every ray starts at w_SWA
     rows = results(run_dir)
     for label, p in s["predictions"].items():  # the final predictions are rebuilt exactly
         assert p["test_accuracy"] == pytest.approx(float(rows[label]["test_accuracy"]))
-    assert set(json.loads((out / "landscape.json").read_text())) >= {"line", "rays", "plane", "snapshots"}
+    assert set(json.loads((out / "landscape.json").read_text())) >= {
+        "line",
+        "rays",
+        "plane",
+        "snapshots",
+    }
     for name in ("line", "rays", "width", "plane", "snapshots"):
         assert (out / f"{name}.png").stat().st_size > 0
 
@@ -323,8 +384,12 @@ def test_bn_piece_and_stacked_line(run_dir):
     SWA run's last iterate it is evaluated by hand here. The line comes out the same stacked or not."""
     s = compute_landscape(run_dir, what=["bn", "line"], line_points=5, **QUIET)
     rows = results(run_dir)
-    assert 100 - s["bn"]["recomputed"]["test_error"] == pytest.approx(float(rows["swa"]["test_accuracy"]))
-    assert s["bn"]["recomputed"]["test_nll"] == pytest.approx(float(rows["swa"]["test_loss"]), rel=1e-5)
+    assert 100 - s["bn"]["recomputed"]["test_error"] == pytest.approx(
+        float(rows["swa"]["test_accuracy"])
+    )
+    assert s["bn"]["recomputed"]["test_nll"] == pytest.approx(
+        float(rows["swa"]["test_loss"]), rel=1e-5
+    )
     final = torch.load(run_dir / "swa" / "seed0" / "final.pt")
     iterate = torch.load(run_dir / "swa" / "seed0" / "checkpoint.pt", weights_only=False)["model"]
     from swalab.data import load
@@ -332,7 +397,9 @@ def test_bn_piece_and_stacked_line(run_dir):
 
     bundle = load("mnist1d", seed=0, val_size=500)
     model = create("mnist1d_cnn", bundle.in_shape, bundle.num_outputs, bn=True)
-    model.load_state_dict({k: iterate[k] if "running" in k or "num_batches" in k else v for k, v in final.items()})
+    model.load_state_dict(
+        {k: iterate[k] if "running" in k or "num_batches" in k else v for k, v in final.items()}
+    )
     model.eval()
     with torch.no_grad():
         errors = model(bundle.test.x).argmax(1).ne(bundle.test.y).double().mean().item()
@@ -359,16 +426,24 @@ def one_line_error(capsys, argv: list[str]) -> str:
 def test_empty_foreign_and_missing_directories(tmp_path, capsys):
     assert "is empty" in one_line_error(capsys, ["landscape", str(tmp_path)])
     (tmp_path / "notes.txt").write_text("hello")
-    assert "holds no swalab run (no config.yaml)" in one_line_error(capsys, ["landscape", str(tmp_path)])
+    assert "holds no swalab run (no config.yaml)" in one_line_error(
+        capsys, ["landscape", str(tmp_path)]
+    )
     assert "does not exist" in one_line_error(capsys, ["landscape", str(tmp_path / "nope")])
     (tmp_path / "config.yaml").write_text("learning_rate: 3\n")
     assert "is not a swalab config" in one_line_error(capsys, ["landscape", str(tmp_path)])
 
 
 def test_bad_labels_seeds_and_pieces(run_dir, capsys):
-    assert "no method labelled 'adam'" in one_line_error(capsys, ["landscape", str(run_dir), "--sgd", "adam"])
-    assert "seed 7 is not among" in one_line_error(capsys, ["landscape", str(run_dir), "--seed", "7"])
-    assert "unknown landscape piece" in one_line_error(capsys, ["landscape", str(run_dir), "--what", "cube"])
+    assert "no method labelled 'adam'" in one_line_error(
+        capsys, ["landscape", str(run_dir), "--sgd", "adam"]
+    )
+    assert "seed 7 is not among" in one_line_error(
+        capsys, ["landscape", str(run_dir), "--seed", "7"]
+    )
+    assert "unknown landscape piece" in one_line_error(
+        capsys, ["landscape", str(run_dir), "--what", "cube"]
+    )
 
 
 def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
@@ -376,13 +451,35 @@ def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("landscape"))
     shutil.rmtree(copy / "swa" / "seed0" / "trajectory")
     err = one_line_error(capsys, ["landscape", str(copy), "--what", "snapshots"])
-    assert f"no trajectory in {copy / 'swa' / 'seed0'}" in err and "--set train.save_trajectory=true" in err
+    assert (
+        f"no trajectory in {copy / 'swa' / 'seed0'}" in err
+        and "--set train.save_trajectory=true" in err
+    )
     # by default the pieces that need it are skipped with that line, and the others are computed
     assert main(["landscape", str(copy), "--what", "line,snapshots"]) == 2
     capsys.readouterr()
-    assert main(["landscape", str(copy), "--grid", "2", "--rays", "1", "--ray-points", "2", "--line-points", "2"]) == 0
+    assert (
+        main(
+            [
+                "landscape",
+                str(copy),
+                "--grid",
+                "2",
+                "--rays",
+                "1",
+                "--ray-points",
+                "2",
+                "--line-points",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "skipped snapshots: no trajectory" in printed and "skipped ensemble: no trajectory" in printed
+    assert (
+        "skipped snapshots: no trajectory" in printed
+        and "skipped ensemble: no trajectory" in printed
+    )
     summary = json.loads((copy / "landscape" / "landscape.json").read_text())
     assert set(summary["skipped"]) == {"snapshots", "ensemble"} and "plane" in summary
     (copy / "sgd" / "seed0" / "final.pt").unlink()
@@ -398,8 +495,14 @@ def test_cyclic_swa_snapshots_are_the_epochs_the_recipe_averages(tmp_path):
     from swalab.report.geometry import _Sources
     from swalab.report.rundir import RunDir
 
-    cfg = load_config("mnist1d", ["train.epochs=10", "methods=[{method: sgd}, {method: swa, options: "
-                                  "{swa_start: 5, schedule: cyclic, cycle: 2, swa_lr: 0.01}}]"])
+    cfg = load_config(
+        "mnist1d",
+        [
+            "train.epochs=10",
+            "methods=[{method: sgd}, {method: swa, options: "
+            "{swa_start: 5, schedule: cyclic, cycle: 2, swa_lr: 0.01}}]",
+        ],
+    )
     RunDirectory(tmp_path).write_config(to_dict(cfg))
     job = _Sources(RunDir(tmp_path), 0, "sgd", "swa")
     assert job.averaged_epochs() == [6, 8, 10]

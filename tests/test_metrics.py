@@ -1,4 +1,5 @@
 """Oracle tests of swalab.metrics: hand-computed values and constructed calibrations."""
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,9 @@ from swalab.metrics import (
 )
 
 
-def _predictions(confidences: list[float], correct: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+def _predictions(
+    confidences: list[float], correct: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """3-class probabilities ``[c, (1-c)/2, (1-c)/2]`` (class 0 predicted) and targets 0 or 1."""
     c = torch.tensor(confidences, dtype=torch.float64)
     probs = torch.stack([c, (1 - c) / 2, (1 - c) / 2], 1)
@@ -58,7 +61,11 @@ def test_ece_zero_for_perfect_calibration_equal_mass() -> None:
     # Equal width, 4 bins: 0.5 in (0.25, 0.5], 0.75 in (0.5, 0.75], 1.0 in (0.75, 1].
     assert ece(probs[perm], targets[perm], n_bins=4, binning="width") == 0.0
     data = reliability_diagram(probs[perm], targets[perm], n_bins=3)
-    assert data == {"confidence": [0.5, 0.75, 1.0], "accuracy": [0.5, 0.75, 1.0], "count": [4.0, 4.0, 4.0]}
+    assert data == {
+        "confidence": [0.5, 0.75, 1.0],
+        "accuracy": [0.5, 0.75, 1.0],
+        "count": [4.0, 4.0, 4.0],
+    }
 
 
 def test_ece_hand_computed_miscalibrated() -> None:
@@ -99,7 +106,10 @@ def test_regression_metrics_by_hand() -> None:
     [
         (lambda: accuracy(torch.ones(3), torch.zeros(3)), r"\[N, C\]"),
         (lambda: nll(torch.ones(3, 2), torch.zeros(2, dtype=torch.long)), "targets"),
-        (lambda: ece(torch.ones(3, 2) / 2, torch.zeros(3, dtype=torch.long), binning="log"), "binning"),
+        (
+            lambda: ece(torch.ones(3, 2) / 2, torch.zeros(3, dtype=torch.long), binning="log"),
+            "binning",
+        ),
         (lambda: ece(torch.ones(3, 2) / 2, torch.zeros(3, dtype=torch.long), n_bins=0), "n_bins"),
         (lambda: mse(torch.ones(3), torch.ones(3, 1)), "shape"),
         (lambda: gaussian_nll(torch.ones(2), -torch.ones(2), torch.ones(2)), "negative"),

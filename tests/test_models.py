@@ -4,6 +4,7 @@ Parameter counts are compared with the literature: MNIST-1D CNN 5,210 (Greydanus
 PreResNet-164 on CIFAR-100 1.7M and basic-block ResNet-110 1.7M, ResNet-20 0.27M (He et al. 2016);
 WRN-28-10 36.5M (Zagoruyko & Komodakis 2016).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -142,8 +142,9 @@ def test_readme_own_model_example_runs_as_written(tmp_path):
     (tmp_path / "mine.yaml").write_text(config)
     # as the console script runs: the working directory is not on sys.path
     args = command.split()[1:]
-    script = (f"import sys; from swalab.cli import main; sys.path.remove(''); "
-              f"sys.exit(main({args!r}))")
+    script = (
+        f"import sys; from swalab.cli import main; sys.path.remove(''); sys.exit(main({args!r}))"
+    )
     env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script],

@@ -1,5 +1,6 @@
 """Oracle tests for ``swalab report``: the table against summarize() and hand-computed intervals,
 learning curves against the saved metrics, a self-contained HTML page, and bad input."""
+
 from __future__ import annotations
 
 import base64
@@ -26,23 +27,47 @@ EPOCHS = 4
 
 def make_run(path: Path, with_results: bool = True) -> Path:
     """A run directory as ``swalab run`` leaves it, written by hand with known numbers (no training)."""
-    cfg = load_config("mnist1d", ["seeds=[0, 1, 2]", f"train.epochs={EPOCHS}",
-                                  "methods=[{method: sgd}, {method: swa}, {method: swag}]"])
+    cfg = load_config(
+        "mnist1d",
+        [
+            "seeds=[0, 1, 2]",
+            f"train.epochs={EPOCHS}",
+            "methods=[{method: sgd}, {method: swa}, {method: swag}]",
+        ],
+    )
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (path / "meta.json").write_text(json.dumps({"command": ["swalab", "run", "mnist1d"], "torch": "x"}))
+    (path / "meta.json").write_text(
+        json.dumps({"command": ["swalab", "run", "mnist1d"], "torch": "x"})
+    )
     if not with_results:
         return path
     rows = []
     for seed in cfg.seeds:
         for label, name in (("sgd", "sgd"), ("swa", "swa"), ("swag", "swag")):
             acc = ACCURACY[label][seed]
-            rows.append({"method": label, "method_name": name, "baseline": "", "seed": seed, "budget": 1.0,
-                         "epochs": EPOCHS, "status": "done", "test_accuracy": acc, "test_loss": (100 - acc) / 30,
-                         "test_ece": 0.01 * (seed + 1)})
+            rows.append(
+                {
+                    "method": label,
+                    "method_name": name,
+                    "baseline": "",
+                    "seed": seed,
+                    "budget": 1.0,
+                    "epochs": EPOCHS,
+                    "status": "done",
+                    "test_accuracy": acc,
+                    "test_loss": (100 - acc) / 30,
+                    "test_ece": 0.01 * (seed + 1),
+                }
+            )
             records = []
             for epoch in range(1, EPOCHS + 1):
-                r = {"epoch": epoch, "lr": 0.1 / epoch, "train_loss": 1.0 / epoch, "test_accuracy": 10 * epoch + seed}
+                r = {
+                    "epoch": epoch,
+                    "lr": 0.1 / epoch,
+                    "train_loss": 1.0 / epoch,
+                    "test_accuracy": 10 * epoch + seed,
+                }
                 if label == "swa" and epoch >= 3:
                     r["avg_test_accuracy"] = 20 * epoch + seed
                 records.append(r)
@@ -70,7 +95,11 @@ def test_table_numbers_are_summarize_numbers(run):
     build_report(run, log=lambda _: None)
     markdown = (run / "report" / "report.md").read_text()
     rows = RunDir(run).results()
-    titles = {"test_accuracy": "test accuracy (%)", "test_loss": "test NLL", "test_ece": "test ECE (20 equal-mass bins)"}
+    titles = {
+        "test_accuracy": "test accuracy (%)",
+        "test_loss": "test NLL",
+        "test_ece": "test ECE (20 equal-mass bins)",
+    }
     assert [metric for metric, _, _ in results_tables(rows)] == list(titles)
     for metric, title in titles.items():
         got = table_rows(markdown, title)
@@ -91,12 +120,23 @@ def test_table_by_hand(run):
     build_report(run, log=lambda _: None)
     cells = table_rows((run / "report" / "report.md").read_text(), "test accuracy (%)")
     assert cells[0] == ["sgd", "3", "91.00 ± 1.00", "", "", "90.00", "91.00", "92.00"]
-    assert cells[1] == ["swa", "3", "92.00 ± 1.00", "sgd", "+1.00 [-1.48, +3.48]", "91.00", "93.00", "92.00"]
+    assert cells[1] == [
+        "swa",
+        "3",
+        "92.00 ± 1.00",
+        "sgd",
+        "+1.00 [-1.48, +3.48]",
+        "91.00",
+        "93.00",
+        "92.00",
+    ]
 
 
 def test_learning_curves_average_the_seeds(run):
     curves, schedules = learning_curves(RunDir(run), "test_accuracy")
-    np.testing.assert_allclose(curves["sgd"]["iterate"], [11, 21, 31, 41])  # 10 epoch + mean seed (1)
+    np.testing.assert_allclose(
+        curves["sgd"]["iterate"], [11, 21, 31, 41]
+    )  # 10 epoch + mean seed (1)
     assert "average" not in curves["sgd"]
     np.testing.assert_allclose(curves["swa"]["average"], [np.nan, np.nan, 61, 81])
     np.testing.assert_allclose(schedules["swag"][1], [0.1, 0.05, 0.1 / 3, 0.025])
@@ -141,7 +181,10 @@ def test_bad_directories(tmp_path, capsys):
     assert "is not a directory" in one_line_error(capsys, ["report", str(tmp_path / "file")])
     unfinished = make_run(tmp_path / "unfinished", with_results=False)
     err = one_line_error(capsys, ["report", str(unfinished)])
-    assert "no results in" in err and f"swalab run {unfinished / 'config.yaml'} --out {unfinished}" in err
+    assert (
+        "no results in" in err
+        and f"swalab run {unfinished / 'config.yaml'} --out {unfinished}" in err
+    )
 
 
 def test_cli_report(run, capsys):

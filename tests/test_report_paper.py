@@ -168,8 +168,7 @@ def test_report_formats_and_tables(tmp_path, capsys):
     markdown = report["markdown"].read_text()
     assert (
         "[CSV (full precision)](table_test_accuracy.csv) · "
-        "[LaTeX (booktabs)](table_test_accuracy.tex)"
-        in markdown
+        "[LaTeX (booktabs)](table_test_accuracy.tex)" in markdown
     )
     assert "[SVG](learning_curves.svg) [PDF](learning_curves.pdf)" in markdown
     assert (

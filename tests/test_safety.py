@@ -19,7 +19,6 @@ import torch
 
 from swalab.cli import main
 from swalab.lab.config import ConfigError, load_config
-from swalab.lab.rundir import RunDirectory
 from swalab.lab.files import (
     LOCK_NAME,
     RunFileError,
@@ -31,6 +30,7 @@ from swalab.lab.files import (
     load_torch,
     run_directory,
 )
+from swalab.lab.rundir import RunDirectory
 
 TINY = [
     "seeds=[0]",
@@ -60,11 +60,9 @@ class Payload:
 
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
-    assert (
-        err.count("\n") == 1
-        and err.startswith("swalab: error: ")
-        and "Traceback" not in err
-    ), err
+    assert err.count("\n") == 1 and err.startswith("swalab: error: ") and "Traceback" not in err, (
+        err
+    )
     return err
 
 
@@ -108,16 +106,10 @@ def test_malicious_checkpoint_does_not_run_on_resume(run, tmp_path, capsys):
     path = run / "swa" / "seed0" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
     torch.save({**ckpt, "extra": Payload(marker)}, path)
-    (
-        path.parent / "result.json"
-    ).unlink()  # the run is unfinished: the next command resumes it
+    (path.parent / "result.json").unlink()  # the run is unfinished: the next command resumes it
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
     err = one_line_error(capsys)
-    assert (
-        str(path) in err
-        and "pickled io.open (refused" in err
-        and f"delete {path.parent}" in err
-    )
+    assert str(path) in err and "pickled io.open (refused" in err and f"delete {path.parent}" in err
     assert not marker.exists()
 
 
@@ -127,12 +119,7 @@ def test_malicious_run_files_do_not_run_in_landscape(run, tmp_path, capsys, name
     path = run / "sgd" / "seed0" / name
     torch.save({"weights": torch.zeros(2), "extra": Payload(marker)}, path)
     what = {"final.pt": "line", "init.pt": "plane", "trajectory/epoch00001.pt": "plane"}[name]
-    assert (
-        main(
-            ["landscape", str(run), "--what", what, "--grid", "2", "--line-points", "2"]
-        )
-        == 2
-    )
+    assert main(["landscape", str(run), "--what", what, "--grid", "2", "--line-points", "2"]) == 2
     assert str(path) in one_line_error(capsys) and not marker.exists()
 
 
@@ -142,11 +129,7 @@ def test_malicious_pretrain_cache_is_refused(run, tmp_path, capsys):
     shutil.rmtree(run / "sgd")  # sgd trains again from the cache
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
     err = one_line_error(capsys)
-    assert (
-        "pretrain/seed0.pt" in err
-        and "pre-train that seed again" in err
-        and not marker.exists()
-    )
+    assert "pretrain/seed0.pt" in err and "pre-train that seed again" in err and not marker.exists()
 
 
 # --- finding 2: no write goes through a symlink ---------------------------------------------------
@@ -172,9 +155,7 @@ def test_atomic_writes_replace_a_planted_link_and_leave_its_target(tmp_path):
         link.symlink_to(victim)
         write(link)
         assert (
-            victim.read_text() == "precious"
-            and not link.is_symlink()
-            and link.stat().st_size > 0
+            victim.read_text() == "precious" and not link.is_symlink() and link.stat().st_size > 0
         )
     plt.close("all")
     log = tmp_path / "run" / "log"
@@ -263,9 +244,7 @@ def test_run_files_that_are_not_regular_files_are_refused(run, capsys):
 )
 def test_labels_are_single_safe_folder_names(label):
     with pytest.raises(ConfigError, match=r"methods\[0\]\.label must be"):
-        load_config(
-            "mnist1d", [f"methods=[{{method: sgd, label: {json.dumps(label)}}}]"]
-        )
+        load_config("mnist1d", [f"methods=[{{method: sgd, label: {json.dumps(label)}}}]"])
 
 
 def test_traversal_label_writes_nothing_outside_out(tmp_path, capsys):
@@ -307,9 +286,7 @@ def test_absolute_name_without_out_is_refused(tmp_path, capsys, monkeypatch):
 )
 def test_labels_unique_after_normalisation(other, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(
-            "mnist1d", [f"methods=[{{method: sgd}}, {{method: sgd, label: '{other}'}}]"]
-        )
+        load_config("mnist1d", [f"methods=[{{method: sgd}}, {{method: sgd, label: '{other}'}}]"])
 
 
 def test_ordinary_labels_still_accepted():
@@ -328,12 +305,9 @@ def test_ordinary_labels_still_accepted():
 # --- findings 5-7: every value checked before any work, one line, exit 2 ----------------------------
 
 
-ALIAS_BOMB = (
-    "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
-    + "".join(
-        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
-        for p, c in zip("bcdefgh", "cdefghi")
-    )
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" + "".join(
+    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+    for p, c in zip("bcdefgh", "cdefghi")
 )
 
 
@@ -398,10 +372,7 @@ def test_cli_bad_values_fail_before_any_work(extra, message, tmp_path, capsys):
 )
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_cli_cuda_without_a_gpu(device, tmp_path, capsys):
-    assert (
-        main(["run", "mnist1d", "--out", str(tmp_path / "out"), "--device", device])
-        == 2
-    )
+    assert main(["run", "mnist1d", "--out", str(tmp_path / "out"), "--device", device]) == 2
     assert "no CUDA GPU is available here" in one_line_error(capsys)
 
 
@@ -500,9 +471,7 @@ def test_resnet50_weights_that_are_not_a_torch_file(tmp_path):
 
     path = tmp_path / "resnet50.pth"
     path.write_text("<html>404</html>")
-    with pytest.raises(
-        ValueError, match=f"{path} is not a torchvision resnet50 state_dict"
-    ):
+    with pytest.raises(ValueError, match=f"{path} is not a torchvision resnet50 state_dict"):
         load_pretrained(torch.nn.Linear(1, 1), path)
 
 
@@ -519,9 +488,9 @@ def test_disk_full_is_one_line_leaves_no_temp_and_keeps_the_old_file(tmp_path):
         f"cannot write {target}: No space left on device; free some space and run "
         "the same command again to continue"
     )
-    assert target.read_text() == "old" and sorted(
-        p.name for p in target.parent.iterdir()
-    ) == ["result.json"]
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == [
+        "result.json"
+    ]
 
 
 def test_torch_save_failure_leaves_no_temp(tmp_path, monkeypatch):
@@ -538,9 +507,7 @@ def test_torch_save_failure_leaves_no_temp(tmp_path, monkeypatch):
 def test_orphan_temp_files_and_the_lock_do_not_block_out(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    orphan = (
-        out / ".config.yaml.tmp-abcd1234.yaml"
-    )  # left by a process killed mid-write
+    orphan = out / ".config.yaml.tmp-abcd1234.yaml"  # left by a process killed mid-write
     orphan.write_text("half")
     (out / LOCK_NAME).write_text("")
     old_orphan = out / ".config.yaml.k2j4_x9a.yaml"  # the temp name before this fix
@@ -550,9 +517,7 @@ def test_orphan_temp_files_and_the_lock_do_not_block_out(tmp_path):
     assert not orphan.exists() and (out / "results.csv").is_file()
 
 
-@pytest.mark.parametrize(
-    "umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)]
-)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_files_follow_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:

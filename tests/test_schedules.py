@@ -1,4 +1,5 @@
 """Schedules at named steps against the formulas of REFERENCE.md §1 and §2."""
+
 import math
 
 import pytest
@@ -54,7 +55,10 @@ def test_constant_and_average_every():
         (lambda: swalab.constant_lr(0.0), "lr must be > 0, got 0.0"),
         (lambda: swalab.sgd_reference_lr(-1, 10), "lr_init must be > 0"),
         (lambda: swalab.sgd_reference_lr(0.1, 0), "epochs must be a positive integer, got 0"),
-        (lambda: swalab.swa_reference_lr(0.1, 200, 0.05, epochs=150), r"swa_start must be <= epochs \(150\), got 200"),
+        (
+            lambda: swalab.swa_reference_lr(0.1, 200, 0.05, epochs=150),
+            r"swa_start must be <= epochs \(150\), got 200",
+        ),
         (lambda: swalab.swa_reference_lr(0.1, 10, 0.0), "swa_lr must be > 0"),
         (lambda: swalab.cyclic_lr(0.1, 0.01, 0), "cycle must be a positive integer"),
         (lambda: swalab.fge_lr(0.1, math.nan, 2), "a2 must be > 0"),
@@ -92,4 +96,6 @@ def test_swalr_is_torchs():
         optimizer.step()
         scheduler.step()
         lrs.append(optimizer.param_groups[0]["lr"])
-    assert lrs == pytest.approx([0.1, 0.075, 0.05, 0.05])  # linear anneal from 0.1 to swa_lr over 2 epochs
+    assert lrs == pytest.approx(
+        [0.1, 0.075, 0.05, 0.05]
+    )  # linear anneal from 0.1 to swa_lr over 2 epochs

@@ -1,4 +1,5 @@
 """Oracle tests of swalab.swag: moments vs numpy, sample covariance vs closed form, BMA, resuming."""
+
 from __future__ import annotations
 
 import copy
@@ -24,7 +25,9 @@ def _collect(swag: SWAG, model: nn.Module, thetas: np.ndarray) -> None:
 
 def _thetas(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, d)) * rng.uniform(0.1, 2.0, size=d) + rng.normal(size=d)).astype(np.float32)
+    return (rng.normal(size=(n, d)) * rng.uniform(0.1, 2.0, size=d) + rng.normal(size=d)).astype(
+        np.float32
+    )
 
 
 def test_moments_and_deviations_match_numpy() -> None:
@@ -37,7 +40,9 @@ def test_moments_and_deviations_match_numpy() -> None:
     running_means = np.cumsum(thetas, 0) / np.arange(1, 8)[:, None]
     deviations = thetas - running_means  # deviation from the mean updated with that model
     for n in range(7 - k, 7):  # the last K, model n in row n % K
-        np.testing.assert_allclose(swag.cov_mat_sqrt[n % k].numpy(), deviations[n], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            swag.cov_mat_sqrt[n % k].numpy(), deviations[n], rtol=1e-5, atol=1e-5
+        )
     assert swag.n_models == 7 and swag.rank == k
 
 
@@ -63,7 +68,10 @@ def test_sample_covariance_matches_closed_form(scale: float, cov: bool) -> None:
     sigma = scale * sigma
     gen = torch.Generator().manual_seed(0)
     samples = torch.stack(
-        [parameters_to_vector(swag.sample(scale, cov, generator=gen).parameters()) for _ in range(20000)]
+        [
+            parameters_to_vector(swag.sample(scale, cov, generator=gen).parameters())
+            for _ in range(20000)
+        ]
     ).double()
     assert torch.allclose(samples.mean(0), mean, atol=0.03 * sigma.diag().max().sqrt().item())
     assert torch.allclose(torch.cov(samples.T), sigma, atol=0.04 * sigma.abs().max().item())
@@ -97,8 +105,12 @@ def test_state_dict_round_trip_continues_the_ring_buffer() -> None:
     assert a.n_models == b.n_models == 5
     for key in ("mean", "sq_mean", "cov_mat_sqrt"):
         assert torch.equal(getattr(a, key), getattr(b, key))
-    sample_a = parameters_to_vector(a.sample(generator=torch.Generator().manual_seed(3)).parameters())
-    sample_b = parameters_to_vector(b.sample(generator=torch.Generator().manual_seed(3)).parameters())
+    sample_a = parameters_to_vector(
+        a.sample(generator=torch.Generator().manual_seed(3)).parameters()
+    )
+    sample_b = parameters_to_vector(
+        b.sample(generator=torch.Generator().manual_seed(3)).parameters()
+    )
     assert torch.equal(sample_a, sample_b)
 
 
@@ -109,7 +121,10 @@ def _bn_model() -> nn.Module:
 
 def _loader(n_batches: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 4, generator=gen) + 1, torch.randint(0, 3, (16,), generator=gen)) for _ in range(n_batches)]
+    return [
+        (torch.randn(16, 4, generator=gen) + 1, torch.randint(0, 3, (16,), generator=gen))
+        for _ in range(n_batches)
+    ]
 
 
 def _three_collected(model: nn.Module) -> SWAG:
@@ -149,9 +164,18 @@ def test_bma_with_predict_fn_and_a_bn_cap_matches_the_loader_pass() -> None:
     model = _bn_model()
     swag = _three_collected(model)
     train, test = _loader(seed=1), _loader(seed=2)
-    expected = bma_predict(swag, test, train[:2], n_samples=3, generator=torch.Generator().manual_seed(0))
-    out = bma_predict(swag, None, train, n_samples=3, generator=torch.Generator().manual_seed(0),
-                      predict_fn=lambda m: predict_outputs(m, test)[0].softmax(-1), max_bn_batches=2)
+    expected = bma_predict(
+        swag, test, train[:2], n_samples=3, generator=torch.Generator().manual_seed(0)
+    )
+    out = bma_predict(
+        swag,
+        None,
+        train,
+        n_samples=3,
+        generator=torch.Generator().manual_seed(0),
+        predict_fn=lambda m: predict_outputs(m, test)[0].softmax(-1),
+        max_bn_batches=2,
+    )
     assert torch.allclose(out["probs"], expected["probs"], atol=1e-7) and out["targets"] is None
 
 
@@ -168,7 +192,13 @@ def test_bma_regression_variance_of_a_linear_model() -> None:
     assert torch.equal(exact["var"], torch.zeros(6, 1))
 
     out = bma_predict(
-        swag, loader, n_samples=800, scale=1.0, cov=False, task="regression", generator=torch.Generator().manual_seed(6)
+        swag,
+        loader,
+        n_samples=800,
+        scale=1.0,
+        cov=False,
+        task="regression",
+        generator=torch.Generator().manual_seed(6),
     )
     var = swag.sq_mean - swag.mean**2
     expected = x**2 @ var[:4] + var[4]
@@ -191,7 +221,9 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="another architecture.*'weight'"):
         swag.collect_model(nn.Linear(4, 2))
     with pytest.raises(ValueError, match="missing key '1.weight'"):
-        SWAG(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))).collect_model(nn.Sequential(nn.Linear(4, 3)))
+        SWAG(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))).collect_model(
+            nn.Sequential(nn.Linear(4, 3))
+        )
     with pytest.raises(ValueError, match="no_cov_mat"):
         SWAG(model, no_cov_mat=True).sample(cov=True)
     with pytest.raises(ValueError, match="max_num_models"):

@@ -1,4 +1,5 @@
 """The Task objects against hand-computed values: loss, counts, predictions, metrics, scores."""
+
 import math
 
 import pytest
@@ -23,7 +24,9 @@ def test_classification_by_hand():
 
 def test_node_classification_ignores_padding():
     task = task_of("node_classification")
-    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, -5.0]]])  # one graph, the second node padded
+    logits = torch.tensor(
+        [[[0.0, math.log(3.0)], [5.0, -5.0]]]
+    )  # one graph, the second node padded
     y = torch.tensor([[1, -1]])
     assert task.loss(logits, y).item() == pytest.approx(math.log(4 / 3))
     assert task.count(y).item() == 1

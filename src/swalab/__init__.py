@@ -5,11 +5,13 @@ A drop-in for ``torch.optim.swa_utils`` (``AveragedModel``, ``SWALR``, ``update_
 state, the SWA and FGE learning-rate schedules, BatchNorm recomputation for any batch format,
 SWAG, FGE ensembles, model soups and calibration metrics.
 """
+
+from . import metrics
 from .averaging import (
     EMA,
     SWA,
-    AverageState,
     AveragedModel,
+    AverageState,
     AveragingRule,
     get_ema_avg_fn,
     get_ema_multi_avg_fn,
@@ -17,7 +19,6 @@ from .averaging import (
     get_swa_multi_avg_fn,
     restart_from_average,
 )
-from . import metrics
 from .bn import update_bn
 from .ensembles import (
     FGE,

@@ -5,6 +5,7 @@ recomputed with one pass over the training data: running mean/variance are reset
 layer uses ``momentum=None`` (PyTorch's cumulative average), which gives the average of the
 per-batch statistics over the pass — exactly ``torch.optim.swa_utils.update_bn``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -145,7 +146,7 @@ def _all_reduce_statistics(modules: list[_BatchNorm]) -> None:
     for m in tracked:
         c = m.running_mean.numel()
         total = flat[offset + 2 * c]
-        m.running_mean.copy_(flat[offset:offset + c] / total)
-        m.running_var.copy_(flat[offset + c:offset + 2 * c] / total)
+        m.running_mean.copy_(flat[offset : offset + c] / total)
+        m.running_var.copy_(flat[offset + c : offset + 2 * c] / total)
         m.num_batches_tracked.copy_(total.round().long())
         offset += 2 * c + 1

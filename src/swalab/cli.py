@@ -1,17 +1,18 @@
 """``swalab`` command line: list presets and registries, run experiments.
 
-    swalab --version
-    swalab list
-    swalab run mnist1d
-    swalab run mnist1d --jobs 2
-    swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
-    swalab run my_experiment.yaml --out runs/x
-    torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
-    swalab landscape runs/mnist1d --grid 21 --rays 10
-    swalab landscape runs/mnist1d --seed all --what line,rays,ensemble,bn
-    swalab claims runs/mnist1d
-    swalab report runs/mnist1d --html --format png,svg,pdf
+swalab --version
+swalab list
+swalab run mnist1d
+swalab run mnist1d --jobs 2
+swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
+swalab run my_experiment.yaml --out runs/x
+torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
+swalab landscape runs/mnist1d --grid 21 --rays 10
+swalab landscape runs/mnist1d --seed all --what line,rays,ensemble,bn
+swalab claims runs/mnist1d
+swalab report runs/mnist1d --html --format png,svg,pdf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ __all__ = ["main"]
 def _options(builder: Callable[..., Any], skip: tuple[str, ...]) -> str:
     """``name=default`` for every keyword option of a registered builder."""
     params = inspect.signature(builder).parameters.values()
-    shown = [p for p in params
-             if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    shown = [
+        p for p in params if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in shown)
 
 
@@ -45,8 +47,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cfg = load_config(name)
         variants = f"  [variants: {', '.join(cfg.variants)}]" if cfg.variants else ""
         print(f"  {name:<26} {cfg.description}{variants}")
-    fixed = {"datasets": ("root", "download", "seed"), "models": ("in_shape", "num_outputs"),
-             "methods": ("run",)}  # what the lab passes itself
+    fixed = {
+        "datasets": ("root", "download", "seed"),
+        "models": ("in_shape", "num_outputs"),
+        "methods": ("run",),
+    }  # what the lab passes itself
     for title, registry in (("datasets", DATASETS), ("models", MODELS), ("methods", METHODS)):
         print(f"{title}:  (options with their defaults; your own: package.module:callable)")
         for name in registry.names():
@@ -54,8 +59,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
             options = _options(registry.get(name), fixed[title])
             if options:
                 indent = " " * 29
-                print(textwrap.fill(options, width=100, initial_indent=indent,
-                                    subsequent_indent=indent))
+                print(
+                    textwrap.fill(
+                        options, width=100, initial_indent=indent, subsequent_indent=indent
+                    )
+                )
     return 0
 
 
@@ -81,16 +89,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     labels = [m.label for m in cfg.methods]
     for label in args.restart_run:
         if label not in labels:
-            raise ValueError(f"--restart-run {label!r} is not a method label of this experiment "
-                             f"(labels: {', '.join(labels)})")
-    out = Path(args.out) if args.out else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
-    world = setup(cfg.train.batch_size, cfg.train.device, args.dist_timeout)  # one process unless under torchrun
+            raise ValueError(
+                f"--restart-run {label!r} is not a method label of this experiment "
+                f"(labels: {', '.join(labels)})"
+            )
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
+    )
+    world = setup(
+        cfg.train.batch_size, cfg.train.device, args.dist_timeout
+    )  # one process unless under torchrun
     try:
         # rank 0 alone writes: it holds the --out lock for the whole run
         with run_directory(out) if world.main else contextlib.nullcontext():
-            run_experiment(cfg, out, download=args.download, argv=sys.argv,
-                           progress=sys.stderr.isatty(), world=world, jobs=args.jobs,
-                           restart=args.restart_run)
+            run_experiment(
+                cfg,
+                out,
+                download=args.download,
+                argv=sys.argv,
+                progress=sys.stderr.isatty(),
+                world=world,
+                jobs=args.jobs,
+                restart=args.restart_run,
+            )
     except BaseException:
         world.close(finished=False)
         raise
@@ -115,11 +138,22 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             raise ValueError(f"--seed must be an integer or 'all', got {args.seed!r}") from None
     with _writing(args.run_dir):
         for seed in seeds:
-            options = LandscapeOptions(seed=seed, sgd=args.sgd, swa=args.swa, what=what, grid=args.grid,
-                                       margin=args.margin, line_points=args.line_points, rays=args.rays,
-                                       ray_points=args.ray_points, ray_distance=args.ray_distance,
-                                       rise=args.rise, device=args.device, threads=args.threads,
-                                       stack=args.stack)
+            options = LandscapeOptions(
+                seed=seed,
+                sgd=args.sgd,
+                swa=args.swa,
+                what=what,
+                grid=args.grid,
+                margin=args.margin,
+                line_points=args.line_points,
+                rays=args.rays,
+                ray_points=args.ray_points,
+                ray_distance=args.ray_distance,
+                rise=args.rise,
+                device=args.device,
+                threads=args.threads,
+                stack=args.stack,
+            )
             compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
     return 0
 
@@ -136,7 +170,9 @@ def _writing(run_dir: str) -> contextlib.AbstractContextManager:
     add their own files); a missing directory is reported by the command itself."""
     from .lab.files import run_directory
 
-    return run_directory(run_dir, lock=False) if Path(run_dir).is_dir() else contextlib.nullcontext()
+    return (
+        run_directory(run_dir, lock=False) if Path(run_dir).is_dir() else contextlib.nullcontext()
+    )
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -155,7 +191,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swalab", description="Stochastic Weight Averaging laboratory")
+    parser = argparse.ArgumentParser(
+        prog="swalab", description="Stochastic Weight Averaging laboratory"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"swalab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,55 +201,118 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="presets, datasets, models and methods")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("run", help="run an experiment (a preset name or a YAML file); re-run to resume")
+    p = sub.add_parser(
+        "run", help="run an experiment (a preset name or a YAML file); re-run to resume"
+    )
     p.add_argument("config", help="preset name (see `swalab list`) or path to a YAML config")
     p.add_argument("--out", help="run directory (default: runs/<name>)")
     p.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default: the preset's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. train.lr=0.05 or methods.swa.options.swa_lr=0.02")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.lr=0.05 or methods.swa.options.swa_lr=0.02",
+    )
     p.add_argument("--variant", help="a preset variant, e.g. cpu or full")
     p.add_argument("--download", action="store_true", help="download datasets that are missing")
-    p.add_argument("--restart-run", action="append", default=[], metavar="LABEL",
-                   help="delete the runs of method LABEL (every seed) in --out and train them again, "
-                        "e.g. after an unreadable file; repeatable")
+    p.add_argument(
+        "--restart-run",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="delete the runs of method LABEL (every seed) in --out and train them again, "
+        "e.g. after an unreadable file; repeatable",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train N (method, seed) runs at once, in N processes (default: 1)")
-    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="under torchrun: how long a process waits for the others to join (default: 60)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N (method, seed) runs at once, in N processes (default: 1)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others to join (default: 60)",
+    )
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("landscape", help="loss-landscape geometry of a run: line, rays, planes, ensemble view")
+    p = sub.add_parser(
+        "landscape", help="loss-landscape geometry of a run: line, rays, planes, ensemble view"
+    )
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
-    p.add_argument("--seed", help="which seed's runs, or 'all' (default: the first; seeds other than the "
-                                  "first are written to RUN_DIR/landscape/seed<k>/)")
+    p.add_argument(
+        "--seed",
+        help="which seed's runs, or 'all' (default: the first; seeds other than the "
+        "first are written to RUN_DIR/landscape/seed<k>/)",
+    )
     p.add_argument("--sgd", help="label of the SGD run (default: the sgd method at budget 1)")
     p.add_argument("--swa", help="label of the SWA run (default: the swa method at budget 1)")
-    p.add_argument("--what", help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn "
-                                  "(default: all the run directory allows)")
-    p.add_argument("--grid", type=int, default=21, help="points per side of the planes (default: 21)")
-    p.add_argument("--margin", type=float, default=0.2, help="plane margin beyond [0, 1] (default: 0.2)")
-    p.add_argument("--line-points", type=int, default=21, help="points on the line, t in [-0.5, 1.5] (default: 21)")
+    p.add_argument(
+        "--what",
+        help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn "
+        "(default: all the run directory allows)",
+    )
+    p.add_argument(
+        "--grid", type=int, default=21, help="points per side of the planes (default: 21)"
+    )
+    p.add_argument(
+        "--margin", type=float, default=0.2, help="plane margin beyond [0, 1] (default: 0.2)"
+    )
+    p.add_argument(
+        "--line-points",
+        type=int,
+        default=21,
+        help="points on the line, t in [-0.5, 1.5] (default: 21)",
+    )
     p.add_argument("--rays", type=int, default=10, help="random directions (default: 10)")
     p.add_argument("--ray-points", type=int, default=21, help="points along each ray (default: 21)")
-    p.add_argument("--ray-distance", type=float, help="largest distance along a ray (default: ||w_SWA|| / 2)")
-    p.add_argument("--rise", type=float, default=0.1, help="train-loss rise that defines the width (default: 0.1)")
+    p.add_argument(
+        "--ray-distance", type=float, help="largest distance along a ray (default: ||w_SWA|| / 2)"
+    )
+    p.add_argument(
+        "--rise",
+        type=float,
+        default=0.1,
+        help="train-loss rise that defines the width (default: 0.1)",
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's train.device)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the run's train.threads)")
-    p.add_argument("--stack", type=int, default=1,
-                   help="points evaluated at once with stacked weights, torch.vmap (default: 1, one by one)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: the run's train.threads)"
+    )
+    p.add_argument(
+        "--stack",
+        type=int,
+        default=1,
+        help="points evaluated at once with stacked weights, torch.vmap (default: 1, one by one)",
+    )
     p.set_defaults(func=_cmd_landscape)
 
-    p = sub.add_parser("claims", help="the SWA paper's six claims checked on a run: statistic, paired 95%% "
-                                      "interval over seeds, verdict, seeds needed to decide")
+    p = sub.add_parser(
+        "claims",
+        help="the SWA paper's six claims checked on a run: statistic, paired 95%% "
+        "interval over seeds, verdict, seeds needed to decide",
+    )
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
     p.set_defaults(func=_cmd_claims)
 
-    p = sub.add_parser("report", help="report of a run (Markdown + PNGs; --html: one self-contained page)")
+    p = sub.add_parser(
+        "report", help="report of a run (Markdown + PNGs; --html: one self-contained page)"
+    )
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
-    p.add_argument("--html", action="store_true", help="also write report/report.html with embedded images")
-    p.add_argument("--format", default="png", metavar="png,svg,pdf",
-                   help="figure files, e.g. png,svg,pdf (default: png; PNG always)")
+    p.add_argument(
+        "--html", action="store_true", help="also write report/report.html with embedded images"
+    )
+    p.add_argument(
+        "--format",
+        default="png",
+        metavar="png,svg,pdf",
+        help="figure files, e.g. png,svg,pdf (default: png; PNG always)",
+    )
     p.set_defaults(func=_cmd_report)
     return parser
 
@@ -224,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        print(
+            "interrupted: run the same command again to continue where it stopped", file=sys.stderr
+        )
         return 130
     except RuntimeError as err:
         from .lab.jobs import RunsFailed
@@ -243,5 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         if isinstance(err, OSError) and err.filename and not isinstance(err, FileNotFoundError):
             message = f"{err.filename}: {err.strerror or err}"  # e.g. an unreadable data file
-        print(f"swalab: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
+        print(
+            f"swalab: error: {message.splitlines()[0] if message else type(err).__name__}",
+            file=sys.stderr,
+        )
         return 2

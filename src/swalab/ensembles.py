@@ -13,13 +13,14 @@
 Checkpoints are given as state_dicts or paths of ``torch.save``-d state_dicts (loaded on the CPU one
 at a time, so memory stays bounded by a few copies of the model).
 """
+
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 StateDict = dict[str, Tensor]
-Checkpoint = Union[Mapping[str, Tensor], str, os.PathLike]
+Checkpoint = Mapping[str, Tensor] | str | os.PathLike
 ForwardFn = Callable[[nn.Module, Any], Any]
 # a model's predictions over the data, from a custom or sharded pass
 PredictFn = Callable[[nn.Module], Tensor]
@@ -53,7 +54,9 @@ def fge_should_collect(epoch: int, cycle: int) -> bool:
     the middle of the cycle, where ``fge_lr`` reaches ``a2``.
     """
     if not (isinstance(cycle, int) and cycle >= 2):
-        raise ValueError(f"cycle must be an integer >= 2 (a cycle of 1 never collects), got {cycle}")
+        raise ValueError(
+            f"cycle must be an integer >= 2 (a cycle of 1 never collects), got {cycle}"
+        )
     if not (isinstance(epoch, int) and epoch >= 0):
         raise ValueError(f"epoch must be a non-negative integer, got {epoch}")
     return (epoch % cycle + 1) == cycle // 2
@@ -65,7 +68,9 @@ def _load(checkpoint: Checkpoint) -> Mapping[str, Tensor]:
         return checkpoint
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not (isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())):
-        raise ValueError(f"{os.fspath(checkpoint)!r} does not hold a state_dict (a mapping of tensors)")
+        raise ValueError(
+            f"{os.fspath(checkpoint)!r} does not hold a state_dict (a mapping of tensors)"
+        )
     return state
 
 
@@ -73,7 +78,9 @@ def _shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _check_compatible(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], what: str) -> None:
+def _check_compatible(
+    expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], what: str
+) -> None:
     """``ValueError`` naming the first key that is missing, unexpected or of another shape."""
     for key, shape in expected.items():
         if key not in got:
@@ -92,7 +99,9 @@ def _checkpoints(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
     return checkpoints
 
 
-def _forward(model: nn.Module, batch: Any, device: torch.device, forward_fn: ForwardFn | None) -> Tensor:
+def _forward(
+    model: nn.Module, batch: Any, device: torch.device, forward_fn: ForwardFn | None
+) -> Tensor:
     if forward_fn is not None:
         return forward_fn(model, batch)
     return default_forward(model, move_to(batch, device))
@@ -234,8 +243,12 @@ class FGE:
         """
         _, live, staged = self._bind(model)
         staged_keys = {k for keys, _ in staged for k in keys}
-        state = {k: torch.empty(v.shape, dtype=v.dtype) if k in staged_keys
-                 else v.detach().to("cpu", copy=True) for k, v in live.items()}
+        state = {
+            k: torch.empty(v.shape, dtype=v.dtype)
+            if k in staged_keys
+            else v.detach().to("cpu", copy=True)
+            for k, v in live.items()
+        }
         for keys, staging in staged:
             pieces = staging.pieces([state[k] for k in keys])
             staging.run(
@@ -267,14 +280,18 @@ def _float_keys(state: Mapping[str, Tensor]) -> list[str]:
 
 def _accumulator(state: Mapping[str, Tensor], keys: list[str], weight: float) -> list[Tensor]:
     """``weight * state[k]`` for the floating keys, in at least float32 (half sums would stall)."""
-    return [state[k].detach().to(torch.promote_types(state[k].dtype, torch.float32)) * weight for k in keys]
+    return [
+        state[k].detach().to(torch.promote_types(state[k].dtype, torch.float32)) * weight
+        for k in keys
+    ]
 
 
 def _as_state(first: Mapping[str, Tensor], keys: list[str], values: list[Tensor]) -> StateDict:
     """Floating entries from ``values`` in ``first``'s dtypes; the others copied from ``first``."""
     averaged = dict(zip(keys, values))
     return {
-        k: averaged[k].to(v.dtype) if k in averaged else v.detach().clone() for k, v in first.items()
+        k: averaged[k].to(v.dtype) if k in averaged else v.detach().clone()
+        for k, v in first.items()
     }
 
 
@@ -286,11 +303,18 @@ def _weighted_average(checkpoints: list[Checkpoint], weights: Sequence[float]) -
     for i in range(1, len(checkpoints)):
         state = _load(checkpoints[i])
         _check_compatible(expected, _shapes(state), f"checkpoint {i}")
-        torch._foreach_add_(total, [state[k].to(t.device, t.dtype) for k, t in zip(keys, total)], alpha=weights[i])
+        torch._foreach_add_(
+            total, [state[k].to(t.device, t.dtype) for k, t in zip(keys, total)], alpha=weights[i]
+        )
     return _as_state(first, keys, total)
 
 
-def _finish(soup: StateDict, model: nn.Module | None, bn_loader: Iterable[Any] | None, forward_fn: ForwardFn | None) -> StateDict:
+def _finish(
+    soup: StateDict,
+    model: nn.Module | None,
+    bn_loader: Iterable[Any] | None,
+    forward_fn: ForwardFn | None,
+) -> StateDict:
     """Load ``soup`` into ``model`` and recompute its BatchNorm statistics on ``bn_loader``, if given."""
     if model is None:
         if bn_loader is not None:
@@ -339,7 +363,9 @@ def _score_weights(scores: Sequence[float], temperature: float | None) -> list[f
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, 0).tolist()
     if min(scores) < 0 or sum(scores) <= 0:
-        raise ValueError(f"weights proportional to scores need scores >= 0 with a positive sum, got {scores}")
+        raise ValueError(
+            f"weights proportional to scores need scores >= 0 with a positive sum, got {scores}"
+        )
     return [s / sum(scores) for s in scores]
 
 
@@ -417,7 +443,11 @@ def greedy_soup(
         _check_compatible(expected, _shapes(state), f"checkpoint {i}")
         n = len(ingredients)
         candidate = torch._foreach_mul(soup, n / (n + 1))
-        torch._foreach_add_(candidate, [state[k].to(t.device, t.dtype) for k, t in zip(keys, soup)], alpha=1 / (n + 1))
+        torch._foreach_add_(
+            candidate,
+            [state[k].to(t.device, t.dtype) for k, t in zip(keys, soup)],
+            alpha=1 / (n + 1),
+        )
         score = float(evaluate(_as_state(first, keys, candidate)))
         if score > best:
             soup, best = candidate, score

@@ -13,6 +13,7 @@ Example:
     >>> probs = swalab.bma_predict(swag, test_loader, train_loader)["probs"]
     >>> accuracy(probs, y), nll(probs, y), ece(probs, y)
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ def _check_classification(probs: Tensor, targets: Tensor) -> None:
     if probs.dim() != 2:
         raise ValueError(f"probs must be [N, C], got shape {tuple(probs.shape)}")
     if targets.shape != probs.shape[:1]:
-        raise ValueError(f"targets must be [N] = [{probs.shape[0]}], got shape {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be [N] = [{probs.shape[0]}], got shape {tuple(targets.shape)}"
+        )
     if probs.shape[0] == 0:
         raise ValueError("no predictions (N = 0)")
 
@@ -48,7 +51,9 @@ def _check_same_shape(**tensors: Tensor) -> None:
     (first_name, first), *rest = tensors.items()
     for name, t in rest:
         if t.shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, {first_name} has {tuple(first.shape)}")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, {first_name} has {tuple(first.shape)}"
+            )
     if first.numel() == 0:
         raise ValueError("no predictions (empty tensors)")
 
@@ -90,7 +95,9 @@ def brier(probs: Tensor, targets: Tensor) -> float:
     return (probs.double() - one_hot).square().sum(1).mean().item()
 
 
-def _bins(probs: Tensor, targets: Tensor, n_bins: int, binning: Binning) -> tuple[Tensor, Tensor, Tensor]:
+def _bins(
+    probs: Tensor, targets: Tensor, n_bins: int, binning: Binning
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per non-empty bin: mean confidence, accuracy and count (float64, sorted by confidence)."""
     _check_classification(probs, targets)
     if not (isinstance(n_bins, int) and n_bins >= 1):
@@ -103,8 +110,12 @@ def _bins(probs: Tensor, targets: Tensor, n_bins: int, binning: Binning) -> tupl
         bin_id = torch.empty_like(order)
         bin_id[order] = torch.arange(n, device=order.device) * n_bins // n
     elif binning == "width":
-        inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=confidence.device)[1:-1]
-        bin_id = torch.bucketize(confidence, inner_edges)  # bin k holds (k / n_bins, (k + 1) / n_bins]
+        inner_edges = torch.linspace(
+            0, 1, n_bins + 1, dtype=torch.float64, device=confidence.device
+        )[1:-1]
+        bin_id = torch.bucketize(
+            confidence, inner_edges
+        )  # bin k holds (k / n_bins, (k + 1) / n_bins]
     else:
         raise ValueError(f"binning must be 'mass' or 'width', got {binning!r}")
     count = torch.bincount(bin_id, minlength=n_bins).double()

@@ -9,6 +9,7 @@ iteration or a fractional epoch, as each docstring says) that gives the learning
 ``ScheduleLR`` wraps a schedule as a ``torch.optim.lr_scheduler.LRScheduler``; ``SWALR`` is
 ``torch.optim.swa_utils.SWALR`` itself, so a torch script keeps its numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,9 @@ def sgd_reference_lr(lr_init: float, epochs: int) -> Schedule:
     return lambda epoch: lr_init * _reference_factor(epoch / epochs, 0.01)
 
 
-def swa_reference_lr(lr_init: float, swa_start: int, swa_lr: float, epochs: int | None = None) -> Schedule:
+def swa_reference_lr(
+    lr_init: float, swa_start: int, swa_lr: float, epochs: int | None = None
+) -> Schedule:
     """The paper's SWA schedule, per 0-based epoch: the SGD shape scaled to ``swa_start``, ending at ``swa_lr``.
 
     Args:
@@ -160,7 +163,11 @@ class ScheduleLR(LRScheduler):
         last_epoch: int = -1,
         replace: bool = False,
     ) -> None:
-        if last_epoch == -1 and not replace and any("initial_lr" in g for g in optimizer.param_groups):
+        if (
+            last_epoch == -1
+            and not replace
+            and any("initial_lr" in g for g in optimizer.param_groups)
+        ):
             raise ValueError(
                 "optimizer is already driven by an LR scheduler (its groups have 'initial_lr'); "
                 "pass replace=True to hand it over to this schedule"

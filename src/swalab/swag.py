@@ -12,6 +12,7 @@ appends the deviation ``theta - mean`` (mean already updated) as a row of ``D``,
 ``scale=0.5`` is SWAG, ``scale=1, cov=False`` SWAG-Diag and ``scale=0`` the SWA mean itself.
 Predictions average the softmax of ~30 samples, BatchNorm recomputed for each (``bma_predict``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -96,7 +97,9 @@ class SWAG:
         self.mean = torch.zeros(d, device=self.device, dtype=self.dtype)
         self.sq_mean = torch.zeros(d, device=self.device, dtype=self.dtype)
         self.cov_mat_sqrt = (
-            None if no_cov_mat else torch.zeros(max_num_models, d, device=self.device, dtype=self.dtype)
+            None
+            if no_cov_mat
+            else torch.zeros(max_num_models, d, device=self.device, dtype=self.dtype)
         )
         self.n_models = 0
         self._mean_views = self._views(self.mean)
@@ -137,8 +140,11 @@ class SWAG:
         route: Any = "cast"
         if all((p.device, p.dtype) == (self.device, self.dtype) for p in params):
             route = None
-        elif (self.device.type == "cpu" and len({(p.device, p.dtype) for p in params}) == 1
-              and all(p.device.type == "cuda" and p.is_contiguous() for p in params)):
+        elif (
+            self.device.type == "cpu"
+            and len({(p.device, p.dtype) for p in params}) == 1
+            and all(p.device.type == "cuda" and p.is_contiguous() for p in params)
+        ):
             route = HostStaging(params)
         self._bound = (ModelBinding(model, live + live_buffers), route, params, buffers)
         return self._bound
@@ -158,6 +164,7 @@ class SWAG:
         n = self.n_models
         row = None if self.cov_mat_sqrt is None else self.cov_mat_sqrt[n % self.max_num_models]
         if isinstance(route, HostStaging):
+
             def fold(k: int, chunk: Tensor) -> None:
                 start, end = route.ranges[k]
                 theta = chunk.to(self.dtype)
@@ -204,11 +211,15 @@ class SWAG:
         if not (number and 0 <= scale < math.inf):
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
         if cov and self.cov_mat_sqrt is None:
-            raise ValueError("cov=True needs the deviations D, but this SWAG was built with no_cov_mat=True")
+            raise ValueError(
+                "cov=True needs the deviations D, but this SWAG was built with no_cov_mat=True"
+            )
         if self.n_models == 0:
             raise ValueError("sample() before any collect_model()")
         if cov and self.rank < 2:
-            raise ValueError(f"cov=True needs at least 2 collected models for D^T z / sqrt(K - 1), got {self.rank}")
+            raise ValueError(
+                f"cov=True needs at least 2 collected models for D^T z / sqrt(K - 1), got {self.rank}"
+            )
         z1 = torch.randn(self.mean.shape, generator=generator, device=self.device, dtype=self.dtype)
         var = torch.clamp(self.sq_mean - self.mean.square(), min=self.var_clamp)
         noise = var.sqrt_().mul_(z1)
@@ -242,7 +253,9 @@ class SWAG:
         for key in ("mean", "sq_mean", "cov_mat_sqrt"):
             ours, theirs = getattr(self, key), state_dict[key]
             if ours is not None and theirs.shape != ours.shape:
-                raise ValueError(f"{key} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
+                raise ValueError(
+                    f"{key} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}"
+                )
         buffers = dict(self.base.named_buffers())
         _check_compatible(
             {k: tuple(b.shape) for k, b in buffers.items()},
@@ -303,13 +316,16 @@ def bma_predict(
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
     has_bn = has_batchnorm(swag.base)
     if has_bn and bn_loader is None:
-        raise ValueError("the model has BatchNorm layers: pass bn_loader to recompute them for each sample")
+        raise ValueError(
+            "the model has BatchNorm layers: pass bn_loader to recompute them for each sample"
+        )
     mean = m2 = 0.0
     for s in range(n_samples):
         model = swag.sample(scale, cov, generator=generator)
         if has_bn:
-            update_bn(bn_loader, model, swag.device, forward_fn=forward_fn,
-                      max_batches=max_bn_batches)
+            update_bn(
+                bn_loader, model, swag.device, forward_fn=forward_fn, max_batches=max_bn_batches
+            )
         if predict_fn is None:
             outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
             y = outputs.double().softmax(-1) if task == "classification" else outputs.double()

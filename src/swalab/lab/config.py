@@ -3,6 +3,7 @@
 Unknown keys and values of the wrong type are errors that name the key (nanoGPT-style checked
 config); the resolved config is saved with every run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,8 @@ import yaml
 
 from ..data import DATASETS
 from ..models import MODELS, default_options
-from .methods import recipe_of
 from .errors import ConfigError
+from .methods import recipe_of
 from .tracking import check_trackers
 
 __all__ = [
@@ -48,7 +49,9 @@ class DataConfig:
     name: str = "mnist1d"
     root: str = "data"
     options: dict[str, Any] = field(default_factory=dict)
-    train_size: int | None = None  # a seeded random subset of the training split (CPU-sized variants)
+    train_size: int | None = (
+        None  # a seeded random subset of the training split (CPU-sized variants)
+    )
     test_size: int | None = None  # the first test_size test samples
 
 
@@ -134,20 +137,37 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("train.bn_batches", t.bn_batches, t.bn_batches is None or t.bn_batches > 0, "> 0 or null"),
         ("train.threads", t.threads, t.threads is None or t.threads > 0, ">= 1 or null"),
         ("train.device", t.device, bool(t.device.strip()), "a device (auto, cpu, cuda, cuda:1)"),
-        ("train.weight_decay", t.weight_decay, _finite(t.weight_decay) and t.weight_decay >= 0,
-         ">= 0"),
+        (
+            "train.weight_decay",
+            t.weight_decay,
+            _finite(t.weight_decay) and t.weight_decay >= 0,
+            ">= 0",
+        ),
         ("train.optimizer", t.optimizer, t.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
-        ("train.precision", t.precision, t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+        (
+            "train.precision",
+            t.precision,
+            t.precision in PRECISIONS,
+            f"one of {', '.join(PRECISIONS)}",
+        ),
         ("pretrain.epochs", p.epochs, p.epochs >= 0, ">= 0"),
         ("pretrain.lr", p.lr, _finite(p.lr) and p.lr > 0, "> 0"),
-        ("pretrain.weight_decay", p.weight_decay, _finite(p.weight_decay) and p.weight_decay >= 0,
-         ">= 0"),
+        (
+            "pretrain.weight_decay",
+            p.weight_decay,
+            _finite(p.weight_decay) and p.weight_decay >= 0,
+            ">= 0",
+        ),
         ("pretrain.optimizer", p.optimizer, p.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
         ("data.train_size", d.train_size, d.train_size is None or d.train_size > 0, "> 0 or null"),
         ("data.test_size", d.test_size, d.test_size is None or d.test_size > 0, "> 0 or null"),
         ("data.root", d.root, bool(d.root), "a directory path"),
-        ("seeds", cfg.seeds, len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds),
-         "distinct, at least one"),
+        (
+            "seeds",
+            cfg.seeds,
+            len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds),
+            "distinct, at least one",
+        ),
         ("seeds", cfg.seeds, all(0 <= s < 2**31 for s in cfg.seeds), "in [0, 2**31)"),
         ("methods", len(cfg.methods), len(cfg.methods) > 0, "at least one method"),
     ]
@@ -166,35 +186,49 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if not _path_component(m.label) or m.label in RESERVED_LABELS:
             shown = m.label if len(m.label) <= 40 else m.label[:40] + "..."
             what = f"not one of {RESERVED_LABELS}" if m.label in RESERVED_LABELS else SAFE_NAME
-            raise ConfigError(f"methods[{i}].label must be {what}, "
-                              f"got {shown!r} ({len(m.label)} characters)")
+            raise ConfigError(
+                f"methods[{i}].label must be {what}, got {shown!r} ({len(m.label)} characters)"
+            )
         key = unicodedata.normalize("NFKC", m.label).casefold()
         if key in seen:
-            same = ("more than once" if seen[key] == m.label
-                    else f"and {seen[key]!r} (the same folder name)")
+            same = (
+                "more than once"
+                if seen[key] == m.label
+                else f"and {seen[key]!r} (the same folder name)"
+            )
             raise ConfigError(f"method labels must be unique, got {m.label!r} {same}")
         seen[key] = m.label
     for m in cfg.methods:
         if not (_finite(m.budget) and m.budget > 0):
-            raise ConfigError(f"methods.{m.label}.budget must be a finite number > 0, "
-                              f"got {m.budget}")
+            raise ConfigError(
+                f"methods.{m.label}.budget must be a finite number > 0, got {m.budget}"
+            )
         if m.lr is not None and not (_finite(m.lr) and m.lr > 0):
             raise ConfigError(f"methods.{m.label}.lr must be a finite number > 0, got {m.lr}")
         if m.baseline and m.baseline not in labels:
-            raise ConfigError(f"methods.{m.label}.baseline must be a method label, got {m.baseline!r}")
+            raise ConfigError(
+                f"methods.{m.label}.baseline must be a method label, got {m.baseline!r}"
+            )
         _check_finite(f"methods.{m.label}.options", m.options)
 
 
-SAFE_NAME = ("a plain folder name (1-100 characters; no '/', '\\', control characters; "
-             "not starting with '.')")
+SAFE_NAME = (
+    "a plain folder name (1-100 characters; no '/', '\\', control characters; "
+    "not starting with '.')"
+)
 RESERVED_LABELS = ("pretrain", "landscape", "report")  # folders of a run directory
 
 
 def _path_component(name: str) -> bool:
     """Whether ``name`` is one safe folder name: it cannot lead out of its parent or hide there."""
-    return (0 < len(name) <= 100 and name == name.strip() and not name.startswith(".")
-            and "/" not in name and "\\" not in name
-            and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+    return (
+        0 < len(name) <= 100
+        and name == name.strip()
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
 
 
 def _finite(value: float) -> bool:
@@ -313,8 +347,10 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise ConfigError(f"YAML aliases are not supported (*{event.anchor} at line "
-                              f"{event.start_mark.line + 1}); write the value out")
+            raise ConfigError(
+                f"YAML aliases are not supported (*{event.anchor} at line "
+                f"{event.start_mark.line + 1}); write the value out"
+            )
         return super().compose_node(parent, index)
 
 
@@ -351,9 +387,13 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     while i < len(parts) - 1:
         if isinstance(node, list):
             labels = [_label(m) for m in node if isinstance(m, dict)]
-            j = next((j for j in range(len(parts) - 1, i, -1) if ".".join(parts[i:j]) in labels), None)
+            j = next(
+                (j for j in range(len(parts) - 1, i, -1) if ".".join(parts[i:j]) in labels), None
+            )
             if j is None:
-                raise ConfigError(f"no method labelled {parts[i]!r} for --set {dotted} (labels: {', '.join(labels)})")
+                raise ConfigError(
+                    f"no method labelled {parts[i]!r} for --set {dotted} (labels: {', '.join(labels)})"
+                )
             node = node[labels.index(".".join(parts[i:j]))]
             i = j
             continue
@@ -362,7 +402,9 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         node = node.setdefault(parts[i], {})
         i += 1
     if not isinstance(node, dict):
-        raise ConfigError(f"cannot set {dotted}: address a method by its label, e.g. methods.swa.budget")
+        raise ConfigError(
+            f"cannot set {dotted}: address a method by its label, e.g. methods.swa.budget"
+        )
     node[parts[-1]] = value
 
 
@@ -414,7 +456,9 @@ def load_config(
         variants = data.get("variants") or {}
         if variant not in variants:
             known = ", ".join(variants) or "none"
-            raise ConfigError(f"preset {data['name']!r} has no variant {variant!r} (variants: {known})")
+            raise ConfigError(
+                f"preset {data['name']!r} has no variant {variant!r} (variants: {known})"
+            )
         for key, value in variants[variant].items():
             _set_path(data, key, value)
     apply_overrides(data, overrides or [])
@@ -432,7 +476,10 @@ def check_parts(cfg: ExperimentConfig) -> None:
         ConfigError: naming every problem found, in one line.
     """
     errors: list[str] = []
-    dataset_error, model_error = _lookup_error(DATASETS, cfg.data.name), _lookup_error(MODELS, cfg.model.name)
+    dataset_error, model_error = (
+        _lookup_error(DATASETS, cfg.data.name),
+        _lookup_error(MODELS, cfg.model.name),
+    )
     if dataset_error:
         errors.append(f"data.name: {dataset_error}")
     else:
@@ -440,16 +487,20 @@ def check_parts(cfg: ExperimentConfig) -> None:
         known = set(params) - {"root", "download", "seed"}
         unknown = sorted(set(cfg.data.options) - known)
         if unknown:
-            errors.append(f"unknown data.options {unknown} for dataset {cfg.data.name!r} "
-                          f"(known: {sorted(known)})")
+            errors.append(
+                f"unknown data.options {unknown} for dataset {cfg.data.name!r} "
+                f"(known: {sorted(known)})"
+            )
     if model_error:
         errors.append(f"model.name: {model_error}")
     else:
         known = set(default_options(cfg.model.name))
         unknown = sorted(set(cfg.model.options) - known)
         if unknown:
-            errors.append(f"unknown model.options {unknown} for model {cfg.model.name!r} "
-                          f"(known: {sorted(known)})")
+            errors.append(
+                f"unknown model.options {unknown} for model {cfg.model.name!r} "
+                f"(known: {sorted(known)})"
+            )
     for m in cfg.methods:
         try:
             recipe_of(m, cfg.train)

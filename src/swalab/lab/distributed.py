@@ -26,6 +26,7 @@ Every process runs the same laboratory code (``runner.run_experiment`` → ``tra
   the pre-training cache) is broadcast (:meth:`World.on_main`), so resuming needs no shared filesystem.
   Downloads happen on rank 0 before the other ranks read the data (a shared data root is assumed).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -212,7 +213,9 @@ def setup(batch_size: int, device: str = "auto", timeout: float = 60.0) -> World
     address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
         with _quiet_stderr():  # torch's C++ logs each failed connection attempt with a stack trace
-            store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timedelta(seconds=timeout)))
+            store, _, _ = next(
+                dist.rendezvous("env://", rank, size, timeout=timedelta(seconds=timeout))
+            )
             _wait_for_all(store, size, timedelta(seconds=timeout))
     except (RuntimeError, TimeoutError, OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -221,8 +224,13 @@ def setup(batch_size: int, device: str = "auto", timeout: float = 60.0) -> World
             f"(--dist-timeout): {reason}"
         ) from None
     store.set_timeout(COLLECTIVE_TIMEOUT)
-    dist.init_process_group("nccl" if where.type == "cuda" else "gloo", store=store, rank=rank,
-                            world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "nccl" if where.type == "cuda" else "gloo",
+        store=store,
+        rank=rank,
+        world_size=size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     return World(rank, size, local_rank, where)
 
 
@@ -272,11 +280,15 @@ def data_parallel(model: nn.Module, world: World) -> nn.Module:
         return model
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     # no buffer broadcast before each forward: broadcast_buffers() follows each optimizer step instead
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
+    )
     return DistributedDataParallel(model, device_ids=device_ids, **{no_sync: False})
 
 
-_DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters  # newer torch renamed the flag
+_DDP_PARAMETERS = inspect.signature(
+    DistributedDataParallel.__init__
+).parameters  # newer torch renamed the flag
 
 
 @torch.no_grad()
@@ -312,7 +324,9 @@ def global_batch_loss(task: Task, output: Tensor, y: Tensor, world: World) -> Te
     stats = torch.stack([total.detach(), count.to(total)])
     dist.all_reduce(stats)
     share = total * (world.size / stats[1])
-    return share + (stats[0] / stats[1] - share).detach()  # value: global mean; gradient: this rank's share
+    return (
+        share + (stats[0] / stats[1] - share).detach()
+    )  # value: global mean; gradient: this rank's share
 
 
 def batch_loss(task: Task, world: World) -> Callable[[Tensor, Tensor], Tensor]:
@@ -342,13 +356,22 @@ class ShardedBatches:
         max_batches: use only the first ``max_batches`` global batches (``train.bn_batches``).
     """
 
-    def __init__(self, loader: BatchLoader, world: World, whole_batches: bool = False,
-                 max_batches: int | None = None) -> None:
+    def __init__(
+        self,
+        loader: BatchLoader,
+        world: World,
+        whole_batches: bool = False,
+        max_batches: int | None = None,
+    ) -> None:
         self.loader, self.world = loader, world
         self.whole_batches, self.max_batches = whole_batches, max_batches
 
     def _global_len(self) -> int:
-        return len(self.loader) if self.max_batches is None else min(len(self.loader), self.max_batches)
+        return (
+            len(self.loader)
+            if self.max_batches is None
+            else min(len(self.loader), self.max_batches)
+        )
 
     def __len__(self) -> int:
         n = self._global_len()
@@ -367,8 +390,9 @@ class ShardedBatches:
                 yield _rows(x, lo, hi), y[lo:hi]
 
 
-def shard_batches(loader: BatchLoader, world: World, whole_batches: bool = False,
-                  max_batches: int | None = None) -> BatchLoader | ShardedBatches:
+def shard_batches(
+    loader: BatchLoader, world: World, whole_batches: bool = False, max_batches: int | None = None
+) -> BatchLoader | ShardedBatches:
     """``loader`` itself in one process, else this rank's :class:`ShardedBatches` of it."""
     if world.size == 1:
         return loader

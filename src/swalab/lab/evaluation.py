@@ -1,4 +1,5 @@
 """Predictions over a split and the metrics of a run (shared by trainer and recipes)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,6 +21,7 @@ class Shards(Protocol):
     def shard(self, split: Split) -> Split: ...
 
     def gather_rows(self, part: Tensor, n: int) -> Tensor: ...
+
 
 __all__ = ["EvalContext", "evaluate", "joint_predictions", "model_outputs", "predict"]
 

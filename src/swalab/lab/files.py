@@ -59,11 +59,7 @@ class RunFileError(ValueError):
 
 def is_scratch(name: str) -> bool:
     """Whether a file name is one of ours that holds no result: a temporary file or the lock file."""
-    return (
-        name == LOCK_NAME
-        or _TEMP.match(name) is not None
-        or _OLD_TEMP.match(name) is not None
-    )
+    return name == LOCK_NAME or _TEMP.match(name) is not None or _OLD_TEMP.match(name) is not None
 
 
 def holds_files(directory: Path) -> bool:
@@ -112,9 +108,7 @@ def _check_inside(path: Path) -> None:
             with contextlib.suppress(FileExistsError):
                 folder.mkdir()
         return
-    raise RunFileError(
-        f"refusing to write {path}: it is outside the run directory {_ROOTS[-1]}"
-    )
+    raise RunFileError(f"refusing to write {path}: it is outside the run directory {_ROOTS[-1]}")
 
 
 @contextlib.contextmanager
@@ -131,9 +125,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     try:
         _check_inside(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix
-        )
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
         os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
         yield Path(tmp)
@@ -163,17 +155,13 @@ def atomic_save(obj: Any, path: Path) -> None:
     with atomic_output(path) as tmp:
         try:
             torch.save(obj, tmp)
-        except (
-            RuntimeError
-        ) as err:  # torch's zip writer reports a failed write as a RuntimeError
+        except RuntimeError as err:  # torch's zip writer reports a failed write as a RuntimeError
             space = os.statvfs(tmp.parent)
             if space.f_bavail * space.f_frsize < tmp.stat().st_size + (1 << 20):
                 raise _write_error(
                     Path(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 ) from None
-            raise RunFileError(
-                f"cannot write {path}: {str(err).splitlines()[0]}"
-            ) from None
+            raise RunFileError(f"cannot write {path}: {str(err).splitlines()[0]}") from None
 
 
 def append_text(path: Path, text: str) -> None:
@@ -182,16 +170,12 @@ def append_text(path: Path, text: str) -> None:
     try:
         _check_inside(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(
-            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666
-        )
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         with os.fdopen(fd, "a") as f:
             f.write(text)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise RunFileError(
-                f"refusing to write {path}: it is a symlink (remove it)"
-            ) from None
+            raise RunFileError(f"refusing to write {path}: it is a symlink (remove it)") from None
         raise _write_error(path, err) from None
 
 
@@ -214,9 +198,7 @@ def _check_regular(path: Path) -> None:
     except OSError as err:
         raise RunFileError(f"cannot read {path}: {err.strerror or err}") from None
     if not stat.S_ISREG(mode):
-        raise RunFileError(
-            f"cannot read {path}: not a regular file; {_redo_hint(path)}"
-        )
+        raise RunFileError(f"cannot read {path}: not a regular file; {_redo_hint(path)}")
 
 
 def load_torch(path: Path) -> Any:
@@ -246,9 +228,7 @@ def load_torch(path: Path) -> Any:
         else:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             reason = lines[0] if lines else type(err).__name__
-        raise RunFileError(
-            f"cannot load {path}: {reason}; {_redo_hint(path)}"
-        ) from None
+        raise RunFileError(f"cannot load {path}: {reason}; {_redo_hint(path)}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -280,7 +260,7 @@ def remove_tree(path: Path) -> None:
 
 def _sweep(root: Path) -> None:
     """Remove temporary files left by a killed process (safe: we hold the lock)."""
-    for folder, dirs, names in os.walk(root):  # does not follow symlinked folders
+    for folder, _, names in os.walk(root):  # does not follow symlinked folders
         for name in names:
             if _TEMP.match(name):
                 with contextlib.suppress(OSError):
@@ -311,9 +291,7 @@ def run_directory(out: Path, *, lock: bool = True) -> Iterator[Path]:
             raise RunFileError(
                 f"refusing to open {out / LOCK_NAME}: it is a symlink (remove it)"
             ) from None
-        raise RunFileError(
-            f"cannot write to --out {out}: {err.strerror or err}"
-        ) from None
+        raise RunFileError(f"cannot write to --out {out}: {err.strerror or err}") from None
     root = os.path.abspath(out)
     try:
         if fd is not None:

@@ -125,18 +125,29 @@ def _worker(
                 bundles = {seed: load_bundle(cfg, seed)}
             start = time.perf_counter()
             if kind == "pretrain":
-                pretrain(cfg, bundles[seed], seed, layout.run(cfg.methods[0].label, seed), slot.device)
+                pretrain(
+                    cfg, bundles[seed], seed, layout.run(cfg.methods[0].label, seed), slot.device
+                )
                 result = None
             else:
                 trackers = open_trackers(cfg.train.log, out, label, seed, to_dict(cfg))
 
-                def on_epoch(record: dict[str, Any], job: Job = job) -> None:
+                def on_epoch(
+                    record: dict[str, Any], job: Job = job, trackers: Any = trackers
+                ) -> None:
                     trackers.log(record)
                     events.put(("epoch", index, job, None))
 
                 try:
-                    result = train_run(cfg, methods[label], seed, bundles[seed], layout.run(label, seed),
-                                       slot.device, on_epoch=on_epoch)
+                    result = train_run(
+                        cfg,
+                        methods[label],
+                        seed,
+                        bundles[seed],
+                        layout.run(label, seed),
+                        slot.device,
+                        on_epoch=on_epoch,
+                    )
                 finally:
                     trackers.close()
             events.put(("done", index, job, (result, round(time.perf_counter() - start, 2))))
@@ -259,7 +270,7 @@ def run_jobs(
             try:
                 kind, worker, job, payload = pool.events.get(timeout=1.0)
             except queue.Empty:  # a worker that died without a word (killed, out of memory)
-                for worker, (job, job_bar) in list(running.items()):
+                for worker, (job, _) in list(running.items()):
                     if not pool.processes[worker].is_alive():
                         code = pool.processes[worker].exitcode
                         bar.remove_task(running.pop(worker)[1])

@@ -5,6 +5,7 @@ A recipe reads like the paper's pseudocode: ``lr(epoch, step)`` before every opt
 evaluated at the end. Paper variants (budgets, constant or cyclic LR) are config options, not
 new classes.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,7 +28,14 @@ from ..ensembles import (
     weighted_soup,
 )
 from ..registry import Registry
-from ..schedules import constant_lr, cyclic_lr, fge_lr, sgd_reference_lr, swa_reference_lr, swa_should_average
+from ..schedules import (
+    constant_lr,
+    cyclic_lr,
+    fge_lr,
+    sgd_reference_lr,
+    swa_reference_lr,
+    swa_should_average,
+)
 from ..swag import SWAG, bma_predict
 from .evaluation import EvalContext, evaluate, joint_predictions, model_outputs, predict
 
@@ -67,7 +75,9 @@ class Recipe:
         steps_per_epoch: optimizer steps in one epoch.
     """
 
-    def __init__(self, epochs: int, steps_per_epoch: int, schedule: Callable[[int, int], float]) -> None:
+    def __init__(
+        self, epochs: int, steps_per_epoch: int, schedule: Callable[[int, int], float]
+    ) -> None:
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self._schedule = schedule
@@ -94,7 +104,9 @@ class Recipe:
         (empty when the final model is not such an average)."""
         return []
 
-    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+    def predict(
+        self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext
+    ) -> dict[str, Tensor]:
         """Final outputs on each split; an averaged model gets its BatchNorm statistics recomputed first."""
         final = self.final_model(model)
         if final is not model and has_batchnorm(final):
@@ -142,15 +154,25 @@ def sgd(
 ) -> Recipe:
     """SGD: the paper's 50%/90% schedule, a constant LR, or step decay every `step_every` iterations."""
     if schedule == "reference":
-        return Recipe(run.epochs, run.steps_per_epoch, _per_epoch(sgd_reference_lr(run.lr, run.epochs)))
+        return Recipe(
+            run.epochs, run.steps_per_epoch, _per_epoch(sgd_reference_lr(run.lr, run.epochs))
+        )
     if schedule == "constant":
         return Recipe(run.epochs, run.steps_per_epoch, _per_epoch(constant_lr(run.lr)))
     if schedule == "step":
-        _check("step_every", step_every, isinstance(step_every, int) and step_every > 0, "a positive integer")
+        _check(
+            "step_every",
+            step_every,
+            isinstance(step_every, int) and step_every > 0,
+            "a positive integer",
+        )
         _check("step_factor", step_factor, step_factor >= 1, ">= 1")
         return Recipe(
-            run.epochs, run.steps_per_epoch,
-            lambda epoch, step: run.lr / step_factor ** ((epoch * run.steps_per_epoch + step) // step_every),
+            run.epochs,
+            run.steps_per_epoch,
+            lambda epoch, step: (
+                run.lr / step_factor ** ((epoch * run.steps_per_epoch + step) // step_every)
+            ),
         )
     raise ValueError(f"schedule must be one of 'reference', 'constant', 'step', got {schedule!r}")
 
@@ -233,12 +255,23 @@ class Averaging(Recipe):
 def _swa_start(swa_start: float | None, budget_epochs: int, epochs: int) -> int:
     """1-based epoch from which models are averaged; default 0.8 B + 1 (161 for B = 200, as the paper)."""
     start = int(0.8 * budget_epochs) + 1 if swa_start is None else swa_start
-    _check("swa_start", swa_start, isinstance(start, int) and 1 <= start <= epochs, f"an epoch in 1..{epochs}")
+    _check(
+        "swa_start",
+        swa_start,
+        isinstance(start, int) and 1 <= start <= epochs,
+        f"an epoch in 1..{epochs}",
+    )
     return start
 
 
 def _phase_schedule(
-    kind: str, lr: float, swa_lr: float, swa_start: int, steps_per_epoch: int, cycle: int, epochs: int
+    kind: str,
+    lr: float,
+    swa_lr: float,
+    swa_start: int,
+    steps_per_epoch: int,
+    cycle: int,
+    epochs: int,
 ) -> Callable[[int, int], float]:
     """The LR of an averaging run: the paper's SWA schedule, a constant LR, or Algorithm 1's cycles."""
     if kind == "reference":
@@ -275,13 +308,17 @@ def swa(
     _check("cycle", cycle, isinstance(cycle, int) and cycle > 0, "a positive integer")
     _check("every", every, isinstance(every, int) and every > 0, "a positive integer")
     if schedule == "cyclic":  # a model at the end of each cycle, where lr = swa_lr (Algorithm 1)
+
         def collect(epoch: int, step: int | None) -> bool:
             return step is None and epoch + 1 >= start and (epoch + 2 - start) % cycle == 0
     else:  # timgaripov/swa: at swa_start, then every `every` epochs
+
         def collect(epoch: int, step: int | None) -> bool:
             return step is None and swa_should_average(epoch, start, every)
+
     return Averaging(
-        run.epochs, run.steps_per_epoch,
+        run.epochs,
+        run.steps_per_epoch,
         _phase_schedule(schedule, run.lr, swa_lr, start, run.steps_per_epoch, cycle, run.epochs),
         AveragedModel(run.model, rule=SWA()),
         collect=collect,
@@ -302,7 +339,8 @@ def ema(
     """EMA of the weights after every step from `swa_start`, under the SWA schedule."""
     start = _swa_start(swa_start, run.budget_epochs, run.epochs)
     return Averaging(
-        run.epochs, run.steps_per_epoch,
+        run.epochs,
+        run.steps_per_epoch,
         _phase_schedule(schedule, run.lr, swa_lr, start, run.steps_per_epoch, 1, run.epochs),
         AveragedModel(run.model, rule=EMA(decay, warmup_gamma)),
         collect=lambda epoch, step: step is not None and epoch + 1 >= start,
@@ -322,16 +360,30 @@ def pswa(
     pswa_start = max(1, run.budget_epochs // 4) if pswa_start is None else pswa_start
     period = max(1, run.budget_epochs // 8) if period is None else period
     swa_start = run.budget_epochs + 1 if swa_start is None else swa_start
-    _check("pswa_start", pswa_start, isinstance(pswa_start, int) and 1 <= pswa_start <= run.epochs, f"an epoch in 1..{run.epochs}")
+    _check(
+        "pswa_start",
+        pswa_start,
+        isinstance(pswa_start, int) and 1 <= pswa_start <= run.epochs,
+        f"an epoch in 1..{run.epochs}",
+    )
     _check("period", period, isinstance(period, int) and period > 0, "a positive integer")
-    _check("swa_start", swa_start, isinstance(swa_start, int) and swa_start > pswa_start, f"> pswa_start ({pswa_start})")
+    _check(
+        "swa_start",
+        swa_start,
+        isinstance(swa_start, int) and swa_start > pswa_start,
+        f"> pswa_start ({pswa_start})",
+    )
     schedule = swa_reference_lr(run.lr, min(swa_start, run.epochs), swa_lr)
     return Averaging(
-        run.epochs, run.steps_per_epoch, _per_epoch(schedule),
+        run.epochs,
+        run.steps_per_epoch,
+        _per_epoch(schedule),
         AveragedModel(run.model, rule=SWA()),
         collect=lambda epoch, step: step is None and epoch + 1 >= pswa_start,
         # after the k-th model of a period is folded in (k = epoch + 2 - pswa_start), restart if k % period == 0
-        restart=lambda epoch: pswa_start <= epoch + 1 < swa_start and (epoch + 2 - pswa_start) % period == 0,
+        restart=lambda epoch: (
+            pswa_start <= epoch + 1 < swa_start and (epoch + 2 - pswa_start) % period == 0
+        ),
         reset_at=swa_start - 1 if swa_start <= run.epochs else None,
     )
 
@@ -339,8 +391,13 @@ def pswa(
 class Ensembling(Recipe):
     """Collects models into an FGE ensemble or a SWAG posterior; predictions average probabilities."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, schedule: Callable[[int, int], float],
-                 collect: Callable[[int], bool]) -> None:
+    def __init__(
+        self,
+        epochs: int,
+        steps_per_epoch: int,
+        schedule: Callable[[int, int], float],
+        collect: Callable[[int], bool],
+    ) -> None:
         super().__init__(epochs, steps_per_epoch, schedule)
         self._collect = collect
 
@@ -362,7 +419,9 @@ class FGERecipe(Ensembling):
     def collect(self, model: nn.Module) -> None:
         self.fge.collect(model)
 
-    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+    def predict(
+        self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext
+    ) -> dict[str, Tensor]:
         if not self.fge.members:
             return super().predict(model, splits, ctx)
         # members keep their own BN statistics
@@ -380,23 +439,48 @@ class FGERecipe(Ensembling):
 class SWAGRecipe(Ensembling):
     """SWAG: Gaussian posterior from the SWA trajectory; Bayesian model averaging over samples."""
 
-    def __init__(self, *args: Any, swag: SWAG, n_samples: int, scale: float, cov: bool, seed: int,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        swag: SWAG,
+        n_samples: int,
+        scale: float,
+        cov: bool,
+        seed: int,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.swag, self.n_samples, self.scale, self.cov, self.seed = swag, n_samples, scale, cov, seed
+        self.swag, self.n_samples, self.scale, self.cov, self.seed = (
+            swag,
+            n_samples,
+            scale,
+            cov,
+            seed,
+        )
 
     def collect(self, model: nn.Module) -> None:
         self.swag.collect_model(model)
 
-    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+    def predict(
+        self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext
+    ) -> dict[str, Tensor]:
         if self.swag.n_models == 0:
             return super().predict(model, splits, ctx)
         generator = torch.Generator(device=self.swag.mean.device).manual_seed(self.seed)
         predict_fn, unflatten = joint_predictions(splits, ctx)
         kind = "classification" if ctx.task.probabilistic else "regression"
-        out = bma_predict(self.swag, None, _Passes(ctx.bn_loader), n_samples=self.n_samples,
-                          scale=self.scale, cov=self.cov, task=kind, generator=generator,
-                          predict_fn=predict_fn, max_bn_batches=ctx.bn_batches)
+        out = bma_predict(
+            self.swag,
+            None,
+            _Passes(ctx.bn_loader),
+            n_samples=self.n_samples,
+            scale=self.scale,
+            cov=self.cov,
+            task=kind,
+            generator=generator,
+            predict_fn=predict_fn,
+            max_bn_batches=ctx.bn_batches,
+        )
         return unflatten(out["probs" if ctx.task.probabilistic else "mean"])
 
     def final_state(self, model: nn.Module) -> dict[str, Tensor]:
@@ -428,12 +512,16 @@ class SoupRecipe(FGERecipe):
         self.kind, self.temperature = kind, temperature
         self.ingredients: list[int] = []
 
-    def predict(self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext) -> dict[str, Tensor]:
+    def predict(
+        self, model: nn.Module, splits: dict[str, Split], ctx: EvalContext
+    ) -> dict[str, Tensor]:
         members = self.fge.members
         if not members:
             return Recipe.predict(self, model, splits, ctx)
         if "val" not in splits and self.kind != "uniform":
-            raise ValueError(f"a {self.kind} soup scores snapshots on the validation split; set a val_size > 0")
+            raise ValueError(
+                f"a {self.kind} soup scores snapshots on the validation split; set a val_size > 0"
+            )
         bn = has_batchnorm(model)
 
         def score(state: dict[str, Tensor]) -> float:  # validation metric, higher is better
@@ -448,13 +536,19 @@ class SoupRecipe(FGERecipe):
             uniform_soup(members, model=model, bn_loader=bn_loader)
             self.ingredients = list(range(len(members)))
         elif self.kind == "greedy":
-            self.ingredients = greedy_soup(members, score, model=model, bn_loader=bn_loader).ingredients
+            self.ingredients = greedy_soup(
+                members, score, model=model, bn_loader=bn_loader
+            ).ingredients
         else:
             scores = [score(m) for m in members]
             if not ctx.task.probabilistic and self.temperature is None:
-                raise ValueError(f"weighted soup on a {ctx.task.name} task needs a temperature "
-                                 "(scores are negative errors)")
-            weighted_soup(members, scores, temperature=self.temperature, model=model, bn_loader=bn_loader)
+                raise ValueError(
+                    f"weighted soup on a {ctx.task.name} task needs a temperature "
+                    "(scores are negative errors)"
+                )
+            weighted_soup(
+                members, scores, temperature=self.temperature, model=model, bn_loader=bn_loader
+            )
             self.ingredients = list(range(len(members)))
         return predict(model, splits, ctx)
 
@@ -473,8 +567,12 @@ def soup(
         raise ValueError(f"kind must be one of 'greedy', 'weighted', 'uniform', got {kind!r}")
     start = _swa_start(swa_start, run.budget_epochs, run.epochs)
     return SoupRecipe(
-        run.epochs, run.steps_per_epoch, _per_epoch(swa_reference_lr(run.lr, start, swa_lr, run.epochs)),
-        collect=lambda epoch: swa_should_average(epoch, start), kind=kind, temperature=temperature,
+        run.epochs,
+        run.steps_per_epoch,
+        _per_epoch(swa_reference_lr(run.lr, start, swa_lr, run.epochs)),
+        collect=lambda epoch: swa_should_average(epoch, start),
+        kind=kind,
+        temperature=temperature,
     )
 
 
@@ -499,8 +597,12 @@ def fge(
             return before(epoch)
         return cycles(epoch - (start - 1) + step / run.steps_per_epoch)
 
-    return FGERecipe(run.epochs, run.steps_per_epoch, schedule,
-                     collect=lambda epoch: epoch + 1 >= start and fge_should_collect(epoch - (start - 1), cycle))
+    return FGERecipe(
+        run.epochs,
+        run.steps_per_epoch,
+        schedule,
+        collect=lambda epoch: epoch + 1 >= start and fge_should_collect(epoch - (start - 1), cycle),
+    )
 
 
 @METHODS.register("swag")
@@ -518,17 +620,32 @@ def swag(
 ) -> SWAGRecipe:
     """SWAG (Maddox et al., 2019): SWA schedule, moments once per epoch, BMA over `n_samples` samples."""
     start = _swa_start(swa_start, run.budget_epochs, run.epochs)
-    _check("n_samples", n_samples, isinstance(n_samples, int) and n_samples > 0, "a positive integer")
+    _check(
+        "n_samples", n_samples, isinstance(n_samples, int) and n_samples > 0, "a positive integer"
+    )
     return SWAGRecipe(
-        run.epochs, run.steps_per_epoch, _per_epoch(swa_reference_lr(run.lr, start, swa_lr, run.epochs)),
+        run.epochs,
+        run.steps_per_epoch,
+        _per_epoch(swa_reference_lr(run.lr, start, swa_lr, run.epochs)),
         collect=lambda epoch: swa_should_average(epoch, start),
         swag=SWAG(run.model, max_num_models=max_num_models, no_cov_mat=not cov),
-        n_samples=n_samples, scale=scale, cov=cov, seed=seed,
+        n_samples=n_samples,
+        scale=scale,
+        cov=cov,
+        seed=seed,
     )
 
 
-def build_recipe(method: str, options: dict[str, Any], *, lr: float, budget_epochs: int, budget: float,
-                 steps_per_epoch: int = 1, model: nn.Module | None = None) -> Recipe:
+def build_recipe(
+    method: str,
+    options: dict[str, Any],
+    *,
+    lr: float,
+    budget_epochs: int,
+    budget: float,
+    steps_per_epoch: int = 1,
+    model: nn.Module | None = None,
+) -> Recipe:
     """The recipe of ``method`` for a run of ``run_epochs(budget, budget_epochs)`` epochs.
 
     Without ``model`` a stand-in is used: enough to check the options and to ask the recipe for its
@@ -549,5 +666,12 @@ def recipe_of(
 ) -> Recipe:
     """The recipe of a ``MethodConfig`` under a ``TrainConfig`` (``lr`` defaults to ``train.lr``)."""
     lr = method.lr if method.lr is not None else train.lr
-    return build_recipe(method.method, method.options, lr=lr, budget_epochs=train.epochs,
-                        budget=method.budget, steps_per_epoch=steps_per_epoch, model=model)
+    return build_recipe(
+        method.method,
+        method.options,
+        lr=lr,
+        budget_epochs=train.epochs,
+        budget=method.budget,
+        steps_per_epoch=steps_per_epoch,
+        model=model,
+    )

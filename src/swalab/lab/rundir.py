@@ -92,8 +92,10 @@ class RunFiles:
         try:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as err:
-            raise RunFileError(f"cannot read {path}: {str(err).splitlines()[0]}; delete {path.parent} "
-                               "to retrain that run") from None
+            raise RunFileError(
+                f"cannot read {path}: {str(err).splitlines()[0]}; delete {path.parent} "
+                "to retrain that run"
+            ) from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_text(self.metrics_path, _jsonl([record]))

@@ -4,6 +4,7 @@ The layout of a run directory is in ``rundir.py``. Re-running the same command s
 and continues unfinished ones from their last completed epoch; methods that have not started may
 change their config (or be added) between runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,21 +12,23 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .devices import resolve_device
 from .distributed import World
+from .files import atomic_write_text, holds_files, remove_tree
 from .inputs import load_bundle
 from .jobs import RunsFailed, check_jobs, run_jobs
 from .methods import recipe_of
 from .precision import Precision
 from .rundir import RunDirectory
 from .stats import primary_metric, summarize
-from .files import atomic_write_text, holds_files, remove_tree
 from .tracking import EpochReporter, check_trackers, open_trackers
 from .trainer import train_run
 
@@ -36,15 +39,27 @@ _RUN_SPECIFIC = ("seeds", "description", "variants")
 
 def _meta(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Any]:
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip() or None
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         rev = None
     import swalab
 
     return {
-        "command": argv, "python": platform.python_version(), "torch": torch.__version__,
-        "swalab": swalab.__version__, "git_revision": rev, "platform": platform.platform(),
+        "command": argv,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "swalab": swalab.__version__,
+        "git_revision": rev,
+        "platform": platform.platform(),
     }
 
 
@@ -65,8 +80,11 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
     new_methods = {m["label"]: m for m in new["methods"]}
     seeds = set(cfg.seeds) | set(old.get("seeds") or [])
     started = [label for label in old_methods if any(layout.run(label, s).started for s in seeds)]
-    differ = [label for label in started
-              if shared or (label in new_methods and old_methods[label] != new_methods[label])]
+    differ = [
+        label
+        for label in started
+        if shared or (label in new_methods and old_methods[label] != new_methods[label])
+    ]
     if differ:
         what = f"{', '.join(shared)} differ" if shared else "their method configs differ"
         raise ConfigError(
@@ -74,8 +92,10 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
             "choose another --out, or change only methods that have not started"
         )
     if shared and layout.pretrain_path(cfg.seeds[0]).parent.exists():
-        raise ConfigError(f"{out} holds a pre-training cache made with a different config "
-                          f"({', '.join(shared)} differ); choose another --out")
+        raise ConfigError(
+            f"{out} holds a pre-training cache made with a different config "
+            f"({', '.join(shared)} differ); choose another --out"
+        )
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +160,9 @@ def run_experiment(
     rows = world.on_main(finished)
     todo = [(seed, m) for seed, m in runs if (m.label, seed) not in rows]
     where = f"{world.size} processes on {device.type}" if world.size > 1 else str(device)
-    log(f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {where}, writing {out}")
+    log(
+        f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {where}, writing {out}"
+    )
 
     bundles: dict[int, Any] = {}
     failures: list[str] = []
@@ -149,17 +171,27 @@ def run_experiment(
         reporter = EpochReporter(bar, task, log, lines=not progress)
 
         def record(seed: int, method: Any, result: Any, seconds: float) -> None:
-            row = {"method": method.label, "method_name": method.method, "baseline": method.baseline,
-                   "seed": seed, "budget": method.budget,
-                   "epochs": result.epochs, "status": result.status, "seconds": seconds,
-                   "message": result.message, **result.metrics}
+            row = {
+                "method": method.label,
+                "method_name": method.method,
+                "baseline": method.baseline,
+                "seed": seed,
+                "budget": method.budget,
+                "epochs": result.epochs,
+                "status": result.status,
+                "seconds": seconds,
+                "message": result.message,
+                **result.metrics,
+            }
             if result.status == "diverged":
                 log(f"diverged: {result.message}; the other runs go on")
             elif not progress:  # no live bar: a line per epoch (on_epoch), one per run here
                 metric = primary_metric([result.metrics])
-                log(f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
+                log(
+                    f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
                     f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, "
-                    f"ETA {reporter.eta_text()}")
+                    f"ETA {reporter.eta_text()}"
+                )
             rows[(method.label, seed)] = row
             if world.main:
                 layout.run(method.label, seed).write_result(row)
@@ -169,25 +201,33 @@ def run_experiment(
             if download:  # once, here, rather than by several workers at once
                 load_bundle(cfg, todo[0][0], download)
             reporter.set_total(_total_epochs(cfg, todo))
-            failures = run_jobs(cfg, out, todo, jobs, device, record=record, bar=bar, task=task, log=log,
-                                progress=progress)
-        pretrain_todo = set(world.on_main(lambda: sorted(
-            {seed for seed, _ in todo if not layout.pretrain_path(seed).exists()})))
-        for seed, method in todo if jobs == 1 else []:
-            if seed not in bundles:  # under DDP rank 0 first: it downloads what the others then read
-                bundles = {seed: world.main_first(lambda: load_bundle(cfg, seed, download))}
-            bundle = bundles[seed]
-            if bar.tasks[task].total is None:
-                pretraining = cfg.pretrain.epochs * len(pretrain_todo)
-                reporter.set_total(_total_epochs(cfg, todo) + pretraining)
-            pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
-            phase = "pretrain" if pretraining_now else method.label
-            bar.update(task, description=f"{phase} seed {seed}")
-            start = time.perf_counter()
+            failures = run_jobs(
+                cfg,
+                out,
+                todo,
+                jobs,
+                device,
+                record=record,
+                bar=bar,
+                task=task,
+                log=log,
+                progress=progress,
+            )
+        pretrain_todo = set(
+            world.on_main(
+                lambda: sorted(
+                    {seed for seed, _ in todo if not layout.pretrain_path(seed).exists()}
+                )
+            )
+        )
+
+        def train_here(seed: int, method: Any, bundle: Any) -> Any:
+            """One run in this process, its epochs on the progress display and the trackers."""
             run_epochs = _total_epochs(cfg, [(seed, method)])
             reported: list[int] = []
-            trackers = open_trackers(cfg.train.log if world.main else [], out, method.label, seed,
-                                     to_dict(cfg))
+            trackers = open_trackers(
+                cfg.train.log if world.main else [], out, method.label, seed, to_dict(cfg)
+            )
 
             def on_epoch(record: dict[str, Any]) -> None:
                 if record.get("phase") == "pretrain":
@@ -203,21 +243,38 @@ def run_experiment(
                 what = f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}"
                 reporter.epoch(what, record, run_epochs)
 
+            files = layout.run(method.label, seed)
             try:
-                result = train_run(cfg, method, seed, bundle, layout.run(method.label, seed), device,
-                                   on_epoch=on_epoch, world=world)
+                result = train_run(
+                    cfg, method, seed, bundle, files, device, on_epoch=on_epoch, world=world
+                )
             finally:
                 trackers.close()
             # epochs not run here: all of a resumed run that had finished, those after a divergence
             reporter.skip(run_epochs - len(reported) - (reported[0] - 1 if reported else 0))
+            return result
+
+        for seed, method in todo if jobs == 1 else []:
+            if seed not in bundles:  # under DDP rank 0 first: it downloads what the others read
+                bundles = {seed: world.main_first(partial(load_bundle, cfg, seed, download))}
+            if bar.tasks[task].total is None:
+                pretraining = cfg.pretrain.epochs * len(pretrain_todo)
+                reporter.set_total(_total_epochs(cfg, todo) + pretraining)
+            pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
+            phase = "pretrain" if pretraining_now else method.label
+            bar.update(task, description=f"{phase} seed {seed}")
+            start = time.perf_counter()
+            result = train_here(seed, method, bundles[seed])
             record(seed, method, result, round(time.perf_counter() - start, 2))
     ordered = [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows]
     if world.main:
         layout.write_results(ordered)
     log(format_table(cfg.name, [{k: str(v) for k, v in r.items()} for r in ordered]))
     if failures:
-        raise RunsFailed(f"{len(failures)} run(s) failed, the others finished (first: {failures[0]}); "
-                         "run the same command again to retry them")
+        raise RunsFailed(
+            f"{len(failures)} run(s) failed, the others finished (first: {failures[0]}); "
+            "run the same command again to retry them"
+        )
     return ordered
 
 
@@ -226,12 +283,24 @@ def _total_epochs(cfg: ExperimentConfig, todo: list) -> int:
 
 
 def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=not enabled, transient=True,
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
     )
 
 
@@ -243,11 +312,18 @@ def format_table(name: str, rows: list[dict[str, str]]) -> str:
     summaries = summarize(rows, metric)
     unit = " (%)" if metric.endswith("accuracy") else ""
     header = f"{name}: {metric}{unit}, mean ± std over seeds; Δ = paired difference (same seeds) with 95% interval"
-    lines = [header, f"{'method':<22} {'n':>2}  {'mean ± std':<18} {'Δ vs':<12} {'Δ [95% CI]':<28} raw"]
+    lines = [
+        header,
+        f"{'method':<22} {'n':>2}  {'mean ± std':<18} {'Δ vs':<12} {'Δ [95% CI]':<28} raw",
+    ]
     for s in summaries:
         n = f"{len(s.values)}" + (f" ({s.diverged} diverged)" if s.diverged else "")
         mean = f"{_num(s.mean, metric)} ± {_num(s.std, metric)}"
-        diff = "" if s.diff_mean is None else f"{_signed(s.diff_mean, metric)} [{_signed(s.diff_low, metric)}, {_signed(s.diff_high, metric)}]"
+        diff = (
+            ""
+            if s.diff_mean is None
+            else f"{_signed(s.diff_mean, metric)} [{_signed(s.diff_low, metric)}, {_signed(s.diff_high, metric)}]"
+        )
         raw = " ".join(_num(v, metric) for v in s.values)
         lines.append(f"{s.label:<22} {n:>2}  {mean:<18} {s.baseline or '':<12} {diff:<28} {raw}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 A paired difference uses the runs of the same seed (same initialisation and data order), so the
 95% interval is ``mean(d) ± t_{0.975, n-1} · sd(d) / sqrt(n)`` over the seeds both methods finished.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ def _interval(diffs: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return mean, math.nan, math.nan
-    half = scipy_stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = (
+        scipy_stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    )
     return mean, mean - half, mean + half
 
 
@@ -61,11 +64,14 @@ def summarize(rows: list[dict], metric: str) -> list[MethodSummary]:
     own_base = {r["method"]: r.get("baseline") or None for r in rows}
     out = []
     for label in labels:
-        seeds = sorted(int(r["seed"]) for r in rows if r["method"] == label and r["status"] == "done")
+        seeds = sorted(
+            int(r["seed"]) for r in rows if r["method"] == label and r["status"] == "done"
+        )
         values = [done[(label, s)] for s in seeds]
         diverged = sum(1 for r in rows if r["method"] == label and r["status"] == "diverged")
         summary = MethodSummary(
-            label, values,
+            label,
+            values,
             statistics.fmean(values) if values else math.nan,
             statistics.stdev(values) if len(values) > 1 else math.nan,
             diverged,

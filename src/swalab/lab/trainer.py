@@ -7,12 +7,14 @@ epoch, so an interrupted run continues bit-identically on the CPU.
 Under torchrun every rank runs the same code with its ``World`` (distributed.py): the model trains
 through DDP on the rank's slice of each global batch, and only rank 0 reads and writes files.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ from .task import task_of
 __all__ = ["RunResult", "train_one_epoch", "train_run"]
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -86,9 +90,15 @@ def train_one_epoch(
     return torch.as_tensor(total)
 
 
-def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFiles,
-             device: torch.device, world: World = World(),
-             on_epoch: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Tensor]:
+def pretrain(
+    cfg: ExperimentConfig,
+    bundle: DataBundle,
+    seed: int,
+    files: RunFiles,
+    device: torch.device,
+    world: World = World(),
+    on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
+) -> dict[str, Tensor]:
     """Shared pre-training (documents 000/003): Adam/AdamW with a per-iteration cosine LR, cached per seed."""
     cached = world.on_main(lambda: files.experiment.load_pretrain(seed))
     if cached is not None:
@@ -105,6 +115,7 @@ def pretrain(cfg: ExperimentConfig, bundle: DataBundle, seed: int, files: RunFil
         def lr(step: int) -> float:
             t = (epoch * len(loader) + step) / total
             return p.lr * 0.5 * (1 + math.cos(math.pi * t)) if p.cosine else p.lr
+
         return lr
 
     for epoch in range(p.epochs):
@@ -165,14 +176,28 @@ def train_run(
         if world.main:
             files.save_weights("init", _cpu_state(model))
 
-    ctx = EvalContext(task, device, train.eval_batch_size,
-                      lambda: bn_loader(cfg, bundle, seed, device, world), train.bn_batches, world)
+    ctx = EvalContext(
+        task,
+        device,
+        train.eval_batch_size,
+        lambda: bn_loader(cfg, bundle, seed, device, world),
+        train.bn_batches,
+        world,
+    )
     # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
     net, criterion = data_parallel(model, world), batch_loss(task, world)
     for epoch in range(start_epoch, recipe.epochs):
-        total_loss = train_one_epoch(model, net, loader, optimizer, criterion,
-                                     lambda step: recipe.lr(epoch, step), world, precision,
-                                     recipe.after_step)
+        total_loss = train_one_epoch(
+            model,
+            net,
+            loader,
+            optimizer,
+            criterion,
+            partial(recipe.lr, epoch),
+            world,
+            precision,
+            recipe.after_step,
+        )
         train_loss = total_loss.item() / len(loader)
         if not math.isfinite(train_loss):  # keep the previous epoch's checkpoint, the last good one
             message = f"{method.label} seed {seed}: loss became {train_loss} in epoch {epoch + 1}"
@@ -182,43 +207,84 @@ def train_run(
         recipe.after_epoch(epoch, model, optimizer)
 
         # The epoch's record: one line of metrics.jsonl (a per-epoch hook reads it here).
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": recipe.lr(epoch, 0), "train_loss": train_loss}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": recipe.lr(epoch, 0),
+            "train_loss": train_loss,
+        }
         last = epoch + 1 == recipe.epochs
         if (epoch + 1) % train.eval_every == 0 or last:
-            record.update({f"test_{k}": v for k, v in
-                           evaluate(model_outputs(model, bundle.test, ctx), bundle.test, task).items()})
+            record.update(
+                {
+                    f"test_{k}": v
+                    for k, v in evaluate(
+                        model_outputs(model, bundle.test, ctx), bundle.test, task
+                    ).items()
+                }
+            )
             running = recipe.running_model(model)
-            if running is not None and not last:  # the last epoch's average is the final model, evaluated below
-                if has_batchnorm(running):  # recompute BN on a copy: the average's own BN stays as it is
+            if (
+                running is not None and not last
+            ):  # the last epoch's average is the final model, evaluated below
+                if has_batchnorm(
+                    running
+                ):  # recompute BN on a copy: the average's own BN stays as it is
                     running = copy.deepcopy(running)
                     update_bn(ctx.bn_loader(), running, max_batches=ctx.bn_batches)
-                record.update({f"avg_test_{k}": v for k, v in
-                               evaluate(model_outputs(running, bundle.test, ctx), bundle.test, task).items()})
+                record.update(
+                    {
+                        f"avg_test_{k}": v
+                        for k, v in evaluate(
+                            model_outputs(running, bundle.test, ctx), bundle.test, task
+                        ).items()
+                    }
+                )
         history.append(record)
-        rng_states = world.gather(torch.get_rng_state())  # every rank's dropout stream ([its own] in one process)
+        rng_states = world.gather(
+            torch.get_rng_state()
+        )  # every rank's dropout stream ([its own] in one process)
         if world.main:  # under DDP rank 0 alone writes
             if train.save_trajectory:
                 files.append_trajectory(epoch + 1, _cpu_state(model))
-            files.save_checkpoint({
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "recipe": recipe.state_dict(), "generator": generator.get_state(),
-                "torch_rng": rng_states[0], "history": history, "grad_scaler": precision.state_dict(),
-                **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
-            })
+            files.save_checkpoint(
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "recipe": recipe.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": rng_states[0],
+                    "history": history,
+                    "grad_scaler": precision.state_dict(),
+                    **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
+                }
+            )
             if not (last and recipe.running_model(model) is not None):  # waits for final metrics
                 files.append_metrics(record)
         if not last:  # the last epoch is reported with the final model's metrics, below
             on_epoch(record)
 
-    splits = {name: getattr(bundle, name) for name in ("train", "val", "test") if len(getattr(bundle, name))}
+    splits = {
+        name: getattr(bundle, name)
+        for name in ("train", "val", "test")
+        if len(getattr(bundle, name))
+    }
     outputs = recipe.predict(model, splits, ctx)
     if world.main:
         files.save_weights("final", recipe.final_state(model))
     results: dict[str, float] = {}
     for name, split in splits.items():
         results.update({f"{name}_{k}": v for k, v in evaluate(outputs[name], split, task).items()})
-    if history and recipe.running_model(model) is not None:  # the learning curve's last average point
-        history[-1].update({k.replace("test_", "avg_test_", 1): v for k, v in results.items() if k.startswith("test_")})
+    if (
+        history and recipe.running_model(model) is not None
+    ):  # the learning curve's last average point
+        history[-1].update(
+            {
+                k.replace("test_", "avg_test_", 1): v
+                for k, v in results.items()
+                if k.startswith("test_")
+            }
+        )
         if world.main:
             files.write_metrics(history)
     if history:

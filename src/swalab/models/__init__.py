@@ -9,6 +9,7 @@ Example:
     ['gcn', 'gcn_sparse', 'mlp']
     >>> model = create("mnist1d_cnn", in_shape=(1, 40), num_outputs=10, bn=True)
 """
+
 from __future__ import annotations
 
 import inspect

@@ -4,9 +4,11 @@ Every builder has the signature ``builder(in_shape, num_outputs, **options)`` wi
 options, where ``in_shape`` is the shape of one sample: ``(F,)`` tabular or graph node features,
 ``(C, L)`` 1-D signals, ``(C, H, W)`` images.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from swalab.registry import Registry
 

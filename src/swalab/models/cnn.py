@@ -1,4 +1,5 @@
 """Small convolutional networks: the MNIST-1D reference CNN and the source documents' image CNN."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

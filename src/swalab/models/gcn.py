@@ -15,6 +15,7 @@ Two implementations of the same function, with the same parameter names (state d
   ``torch_geometric.nn.GCNConv`` (message passing), for comparison; ``dense_to_sparse_batch``
   converts a dense batch.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,10 +3,11 @@
 Source documents 000/001 (BayesianML-SWA, ``models/mlp.py``): ``n`` hidden layers Linear-ReLU of one
 width, then a linear output; 3 x 16 for the 2-D toy, 3 x 32 for Friedman 1 and 3.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 

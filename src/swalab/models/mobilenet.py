@@ -8,6 +8,7 @@ The source documents trained a reduced MobileNetV2 on CIFAR-10/100 (their own tr
 32-channel stem, five stages, 216-channel last layer); ``width_mult`` is torchvision's width
 multiplier.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -33,9 +34,7 @@ CIFAR_SETTING = [
 
 
 @MODELS.register("mobilenet_v2")
-def mobilenet_v2(
-    in_shape: tuple[int, ...], num_outputs: int, width_mult: float = 1.0
-) -> nn.Module:
+def mobilenet_v2(in_shape: tuple[int, ...], num_outputs: int, width_mult: float = 1.0) -> nn.Module:
     """torchvision MobileNetV2 with CIFAR strides for inputs <= 64 px; option width_mult."""
     from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 

@@ -9,6 +9,7 @@ Note that by this rule the SWA paper's PreResNet-110 is a bottleneck network (12
 1.15M parameters), not He et al.'s basic-block ResNet-110 (18 blocks per stage, 1.7M parameters);
 ``preresnet(depth=110, block="basic")`` builds the latter.
 """
+
 from __future__ import annotations
 
 import math

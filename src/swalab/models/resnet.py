@@ -7,6 +7,7 @@ the SWA paper runs SWA from pretrained torchvision ImageNet models. Nothing is e
 For inputs of at most 64 px the stem is a 3x3 stride-1 convolution with no max-pool (CIFAR style);
 the stem takes ``C`` channels from ``in_shape``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Configuration D (13 conv 3x3 + 5 max-pools), then ``Dropout-Linear(512, 512)-ReL
 Linear(512, 512)-ReLU-Linear(512, num_outputs)``. Convolutions are initialised
 ``N(0, 2 / (k * k * out_channels))`` with zero bias; linear layers keep PyTorch's default.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ pooling and a linear head. As in the reference: convolutions carry biases, PyTor
 initialisation, and the final BatchNorm has ``momentum=0.9`` (its running statistics mostly follow
 the last batch).
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn

@@ -4,6 +4,7 @@ The report is a list of blocks (headings, paragraphs, tables, figures) rendered 
 ``report/report.md`` with the PNGs beside it, and ``report/report.html``, one self-contained page
 (CSS inline, images base64-embedded, no scripts, no external resources).
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,12 +28,32 @@ from .rundir import RunDir
 __all__ = ["Block", "build_report", "format_value", "learning_curves", "results_tables"]
 
 LANDSCAPE_FIGURES = (
-    ("line", "line.png", "Train loss and test error along the line t·w_SGD + (1 − t)·w_SWA (paper Fig. 5)."),
-    ("rays", "rays.png", "Train loss and test error along random rays from both solutions (paper Fig. 4)."),
-    ("rays", "width.png", "Width: distance along each ray at which the train loss has risen by the set amount."),
-    ("plane", "plane.png", "The plane through SGD's start, SGD's end and SWA, with SGD's trajectory projected."),
-    ("snapshots", "snapshots.png", "The plane through three averaged SWA snapshots; their average and the SWA "
-                                   "solution marked, the SWA run's iterates projected."),
+    (
+        "line",
+        "line.png",
+        "Train loss and test error along the line t·w_SGD + (1 − t)·w_SWA (paper Fig. 5).",
+    ),
+    (
+        "rays",
+        "rays.png",
+        "Train loss and test error along random rays from both solutions (paper Fig. 4).",
+    ),
+    (
+        "rays",
+        "width.png",
+        "Width: distance along each ray at which the train loss has risen by the set amount.",
+    ),
+    (
+        "plane",
+        "plane.png",
+        "The plane through SGD's start, SGD's end and SWA, with SGD's trajectory projected.",
+    ),
+    (
+        "snapshots",
+        "snapshots.png",
+        "The plane through three averaged SWA snapshots; their average and the SWA "
+        "solution marked, the SWA run's iterates projected.",
+    ),
 )
 
 
@@ -61,17 +82,27 @@ def format_value(value: float | None, metric: str, signed: bool = False) -> str:
 
 
 def _metric_title(metric: str) -> str:
-    names = {"test_accuracy": "test accuracy (%)", "test_mse": "test MSE", "test_loss": "test NLL",
-             "test_ece": "test ECE (20 equal-mass bins)"}
+    names = {
+        "test_accuracy": "test accuracy (%)",
+        "test_mse": "test MSE",
+        "test_loss": "test NLL",
+        "test_ece": "test ECE (20 equal-mass bins)",
+    }
     return names.get(metric, metric)
 
 
 def results_tables(rows: list[dict[str, str]]) -> list[tuple[str, list[MethodSummary], Block]]:
     """The results tables in the paper's format, one per metric: the primary metric, then NLL and ECE."""
     primary = primary_metric(rows)
-    chosen = [primary] + ([m for m in ("test_loss", "test_ece") if all(r.get(m) not in (None, "") for r in rows
-                                                                     if r["status"] == "done")]
-                          if primary == "test_accuracy" else [])
+    chosen = [primary] + (
+        [
+            m
+            for m in ("test_loss", "test_ece")
+            if all(r.get(m) not in (None, "") for r in rows if r["status"] == "done")
+        ]
+        if primary == "test_accuracy"
+        else []
+    )
     seeds = sorted({int(r["seed"]) for r in rows})
     tables = []
     for metric in chosen:
@@ -79,14 +110,29 @@ def results_tables(rows: list[dict[str, str]]) -> list[tuple[str, list[MethodSum
         header = ["method", "n", "mean ± std", "Δ vs", "Δ [95% CI]"] + [f"seed {s}" for s in seeds]
         body = []
         for s in summaries:
-            done_seeds = sorted(int(r["seed"]) for r in rows if r["method"] == s.label and r["status"] == "done")
+            done_seeds = sorted(
+                int(r["seed"]) for r in rows if r["method"] == s.label and r["status"] == "done"
+            )
             by_seed = dict(zip(done_seeds, s.values))
             n = f"{len(s.values)}" + (f" ({s.diverged} diverged)" if s.diverged else "")
-            diff = "" if s.diff_mean is None else (
-                f"{format_value(s.diff_mean, metric, True)} [{format_value(s.diff_low, metric, True)}, "
-                f"{format_value(s.diff_high, metric, True)}]")
-            body.append([s.label, n, f"{format_value(s.mean, metric)} ± {format_value(s.std, metric)}",
-                         s.baseline or "", diff] + [format_value(by_seed.get(seed), metric) for seed in seeds])
+            diff = (
+                ""
+                if s.diff_mean is None
+                else (
+                    f"{format_value(s.diff_mean, metric, True)} [{format_value(s.diff_low, metric, True)}, "
+                    f"{format_value(s.diff_high, metric, True)}]"
+                )
+            )
+            body.append(
+                [
+                    s.label,
+                    n,
+                    f"{format_value(s.mean, metric)} ± {format_value(s.std, metric)}",
+                    s.baseline or "",
+                    diff,
+                ]
+                + [format_value(by_seed.get(seed), metric) for seed in seeds]
+            )
         tables.append((metric, summaries, Block("table", _metric_title(metric), header, body)))
     return tables
 
@@ -100,8 +146,13 @@ def _header(run: RunDir) -> list[Block]:
     if cfg.description:
         blocks.append(Block("p", cfg.description))
     meta = run.meta()
-    facts = [f"run directory `{run.path}`", f"dataset {cfg.data.name}", f"model {cfg.model.name}",
-             f"budget B = {cfg.train.epochs} epochs", f"seeds {cfg.seeds}"]
+    facts = [
+        f"run directory `{run.path}`",
+        f"dataset {cfg.data.name}",
+        f"model {cfg.model.name}",
+        f"budget B = {cfg.train.epochs} epochs",
+        f"seeds {cfg.seeds}",
+    ]
     if meta:
         facts += [f"torch {meta.get('torch')}", f"swalab {meta.get('swalab')}"]
         if meta.get("git_revision"):
@@ -118,38 +169,64 @@ def _claims(run: RunDir) -> list[Block]:
 
     claims = evaluate_claims(run.path)
     header, rows = claim_rows(claims)
-    blocks = [Block("h2", "Claims"),
-              Block("p", f"Each claim of the SWA paper as a per-seed statistic d (> 0: the paper's side), its "
-                         f"paired 95% interval over seeds and a verdict; seeds to decide: a power calculation "
-                         f"(paired t-test, two-sided alpha {ALPHA:g}, power {POWER:g}) at the observed mean and "
-                         "standard deviation. Statistics and thresholds: docs/claims.md."),
-              Block("table", "The paper's claims on this run", header, rows, stem="table_claims")]
+    blocks = [
+        Block("h2", "Claims"),
+        Block(
+            "p",
+            f"Each claim of the SWA paper as a per-seed statistic d (> 0: the paper's side), its "
+            f"paired 95% interval over seeds and a verdict; seeds to decide: a power calculation "
+            f"(paired t-test, two-sided alpha {ALPHA:g}, power {POWER:g}) at the observed mean and "
+            "standard deviation. Statistics and thresholds: docs/claims.md.",
+        ),
+        Block("table", "The paper's claims on this run", header, rows, stem="table_claims"),
+    ]
     against = [c for c in claims if c.verdict == "contradicted"]
     if against:
-        blocks.append(Block("note", "this run contradicts the paper on: "
-                                    + "; ".join(f"claim {c.id} ({c.title})" for c in against)))
+        blocks.append(
+            Block(
+                "note",
+                "this run contradicts the paper on: "
+                + "; ".join(f"claim {c.id} ({c.title})" for c in against),
+            )
+        )
     return blocks
 
 
 def _results(run: RunDir, out: Path) -> list[Block]:
     rows = run.results()
-    blocks = [Block("h2", "Results"),
-              Block("p", "Mean ± std over seeds; Δ = paired difference to the baseline over the same seeds with "
-                         "its 95% t-interval; the raw value of every seed.")]
+    blocks = [
+        Block("h2", "Results"),
+        Block(
+            "p",
+            "Mean ± std over seeds; Δ = paired difference to the baseline over the same seeds with "
+            "its 95% t-interval; the raw value of every seed.",
+        ),
+    ]
     for metric, summaries, table in results_tables(rows):
         blocks.append(table)
-        files = export.write_table(out, f"table_{metric}", table.text, table.header, table.rows,
-                                   export.summary_csv(summaries, rows, metric))
-        blocks.append(Block("files", rows=[["CSV (full precision)", files[0].name],
-                                           ["LaTeX (booktabs)", files[1].name]]))
+        files = export.write_table(
+            out,
+            f"table_{metric}",
+            table.text,
+            table.header,
+            table.rows,
+            export.summary_csv(summaries, rows, metric),
+        )
+        blocks.append(
+            Block(
+                "files",
+                rows=[["CSV (full precision)", files[0].name], ["LaTeX (booktabs)", files[1].name]],
+            )
+        )
     unfinished = sorted({r["method"] for r in rows if r["status"] != "done"})
     if unfinished:
         blocks.append(Block("note", f"not finished or diverged: {', '.join(unfinished)}"))
     return blocks
 
 
-def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.ndarray]],
-                                                     dict[str, tuple[np.ndarray, np.ndarray]]]:
+def learning_curves(
+    run: RunDir, metric: str
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """From every ``metrics.jsonl``: per method the test metric over epochs averaged over seeds,
     ``{"epoch", "iterate", "average"}`` (``average``: the running average, NaN before it exists;
     absent for methods without one) with the std over seeds as ``iterate_std``/``average_std``,
@@ -158,10 +235,15 @@ def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.nd
     curves: dict[str, dict[str, np.ndarray]] = {}
     schedules: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for label in run.labels:
-        per_seed = [records for records in (run.metrics(label, seed) for seed in run.cfg.seeds) if records]
+        per_seed = [
+            records for records in (run.metrics(label, seed) for seed in run.cfg.seeds) if records
+        ]
         if not per_seed:
             continue
-        schedules[label] = (np.array([r["epoch"] for r in per_seed[0]]), np.array([r["lr"] for r in per_seed[0]]))
+        schedules[label] = (
+            np.array([r["epoch"] for r in per_seed[0]]),
+            np.array([r["lr"] for r in per_seed[0]]),
+        )
         by_key: dict[str, dict[int, list[float]]] = {metric: {}, f"avg_{metric}": {}}
         for records in per_seed:
             for r in records:
@@ -172,14 +254,19 @@ def learning_curves(run: RunDir, metric: str) -> tuple[dict[str, dict[str, np.nd
             continue
         epochs = sorted(by_key[metric])
         iterates = by_key[metric]
-        curve = {"epoch": np.array(epochs),
-                 "iterate": np.array([np.mean(iterates[e]) for e in epochs]),
-                 "iterate_std": np.array([_std(iterates[e]) for e in epochs])}
+        curve = {
+            "epoch": np.array(epochs),
+            "iterate": np.array([np.mean(iterates[e]) for e in epochs]),
+            "iterate_std": np.array([_std(iterates[e]) for e in epochs]),
+        }
         averages = by_key[f"avg_{metric}"]
         if averages:
-            curve["average"] = np.array([np.mean(averages[e]) if e in averages else np.nan for e in epochs])
-            curve["average_std"] = np.array([_std(averages[e]) if e in averages else np.nan
-                                             for e in epochs])
+            curve["average"] = np.array(
+                [np.mean(averages[e]) if e in averages else np.nan for e in epochs]
+            )
+            curve["average_std"] = np.array(
+                [_std(averages[e]) if e in averages else np.nan for e in epochs]
+            )
         curves[label] = curve
     return curves, schedules
 
@@ -193,20 +280,34 @@ def _curves(run: RunDir, out: Path, metric: str, formats: Sequence[str]) -> list
     """Learning curves averaged over seeds and the LR schedules (first seed), from metrics.jsonl."""
     curves, schedules = learning_curves(run, metric)
     if not curves:
-        return [Block("h2", "Learning curves"),
-                Block("note", f"no metrics.jsonl under {run.path}; run the experiment with `{run.resume_command}`")]
-    focus = [label for label in (run.default_label("baseline"), run.default_label("average")) if label]
+        return [
+            Block("h2", "Learning curves"),
+            Block(
+                "note",
+                f"no metrics.jsonl under {run.path}; run the experiment with `{run.resume_command}`",
+            ),
+        ]
+    focus = [
+        label for label in (run.default_label("baseline"), run.default_label("average")) if label
+    ]
     blocks = [Block("h2", "Learning curves")]
-    caption = (f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
-               "the iterate (thin) and, for averaging methods, the running average with "
-               "BatchNorm recomputed (dashed) — document 003's Figure 1.")
-    image = figures.learning_curves_figure(curves, metric, focus, out / "learning_curves.png",
-                                           formats=formats)
+    caption = (
+        f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
+        "the iterate (thin) and, for averaging methods, the running average with "
+        "BatchNorm recomputed (dashed) — document 003's Figure 1."
+    )
+    image = figures.learning_curves_figure(
+        curves, metric, focus, out / "learning_curves.png", formats=formats
+    )
     blocks.append(Block("figure", caption, image=image))
     blocks.append(Block("h2", "Learning-rate schedules"))
-    blocks.append(Block("figure", f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
-                        image=figures.lr_figure(schedules, out / "lr_schedules.png",
-                                                formats=formats)))
+    blocks.append(
+        Block(
+            "figure",
+            f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
+            image=figures.lr_figure(schedules, out / "lr_schedules.png", formats=formats),
+        )
+    )
     return blocks
 
 
@@ -214,55 +315,122 @@ def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     src = run.path / "landscape"
     summary_path = src / "landscape.json"
     if not summary_path.is_file():
-        return [Block("h2", "Loss landscape"),
-                Block("note", f"no landscape in {src}; compute it with `swalab landscape {run.path}`")]
+        return [
+            Block("h2", "Loss landscape"),
+            Block("note", f"no landscape in {src}; compute it with `swalab landscape {run.path}`"),
+        ]
     try:
         return _landscape_blocks(read_json(summary_path), src, out, formats)
     except (KeyError, TypeError, ValueError) as err:
-        return [Block("h2", "Loss landscape"),
-                Block("note", f"{summary_path} is unreadable or from another swalab version ({err!r}); "
-                              f"recompute it with `swalab landscape {run.path}`")]
+        return [
+            Block("h2", "Loss landscape"),
+            Block(
+                "note",
+                f"{summary_path} is unreadable or from another swalab version ({err!r}); "
+                f"recompute it with `swalab landscape {run.path}`",
+            ),
+        ]
 
 
-def _landscape_blocks(s: dict[str, Any], src: Path, out: Path,
-                      formats: Sequence[str]) -> list[Block]:
+def _landscape_blocks(
+    s: dict[str, Any], src: Path, out: Path, formats: Sequence[str]
+) -> list[Block]:
     blocks = [Block("h2", "Loss landscape")]
-    blocks.append(Block("p", f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
-                             f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}."))
+    blocks.append(
+        Block(
+            "p",
+            f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
+            f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}.",
+        )
+    )
     if "line" in s:
         line = s["line"]
-        header = ["solution", "train loss", "train NLL", "train error (%)", "test NLL", "test error (%)"]
-        rows = [[s[key], *(_number(line[key][k], 2 if "error" in k else 4)
-                           for k in ("train_loss", "train_nll", "train_error", "test_nll", "test_error"))]
-                for key in ("swa", "sgd")]
-        blocks.append(Block("table", f"The two solutions, BN recomputed (‖w_SGD − w_SWA‖ = "
-                                     f"{line['distance']:.3f})", header, rows,
-                            stem="table_solutions"))
+        header = [
+            "solution",
+            "train loss",
+            "train NLL",
+            "train error (%)",
+            "test NLL",
+            "test error (%)",
+        ]
+        rows = [
+            [
+                s[key],
+                *(
+                    _number(line[key][k], 2 if "error" in k else 4)
+                    for k in ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
+                ),
+            ]
+            for key in ("swa", "sgd")
+        ]
+        blocks.append(
+            Block(
+                "table",
+                f"The two solutions, BN recomputed (‖w_SGD − w_SWA‖ = {line['distance']:.3f})",
+                header,
+                rows,
+                stem="table_solutions",
+            )
+        )
     if "rays" in s:
         r = s["rays"]
-        rows = [[s[key], _width_text(r["width"][key]["median"], r["max_distance"]),
-                 f"{r['width'][key]['beyond_range']} / {r['rays']}"] for key in ("swa", "sgd")]
-        blocks.append(Block("table", f"Width: distance at which the train loss rises by {r['rise']:g} "
-                                     f"({r['rays']} random directions up to distance {r['max_distance']:.3g})",
-                            ["solution", "median width", "rays beyond the range"], rows,
-                            stem="table_width"))
+        rows = [
+            [
+                s[key],
+                _width_text(r["width"][key]["median"], r["max_distance"]),
+                f"{r['width'][key]['beyond_range']} / {r['rays']}",
+            ]
+            for key in ("swa", "sgd")
+        ]
+        blocks.append(
+            Block(
+                "table",
+                f"Width: distance at which the train loss rises by {r['rise']:g} "
+                f"({r['rays']} random directions up to distance {r['max_distance']:.3g})",
+                ["solution", "median width", "rays beyond the range"],
+                rows,
+                stem="table_width",
+            )
+        )
     for piece, name, caption in LANDSCAPE_FIGURES:
         if piece in s and (src / name).is_file():
-            note = f" {s[piece]['note']}" if isinstance(s.get(piece), dict) and s[piece].get("note") else ""
+            note = (
+                f" {s[piece]['note']}"
+                if isinstance(s.get(piece), dict) and s[piece].get("note")
+                else ""
+            )
             image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
             blocks.append(Block("figure", caption + note, image=image))
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
-        blocks.append(Block("table", f"The ensemble view (paper §3.5): the SWA average vs the ensemble of its "
-                                     f"{len(e['epochs'])} snapshots (epochs {e['epochs'][0]}–{e['epochs'][-1]})",
-                            ["Δ = max‖w_i − w̄‖", "agreement", "KL(ensemble ‖ average)", f"{m} of the average",
-                             f"{m} of the ensemble", f"mean {m} of the snapshots"],
-                            [[_number(e["delta"], 4), "–" if e["agreement"] is None else f"{100 * e['agreement']:.2f}%",
-                              _number(e["kl"], 4), *(_number(e[k], 2 if "%" in m else 4)
-                                                    for k in ("average", "ensemble",
-                                                              "snapshots_mean"))]],
-                            stem="table_ensemble"))
+        blocks.append(
+            Block(
+                "table",
+                f"The ensemble view (paper §3.5): the SWA average vs the ensemble of its "
+                f"{len(e['epochs'])} snapshots (epochs {e['epochs'][0]}–{e['epochs'][-1]})",
+                [
+                    "Δ = max‖w_i − w̄‖",
+                    "agreement",
+                    "KL(ensemble ‖ average)",
+                    f"{m} of the average",
+                    f"{m} of the ensemble",
+                    f"mean {m} of the snapshots",
+                ],
+                [
+                    [
+                        _number(e["delta"], 4),
+                        "–" if e["agreement"] is None else f"{100 * e['agreement']:.2f}%",
+                        _number(e["kl"], 4),
+                        *(
+                            _number(e[k], 2 if "%" in m else 4)
+                            for k in ("average", "ensemble", "snapshots_mean")
+                        ),
+                    ]
+                ],
+                stem="table_ensemble",
+            )
+        )
     for piece, message in s.get("skipped", {}).items():
         blocks.append(Block("note", f"{piece} not computed: {message}"))
     return blocks
@@ -285,30 +453,49 @@ def _calibration(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     summary = read_json(summary_path) if summary_path.is_file() else {}
     path = run.path / "landscape" / "predictions.npz"
     if "predictions" in summary.get("skipped", {}):
-        blocks.append(Block("note", f"no reliability diagrams: {summary['skipped']['predictions']}"))
+        blocks.append(
+            Block("note", f"no reliability diagrams: {summary['skipped']['predictions']}")
+        )
         return blocks
     if "predictions" not in summary or not path.is_file():
-        blocks.append(Block("note", f"no final predictions in {path}; compute them with "
-                                    f"`swalab landscape {run.path} --what predictions`"))
+        blocks.append(
+            Block(
+                "note",
+                f"no final predictions in {path}; compute them with "
+                f"`swalab landscape {run.path} --what predictions`",
+            )
+        )
         return blocks
     try:
         with np.load(path) as npz:  # allow_pickle=False: arrays only
             data = {key: npz[key] for key in ("labels", "targets", "probs")}
     except Exception as err:  # noqa: BLE001 - any failure to read it is a bad file
-        raise RunFileError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
-                           f"delete it and run `swalab landscape {run.path} --what predictions`") from None
+        raise RunFileError(
+            f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            f"delete it and run `swalab landscape {run.path} --what predictions`"
+        ) from None
     labels = [str(x) for x in data["labels"]]
-    chosen = [label for label in (run.default_label("baseline"), run.default_label("average"), *ensembles) if label in labels]
+    chosen = [
+        label
+        for label in (run.default_label("baseline"), run.default_label("average"), *ensembles)
+        if label in labels
+    ]
     targets = torch.from_numpy(data["targets"])
     diagrams, eces = {}, {}
     for label in dict.fromkeys(chosen):
         probs = torch.from_numpy(data["probs"][labels.index(label)])
         diagrams[label] = metrics.reliability_diagram(probs, targets)
         eces[label] = metrics.ece(probs, targets)
-    blocks.append(Block("figure", f"Reliability diagrams of the final predictions (seed {summary['seed']}; SWAG: Bayesian "
-                                  "model averaging over its samples, FGE: averaged member probabilities).",
-                        image=figures.reliability_figure(diagrams, eces, out / "reliability.png",
-                                                                 formats=formats)))
+    blocks.append(
+        Block(
+            "figure",
+            f"Reliability diagrams of the final predictions (seed {summary['seed']}; SWAG: Bayesian "
+            "model averaging over its samples, FGE: averaged member probabilities).",
+            image=figures.reliability_figure(
+                diagrams, eces, out / "reliability.png", formats=formats
+            ),
+        )
+    )
     return blocks
 
 
@@ -319,8 +506,9 @@ def _export_tables(blocks: list[Block], out: Path) -> list[Block]:
         exported.append(b)
         if b.kind == "table" and b.stem:
             files = export.write_table(out, b.stem, b.text, b.header, b.rows)
-            exported.append(Block("files", rows=[["CSV", files[0].name],
-                                                 ["LaTeX (booktabs)", files[1].name]]))
+            exported.append(
+                Block("files", rows=[["CSV", files[0].name], ["LaTeX (booktabs)", files[1].name]])
+            )
     return exported
 
 
@@ -335,8 +523,9 @@ def _times(run: RunDir, out: Path) -> list[Block]:
         blocks.append(Block("note", "results.csv records no run times"))
     meta = run.meta()
     if meta:
-        blocks.append(Block("table", "Environment (meta.json)", ["key", "value"],
-                            export.environment(meta)))
+        blocks.append(
+            Block("table", "Environment (meta.json)", ["key", "value"], export.environment(meta))
+        )
     return blocks
 
 
@@ -355,14 +544,24 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
         elif b.kind == "code":
             lines += ["```", b.text, "```", ""]
         elif b.kind == "table":
-            lines += [f"**{b.text}**", "", "| " + " | ".join(b.header) + " |",
-                      "|" + "|".join("---" for _ in b.header) + "|"]
-            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in b.rows]
+            lines += [
+                f"**{b.text}**",
+                "",
+                "| " + " | ".join(b.header) + " |",
+                "|" + "|".join("---" for _ in b.header) + "|",
+            ]
+            lines += [
+                "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in b.rows
+            ]
             lines.append("")
         elif b.kind == "figure" and b.image is not None:
             vector = "".join(f" [{p.suffix[1:].upper()}]({p.name})" for p in _vector_files(b.image))
-            lines += [f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})", "",
-                      f"*{b.text}*{vector}", ""]
+            lines += [
+                f"![{b.image.stem}]({b.image.relative_to(out).as_posix()})",
+                "",
+                f"*{b.text}*{vector}",
+                "",
+            ]
         elif b.kind == "files":
             lines += [" · ".join(f"[{name}]({path})" for name, path in b.rows), ""]
     return "\n".join(lines)
@@ -409,27 +608,45 @@ def render_html(blocks: list[Block], title: str) -> str:
             body.append(f"<pre>{html.escape(b.text)}</pre>")
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            body.append(f'<div class="scroll"><table class="results"><caption>{_inline_code(b.text)}</caption>'
-                        f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                for row in b.rows
+            )
+            body.append(
+                f'<div class="scroll"><table class="results"><caption>{_inline_code(b.text)}</caption>'
+                f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+            )
         elif b.kind == "figure" and b.image is not None:
             data = base64.b64encode(b.image.read_bytes()).decode("ascii")
-            vector = "".join(f' <a href="{html.escape(p.name)}">{p.suffix[1:].upper()}</a>'
-                             for p in _vector_files(b.image))
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.image.stem)}">'
-                        f"<figcaption>{_inline_code(b.text)}{vector}</figcaption></figure>")
+            vector = "".join(
+                f' <a href="{html.escape(p.name)}">{p.suffix[1:].upper()}</a>'
+                for p in _vector_files(b.image)
+            )
+            body.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.image.stem)}">'
+                f"<figcaption>{_inline_code(b.text)}{vector}</figcaption></figure>"
+            )
         elif b.kind == "files":
-            links = (f'<a href="{html.escape(path)}">{html.escape(name)}</a>'
-                     for name, path in b.rows)
+            links = (
+                f'<a href="{html.escape(path)}">{html.escape(name)}</a>' for name, path in b.rows
+            )
             body.append('<p class="files">' + " · ".join(links) + "</p>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
-def build_report(run_dir: str | Path, *, html_page: bool = False, formats: Sequence[str] = ("png",),
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def build_report(
+    run_dir: str | Path,
+    *,
+    html_page: bool = False,
+    formats: Sequence[str] = ("png",),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Write ``RUN_DIR/report/report.md`` (+ PNGs, tables as CSV and LaTeX) and, with ``html_page``,
     ``report.html``; ``formats`` adds ``svg`` and/or ``pdf`` files of every figure.
 
@@ -443,9 +660,15 @@ def build_report(run_dir: str | Path, *, html_page: bool = False, formats: Seque
     rows = run.results()
     out = run.path / "report"
     out.mkdir(exist_ok=True)
-    blocks = _header(run) + _claims(run) + _results(run, out) \
-        + _curves(run, out, primary_metric(rows), formats) + _landscape(run, out, formats) \
-        + _calibration(run, out, formats) + _times(run, out)
+    blocks = (
+        _header(run)
+        + _claims(run)
+        + _results(run, out)
+        + _curves(run, out, primary_metric(rows), formats)
+        + _landscape(run, out, formats)
+        + _calibration(run, out, formats)
+        + _times(run, out)
+    )
     blocks = _export_tables(blocks, out)
     markdown = out / "report.md"
     atomic_write_text(markdown, render_markdown(blocks, out))
@@ -457,5 +680,9 @@ def build_report(run_dir: str | Path, *, html_page: bool = False, formats: Seque
     for note in missing:
         log(f"missing: {note}")
     log(f"report written to {page or markdown}")
-    return {"markdown": markdown, "html": page, "figures": [b.image for b in blocks if b.kind == "figure"],
-            "missing": missing}
+    return {
+        "markdown": markdown,
+        "html": page,
+        "figures": [b.image for b in blocks if b.kind == "figure"],
+        "missing": missing,
+    }

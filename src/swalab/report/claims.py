@@ -365,9 +365,7 @@ def _claim5(inp: _Inputs) -> Claim:
 
 def _claim6(inp: _Inputs) -> Claim:
     metric = (
-        "test error (points)"
-        if inp.task.probabilistic
-        else "test MSE (% of the recomputed one)"
+        "test error (points)" if inp.task.probabilistic else "test MSE (% of the recomputed one)"
     )
     claim = Claim(
         "6",

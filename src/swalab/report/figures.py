@@ -131,7 +131,7 @@ def width_figure(
     """Per solution, the distance along each ray at which the train loss has risen by ``rise``."""
     fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
-    for i, (key, color, text) in enumerate((("swa", SWA_COLOR, swa), ("sgd", SGD_COLOR, sgd))):
+    for i, (key, color) in enumerate((("swa", SWA_COLOR), ("sgd", SGD_COLOR))):
         w = np.array(widths[key], dtype=float)
         inside = np.isfinite(w)
         jitter = np.linspace(-0.12, 0.12, len(w)) if len(w) > 1 else np.zeros(1)

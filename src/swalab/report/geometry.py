@@ -25,6 +25,7 @@ SGD minimised, cross-entropy + ``wd/2 ||w||^2`` (the NLL alone is saved too). Re
 With ``stack > 1`` points are evaluated that many at a time with stacked weights
 (``LandscapeEvaluator.evaluate_many``; the same numbers).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,17 +102,28 @@ class LandscapeOptions:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.what or ()) - set(PIECES))
         if unknown:
-            raise ValueError(f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}")
+            raise ValueError(
+                f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}"
+            )
         if self.grid < 2 or self.line_points < 2 or self.ray_points < 2 or self.rays < 1:
             raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
         if self.stack < 1:
             raise ValueError(f"--stack must be >= 1, got {self.stack}")
         for key, value, ok, expected in (
-            ("--margin", self.margin, math.isfinite(self.margin) and self.margin >= 0, "finite and >= 0"),
+            (
+                "--margin",
+                self.margin,
+                math.isfinite(self.margin) and self.margin >= 0,
+                "finite and >= 0",
+            ),
             ("--rise", self.rise, math.isfinite(self.rise) and self.rise > 0, "finite and > 0"),
-            ("--ray-distance", self.ray_distance,
-             self.ray_distance is None or (math.isfinite(self.ray_distance) and self.ray_distance > 0),
-             "finite and > 0"),
+            (
+                "--ray-distance",
+                self.ray_distance,
+                self.ray_distance is None
+                or (math.isfinite(self.ray_distance) and self.ray_distance > 0),
+                "finite and > 0",
+            ),
             ("--threads", self.threads, self.threads is None or self.threads >= 1, ">= 1"),
         ):
             if not ok:
@@ -144,8 +156,10 @@ def compute_landscape(
     swa = opts.swa or run.default_label("average")
     if sgd is None or swa is None:
         which = "SGD (method: sgd)" if sgd is None else "SWA (method: swa)"
-        raise ValueError(f"{run.path} has no {which} run; name one with --{'sgd' if sgd is None else 'swa'} LABEL "
-                         f"(labels: {', '.join(run.labels)})")
+        raise ValueError(
+            f"{run.path} has no {which} run; name one with --{'sgd' if sgd is None else 'swa'} LABEL "
+            f"(labels: {', '.join(run.labels)})"
+        )
     run.method(sgd)
     run.method(swa)
     threads = opts.threads if opts.threads is not None else run.cfg.train.threads
@@ -154,9 +168,15 @@ def compute_landscape(
     src, ev = _Sources(run, seed, sgd, swa), _Evaluation(run, seed, opts.device, opts.stack)
     job = _Pieces(src, ev, log)
     requested = list(what) if what else list(PIECES)
-    checks = {"line": src.check_ends, "rays": src.check_ends, "plane": src.check_plane,
-              "snapshots": lambda: src.check_snapshots(3), "ensemble": lambda: src.check_snapshots(2),
-              "predictions": lambda: src.check_predictions(ev.task), "bn": lambda: src.check_bn(ev)}
+    checks = {
+        "line": src.check_ends,
+        "rays": src.check_ends,
+        "plane": src.check_plane,
+        "snapshots": lambda: src.check_snapshots(3),
+        "ensemble": lambda: src.check_snapshots(2),
+        "predictions": lambda: src.check_predictions(ev.task),
+        "bn": lambda: src.check_bn(ev),
+    }
     todo, skipped = [], {}
     for piece in requested:
         try:
@@ -179,8 +199,15 @@ def compute_landscape(
         summary["skipped"].pop(piece, None)
     summary.setdefault("seconds", {})
 
-    sizes = {"line": opts.line_points, "rays": 2 * opts.rays * (opts.ray_points - 1) + 2,
-             "plane": opts.grid ** 2, "snapshots": opts.grid ** 2, "ensemble": 0, "predictions": 0, "bn": 0}
+    sizes = {
+        "line": opts.line_points,
+        "rays": 2 * opts.rays * (opts.ray_points - 1) + 2,
+        "plane": opts.grid**2,
+        "snapshots": opts.grid**2,
+        "ensemble": 0,
+        "predictions": 0,
+        "bn": 0,
+    }
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
         for piece in todo:
@@ -190,8 +217,9 @@ def compute_landscape(
                 ts = np.linspace(*opts.line_range, opts.line_points)
                 summary["line"] = job.line(out, ts, bar)
             elif piece == "rays":
-                summary["rays"] = job.rays(out, opts.rays, opts.ray_points, opts.ray_distance,
-                                           opts.rise, bar)
+                summary["rays"] = job.rays(
+                    out, opts.rays, opts.ray_points, opts.ray_distance, opts.rise, bar
+                )
             elif piece == "plane":
                 summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
             elif piece == "snapshots":
@@ -213,7 +241,11 @@ def compute_landscape(
 
 def landscape_dir(run: RunDir, seed: int) -> Path:
     """``RUN_DIR/landscape`` for the run's first seed, ``RUN_DIR/landscape/seed<k>`` for the others."""
-    return run.path / "landscape" if seed == run.cfg.seeds[0] else run.path / "landscape" / f"seed{seed}"
+    return (
+        run.path / "landscape"
+        if seed == run.cfg.seeds[0]
+        else run.path / "landscape" / f"seed{seed}"
+    )
 
 
 def _savez(path: Path, **arrays: Any) -> None:
@@ -277,8 +309,10 @@ class _Sources:
         m = self.run.method(self.swa)
         epochs = recipe_of(m, self.run.cfg.train).averaged_epochs()
         if not epochs:
-            raise _Missing("snapshots come from the trajectory of a run that averages end-of-epoch "
-                           f"weights; {self.swa!r} ({m.method}) does not (pass --swa LABEL)")
+            raise _Missing(
+                "snapshots come from the trajectory of a run that averages end-of-epoch "
+                f"weights; {self.swa!r} ({m.method}) does not (pass --swa LABEL)"
+            )
         return epochs
 
     def check_snapshots(self, needed: int) -> None:
@@ -286,17 +320,23 @@ class _Sources:
         self.run.file(self.swa, self.seed, "final.pt")
         self.run.check_trajectory(self.swa, self.seed)
         if len(epochs) < needed:
-            raise _Missing(f"{self.swa} averaged {len(epochs)} snapshot(s) (epochs {epochs}), {needed} are needed; "
-                           f"train longer or lower methods.{self.swa}.options.swa_start")
+            raise _Missing(
+                f"{self.swa} averaged {len(epochs)} snapshot(s) (epochs {epochs}), {needed} are needed; "
+                f"train longer or lower methods.{self.swa}.options.swa_start"
+            )
 
     def check_predictions(self, task: Task) -> None:
         if not task.reliability:
-            raise _Missing(f"reliability diagrams are for classification; "
-                           f"{self.run.cfg.data.name} is {task.name}")
+            raise _Missing(
+                f"reliability diagrams are for classification; "
+                f"{self.run.cfg.data.name} is {task.name}"
+            )
         runs = (self.run.run(label, self.seed) for label in self.run.labels)
         if not any(files.checkpoint_path.is_file() for files in runs):
-            raise _Missing(f"no checkpoint.pt under {self.run.path}/*/seed{self.seed}; "
-                           f"run the experiment with `{self.run.resume_command}`")
+            raise _Missing(
+                f"no checkpoint.pt under {self.run.path}/*/seed{self.seed}; "
+                f"run the experiment with `{self.run.resume_command}`"
+            )
 
     def weights(self, label: str, name: str, names: list[str]) -> Tensor:
         """The flat parameters (ordered as ``names``) of ``<label>/seed<k>/<name>``."""
@@ -329,12 +369,23 @@ class _Evaluation:
         if self._evaluator is None:
             bundle, train = self.bundle, self.run.cfg.train
             model = self.run.model(bundle).to(self.device)
-            bn_batches = list(itertools.islice(self.run.bn_loader(bundle, self.seed, self.device), train.bn_batches))
-            datasets = {name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
-                        for name, split in (("train", bundle.train), ("test", bundle.test))}
-            self._evaluator = geo.LandscapeEvaluator(model, bn_batches, datasets,
-                                                     self.task.landscape_stats, train.weight_decay,
-                                                     stack=self.stack)
+            bn_batches = list(
+                itertools.islice(
+                    self.run.bn_loader(bundle, self.seed, self.device), train.bn_batches
+                )
+            )
+            datasets = {
+                name: list(BatchLoader(split, train.eval_batch_size, device=self.device))
+                for name, split in (("train", bundle.train), ("test", bundle.test))
+            }
+            self._evaluator = geo.LandscapeEvaluator(
+                model,
+                bn_batches,
+                datasets,
+                self.task.landscape_stats,
+                train.weight_decay,
+                stack=self.stack,
+            )
         return self._evaluator
 
     @property
@@ -347,7 +398,7 @@ class _Evaluation:
             "train_loss": f"cross-entropy (MSE for regression) + weight_decay/2 * ||w||^2, weight_decay={train.weight_decay}",
             "train_nll": "the data term alone",
             "batchnorm": f"recomputed at every point with the training run's BN pass (batch {train.batch_size}"
-                         + (f", first {train.bn_batches} batches)" if train.bn_batches else ")"),
+            + (f", first {train.bn_batches} batches)" if train.bn_batches else ")"),
             "device": str(self.device),
         }
 
@@ -356,7 +407,7 @@ class _Evaluation:
         values: dict[str, list[float]] = {k: [] for k in METRICS}
         step = self.evaluator.stack
         for start in range(0, len(points), step):
-            for result in self.evaluator.evaluate_many(points[start:start + step]):
+            for result in self.evaluator.evaluate_many(points[start : start + step]):
                 for k in METRICS:
                     values[k].append(result[k])
                 bar.advance()
@@ -388,59 +439,107 @@ class _Pieces:
             "t_min_test_error": float(ts[np.argmin(values["test_error"])]),
         }
 
-    def rays(self, out: Path, n: int, points: int, max_distance: float | None, rise: float,
-             bar: Progress) -> dict[str, Any]:
-        origins = {self.swa: self.weights(self.swa, "final.pt"), self.sgd: self.weights(self.sgd, "final.pt")}
+    def rays(
+        self, out: Path, n: int, points: int, max_distance: float | None, rise: float, bar: Progress
+    ) -> dict[str, Any]:
+        origins = {
+            self.swa: self.weights(self.swa, "final.pt"),
+            self.sgd: self.weights(self.sgd, "final.pt"),
+        }
         if max_distance is None:
             max_distance = float(torch.linalg.vector_norm(origins[self.swa])) / 2
         distances = np.linspace(0.0, max_distance, points)
         # the same directions from both solutions, so their widths are compared ray by ray
-        directions = geo.random_directions(origins[self.swa].numel(), n, torch.Generator().manual_seed(self.seed))
+        directions = geo.random_directions(
+            origins[self.swa].numel(), n, torch.Generator().manual_seed(self.seed)
+        )
         arrays: dict[str, np.ndarray] = {"distances": distances}
         widths: dict[str, list[float]] = {}
         for key, label in (("swa", self.swa), ("sgd", self.sgd)):
             w = origins[label]
             # the solution itself once, then every ray's points in one list (stacked passes span rays)
-            values = self.ev.evaluate([w] + [w + float(t) * d for d in directions for t in distances[1:]], bar)
+            values = self.ev.evaluate(
+                [w] + [w + float(t) * d for d in directions for t in distances[1:]], bar
+            )
             for k in METRICS:
                 along = values[k][1:].reshape(n, points - 1)
-                arrays[f"{key}_{k}"] = np.concatenate([np.full((n, 1), values[k][0]), along], axis=1)
+                arrays[f"{key}_{k}"] = np.concatenate(
+                    [np.full((n, 1), values[k][0]), along], axis=1
+                )
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
         _savez(out / "rays.npz", **arrays)
         figures.rays_figure(arrays, self.sgd, self.swa, out / "rays.png")
         figures.width_figure(widths, distances[-1], rise, self.sgd, self.swa, out / "width.png")
         return {
-            "max_distance": max_distance, "rise": rise, "rays": n,
-            "width": {key: {"per_ray": ws, "median": float(np.median(ws)),  # inf (beyond the range): null
-                            "beyond_range": sum(1 for x in ws if not math.isfinite(x))}
-                      for key, ws in widths.items()},
+            "max_distance": max_distance,
+            "rise": rise,
+            "rays": n,
+            "width": {
+                key: {
+                    "per_ray": ws,
+                    "median": float(np.median(ws)),  # inf (beyond the range): null
+                    "beyond_range": sum(1 for x in ws if not math.isfinite(x)),
+                }
+                for key, ws in widths.items()
+            },
         }
 
-    def _plane(self, out: Path, name: str, w: tuple[Tensor, Tensor, Tensor], labels: tuple[str, str, str],
-               paths: dict[str, list[Tensor]], marks: dict[str, Tensor], grid: int, margin: float,
-               bar: Progress, title: str) -> dict[str, Any]:
+    def _plane(
+        self,
+        out: Path,
+        name: str,
+        w: tuple[Tensor, Tensor, Tensor],
+        labels: tuple[str, str, str],
+        paths: dict[str, list[Tensor]],
+        marks: dict[str, Tensor],
+        grid: int,
+        margin: float,
+        bar: Progress,
+        title: str,
+    ) -> dict[str, Any]:
         pl = geo.plane(*w)
         points = np.array([pl.coordinates(p) for p in w])
         # REFERENCE §2's grid; alpha widened only when the second point projects outside it
         alpha1 = points[1][0] / pl.dx
-        alphas = (geo.grid_coordinates(grid, margin) if -margin <= alpha1 <= 1 + margin
-                  else np.linspace(min(0.0, alpha1) - margin, max(1.0, alpha1) + margin, grid))
+        alphas = (
+            geo.grid_coordinates(grid, margin)
+            if -margin <= alpha1 <= 1 + margin
+            else np.linspace(min(0.0, alpha1) - margin, max(1.0, alpha1) + margin, grid)
+        )
         betas = geo.grid_coordinates(grid, margin)
-        values = self.ev.evaluate([pl.point(float(a), float(b)) for a in alphas for b in betas], bar)
+        values = self.ev.evaluate(
+            [pl.point(float(a), float(b)) for a in alphas for b in betas], bar
+        )
         values = {k: v.reshape(grid, grid) for k, v in values.items()}
         xy = np.stack(np.meshgrid(alphas * pl.dx, betas * pl.dy, indexing="ij"), axis=-1)
         path_xy = {k: np.array([pl.coordinates(p) for p in ws]) for k, ws in paths.items()}
         mark_xy = {k: np.array(pl.coordinates(p)) for k, p in marks.items()}
-        _savez(out / f"{name}.npz", alphas=alphas, betas=betas, grid=xy, points=points,
-                 point_labels=np.array(labels), dx=pl.dx, dy=pl.dy, **values,
-                 **{f"path_{k}": v for k, v in path_xy.items()}, **{f"mark_{k}": v for k, v in mark_xy.items()})
-        figures.plane_figure(xy, values, points, labels, path_xy, mark_xy, title, out / f"{name}.png")
+        _savez(
+            out / f"{name}.npz",
+            alphas=alphas,
+            betas=betas,
+            grid=xy,
+            points=points,
+            point_labels=np.array(labels),
+            dx=pl.dx,
+            dy=pl.dy,
+            **values,
+            **{f"path_{k}": v for k, v in path_xy.items()},
+            **{f"mark_{k}": v for k, v in mark_xy.items()},
+        )
+        figures.plane_figure(
+            xy, values, points, labels, path_xy, mark_xy, title, out / f"{name}.png"
+        )
         return {
             "points": {label: [float(c) for c in p] for label, p in zip(labels, points)},
-            "dx": pl.dx, "dy": pl.dy, "alpha_range": [float(alphas[0]), float(alphas[-1])],
-            "marks": {k: {"xy": [float(c) for c in v], "distance_to_plane": pl.distance(marks[k])}
-                      for k, v in mark_xy.items()},
+            "dx": pl.dx,
+            "dy": pl.dy,
+            "alpha_range": [float(alphas[0]), float(alphas[-1])],
+            "marks": {
+                k: {"xy": [float(c) for c in v], "distance_to_plane": pl.distance(marks[k])}
+                for k, v in mark_xy.items()
+            },
             "min_train_loss": float(values["train_loss"].min()),
             "min_test_error": float(values["test_error"].min()),
         }
@@ -452,13 +551,25 @@ class _Pieces:
         summary_note = None
         try:
             states = self.src.trajectory(self.sgd)
-            paths[f"{self.sgd} trajectory"] = [w0] + [geo.flat_parameters(s, self.ev.names) for s in states]
+            paths[f"{self.sgd} trajectory"] = [w0] + [
+                geo.flat_parameters(s, self.ev.names) for s in states
+            ]
         except FileNotFoundError as err:
             summary_note = f"SGD trajectory not drawn: {err}"
             self.log(f"plane: {summary_note}")
         labels = (f"{self.sgd} start", f"{self.sgd} end", self.swa)
-        summary = self._plane(out, "plane", (w0, w1, w2), labels, paths, {}, grid, margin, bar,
-                              f"plane through {labels[0]}, {labels[1]}, {labels[2]} (seed {self.seed})")
+        summary = self._plane(
+            out,
+            "plane",
+            (w0, w1, w2),
+            labels,
+            paths,
+            {},
+            grid,
+            margin,
+            bar,
+            f"plane through {labels[0]}, {labels[1]}, {labels[2]} (seed {self.seed})",
+        )
         if summary_note:
             summary["note"] = summary_note
         return summary
@@ -469,12 +580,24 @@ class _Pieces:
         chosen = [epochs[0], epochs[len(epochs) // 2], epochs[-1]]
         w = tuple(geo.flat_parameters(states[e - 1], self.ev.names) for e in chosen)
         first = epochs[0] - 1
-        path = [geo.flat_parameters(s, self.ev.names) for s in states[max(first - 1, 0):]]
-        marks = {"average of the three": (w[0] + w[1] + w[2]) / 3, f"{self.swa} (all {len(epochs)})":
-                 self.weights(self.swa, "final.pt")}
+        path = [geo.flat_parameters(s, self.ev.names) for s in states[max(first - 1, 0) :]]
+        marks = {
+            "average of the three": (w[0] + w[1] + w[2]) / 3,
+            f"{self.swa} (all {len(epochs)})": self.weights(self.swa, "final.pt"),
+        }
         labels = tuple(f"epoch {e}" for e in chosen)
-        summary = self._plane(out, "snapshots", w, labels, {f"{self.swa} iterates": path}, marks, grid, margin, bar,
-                              f"plane through three {self.swa} snapshots (seed {self.seed})")
+        summary = self._plane(
+            out,
+            "snapshots",
+            w,
+            labels,
+            {f"{self.swa} iterates": path},
+            marks,
+            grid,
+            margin,
+            bar,
+            f"plane through three {self.swa} snapshots (seed {self.seed})",
+        )
         summary["epochs"] = chosen
         return summary
 
@@ -489,14 +612,22 @@ class _Pieces:
         snapshots = [states[e - 1] for e in epochs]
         average = self.run.load(self.swa, self.seed, "final.pt")
         model = self.ev.evaluator.model
-        test = BatchLoader(self.ev.bundle.test, self.run.cfg.train.eval_batch_size, device=self.ev.device)
+        test = BatchLoader(
+            self.ev.bundle.test, self.run.cfg.train.eval_batch_size, device=self.ev.device
+        )
         y, task = self.ev.bundle.test.y, self.ev.task
         if task.probabilistic:
             view = ensemble_view(snapshots, average, model, test)
         else:
             w_bar = geo.flat_parameters(average, self.ev.names)
-            view = {"delta": max(float(torch.linalg.vector_norm(geo.flat_parameters(s, self.ev.names) - w_bar))
-                                 for s in snapshots), "agreement": None, "kl": None}
+            view = {
+                "delta": max(
+                    float(torch.linalg.vector_norm(geo.flat_parameters(s, self.ev.names) - w_bar))
+                    for s in snapshots
+                ),
+                "agreement": None,
+                "kl": None,
+            }
 
         def score(outputs: Tensor) -> float:
             return task.error(outputs, y)
@@ -507,7 +638,10 @@ class _Pieces:
             model.load_state_dict(state)
             outputs.append(task.outputs(predict_outputs(model, test)[0].double()))
         return {
-            "epochs": epochs, **view, "metric": metric, "average": score(outputs[-1]),
+            "epochs": epochs,
+            **view,
+            "metric": metric,
+            "average": score(outputs[-1]),
             "ensemble": score(torch.stack(outputs[:-1]).mean(0)),
             "snapshots_mean": float(np.mean([score(o) for o in outputs[:-1]])),
         }
@@ -525,19 +659,28 @@ class _Pieces:
         squared_norm = float(geo.flat_parameters(final, self.ev.names).square().sum())
         buffers = {name for name, _ in model.named_buffers()}
         result = {}
-        for key, state in (("recomputed", final),
-                           ("carried", {k: iterate[k] if k in buffers else v for k, v in final.items()})):
+        for key, state in (
+            ("recomputed", final),
+            ("carried", {k: iterate[k] if k in buffers else v for k, v in final.items()}),
+        ):
             model.load_state_dict(state)
             result[key] = evaluator.measure(squared_norm)
-        result["carried_from"] = f"BN running statistics of {self.swa}'s last SGD iterate (checkpoint.pt)"
+        result["carried_from"] = (
+            f"BN running statistics of {self.swa}'s last SGD iterate (checkpoint.pt)"
+        )
         return result
 
     def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
         run, bundle, train = self.run, self.ev.bundle, self.run.cfg.train
         steps = len(BatchLoader(bundle.train, train.batch_size))
-        ctx = EvalContext(self.ev.task, self.ev.device, train.eval_batch_size,
-                          lambda: run.bn_loader(bundle, self.seed, self.ev.device), train.bn_batches)
+        ctx = EvalContext(
+            self.ev.task,
+            self.ev.device,
+            train.eval_batch_size,
+            lambda: run.bn_loader(bundle, self.seed, self.ev.device),
+            train.bn_batches,
+        )
         labels, probs_list, summary = [], [], {}
         for m in run.cfg.methods:
             files = run.run(m.label, self.seed)
@@ -553,15 +696,26 @@ class _Pieces:
             model.to(self.ev.device)
             recipe = recipe_of(m, train, steps_per_epoch=steps, model=model)
             recipe.load_state_dict(ckpt["recipe"])
-            splits = {"test": bundle.test, **({"val": bundle.val} if len(bundle.val) else {})}  # soups score on val
+            splits = {
+                "test": bundle.test,
+                **({"val": bundle.val} if len(bundle.val) else {}),
+            }  # soups score on val
             probs = recipe.predict(model, splits, ctx)["test"]
             labels.append(m.label)
             probs_list.append(probs.numpy())
-            summary[m.label] = {"method": m.method,
-                                "test_accuracy": 100.0 * probs.argmax(-1).eq(bundle.test.y).double().mean().item()}
+            summary[m.label] = {
+                "method": m.method,
+                "test_accuracy": 100.0 * probs.argmax(-1).eq(bundle.test.y).double().mean().item(),
+            }
         if not labels:
-            raise FileNotFoundError(f"no finished run under {run.path}/*/seed{self.seed}; "
-                                    f"finish them with `{run.resume_command}`")
-        _savez(out / "predictions.npz", labels=np.array(labels), probs=np.stack(probs_list),
-                 targets=bundle.test.y.numpy())
+            raise FileNotFoundError(
+                f"no finished run under {run.path}/*/seed{self.seed}; "
+                f"finish them with `{run.resume_command}`"
+            )
+        _savez(
+            out / "predictions.npz",
+            labels=np.array(labels),
+            probs=np.stack(probs_list),
+            targets=bundle.test.y.numpy(),
+        )
         return summary

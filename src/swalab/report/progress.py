@@ -1,4 +1,5 @@
 """Progress with an ETA: a rich bar on a terminal, plain lines (at most every few seconds) otherwise."""
+
 from __future__ import annotations
 
 import sys
@@ -17,7 +18,9 @@ class Progress:
         every: seconds between plain lines.
     """
 
-    def __init__(self, total: int, bar: bool | None = None, stream: TextIO | None = None, every: float = 5.0) -> None:
+    def __init__(
+        self, total: int, bar: bool | None = None, stream: TextIO | None = None, every: float = 5.0
+    ) -> None:
         self.total, self.done = total, 0
         self.stream = stream or sys.stderr
         self.every = every
@@ -25,12 +28,24 @@ class Progress:
         self._start = self._last = time.perf_counter()
         self._bar: Any = None
         if bar if bar is not None else self.stream.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=True)
+            self._bar = RichProgress(
+                TextColumn("{task.description:<24}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
             self._task = self._bar.add_task("landscape", total=total)
             self._bar.start()
 
@@ -52,8 +67,10 @@ class Progress:
     def line(self) -> str:
         elapsed = time.perf_counter() - self._start
         eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-        return (f"landscape: {self.description}: {self.done}/{self.total} points, "
-                f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+        return (
+            f"landscape: {self.description}: {self.done}/{self.total} points, "
+            f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s"
+        )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -3,6 +3,7 @@
 A thin reader over ``lab/rundir.py`` (which alone knows the layout): every missing piece is reported
 as one line that names the file and the command that produces it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -15,9 +16,9 @@ from torch import nn
 from ..data import DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
 from ..lab.files import load_torch
+from ..lab.inputs import bn_loader, build_model, load_bundle
 from ..lab.methods import method_role
 from ..lab.rundir import RunDirectory
-from ..lab.inputs import bn_loader, build_model, load_bundle
 
 __all__ = ["RunDir"]
 
@@ -33,17 +34,29 @@ class RunDir(RunDirectory):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"{self.path} does not exist; create a run with `swalab run mnist1d --out {self.path}`")
+            raise FileNotFoundError(
+                f"{self.path} does not exist; create a run with `swalab run mnist1d --out {self.path}`"
+            )
         if not self.path.is_dir():
-            raise ValueError(f"{self.path} is not a directory; pass a run directory written by `swalab run`")
+            raise ValueError(
+                f"{self.path} is not a directory; pass a run directory written by `swalab run`"
+            )
         config = self.config_path
         if not config.is_file():
-            what = "is empty" if not any(self.path.iterdir()) else "holds no swalab run (no config.yaml)"
-            raise ValueError(f"{self.path} {what}; create a run with `swalab run mnist1d --out {self.path}`")
+            what = (
+                "is empty"
+                if not any(self.path.iterdir())
+                else "holds no swalab run (no config.yaml)"
+            )
+            raise ValueError(
+                f"{self.path} {what}; create a run with `swalab run mnist1d --out {self.path}`"
+            )
         try:
             self.cfg: ExperimentConfig = load_config(str(config))
         except ConfigError as err:
-            raise ValueError(f"{config} is not a swalab config ({err}); is {self.path} a run directory?") from None
+            raise ValueError(
+                f"{config} is not a swalab config ({err}); is {self.path} a run directory?"
+            ) from None
 
     # --- commands that produce missing files ---
 
@@ -54,8 +67,10 @@ class RunDir(RunDirectory):
     @property
     def trajectory_command(self) -> str:
         """How to get trajectories (they are only written when the config asks for them)."""
-        return (f"re-run with --set train.save_trajectory=true into a new directory, e.g. "
-                f"`swalab run {self.config_path} --out {self.path}-traj --set train.save_trajectory=true`")
+        return (
+            f"re-run with --set train.save_trajectory=true into a new directory, e.g. "
+            f"`swalab run {self.config_path} --out {self.path}-traj --set train.save_trajectory=true`"
+        )
 
     # --- results ---
 
@@ -67,15 +82,19 @@ class RunDir(RunDirectory):
         """The rows of ``results.csv``; an error naming the command when there are none."""
         rows = super().results()
         if not rows:
-            raise ValueError(f"no results in {self.path} (results.csv missing or empty); "
-                             f"finish the runs with `{self.resume_command}`")
+            raise ValueError(
+                f"no results in {self.path} (results.csv missing or empty); "
+                f"finish the runs with `{self.resume_command}`"
+            )
         return rows
 
     def method(self, label: str) -> MethodConfig:
         for m in self.cfg.methods:
             if m.label == label:
                 return m
-        raise ValueError(f"no method labelled {label!r} in {self.path} (labels: {', '.join(self.labels)})")
+        raise ValueError(
+            f"no method labelled {label!r} in {self.path} (labels: {', '.join(self.labels)})"
+        )
 
     def default_label(self, role: str) -> str | None:
         """The first method of ``role`` (see ``lab.methods.ROLES``) at budget 1, else the first of
@@ -88,7 +107,9 @@ class RunDir(RunDirectory):
         if seed is None:
             return self.cfg.seeds[0]
         if seed not in self.cfg.seeds:
-            raise ValueError(f"seed {seed} is not among the seeds of {self.path} ({self.cfg.seeds})")
+            raise ValueError(
+                f"seed {seed} is not among the seeds of {self.path} ({self.cfg.seeds})"
+            )
         return seed
 
     def run_dir(self, label: str, seed: int) -> Path:
@@ -100,7 +121,9 @@ class RunDir(RunDirectory):
         path = self.run_dir(label, seed) / name
         if path.is_file():
             return path
-        raise FileNotFoundError(f"no {name} in {path.parent} (run unfinished); finish it with `{self.resume_command}`")
+        raise FileNotFoundError(
+            f"no {name} in {path.parent} (run unfinished); finish it with `{self.resume_command}`"
+        )
 
     def trajectory(self, label: str, seed: int) -> list[dict[str, Any]]:
         """Weights after every epoch, or a one-line error naming the command that writes them."""
@@ -128,6 +151,8 @@ class RunDir(RunDirectory):
     def model(self, bundle: DataBundle) -> nn.Module:
         return build_model(self.cfg, bundle)
 
-    def bn_loader(self, bundle: DataBundle, seed: int, device: torch.device | None = None) -> Iterable[Any]:
+    def bn_loader(
+        self, bundle: DataBundle, seed: int, device: torch.device | None = None
+    ) -> Iterable[Any]:
         """The training run's own BatchNorm-recomputation pass."""
         return bn_loader(self.cfg, bundle, seed, device)
