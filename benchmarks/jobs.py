@@ -22,19 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-METRICS = (
-    "method",
-    "seed",
-    "status",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "val_mse",
-    "test_loss",
-    "test_accuracy",
-    "test_ece",
-    "test_mse",
-)
+from swalab.lab.rundir import RESULT_FIELDS
+
+# every column of results.csv except the ones that may differ between two equal runs
+METRICS = tuple(f for f in RESULT_FIELDS if f not in ("seconds", "message"))
 
 
 def run(
