@@ -236,13 +236,9 @@ def _finite(value: float) -> bool:
 
 
 def _check_option_types(cfg: ExperimentConfig) -> None:
-    """Model and data options must be parameters of their builder, and where the parameter is a
-    bool, int, float or str the value must be one (``bn: maybe`` is an error, not ``True``).
-    Unknown model and dataset names are reported where they are built (with suggestions)."""
-
-    from ..data import DATASETS
-    from ..models import MODELS
-
+    """Where a builder's parameter is annotated bool, int, float or str, the option's value must be
+    one (``bn: maybe`` is an error, not ``True``). Unknown names and options are reported by
+    :func:`check_parts`, with the other config errors."""
     for key, registry, name, options in (
         ("model.options", MODELS, cfg.model.name, cfg.model.options),
         ("data.options", DATASETS, cfg.data.name, cfg.data.options),
