@@ -184,3 +184,22 @@ def test_cli_no_share(flag, share, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_experiment", lambda *a, **kw: seen.update(kw) or [])
     assert main(["run", "mnist1d", "--out", str(tmp_path / "r"), *flag]) == 0
     assert seen["share"] is share
+
+
+def test_a_diverged_trajectory_diverges_every_run_read_off_it(tmp_path):
+    sets = [
+        *TINY[:-1],
+        "train.lr=1000000000000.0",
+        "methods=[{method: swa}, {method: swa, budget: 1.5}]",
+    ]
+    run_experiment(load_config("mnist1d", sets), tmp_path, progress=False, log=lambda text: None)
+    separate = tmp_path / "separate"
+    run_experiment(
+        load_config("mnist1d", sets), separate, progress=False, log=lambda t: None, share=False
+    )
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_results(out)]
+
+    assert [r["status"] for r in rows(tmp_path)] == ["diverged", "diverged"]
+    assert rows(tmp_path) == rows(separate)
