@@ -113,6 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 world=world,
                 jobs=args.jobs,
                 restart=args.restart_run,
+                share=not args.no_share,
             )
     except BaseException:
         world.close(finished=False)
@@ -230,7 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="train N (method, seed) runs at once, in N processes (default: 1)",
+        help="train N (method, seed) runs at once, in N processes (default: 1); "
+        "each run is trained separately (no shared trajectories)",
+    )
+    p.add_argument(
+        "--no-share",
+        action="store_true",
+        help="train every (method, seed) run separately, even where one run's epochs are the "
+        "first epochs of another's (e.g. SWA at 1B inside SWA at 1.5B)",
     )
     p.add_argument(
         "--dist-timeout",

@@ -39,7 +39,15 @@ from ..schedules import (
 from ..swag import SWAG, bma_predict
 from .evaluation import EvalContext, evaluate, joint_predictions, model_outputs, predict
 
-__all__ = ["METHODS", "Recipe", "build_recipe", "method_role", "recipe_of", "run_epochs"]
+__all__ = [
+    "METHODS",
+    "Recipe",
+    "build_recipe",
+    "method_role",
+    "recipe_of",
+    "run_epochs",
+    "shares_trajectory",
+]
 
 METHODS = Registry("method")
 
@@ -122,6 +130,12 @@ class Recipe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+    def epoch_plan(self, epoch: int) -> tuple[Any, ...]:
+        """What the recipe does in 0-based ``epoch``: its kind and the LR of every step, and (in
+        subclasses) what its hooks collect, restart or reset. Two recipes whose plans agree on an
+        epoch train it identically (shared trajectories, ``shares_trajectory``)."""
+        return (type(self).__name__, tuple(self.lr(epoch, s) for s in range(self.steps_per_epoch)))
 
 
 class RunSpec(NamedTuple):
@@ -237,6 +251,11 @@ class Averaging(Recipe):
 
     def running_model(self, model: nn.Module) -> nn.Module | None:
         return self.averaged.module if self.averaged.count > 0 else None
+
+    def epoch_plan(self, epoch: int) -> tuple[Any, ...]:
+        steps = tuple(self._collect(epoch, s) for s in range(self.steps_per_epoch))
+        hooks = (self._collect(epoch, None), self._restart(epoch), self._reset_at == epoch)
+        return (*super().epoch_plan(epoch), steps, hooks)
 
     def averaged_epochs(self) -> list[int]:
         if not self.snapshots:
@@ -407,6 +426,9 @@ class Ensembling(Recipe):
     def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self._collect(epoch):
             self.collect(model)
+
+    def epoch_plan(self, epoch: int) -> tuple[Any, ...]:
+        return (*super().epoch_plan(epoch), self._collect(epoch))
 
 
 class FGERecipe(Ensembling):
@@ -675,3 +697,25 @@ def recipe_of(
         steps_per_epoch=steps_per_epoch,
         model=model,
     )
+
+
+def shares_trajectory(short: Any, long: Any, train: Any, steps_per_epoch: int = 1) -> bool:
+    """Whether the run of ``MethodConfig`` ``short`` is the first epochs of the run of ``long``.
+
+    Both must be the same method with the same options and learning rate (``baseline`` and
+    ``budget`` aside), ``short`` no longer than ``long``, and their recipes must plan every epoch
+    of ``short`` identically (``Recipe.epoch_plan``: LR of every step, what is averaged or
+    collected). Then ``short`` is ``long`` read at its last epoch: SWA at 1B and 1.25B inside 1.5B,
+    whose schedule depends on ``swa_start``, not on the budget (Izmailov et al., 2018).
+    """
+    if (short.method, short.options) != (long.method, long.options):
+        return False
+    if (short.lr if short.lr is not None else train.lr) != (
+        long.lr if long.lr is not None else train.lr
+    ):
+        return False
+    a = recipe_of(short, train, steps_per_epoch)
+    b = recipe_of(long, train, steps_per_epoch)
+    if not 0 < a.epochs <= b.epochs:
+        return False
+    return all(a.epoch_plan(e) == b.epoch_plan(e) for e in range(a.epochs))

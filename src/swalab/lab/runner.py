@@ -23,16 +23,16 @@ from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .devices import resolve_device
 from .distributed import World
 from .files import atomic_write_text, holds_files, remove_tree
-from .inputs import load_bundle
+from .inputs import load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
-from .methods import recipe_of
+from .methods import recipe_of, shares_trajectory
 from .precision import Precision
 from .rundir import RunDirectory
 from .stats import primary_metric, summarize
 from .tracking import EpochReporter, check_trackers, open_trackers
-from .trainer import train_run
+from .trainer import Reader, train_run
 
-__all__ = ["run_experiment", "format_table"]
+__all__ = ["run_experiment", "format_table", "share_groups"]
 
 _RUN_SPECIFIC = ("seeds", "description", "variants")
 
@@ -115,12 +115,18 @@ def run_experiment(
     world: World = World(),
     jobs: int = 1,
     restart: Sequence[str] = (),
+    share: bool = True,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
 
     ``jobs > 1`` trains that many runs at once in worker processes (jobs.py); runs that raise are
     reported by :class:`RunsFailed` after the others have finished. ``restart``: method labels
     whose runs (every seed) are deleted first and trained again.
+
+    ``share``: runs of one seed whose epochs are a prefix of another's (``share_groups``) are read
+    off that run instead of being trained again, with results equal to separate runs. Sharing
+    applies to the sequential path in one process; ``jobs > 1``, torchrun and
+    ``train.save_trajectory`` train every run separately.
 
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
@@ -221,8 +227,9 @@ def run_experiment(
             )
         )
 
-        def train_here(seed: int, method: Any, bundle: Any) -> Any:
-            """One run in this process, its epochs on the progress display and the trackers."""
+        def train_here(seed: int, method: Any, bundle: Any, readers: Sequence[Any] = ()) -> Any:
+            """One run in this process, its epochs on the progress display and the trackers;
+            ``readers``: the methods read off its trajectory (shared trajectories)."""
             run_epochs = _total_epochs(cfg, [(seed, method)])
             reported: list[int] = []
             trackers = open_trackers(
@@ -246,7 +253,18 @@ def run_experiment(
             files = layout.run(method.label, seed)
             try:
                 result = train_run(
-                    cfg, method, seed, bundle, files, device, on_epoch=on_epoch, world=world
+                    cfg,
+                    method,
+                    seed,
+                    bundle,
+                    files,
+                    device,
+                    on_epoch=on_epoch,
+                    world=world,
+                    readers=[
+                        Reader(m, layout.run(m.label, seed), partial(read_off, seed))
+                        for m in readers
+                    ],
                 )
             finally:
                 trackers.close()
@@ -254,18 +272,46 @@ def run_experiment(
             reporter.skip(run_epochs - len(reported) - (reported[0] - 1 if reported else 0))
             return result
 
-        for seed, method in todo if jobs == 1 else []:
+        started = time.perf_counter()
+
+        def read_off(seed: int, method: Any, result: Any, history: list[dict[str, Any]]) -> None:
+            """A run finished off another's trajectory: its row, and its curve to the trackers."""
+            trackers = open_trackers(
+                cfg.train.log if world.main else [], out, method.label, seed, to_dict(cfg)
+            )
+            try:
+                for line in history:
+                    trackers.log(line)
+            finally:
+                trackers.close()
+            record(seed, method, result, round(time.perf_counter() - started, 2))
+
+        sharing = share and jobs == 1 and world.size == 1 and not cfg.train.save_trajectory
+        for seed in dict.fromkeys(seed for seed, _ in todo) if jobs == 1 else []:
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others read
                 bundles = {seed: world.main_first(partial(load_bundle, cfg, seed, download))}
             if bar.tasks[task].total is None:
                 pretraining = cfg.pretrain.epochs * len(pretrain_todo)
-                reporter.set_total(_total_epochs(cfg, todo) + pretraining)
-            pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
-            phase = "pretrain" if pretraining_now else method.label
-            bar.update(task, description=f"{phase} seed {seed}")
-            start = time.perf_counter()
-            result = train_here(seed, method, bundles[seed])
-            record(seed, method, result, round(time.perf_counter() - start, 2))
+                trained = _shared_epochs(cfg, todo) if sharing else _total_epochs(cfg, todo)
+                reporter.set_total(trained + pretraining)
+            methods = [m for s, m in todo if s == seed]
+            if sharing:
+                steps = len(train_loader(cfg, bundles[seed], seed, torch.device("cpu"))[0])
+                groups = share_groups(cfg, methods, steps)
+            else:
+                groups = [[m] for m in methods]
+            for method, *readers in groups:
+                pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
+                phase = "pretrain" if pretraining_now else method.label
+                bar.update(task, description=f"{phase} seed {seed}")
+                started = time.perf_counter()
+                result = train_here(seed, method, bundles[seed], readers)
+                record(seed, method, result, round(time.perf_counter() - started, 2))
+                for alone in [m for m in readers if (m.label, seed) not in rows]:
+                    # a resumed run already past its end (it was read off, but not recorded)
+                    started = time.perf_counter()
+                    result = train_here(seed, alone, bundles[seed])
+                    record(seed, alone, result, round(time.perf_counter() - started, 2))
     ordered = [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows]
     if world.main:
         layout.write_results(ordered)
@@ -280,6 +326,34 @@ def run_experiment(
 
 def _total_epochs(cfg: ExperimentConfig, todo: list) -> int:
     return sum(recipe_of(m, cfg.train).epochs for _, m in todo)
+
+
+def share_groups(cfg: ExperimentConfig, methods: Sequence[Any], steps_per_epoch: int = 1) -> list:
+    """``methods`` (of one seed) as trajectories: lists whose first method is trained and whose
+    others are read off it at their last epoch (``methods.shares_trajectory``), longest first."""
+    by_length = sorted(methods, key=lambda m: -recipe_of(m, cfg.train).epochs)
+    groups: list[list[Any]] = []
+    for method in by_length:
+        home = next(
+            (g for g in groups if shares_trajectory(method, g[0], cfg.train, steps_per_epoch)),
+            None,
+        )
+        if home is None:
+            groups.append([method])
+        else:
+            home.append(method)
+    return groups
+
+
+def _shared_epochs(cfg: ExperimentConfig, todo: list, steps_per_epoch: int = 1) -> int:
+    """Epochs trained for ``todo`` with shared trajectories (for the schedules' shape at
+    ``steps_per_epoch`` steps per epoch)."""
+    seeds = dict.fromkeys(seed for seed, _ in todo)
+    return sum(
+        recipe_of(group[0], cfg.train).epochs
+        for seed in seeds
+        for group in share_groups(cfg, [m for s, m in todo if s == seed], steps_per_epoch)
+    )
 
 
 def _progress(enabled: bool) -> Any:

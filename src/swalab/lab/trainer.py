@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,13 +27,14 @@ from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
 from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng
 from .evaluation import EvalContext, evaluate, model_outputs
+from .files import load_torch
 from .inputs import bn_loader, build_model, train_loader
-from .methods import recipe_of
+from .methods import Recipe, recipe_of
 from .precision import Precision
 from .rundir import RunFiles
 from .task import task_of
 
-__all__ = ["RunResult", "train_one_epoch", "train_run"]
+__all__ = ["Reader", "RunResult", "train_one_epoch", "train_run"]
 
 
 def make_optimizer(
@@ -55,6 +56,17 @@ class RunResult:
     epochs: int
     metrics: dict[str, float]
     message: str = ""
+
+
+class Reader(NamedTuple):
+    """A method read off another run's trajectory at its own last epoch (shared trajectories).
+
+    ``done(method, result, history)`` receives its result and learning curve once it is finished.
+    """
+
+    method: MethodConfig
+    files: RunFiles
+    done: Callable[[MethodConfig, RunResult, list[dict[str, Any]]], None]
 
 
 def train_one_epoch(
@@ -136,8 +148,13 @@ def train_run(
     device: torch.device,
     on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
     world: World = World(),
+    readers: Sequence[Reader] = (),
 ) -> RunResult:
     """Train ``method`` with ``seed``, resuming from the run's checkpoint if it exists.
+
+    ``readers``: runs whose epochs are a prefix of this one (``methods.shares_trajectory``); each is
+    finished at its last epoch exactly as its own run would finish it, into its own directory.
+    Readers whose last epoch a resumed run has already passed are left out (not ``done``).
 
     Under DDP (``world.size > 1``) every rank calls this; recipes average and evaluate ``model``
     itself, whose state is the same on every rank after every step.
@@ -175,6 +192,14 @@ def train_run(
         torch.manual_seed(rank_seed(seed, world.rank))  # dropout and any other global randomness
         if world.main:
             files.save_weights("init", _cpu_state(model))
+    pending = {
+        r.method.label: (r, recipe_of(r.method, train, len(loader)).epochs)
+        for r in readers
+        if recipe_of(r.method, train, len(loader)).epochs > start_epoch
+    }
+    for reader, _ in pending.values():
+        if world.main and not reader.files.weights_path("init").exists():
+            reader.files.save_weights("init", load_torch(files.weights_path("init")))
 
     ctx = EvalContext(
         task,
@@ -203,6 +228,11 @@ def train_run(
             message = f"{method.label} seed {seed}: loss became {train_loss} in epoch {epoch + 1}"
             if world.main:
                 files.mark_diverged(message)
+            for reader, _ in pending.values():  # they would have diverged here too
+                text = message.replace(method.label, reader.method.label, 1)
+                if world.main:
+                    reader.files.mark_diverged(text)
+                reader.done(reader.method, RunResult("diverged", epoch + 1, {}, text), [])
             return RunResult("diverged", epoch + 1, {}, message)
         recipe.after_epoch(epoch, model, optimizer)
 
@@ -261,9 +291,37 @@ def train_run(
             )
             if not (last and recipe.running_model(model) is not None):  # waits for final metrics
                 files.append_metrics(record)
+        for label in [k for k, (_, end) in pending.items() if end == epoch + 1]:
+            reader = pending.pop(label)[0]
+            state = {"generator": generator.get_state(), "torch_rng": rng_states[0]}
+            state["grad_scaler"] = precision.state_dict()
+            reader.done(
+                reader.method,
+                *_read_off(
+                    reader, train, recipe, model, optimizer, state, history, bundle, ctx, world
+                ),
+            )
         if not last:  # the last epoch is reported with the final model's metrics, below
             on_epoch(record)
 
+    results = _finish(recipe, model, bundle, ctx, files, history, world, rewrite=False)
+    if history:
+        on_epoch(history[-1])
+    return RunResult("done", recipe.epochs, results)
+
+
+def _finish(
+    recipe: Recipe,
+    model: nn.Module,
+    bundle: DataBundle,
+    ctx: EvalContext,
+    files: RunFiles,
+    history: list[dict[str, Any]],
+    world: World,
+    rewrite: bool,
+) -> dict[str, float]:
+    """The end of a run: its final model's predictions, ``final.pt`` and metrics on every split;
+    the running average's last point joins the learning curve (``rewrite``: write it all anyway)."""
     splits = {
         name: getattr(bundle, name)
         for name in ("train", "val", "test")
@@ -274,10 +332,11 @@ def train_run(
         files.save_weights("final", recipe.final_state(model))
     results: dict[str, float] = {}
     for name, split in splits.items():
-        results.update({f"{name}_{k}": v for k, v in evaluate(outputs[name], split, task).items()})
-    if (
-        history and recipe.running_model(model) is not None
-    ):  # the learning curve's last average point
+        results.update(
+            {f"{name}_{k}": v for k, v in evaluate(outputs[name], split, ctx.task).items()}
+        )
+    running = history and recipe.running_model(model) is not None
+    if running:  # the learning curve's last average point
         history[-1].update(
             {
                 k.replace("test_", "avg_test_", 1): v
@@ -285,11 +344,49 @@ def train_run(
                 if k.startswith("test_")
             }
         )
-        if world.main:
-            files.write_metrics(history)
-    if history:
-        on_epoch(history[-1])
-    return RunResult("done", recipe.epochs, results)
+    if world.main and (running or rewrite):
+        files.write_metrics(history)
+    return results
+
+
+def _read_off(
+    reader: Reader,
+    train: Any,
+    recipe: Recipe,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    history: list[dict[str, Any]],
+    bundle: DataBundle,
+    ctx: EvalContext,
+    world: World,
+) -> tuple[RunResult, list[dict[str, Any]]]:
+    """Finish ``reader`` at this epoch, its last, as its own run would: on copies of the model and
+    of the recipe's state (averages, ensembles), leaving this run and the global RNG untouched."""
+    rng = torch.get_rng_state()
+    model = copy.deepcopy(model)
+    short = recipe_of(reader.method, train, recipe.steps_per_epoch, model=model)
+    short.load_state_dict(copy.deepcopy(recipe.state_dict()))
+    # its last epoch's record: the iterate evaluated, no running-average point (that is the final's)
+    last = {k: v for k, v in history[-1].items() if not k.startswith("avg_test_")}
+    if not any(k.startswith("test_") for k in last):
+        test = evaluate(model_outputs(model, bundle.test, ctx), bundle.test, ctx.task)
+        last.update({f"test_{k}": v for k, v in test.items()})
+    own = [*copy.deepcopy(history[:-1]), last]
+    if world.main:
+        reader.files.save_checkpoint(
+            {
+                "epoch": last["epoch"] - 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "recipe": short.state_dict(),
+                "history": copy.deepcopy(own),
+                **state,
+            }
+        )
+    results = _finish(short, model, bundle, ctx, reader.files, own, world, rewrite=True)
+    torch.set_rng_state(rng)
+    return RunResult("done", short.epochs, results), own
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:

@@ -1,0 +1,98 @@
+"""Shared trajectories: epochs trained per seed with and without sharing, and the wall time of
+``swalab run PRESET`` against ``swalab run PRESET --no-share``.
+
+    python benchmarks/share.py [--preset mnist1d --repeats 1 --set train.epochs=10]
+
+The epoch counts come from the recipes alone (``runner.share_groups``, no training), for the
+Table 1 presets (SGD at B against SWA at 1B, 1.25B and 1.5B) and ``--preset``. Each repeat then
+runs both commands, interleaved, as fresh processes into fresh run directories, checks that
+``results.csv`` holds the same metrics, and prints the median wall times and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from swalab.lab.config import load_config
+from swalab.lab.methods import recipe_of
+from swalab.lab.rundir import RESULT_FIELDS
+from swalab.lab.runner import share_groups
+
+METRICS = tuple(f for f in RESULT_FIELDS if f not in ("seconds", "message"))
+TABLE1 = [
+    f"{d}-{m}" for d in ("cifar10", "cifar100") for m in ("vgg16", "preresnet164", "wrn28x10")
+]
+
+
+def epochs_per_seed(preset: str, sets: list[str], variant: str | None) -> tuple[int, int, int]:
+    """(epochs without sharing, with sharing, runs) for one seed of ``preset``."""
+    cfg = load_config(preset, sets, variant)
+    groups = share_groups(cfg, cfg.methods)
+    alone = sum(recipe_of(m, cfg.train).epochs for m in cfg.methods)
+    shared = sum(recipe_of(g[0], cfg.train).epochs for g in groups)
+    return alone, shared, len(cfg.methods)
+
+
+def run(preset: str, share: bool, sets: list[str], variant: str | None) -> tuple[float, list]:
+    """(wall seconds, metric rows) of one ``swalab run`` in a fresh directory."""
+    out = Path(tempfile.mkdtemp()) / "run"
+    argv = [sys.executable, "-m", "swalab", "run", preset, "--out", str(out)]
+    argv += [a for s in sets for a in ("--set", s)] + (["--variant", variant] if variant else [])
+    argv += [] if share else ["--no-share"]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    with (out / "results.csv").open() as f:
+        rows = [{k: r[k] for k in METRICS} for r in csv.DictReader(f)]
+    shutil.rmtree(out.parent)
+    return wall, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="mnist1d")
+    parser.add_argument("--variant")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    print("| preset | runs per seed | epochs per seed, separate | shared | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for preset in [*TABLE1, args.preset]:
+        sets, variant = (args.set, args.variant) if preset == args.preset else ([], None)
+        alone, shared, runs = epochs_per_seed(preset, sets, variant)
+        print(f"| {preset} | {runs} | {alone} | {shared} | {shared / alone:.2f} |")
+
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    identical = True
+    for _ in range(args.repeats):
+        results = {}
+        for share in (False, True):
+            wall, results[share] = run(args.preset, share, args.set, args.variant)
+            walls[share].append(wall)
+        identical = identical and results[False] == results[True]
+    command = f"swalab run {args.preset} " + " ".join(f"--set {s}" for s in args.set)
+    print(f"\n{command}\n")
+    print("| command | wall s (each repeat) | median s | ratio |")
+    print("|---|---|---:|---:|")
+    base = statistics.median(walls[False])
+    for share in (False, True):
+        each = ", ".join(f"{w:.1f}" for w in walls[share])
+        median = statistics.median(walls[share])
+        name = "shared (default)" if share else "--no-share"
+        print(f"| {name} | {each} | {median:.1f} | {median / base:.2f} |")
+    print(f"\nresults.csv metrics identical: {'yes' if identical else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
