@@ -29,11 +29,12 @@ METRICS = tuple(f for f in RESULT_FIELDS if f not in ("seconds", "message"))
 
 
 def run(
-    preset: str, jobs: int, sets: list[str], variant: str | None
+    preset: str, flags: list[str], sets: list[str], variant: str | None
 ) -> tuple[float, list[dict], str]:
-    """(wall seconds, metric rows, load averages) of one ``swalab run`` in a fresh directory."""
+    """(wall seconds, metric rows, load averages) of one ``swalab run PRESET FLAGS`` in a fresh
+    directory (also used by benchmarks/share.py)."""
     out = Path(tempfile.mkdtemp()) / "run"
-    argv = [sys.executable, "-m", "swalab", "run", preset, "--out", str(out), "--jobs", str(jobs)]
+    argv = [sys.executable, "-m", "swalab", "run", preset, "--out", str(out), *flags]
     argv += [a for s in sets for a in ("--set", s)] + (["--variant", variant] if variant else [])
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
@@ -61,7 +62,7 @@ def main() -> None:
     for _ in range(args.repeats):
         results = {}
         for jobs in (1, args.jobs):
-            wall, rows, load = run(args.preset, jobs, args.set, args.variant)
+            wall, rows, load = run(args.preset, ["--jobs", str(jobs)], args.set, args.variant)
             walls[jobs].append(wall)
             loads[jobs].append(load)
             results[jobs] = rows

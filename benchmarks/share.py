@@ -12,21 +12,14 @@ runs both commands, interleaved, as fresh processes into fresh run directories, 
 from __future__ import annotations
 
 import argparse
-import csv
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
+
+from jobs import run  # benchmarks/jobs.py: one timed `swalab run` in a fresh directory
 
 from swalab.lab.config import load_config
 from swalab.lab.methods import recipe_of
-from swalab.lab.rundir import RESULT_FIELDS
 from swalab.lab.runner import share_groups
 
-METRICS = tuple(f for f in RESULT_FIELDS if f not in ("seconds", "message"))
 TABLE1 = [
     f"{d}-{m}" for d in ("cifar10", "cifar100") for m in ("vgg16", "preresnet164", "wrn28x10")
 ]
@@ -39,23 +32,6 @@ def epochs_per_seed(preset: str, sets: list[str], variant: str | None) -> tuple[
     alone = sum(recipe_of(m, cfg.train).epochs for m in cfg.methods)
     shared = sum(recipe_of(g[0], cfg.train).epochs for g in groups)
     return alone, shared, len(cfg.methods)
-
-
-def run(preset: str, share: bool, sets: list[str], variant: str | None) -> tuple[float, list]:
-    """(wall seconds, metric rows) of one ``swalab run`` in a fresh directory."""
-    out = Path(tempfile.mkdtemp()) / "run"
-    argv = [sys.executable, "-m", "swalab", "run", preset, "--out", str(out)]
-    argv += [a for s in sets for a in ("--set", s)] + (["--variant", variant] if variant else [])
-    argv += [] if share else ["--no-share"]
-    start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
-    with (out / "results.csv").open() as f:
-        rows = [{k: r[k] for k in METRICS} for r in csv.DictReader(f)]
-    shutil.rmtree(out.parent)
-    return wall, rows
 
 
 def main() -> None:
@@ -78,7 +54,8 @@ def main() -> None:
     for _ in range(args.repeats):
         results = {}
         for share in (False, True):
-            wall, results[share] = run(args.preset, share, args.set, args.variant)
+            flags = [] if share else ["--no-share"]
+            wall, results[share], _ = run(args.preset, flags, args.set, args.variant)
             walls[share].append(wall)
         identical = identical and results[False] == results[True]
     command = f"swalab run {args.preset} " + " ".join(f"--set {s}" for s in args.set)
