@@ -126,11 +126,19 @@ def time_updates(
             "lerp",
         ),
         "swalab EMA": (swalab.AveragedModel(model, rule=swalab.EMA(0.999)), "lerp"),
+        "swalab EMA (multi_avg_fn)": (
+            swalab.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)),
+            "lerp",
+        ),
     }
     if baseline is not None:
         contenders["baseline SWA (default)"] = (baseline.AveragedModel(model), "lerp")
         contenders["baseline EMA"] = (
             baseline.AveragedModel(model, rule=baseline.EMA(0.999)),
+            "lerp",
+        )
+        contenders["baseline EMA (multi_avg_fn)"] = (
+            baseline.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)),
             "lerp",
         )
     if device.type == "cuda":
@@ -197,7 +205,9 @@ def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
     print("| update | ms | × floor | speed-up vs torch |")
     print("|---|---:|---:|---:|")
     for label, ms, floor in rows:
-        torch_label = label.replace("swalab", "torch").replace("EMA", "EMA (multi_avg_fn)")
+        torch_label = label.replace("swalab", "torch")
+        if torch_label not in times:
+            torch_label = torch_label.replace("EMA", "EMA (multi_avg_fn)")
         speedup = f"{times[torch_label] / ms:.1f}×" if label.startswith("swalab") else ""
         baseline_label = label.replace("swalab", "baseline")
         if label.startswith("swalab") and baseline_label in times:

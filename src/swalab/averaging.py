@@ -468,7 +468,6 @@ class _Pairing:
         self.binding = ModelBinding(
             model, [t for _, t in theirs_p + theirs_b] + [a for _, a in ours_p + ours_b]
         )
-        self.tried = False  # whether the user's avg_fn/multi_avg_fn has been tried on a dry copy
 
 
 class AveragedModel(nn.Module):
@@ -607,34 +606,28 @@ class AveragedModel(nn.Module):
     def _update_with_torch_fn(self, pairing: _Pairing) -> None:
         """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them.
 
-        Floating tensors only, grouped by the average's (device, dtype) like torch. The first call
-        after binding tries the function on one-element copies, so an error leaves the average
-        whole.
+        Floating tensors only, grouped by the average's (device, dtype) like torch. All or nothing:
+        the averaged tensors are saved first (one more copy of them while the function runs) and
+        put back if it raises, so a function that fails half-way leaves the average as it was.
         """
         n_averaged = self.n_averaged
         groups = [
             (avg_list, [t.to(avg_list[0].device, avg_list[0].dtype) for t in src_list])
             for avg_list, src_list in _group_pairs(pairing.folded)
         ]
-        if not pairing.tried:
-            dry = [
-                ([a.reshape(-1)[:1].clone() for a in avg], [t.reshape(-1)[:1] for t in src])
-                for avg, src in groups
-            ]
-            self._call_torch_fn(dry, n_averaged)
-            pairing.tried = True
-        self._call_torch_fn(groups, n_averaged)
-
-    def _call_torch_fn(
-        self, groups: list[tuple[list[Tensor], list[Tensor]]], n_averaged: Tensor
-    ) -> None:
-        for avg_list, src_list in groups:
-            n = n_averaged.to(avg_list[0].device)
-            if self.multi_avg_fn is not None:
-                self.multi_avg_fn(avg_list, src_list, n)
-            else:
-                for a, t in zip(avg_list, src_list):
-                    a.copy_(self.avg_fn(a, t, n))
+        saved = [[a.clone() for a in avg_list] for avg_list, _ in groups]
+        try:
+            for avg_list, src_list in groups:
+                n = n_averaged.to(avg_list[0].device)
+                if self.multi_avg_fn is not None:
+                    self.multi_avg_fn(avg_list, src_list, n)
+                else:
+                    for a, t in zip(avg_list, src_list):
+                        a.copy_(self.avg_fn(a, t, n))
+        except BaseException:
+            for (avg_list, _), old in zip(groups, saved):
+                torch._foreach_copy_(avg_list, old)
+            raise
 
     def reset(self) -> None:
         """Start a new average: the next ``update_parameters`` copies the model (periodic SWA)."""
