@@ -62,16 +62,23 @@ class AverageState(NamedTuple):
 
 def _groups(
     average: Sequence[Tensor], params: Sequence[Tensor]
-) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """Pairs of lists that share the average's (device, dtype); params are cast to it if needed."""
+) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """Pairs of lists that share the average's (device, dtype), in order; params are cast to it."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for a, p in zip(average, params):
         avg_list, param_list = groups.setdefault((a.device, a.dtype), ([], []))
         avg_list.append(a)
-        param_list.append(
-            p if (p.device, p.dtype) == (a.device, a.dtype) else p.to(a.device, a.dtype)
-        )
-    return iter(groups.values())
+        param_list.append(p.to(a.device, a.dtype))  # p itself when already there
+    return list(groups.values())
+
+
+def _fold(avg_list: list[Tensor], src_list: Sequence[Tensor], weight: float) -> None:
+    """One (device, dtype) group: ``avg <- lerp(avg, src, weight)``; copied when ``weight == 1``
+    or the tensors are integers (e.g. ``num_batches_tracked``)."""
+    if weight == 1.0 or not (avg_list[0].is_floating_point() or avg_list[0].is_complex()):
+        torch._foreach_copy_(avg_list, src_list)
+    else:
+        torch._foreach_lerp_(avg_list, src_list, weight)
 
 
 @torch.no_grad()
@@ -81,13 +88,7 @@ def lerp_(average: Sequence[Tensor], params: Sequence[Tensor], weight: float) ->
     Floating tensors are interpolated; integer tensors (e.g. ``num_batches_tracked``) are copied.
     """
     for avg_list, param_list in _groups(average, params):
-        if avg_list[0].is_floating_point() or avg_list[0].is_complex():
-            if weight == 1.0:
-                torch._foreach_copy_(avg_list, param_list)
-            else:
-                torch._foreach_lerp_(avg_list, param_list, weight)
-        else:
-            torch._foreach_copy_(avg_list, param_list)
+        _fold(avg_list, param_list, weight)
 
 
 class AveragingRule:
@@ -426,22 +427,17 @@ class _Groups:
 
     def apply(self, weight: float) -> None:
         """``average <- lerp(average, model, weight)`` over every group; ``weight == 1`` copies."""
-
-        def update(avg_list: list[Tensor], src_list: Sequence[Tensor]) -> None:
-            if weight == 1.0 or not (avg_list[0].is_floating_point() or avg_list[0].is_complex()):
-                torch._foreach_copy_(avg_list, src_list)
-            else:
-                torch._foreach_lerp_(avg_list, src_list, weight)
-
         for avg_list, src_list in self.direct:
-            update(avg_list, src_list)
+            _fold(avg_list, src_list, weight)
         for avg_flat, src_views, scratch in self.gathered:
-            update([avg_flat], [torch.cat(src_views, out=scratch)])
+            _fold([avg_flat], [torch.cat(src_views, out=scratch)], weight)
         for avg_list, src_list in self.cast:
-            update(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)])
+            _fold(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)], weight)
         for staging, pieces, sizes, dtype in self.staged:
             staging.run(
-                lambda k, chunk, p=pieces, s=sizes, d=dtype: update(p[k], chunk.to(d).split(s[k]))
+                lambda k, chunk, p=pieces, s=sizes, d=dtype: _fold(
+                    p[k], chunk.to(d).split(s[k]), weight
+                )
             )
 
 
@@ -611,10 +607,7 @@ class AveragedModel(nn.Module):
         put back if it raises, so a function that fails half-way leaves the average as it was.
         """
         n_averaged = self.n_averaged
-        groups = [
-            (avg_list, [t.to(avg_list[0].device, avg_list[0].dtype) for t in src_list])
-            for avg_list, src_list in _group_pairs(pairing.folded)
-        ]
+        groups = _groups([a for a, _ in pairing.folded], [t for _, t in pairing.folded])
         saved = [[a.clone() for a in avg_list] for avg_list, _ in groups]
         try:
             for avg_list, src_list in groups:
@@ -684,16 +677,6 @@ class AveragedModel(nn.Module):
             yield model
         finally:
             _exchange(pairs, saved)
-
-
-def _group_pairs(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[list[Tensor], list[Tensor]]]:
-    """(average, model) pairs grouped by the average's (device, dtype), in order."""
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for a, t in pairs:
-        avg_list, src_list = groups.setdefault((a.device, a.dtype), ([], []))
-        avg_list.append(a)
-        src_list.append(t)
-    return list(groups.values())
 
 
 def _exchange(
