@@ -464,6 +464,9 @@ class _Pairing:
         self.binding = ModelBinding(
             model, [t for _, t in theirs_p + theirs_b] + [a for _, a in ours_p + ours_b]
         )
+        # A copy of the folded average, made on the first update through a user function: kept
+        # (reallocating it costs more than the copy on the CPU) for putting the average back.
+        self.saved: list[list[Tensor]] | None = None
 
 
 class AveragedModel(nn.Module):
@@ -603,12 +606,16 @@ class AveragedModel(nn.Module):
         """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them.
 
         Floating tensors only, grouped by the average's (device, dtype) like torch. All or nothing:
-        the averaged tensors are saved first (one more copy of them while the function runs) and
-        put back if it raises, so a function that fails half-way leaves the average as it was.
+        the averaged tensors are first copied aside (into one more copy of them, kept while the
+        model stays bound) and put back if the function raises, so a function that fails half-way
+        leaves the average as it was.
         """
         n_averaged = self.n_averaged
         groups = _groups([a for a, _ in pairing.folded], [t for _, t in pairing.folded])
-        saved = [[a.clone() for a in avg_list] for avg_list, _ in groups]
+        if pairing.saved is None:
+            pairing.saved = [[torch.empty_like(a) for a in avg_list] for avg_list, _ in groups]
+        for (avg_list, _), saved in zip(groups, pairing.saved):
+            torch._foreach_copy_(saved, avg_list)
         try:
             for avg_list, src_list in groups:
                 n = n_averaged.to(avg_list[0].device)
@@ -618,8 +625,8 @@ class AveragedModel(nn.Module):
                     for a, t in zip(avg_list, src_list):
                         a.copy_(self.avg_fn(a, t, n))
         except BaseException:
-            for (avg_list, _), old in zip(groups, saved):
-                torch._foreach_copy_(avg_list, old)
+            for (avg_list, _), saved in zip(groups, pairing.saved):
+                torch._foreach_copy_(avg_list, saved)
             raise
 
     def reset(self) -> None:
