@@ -10,7 +10,8 @@ timed with the average on the CPU (``device="cpu"``, the case of a model that do
 the GPU), against the floor of a bare device-to-host copy of all parameters into pinned memory.
 GPU times are CUDA-event times of one call from an idle device (the host work that launches the
 kernels is inside); CPU times, and the CPU-average rows, are wall-clock times. Medians of N calls,
-interleaved (each round times every contender once, so a busy machine slows all alike).
+interleaved (each round times every contender once, in a new order, so a busy machine slows all
+alike and no contender always runs after the same one).
 ``mlp_200`` (100 small linear layers, 200 tensors) shows the host work per tensor, which does not
 depend on the memory bandwidth. On the CPU, also measures the peak extra memory while building
 the averaged copy of a ResNet-50, in units of its parameter bytes.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import random
 import statistics
 import subprocess
 import sys
@@ -91,12 +93,17 @@ def one_call_ms(fn: Callable[[], object], device: torch.device, wall: bool) -> f
 def interleaved_medians(
     calls: dict[str, tuple[Callable[[], object], bool]], repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """Median ms of each call; each round times every call once, so load drifts hit all alike."""
+    """Median ms of each call; each round times every call once, so load drifts hit all alike,
+    in a new order, so no call always follows the same one (torch's per-tensor update leaves the
+    caches cold: a call timed after it in every round was up to 1.6x slower than its own copy)."""
     for fn, _ in calls.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {label: [] for label in calls}
+    order, rng = list(calls), random.Random(0)
     for _ in range(repeats):
-        for label, (fn, wall) in calls.items():
+        rng.shuffle(order)
+        for label in order:
+            fn, wall = calls[label]
             times[label].append(one_call_ms(fn, device, wall))
     return {label: statistics.median(t) for label, t in times.items()}
 
