@@ -286,6 +286,20 @@ def test_swapped_into_evaluates_average_in_live_model_and_restores_it():
         assert torch.equal(value, avg_before[key])
 
 
+def test_swapped_into_refuses_another_model_naming_the_tensor_before_anything_moves():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    other = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    before, other_before = snapshot(averaged), copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"^3\.weight has shape \(3, 5\), the averaged model has"):
+        with averaged.swapped_into(other):
+            pass
+    assert_unchanged(averaged, before)
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, other_before[key]), key
+
+
 def test_swapped_into_with_other_dtype_copies_and_restores():
     model = small_model()
     averaged = swalab.AveragedModel(model, dtype=torch.float64)

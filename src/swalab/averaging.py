@@ -218,6 +218,21 @@ def _check_pairs(
             raise ValueError(f"{name} is {t.dtype}, {whose} has {a.dtype}")
 
 
+def _pairs(
+    averaged: nn.Module, model: nn.Module
+) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
+    """The (average, model) pairs of parameters and of buffers, in order, once ``ValueError`` has
+    named any tensor of ``model`` whose count, shape or kind differs."""
+    ours_p, theirs_p = list(averaged.named_parameters()), list(model.named_parameters())
+    ours_b, theirs_b = list(averaged.named_buffers()), list(model.named_buffers())
+    _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
+    _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
+    return (
+        [(a, t) for (_, a), (_, t) in zip(ours_p, theirs_p)],
+        [(a, t) for (_, a), (_, t) in zip(ours_b, theirs_b)],
+    )
+
+
 class ModelBinding:
     """A model's tensors looked up once, and a cheap test that the model still holds them.
 
@@ -449,21 +464,17 @@ class _Pairing:
     """
 
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
-        ours_p, theirs_p = list(averaged.module.named_parameters()), list(model.named_parameters())
-        ours_b, theirs_b = list(averaged.module.named_buffers()), list(model.named_buffers())
-        _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
-        _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
-        params = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_p, theirs_p)]
-        buffers = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_b, theirs_b)]
+        param_pairs, buffer_pairs = _pairs(averaged.module, model)
+        pairs = param_pairs + buffer_pairs
+        # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
+        self.binding = ModelBinding(model, [t for _, t in pairs] + [a for a, _ in pairs])
+        params = [(a.detach(), t.detach()) for a, t in param_pairs]
+        buffers = [(a.detach(), t.detach()) for a, t in buffer_pairs]
         candidates = params + buffers if averaged.use_buffers else params
         self.folded = [(a, t) for a, t in candidates if a.is_floating_point() or a.is_complex()]
         folded = {id(a) for a, _ in self.folded}
         self.averaged = _Groups(self.folded)
         self.copied = _Groups([(a, t) for a, t in params + buffers if id(a) not in folded])
-        # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
-        self.binding = ModelBinding(
-            model, [t for _, t in theirs_p + theirs_b] + [a for _, a in ours_p + ours_b]
-        )
         # A copy of the folded average, made on the first update through a user function: kept
         # (reallocating it costs more than the copy on the CPU) for putting the average back.
         self.saved: list[list[Tensor]] | None = None
@@ -664,20 +675,15 @@ class AveragedModel(nn.Module):
 
         Parameters and floating buffers are exchanged; tensors on the same device and dtype swap
         storage (no copy, no extra memory), others are copied in and restored from a saved copy.
-        Inside the block the averaged model itself holds the live weights: use ``model``.
+        Inside the block the averaged model itself holds the live weights: use ``model``. A model
+        whose tensors differ in count, shape or kind raises ``ValueError`` before anything moves.
 
         Example:
             >>> with swa_model.swapped_into(model):
             ...     accuracy = evaluate(model)
         """
-        live = _unwrap(model)
-        live_tensors = [*live.parameters(), *live.buffers()]
-        ours = [*self.module.parameters(), *self.module.buffers()]
-        if len(live_tensors) != len(ours) or any(
-            t.shape != a.shape for t, a in zip(live_tensors, ours)
-        ):
-            raise ValueError("model does not match the averaged model's parameters and buffers")
-        pairs = [(t, a) for t, a in zip(live_tensors, ours) if t.is_floating_point()]
+        params, buffers = _pairs(self.module, _unwrap(model))
+        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
         saved = _exchange(pairs, saved=None)
         try:
@@ -746,13 +752,7 @@ def restart_from_average(
     (momentum) and resets the average's count so the next period starts a fresh average. A model
     whose tensors differ in count, shape or kind raises ``ValueError`` before anything is written.
     """
-    live = _unwrap(model)
-    ours_p, theirs_p = list(averaged.module.named_parameters()), list(live.named_parameters())
-    ours_b, theirs_b = list(averaged.module.named_buffers()), list(live.named_buffers())
-    _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
-    _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
-    lerp_(
-        [t.detach() for _, t in theirs_p + theirs_b], [a.detach() for _, a in ours_p + ours_b], 1.0
-    )
+    params, buffers = _pairs(averaged.module, _unwrap(model))
+    lerp_([t.detach() for _, t in params + buffers], [a.detach() for a, _ in params + buffers], 1.0)
     optimizer.state.clear()
     averaged.reset()
