@@ -466,6 +466,12 @@ def test_user_function_failing_on_kth_tensor_is_all_or_nothing(which, k, error):
     assert averaged.count == 2
     for key, value in reference.state_dict().items():
         assert torch.equal(averaged.state_dict()[key], value), key
+    failing[0], seen[:] = True, []  # fails again: put back to this average, not the first one
+    perturb(model, 3, with_buffers=True)
+    before = snapshot(averaged)
+    with pytest.raises(error, match="tensor k"):
+        averaged.update_parameters(model)
+    assert_unchanged(averaged, before)
 
 
 def test_user_function_failing_on_a_later_group_rolls_back_the_earlier_ones():
