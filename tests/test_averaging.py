@@ -429,10 +429,20 @@ def test_failing_user_function_leaves_average_and_count_unchanged():
     assert_unchanged(averaged, before)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("which", ["avg_fn", "multi_avg_fn"])
-def test_user_function_failing_on_kth_tensor_is_all_or_nothing(which, k, error):
+def test_user_function_failing_on_kth_tensor_is_all_or_nothing(which, k, error, device):
     """A function that raises on the k-th real tensor, after writing the first k - 1 (and passing
     any one-element trial), leaves state_dict() bit-identical; the next update equals torch's."""
     swa = swa_utils.get_swa_avg_fn()
@@ -449,7 +459,7 @@ def test_user_function_failing_on_kth_tensor_is_all_or_nothing(which, k, error):
             a.copy_(avg_fn(a, t, n))
 
     fn = {"avg_fn": avg_fn, "multi_avg_fn": multi_avg_fn}[which]
-    model = small_model()
+    model = small_model().to(device)
     averaged = swalab.AveragedModel(model, **{which: fn})
     reference = swa_utils.AveragedModel(model, avg_fn=swa)
     averaged.update_parameters(model)

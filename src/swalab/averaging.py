@@ -475,8 +475,8 @@ class _Pairing:
         folded = {id(a) for a, _ in self.folded}
         self.averaged = _Groups(self.folded)
         self.copied = _Groups([(a, t) for a, t in params + buffers if id(a) not in folded])
-        # A copy of the folded average, made on the first update through a user function: kept
-        # (reallocating it costs more than the copy on the CPU) for putting the average back.
+        # A copy of the folded average on the CPU, made on the first update through a user
+        # function and kept, for putting the average back if the function raises.
         self.saved: list[list[Tensor]] | None = None
 
 
@@ -617,16 +617,17 @@ class AveragedModel(nn.Module):
         """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them.
 
         Floating tensors only, grouped by the average's (device, dtype) like torch. All or nothing:
-        the averaged tensors are first copied aside (into one more copy of them, kept while the
-        model stays bound) and put back if the function raises, so a function that fails half-way
-        leaves the average as it was.
+        the averaged tensors are first copied aside (into one more copy of them: from the caching
+        allocator on an accelerator, kept between updates on the CPU) and put back if the function
+        raises, so a function that fails half-way leaves the average as it was.
         """
         n_averaged = self.n_averaged
         groups = _groups([a for a, _ in pairing.folded], [t for _, t in pairing.folded])
-        if pairing.saved is None:
-            pairing.saved = [[torch.empty_like(a) for a in avg_list] for avg_list, _ in groups]
-        for (avg_list, _), saved in zip(groups, pairing.saved):
-            torch._foreach_copy_(saved, avg_list)
+        saved = pairing.saved or [[torch.empty_like(a) for a in avg] for avg, _ in groups]
+        if all(avg[0].device.type == "cpu" for avg, _ in groups):
+            pairing.saved = saved  # there, allocating a copy per update costs more than copying
+        for (avg_list, _), old in zip(groups, saved):
+            torch._foreach_copy_(old, avg_list)
         try:
             for avg_list, src_list in groups:
                 n = n_averaged.to(avg_list[0].device)
@@ -636,8 +637,8 @@ class AveragedModel(nn.Module):
                     for a, t in zip(avg_list, src_list):
                         a.copy_(self.avg_fn(a, t, n))
         except BaseException:
-            for (avg_list, _), saved in zip(groups, pairing.saved):
-                torch._foreach_copy_(avg_list, saved)
+            for (avg_list, _), old in zip(groups, saved):
+                torch._foreach_copy_(avg_list, old)
             raise
 
     def reset(self) -> None:
