@@ -10,7 +10,8 @@ timed with the average on the CPU (``device="cpu"``, the case of a model that do
 the GPU), against the floor of a bare device-to-host copy of all parameters into pinned memory.
 GPU times are CUDA-event times of one call from an idle device (the host work that launches the
 kernels is inside); CPU times, and the CPU-average rows, are wall-clock times. Medians of N calls,
-interleaved (each round times every contender once, so a busy machine slows all alike).
+interleaved (each round times every contender once, in a new order, so a busy machine slows all
+alike and no contender always runs after the same one).
 ``mlp_200`` (100 small linear layers, 200 tensors) shows the host work per tensor, which does not
 depend on the memory bandwidth. On the CPU, also measures the peak extra memory while building
 the averaged copy of a ResNet-50, in units of its parameter bytes.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import random
 import statistics
 import subprocess
 import sys
@@ -91,12 +93,17 @@ def one_call_ms(fn: Callable[[], object], device: torch.device, wall: bool) -> f
 def interleaved_medians(
     calls: dict[str, tuple[Callable[[], object], bool]], repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """Median ms of each call; each round times every call once, so load drifts hit all alike."""
+    """Median ms of each call; each round times every call once, so load drifts hit all alike,
+    in a new order, so no call always follows the same one (torch's per-tensor update leaves the
+    caches cold: a call timed after it in every round was up to 1.6x slower than its own copy)."""
     for fn, _ in calls.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {label: [] for label in calls}
+    order, rng = list(calls), random.Random(0)
     for _ in range(repeats):
-        for label, (fn, wall) in calls.items():
+        rng.shuffle(order)
+        for label in order:
+            fn, wall = calls[label]
             times[label].append(one_call_ms(fn, device, wall))
     return {label: statistics.median(t) for label, t in times.items()}
 
@@ -126,11 +133,19 @@ def time_updates(
             "lerp",
         ),
         "swalab EMA": (swalab.AveragedModel(model, rule=swalab.EMA(0.999)), "lerp"),
+        "swalab EMA (multi_avg_fn)": (
+            swalab.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)),
+            "lerp",
+        ),
     }
     if baseline is not None:
         contenders["baseline SWA (default)"] = (baseline.AveragedModel(model), "lerp")
         contenders["baseline EMA"] = (
             baseline.AveragedModel(model, rule=baseline.EMA(0.999)),
+            "lerp",
+        )
+        contenders["baseline EMA (multi_avg_fn)"] = (
+            baseline.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999)),
             "lerp",
         )
     if device.type == "cuda":
@@ -197,7 +212,9 @@ def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
     print("| update | ms | × floor | speed-up vs torch |")
     print("|---|---:|---:|---:|")
     for label, ms, floor in rows:
-        torch_label = label.replace("swalab", "torch").replace("EMA", "EMA (multi_avg_fn)")
+        torch_label = label.replace("swalab", "torch")
+        if torch_label not in times:
+            torch_label = torch_label.replace("EMA", "EMA (multi_avg_fn)")
         speedup = f"{times[torch_label] / ms:.1f}×" if label.startswith("swalab") else ""
         baseline_label = label.replace("swalab", "baseline")
         if label.startswith("swalab") and baseline_label in times:

@@ -286,6 +286,20 @@ def test_swapped_into_evaluates_average_in_live_model_and_restores_it():
         assert torch.equal(value, avg_before[key])
 
 
+def test_swapped_into_refuses_another_model_naming_the_tensor_before_anything_moves():
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    other = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    before, other_before = snapshot(averaged), copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"^3\.weight has shape \(3, 5\), the averaged model has"):
+        with averaged.swapped_into(other):
+            pass
+    assert_unchanged(averaged, before)
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, other_before[key]), key
+
+
 def test_swapped_into_with_other_dtype_copies_and_restores():
     model = small_model()
     averaged = swalab.AveragedModel(model, dtype=torch.float64)
@@ -399,19 +413,98 @@ def test_user_function_on_bn_model_with_buffers_copies_integer_buffers(fn, use_b
 def test_failing_user_function_leaves_average_and_count_unchanged():
     calls = []
 
-    def fails_on_second_tensor(avg_list, param_list, n):
+    def writes_then_fails(avg_list, param_list, n):
         calls.append(len(avg_list))
-        avg_list[0].add_(1.0)  # writes before it fails: only the dry copy may see this
+        avg_list[0].add_(1.0)  # writes before it fails: rolled back
         raise RuntimeError("boom")
 
     model = small_model()
-    averaged = swalab.AveragedModel(model, multi_avg_fn=fails_on_second_tensor)
+    averaged = swalab.AveragedModel(model, multi_avg_fn=writes_then_fails)
     averaged.update_parameters(model)  # the first update copies without calling the function
     perturb(model, 1)
     before = snapshot(averaged)
     with pytest.raises(RuntimeError, match="boom"):
         averaged.update_parameters(model)
     assert calls == [6]
+    assert_unchanged(averaged, before)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+        ),
+    ],
+)
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("which", ["avg_fn", "multi_avg_fn"])
+def test_user_function_failing_on_kth_tensor_is_all_or_nothing(which, k, error, device):
+    """A function that raises on the k-th real tensor, after writing the first k - 1 (and passing
+    any one-element trial), leaves state_dict() bit-identical; the next update equals torch's."""
+    swa = swa_utils.get_swa_avg_fn()
+    seen, failing = [], [True]
+
+    def avg_fn(a, t, n):
+        seen.append(a.numel())
+        if failing[0] and sum(size > 1 for size in seen) == k:
+            raise error("tensor k")
+        return swa(a, t, n)
+
+    def multi_avg_fn(avg_list, param_list, n):
+        for a, t in zip(avg_list, param_list):
+            a.copy_(avg_fn(a, t, n))
+
+    fn = {"avg_fn": avg_fn, "multi_avg_fn": multi_avg_fn}[which]
+    model = small_model().to(device)
+    averaged = swalab.AveragedModel(model, **{which: fn})
+    reference = swa_utils.AveragedModel(model, avg_fn=swa)
+    averaged.update_parameters(model)
+    reference.update_parameters(model)
+    perturb(model, 1, with_buffers=True)  # the copied buffers must not be written either
+    before = snapshot(averaged)
+    with pytest.raises(error, match="tensor k"):
+        averaged.update_parameters(model)
+    assert_unchanged(averaged, before)
+    failing[0] = False
+    perturb(model, 2, with_buffers=True)
+    averaged.update_parameters(model)
+    reference.update_parameters(model)
+    assert averaged.count == 2
+    for key, value in reference.state_dict().items():
+        assert torch.equal(averaged.state_dict()[key], value), key
+    failing[0], seen[:] = True, []  # fails again: put back to this average, not the first one
+    perturb(model, 3, with_buffers=True)
+    before = snapshot(averaged)
+    with pytest.raises(error, match="tensor k"):
+        averaged.update_parameters(model)
+    assert_unchanged(averaged, before)
+
+
+def test_user_function_failing_on_a_later_group_rolls_back_the_earlier_ones():
+    """Groups are called one by one (per dtype, like torch): a failure in the float64 group leaves
+    the float32 group, already updated, as it was (even for a function that passes a one-element
+    trial)."""
+    dtypes = []
+
+    def multi_avg_fn(avg_list, param_list, n):
+        dtypes.append(avg_list[0].dtype)
+        if avg_list[0].dtype == torch.float64 and avg_list[0].numel() > 1:  # not on a trial
+            raise RuntimeError("float64 refused")
+        torch._foreach_lerp_(avg_list, param_list, 0.5)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
+    averaged = swalab.AveragedModel(model, multi_avg_fn=multi_avg_fn)
+    averaged.update_parameters(model)
+    perturb(model, 1)
+    before = snapshot(averaged)
+    with pytest.raises(RuntimeError, match="float64 refused"):
+        averaged.update_parameters(model)
+    assert dtypes[-2:] == [torch.float32, torch.float64]
     assert_unchanged(averaged, before)
 
 

@@ -302,6 +302,40 @@ def test_fge_collect_notices_a_replaced_layer_and_copies_current_values() -> Non
     assert len(fge) == 2
 
 
+def test_fge_member_file_is_never_half_written(tmp_path, monkeypatch) -> None:
+    """A save that fails half-way (disk full) leaves no member, no partial file and an existing
+    file of that name (from an earlier run) as it was; the next collection works."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    directory = tmp_path / "fge"
+    directory.mkdir()
+    earlier = b"member of an earlier run"
+    (directory / "member_001.pt").write_bytes(earlier)
+    fge = FGE(directory)
+    fge.collect(model)
+    torch.save({}, tmp_path / "plain.pt")
+    assert (directory / "member_000.pt").stat().st_mode == (tmp_path / "plain.pt").stat().st_mode
+
+    def save_fails_half_way(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK half a zip")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save_fails_half_way)
+        with pytest.raises(OSError, match="No space left"):
+            fge.collect(model)
+    assert len(fge) == 1
+    assert sorted(p.name for p in directory.iterdir()) == ["member_000.pt", "member_001.pt"]
+    assert (directory / "member_001.pt").read_bytes() == earlier
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+    fge.collect(model)
+    assert fge.members[1] == directory / "member_001.pt"
+    saved = torch.load(fge.members[1])
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved[key], value), key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_fge_collect_from_gpu_equals_state_dict() -> None:
     model = nn.Sequential(nn.Linear(300, 400), nn.BatchNorm1d(400), nn.Linear(400, 2)).cuda()

@@ -8,13 +8,12 @@ BatchNorm statistics after training equal the mean/variance of the inputs (BN is
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from integration_helpers import assert_all_close, ema, mean, params, run_readme_example
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -89,22 +88,14 @@ class Recorder(pl.Callback):
         self._global_step = 0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.epoch_starts.append(_params(pl_module))
+        self.epoch_starts.append(params(pl_module))
         self.optimizer_states.append([len(o.state) for o in trainer.optimizers])
         self.lrs.append([o.param_groups[0]["lr"] for o in trainer.optimizers])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step > self._global_step:
             self._global_step = trainer.global_step
-            self.steps.append(_params(pl_module))
-
-
-def _params(module):
-    return [p.detach().clone() for p in module.parameters()]
-
-
-def _mean(snapshots):
-    return [torch.stack(ts).mean(0) for ts in zip(*snapshots)]
+            self.steps.append(params(pl_module))
 
 
 def _trainer(callbacks, epochs=3, **kwargs):
@@ -124,12 +115,6 @@ def _trainer(callbacks, epochs=3, **kwargs):
     return pl.Trainer(callbacks=callbacks, **kwargs)
 
 
-def _assert_close(actual, expected, **tol):
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, **tol)
-
-
 def test_swa_every_k_steps_from_a_start_step_is_the_mean_of_those_steps():
     torch.manual_seed(0)
     recorder, callback = (
@@ -141,9 +126,9 @@ def test_swa_every_k_steps_from_a_start_step_is_the_mean_of_those_steps():
     assert len(recorder.steps) == 12
     averaged_steps = [2, 5, 8, 11]  # 0-based steps >= 2, every 3rd
     assert callback.averaged.count == len(averaged_steps)
-    expected = _mean([recorder.steps[i] for i in averaged_steps])
-    _assert_close(_params(callback.averaged.module), expected)
-    _assert_close(_params(model), expected)  # copy_to_model: the module ends holding the average
+    expected = mean([recorder.steps[i] for i in averaged_steps])
+    assert_all_close(params(callback.averaged.module), expected)
+    assert_all_close(params(model), expected)  # copy_to_model: the module ends holding the average
 
 
 def test_ema_with_warmup_follows_the_recurrence():
@@ -154,11 +139,8 @@ def test_ema_with_warmup_follows_the_recurrence():
         swalab.EMA(decay, warmup_gamma=gamma), update_after=3, update_bn=False
     )
     _trainer([recorder, callback], epochs=2).fit(Net(), _loader())
-    average = recorder.steps[3]  # the first averaged step copies
-    for t, weights in enumerate(recorder.steps[4:], start=1):
-        decay_t = min(decay, 1 - (1 + t / gamma) ** -power)
-        average = [decay_t * a + (1 - decay_t) * w for a, w in zip(average, weights)]
-    _assert_close(_params(callback.averaged.module), average)
+    expected = ema(recorder.steps[3:], decay, gamma, power)  # the first averaged step copies
+    assert_all_close(params(callback.averaged.module), expected)
 
 
 def test_epoch_interval_averages_the_last_step_of_each_epoch_before_validation():
@@ -170,8 +152,8 @@ def test_epoch_interval_averages_the_last_step_of_each_epoch_before_validation()
     val = _loader(seed=5, n=BATCH)
     model = Net()
     _trainer([recorder, callback], epochs=4).fit(model, _loader(), val)
-    expected = _mean([recorder.steps[4 * e + 3] for e in (1, 2, 3)])
-    _assert_close(_params(callback.averaged.module), expected)
+    expected = mean([recorder.steps[4 * e + 3] for e in (1, 2, 3)])
+    assert_all_close(params(callback.averaged.module), expected)
     # The last validation saw the average of epochs 1..3: the fold runs before it.
     x, y = val.dataset.tensors
     with torch.no_grad():
@@ -204,11 +186,11 @@ def test_periodic_swa_restarts_from_the_mean_then_averages_afresh():
     )
     _trainer([recorder, callback], epochs=6).fit(Net(), _loader())
     end = [recorder.steps[4 * e + 3] for e in range(6)]  # weights at each epoch's end
-    _assert_close(recorder.epoch_starts[2], _mean(end[0:2]))
-    _assert_close(recorder.epoch_starts[4], _mean(end[2:4]))
+    assert_all_close(recorder.epoch_starts[2], mean(end[0:2]))
+    assert_all_close(recorder.epoch_starts[4], mean(end[2:4]))
     assert recorder.optimizer_states[2] == [0] and recorder.optimizer_states[3] != [0]
     assert callback.averaged.count == 2
-    _assert_close(_params(callback.averaged.module), _mean(end[4:6]))
+    assert_all_close(params(callback.averaged.module), mean(end[4:6]))
 
 
 def test_swag_collects_the_averaged_steps():
@@ -235,7 +217,7 @@ def test_several_optimizers_one_step_per_batch_and_schedule_in_each():
     )  # the recorder reads the LR after ours sets it
     trainer.fit(TwoOptimizers(), _loader())
     assert trainer.global_step == 24 and len(recorder.steps) == 12  # 2 optimizer steps per batch
-    _assert_close(_params(callback.averaged.module), _mean(recorder.steps[0::2]))
+    assert_all_close(params(callback.averaged.module), mean(recorder.steps[0::2]))
     assert recorder.lrs == [[schedule(e)] * 2 for e in range(3)]
 
 
@@ -245,7 +227,7 @@ def test_gradient_accumulation_averages_after_optimizer_steps_only():
     trainer = _trainer([recorder, callback], epochs=2, accumulate_grad_batches=2)
     trainer.fit(Net(), _loader())
     assert trainer.global_step == 4 and callback.averaged.count == 4  # 8 batches, 4 steps
-    _assert_close(_params(callback.averaged.module), _mean(recorder.steps))
+    assert_all_close(params(callback.averaged.module), mean(recorder.steps))
 
 
 def test_schedule_beside_a_scheduler_is_refused():
@@ -282,7 +264,7 @@ def test_bf16_mixed_precision_averages_and_recomputes_bn():
     recorder, callback = Recorder(), AveragingCallback(update_after=2)
     model = Net(bn=True)
     _trainer([recorder, callback], epochs=2, precision="bf16-mixed").fit(model, _loader())
-    _assert_close(_params(callback.averaged.module), _mean(recorder.steps[2:]))
+    assert_all_close(params(callback.averaged.module), mean(recorder.steps[2:]))
     x = _data().tensors[0]
     torch.testing.assert_close(callback.averaged.module.norm.running_mean, x.mean(0))
 
@@ -310,8 +292,8 @@ def test_resume_gives_the_uninterrupted_average(tmp_path, options):
     checkpoint = tmp_path / "epoch=1-step=8.ckpt"
     assert checkpoint.exists(), sorted(os.listdir(tmp_path))
     resumed, resumed_model = run(5, [], ckpt_path=str(checkpoint))
-    _assert_close(_params(resumed.averaged.module), _params(whole.averaged.module))
-    _assert_close(_params(resumed_model), _params(whole_model))
+    assert_all_close(params(resumed.averaged.module), params(whole.averaged.module))
+    assert_all_close(params(resumed_model), params(whole_model))
     assert resumed.averaged.count == whole.averaged.count
     if whole.swag is not None:
         torch.testing.assert_close(resumed.swag.cov_mat_sqrt, whole.swag.cov_mat_sqrt)
@@ -319,7 +301,7 @@ def test_resume_gives_the_uninterrupted_average(tmp_path, options):
     state = torch.load(tmp_path / "epoch=4-step=20.ckpt", weights_only=False)
     loaded = Net.load_from_checkpoint(tmp_path / "epoch=4-step=20.ckpt")
     if state["callbacks"][AveragingCallback.__qualname__]["count"] > 0:
-        _assert_close(_params(loaded), _params(whole.averaged.module))
+        assert_all_close(params(loaded), params(whole.averaged.module))
 
 
 def test_bad_options_are_one_line_errors():
@@ -361,27 +343,8 @@ def test_ddp_averages_are_identical_on_every_rank(tmp_path):
     assert math.isclose(float(ranks[0]["norm.num_batches_tracked"]), 2 * N / BATCH)
 
 
-def readme_example(after):
-    """The first ```python block of README.md after the line that starts with ``after``."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rest = text[text.index("\n" + after) :]
-    start = rest.index("```python\n") + len("```python\n")
-    return rest[start : rest.index("```", start)]
-
-
 @pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-c", readme_example("**Lightning**")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    count, val_loss = done.stdout.split()[-2:]
+    count, val_loss = run_readme_example("**Lightning**", tmp_path).split()[-2:]
     assert int(count) == 5 and math.isfinite(float(val_loss))
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))

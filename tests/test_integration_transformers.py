@@ -7,13 +7,13 @@ the logged ``eval_average_loss`` equals the saved average's loss, computed sampl
 resumed run ends with the uninterrupted run's average.
 """
 
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from integration_helpers import assert_all_close, ema, mean, params, run_readme_example
 
 import swalab
 
@@ -69,21 +69,7 @@ class Recorder(transformers.TrainerCallback):
         self.steps = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.steps.append([p.detach().clone() for p in model.parameters()])
-
-
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def _mean(snapshots):
-    return [torch.stack(ts).mean(0) for ts in zip(*snapshots)]
-
-
-def _assert_close(actual, expected):
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e)
+        self.steps.append(params(model))
 
 
 def _train(out, callback, recorder=None, resume=None, **kwargs):
@@ -103,13 +89,12 @@ def test_swa_every_k_steps_saved_beside_each_checkpoint(tmp_path):
     recorder, callback = Recorder(), AveragingCallback(update_every=2, update_after=1)
     _train(tmp_path, callback, recorder)
     assert len(recorder.steps) == STEPS
-    _assert_close(
-        _params(callback.averaged.module), _mean(recorder.steps[1::2])
-    )  # steps 1, 3, 5, 7
+    expected = mean(recorder.steps[1::2])  # steps 1, 3, 5, 7
+    assert_all_close(params(callback.averaged.module), expected)
     at_4 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-4" / AVERAGE_DIR)
-    _assert_close(_params(at_4), _mean([recorder.steps[1], recorder.steps[3]]))
+    assert_all_close(params(at_4), mean([recorder.steps[1], recorder.steps[3]]))
     final = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
-    _assert_close(_params(final), _params(callback.averaged.module))
+    assert_all_close(params(final), params(callback.averaged.module))
 
 
 def test_ema_with_warmup_follows_the_recurrence(tmp_path):
@@ -117,11 +102,8 @@ def test_ema_with_warmup_follows_the_recurrence(tmp_path):
     recorder = Recorder()
     callback = AveragingCallback(swalab.EMA(decay, warmup_gamma=gamma), update_after=2)
     _train(tmp_path, callback, recorder, save_strategy="no")
-    average = recorder.steps[2]
-    for t, weights in enumerate(recorder.steps[3:], start=1):
-        decay_t = min(decay, 1 - (1 + t / gamma) ** -power)
-        average = [decay_t * a + (1 - decay_t) * w for a, w in zip(average, weights)]
-    _assert_close(_params(callback.averaged.module), average)
+    expected = ema(recorder.steps[2:], decay, gamma, power)  # the first averaged step copies
+    assert_all_close(params(callback.averaged.module), expected)
 
 
 def _mean_loss(model, data):
@@ -175,7 +157,7 @@ def test_resume_gives_the_uninterrupted_average(tmp_path, where):
             resume_from_checkpoint=str(checkpoint),
         )
     assert resumed.averaged.count == whole.averaged.count == 7
-    _assert_close(_params(resumed.averaged.module), _params(whole.averaged.module))
+    assert_all_close(params(resumed.averaged.module), params(whole.averaged.module))
 
 
 def test_resume_without_a_saved_average_is_refused(tmp_path):
@@ -250,19 +232,7 @@ def test_import_swalab_needs_neither_framework_and_a_missing_one_names_the_extra
 
 @pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
-    from test_integration_lightning import readme_example
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-c", readme_example("**Hugging Face**")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "'eval_average_loss'" in done.stdout and "'eval_current_loss'" in done.stdout
+    out = run_readme_example("**Hugging Face**", tmp_path)
+    assert "'eval_average_loss'" in out and "'eval_current_loss'" in out
     for directory in ("out/swalab_average", "out/checkpoint-20/swalab_average"):
         assert (tmp_path / directory / "config.json").is_file(), directory

@@ -275,6 +275,58 @@ def test_replaced_layer_is_noticed_between_collections() -> None:
     torch.testing.assert_close(swag.mean, (first + second) / 2)
 
 
+def _swag_state(swag: SWAG) -> dict:
+    state = swag.state_dict()
+    return {
+        "moments": [state["mean"].clone(), state["sq_mean"].clone(), state["cov_mat_sqrt"].clone()],
+        "n_models": state["n_models"],
+        "base": {k: v.clone() for k, v in swag.base.state_dict().items()},
+    }
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["n_models"] == b["n_models"]
+    for x, y in zip(a["moments"], b["moments"], strict=True):
+        assert torch.equal(x, y)
+    assert a["base"].keys() == b["base"].keys()
+    for key, value in a["base"].items():
+        assert torch.equal(value, b["base"][key]), key
+
+
+@pytest.mark.parametrize("change", ["wider layer", "extra buffer", "missing layer"])
+def test_refused_collection_writes_nothing_and_the_next_one_works(change: str) -> None:
+    """A model of another shape is refused before anything is written: moments, deviations, count
+    and ``base``'s buffers are bit-identical, and the next collection equals one never refused."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    swag, reference = SWAG(model, max_num_models=2), SWAG(model, max_num_models=2)
+    for seed in range(3):  # fills the ring buffer and wraps around
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for t in [*model.parameters(), model[1].running_mean]:
+                t.normal_()
+        swag.collect_model(model)
+        reference.collect_model(model)
+    before = _swag_state(swag)
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong[1].running_mean.fill_(7.0)  # would be copied into base if anything were written
+    if change == "wider layer":
+        wrong[2] = nn.Linear(3, 5)
+    elif change == "extra buffer":
+        wrong[0].register_buffer("extra", torch.zeros(2))
+    else:
+        del wrong[2]
+    with pytest.raises(ValueError, match="another architecture"):
+        swag.collect_model(wrong)
+    _assert_same_state(_swag_state(swag), before)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    swag.collect_model(model)
+    reference.collect_model(model)
+    _assert_same_state(_swag_state(swag), _swag_state(reference))
+
+
 @pytest.mark.parametrize("scale", [float("inf"), float("nan"), True])
 def test_sample_refuses_non_finite_scale(scale) -> None:
     """Issue 14, finding 7: SWAG.sample(scale=inf) was accepted."""

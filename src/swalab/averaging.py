@@ -62,16 +62,23 @@ class AverageState(NamedTuple):
 
 def _groups(
     average: Sequence[Tensor], params: Sequence[Tensor]
-) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """Pairs of lists that share the average's (device, dtype); params are cast to it if needed."""
+) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """Pairs of lists that share the average's (device, dtype), in order; params are cast to it."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for a, p in zip(average, params):
         avg_list, param_list = groups.setdefault((a.device, a.dtype), ([], []))
         avg_list.append(a)
-        param_list.append(
-            p if (p.device, p.dtype) == (a.device, a.dtype) else p.to(a.device, a.dtype)
-        )
-    return iter(groups.values())
+        param_list.append(p.to(a.device, a.dtype))  # p itself when already there
+    return list(groups.values())
+
+
+def _fold(avg_list: list[Tensor], src_list: Sequence[Tensor], weight: float) -> None:
+    """One (device, dtype) group: ``avg <- lerp(avg, src, weight)``; copied when ``weight == 1``
+    or the tensors are integers (e.g. ``num_batches_tracked``)."""
+    if weight == 1.0 or not (avg_list[0].is_floating_point() or avg_list[0].is_complex()):
+        torch._foreach_copy_(avg_list, src_list)
+    else:
+        torch._foreach_lerp_(avg_list, src_list, weight)
 
 
 @torch.no_grad()
@@ -81,13 +88,7 @@ def lerp_(average: Sequence[Tensor], params: Sequence[Tensor], weight: float) ->
     Floating tensors are interpolated; integer tensors (e.g. ``num_batches_tracked``) are copied.
     """
     for avg_list, param_list in _groups(average, params):
-        if avg_list[0].is_floating_point() or avg_list[0].is_complex():
-            if weight == 1.0:
-                torch._foreach_copy_(avg_list, param_list)
-            else:
-                torch._foreach_lerp_(avg_list, param_list, weight)
-        else:
-            torch._foreach_copy_(avg_list, param_list)
+        _fold(avg_list, param_list, weight)
 
 
 class AveragingRule:
@@ -215,6 +216,21 @@ def _check_pairs(
             raise ValueError(f"{name} has shape {tuple(t.shape)}, {whose} has {tuple(a.shape)}")
         if not _same_kind(a, t):
             raise ValueError(f"{name} is {t.dtype}, {whose} has {a.dtype}")
+
+
+def _pairs(
+    averaged: nn.Module, model: nn.Module
+) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
+    """The (average, model) pairs of parameters and of buffers, in order, once ``ValueError`` has
+    named any tensor of ``model`` whose count, shape or kind differs."""
+    ours_p, theirs_p = list(averaged.named_parameters()), list(model.named_parameters())
+    ours_b, theirs_b = list(averaged.named_buffers()), list(model.named_buffers())
+    _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
+    _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
+    return (
+        [(a, t) for (_, a), (_, t) in zip(ours_p, theirs_p)],
+        [(a, t) for (_, a), (_, t) in zip(ours_b, theirs_b)],
+    )
 
 
 class ModelBinding:
@@ -426,22 +442,17 @@ class _Groups:
 
     def apply(self, weight: float) -> None:
         """``average <- lerp(average, model, weight)`` over every group; ``weight == 1`` copies."""
-
-        def update(avg_list: list[Tensor], src_list: Sequence[Tensor]) -> None:
-            if weight == 1.0 or not (avg_list[0].is_floating_point() or avg_list[0].is_complex()):
-                torch._foreach_copy_(avg_list, src_list)
-            else:
-                torch._foreach_lerp_(avg_list, src_list, weight)
-
         for avg_list, src_list in self.direct:
-            update(avg_list, src_list)
+            _fold(avg_list, src_list, weight)
         for avg_flat, src_views, scratch in self.gathered:
-            update([avg_flat], [torch.cat(src_views, out=scratch)])
+            _fold([avg_flat], [torch.cat(src_views, out=scratch)], weight)
         for avg_list, src_list in self.cast:
-            update(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)])
+            _fold(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)], weight)
         for staging, pieces, sizes, dtype in self.staged:
             staging.run(
-                lambda k, chunk, p=pieces, s=sizes, d=dtype: update(p[k], chunk.to(d).split(s[k]))
+                lambda k, chunk, p=pieces, s=sizes, d=dtype: _fold(
+                    p[k], chunk.to(d).split(s[k]), weight
+                )
             )
 
 
@@ -453,22 +464,20 @@ class _Pairing:
     """
 
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
-        ours_p, theirs_p = list(averaged.module.named_parameters()), list(model.named_parameters())
-        ours_b, theirs_b = list(averaged.module.named_buffers()), list(model.named_buffers())
-        _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
-        _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
-        params = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_p, theirs_p)]
-        buffers = [(a.detach(), t.detach()) for (_, a), (_, t) in zip(ours_b, theirs_b)]
+        param_pairs, buffer_pairs = _pairs(averaged.module, model)
+        pairs = param_pairs + buffer_pairs
+        # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
+        self.binding = ModelBinding(model, [t for _, t in pairs] + [a for a, _ in pairs])
+        params = [(a.detach(), t.detach()) for a, t in param_pairs]
+        buffers = [(a.detach(), t.detach()) for a, t in buffer_pairs]
         candidates = params + buffers if averaged.use_buffers else params
         self.folded = [(a, t) for a, t in candidates if a.is_floating_point() or a.is_complex()]
         folded = {id(a) for a, _ in self.folded}
         self.averaged = _Groups(self.folded)
         self.copied = _Groups([(a, t) for a, t in params + buffers if id(a) not in folded])
-        # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
-        self.binding = ModelBinding(
-            model, [t for _, t in theirs_p + theirs_b] + [a for _, a in ours_p + ours_b]
-        )
-        self.tried = False  # whether the user's avg_fn/multi_avg_fn has been tried on a dry copy
+        # A copy of the folded average on the CPU, made on the first update through a user
+        # function and kept, for putting the average back if the function raises.
+        self.saved: list[list[Tensor]] | None = None
 
 
 class AveragedModel(nn.Module):
@@ -607,34 +616,30 @@ class AveragedModel(nn.Module):
     def _update_with_torch_fn(self, pairing: _Pairing) -> None:
         """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them.
 
-        Floating tensors only, grouped by the average's (device, dtype) like torch. The first call
-        after binding tries the function on one-element copies, so an error leaves the average
-        whole.
+        Floating tensors only, grouped by the average's (device, dtype) like torch. All or nothing:
+        the averaged tensors are first copied aside (into one more copy of them: from the caching
+        allocator on an accelerator, kept between updates on the CPU) and put back if the function
+        raises, so a function that fails half-way leaves the average as it was.
         """
         n_averaged = self.n_averaged
-        groups = [
-            (avg_list, [t.to(avg_list[0].device, avg_list[0].dtype) for t in src_list])
-            for avg_list, src_list in _group_pairs(pairing.folded)
-        ]
-        if not pairing.tried:
-            dry = [
-                ([a.reshape(-1)[:1].clone() for a in avg], [t.reshape(-1)[:1] for t in src])
-                for avg, src in groups
-            ]
-            self._call_torch_fn(dry, n_averaged)
-            pairing.tried = True
-        self._call_torch_fn(groups, n_averaged)
-
-    def _call_torch_fn(
-        self, groups: list[tuple[list[Tensor], list[Tensor]]], n_averaged: Tensor
-    ) -> None:
-        for avg_list, src_list in groups:
-            n = n_averaged.to(avg_list[0].device)
-            if self.multi_avg_fn is not None:
-                self.multi_avg_fn(avg_list, src_list, n)
-            else:
-                for a, t in zip(avg_list, src_list):
-                    a.copy_(self.avg_fn(a, t, n))
+        groups = _groups([a for a, _ in pairing.folded], [t for _, t in pairing.folded])
+        saved = pairing.saved or [[torch.empty_like(a) for a in avg] for avg, _ in groups]
+        if all(avg[0].device.type == "cpu" for avg, _ in groups):
+            pairing.saved = saved  # there, allocating a copy per update costs more than copying
+        for (avg_list, _), old in zip(groups, saved):
+            torch._foreach_copy_(old, avg_list)
+        try:
+            for avg_list, src_list in groups:
+                n = n_averaged.to(avg_list[0].device)
+                if self.multi_avg_fn is not None:
+                    self.multi_avg_fn(avg_list, src_list, n)
+                else:
+                    for a, t in zip(avg_list, src_list):
+                        a.copy_(self.avg_fn(a, t, n))
+        except BaseException:
+            for (avg_list, _), old in zip(groups, saved):
+                torch._foreach_copy_(avg_list, old)
+            raise
 
     def reset(self) -> None:
         """Start a new average: the next ``update_parameters`` copies the model (periodic SWA)."""
@@ -671,36 +676,21 @@ class AveragedModel(nn.Module):
 
         Parameters and floating buffers are exchanged; tensors on the same device and dtype swap
         storage (no copy, no extra memory), others are copied in and restored from a saved copy.
-        Inside the block the averaged model itself holds the live weights: use ``model``.
+        Inside the block the averaged model itself holds the live weights: use ``model``. A model
+        whose tensors differ in count, shape or kind raises ``ValueError`` before anything moves.
 
         Example:
             >>> with swa_model.swapped_into(model):
             ...     accuracy = evaluate(model)
         """
-        live = _unwrap(model)
-        live_tensors = [*live.parameters(), *live.buffers()]
-        ours = [*self.module.parameters(), *self.module.buffers()]
-        if len(live_tensors) != len(ours) or any(
-            t.shape != a.shape for t, a in zip(live_tensors, ours)
-        ):
-            raise ValueError("model does not match the averaged model's parameters and buffers")
-        pairs = [(t, a) for t, a in zip(live_tensors, ours) if t.is_floating_point()]
+        params, buffers = _pairs(self.module, _unwrap(model))
+        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
         saved = _exchange(pairs, saved=None)
         try:
             yield model
         finally:
             _exchange(pairs, saved)
-
-
-def _group_pairs(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[list[Tensor], list[Tensor]]]:
-    """(average, model) pairs grouped by the average's (device, dtype), in order."""
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for a, t in pairs:
-        avg_list, src_list = groups.setdefault((a.device, a.dtype), ([], []))
-        avg_list.append(a)
-        src_list.append(t)
-    return list(groups.values())
 
 
 def _exchange(
@@ -763,13 +753,7 @@ def restart_from_average(
     (momentum) and resets the average's count so the next period starts a fresh average. A model
     whose tensors differ in count, shape or kind raises ``ValueError`` before anything is written.
     """
-    live = _unwrap(model)
-    ours_p, theirs_p = list(averaged.module.named_parameters()), list(live.named_parameters())
-    ours_b, theirs_b = list(averaged.module.named_buffers()), list(live.named_buffers())
-    _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
-    _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
-    lerp_(
-        [t.detach() for _, t in theirs_p + theirs_b], [a.detach() for _, a in ours_p + ours_b], 1.0
-    )
+    params, buffers = _pairs(averaged.module, _unwrap(model))
+    lerp_([t.detach() for _, t in params + buffers], [a.detach() for a, _ in params + buffers], 1.0)
     optimizer.state.clear()
     averaged.reset()

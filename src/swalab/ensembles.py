@@ -16,8 +16,10 @@ at a time, so memory stays bounded by a few copies of the model).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -180,12 +182,26 @@ def ensemble_predict(
     return {"probs": (probs / len(checkpoints)).float(), "targets": targets}
 
 
+def _save_whole(obj: Any, path: Path) -> None:
+    """``torch.save`` into a temporary file beside ``path`` (named as the lab names its temporary
+    files), then renamed over it: a failed save leaves ``path`` as it was."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 class FGE:
     """Fast Geometric Ensembling (Garipov et al., 2018): collect models, average their predictions.
 
     Members are copies of the model's full ``state_dict`` (parameters and BatchNorm statistics) kept
     on the CPU, or saved as ``member_000.pt, member_001.pt, ...`` under ``directory`` (existing files
-    of those names are overwritten), so the accelerator holds only the training model.
+    of those names are replaced, each by a whole file or not at all), so the accelerator holds only
+    the training model.
 
     Args:
         directory: where to save members; ``None`` keeps them in CPU memory.
@@ -258,7 +274,7 @@ class FGE:
             self.members.append(state)
         else:
             path = self.directory / f"member_{len(self.members):03d}.pt"
-            torch.save(state, path)
+            _save_whole(state, path)
             self.members.append(path)
 
     def predict(
