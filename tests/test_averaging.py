@@ -484,6 +484,30 @@ def test_user_function_failing_on_kth_tensor_is_all_or_nothing(which, k, error, 
     assert_unchanged(averaged, before)
 
 
+@pytest.mark.parametrize("get_fn", [swa_utils.get_ema_multi_avg_fn, swa_utils.get_swa_multi_avg_fn])
+def test_torchs_own_multi_tensor_function_on_one_group_needs_no_copy_aside(get_fn):
+    """One ``_foreach_lerp_`` call writes a group all or nothing: no copy is made (or kept) for
+    torch's own functions on one (device, dtype) group; the same function wrapped by the user is
+    copied aside; both equal torch's AveragedModel bit for bit."""
+    fn = get_fn(0.9) if get_fn is swa_utils.get_ema_multi_avg_fn else get_fn()
+
+    def wrapped(avg_list, param_list, n):
+        fn(avg_list, param_list, n)
+
+    model = small_model()
+    ours = {f: swalab.AveragedModel(model, multi_avg_fn=f) for f in (fn, wrapped)}
+    reference = swa_utils.AveragedModel(model, multi_avg_fn=fn)
+    for step in range(3):
+        perturb(model, step)
+        reference.update_parameters(model)
+        for averaged in ours.values():
+            averaged.update_parameters(model)
+    assert ours[fn]._pairing.saved is None and ours[wrapped]._pairing.saved is not None
+    for averaged in ours.values():
+        for key, value in reference.module.state_dict().items():
+            assert torch.equal(averaged.module.state_dict()[key], value), key
+
+
 def test_user_function_failing_on_a_later_group_rolls_back_the_earlier_ones():
     """Groups are called one by one (per dtype, like torch): a failure in the float64 group leaves
     the float32 group, already updated, as it was (even for a function that passes a one-element

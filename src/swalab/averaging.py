@@ -186,6 +186,14 @@ def _check_not_sharded(model: nn.Module) -> None:
         )
 
 
+def _one_foreach_call(fn: Any) -> bool:
+    """Whether ``fn`` is torch's own multi-tensor EMA or SWA function, which changes a group of
+    floating tensors in one ``torch._foreach_lerp_`` call: it writes all of them or none."""
+    return getattr(fn, "__module__", None) == "torch.optim.swa_utils" and getattr(
+        fn, "__qualname__", ""
+    ).startswith(("get_ema_multi_avg_fn.", "get_swa_multi_avg_fn."))
+
+
 def _strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
 
@@ -619,10 +627,17 @@ class AveragedModel(nn.Module):
         Floating tensors only, grouped by the average's (device, dtype) like torch. All or nothing:
         the averaged tensors are first copied aside (into one more copy of them: from the caching
         allocator on an accelerator, kept between updates on the CPU) and put back if the function
-        raises, so a function that fails half-way leaves the average as it was.
+        raises, so a function that fails half-way leaves the average as it was. torch's own
+        ``get_ema_multi_avg_fn``/``get_swa_multi_avg_fn`` on one group skip the copy.
         """
         n_averaged = self.n_averaged
         groups = _groups([a for a, _ in pairing.folded], [t for _, t in pairing.folded])
+        if len(groups) == 1 and _one_foreach_call(self.multi_avg_fn):
+            ((avg_list, src_list),) = (
+                groups  # nothing to copy aside: one call writes all or nothing
+            )
+            self.multi_avg_fn(avg_list, src_list, n_averaged.to(avg_list[0].device))
+            return
         saved = pairing.saved or [[torch.empty_like(a) for a in avg] for avg, _ in groups]
         if all(avg[0].device.type == "cpu" for avg, _ in groups):
             pairing.saved = saved  # there, allocating a copy per update costs more than copying
