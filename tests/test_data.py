@@ -183,7 +183,7 @@ def test_digits_pixels_in_unit_interval_and_splits_partition_the_data():
     assert sorted(map(tuple, x.flatten(1).tolist())) == sorted(map(tuple, images.tolist()))
 
 
-def test_mnist1d_matches_the_package_and_leaves_global_rngs_alone():
+def test_mnist1d_matches_the_package_and_leaves_global_rngs_alone(tmp_path):
     from mnist1d.data import get_dataset_args, make_dataset
 
     from swalab.data import mnist1d as module
@@ -191,7 +191,7 @@ def test_mnist1d_matches_the_package_and_leaves_global_rngs_alone():
     module._generate.cache_clear()
     random.seed(7)
     np.random.seed(7)
-    bundle = load("mnist1d", val_size=0)
+    bundle = load("mnist1d", val_size=0, root=str(tmp_path))  # generated (nothing kept there)
     assert (random.random(), np.random.rand()) == (
         random.Random(7).random(),
         np.random.RandomState(7).rand(),
@@ -204,10 +204,48 @@ def test_mnist1d_matches_the_package_and_leaves_global_rngs_alone():
     torch.testing.assert_close(bundle.test.y, torch.tensor(reference["y_test"]))
     assert len(bundle.val) == 0 and len(bundle.train) == 4000
     # The train part is a permutation of the package's training sequences.
-    carved = load("mnist1d", val_size=300, seed=5)
+    carved = load("mnist1d", val_size=300, seed=5, root=str(tmp_path))
     x = torch.cat([carved.train.x, carved.val.x])[:, 0]
     expected = torch.tensor(reference["x"], dtype=torch.float32)
     assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def test_mnist1d_is_generated_once_and_kept_under_root(tmp_path, monkeypatch):
+    import mnist1d.data
+
+    from swalab.data import mnist1d as module
+
+    module._generate.cache_clear()
+    first = load("mnist1d", root=str(tmp_path))
+    (kept,) = (tmp_path / "mnist1d").iterdir()
+    assert kept.name.startswith("generated-") and kept.suffix == ".npz"
+    assert kept.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+    def never(args):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", never)
+    module._generate.cache_clear()
+    again = load("mnist1d", root=str(tmp_path))
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(first, name).x, getattr(again, name).x)
+        assert torch.equal(getattr(first, name).y, getattr(again, name).y)
+    monkeypatch.undo()
+    kept.write_bytes(kept.read_bytes()[:100])  # a cut file is generated and written again
+    module._generate.cache_clear()
+    assert torch.equal(load("mnist1d", root=str(tmp_path)).test.x, first.test.x)
+    assert kept.stat().st_size > 100
+    unwritable = tmp_path / "a-file"  # a root that cannot be written (even by root): generated
+    unwritable.write_text("")
+    module._generate.cache_clear()
+    assert torch.equal(load("mnist1d", root=str(unwritable)).test.x, first.test.x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mnist1d"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- CLUSTER

@@ -2,12 +2,19 @@
 
 The data are generated from code (REFERENCE.md §7): ``make_dataset(get_dataset_args())`` is
 bit-identical to the published frozen file, so the package's download function is never called.
+Generation takes seconds, so the arrays are kept under ``root`` and read from there next time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import random
+import secrets
+import zipfile
+from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,15 +22,22 @@ import torch
 from swalab.data.base import DATASETS, DataBundle, Split, check_int, random_split, seeded_generator
 
 _TRAIN_SIZE = 4000
+_ARRAYS = ("x", "y", "x_test", "y_test")
 
 
 @functools.lru_cache(maxsize=1)
-def _generate() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _generate(root: str) -> tuple[np.ndarray, ...]:
     """The published dataset (fixed internal seed 42): x [4000, 40], y, x_test [1000, 40], y_test.
 
-    Cached, because generation takes about a second; the package reseeds Python's and NumPy's
-    global RNGs, so their states are restored afterwards.
+    Read from ``root/mnist1d/generated-<package version>.npz`` if it is there and whole; else
+    generated (the package reseeds Python's and NumPy's global RNGs: their states are restored)
+    and written there through a temporary file and a rename (skipped where ``root`` cannot be
+    written). Cached in the process.
     """
+    path = Path(root) / "mnist1d" / f"generated-{version('mnist1d')}.npz"
+    with contextlib.suppress(OSError, ValueError, KeyError, zipfile.BadZipFile):
+        with np.load(path) as stored:
+            return tuple(stored[name] for name in _ARRAYS)
     from mnist1d.data import get_dataset_args, make_dataset
 
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -32,7 +46,17 @@ def _generate() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return data["x"], data["y"], data["x_test"], data["y_test"]
+    arrays = tuple(data[name] for name in _ARRAYS)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **dict(zip(_ARRAYS, arrays)))
+        os.replace(tmp, path)
+    except OSError:  # a read-only root: generated again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return arrays
 
 
 @DATASETS.register("mnist1d")
@@ -43,11 +67,11 @@ def mnist1d(
 
     x is ``[N, 1, 40]`` float32 (the package centres and scales it to unit std). A validation
     split of ``val_size`` sequences is carved from the 4,000 training ones with ``seed``; the test
-    split is always the published one. ``root`` and ``download`` are accepted for a uniform
-    signature and unused (nothing is read from or written to disk).
+    split is always the published one. The generated arrays are kept under ``root``;
+    ``download`` is accepted for a uniform signature and unused.
     """
     check_int("val_size", val_size, 0, _TRAIN_SIZE - 1)
-    x, y, x_test, y_test = _generate()
+    x, y, x_test, y_test = _generate(str(root))
 
     def split(x: np.ndarray, y: np.ndarray) -> Split:
         return Split(
