@@ -274,7 +274,7 @@ def train_run(
             torch.get_rng_state()
         )  # every rank's dropout stream ([its own] in one process)
         if world.main:  # under DDP rank 0 alone writes
-            if train.save_trajectory:
+            if train.saves_trajectory(method.label):
                 files.append_trajectory(epoch + 1, _cpu_state(model))
             files.save_checkpoint(
                 {

@@ -32,8 +32,10 @@ import dataclasses
 import itertools
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,18 +48,27 @@ from .. import landscape as geo
 from ..bn import has_batchnorm
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
+from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig
 from ..lab.devices import resolve_device
 from ..lab.evaluation import EvalContext
 from ..lab.files import atomic_output, atomic_write_text, read_json
+from ..lab.jobs import slots
 from ..lab.methods import recipe_of
 from ..lab.task import Task, task_of
 from . import figures
 from .progress import Progress
 from .rundir import RunDir
 
-__all__ = ["PIECES", "LandscapeOptions", "compute_landscape", "landscape_dir"]
+__all__ = [
+    "PIECES",
+    "LandscapeOptions",
+    "compute_landscape",
+    "landscape_dir",
+    "landscapes_of_run",
+]
 
-PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions", "bn")
+PIECES = LANDSCAPE_PIECES
+_DEFAULT = LandscapeConfig()  # the protocol's defaults, one place for the run and the command
 METRICS = ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error")
 
 
@@ -87,14 +98,14 @@ class LandscapeOptions:
     sgd: str | None = None
     swa: str | None = None
     what: Sequence[str] | None = None
-    grid: int = 21
+    grid: int = _DEFAULT.grid
     margin: float = 0.2
-    line_points: int = 21
+    line_points: int = _DEFAULT.line_points
     line_range: tuple[float, float] = (-0.5, 1.5)
-    rays: int = 10
-    ray_points: int = 21
+    rays: int = _DEFAULT.rays
+    ray_points: int = _DEFAULT.ray_points
     ray_distance: float | None = None
-    rise: float = 0.1
+    rise: float = _DEFAULT.rise
     device: str | None = None
     threads: int | None = None
     stack: int = 1  # points per vectorised pass (1: one by one; the same numbers)
@@ -129,6 +140,36 @@ class LandscapeOptions:
             if not ok:
                 raise ValueError(f"{key} must be {expected}, got {value}")
 
+    @classmethod
+    def of_config(cls, config: LandscapeConfig, **changes: Any) -> LandscapeOptions:
+        """The options of a run's ``landscape:`` section (its pieces and protocol)."""
+        return cls(
+            what=list(config.pieces) or None,
+            grid=config.grid,
+            line_points=config.line_points,
+            rays=config.rays,
+            ray_points=config.ray_points,
+            rise=config.rise,
+        ).replace(**changes)
+
+    def replace(self, **changes: Any) -> LandscapeOptions:
+        return dataclasses.replace(self, **changes)
+
+    def settings(self, piece: str) -> dict[str, Any]:
+        """What fixes a piece's numbers besides the run (recorded with it; a re-run with the same
+        settings does not recompute it)."""
+        return {
+            "line": {"points": self.line_points, "range": list(self.line_range)},
+            "rays": {
+                "rays": self.rays,
+                "points": self.ray_points,
+                "distance": self.ray_distance,
+                "rise": self.rise,
+            },
+            "plane": {"grid": self.grid, "margin": self.margin},
+            "snapshots": {"grid": self.grid, "margin": self.margin},
+        }.get(piece, {})
+
 
 def compute_landscape(
     run_dir: str | Path,
@@ -136,6 +177,7 @@ def compute_landscape(
     *,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    skip_missing: bool = False,
     **changes: Any,
 ) -> dict[str, Any]:
     """Compute the landscape pieces ``options.what`` (default: all that the run directory allows).
@@ -144,6 +186,8 @@ def compute_landscape(
         options: see :class:`LandscapeOptions`; ``changes`` replace some of its fields
             (``compute_landscape(run_dir, grid=5)``).
         progress: draw a progress bar (default: when stderr is a terminal; else plain lines).
+        skip_missing: a piece named in ``what`` whose inputs are missing (``bn`` on a model
+            without BatchNorm) is skipped with a note, as the default pieces are, not an error.
 
     Returns:
         The summary also written to ``RUN_DIR/landscape/landscape.json``.
@@ -183,7 +227,7 @@ def compute_landscape(
             checks[piece]()
             todo.append(piece)
         except (_Missing, FileNotFoundError) as err:
-            if what:
+            if what and not skip_missing:
                 raise FileNotFoundError(str(err)) from None
             skipped[piece] = str(err)
             log(f"skipped {piece}: {err}")
@@ -198,6 +242,7 @@ def compute_landscape(
     for piece in todo:
         summary["skipped"].pop(piece, None)
     summary.setdefault("seconds", {})
+    summary.setdefault("settings", {})
 
     sizes = {
         "line": opts.line_points,
@@ -231,12 +276,74 @@ def compute_landscape(
             else:
                 summary["predictions"] = job.predictions(out, log)
             summary["seconds"][piece] = round(time.perf_counter() - start, 2)
+            summary["settings"][piece] = opts.settings(piece)
             atomic_write_text(out / "landscape.json", json.dumps(_clean(summary), indent=2))
             log(f"{piece}: done in {summary['seconds'][piece]:.1f} s")
     finally:
         bar.close()
     log(f"landscape of {run.path} (seed {seed}, {sgd} vs {swa}) written to {out}")
     return _clean(summary)
+
+
+def landscapes_of_run(
+    run_dir: str | Path, *, jobs: int = 1, log: Callable[[str], None] = print
+) -> list[int]:
+    """The pieces of the run's ``landscape:`` section for every seed, after ``swalab run``.
+
+    Resumable: a piece already in a seed's ``landscape.json`` with the same settings
+    (:meth:`LandscapeOptions.settings`) and labels is not computed again. ``jobs > 1``: that many
+    seeds at once, each in a spawned process, with the CPU threads divided as for training
+    (``lab.jobs.slots``). A piece whose inputs the run lacks (``bn`` without BatchNorm) is skipped
+    with a note in ``landscape.json``. Returns the seeds computed now.
+    """
+    run = RunDir(run_dir)
+    config = run.cfg.landscape
+    if not config.pieces:
+        return []
+    sgd, swa = run.default_label("baseline"), run.default_label("average")
+    todo: dict[int, LandscapeOptions] = {}
+    for seed in run.cfg.seeds:
+        opts = LandscapeOptions.of_config(config, seed=seed)
+        summary = _previous_summary(landscape_dir(run, seed), seed, sgd, swa)
+        done, skipped = summary.get("settings", {}), summary.get("skipped", {})
+        pieces = [
+            p
+            for p in config.pieces
+            if p not in skipped and done.get(p, None) != _clean(opts.settings(p))
+        ]
+        if pieces:
+            todo[seed] = opts.replace(what=pieces)
+    if not todo:
+        log(f"landscape pieces {', '.join(config.pieces)}: all seeds already done")
+        return []
+    jobs = max(1, min(jobs, len(todo)))
+    workers = slots(jobs, resolve_device(run.cfg.train.device), run.cfg.train.threads)
+    log(
+        f"landscape pieces {', '.join(config.pieces)} of {len(todo)} seed(s), "
+        f"{jobs} at a time ({workers[0].threads} thread(s) each)"
+    )
+    tasks = [
+        opts.replace(device=str(workers[i % jobs].device), threads=workers[i % jobs].threads)
+        for i, opts in enumerate(todo.values())
+    ]
+    start = time.perf_counter()
+    if jobs == 1:
+        for opts in tasks:
+            _landscape_job(run.path, opts)
+            log(f"landscape seed {opts.seed}: done ({time.perf_counter() - start:.1f} s)")
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {pool.submit(_landscape_job, run.path, opts): opts.seed for opts in tasks}
+            for future in as_completed(futures):
+                future.result()
+                log(f"landscape seed {futures[future]}: done ({time.perf_counter() - start:.1f} s)")
+    return list(todo)
+
+
+def _landscape_job(run_dir: Path, options: LandscapeOptions) -> None:
+    """One seed's pieces, quietly (a worker process of :func:`landscapes_of_run`)."""
+    compute_landscape(run_dir, options, log=lambda text: None, progress=False, skip_missing=True)
 
 
 def landscape_dir(run: RunDir, seed: int) -> Path:
@@ -246,12 +353,6 @@ def landscape_dir(run: RunDir, seed: int) -> Path:
         if seed == run.cfg.seeds[0]
         else run.path / "landscape" / f"seed{seed}"
     )
-
-
-def _savez(path: Path, **arrays: Any) -> None:
-    """``np.savez`` through a temporary file and a rename."""
-    with atomic_output(path) as tmp:
-        np.savez(tmp, **arrays)
 
 
 def _clean(value: Any) -> Any:
