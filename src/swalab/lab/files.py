@@ -201,17 +201,18 @@ def _check_regular(path: Path) -> None:
         raise RunFileError(f"cannot read {path}: not a regular file; {_redo_hint(path)}")
 
 
-def load_torch(path: Path) -> Any:
+def load_torch(path: Path, mmap: bool = False) -> Any:
     """Load a run file written by ``atomic_save`` onto the CPU, with ``weights_only=True``.
 
     Run files hold tensors, dicts, lists, numbers and strings (optimizer and RNG states included),
     all of which the weights-only unpickler accepts; anything else (a pickled object that would
-    run code) is refused and the file named in a one-line error.
+    run code) is refused and the file named in a one-line error. ``mmap``: tensors are read only
+    when used.
     """
     path = Path(path)
     _check_regular(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file

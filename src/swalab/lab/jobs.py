@@ -1,4 +1,7 @@
-"""``swalab run --jobs N``: N (method, seed) runs at once, each in its own spawned process.
+"""``swalab run --jobs N``: N trajectories at once, each in its own spawned process.
+
+A job is one trajectory of one seed (``sharing.py``): the runs that train their common epochs once
+(one run when nothing is shared, or under ``--no-share``).
 
 The workers are N processes started with ``spawn`` (safe with CUDA and OpenMP), each holding the
 dataset of the seed it works on. The main process hands out one job at a time to an idle worker,
@@ -11,7 +14,7 @@ receives its epochs and results through a queue, and alone writes ``result.json`
   ``CUDA_VISIBLE_DEVICES`` lists; ``cuda:K`` puts them all on GPU K (several processes share a
   GPU well when each leaves it idle between small kernels).
 
-A run in a worker is the same ``train_run`` call with the same seeded generators as in the
+A job in a worker is the same ``train_runs`` call with the same seeded generators as in the
 sequential loop, so its results are identical (with the same number of threads per run). A seed's
 pre-training cache is computed by one job before the runs of that seed are handed out, so it is
 never computed twice at once. A run that raises is reported and the others go on; a diverged run
@@ -28,7 +31,6 @@ import os
 import queue
 import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +39,14 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ExperimentConfig, MethodConfig
-from .methods import recipe_of
 from .rundir import RunDirectory
+from .sharing import Branch
 
 __all__ = ["RunsFailed", "Slot", "check_jobs", "run_jobs", "slots"]
 
-Job = tuple[str, int, str]  # ("pretrain" | "run", seed, method label ("" for pretrain))
+Job = tuple[
+    str, int, tuple[str, ...]
+]  # ("pretrain" | "run", seed, method labels (none for pretrain))
 
 
 class RunsFailed(RuntimeError):
@@ -93,14 +97,20 @@ def slots(
 
 
 def _worker(
-    index: int, slot: Slot, cfg: ExperimentConfig, out: Path, tasks: Any, events: Any
+    index: int,
+    slot: Slot,
+    cfg: ExperimentConfig,
+    out: Path,
+    share: bool,
+    tasks: Any,
+    events: Any,
 ) -> None:
     """A worker process: take jobs from ``tasks`` until ``None``, report on ``events``."""
     from .config import to_dict
     from .inputs import load_bundle
     from .rundir import RunDirectory
-    from .tracking import open_trackers
-    from .trainer import pretrain, train_run
+    from .tracking import SeedTrackers
+    from .trainer import pretrain, train_runs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when everyone stops
     torch.set_num_threads(slot.threads)
@@ -119,38 +129,45 @@ def _worker(
             continue
         if job is None:
             return
-        kind, seed, label = job
+        kind, seed, labels = job
         try:
             if seed not in bundles:  # one seed's data at a time
                 bundles = {seed: load_bundle(cfg, seed)}
-            start = time.perf_counter()
             if kind == "pretrain":
-                pretrain(
-                    cfg, bundles[seed], seed, layout.run(cfg.methods[0].label, seed), slot.device
-                )
-                result = None
+                files = layout.run(cfg.methods[0].label, seed)
+                pretrain(cfg, bundles[seed], seed, files, slot.device)
             else:
-                trackers = open_trackers(cfg.train.log, out, label, seed, to_dict(cfg))
+                trackers = SeedTrackers(cfg.train.log, out, seed, to_dict(cfg))
 
-                def on_epoch(
-                    record: dict[str, Any], job: Job = job, trackers: Any = trackers
+                def done(
+                    method: Any,
+                    result: Any,
+                    seconds: float,
+                    job: Job = job,
+                    trackers: Any = trackers,
                 ) -> None:
-                    trackers.log(record)
-                    events.put(("epoch", index, job, None))
+                    trackers.close(method.label)
+                    events.put(("result", index, job, (method.label, result, seconds)))
+
+                def on_epoch(methods: list[Any], record: Any, job: Job = job) -> None:
+                    if methods:  # not pre-training
+                        events.put(("epoch", index, job, None))
 
                 try:
-                    result = train_run(
+                    train_runs(
                         cfg,
-                        methods[label],
+                        [(methods[label], layout.run(label, seed)) for label in labels],
                         seed,
                         bundles[seed],
-                        layout.run(label, seed),
                         slot.device,
+                        done=done,
+                        on_record=trackers.log,
                         on_epoch=on_epoch,
+                        share=share,
                     )
                 finally:
                     trackers.close()
-            events.put(("done", index, job, (result, round(time.perf_counter() - start, 2))))
+            events.put(("done", index, job, None))
         except Exception as err:  # noqa: BLE001  (reported; the worker takes the next job)
             text = str(err).splitlines()[0] if str(err) else ""
             events.put(("failed", index, job, f"{type(err).__name__}: {text}"))
@@ -159,10 +176,12 @@ def _worker(
 class _Pool:
     """The worker processes, started and stopped together."""
 
-    def __init__(self, placement: list[Slot], cfg: ExperimentConfig, out: Path) -> None:
+    def __init__(
+        self, placement: list[Slot], cfg: ExperimentConfig, out: Path, share: bool
+    ) -> None:
         self.context = mp.get_context("spawn")
         self.events = self.context.Queue()
-        self.placement, self.cfg, self.out = placement, cfg, out
+        self.placement, self.cfg, self.out, self.share = placement, cfg, out, share
         self.processes: list[Any] = [None] * len(placement)
         self.tasks: list[Any] = [None] * len(placement)
         for i in range(len(placement)):
@@ -172,7 +191,7 @@ class _Pool:
         self.tasks[i] = self.context.Queue()
         self.processes[i] = self.context.Process(
             target=_worker,
-            args=(i, self.placement[i], self.cfg, self.out, self.tasks[i], self.events),
+            args=(i, self.placement[i], self.cfg, self.out, self.share, *self.queues(i)),
             daemon=True,
             name=f"swalab-job-{i}",
         )
@@ -185,6 +204,9 @@ class _Pool:
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
+
+    def queues(self, i: int) -> tuple[Any, Any]:
+        return self.tasks[i], self.events
 
     def stop(self, graceful: bool) -> None:
         """``graceful``: let idle workers exit; otherwise terminate them (SIGTERM) mid-epoch."""
@@ -203,30 +225,36 @@ class _Pool:
 def run_jobs(
     cfg: ExperimentConfig,
     out: Path,
-    todo: list[tuple[int, MethodConfig]],
+    trajectories: list[tuple[int, Branch]],
     jobs: int,
     device: torch.device,
     *,
+    share: bool,
     record: Callable[[int, MethodConfig, Any, float], None],
     bar: Any,
     task: Any,
     log: Callable[[str], None],
     progress: bool,
 ) -> list[str]:
-    """Train ``todo`` on ``jobs`` worker processes; ``record`` each result in the main process.
+    """Train ``trajectories`` ((seed, root branch) pairs, ``sharing.py``) on ``jobs`` worker
+    processes; ``record`` each run's result in the main process.
 
     Returns the failures, one line each. ``bar``/``task`` are the runner's rich progress display
     and its overall task; every running job gets a bar of its own (``progress``), or one line per
     event when there is no terminal.
     """
     methods = {m.label: m for m in cfg.methods}
-    seeds = sorted({seed for seed, _ in todo}, key=[s for s, _ in todo].index)
+    seeds = list(dict.fromkeys(seed for seed, _ in trajectories))
     cached = {
         s for s in seeds if cfg.pretrain.epochs == 0 or RunDirectory(out).pretrain_path(s).exists()
     }
-    pending: list[Job] = [("pretrain", s, "") for s in seeds if s not in cached]
-    pending += [("run", seed, m.label) for seed, m in todo]
-    placement = slots(min(jobs, len(todo)), device, cfg.train.threads)
+    epochs: dict[Job, int] = {}
+    pending: list[Job] = [("pretrain", s, ()) for s in seeds if s not in cached]
+    for seed, root in trajectories:
+        job: Job = ("run", seed, tuple(m.label for m in root.methods))
+        epochs[job] = root.epochs()
+        pending.append(job)
+    placement = slots(min(jobs, len(trajectories)), device, cfg.train.threads)
     where = sorted({str(s.device) for s in placement})
     log(
         f"{len(placement)} jobs at once on {', '.join(where)}, "
@@ -236,22 +264,30 @@ def run_jobs(
         log(f"note: {len(placement)} jobs share {cpu_cores()} CPU cores")
     failures: list[str] = []
     running: dict[int, tuple[Job, Any]] = {}  # worker -> (job, its bar)
+    recorded: set[tuple[str, int]] = set()
 
     def name(job: Job) -> str:
-        return f"pre-training seed {job[1]}" if job[0] == "pretrain" else f"{job[2]} seed {job[1]}"
+        kind, seed, labels = job
+        return (
+            f"pre-training seed {seed}"
+            if kind == "pretrain"
+            else f"{', '.join(labels)} seed {seed}"
+        )
 
     def fail(job: Job, message: str) -> None:
-        failures.append(f"{name(job)}: {message}")
-        log(f"failed: {name(job)}: {message}; the other runs go on")
-        if job[0] == "pretrain":  # the runs of that seed cannot start
-            for waiting in [j for j in pending if j[1] == job[1]]:
+        kind, seed, labels = job
+        left = [label for label in labels if (label, seed) not in recorded]
+        failures.append(f"{name((kind, seed, tuple(left)))}: {message}")
+        log(f"failed: {name((kind, seed, tuple(left)))}: {message}; the other runs go on")
+        if kind == "pretrain":  # the runs of that seed cannot start
+            for waiting in [j for j in pending if j[1] == seed]:
                 pending.remove(waiting)
                 failures.append(f"{name(waiting)}: its pre-training failed")
 
     def ready(job: Job) -> bool:
         return job[0] == "pretrain" or job[1] in cached
 
-    pool = _Pool(placement, cfg, out)
+    pool = _Pool(placement, cfg, out, share)
     graceful = False
     try:
         while pending or running:
@@ -262,8 +298,7 @@ def run_jobs(
                 if job is None:
                     break
                 pending.remove(job)
-                epochs = None if job[0] == "pretrain" else _epochs(cfg, methods[job[2]])
-                running[worker] = (job, bar.add_task(name(job), total=epochs))
+                running[worker] = (job, bar.add_task(_short(name(job)), total=epochs.get(job)))
                 if not progress:
                     log(f"started {name(job)} on {placement[worker].device}")
                 pool.tasks[worker].put(job)
@@ -281,16 +316,18 @@ def run_jobs(
                 bar.advance(running[worker][1])
                 bar.advance(task)
                 continue
+            if kind == "result":
+                label, result, seconds = payload
+                recorded.add((label, job[1]))
+                record(job[1], methods[label], result, seconds)
+                continue
             bar.remove_task(running.pop(worker)[1])
             if kind == "failed":
                 fail(job, payload)
             elif job[0] == "pretrain":
                 cached.add(job[1])
                 if not progress:
-                    log(f"finished {name(job)} in {payload[1]:.1f} s")
-            else:
-                result, seconds = payload
-                record(job[1], methods[job[2]], result, seconds)
+                    log(f"finished {name(job)}")
         graceful = True
     finally:
         with contextlib.suppress(Exception):
@@ -298,5 +335,5 @@ def run_jobs(
     return failures
 
 
-def _epochs(cfg: ExperimentConfig, method: MethodConfig) -> int:
-    return recipe_of(method, cfg.train).epochs
+def _short(text: str, width: int = 28) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

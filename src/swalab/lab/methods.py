@@ -46,7 +46,6 @@ __all__ = [
     "method_role",
     "recipe_of",
     "run_epochs",
-    "shares_trajectory",
 ]
 
 METHODS = Registry("method")
@@ -131,11 +130,12 @@ class Recipe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
-    def epoch_plan(self, epoch: int) -> tuple[Any, ...]:
-        """What the recipe does in 0-based ``epoch``: its kind and the LR of every step, and (in
-        subclasses) what its hooks collect, restart or reset. Two recipes whose plans agree on an
-        epoch train it identically (shared trajectories, ``shares_trajectory``)."""
-        return (type(self).__name__, tuple(self.lr(epoch, s) for s in range(self.steps_per_epoch)))
+    def iterate_plan(self, epoch: int) -> tuple[Any, ...]:
+        """How the recipe moves the trained weights in 0-based ``epoch``: the LR of every step, and
+        (in subclasses) what replaces them at the end (a restart), else None. What it averages or
+        collects is not part of it. Runs whose plans agree on an epoch train it identically
+        (shared trajectories, sharing.py)."""
+        return (tuple(self.lr(epoch, s) for s in range(self.steps_per_epoch)), None)
 
 
 class RunSpec(NamedTuple):
@@ -252,10 +252,11 @@ class Averaging(Recipe):
     def running_model(self, model: nn.Module) -> nn.Module | None:
         return self.averaged.module if self.averaged.count > 0 else None
 
-    def epoch_plan(self, epoch: int) -> tuple[Any, ...]:
-        steps = tuple(self._collect(epoch, s) for s in range(self.steps_per_epoch))
-        hooks = (self._collect(epoch, None), self._restart(epoch), self._reset_at == epoch)
-        return (*super().epoch_plan(epoch), steps, hooks)
+    def iterate_plan(self, epoch: int) -> tuple[Any, ...]:
+        # a restart replaces the weights after this run's own averaging hooks: no other run can
+        # share that epoch (the recipe itself, compared by identity, marks it)
+        lrs, _ = super().iterate_plan(epoch)
+        return (lrs, self if self._restart(epoch) else None)
 
     def averaged_epochs(self) -> list[int]:
         if not self.snapshots:
@@ -426,9 +427,6 @@ class Ensembling(Recipe):
     def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self._collect(epoch):
             self.collect(model)
-
-    def epoch_plan(self, epoch: int) -> tuple[Any, ...]:
-        return (*super().epoch_plan(epoch), self._collect(epoch))
 
 
 class FGERecipe(Ensembling):
@@ -697,25 +695,3 @@ def recipe_of(
         steps_per_epoch=steps_per_epoch,
         model=model,
     )
-
-
-def shares_trajectory(short: Any, long: Any, train: Any, steps_per_epoch: int = 1) -> bool:
-    """Whether the run of ``MethodConfig`` ``short`` is the first epochs of the run of ``long``.
-
-    Both must be the same method with the same options and learning rate (``baseline`` and
-    ``budget`` aside), ``short`` no longer than ``long``, and their recipes must plan every epoch
-    of ``short`` identically (``Recipe.epoch_plan``: LR of every step, what is averaged or
-    collected). Then ``short`` is ``long`` read at its last epoch: SWA at 1B and 1.25B inside 1.5B,
-    whose schedule depends on ``swa_start``, not on the budget (Izmailov et al., 2018).
-    """
-    if (short.method, short.options) != (long.method, long.options):
-        return False
-    if (short.lr if short.lr is not None else train.lr) != (
-        long.lr if long.lr is not None else train.lr
-    ):
-        return False
-    a = recipe_of(short, train, steps_per_epoch)
-    b = recipe_of(long, train, steps_per_epoch)
-    if not 0 < a.epochs <= b.epochs:
-        return False
-    return all(a.epoch_plan(e) == b.epoch_plan(e) for e in range(a.epochs))

@@ -109,6 +109,13 @@ class RunFiles:
     def checkpoint(self) -> dict[str, Any] | None:
         return load_torch(self.checkpoint_path) if self.checkpoint_path.exists() else None
 
+    def resume_point(self) -> int | None:
+        """Epochs this run has trained (0 if none), or None if it diverged."""
+        if not self.checkpoint_path.exists():
+            return 0
+        ckpt = load_torch(self.checkpoint_path, mmap=True)  # the tensors stay on disk
+        return None if ckpt.get("diverged") else ckpt["epoch"] + 1
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_save(state, self.checkpoint_path)
 

@@ -11,7 +11,6 @@ import math
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,14 +24,15 @@ from .distributed import World
 from .files import atomic_write_text, holds_files, remove_tree
 from .inputs import load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
-from .methods import recipe_of, shares_trajectory
+from .methods import recipe_of
 from .precision import Precision
 from .rundir import RunDirectory
+from .sharing import Branch, plan_branches, trained_epochs
 from .stats import primary_metric, summarize
-from .tracking import EpochReporter, check_trackers, open_trackers
-from .trainer import Reader, train_run
+from .tracking import EpochReporter, SeedTrackers, check_trackers
+from .trainer import train_runs
 
-__all__ = ["run_experiment", "format_table", "share_groups"]
+__all__ = ["run_experiment", "format_table", "plan_runs"]
 
 _RUN_SPECIFIC = ("seeds", "description", "variants")
 
@@ -123,10 +123,9 @@ def run_experiment(
     reported by :class:`RunsFailed` after the others have finished. ``restart``: method labels
     whose runs (every seed) are deleted first and trained again.
 
-    ``share``: runs of one seed whose epochs are a prefix of another's (``share_groups``) are read
-    off that run instead of being trained again, with results equal to separate runs. Sharing
-    applies to the sequential path in one process; ``jobs > 1``, torchrun and
-    ``train.save_trajectory`` train every run separately.
+    ``share``: the epochs that several runs of a seed would train identically are trained once
+    (``sharing.py``), with results equal to separate runs; also under ``jobs > 1`` (a job is a
+    trajectory) and torchrun. ``share=False`` trains every run on its own.
 
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
@@ -204,15 +203,19 @@ def run_experiment(
                 layout.write_results([rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
 
         if jobs > 1 and todo:
-            if download:  # once, here, rather than by several workers at once
-                load_bundle(cfg, todo[0][0], download)
-            reporter.set_total(_total_epochs(cfg, todo))
+            # the data once here (a download, rather than by several workers at once; the steps
+            # per epoch that plan the shared trajectories)
+            bundle = load_bundle(cfg, todo[0][0], download)
+            steps = len(train_loader(cfg, bundle, todo[0][0], torch.device("cpu"))[0])
+            plans = plan_runs(cfg, todo, layout, steps, share)
+            reporter.set_total(sum(trained_epochs(p) for p in plans.values()))
             failures = run_jobs(
                 cfg,
                 out,
-                todo,
+                [(seed, root) for seed, roots in plans.items() for root in roots],
                 jobs,
                 device,
+                share=share,
                 record=record,
                 bar=bar,
                 task=task,
@@ -226,92 +229,51 @@ def run_experiment(
                 )
             )
         )
-
-        def train_here(seed: int, method: Any, bundle: Any, readers: Sequence[Any] = ()) -> Any:
-            """One run in this process, its epochs on the progress display and the trackers;
-            ``readers``: the methods read off its trajectory (shared trajectories)."""
-            run_epochs = _total_epochs(cfg, [(seed, method)])
-            reported: list[int] = []
-            trackers = open_trackers(
-                cfg.train.log if world.main else [], out, method.label, seed, to_dict(cfg)
-            )
-
-            def on_epoch(record: dict[str, Any]) -> None:
-                if record.get("phase") == "pretrain":
-                    reporter.epoch(f"pretrain seed {seed}", record, cfg.pretrain.epochs)
-                    if record["epoch"] == cfg.pretrain.epochs:  # the bar names the run again
-                        pretrain_todo.discard(seed)
-                        bar.update(task, description=f"{method.label} seed {seed}")
-                    return
-                if not reported:  # a resumed run: the epochs it had done are not run here
-                    reporter.skip(record["epoch"] - 1)
-                reported.append(record["epoch"])
-                trackers.log(record)
-                what = f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}"
-                reporter.epoch(what, record, run_epochs)
-
-            files = layout.run(method.label, seed)
-            try:
-                result = train_run(
-                    cfg,
-                    method,
-                    seed,
-                    bundle,
-                    files,
-                    device,
-                    on_epoch=on_epoch,
-                    world=world,
-                    readers=[
-                        Reader(m, layout.run(m.label, seed), partial(read_off, seed))
-                        for m in readers
-                    ],
-                )
-            finally:
-                trackers.close()
-            # epochs not run here: all of a resumed run that had finished, those after a divergence
-            reporter.skip(run_epochs - len(reported) - (reported[0] - 1 if reported else 0))
-            return result
-
-        started = time.perf_counter()
-
-        def read_off(seed: int, method: Any, result: Any, history: list[dict[str, Any]]) -> None:
-            """A run finished off another's trajectory: its row, and its curve to the trackers."""
-            trackers = open_trackers(
-                cfg.train.log if world.main else [], out, method.label, seed, to_dict(cfg)
-            )
-            try:
-                for line in history:
-                    trackers.log(line)
-            finally:
-                trackers.close()
-            record(seed, method, result, round(time.perf_counter() - started, 2))
-
-        sharing = share and jobs == 1 and world.size == 1 and not cfg.train.save_trajectory
         for seed in dict.fromkeys(seed for seed, _ in todo) if jobs == 1 else []:
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others read
                 bundles = {seed: world.main_first(partial(load_bundle, cfg, seed, download))}
             if bar.tasks[task].total is None:
-                pretraining = cfg.pretrain.epochs * len(pretrain_todo)
-                trained = _shared_epochs(cfg, todo) if sharing else _total_epochs(cfg, todo)
-                reporter.set_total(trained + pretraining)
-            methods = [m for s, m in todo if s == seed]
-            if sharing:
                 steps = len(train_loader(cfg, bundles[seed], seed, torch.device("cpu"))[0])
-                groups = share_groups(cfg, methods, steps)
-            else:
-                groups = [[m] for m in methods]
-            for method, *readers in groups:
-                pretraining_now = cfg.pretrain.epochs > 0 and seed in pretrain_todo
-                phase = "pretrain" if pretraining_now else method.label
-                bar.update(task, description=f"{phase} seed {seed}")
-                started = time.perf_counter()
-                result = train_here(seed, method, bundles[seed], readers)
-                record(seed, method, result, round(time.perf_counter() - started, 2))
-                for alone in [m for m in readers if (m.label, seed) not in rows]:
-                    # a resumed run already past its end (it was read off, but not recorded)
-                    started = time.perf_counter()
-                    result = train_here(seed, alone, bundles[seed])
-                    record(seed, alone, result, round(time.perf_counter() - started, 2))
+                plans = world.on_main(partial(plan_runs, cfg, todo, layout, steps, share))
+                pretraining = cfg.pretrain.epochs * len(pretrain_todo)
+                reporter.set_total(pretraining + sum(trained_epochs(p) for p in plans.values()))
+            methods = [m for s, m in todo if s == seed]
+            trackers = SeedTrackers(cfg.train.log if world.main else [], out, seed, to_dict(cfg))
+
+            def on_epoch(methods: list[Any], record: dict[str, Any], seed: int = seed) -> None:
+                if record.get("phase") == "pretrain":
+                    reporter.epoch(f"pretrain seed {seed}", record, cfg.pretrain.epochs)
+                    if record["epoch"] == cfg.pretrain.epochs:
+                        pretrain_todo.discard(seed)
+                    return
+                what = f"{_labels(methods)} seed {seed}"
+                bar.update(task, description=what)
+                longest = max(recipe_of(m, cfg.train).epochs for m in methods)
+                reporter.epoch(f"[{len(rows) + 1}/{len(runs)}] {what}", record, longest)
+
+            def done(
+                method: Any, result: Any, seconds: float, seed: int = seed, trackers: Any = trackers
+            ) -> None:
+                trackers.close(method.label)
+                record(seed, method, result, seconds)
+
+            phase = "pretrain" if cfg.pretrain.epochs > 0 and seed in pretrain_todo else "train"
+            bar.update(task, description=f"{phase} seed {seed}")
+            try:
+                train_runs(
+                    cfg,
+                    [(m, layout.run(m.label, seed)) for m in methods],
+                    seed,
+                    bundles[seed],
+                    device,
+                    done=done,
+                    on_record=trackers.log,
+                    on_epoch=on_epoch,
+                    world=world,
+                    share=share,
+                )
+            finally:
+                trackers.close()
     ordered = [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows]
     if world.main:
         layout.write_results(ordered)
@@ -324,36 +286,27 @@ def run_experiment(
     return ordered
 
 
-def _total_epochs(cfg: ExperimentConfig, todo: list) -> int:
-    return sum(recipe_of(m, cfg.train).epochs for _, m in todo)
+def plan_runs(
+    cfg: ExperimentConfig,
+    todo: Sequence[tuple[int, Any]],
+    layout: RunDirectory,
+    steps_per_epoch: int,
+    share: bool = True,
+) -> dict[int, list[Branch]]:
+    """The trajectories that train ``todo`` ((seed, method) pairs), per seed, from where each run
+    stands in ``layout`` (diverged runs left out): ``sharing.plan_branches``."""
+    plans = {}
+    for seed in dict.fromkeys(seed for seed, _ in todo):
+        points = {m.label: layout.run(m.label, seed).resume_point() for s, m in todo if s == seed}
+        methods = [m for s, m in todo if s == seed and points[m.label] is not None]
+        plans[seed] = plan_branches(cfg.train, methods, steps_per_epoch, points, share)
+    return plans
 
 
-def share_groups(cfg: ExperimentConfig, methods: Sequence[Any], steps_per_epoch: int = 1) -> list:
-    """``methods`` (of one seed) as trajectories: lists whose first method is trained and whose
-    others are read off it at their last epoch (``methods.shares_trajectory``), longest first."""
-    by_length = sorted(methods, key=lambda m: -recipe_of(m, cfg.train).epochs)
-    groups: list[list[Any]] = []
-    for method in by_length:
-        home = next(
-            (g for g in groups if shares_trajectory(method, g[0], cfg.train, steps_per_epoch)),
-            None,
-        )
-        if home is None:
-            groups.append([method])
-        else:
-            home.append(method)
-    return groups
-
-
-def _shared_epochs(cfg: ExperimentConfig, todo: list, steps_per_epoch: int = 1) -> int:
-    """Epochs trained for ``todo`` with shared trajectories (for the schedules' shape at
-    ``steps_per_epoch`` steps per epoch)."""
-    seeds = dict.fromkeys(seed for seed, _ in todo)
-    return sum(
-        recipe_of(group[0], cfg.train).epochs
-        for seed in seeds
-        for group in share_groups(cfg, [m for s, m in todo if s == seed], steps_per_epoch)
-    )
+def _labels(methods: Sequence[Any]) -> str:
+    """A short name for runs that train together: the first label and how many others."""
+    first = methods[0].label
+    return first if len(methods) == 1 else f"{first} (+{len(methods) - 1})"
 
 
 def _progress(enabled: bool) -> Any:

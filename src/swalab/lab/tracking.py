@@ -251,6 +251,29 @@ def open_trackers(
     return RunTrackers(writers)
 
 
+class SeedTrackers:
+    """The trackers of the runs of one seed that train together (shared trajectories): a run's
+    are opened at its first record and closed when it ends."""
+
+    def __init__(self, names: Sequence[str], out: Path, seed: int, config: dict[str, Any]) -> None:
+        self.names, self.out, self.seed, self.config = names, out, seed, config
+        self.open: dict[str, RunTrackers] = {}
+
+    def log(self, method: Any, record: dict[str, Any]) -> None:
+        if method.label not in self.open:
+            self.open[method.label] = open_trackers(
+                self.names, self.out, method.label, self.seed, self.config
+            )
+        self.open[method.label].log(record)
+
+    def close(self, label: str | None = None) -> None:
+        """Close the trackers of run ``label`` (of every run if None)."""
+        for key in [label] if label is not None else list(self.open):
+            trackers = self.open.pop(key, None)
+            if trackers is not None:
+                trackers.close()
+
+
 class EpochReporter:
     """Counts epochs (pre-training and training) on the progress bar and prints a line per epoch
     when there is no bar.

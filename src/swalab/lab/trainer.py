@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,16 +26,23 @@ from ..bn import call_model, has_batchnorm, update_bn
 from ..data import DataBundle
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
-from .distributed import World, batch_loss, broadcast_buffers, data_parallel, rank_seed, restore_rng
+from .distributed import (
+    World,
+    batch_loss,
+    broadcast_buffers,
+    data_parallel,
+    rank_seed,
+    restore_rng,
+)
 from .evaluation import EvalContext, evaluate, model_outputs
-from .files import load_torch
 from .inputs import bn_loader, build_model, train_loader
 from .methods import Recipe, recipe_of
 from .precision import Precision
 from .rundir import RunFiles
+from .sharing import Branch, plan_branches
 from .task import task_of
 
-__all__ = ["Reader", "RunResult", "train_one_epoch", "train_run"]
+__all__ = ["RunResult", "train_one_epoch", "train_run", "train_runs"]
 
 
 def make_optimizer(
@@ -56,17 +64,6 @@ class RunResult:
     epochs: int
     metrics: dict[str, float]
     message: str = ""
-
-
-class Reader(NamedTuple):
-    """A method read off another run's trajectory at its own last epoch (shared trajectories).
-
-    ``done(method, result, history)`` receives its result and learning curve once it is finished.
-    """
-
-    method: MethodConfig
-    files: RunFiles
-    done: Callable[[MethodConfig, RunResult, list[dict[str, Any]]], None]
 
 
 def train_one_epoch(
@@ -148,245 +145,323 @@ def train_run(
     device: torch.device,
     on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
     world: World = World(),
-    readers: Sequence[Reader] = (),
 ) -> RunResult:
-    """Train ``method`` with ``seed``, resuming from the run's checkpoint if it exists.
+    """Train ``method`` with ``seed`` on its own (``train_runs`` with one run); ``on_epoch``
+    receives every epoch's record (pre-training's too)."""
+    files = run_dir if isinstance(run_dir, RunFiles) else RunFiles(run_dir)
+    results: list[RunResult] = []
+    train_runs(
+        cfg,
+        [(method, files)],
+        seed,
+        bundle,
+        device,
+        done=lambda method, result, seconds: results.append(result),
+        on_record=lambda method, record: on_epoch(record),
+        on_epoch=lambda methods, record: None if methods else on_epoch(record),
+        world=world,
+    )
+    return results[0]
 
-    ``readers``: runs whose epochs are a prefix of this one (``methods.shares_trajectory``); each is
-    finished at its last epoch exactly as its own run would finish it, into its own directory.
-    Readers whose last epoch a resumed run has already passed are left out (not ``done``).
+
+@dataclass
+class _Run:
+    """One (method, seed) run following a shared trajectory: its recipe and learning curve."""
+
+    method: MethodConfig
+    files: RunFiles
+    recipe: Recipe
+    history: list[dict[str, Any]]
+    checkpoint: dict[str, Any] | None  # where it resumes (until its trajectory has read it)
+    start: int  # epochs done before this call
+
+
+def train_runs(
+    cfg: ExperimentConfig,
+    runs: Sequence[tuple[MethodConfig, RunFiles]],
+    seed: int,
+    bundle: DataBundle,
+    device: torch.device,
+    *,
+    done: Callable[[MethodConfig, RunResult, float], None],
+    on_record: Callable[[MethodConfig, dict[str, Any]], None] = lambda method, record: None,
+    on_epoch: Callable[[list[MethodConfig], dict[str, Any]], None] = lambda m, record: None,
+    world: World = World(),
+    share: bool = True,
+) -> None:
+    """Train ``runs`` (methods of one ``seed`` and their files), each resuming from its checkpoint.
+
+    Epochs that several runs would train identically are trained once (``sharing.py``; every file
+    and result equals, bit for bit on the CPU, that of a run of its own; ``share=False`` trains
+    each alone). ``done(method, result, seconds)`` as each run ends; ``on_record(method, record)``
+    for every epoch of every run (the last after the final metrics); ``on_epoch(methods, record)``
+    once per epoch trained, with the runs that trained it (``[]`` for pre-training).
 
     Under DDP (``world.size > 1``) every rank calls this; recipes average and evaluate ``model``
     itself, whose state is the same on every rank after every step.
     """
-    files = run_dir if isinstance(run_dir, RunFiles) else RunFiles(run_dir)
-    train, task = cfg.train, task_of(bundle.task)
+    train = cfg.train
     model = build_model(cfg, bundle, seed)
     if cfg.pretrain.epochs > 0:
-        model.load_state_dict(pretrain(cfg, bundle, seed, files, device, world, on_epoch))
+        model.load_state_dict(
+            pretrain(cfg, bundle, seed, runs[0][1], device, world, partial(on_epoch, []))
+        )
     precision = Precision(train.precision, train.channels_last, device)
     precision.model(model.to(device))
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
     loader, generator = train_loader(cfg, bundle, seed, device, world)
-    recipe = recipe_of(method, train, steps_per_epoch=len(loader), model=model)
-    lr = method.lr if method.lr is not None else train.lr
-    optimizer = make_optimizer(train.optimizer, model, lr, train.momentum, train.weight_decay)
+    live: dict[str, _Run] = {}
+    for method, files in runs:
+        # Rank 0 reads the checkpoint and hands it to every rank (CPU tensors).
+        ckpt = world.on_main(files.checkpoint)
+        if ckpt is not None and ckpt.get("diverged"):
+            done(method, RunResult("diverged", ckpt["epoch"] + 1, {}, ckpt["diverged"]), 0.0)
+            continue
+        recipe = recipe_of(method, train, steps_per_epoch=len(loader), model=model)
+        run = _Run(method, files, recipe, [], ckpt, 0 if ckpt is None else ckpt["epoch"] + 1)
+        if ckpt is not None:
+            recipe.load_state_dict(ckpt["recipe"])
+            run.history = ckpt["history"]
+            if world.main:  # lines appended after the checkpoint by an interrupted epoch go
+                files.write_metrics(run.history)
+        live[method.label] = run
+    trajectory = _Trajectory(cfg, seed, bundle, device, world, model, precision, loader, generator)
+    trajectory.done, trajectory.on_record, trajectory.on_epoch = done, on_record, on_epoch
+    starts = {label: run.start for label, run in live.items()}
+    for root in plan_branches(train, [r.method for r in live.values()], len(loader), starts, share):
+        trajectory.train_root(root, [live[m.label] for m in root.methods])
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    # Rank 0 reads the checkpoint and hands it to every rank (CPU tensors; load_state_dict moves them).
-    ckpt = world.on_main(files.checkpoint)
-    if ckpt is not None:
-        if ckpt.get("diverged"):
-            return RunResult("diverged", ckpt["epoch"] + 1, {}, ckpt["diverged"])
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        recipe.load_state_dict(ckpt["recipe"])
-        generator.set_state(ckpt["generator"])
-        precision.load_state_dict(ckpt.get("grad_scaler", {}))
-        restore_rng(ckpt, world, seed)
-        history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
-        if world.main:  # lines appended after the checkpoint by an interrupted epoch go
-            files.write_metrics(history)
-    else:
-        torch.manual_seed(rank_seed(seed, world.rank))  # dropout and any other global randomness
-        if world.main:
-            files.save_weights("init", _cpu_state(model))
-    pending = {
-        r.method.label: (r, recipe_of(r.method, train, len(loader)).epochs)
-        for r in readers
-        if recipe_of(r.method, train, len(loader)).epochs > start_epoch
-    }
-    for reader, _ in pending.values():
-        if world.main and not reader.files.weights_path("init").exists():
-            reader.files.save_weights("init", load_torch(files.weights_path("init")))
 
-    ctx = EvalContext(
-        task,
-        device,
-        train.eval_batch_size,
-        lambda: bn_loader(cfg, bundle, seed, device, world),
-        train.bn_batches,
-        world,
-    )
-    # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
-    net, criterion = data_parallel(model, world), batch_loss(task, world)
-    for epoch in range(start_epoch, recipe.epochs):
+class _Trajectory:
+    """The state one seed's runs train: model, optimizer, batch order and RNG, kept between
+    branches (``sharing.Branch``) and restored where a branch starts."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        seed: int,
+        bundle: DataBundle,
+        device: torch.device,
+        world: World,
+        model: nn.Module,
+        precision: Precision,
+        loader: Any,
+        generator: torch.Generator,
+    ) -> None:
+        self.cfg, self.seed, self.bundle, self.world = cfg, seed, bundle, world
+        self.model, self.precision, self.loader, self.generator = (
+            model,
+            precision,
+            loader,
+            generator,
+        )
+        train = cfg.train
+        self.optimizer = make_optimizer(
+            train.optimizer, model, train.lr, train.momentum, train.weight_decay
+        )
+        self.task = task_of(bundle.task)
+        self.ctx = EvalContext(
+            self.task,
+            device,
+            train.eval_batch_size,
+            lambda: bn_loader(cfg, bundle, seed, device, world),
+            train.bn_batches,
+            world,
+        )
+        # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
+        self.net, self.criterion = data_parallel(model, world), batch_loss(self.task, world)
+        self.done: Callable[[MethodConfig, RunResult, float], None] = lambda m, r, s: None
+        self.on_record: Callable[[MethodConfig, dict[str, Any]], None] = lambda m, r: None
+        self.on_epoch: Callable[[list[MethodConfig], dict[str, Any]], None] = lambda m, r: None
+        self.started = time.perf_counter()
+        # the state every run starts from: the initialised (or pre-trained) model, no momentum,
+        # the first batch order, and the global RNG seeded (dropout and any other randomness)
+        torch.manual_seed(rank_seed(seed, world.rank))
+        self.fresh = self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the next epochs depend on (kept in memory at a branch point)."""
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "grad_scaler": self.precision.state_dict(),
+        }
+
+    def restore(self, state: dict[str, Any], ranks: bool = False) -> None:
+        """Back to ``state`` (a snapshot or a checkpoint; ``ranks``: a checkpoint's RNG states)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.generator.set_state(state["generator"])
+        self.precision.load_state_dict(state.get("grad_scaler", {}))
+        if ranks:
+            restore_rng(state, self.world, self.seed)
+        else:
+            torch.set_rng_state(state["torch_rng"])
+
+    def train_root(self, root: Branch, runs: list[_Run]) -> None:
+        """Train a trajectory from its first runs' checkpoint (or from the start)."""
+        self.started = time.perf_counter()
+        first = runs[0].checkpoint
+        if first is None:
+            self.restore(self.fresh)
+            for run in runs:
+                if self.world.main:
+                    run.files.save_weights("init", _cpu_state(self.model))
+        else:
+            self.restore(first, ranks=True)
+        for run in runs:
+            run.checkpoint = None  # held no longer than needed
+        self.by_label = {run.method.label: run for run in runs}
+        for run in [r for r in runs if r.recipe.epochs == root.start]:  # nothing left to train
+            self.finish(run)
+        self.train_branch(root)
+
+    def train_branch(self, branch: Branch) -> None:
+        runs = [self.by_label[m.label] for m in branch.methods]
+        for epoch in range(branch.start, branch.stop):
+            going = [r for r in runs if r.recipe.epochs > epoch]
+            if not self.train_epoch(epoch, going):
+                return  # diverged, with every run that would have trained on from here
+        if len(branch.children) > 1:
+            state = self.snapshot()
+            for i, child in enumerate(branch.children):
+                if i:
+                    self.restore(state)
+                self.train_branch(child)
+
+    def train_epoch(self, epoch: int, runs: list[_Run]) -> bool:
+        """Epoch ``epoch`` for ``runs`` (whose plans agree on it): train once, then each run's
+        hooks, record, checkpoint, and the end of the runs whose last epoch it is. False if the
+        loss diverged (every one of ``runs`` is marked diverged)."""
+        model, train, world = self.model, self.cfg.train, self.world
+        recipes = [run.recipe for run in runs]
+
+        def lr(step: int) -> float:  # every recipe sees its steps (its hooks depend on them)
+            return [recipe.lr(epoch, step) for recipe in recipes][0]
+
+        def after_step(model: nn.Module) -> None:
+            for recipe in recipes:
+                recipe.after_step(model)
+
         total_loss = train_one_epoch(
             model,
-            net,
-            loader,
-            optimizer,
-            criterion,
-            partial(recipe.lr, epoch),
+            self.net,
+            self.loader,
+            self.optimizer,
+            self.criterion,
+            lr,
             world,
-            precision,
-            recipe.after_step,
+            self.precision,
+            after_step,
         )
-        train_loss = total_loss.item() / len(loader)
+        train_loss = total_loss.item() / len(self.loader)
         if not math.isfinite(train_loss):  # keep the previous epoch's checkpoint, the last good one
-            message = f"{method.label} seed {seed}: loss became {train_loss} in epoch {epoch + 1}"
-            if world.main:
-                files.mark_diverged(message)
-            for reader, _ in pending.values():  # they would have diverged here too
-                text = message.replace(method.label, reader.method.label, 1)
+            for run in runs:
+                label = run.method.label
+                message = f"{label} seed {self.seed}: loss became {train_loss} in epoch {epoch + 1}"
                 if world.main:
-                    reader.files.mark_diverged(text)
-                reader.done(reader.method, RunResult("diverged", epoch + 1, {}, text), [])
-            return RunResult("diverged", epoch + 1, {}, message)
-        recipe.after_epoch(epoch, model, optimizer)
+                    run.files.mark_diverged(message)
+                self.done(run.method, RunResult("diverged", epoch + 1, {}, message), self._since())
+            return False
+        for recipe in recipes:
+            recipe.after_epoch(epoch, model, self.optimizer)
 
         # The epoch's record: one line of metrics.jsonl (a per-epoch hook reads it here).
-        record: dict[str, Any] = {
+        shared: dict[str, Any] = {
             "epoch": epoch + 1,
-            "lr": recipe.lr(epoch, 0),
+            "lr": recipes[0].lr(epoch, 0),
             "train_loss": train_loss,
         }
-        last = epoch + 1 == recipe.epochs
-        if (epoch + 1) % train.eval_every == 0 or last:
-            record.update(
-                {
-                    f"test_{k}": v
-                    for k, v in evaluate(
-                        model_outputs(model, bundle.test, ctx), bundle.test, task
-                    ).items()
-                }
-            )
-            running = recipe.running_model(model)
-            if (
-                running is not None and not last
-            ):  # the last epoch's average is the final model, evaluated below
-                if has_batchnorm(
-                    running
-                ):  # recompute BN on a copy: the average's own BN stays as it is
+        evaluated = [
+            (epoch + 1) % train.eval_every == 0 or epoch + 1 == run.recipe.epochs for run in runs
+        ]
+        if any(evaluated):  # the iterate, once for every run
+            test = self._evaluate(model)
+            shared.update({f"test_{k}": v for k, v in test.items()})
+        rng_states = world.gather(torch.get_rng_state())  # every rank's dropout stream
+        state = {
+            "generator": self.generator.get_state(),
+            "torch_rng": rng_states[0],
+            "grad_scaler": self.precision.state_dict(),
+            **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
+        }
+        for run, evaluate_it in zip(runs, evaluated):
+            last = epoch + 1 == run.recipe.epochs
+            record = {k: v for k, v in shared.items() if evaluate_it or not k.startswith("test_")}
+            running = run.recipe.running_model(model)
+            if evaluate_it and running is not None and not last:
+                # the last epoch's average is the final model, evaluated when the run ends
+                if has_batchnorm(running):  # recompute BN on a copy: the average's own stays
                     running = copy.deepcopy(running)
-                    update_bn(ctx.bn_loader(), running, max_batches=ctx.bn_batches)
-                record.update(
+                    update_bn(self.ctx.bn_loader(), running, max_batches=self.ctx.bn_batches)
+                record.update({f"avg_test_{k}": v for k, v in self._evaluate(running).items()})
+            run.history.append(record)
+            if world.main:  # under DDP rank 0 alone writes
+                if train.saves_trajectory(run.method.label):
+                    run.files.append_trajectory(epoch + 1, _cpu_state(model))
+                run.files.save_checkpoint(
                     {
-                        f"avg_test_{k}": v
-                        for k, v in evaluate(
-                            model_outputs(running, bundle.test, ctx), bundle.test, task
-                        ).items()
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(),
+                        "recipe": run.recipe.state_dict(),
+                        "history": run.history,
+                        **state,
                     }
                 )
-        history.append(record)
-        rng_states = world.gather(
-            torch.get_rng_state()
-        )  # every rank's dropout stream ([its own] in one process)
-        if world.main:  # under DDP rank 0 alone writes
-            if train.saves_trajectory(method.label):
-                files.append_trajectory(epoch + 1, _cpu_state(model))
-            files.save_checkpoint(
+                if not (last and running is not None):  # waits for the final metrics
+                    run.files.append_metrics(record)
+            if not last:  # the last epoch is reported with the final model's metrics
+                self.on_record(run.method, record)
+        self.on_epoch([run.method for run in runs], runs[0].history[-1])
+        for run in [r for r in runs if r.recipe.epochs == epoch + 1]:
+            self.finish(run)
+        return True
+
+    def finish(self, run: _Run) -> None:
+        """The end of ``run``: its final model's predictions, ``final.pt`` and metrics on every
+        split, on a copy of the model and leaving the global RNG as it was (others may go on);
+        the running average's last point joins the learning curve."""
+        rng = torch.get_rng_state()
+        model, bundle, history = copy.deepcopy(self.model), self.bundle, run.history
+        splits = {
+            name: getattr(bundle, name)
+            for name in ("train", "val", "test")
+            if len(getattr(bundle, name))
+        }
+        outputs = run.recipe.predict(model, splits, self.ctx)
+        if self.world.main:
+            run.files.save_weights("final", run.recipe.final_state(model))
+        results: dict[str, float] = {}
+        for name, split in splits.items():
+            results.update(
+                {f"{name}_{k}": v for k, v in evaluate(outputs[name], split, self.task).items()}
+            )
+        if history and run.recipe.running_model(model) is not None:
+            # the learning curve's last average point
+            history[-1].update(
                 {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "recipe": recipe.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": rng_states[0],
-                    "history": history,
-                    "grad_scaler": precision.state_dict(),
-                    **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
+                    k.replace("test_", "avg_test_", 1): v
+                    for k, v in results.items()
+                    if k.startswith("test_")
                 }
             )
-            if not (last and recipe.running_model(model) is not None):  # waits for final metrics
-                files.append_metrics(record)
-        for label in [k for k, (_, end) in pending.items() if end == epoch + 1]:
-            reader = pending.pop(label)[0]
-            state = {"generator": generator.get_state(), "torch_rng": rng_states[0]}
-            state["grad_scaler"] = precision.state_dict()
-            reader.done(
-                reader.method,
-                *_read_off(
-                    reader, train, recipe, model, optimizer, state, history, bundle, ctx, world
-                ),
-            )
-        if not last:  # the last epoch is reported with the final model's metrics, below
-            on_epoch(record)
+            if self.world.main:
+                run.files.write_metrics(history)
+        torch.set_rng_state(rng)
+        if history:
+            self.on_record(run.method, history[-1])
+        self.done(run.method, RunResult("done", run.recipe.epochs, results), self._since())
 
-    results = _finish(recipe, model, bundle, ctx, files, history, world, rewrite=False)
-    if history:
-        on_epoch(history[-1])
-    return RunResult("done", recipe.epochs, results)
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Test metrics of ``model``."""
+        test = self.bundle.test
+        return evaluate(model_outputs(model, test, self.ctx), test, self.task)
 
-
-def _finish(
-    recipe: Recipe,
-    model: nn.Module,
-    bundle: DataBundle,
-    ctx: EvalContext,
-    files: RunFiles,
-    history: list[dict[str, Any]],
-    world: World,
-    rewrite: bool,
-) -> dict[str, float]:
-    """The end of a run: its final model's predictions, ``final.pt`` and metrics on every split;
-    the running average's last point joins the learning curve (``rewrite``: write it all anyway)."""
-    splits = {
-        name: getattr(bundle, name)
-        for name in ("train", "val", "test")
-        if len(getattr(bundle, name))
-    }
-    outputs = recipe.predict(model, splits, ctx)
-    if world.main:
-        files.save_weights("final", recipe.final_state(model))
-    results: dict[str, float] = {}
-    for name, split in splits.items():
-        results.update(
-            {f"{name}_{k}": v for k, v in evaluate(outputs[name], split, ctx.task).items()}
-        )
-    running = history and recipe.running_model(model) is not None
-    if running:  # the learning curve's last average point
-        history[-1].update(
-            {
-                k.replace("test_", "avg_test_", 1): v
-                for k, v in results.items()
-                if k.startswith("test_")
-            }
-        )
-    if world.main and (running or rewrite):
-        files.write_metrics(history)
-    return results
-
-
-def _read_off(
-    reader: Reader,
-    train: Any,
-    recipe: Recipe,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
-    history: list[dict[str, Any]],
-    bundle: DataBundle,
-    ctx: EvalContext,
-    world: World,
-) -> tuple[RunResult, list[dict[str, Any]]]:
-    """Finish ``reader`` at this epoch, its last, as its own run would: on copies of the model and
-    of the recipe's state (averages, ensembles), leaving this run and the global RNG untouched."""
-    rng = torch.get_rng_state()
-    model = copy.deepcopy(model)
-    short = recipe_of(reader.method, train, recipe.steps_per_epoch, model=model)
-    short.load_state_dict(copy.deepcopy(recipe.state_dict()))
-    # its last epoch's record: the iterate evaluated, no running-average point (that is the final's)
-    last = {k: v for k, v in history[-1].items() if not k.startswith("avg_test_")}
-    if not any(k.startswith("test_") for k in last):
-        test = evaluate(model_outputs(model, bundle.test, ctx), bundle.test, ctx.task)
-        last.update({f"test_{k}": v for k, v in test.items()})
-    own = [*copy.deepcopy(history[:-1]), last]
-    if world.main:
-        reader.files.save_checkpoint(
-            {
-                "epoch": last["epoch"] - 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "recipe": short.state_dict(),
-                "history": copy.deepcopy(own),
-                **state,
-            }
-        )
-    results = _finish(short, model, bundle, ctx, reader.files, own, world, rewrite=True)
-    torch.set_rng_state(rng)
-    return RunResult("done", short.epochs, results), own
+    def _since(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
