@@ -13,7 +13,7 @@ import yaml
 from scipy import stats as scipy_stats
 
 from swalab.cli import main
-from swalab.lab.config import load_config, preset_names, to_dict
+from swalab.lab.config import ExperimentConfig, load_config, preset_names, to_dict
 from swalab.lab.rundir import RESULT_FIELDS
 from swalab.report import build_report
 from swalab.report.claims import Claim, evaluate_claims, paired_verdict, seeds_to_decide
@@ -30,10 +30,17 @@ def make_run(
     path: Path, metric: dict[str, list[float]], preset: str = "mnist1d", methods: str = METHODS
 ) -> Path:
     """config.yaml and results.csv with ``metric[label][seed]`` (accuracy, or MSE for a regression preset)."""
-    cfg = load_config(preset, [f"seeds={SEEDS}", f"methods={methods}"])
+    return write_run(path, load_config(preset, [f"seeds={SEEDS}", f"methods={methods}"]), metric)
+
+
+def write_run(path: Path, cfg: ExperimentConfig, metric: dict[str, list[float]]) -> Path:
+    """A finished run directory of ``cfg`` as ``swalab claims`` reads it: config.yaml, and a done
+    row of results.csv for every method in ``metric`` and seed of ``SEEDS`` (``metric[label][i]``:
+    test accuracy, or test MSE for a regression task)."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    key = "test_mse" if preset.startswith("friedman") else "test_accuracy"
+    regression = cfg.data.name.startswith(("friedman", "toy2d"))
+    key = "test_mse" if regression else "test_accuracy"
     rows = [
         {
             "method": m.label,
@@ -157,7 +164,29 @@ def test_claims_1_and_5_from_results(tmp_path):
     # the landscape claims name the command that produces their inputs
     for key in "2346":
         assert claims[key].verdict == "undecided" and not claims[key].values
-        assert f"swalab landscape {run} --seed all --what line,rays,ensemble,bn" in claims[key].note
+        # the preset computes them in the run: resuming it computes what is missing
+        assert f"`swalab run {run}/config.yaml --out {run}`" in claims[key].note
+
+
+def test_missing_landscape_names_the_run_that_produces_it(tmp_path):
+    """Without a landscape section the command adds it; without the SWA run's snapshots (the
+    ensemble piece) it trains anew into another directory (a changed train section cannot resume)."""
+    metric = {"sgd": [90.0, 91.0, 92.0], "swa": [91.0, 93.0, 96.0]}
+    pieces = "--set 'landscape.pieces=[line,rays,ensemble,bn]'"
+    cases = {
+        "traj": ("train.save_trajectory=[swa]", f"--out {tmp_path}/traj {pieces}"),
+        "none": (
+            "train.save_trajectory=false",
+            f"--out {tmp_path}/none-claims {pieces} --set 'train.save_trajectory=[swa]'",
+        ),
+    }
+    for name, (trajectory, expected) in cases.items():
+        cfg = load_config(
+            "mnist1d", [f"seeds={SEEDS}", f"methods={METHODS}", "landscape.pieces=[]", trajectory]
+        )
+        run = write_run(tmp_path / name, cfg, metric)
+        note = by_id(evaluate_claims(run))["2"].note
+        assert note.endswith(f"`swalab run {run}/config.yaml {expected}`"), note
 
 
 def test_swa_identical_to_sgd_is_undecided_not_supported(tmp_path):
@@ -329,31 +358,11 @@ def test_report_opens_with_the_claims(tmp_path):
 def test_every_preset_gets_six_claims(tmp_path, preset):
     """Table 1 presets included: the claims read the preset's own methods, whatever the task."""
     cfg = load_config(preset, [f"seeds={SEEDS}"])
-    regression = preset.startswith(("friedman", "toy2d"))
+    regression = cfg.data.name.startswith(("friedman", "toy2d"))
     metric = {
         m.label: [0.5 + 0.01 * s if regression else 90.0 + s for s in SEEDS] for m in cfg.methods
     }
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    key = "test_mse" if regression else "test_accuracy"
-    rows = [
-        {
-            "method": m.label,
-            "method_name": m.method,
-            "baseline": m.baseline,
-            "seed": s,
-            "budget": m.budget,
-            "epochs": 1,
-            "status": "done",
-            key: metric[m.label][i],
-        }
-        for i, s in enumerate(SEEDS)
-        for m in cfg.methods
-    ]
-    with (tmp_path / "run" / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_run(tmp_path / "run", cfg, metric)
     claims = evaluate_claims(tmp_path / "run")
     assert [c.id.split(" ")[0] for c in claims if c.id[0] != "1" or c.id == "1"] == list("123456")
     for c in claims:

@@ -115,14 +115,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 restart=args.restart_run,
                 share=not args.no_share,
             )
-            if world.main and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
-                from .report.geometry import landscapes_of_run
-
-                landscapes_of_run(out, jobs=args.jobs)
     except BaseException:
         world.close(finished=False)
         raise
     world.close()
+    if world.main and cfg.landscape.pieces:  # what `swalab claims` reads, for every seed
+        from .report.geometry import landscapes_of_run
+
+        with run_directory(out):  # after the other ranks have left: rank 0 alone
+            landscapes_of_run(out, jobs=args.jobs)
     return 0
 
 

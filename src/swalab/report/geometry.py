@@ -51,7 +51,7 @@ from ..ensembles import ensemble_view, predict_outputs
 from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig
 from ..lab.devices import resolve_device
 from ..lab.evaluation import EvalContext
-from ..lab.files import atomic_output, atomic_write_text, read_json
+from ..lab.files import atomic_output, atomic_write_text, read_json, run_directory
 from ..lab.jobs import slots
 from ..lab.methods import recipe_of
 from ..lab.task import Task, task_of
@@ -343,7 +343,10 @@ def landscapes_of_run(
 
 def _landscape_job(run_dir: Path, options: LandscapeOptions) -> None:
     """One seed's pieces, quietly (a worker process of :func:`landscapes_of_run`)."""
-    compute_landscape(run_dir, options, log=lambda text: None, progress=False, skip_missing=True)
+    with run_directory(run_dir, lock=False):  # the parent holds the lock; writes stay inside
+        compute_landscape(
+            run_dir, options, log=lambda text: None, progress=False, skip_missing=True
+        )
 
 
 def landscape_dir(run: RunDir, seed: int) -> Path:
