@@ -152,6 +152,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             ("rays", args.rays),
             ("ray_points", args.ray_points),
             ("rise", args.rise),
+            ("ray_tails", args.ray_tails),
         )
         if value is not None
     }
@@ -304,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rise",
         type=float,
         help="train-loss rise that defines the width (default: the run's landscape.rise)",
+    )
+    p.add_argument(
+        "--ray-tails",
+        action=argparse.BooleanOptionalAction,
+        help="evaluate each ray beyond its width, for the figure (--no-ray-tails: stop there; "
+        "the same widths; default: the run's landscape.ray_tails)",
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's train.device)")
     p.add_argument(

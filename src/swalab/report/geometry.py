@@ -89,7 +89,8 @@ class LandscapeOptions:
         line_points, line_range: ``t`` values of the line.
         rays, ray_points, ray_distance: number of random directions, points along each, and the
             largest distance (default: ``||w_SWA|| / 2``); ``rise``: train-loss rise that defines
-            the width.
+            the width; ``ray_tails``: evaluate each ray beyond the point where it rises that
+            much (false: stop there, same widths, NaN beyond in ``rays.npz``).
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
     """
@@ -106,6 +107,7 @@ class LandscapeOptions:
     ray_points: int = _DEFAULT.ray_points
     ray_distance: float | None = None
     rise: float = _DEFAULT.rise
+    ray_tails: bool = _DEFAULT.ray_tails
     device: str | None = None
     threads: int | None = None
     stack: int = 1  # points per vectorised pass (1: one by one; the same numbers)
@@ -150,6 +152,7 @@ class LandscapeOptions:
             rays=config.rays,
             ray_points=config.ray_points,
             rise=config.rise,
+            ray_tails=config.ray_tails,
         ).replace(**changes)
 
     def replace(self, **changes: Any) -> LandscapeOptions:
@@ -165,6 +168,7 @@ class LandscapeOptions:
                 "points": self.ray_points,
                 "distance": self.ray_distance,
                 "rise": self.rise,
+                "tails": self.ray_tails,
             },
             "plane": {"grid": self.grid, "margin": self.margin},
             "snapshots": {"grid": self.grid, "margin": self.margin},
@@ -256,14 +260,20 @@ def compute_landscape(
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
         for piece in todo:
-            bar.stage(piece)
+            bar.stage(f"seed {seed} {piece}")
             start = time.perf_counter()
             if piece == "line":
                 ts = np.linspace(*opts.line_range, opts.line_points)
                 summary["line"] = job.line(out, ts, bar)
             elif piece == "rays":
                 summary["rays"] = job.rays(
-                    out, opts.rays, opts.ray_points, opts.ray_distance, opts.rise, bar
+                    out,
+                    opts.rays,
+                    opts.ray_points,
+                    opts.ray_distance,
+                    opts.rise,
+                    opts.ray_tails,
+                    bar,
                 )
             elif piece == "plane":
                 summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
@@ -544,7 +554,14 @@ class _Pieces:
         }
 
     def rays(
-        self, out: Path, n: int, points: int, max_distance: float | None, rise: float, bar: Progress
+        self,
+        out: Path,
+        n: int,
+        points: int,
+        max_distance: float | None,
+        rise: float,
+        tails: bool,
+        bar: Progress,
     ) -> dict[str, Any]:
         origins = {
             self.swa: self.weights(self.swa, "final.pt"),
@@ -561,15 +578,11 @@ class _Pieces:
         widths: dict[str, list[float]] = {}
         for key, label in (("swa", self.swa), ("sgd", self.sgd)):
             w = origins[label]
-            # the solution itself once, then every ray's points in one list (stacked passes span rays)
-            values = self.ev.evaluate(
-                [w] + [w + float(t) * d for d in directions for t in distances[1:]], bar
+            curves = (self._whole_rays if tails else self._rays_to_rise)(
+                w, directions, distances, rise, bar
             )
             for k in METRICS:
-                along = values[k][1:].reshape(n, points - 1)
-                arrays[f"{key}_{k}"] = np.concatenate(
-                    [np.full((n, 1), values[k][0]), along], axis=1
-                )
+                arrays[f"{key}_{k}"] = curves[k]
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
         _savez(out / "rays.npz", **arrays)
@@ -579,6 +592,7 @@ class _Pieces:
             "max_distance": max_distance,
             "rise": rise,
             "rays": n,
+            "tails": tails,
             "width": {
                 key: {
                     "per_ray": ws,
@@ -588,6 +602,44 @@ class _Pieces:
                 for key, ws in widths.items()
             },
         }
+
+    def _whole_rays(
+        self, w: Tensor, directions: Tensor, distances: np.ndarray, rise: float, bar: Progress
+    ) -> dict[str, np.ndarray]:
+        """Every point of every ray from ``w``: ``{metric: (rays, points)}``."""
+        n, points = len(directions), len(distances)
+        # the solution itself once, then every ray's points in one list (stacked passes span rays)
+        values = self.ev.evaluate(
+            [w] + [w + float(t) * d for d in directions for t in distances[1:]], bar
+        )
+        return {
+            k: np.concatenate([np.full((n, 1), v[0]), v[1:].reshape(n, points - 1)], axis=1)
+            for k, v in values.items()
+        }
+
+    def _rays_to_rise(
+        self, w: Tensor, directions: Tensor, distances: np.ndarray, rise: float, bar: Progress
+    ) -> dict[str, np.ndarray]:
+        """Each ray up to the first point where the train loss has risen by ``rise`` (the points
+        :func:`swalab.landscape.width` reads, so the same widths as :meth:`_whole_rays`); the
+        points beyond are NaN, not evaluated."""
+        n, points = len(directions), len(distances)
+        origin = self.ev.evaluate([w], bar)
+        curves = {k: np.full((n, points), np.nan) for k in origin}
+        for k, v in origin.items():
+            curves[k][:, 0] = v[0]
+        threshold = curves["train_loss"][0, 0] + rise  # as geo.width computes it
+        active = list(range(n))
+        for j in range(1, points):
+            if not active:
+                break
+            t = float(distances[j])
+            values = self.ev.evaluate([w + t * directions[i] for i in active], bar)
+            for k, v in values.items():
+                curves[k][active, j] = v
+            active = [i for i in active if not curves["train_loss"][i, j] >= threshold]
+        bar.advance(n * (points - 1) - int(np.isfinite(curves["train_loss"][:, 1:]).sum()))
+        return curves
 
     def _plane(
         self,
