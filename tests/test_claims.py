@@ -337,6 +337,43 @@ def test_cli_prints_six_verdicts(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_run_then_claims_end_to_end(tmp_path, capsys):
+    """``swalab run`` computes the landscape pieces of every seed (two at once under --jobs 2,
+    in spawned processes) and ``swalab claims`` reads them: six verdicts with intervals."""
+    run = tmp_path / "run"
+    tiny = [
+        "seeds=[0, 1]",
+        "train.epochs=4",
+        "data.train_size=400",
+        "data.test_size=200",
+        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 2}},"
+        " {method: sgd, label: sgd-const, options: {schedule: constant}},"
+        " {method: swa, label: swa-const, baseline: sgd-const,"
+        " options: {schedule: constant, swa_start: 2}}]",
+        "landscape.rays=2",
+        "landscape.ray_points=3",
+        "landscape.line_points=5",
+    ]
+    argv = ["run", "mnist1d", "--out", str(run), "--jobs", "2"]
+    argv += [arg for item in tiny for arg in ("--set", item)]
+    assert main(argv) == 0
+    assert "landscape pieces line, rays, ensemble, bn of 2 seed(s)" in capsys.readouterr().out
+    for where in (run / "landscape", run / "landscape" / "seed1"):
+        summary = json.loads((where / "landscape.json").read_text())
+        assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"}
+        assert summary["rays"]["rays"] == 2 and not summary["rays"]["tails"]
+    # the SWA run alone kept its snapshots (train.save_trajectory: [swa] in the preset)
+    assert (run / "swa" / "seed1" / "trajectory").is_dir()
+    assert not (run / "sgd" / "seed1" / "trajectory").exists()
+    assert main(argv) == 0  # resumed: nothing left to train or to compute
+    assert "all seeds already done" in capsys.readouterr().out
+    assert main(["claims", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list("123456")
+    assert out.count("verdict: ") == 6 and out.count("95% CI [") == 6, out
+
+
 def test_report_opens_with_the_claims(tmp_path):
     run = make_run(
         tmp_path / "run",

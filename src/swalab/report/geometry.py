@@ -296,7 +296,11 @@ def compute_landscape(
 
 
 def landscapes_of_run(
-    run_dir: str | Path, *, jobs: int = 1, log: Callable[[str], None] = print
+    run_dir: str | Path,
+    *,
+    jobs: int = 1,
+    config: LandscapeConfig | None = None,
+    log: Callable[[str], None] = print,
 ) -> list[int]:
     """The pieces of the run's ``landscape:`` section for every seed, after ``swalab run``.
 
@@ -304,10 +308,11 @@ def landscapes_of_run(
     (:meth:`LandscapeOptions.settings`) and labels is not computed again. ``jobs > 1``: that many
     seeds at once, each in a spawned process, with the CPU threads divided as for training
     (``lab.jobs.slots``). A piece whose inputs the run lacks (``bn`` without BatchNorm) is skipped
-    with a note in ``landscape.json``. Returns the seeds computed now.
+    with a note in ``landscape.json``. ``config``: another protocol than the run's (benchmarks).
+    Returns the seeds computed now.
     """
     run = RunDir(run_dir)
-    config = run.cfg.landscape
+    config = config or run.cfg.landscape
     if not config.pieces:
         return []
     sgd, swa = run.default_label("baseline"), run.default_label("average")
