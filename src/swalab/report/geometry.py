@@ -90,7 +90,8 @@ class LandscapeOptions:
         rays, ray_points, ray_distance: number of random directions, points along each, and the
             largest distance (default: ``||w_SWA|| / 2``); ``rise``: train-loss rise that defines
             the width; ``ray_tails``: evaluate each ray beyond the point where it rises that
-            much (false: stop there, same widths, NaN beyond in ``rays.npz``).
+            much (false: stop there, and evaluate the train split alone: the same widths, NaN
+            beyond and for the test metrics in ``rays.npz``).
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
     """
@@ -472,6 +473,7 @@ class _Evaluation:
         self.run, self.seed, self.stack = run, seed, stack
         self.device = resolve_device(device or run.cfg.train.device)
         self._evaluator: geo.LandscapeEvaluator | None = None
+        self._train_only: geo.LandscapeEvaluator | None = None
 
     @property
     def bundle(self) -> Any:
@@ -508,6 +510,21 @@ class _Evaluation:
         return self._evaluator
 
     @property
+    def train_only(self) -> geo.LandscapeEvaluator:
+        """The same evaluator without the test split (the rays' widths read the train loss)."""
+        if self._train_only is None:
+            ev = self.evaluator
+            self._train_only = geo.LandscapeEvaluator(
+                ev.model,
+                ev.bn_batches,
+                {"train": ev.datasets["train"]},
+                ev.stats,
+                ev.weight_decay,
+                stack=ev.stack,
+            )
+        return self._train_only
+
+    @property
     def names(self) -> list[str]:
         return [name for name, _ in self.evaluator.model.named_parameters()]
 
@@ -521,14 +538,18 @@ class _Evaluation:
             "device": str(self.device),
         }
 
-    def evaluate(self, points: list[Tensor], bar: Progress) -> dict[str, np.ndarray]:
-        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``)."""
+    def evaluate(
+        self, points: list[Tensor], bar: Progress, train_only: bool = False
+    ) -> dict[str, np.ndarray]:
+        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``);
+        ``train_only``: the test metrics are NaN, not evaluated."""
+        evaluator = self.train_only if train_only else self.evaluator
         values: dict[str, list[float]] = {k: [] for k in METRICS}
-        step = self.evaluator.stack
+        step = evaluator.stack
         for start in range(0, len(points), step):
-            for result in self.evaluator.evaluate_many(points[start : start + step]):
+            for result in evaluator.evaluate_many(points[start : start + step]):
                 for k in METRICS:
-                    values[k].append(result[k])
+                    values[k].append(result.get(k, math.nan))
                 bar.advance()
         return {k: np.array(v) for k, v in values.items()}
 
@@ -626,10 +647,10 @@ class _Pieces:
         self, w: Tensor, directions: Tensor, distances: np.ndarray, rise: float, bar: Progress
     ) -> dict[str, np.ndarray]:
         """Each ray up to the first point where the train loss has risen by ``rise`` (the points
-        :func:`swalab.landscape.width` reads, so the same widths as :meth:`_whole_rays`); the
-        points beyond are NaN, not evaluated."""
+        :func:`swalab.landscape.width` reads, so the same widths as :meth:`_whole_rays`), train
+        metrics only; the points beyond and the test metrics are NaN, not evaluated."""
         n, points = len(directions), len(distances)
-        origin = self.ev.evaluate([w], bar)
+        origin = self.ev.evaluate([w], bar, train_only=True)
         curves = {k: np.full((n, points), np.nan) for k in origin}
         for k, v in origin.items():
             curves[k][:, 0] = v[0]
@@ -639,7 +660,7 @@ class _Pieces:
             if not active:
                 break
             t = float(distances[j])
-            values = self.ev.evaluate([w + t * directions[i] for i in active], bar)
+            values = self.ev.evaluate([w + t * directions[i] for i in active], bar, train_only=True)
             for k, v in values.items():
                 curves[k][active, j] = v
             active = [i for i in active if not curves["train_loss"][i, j] >= threshold]
