@@ -13,7 +13,13 @@ import yaml
 from scipy import stats as scipy_stats
 
 from swalab.cli import main
-from swalab.lab.config import ExperimentConfig, load_config, preset_names, to_dict
+from swalab.lab.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    preset_names,
+    to_dict,
+)
 from swalab.lab.rundir import RESULT_FIELDS
 from swalab.report import build_report
 from swalab.report.claims import Claim, evaluate_claims, paired_verdict, seeds_to_decide
@@ -175,10 +181,7 @@ def test_missing_landscape_names_the_run_that_produces_it(tmp_path):
     pieces = "--set 'landscape.pieces=[line,rays,ensemble,bn]'"
     cases = {
         "traj": ("train.save_trajectory=[swa]", f"--out {tmp_path}/traj {pieces}"),
-        "none": (
-            "train.save_trajectory=false",
-            f"--out {tmp_path}/none-claims {pieces} --set 'train.save_trajectory=[swa]'",
-        ),
+        "none": ("train.save_trajectory=false", f"--out {tmp_path}/none-claims {pieces}"),
     }
     for name, (trajectory, expected) in cases.items():
         cfg = load_config(
@@ -314,6 +317,45 @@ def test_regression_preset(tmp_path):
     assert (
         "no fixed-LR ablation" in claims["5"].note and "swa-const" in claims["5"].note
     )  # not configured
+
+
+# --- the run's landscape section -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["landscape.pieces=[line, lines]"], r"landscape.pieces must be a list of line, rays, "),
+        (["landscape.rays=0"], r"landscape.rays must be >= 1, got 0"),
+        (["landscape.ray_points=1"], r"landscape.ray_points must be >= 2, got 1"),
+        (["landscape.rise=-0.1"], r"landscape.rise must be > 0, got -0.1"),
+        (["landscape.ray_tails=maybe"], r"landscape.ray_tails must be bool, got 'maybe'"),
+        (["train.save_trajectory=[swa, swq]"], r"labels \(sgd, swa, .*\), got 'swq'"),
+    ],
+)
+def test_landscape_section_errors(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("mnist1d", sets)
+
+
+def test_save_trajectory_of_some_runs():
+    """A list of labels keeps those runs' snapshots; the pieces that read the SWA run's snapshots
+    add its label, whatever it is called (a preset's section survives ``--set methods=...``)."""
+    cfg = load_config("mnist1d")  # the preset: the SWA run alone, for the ensemble piece
+    assert cfg.train.save_trajectory == ["swa"]
+    assert [m.label for m in cfg.methods if cfg.train.saves_trajectory(m.label)] == ["swa"]
+    renamed = load_config("mnist1d", ["methods=[{method: sgd}, {method: swa, label: wild}]"])
+    assert renamed.train.save_trajectory == ["wild"]
+    assert load_config("mnist1d", ["train.save_trajectory=[sgd]"]).train.save_trajectory == [
+        "sgd",
+        "swa",
+    ]
+    every = load_config("mnist1d", ["train.save_trajectory=true"]).train
+    assert every.saves_trajectory("sgd") and every.saves_trajectory("swa")
+    no_pair = load_config("mnist1d", ["methods=[{method: sgd}, {method: ema}]"]).train
+    assert no_pair.save_trajectory is False  # nothing to compare: the run skips the pieces
+    none = load_config("mnist1d", ["train.save_trajectory=false", "landscape.pieces=[line]"]).train
+    assert not none.saves_trajectory("swa")
 
 
 # --- command line and report --------------------------------------------------------------------

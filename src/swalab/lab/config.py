@@ -152,6 +152,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check_values(self)
+        _keep_snapshots(self)
 
     def default_label(self, role: str) -> str | None:
         """The first method of ``role`` (see ``lab.methods.ROLES``) at budget 1, else the first of
@@ -276,19 +277,17 @@ def _check_values(cfg: ExperimentConfig) -> None:
                 f"train.save_trajectory must be true, false or a list of method labels "
                 f"({', '.join(labels)}), got {unknown[0]!r}"
             )
-    pieces = set(cfg.landscape.pieces)
-    if pieces - {"predictions"}:
-        sgd, swa = cfg.default_label("baseline"), cfg.default_label("average")
-        if sgd is None or swa is None:
-            raise ConfigError(
-                f"landscape.pieces {sorted(pieces)} compare an SGD and an SWA run; the config has "
-                f"no {'sgd' if sgd is None else 'swa'} method"
-            )
-        if pieces & {"ensemble", "snapshots"} and not t.saves_trajectory(swa):
-            raise ConfigError(
-                f"landscape.pieces {sorted(pieces & {'ensemble', 'snapshots'})} need the "
-                f"snapshots of {swa!r}: set train.save_trajectory to [{swa}] (or true)"
-            )
+
+
+def _keep_snapshots(cfg: ExperimentConfig) -> None:
+    """The landscape pieces that read the SWA run's snapshots (``ensemble``, ``snapshots``) make
+    that run keep them: its label joins ``train.save_trajectory`` (so a preset's section still
+    works when ``--set methods=...`` renames or drops runs; the run directory's config.yaml shows
+    the list that was used)."""
+    sgd, swa = cfg.default_label("baseline"), cfg.default_label("average")
+    needs = set(cfg.landscape.pieces) & {"ensemble", "snapshots"}
+    if needs and sgd is not None and swa is not None and not cfg.train.saves_trajectory(swa):
+        cfg.train.save_trajectory = [*(cfg.train.save_trajectory or []), swa]
 
 
 SAFE_NAME = (

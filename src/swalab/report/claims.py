@@ -185,16 +185,17 @@ class _Inputs:
 
     @property
     def landscape_command(self) -> str:
-        """``swalab run`` with the run's config: it computes the missing pieces of every seed
-        after training (resuming), into a new directory when the SWA run kept no snapshots."""
+        """``swalab run`` with the run's config and the pieces: it computes the missing ones for
+        every seed after training (resuming), into a new directory when the SWA run kept no
+        snapshots."""
         cfg, run = self.run.cfg, self.run
         sets = []
         if not set(CLAIM_PIECES) <= set(cfg.landscape.pieces):
             sets.append(f"--set 'landscape.pieces=[{','.join(CLAIM_PIECES)}]'")
         out = run.path
         if self.swa is not None and not cfg.train.saves_trajectory(self.swa):
-            # a changed train section cannot resume the runs that have started
-            sets.append(f"--set 'train.save_trajectory=[{self.swa}]'")
+            # the ensemble piece makes the SWA run keep its snapshots: a changed train section,
+            # which cannot resume the runs that have started
             out = run.path.with_name(run.path.name + "-claims")
         return " ".join([f"swalab run {run.config_path} --out {out}", *sets])
 

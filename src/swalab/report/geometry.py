@@ -317,6 +317,12 @@ def landscapes_of_run(
     if not config.pieces:
         return []
     sgd, swa = run.default_label("baseline"), run.default_label("average")
+    if sgd is None or swa is None:
+        log(
+            f"landscape pieces {', '.join(config.pieces)} skipped: they compare an SGD and an SWA "
+            f"run, and the config has no {'sgd' if sgd is None else 'swa'} method"
+        )
+        return []
     todo: dict[int, LandscapeOptions] = {}
     for seed in run.cfg.seeds:
         opts = LandscapeOptions.of_config(config, seed=seed)
