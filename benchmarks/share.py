@@ -3,8 +3,10 @@
 
     python benchmarks/share.py [--preset mnist1d --repeats 1 --set train.epochs=10]
 
-The epoch counts come from the recipes alone (``runner.share_groups``, no training), for the
-Table 1 presets (SGD at B against SWA at 1B, 1.25B and 1.5B) and ``--preset``. Each repeat then
+The epoch counts come from the recipes alone (``sharing.plan_branches``, no training), for the
+Table 1 presets (SGD at B against SWA at 1B, 1.25B and 1.5B) and ``--preset``; steps per epoch from
+the dataset's training size and the batch size (they matter only to recipes whose LR changes
+within an epoch). Each repeat then
 runs both commands, interleaved, as fresh processes into fresh run directories, checks that
 ``results.csv`` holds the same metrics, and prints the median wall times and their ratio.
 """
@@ -14,23 +16,35 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import torch
 from jobs import run  # benchmarks/jobs.py: one timed `swalab run` in a fresh directory
 
 from swalab.lab.config import load_config
-from swalab.lab.methods import recipe_of
-from swalab.lab.runner import share_groups
+from swalab.lab.inputs import load_bundle, train_loader
+from swalab.lab.sharing import plan_branches, trained_epochs
 
 TABLE1 = [
     f"{d}-{m}" for d in ("cifar10", "cifar100") for m in ("vgg16", "preresnet164", "wrn28x10")
 ]
 
 
+def steps_per_epoch(cfg) -> int:
+    """From the data itself where it is generated here; CIFAR's 50,000 images otherwise (not on
+    this machine; only recipes whose LR changes within an epoch see the difference)."""
+    if cfg.data.name.startswith("cifar"):
+        return -(-(cfg.data.train_size or 50_000) // cfg.train.batch_size)
+    bundle = load_bundle(cfg, cfg.seeds[0], download=False)
+    return len(train_loader(cfg, bundle, cfg.seeds[0], torch.device("cpu"))[0])
+
+
 def epochs_per_seed(preset: str, sets: list[str], variant: str | None) -> tuple[int, int, int]:
     """(epochs without sharing, with sharing, runs) for one seed of ``preset``."""
     cfg = load_config(preset, sets, variant)
-    groups = share_groups(cfg, cfg.methods)
-    alone = sum(recipe_of(m, cfg.train).epochs for m in cfg.methods)
-    shared = sum(recipe_of(g[0], cfg.train).epochs for g in groups)
+    steps = steps_per_epoch(cfg)
+    alone, shared = (
+        trained_epochs(plan_branches(cfg.train, cfg.methods, steps, share=share))
+        for share in (False, True)
+    )
     return alone, shared, len(cfg.methods)
 
 

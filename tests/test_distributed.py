@@ -373,9 +373,9 @@ def test_killed_two_process_run_resumes_to_the_same_result(two_process_run, tmp_
     config, ddp = two_process_run
     out = tmp_path / "killed"
     proc = _torchrun(config, out)
-    checkpoint = out / "swa" / "seed0" / "checkpoint.pt"
+    finished = out / "sgd" / "seed0" / "result.json"  # the others are on their trajectories
     deadline = time.monotonic() + 90
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not finished.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     workers = _children(proc.pid)
     assert len(workers) == 2

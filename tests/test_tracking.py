@@ -85,12 +85,14 @@ def test_tensorboard_csv_and_mlflow_hold_metrics_jsonl(tmp_path):
     assert [(m.step, m.value) for m in history] == [
         (r["epoch"], r["avg_test_accuracy"]) for r in swa[1:]
     ]
-    # no terminal: one line per epoch per run, then the run's line
+    # no terminal: one line per epoch trained (sgd and swa share their first two), then the run's
     epoch_lines = [line for line in lines if " epoch " in line]
-    assert len(epoch_lines) == 6 and epoch_lines[0].startswith(
-        "[1/2] sgd seed 0 epoch 1/3: train_loss "
+    assert len(epoch_lines) == 4 and epoch_lines[0].startswith(
+        "[1/2] sgd (+1) seed 0 epoch 1/3: train_loss "
     )
-    assert "[6/6 epochs" in epoch_lines[-1] and "avg_test_accuracy" in epoch_lines[-1]
+    last = lines.index(epoch_lines[-1])
+    assert epoch_lines[-1].startswith("[2/2] swa seed 0 epoch 3/3") and "[4/4 epochs" in lines[last]
+    assert lines[last + 1].startswith("[2/2] swa seed 0: test_accuracy ")
 
 
 def _wandb_history(path: Path) -> list[dict[str, float]]:

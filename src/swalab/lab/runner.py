@@ -21,7 +21,7 @@ import torch
 from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .devices import resolve_device
 from .distributed import World
-from .files import atomic_write_text, holds_files, remove_tree
+from .files import RunFileError, atomic_write_text, holds_files, remove_tree
 from .inputs import load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
 from .methods import recipe_of
@@ -294,12 +294,21 @@ def plan_runs(
     share: bool = True,
 ) -> dict[int, list[Branch]]:
     """The trajectories that train ``todo`` ((seed, method) pairs), per seed, from where each run
-    stands in ``layout`` (diverged runs left out): ``sharing.plan_branches``."""
+    stands in ``layout`` (diverged runs left out, a run whose checkpoint cannot be read alone):
+    ``sharing.plan_branches``."""
     plans = {}
     for seed in dict.fromkeys(seed for seed, _ in todo):
-        points = {m.label: layout.run(m.label, seed).resume_point() for s, m in todo if s == seed}
-        methods = [m for s, m in todo if s == seed and points[m.label] is not None]
-        plans[seed] = plan_branches(cfg.train, methods, steps_per_epoch, points, share)
+        points, unreadable = {}, []
+        for method in [m for s, m in todo if s == seed]:
+            try:
+                points[method.label] = layout.run(method.label, seed).resume_point()
+            except RunFileError:  # a run of its own, which fails alone when it loads the file
+                unreadable.append(method)
+        methods = [m for s, m in todo if s == seed and points.get(m.label) is not None]
+        plans[seed] = [
+            *plan_branches(cfg.train, methods, steps_per_epoch, points, share),
+            *plan_branches(cfg.train, unreadable, steps_per_epoch, share=False),
+        ]
     return plans
 
 
