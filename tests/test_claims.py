@@ -23,6 +23,7 @@ from swalab.lab.config import (
 from swalab.lab.rundir import RESULT_FIELDS
 from swalab.report import build_report
 from swalab.report.claims import Claim, evaluate_claims, paired_verdict, seeds_to_decide
+from swalab.report.geometry import landscapes_of_run
 
 SEEDS = [0, 1, 2]
 T975_2 = 4.302652729911275  # t_{0.975, 2}: scipy.stats.t.ppf(0.975, 2)
@@ -358,6 +359,25 @@ def test_save_trajectory_of_some_runs():
     assert not none.saves_trajectory("swa")
 
 
+def test_run_landscape_skips_seeds_without_a_finished_pair(tmp_path):
+    """A diverged or unfinished SGD/SWA run of a seed: its landscape is skipped with a line (the
+    claims then name the command), not an error after the training."""
+    run = write_run(tmp_path / "run", load_config("mnist1d", [f"seeds={SEEDS}"]), {})
+    # seed 0: SWA diverged; seed 1: SWA not finished; seed 2: nothing ran
+    for label, seed, status in (("sgd", 0, "done"), ("swa", 0, "diverged"), ("sgd", 1, "done")):
+        where = run / label / f"seed{seed}"
+        where.mkdir(parents=True)
+        (where / "result.json").write_text(json.dumps({"status": status}))
+    lines: list[str] = []
+    assert landscapes_of_run(run, log=lines.append) == []
+    assert lines == [
+        "landscape seed 0 skipped: sgd done, swa diverged",
+        "landscape seed 1 skipped: sgd done, swa not finished",
+        "landscape seed 2 skipped: sgd not finished, swa not finished",
+        "landscape pieces line, rays, ensemble, bn: nothing left to compute",
+    ]
+
+
 # --- command line and report --------------------------------------------------------------------
 
 
@@ -409,7 +429,7 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     assert (run / "swa" / "seed1" / "trajectory").is_dir()
     assert not (run / "sgd" / "seed1" / "trajectory").exists()
     assert main(argv) == 0  # resumed: nothing left to train or to compute
-    assert "all seeds already done" in capsys.readouterr().out
+    assert "nothing left to compute" in capsys.readouterr().out
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
     assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list("123456")

@@ -104,7 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         # rank 0 alone writes: it holds the --out lock for the whole run
         with run_directory(out) if world.main else contextlib.nullcontext():
-            run_experiment(
+            rows = run_experiment(
                 cfg,
                 out,
                 download=args.download,
@@ -119,7 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         world.close(finished=False)
         raise
     world.close()
-    if world.main and cfg.landscape.pieces:  # what `swalab claims` reads, for every seed
+    if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
         from .report.geometry import landscapes_of_run
 
         with run_directory(out):  # after the other ranks have left: rank 0 alone

@@ -325,6 +325,15 @@ def landscapes_of_run(
         return []
     todo: dict[int, LandscapeOptions] = {}
     for seed in run.cfg.seeds:
+        status = {
+            label: (run.run(label, seed).result() or {}).get("status") for label in (sgd, swa)
+        }
+        if any(s != "done" for s in status.values()):  # diverged or unfinished: nothing to compare
+            log(
+                f"landscape seed {seed} skipped: "
+                + ", ".join(f"{label} {s or 'not finished'}" for label, s in status.items())
+            )
+            continue
         opts = LandscapeOptions.of_config(config, seed=seed)
         summary = _previous_summary(landscape_dir(run, seed), seed, sgd, swa)
         done, skipped = summary.get("settings", {}), summary.get("skipped", {})
@@ -336,7 +345,7 @@ def landscapes_of_run(
         if pieces:
             todo[seed] = opts.replace(what=pieces)
     if not todo:
-        log(f"landscape pieces {', '.join(config.pieces)}: all seeds already done")
+        log(f"landscape pieces {', '.join(config.pieces)}: nothing left to compute")
         return []
     jobs = max(1, min(jobs, len(todo)))
     workers = slots(jobs, resolve_device(run.cfg.train.device), run.cfg.train.threads)
