@@ -420,7 +420,8 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     argv = ["run", "mnist1d", "--out", str(run), "--jobs", "2"]
     argv += [arg for item in tiny for arg in ("--set", item)]
     assert main(argv) == 0
-    assert "landscape pieces line, rays, ensemble, bn of 2 seed(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "landscape pieces line, rays, ensemble, bn of 2 seed(s), 2 at a time" in out
     for where in (run / "landscape", run / "landscape" / "seed1"):
         summary = json.loads((where / "landscape.json").read_text())
         assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"}
