@@ -13,10 +13,17 @@ import yaml
 from scipy import stats as scipy_stats
 
 from swalab.cli import main
-from swalab.lab.config import load_config, preset_names, to_dict
+from swalab.lab.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    preset_names,
+    to_dict,
+)
 from swalab.lab.rundir import RESULT_FIELDS
 from swalab.report import build_report
 from swalab.report.claims import Claim, evaluate_claims, paired_verdict, seeds_to_decide
+from swalab.report.geometry import landscapes_of_run
 
 SEEDS = [0, 1, 2]
 T975_2 = 4.302652729911275  # t_{0.975, 2}: scipy.stats.t.ppf(0.975, 2)
@@ -30,10 +37,17 @@ def make_run(
     path: Path, metric: dict[str, list[float]], preset: str = "mnist1d", methods: str = METHODS
 ) -> Path:
     """config.yaml and results.csv with ``metric[label][seed]`` (accuracy, or MSE for a regression preset)."""
-    cfg = load_config(preset, [f"seeds={SEEDS}", f"methods={methods}"])
+    return write_run(path, load_config(preset, [f"seeds={SEEDS}", f"methods={methods}"]), metric)
+
+
+def write_run(path: Path, cfg: ExperimentConfig, metric: dict[str, list[float]]) -> Path:
+    """A finished run directory of ``cfg`` as ``swalab claims`` reads it: config.yaml, and a done
+    row of results.csv for every method in ``metric`` and seed of ``SEEDS`` (``metric[label][i]``:
+    test accuracy, or test MSE for a regression task)."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    key = "test_mse" if preset.startswith("friedman") else "test_accuracy"
+    regression = cfg.data.name.startswith(("friedman", "toy2d"))
+    key = "test_mse" if regression else "test_accuracy"
     rows = [
         {
             "method": m.label,
@@ -157,7 +171,26 @@ def test_claims_1_and_5_from_results(tmp_path):
     # the landscape claims name the command that produces their inputs
     for key in "2346":
         assert claims[key].verdict == "undecided" and not claims[key].values
-        assert f"swalab landscape {run} --seed all --what line,rays,ensemble,bn" in claims[key].note
+        # the preset computes them in the run: resuming it computes what is missing
+        assert f"`swalab run {run}/config.yaml --out {run}`" in claims[key].note
+
+
+def test_missing_landscape_names_the_run_that_produces_it(tmp_path):
+    """Without a landscape section the command adds it; without the SWA run's snapshots (the
+    ensemble piece) it trains anew into another directory (a changed train section cannot resume)."""
+    metric = {"sgd": [90.0, 91.0, 92.0], "swa": [91.0, 93.0, 96.0]}
+    pieces = "--set 'landscape.pieces=[line,rays,ensemble,bn]'"
+    cases = {
+        "traj": ("train.save_trajectory=[swa]", f"--out {tmp_path}/traj {pieces}"),
+        "none": ("train.save_trajectory=false", f"--out {tmp_path}/none-claims {pieces}"),
+    }
+    for name, (trajectory, expected) in cases.items():
+        cfg = load_config(
+            "mnist1d", [f"seeds={SEEDS}", f"methods={METHODS}", "landscape.pieces=[]", trajectory]
+        )
+        run = write_run(tmp_path / name, cfg, metric)
+        note = by_id(evaluate_claims(run))["2"].note
+        assert note.endswith(f"`swalab run {run}/config.yaml {expected}`"), note
 
 
 def test_swa_identical_to_sgd_is_undecided_not_supported(tmp_path):
@@ -287,6 +320,64 @@ def test_regression_preset(tmp_path):
     )  # not configured
 
 
+# --- the run's landscape section -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["landscape.pieces=[line, lines]"], r"landscape.pieces must be a list of line, rays, "),
+        (["landscape.rays=0"], r"landscape.rays must be >= 1, got 0"),
+        (["landscape.ray_points=1"], r"landscape.ray_points must be >= 2, got 1"),
+        (["landscape.rise=-0.1"], r"landscape.rise must be > 0, got -0.1"),
+        (["landscape.ray_tails=maybe"], r"landscape.ray_tails must be bool, got 'maybe'"),
+        (["train.save_trajectory=[swa, swq]"], r"labels \(sgd, swa, .*\), got 'swq'"),
+    ],
+)
+def test_landscape_section_errors(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("mnist1d", sets)
+
+
+def test_save_trajectory_of_some_runs():
+    """A list of labels keeps those runs' snapshots; the pieces that read the SWA run's snapshots
+    add its label, whatever it is called (a preset's section survives ``--set methods=...``)."""
+    cfg = load_config("mnist1d")  # the preset: the SWA run alone, for the ensemble piece
+    assert cfg.train.save_trajectory == ["swa"]
+    assert [m.label for m in cfg.methods if cfg.train.saves_trajectory(m.label)] == ["swa"]
+    renamed = load_config("mnist1d", ["methods=[{method: sgd}, {method: swa, label: wild}]"])
+    assert renamed.train.save_trajectory == ["wild"]
+    assert load_config("mnist1d", ["train.save_trajectory=[sgd]"]).train.save_trajectory == [
+        "sgd",
+        "swa",
+    ]
+    every = load_config("mnist1d", ["train.save_trajectory=true"]).train
+    assert every.saves_trajectory("sgd") and every.saves_trajectory("swa")
+    no_pair = load_config("mnist1d", ["methods=[{method: sgd}, {method: ema}]"]).train
+    assert no_pair.save_trajectory is False  # nothing to compare: the run skips the pieces
+    none = load_config("mnist1d", ["train.save_trajectory=false", "landscape.pieces=[line]"]).train
+    assert not none.saves_trajectory("swa")
+
+
+def test_run_landscape_skips_seeds_without_a_finished_pair(tmp_path):
+    """A diverged or unfinished SGD/SWA run of a seed: its landscape is skipped with a line (the
+    claims then name the command), not an error after the training."""
+    run = write_run(tmp_path / "run", load_config("mnist1d", [f"seeds={SEEDS}"]), {})
+    # seed 0: SWA diverged; seed 1: SWA not finished; seed 2: nothing ran
+    for label, seed, status in (("sgd", 0, "done"), ("swa", 0, "diverged"), ("sgd", 1, "done")):
+        where = run / label / f"seed{seed}"
+        where.mkdir(parents=True)
+        (where / "result.json").write_text(json.dumps({"status": status}))
+    lines: list[str] = []
+    assert landscapes_of_run(run, log=lines.append) == []
+    assert lines == [
+        "landscape seed 0 skipped: sgd done, swa diverged",
+        "landscape seed 1 skipped: sgd done, swa not finished",
+        "landscape seed 2 skipped: sgd not finished, swa not finished",
+        "landscape pieces line, rays, ensemble, bn: nothing left to compute",
+    ]
+
+
 # --- command line and report --------------------------------------------------------------------
 
 
@@ -306,6 +397,44 @@ def test_cli_prints_six_verdicts(tmp_path, capsys):
     assert out.count("verdict: ") == 6 and "verdict: SUPPORTED" in out
     assert main(["claims", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_then_claims_end_to_end(tmp_path, capsys):
+    """``swalab run`` computes the landscape pieces of every seed (two at once under --jobs 2,
+    in spawned processes) and ``swalab claims`` reads them: six verdicts with intervals."""
+    run = tmp_path / "run"
+    tiny = [
+        "seeds=[0, 1]",
+        "train.epochs=4",
+        "data.train_size=400",
+        "data.test_size=200",
+        "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 2}},"
+        " {method: sgd, label: sgd-const, options: {schedule: constant}},"
+        " {method: swa, label: swa-const, baseline: sgd-const,"
+        " options: {schedule: constant, swa_start: 2}}]",
+        "landscape.rays=2",
+        "landscape.ray_points=3",
+        "landscape.line_points=5",
+    ]
+    argv = ["run", "mnist1d", "--out", str(run), "--jobs", "2"]
+    argv += [arg for item in tiny for arg in ("--set", item)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "landscape pieces line, rays, ensemble, bn of 2 seed(s), 2 at a time" in out
+    for where in (run / "landscape", run / "landscape" / "seed1"):
+        summary = json.loads((where / "landscape.json").read_text())
+        assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"}
+        assert summary["rays"]["rays"] == 2 and not summary["rays"]["tails"]
+    # the SWA run alone kept its snapshots (train.save_trajectory: [swa] in the preset)
+    assert (run / "swa" / "seed1" / "trajectory").is_dir()
+    assert not (run / "sgd" / "seed1" / "trajectory").exists()
+    assert main(argv) == 0  # resumed: nothing left to train or to compute
+    assert "nothing left to compute" in capsys.readouterr().out
+    assert main(["claims", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list("123456")
+    assert out.count("verdict: ") == 6 and out.count("95% CI [") == 6, out
 
 
 def test_report_opens_with_the_claims(tmp_path):
@@ -329,31 +458,11 @@ def test_report_opens_with_the_claims(tmp_path):
 def test_every_preset_gets_six_claims(tmp_path, preset):
     """Table 1 presets included: the claims read the preset's own methods, whatever the task."""
     cfg = load_config(preset, [f"seeds={SEEDS}"])
-    regression = preset.startswith(("friedman", "toy2d"))
+    regression = cfg.data.name.startswith(("friedman", "toy2d"))
     metric = {
         m.label: [0.5 + 0.01 * s if regression else 90.0 + s for s in SEEDS] for m in cfg.methods
     }
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    key = "test_mse" if regression else "test_accuracy"
-    rows = [
-        {
-            "method": m.label,
-            "method_name": m.method,
-            "baseline": m.baseline,
-            "seed": s,
-            "budget": m.budget,
-            "epochs": 1,
-            "status": "done",
-            key: metric[m.label][i],
-        }
-        for i, s in enumerate(SEEDS)
-        for m in cfg.methods
-    ]
-    with (tmp_path / "run" / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_run(tmp_path / "run", cfg, metric)
     claims = evaluate_claims(tmp_path / "run")
     assert [c.id.split(" ")[0] for c in claims if c.id[0] != "1" or c.id == "1"] == list("123456")
     for c in claims:

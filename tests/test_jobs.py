@@ -179,7 +179,7 @@ def test_check_jobs():
     "argv, message",
     [
         (["--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
-        (["--jobs", "31"], "--jobs 31 is more than the 30 runs"),
+        (["--jobs", "81"], "--jobs 81 is more than the 80 runs"),  # 8 seeds x 10 methods
         (
             ["--set", "train.precision=fp8"],
             "train.precision must be one of fp32, bf16, fp16, got 'fp8'",

@@ -379,6 +379,31 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
         assert (out / f"{name}.png").stat().st_size > 0
 
 
+def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
+    """``ray_tails=False`` evaluates each ray only up to its first point past the rise, on the
+    train split: the same train numbers there, NaN beyond, and the widths of the whole rays."""
+    options = {"what": ["rays"], "rays": 4, "ray_points": 7, **QUIET}
+    whole = compute_landscape(run_dir, ray_tails=True, **options)["rays"]
+    full = dict(np.load(run_dir / "landscape" / "rays.npz"))
+    cut = compute_landscape(run_dir, ray_tails=False, **options)["rays"]
+    short = np.load(run_dir / "landscape" / "rays.npz")
+    assert cut["width"] == whole["width"] and (whole["tails"], cut["tails"]) == (True, False)
+    for key in ("swa", "sgd"):
+        loss, threshold = full[f"{key}_train_loss"], full[f"{key}_train_loss"][0, 0] + 0.1
+        for i, row in enumerate(loss):
+            above = np.nonzero(row >= threshold)[0]
+            last = int(above[0]) if len(above) else len(row) - 1  # the last point evaluated
+            for metric in ("train_loss", "train_nll", "train_error"):
+                np.testing.assert_array_equal(
+                    short[f"{key}_{metric}"][i, : last + 1], full[f"{key}_{metric}"][i, : last + 1]
+                )
+                assert np.isnan(short[f"{key}_{metric}"][i, last + 1 :]).all()
+        assert np.isnan(short[f"{key}_test_error"]).all()  # the train split alone
+        np.testing.assert_array_equal(short[f"{key}_width"], full[f"{key}_width"])
+    assert np.isnan(short["swa_train_loss"]).any()  # some rays were stopped short
+    assert (run_dir / "landscape" / "rays.png").stat().st_size > 0  # one panel: the train loss
+
+
 def test_bn_piece_and_stacked_line(run_dir):
     """Claim 6's piece: w_SWA with recomputed BN is the run's own result; with the BN statistics of the
     SWA run's last iterate it is evaluated by hand here. The line comes out the same stacked or not."""

@@ -104,7 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         # rank 0 alone writes: it holds the --out lock for the whole run
         with run_directory(out) if world.main else contextlib.nullcontext():
-            run_experiment(
+            rows = run_experiment(
                 cfg,
                 out,
                 download=args.download,
@@ -119,6 +119,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         world.close(finished=False)
         raise
     world.close()
+    if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
+        from .report.geometry import landscapes_of_run
+
+        with run_directory(out):  # after the other ranks have left: rank 0 alone
+            landscapes_of_run(out, jobs=args.jobs)
     return 0
 
 
@@ -137,23 +142,34 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             seeds = [int(args.seed)]
         except ValueError:
             raise ValueError(f"--seed must be an integer or 'all', got {args.seed!r}") from None
+    # the protocol of the run's landscape: section unless given here (the claims compare seeds)
+    protocol = RunDir(args.run_dir).cfg.landscape if Path(args.run_dir).is_dir() else None
+    given = {
+        key: value
+        for key, value in (
+            ("grid", args.grid),
+            ("line_points", args.line_points),
+            ("rays", args.rays),
+            ("ray_points", args.ray_points),
+            ("rise", args.rise),
+            ("ray_tails", args.ray_tails),
+        )
+        if value is not None
+    }
     with _writing(args.run_dir):
         for seed in seeds:
-            options = LandscapeOptions(
+            base = LandscapeOptions() if protocol is None else LandscapeOptions.of_config(protocol)
+            options = base.replace(
                 seed=seed,
                 sgd=args.sgd,
                 swa=args.swa,
                 what=what,
-                grid=args.grid,
                 margin=args.margin,
-                line_points=args.line_points,
-                rays=args.rays,
-                ray_points=args.ray_points,
                 ray_distance=args.ray_distance,
-                rise=args.rise,
                 device=args.device,
                 threads=args.threads,
                 stack=args.stack,
+                **given,
             )
             compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
     return 0
@@ -266,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: all the run directory allows)",
     )
     p.add_argument(
-        "--grid", type=int, default=21, help="points per side of the planes (default: 21)"
+        "--grid", type=int, help="points per side of the planes (default: the run's landscape.grid)"
     )
     p.add_argument(
         "--margin", type=float, default=0.2, help="plane margin beyond [0, 1] (default: 0.2)"
@@ -274,19 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--line-points",
         type=int,
-        default=21,
-        help="points on the line, t in [-0.5, 1.5] (default: 21)",
+        help="points on the line, t in [-0.5, 1.5] (default: the run's landscape.line_points)",
     )
-    p.add_argument("--rays", type=int, default=10, help="random directions (default: 10)")
-    p.add_argument("--ray-points", type=int, default=21, help="points along each ray (default: 21)")
+    p.add_argument("--rays", type=int, help="random directions (default: the run's landscape.rays)")
+    p.add_argument(
+        "--ray-points",
+        type=int,
+        help="points along each ray (default: the run's landscape.ray_points)",
+    )
     p.add_argument(
         "--ray-distance", type=float, help="largest distance along a ray (default: ||w_SWA|| / 2)"
     )
     p.add_argument(
         "--rise",
         type=float,
-        default=0.1,
-        help="train-loss rise that defines the width (default: 0.1)",
+        help="train-loss rise that defines the width (default: the run's landscape.rise)",
+    )
+    p.add_argument(
+        "--ray-tails",
+        action=argparse.BooleanOptionalAction,
+        help="evaluate each ray beyond its width, for the figure (--no-ray-tails: stop there; "
+        "the same widths; default: the run's landscape.ray_tails)",
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's train.device)")
     p.add_argument(

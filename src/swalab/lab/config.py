@@ -21,7 +21,7 @@ import yaml
 from ..data import DATASETS
 from ..models import MODELS, default_options
 from .errors import ConfigError
-from .methods import recipe_of
+from .methods import method_role, recipe_of
 from .tracking import check_trackers
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
+    "LandscapeConfig",
     "MethodConfig",
     "ModelConfig",
     "PretrainConfig",
@@ -77,10 +78,38 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
-    save_trajectory: bool = False  # keep the weights after every epoch (trajectory/): landscapes
+    # keep the weights after every epoch (trajectory/) of every run (true), or of the runs of
+    # these method labels (the SWA run's snapshots, for the landscape's ensemble piece)
+    save_trajectory: bool | list[str] = False
     log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the training step (lab/precision.py)
     channels_last: bool = False  # NHWC weights and batches in the training step
+
+    def saves_trajectory(self, label: str) -> bool:
+        """Whether the run of method ``label`` keeps its weights after every epoch."""
+        if isinstance(self.save_trajectory, bool):
+            return self.save_trajectory
+        return label in self.save_trajectory
+
+
+LANDSCAPE_PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions", "bn")
+
+
+@dataclass
+class LandscapeConfig:
+    """Landscape pieces ``swalab run`` computes for every seed after training (none by default),
+    and their protocol; also the defaults of ``swalab landscape`` on the run (Izmailov et al.,
+    2018, §3; the pieces ``swalab claims`` reads are line, rays, ensemble and bn)."""
+
+    pieces: list[str] = field(default_factory=list)
+    line_points: int = 21  # t in [-0.5, 1.5] on t * w_SGD + (1 - t) * w_SWA
+    rays: int = 10  # random directions
+    ray_points: int = 21  # points along each ray, from 0 to ||w_SWA|| / 2
+    rise: float = 0.1  # train-loss rise that defines the width along a ray
+    # evaluate each ray beyond its width (the figure's whole curves); false: stop at the first
+    # point past the rise, which gives the same widths at about half the cost
+    ray_tails: bool = True
+    grid: int = 21  # points per side of the planes
 
 
 @dataclass
@@ -118,10 +147,20 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
+    landscape: LandscapeConfig = field(default_factory=LandscapeConfig)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_values(self)
+        _keep_snapshots(self)
+
+    def default_label(self, role: str) -> str | None:
+        """The first method of ``role`` (see ``lab.methods.ROLES``) at budget 1, else the first of
+        that role at all, else None: the SGD (``baseline``) and SWA (``average``) of the landscape
+        and the claims."""
+        named = [m for m in self.methods if method_role(m.method) == role]
+        chosen = [m for m in named if m.budget == 1.0] or named
+        return chosen[0].label if chosen else None
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
@@ -170,6 +209,27 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ),
         ("seeds", cfg.seeds, all(0 <= s < 2**31 for s in cfg.seeds), "in [0, 2**31)"),
         ("methods", len(cfg.methods), len(cfg.methods) > 0, "at least one method"),
+        (
+            "landscape.pieces",
+            cfg.landscape.pieces,
+            set(cfg.landscape.pieces) <= set(LANDSCAPE_PIECES),
+            f"a list of {', '.join(LANDSCAPE_PIECES)}",
+        ),
+        (
+            "landscape.line_points",
+            cfg.landscape.line_points,
+            cfg.landscape.line_points >= 2,
+            ">= 2",
+        ),
+        ("landscape.rays", cfg.landscape.rays, cfg.landscape.rays >= 1, ">= 1"),
+        ("landscape.ray_points", cfg.landscape.ray_points, cfg.landscape.ray_points >= 2, ">= 2"),
+        ("landscape.grid", cfg.landscape.grid, cfg.landscape.grid >= 2, ">= 2"),
+        (
+            "landscape.rise",
+            cfg.landscape.rise,
+            _finite(cfg.landscape.rise) and cfg.landscape.rise > 0,
+            "> 0",
+        ),
     ]
     for key, value, ok, expected in checks:
         if not ok:
@@ -210,6 +270,24 @@ def _check_values(cfg: ExperimentConfig) -> None:
                 f"methods.{m.label}.baseline must be a method label, got {m.baseline!r}"
             )
         _check_finite(f"methods.{m.label}.options", m.options)
+    if isinstance(t.save_trajectory, list):
+        unknown = [x for x in t.save_trajectory if x not in labels]
+        if unknown:
+            raise ConfigError(
+                f"train.save_trajectory must be true, false or a list of method labels "
+                f"({', '.join(labels)}), got {unknown[0]!r}"
+            )
+
+
+def _keep_snapshots(cfg: ExperimentConfig) -> None:
+    """The landscape pieces that read the SWA run's snapshots (``ensemble``, ``snapshots``) make
+    that run keep them: its label joins ``train.save_trajectory`` (so a preset's section still
+    works when ``--set methods=...`` renames or drops runs; the run directory's config.yaml shows
+    the list that was used)."""
+    sgd, swa = cfg.default_label("baseline"), cfg.default_label("average")
+    needs = set(cfg.landscape.pieces) & {"ensemble", "snapshots"}
+    if needs and sgd is not None and swa is not None and not cfg.train.saves_trajectory(swa):
+        cfg.train.save_trajectory = [*(cfg.train.save_trajectory or []), swa]
 
 
 SAFE_NAME = (

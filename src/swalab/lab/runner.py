@@ -34,7 +34,7 @@ from .trainer import train_runs
 
 __all__ = ["run_experiment", "format_table", "plan_runs"]
 
-_RUN_SPECIFIC = ("seeds", "description", "variants")
+_RUN_SPECIFIC = ("seeds", "description", "variants", "landscape")  # training ignores them
 
 
 def _meta(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Any]:

@@ -399,7 +399,7 @@ class _Trajectory:
                 record.update({f"avg_test_{k}": v for k, v in self._evaluate(running).items()})
             run.history.append(record)
             if world.main:  # under DDP rank 0 alone writes
-                if train.save_trajectory:
+                if train.saves_trajectory(run.method.label):
                     run.files.append_trajectory(epoch + 1, _cpu_state(model))
                 run.files.save_checkpoint(
                     {

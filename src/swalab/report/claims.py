@@ -52,6 +52,7 @@ __all__ = [
 ALPHA, POWER = 0.05, 0.8
 EQUIVALENCE_MARGIN = {"accuracy": 1.0, "mse": 5.0}  # claim 4, by the task's primary metric: error
 # points / MSE percent
+CLAIM_PIECES = ("line", "rays", "ensemble", "bn")  # the landscape pieces claims 2, 3, 4, 6 read
 MAX_SEEDS = 10_000  # beyond this a claim counts as undecidable at the observed variance
 
 
@@ -184,7 +185,19 @@ class _Inputs:
 
     @property
     def landscape_command(self) -> str:
-        return f"swalab landscape {self.run.path} --seed all --what line,rays,ensemble,bn"
+        """``swalab run`` with the run's config and the pieces: it computes the missing ones for
+        every seed after training (resuming), into a new directory when the SWA run kept no
+        snapshots."""
+        cfg, run = self.run.cfg, self.run
+        sets = []
+        if not set(CLAIM_PIECES) <= set(cfg.landscape.pieces):
+            sets.append(f"--set 'landscape.pieces=[{','.join(CLAIM_PIECES)}]'")
+        out = run.path
+        if self.swa is not None and not cfg.train.saves_trajectory(self.swa):
+            # the ensemble piece makes the SWA run keep its snapshots: a changed train section,
+            # which cannot resume the runs that have started
+            out = run.path.with_name(run.path.name + "-claims")
+        return " ".join([f"swalab run {run.config_path} --out {out}", *sets])
 
     def piece(self, name: str) -> tuple[dict[int, tuple[dict[str, Any], Path]], str]:
         """Seeds whose landscape has ``name``, and why the others have not (the command to run)."""

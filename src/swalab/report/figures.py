@@ -99,15 +99,18 @@ def rays_figure(
     formats: Sequence[str] = ("png",),
 ) -> Path:
     """Train loss and test error along random rays from both solutions (paper Fig. 4)."""
-    fig = Figure(figsize=(10, 3.6))
-    left, right = fig.subplots(1, 2)
     d = arrays["distances"]
     key, label = _error_label({"test_error": arrays["swa_test_error"]})
+    # rays stopped at their width (ray_tails: false) carry the train loss alone
+    tested = not np.all(np.isnan(arrays[f"swa_{key}"]))
+    fig = Figure(figsize=(10, 3.6) if tested else (5.5, 3.6))
+    axes = fig.subplots(1, 2) if tested else [fig.subplots(1, 1)]
+    panels = list(zip(axes, ("train_loss", key), ("train loss", label)))
     for name, color, text in (("swa", SWA_COLOR, swa), ("sgd", SGD_COLOR, sgd)):
-        for i, (loss, err) in enumerate(zip(arrays[f"{name}_train_loss"], arrays[f"{name}_{key}"])):
-            left.plot(d, loss, color=color, lw=1, alpha=0.7, label=text if i == 0 else None)
-            right.plot(d, err, color=color, lw=1, alpha=0.7, label=text if i == 0 else None)
-    for ax, ylabel in ((left, "train loss"), (right, label)):
+        for ax, metric, _ in panels:
+            for i, values in enumerate(arrays[f"{name}_{metric}"]):
+                ax.plot(d, values, color=color, lw=1, alpha=0.7, label=text if i == 0 else None)
+    for ax, _, ylabel in panels:
         ax.set_xlabel("distance ‖t·d/‖d‖‖")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

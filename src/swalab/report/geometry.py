@@ -32,8 +32,10 @@ import dataclasses
 import itertools
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,18 +48,27 @@ from .. import landscape as geo
 from ..bn import has_batchnorm
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
+from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig
 from ..lab.devices import resolve_device
 from ..lab.evaluation import EvalContext
-from ..lab.files import atomic_output, atomic_write_text, read_json
+from ..lab.files import atomic_output, atomic_write_text, read_json, run_directory
+from ..lab.jobs import slots
 from ..lab.methods import recipe_of
 from ..lab.task import Task, task_of
 from . import figures
 from .progress import Progress
 from .rundir import RunDir
 
-__all__ = ["PIECES", "LandscapeOptions", "compute_landscape", "landscape_dir"]
+__all__ = [
+    "PIECES",
+    "LandscapeOptions",
+    "compute_landscape",
+    "landscape_dir",
+    "landscapes_of_run",
+]
 
-PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions", "bn")
+PIECES = LANDSCAPE_PIECES
+_DEFAULT = LandscapeConfig()  # the protocol's defaults, one place for the run and the command
 METRICS = ("train_loss", "train_nll", "train_error", "test_loss", "test_nll", "test_error")
 
 
@@ -78,7 +89,9 @@ class LandscapeOptions:
         line_points, line_range: ``t`` values of the line.
         rays, ray_points, ray_distance: number of random directions, points along each, and the
             largest distance (default: ``||w_SWA|| / 2``); ``rise``: train-loss rise that defines
-            the width.
+            the width; ``ray_tails``: evaluate each ray beyond the point where it rises that
+            much (false: stop there, and evaluate the train split alone: the same widths, NaN
+            beyond and for the test metrics in ``rays.npz``).
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
     """
@@ -87,14 +100,15 @@ class LandscapeOptions:
     sgd: str | None = None
     swa: str | None = None
     what: Sequence[str] | None = None
-    grid: int = 21
+    grid: int = _DEFAULT.grid
     margin: float = 0.2
-    line_points: int = 21
+    line_points: int = _DEFAULT.line_points
     line_range: tuple[float, float] = (-0.5, 1.5)
-    rays: int = 10
-    ray_points: int = 21
+    rays: int = _DEFAULT.rays
+    ray_points: int = _DEFAULT.ray_points
     ray_distance: float | None = None
-    rise: float = 0.1
+    rise: float = _DEFAULT.rise
+    ray_tails: bool = _DEFAULT.ray_tails
     device: str | None = None
     threads: int | None = None
     stack: int = 1  # points per vectorised pass (1: one by one; the same numbers)
@@ -129,6 +143,38 @@ class LandscapeOptions:
             if not ok:
                 raise ValueError(f"{key} must be {expected}, got {value}")
 
+    @classmethod
+    def of_config(cls, config: LandscapeConfig, **changes: Any) -> LandscapeOptions:
+        """The options of a run's ``landscape:`` section (its pieces and protocol)."""
+        return cls(
+            what=list(config.pieces) or None,
+            grid=config.grid,
+            line_points=config.line_points,
+            rays=config.rays,
+            ray_points=config.ray_points,
+            rise=config.rise,
+            ray_tails=config.ray_tails,
+        ).replace(**changes)
+
+    def replace(self, **changes: Any) -> LandscapeOptions:
+        return dataclasses.replace(self, **changes)
+
+    def settings(self, piece: str) -> dict[str, Any]:
+        """What fixes a piece's numbers besides the run (recorded with it; a re-run with the same
+        settings does not recompute it)."""
+        return {
+            "line": {"points": self.line_points, "range": list(self.line_range)},
+            "rays": {
+                "rays": self.rays,
+                "points": self.ray_points,
+                "distance": self.ray_distance,
+                "rise": self.rise,
+                "tails": self.ray_tails,
+            },
+            "plane": {"grid": self.grid, "margin": self.margin},
+            "snapshots": {"grid": self.grid, "margin": self.margin},
+        }.get(piece, {})
+
 
 def compute_landscape(
     run_dir: str | Path,
@@ -136,6 +182,7 @@ def compute_landscape(
     *,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    skip_missing: bool = False,
     **changes: Any,
 ) -> dict[str, Any]:
     """Compute the landscape pieces ``options.what`` (default: all that the run directory allows).
@@ -144,6 +191,8 @@ def compute_landscape(
         options: see :class:`LandscapeOptions`; ``changes`` replace some of its fields
             (``compute_landscape(run_dir, grid=5)``).
         progress: draw a progress bar (default: when stderr is a terminal; else plain lines).
+        skip_missing: a piece named in ``what`` whose inputs are missing (``bn`` on a model
+            without BatchNorm) is skipped with a note, as the default pieces are, not an error.
 
     Returns:
         The summary also written to ``RUN_DIR/landscape/landscape.json``.
@@ -183,7 +232,7 @@ def compute_landscape(
             checks[piece]()
             todo.append(piece)
         except (_Missing, FileNotFoundError) as err:
-            if what:
+            if what and not skip_missing:
                 raise FileNotFoundError(str(err)) from None
             skipped[piece] = str(err)
             log(f"skipped {piece}: {err}")
@@ -198,6 +247,7 @@ def compute_landscape(
     for piece in todo:
         summary["skipped"].pop(piece, None)
     summary.setdefault("seconds", {})
+    summary.setdefault("settings", {})
 
     sizes = {
         "line": opts.line_points,
@@ -211,14 +261,20 @@ def compute_landscape(
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
         for piece in todo:
-            bar.stage(piece)
+            bar.stage(f"seed {seed} {piece}")
             start = time.perf_counter()
             if piece == "line":
                 ts = np.linspace(*opts.line_range, opts.line_points)
                 summary["line"] = job.line(out, ts, bar)
             elif piece == "rays":
                 summary["rays"] = job.rays(
-                    out, opts.rays, opts.ray_points, opts.ray_distance, opts.rise, bar
+                    out,
+                    opts.rays,
+                    opts.ray_points,
+                    opts.ray_distance,
+                    opts.rise,
+                    opts.ray_tails,
+                    bar,
                 )
             elif piece == "plane":
                 summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
@@ -231,12 +287,97 @@ def compute_landscape(
             else:
                 summary["predictions"] = job.predictions(out, log)
             summary["seconds"][piece] = round(time.perf_counter() - start, 2)
+            summary["settings"][piece] = opts.settings(piece)
             atomic_write_text(out / "landscape.json", json.dumps(_clean(summary), indent=2))
             log(f"{piece}: done in {summary['seconds'][piece]:.1f} s")
     finally:
         bar.close()
     log(f"landscape of {run.path} (seed {seed}, {sgd} vs {swa}) written to {out}")
     return _clean(summary)
+
+
+def landscapes_of_run(
+    run_dir: str | Path,
+    *,
+    jobs: int = 1,
+    config: LandscapeConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> list[int]:
+    """The pieces of the run's ``landscape:`` section for every seed, after ``swalab run``.
+
+    Resumable: a piece already in a seed's ``landscape.json`` with the same settings
+    (:meth:`LandscapeOptions.settings`) and labels is not computed again. ``jobs > 1``: that many
+    seeds at once, each in a spawned process, with the CPU threads divided as for training
+    (``lab.jobs.slots``). A piece whose inputs the run lacks (``bn`` without BatchNorm) is skipped
+    with a note in ``landscape.json``. ``config``: another protocol than the run's (benchmarks).
+    Returns the seeds computed now.
+    """
+    run = RunDir(run_dir)
+    config = config or run.cfg.landscape
+    if not config.pieces:
+        return []
+    sgd, swa = run.default_label("baseline"), run.default_label("average")
+    if sgd is None or swa is None:
+        log(
+            f"landscape pieces {', '.join(config.pieces)} skipped: they compare an SGD and an SWA "
+            f"run, and the config has no {'sgd' if sgd is None else 'swa'} method"
+        )
+        return []
+    todo: dict[int, LandscapeOptions] = {}
+    for seed in run.cfg.seeds:
+        status = {
+            label: (run.run(label, seed).result() or {}).get("status") for label in (sgd, swa)
+        }
+        if any(s != "done" for s in status.values()):  # diverged or unfinished: nothing to compare
+            log(
+                f"landscape seed {seed} skipped: "
+                + ", ".join(f"{label} {s or 'not finished'}" for label, s in status.items())
+            )
+            continue
+        opts = LandscapeOptions.of_config(config, seed=seed)
+        summary = _previous_summary(landscape_dir(run, seed), seed, sgd, swa)
+        done, skipped = summary.get("settings", {}), summary.get("skipped", {})
+        pieces = [
+            p
+            for p in config.pieces
+            if p not in skipped and done.get(p, None) != _clean(opts.settings(p))
+        ]
+        if pieces:
+            todo[seed] = opts.replace(what=pieces)
+    if not todo:
+        log(f"landscape pieces {', '.join(config.pieces)}: nothing left to compute")
+        return []
+    jobs = max(1, min(jobs, len(todo)))
+    workers = slots(jobs, resolve_device(run.cfg.train.device), run.cfg.train.threads)
+    log(
+        f"landscape pieces {', '.join(config.pieces)} of {len(todo)} seed(s), "
+        f"{jobs} at a time ({workers[0].threads} thread(s) each)"
+    )
+    tasks = [
+        opts.replace(device=str(workers[i % jobs].device), threads=workers[i % jobs].threads)
+        for i, opts in enumerate(todo.values())
+    ]
+    start = time.perf_counter()
+    if jobs == 1:
+        for opts in tasks:
+            _landscape_job(run.path, opts)
+            log(f"landscape seed {opts.seed}: done ({time.perf_counter() - start:.1f} s)")
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {pool.submit(_landscape_job, run.path, opts): opts.seed for opts in tasks}
+            for future in as_completed(futures):
+                future.result()
+                log(f"landscape seed {futures[future]}: done ({time.perf_counter() - start:.1f} s)")
+    return list(todo)
+
+
+def _landscape_job(run_dir: Path, options: LandscapeOptions) -> None:
+    """One seed's pieces, quietly (a worker process of :func:`landscapes_of_run`)."""
+    with run_directory(run_dir, lock=False):  # the parent holds the lock; writes stay inside
+        compute_landscape(
+            run_dir, options, log=lambda text: None, progress=False, skip_missing=True
+        )
 
 
 def landscape_dir(run: RunDir, seed: int) -> Path:
@@ -246,12 +387,6 @@ def landscape_dir(run: RunDir, seed: int) -> Path:
         if seed == run.cfg.seeds[0]
         else run.path / "landscape" / f"seed{seed}"
     )
-
-
-def _savez(path: Path, **arrays: Any) -> None:
-    """``np.savez`` through a temporary file and a rename."""
-    with atomic_output(path) as tmp:
-        np.savez(tmp, **arrays)
 
 
 def _clean(value: Any) -> Any:
@@ -353,6 +488,7 @@ class _Evaluation:
         self.run, self.seed, self.stack = run, seed, stack
         self.device = resolve_device(device or run.cfg.train.device)
         self._evaluator: geo.LandscapeEvaluator | None = None
+        self._train_only: geo.LandscapeEvaluator | None = None
 
     @property
     def bundle(self) -> Any:
@@ -389,6 +525,21 @@ class _Evaluation:
         return self._evaluator
 
     @property
+    def train_only(self) -> geo.LandscapeEvaluator:
+        """The same evaluator without the test split (the rays' widths read the train loss)."""
+        if self._train_only is None:
+            ev = self.evaluator
+            self._train_only = geo.LandscapeEvaluator(
+                ev.model,
+                ev.bn_batches,
+                {"train": ev.datasets["train"]},
+                ev.stats,
+                ev.weight_decay,
+                stack=ev.stack,
+            )
+        return self._train_only
+
+    @property
     def names(self) -> list[str]:
         return [name for name, _ in self.evaluator.model.named_parameters()]
 
@@ -402,14 +553,18 @@ class _Evaluation:
             "device": str(self.device),
         }
 
-    def evaluate(self, points: list[Tensor], bar: Progress) -> dict[str, np.ndarray]:
-        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``)."""
+    def evaluate(
+        self, points: list[Tensor], bar: Progress, train_only: bool = False
+    ) -> dict[str, np.ndarray]:
+        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``);
+        ``train_only``: the test metrics are NaN, not evaluated."""
+        evaluator = self.train_only if train_only else self.evaluator
         values: dict[str, list[float]] = {k: [] for k in METRICS}
-        step = self.evaluator.stack
+        step = evaluator.stack
         for start in range(0, len(points), step):
-            for result in self.evaluator.evaluate_many(points[start : start + step]):
+            for result in evaluator.evaluate_many(points[start : start + step]):
                 for k in METRICS:
-                    values[k].append(result[k])
+                    values[k].append(result.get(k, math.nan))
                 bar.advance()
         return {k: np.array(v) for k, v in values.items()}
 
@@ -440,7 +595,14 @@ class _Pieces:
         }
 
     def rays(
-        self, out: Path, n: int, points: int, max_distance: float | None, rise: float, bar: Progress
+        self,
+        out: Path,
+        n: int,
+        points: int,
+        max_distance: float | None,
+        rise: float,
+        tails: bool,
+        bar: Progress,
     ) -> dict[str, Any]:
         origins = {
             self.swa: self.weights(self.swa, "final.pt"),
@@ -457,15 +619,11 @@ class _Pieces:
         widths: dict[str, list[float]] = {}
         for key, label in (("swa", self.swa), ("sgd", self.sgd)):
             w = origins[label]
-            # the solution itself once, then every ray's points in one list (stacked passes span rays)
-            values = self.ev.evaluate(
-                [w] + [w + float(t) * d for d in directions for t in distances[1:]], bar
+            curves = (self._whole_rays if tails else self._rays_to_rise)(
+                w, directions, distances, rise, bar
             )
             for k in METRICS:
-                along = values[k][1:].reshape(n, points - 1)
-                arrays[f"{key}_{k}"] = np.concatenate(
-                    [np.full((n, 1), values[k][0]), along], axis=1
-                )
+                arrays[f"{key}_{k}"] = curves[k]
             widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
             arrays[f"{key}_width"] = np.array(widths[key])
         _savez(out / "rays.npz", **arrays)
@@ -475,6 +633,7 @@ class _Pieces:
             "max_distance": max_distance,
             "rise": rise,
             "rays": n,
+            "tails": tails,
             "width": {
                 key: {
                     "per_ray": ws,
@@ -484,6 +643,44 @@ class _Pieces:
                 for key, ws in widths.items()
             },
         }
+
+    def _whole_rays(
+        self, w: Tensor, directions: Tensor, distances: np.ndarray, rise: float, bar: Progress
+    ) -> dict[str, np.ndarray]:
+        """Every point of every ray from ``w``: ``{metric: (rays, points)}``."""
+        n, points = len(directions), len(distances)
+        # the solution itself once, then every ray's points in one list (stacked passes span rays)
+        values = self.ev.evaluate(
+            [w] + [w + float(t) * d for d in directions for t in distances[1:]], bar
+        )
+        return {
+            k: np.concatenate([np.full((n, 1), v[0]), v[1:].reshape(n, points - 1)], axis=1)
+            for k, v in values.items()
+        }
+
+    def _rays_to_rise(
+        self, w: Tensor, directions: Tensor, distances: np.ndarray, rise: float, bar: Progress
+    ) -> dict[str, np.ndarray]:
+        """Each ray up to the first point where the train loss has risen by ``rise`` (the points
+        :func:`swalab.landscape.width` reads, so the same widths as :meth:`_whole_rays`), train
+        metrics only; the points beyond and the test metrics are NaN, not evaluated."""
+        n, points = len(directions), len(distances)
+        origin = self.ev.evaluate([w], bar, train_only=True)
+        curves = {k: np.full((n, points), np.nan) for k in origin}
+        for k, v in origin.items():
+            curves[k][:, 0] = v[0]
+        threshold = curves["train_loss"][0, 0] + rise  # as geo.width computes it
+        active = list(range(n))
+        for j in range(1, points):
+            if not active:
+                break
+            t = float(distances[j])
+            values = self.ev.evaluate([w + t * directions[i] for i in active], bar, train_only=True)
+            for k, v in values.items():
+                curves[k][active, j] = v
+            active = [i for i in active if not curves["train_loss"][i, j] >= threshold]
+        bar.advance(n * (points - 1) - int(np.isfinite(curves["train_loss"][:, 1:]).sum()))
+        return curves
 
     def _plane(
         self,

@@ -17,7 +17,6 @@ from ..data import DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
 from ..lab.files import load_torch
 from ..lab.inputs import bn_loader, build_model, load_bundle
-from ..lab.methods import method_role
 from ..lab.rundir import RunDirectory
 
 __all__ = ["RunDir"]
@@ -99,9 +98,7 @@ class RunDir(RunDirectory):
     def default_label(self, role: str) -> str | None:
         """The first method of ``role`` (see ``lab.methods.ROLES``) at budget 1, else the first of
         that role at all, else None."""
-        named = [m for m in self.cfg.methods if method_role(m.method) == role]
-        chosen = [m for m in named if m.budget == 1.0] or named
-        return chosen[0].label if chosen else None
+        return self.cfg.default_label(role)
 
     def seed(self, seed: int | None) -> int:
         if seed is None:
