@@ -165,6 +165,33 @@ def test_threads_are_divided_and_gpus_dealt_round_robin(monkeypatch):
     }
 
 
+def test_auto_jobs_fit_the_cores_or_gpus_without_changing_a_run(monkeypatch):
+    from swalab.lab import jobs
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(jobs, "cpu_cores", lambda: 8)
+    assert jobs.auto_jobs(1, cpu, runs=80) == 8  # one thread per run: a process per core
+    assert jobs.auto_jobs(3, cpu, runs=80) == 2  # 2 x 3 threads <= 8 cores
+    assert jobs.auto_jobs(None, cpu, runs=80) == 1  # torch's default: every core for one run
+    assert jobs.auto_jobs(16, cpu, runs=80) == 1
+    assert jobs.auto_jobs(1, cpu, runs=3) == 3  # no more than the runs
+    assert jobs.auto_jobs(1, cpu, runs=80, processes=2) == 1  # under torchrun
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert jobs.auto_jobs(1, torch.device("cuda"), runs=80) == 2
+    assert jobs.auto_jobs(1, torch.device("cuda", 1), runs=80) == 1
+
+
+@pytest.mark.parametrize("flag, expected", [([], 2), (["--jobs", "1"], 1), (["--jobs", "auto"], 2)])
+def test_cli_jobs_default_to_auto(flag, expected, tmp_path, monkeypatch):
+    from swalab.lab import jobs, runner
+
+    seen = {}
+    monkeypatch.setattr(jobs, "cpu_cores", lambda: 2)  # the mnist1d preset: 1 thread per run
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **kw: seen.update(kw) or [])
+    assert main(["run", "mnist1d", "--device", "cpu", "--out", str(tmp_path / "r"), *flag]) == 0
+    assert seen["jobs"] == expected
+
+
 def test_check_jobs():
     check_jobs(4, 4)
     with pytest.raises(ConfigError, match="--jobs must be an integer >= 1, got 0"):
@@ -194,6 +221,7 @@ def test_check_jobs():
             marks=pytest.mark.skipif(torch.cuda.device_count() > 3, reason="cuda:3 exists here"),
         ),
         (["--device", "tpu"], "must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
         (
             ["--jobs", "2", "--set", "methods.swa.options.swa_start=500"],
             "swa_start must be an epoch in 1..30",

@@ -72,6 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .lab.devices import resolve_device
     from .lab.distributed import setup
     from .lab.files import run_directory
+    from .lab.jobs import auto_jobs
     from .lab.runner import run_experiment
 
     overrides = list(args.set)
@@ -101,6 +102,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     world = setup(
         cfg.train.batch_size, cfg.train.device, args.dist_timeout
     )  # one process unless under torchrun
+    jobs = args.jobs
+    if jobs == "auto":
+        device = world.device if world.size > 1 else resolve_device(cfg.train.device)
+        jobs = auto_jobs(cfg.train.threads, device, len(cfg.seeds) * len(cfg.methods), world.size)
     try:
         # rank 0 alone writes: it holds the --out lock for the whole run
         with run_directory(out) if world.main else contextlib.nullcontext():
@@ -111,7 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 argv=sys.argv,
                 progress=sys.stderr.isatty(),
                 world=world,
-                jobs=args.jobs,
+                jobs=jobs,
                 restart=args.restart_run,
                 share=not args.no_share,
             )
@@ -123,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .report.geometry import landscapes_of_run
 
         with run_directory(out):  # after the other ranks have left: rank 0 alone
-            landscapes_of_run(out, jobs=args.jobs)
+            landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
     return 0
 
 
@@ -201,6 +206,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs(text: str) -> int | str:
+    """``--jobs``: an integer (checked against the runs later) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 1 or auto, got {text!r}"
+        ) from None
+
+
 def _version() -> str:
     from . import __version__
 
@@ -244,11 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument(
         "--jobs",
-        type=int,
-        default=1,
+        type=_jobs,
+        default="auto",
         metavar="N",
-        help="train N (method, seed) runs at once, in N processes (default: 1); "
-        "each run is trained separately (no shared trajectories)",
+        help="train N trajectories (a seed's runs that share epochs) at once, in N processes, "
+        "then N seeds' landscape pieces; auto (default): the CPU cores divided by "
+        "train.threads (1 if unset), or one per GPU",
     )
     p.add_argument(
         "--no-share",

@@ -42,7 +42,7 @@ from .config import ConfigError, ExperimentConfig, MethodConfig
 from .rundir import RunDirectory
 from .sharing import Branch
 
-__all__ = ["RunsFailed", "Slot", "check_jobs", "run_jobs", "slots"]
+__all__ = ["RunsFailed", "Slot", "auto_jobs", "check_jobs", "run_jobs", "slots"]
 
 Job = tuple[
     str, int, tuple[str, ...]
@@ -82,6 +82,19 @@ def check_jobs(jobs: int, runs: int, processes: int = 1) -> None:
             f"--jobs {jobs} cannot be combined with torchrun ({processes} processes); "
             "use --jobs 1 under torchrun"
         )
+
+
+def auto_jobs(threads: int | None, device: torch.device, runs: int, processes: int = 1) -> int:
+    """``--jobs auto``: as many processes as fit without changing what any run computes: on the
+    CPU the cores divided by each run's ``train.threads`` (one process when it is unset: torch
+    then uses every core), one per visible GPU for ``cuda``; at most ``runs``, one under torchrun."""
+    if processes > 1:
+        return 1
+    if device.type == "cuda":
+        fit = max(1, torch.cuda.device_count()) if device.index is None else 1
+    else:
+        fit = cpu_cores() // threads if threads else 1
+    return max(1, min(fit, runs))
 
 
 def slots(
