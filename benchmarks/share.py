@@ -1,14 +1,14 @@
 """Shared trajectories: epochs trained per seed with and without sharing, and the wall time of
-``swalab run PRESET`` against ``swalab run PRESET --no-share``.
+``swalab run PRESET --jobs 1`` against ``swalab run PRESET --jobs 1 --no-share``.
 
     python benchmarks/share.py [--preset mnist1d --repeats 1 --set train.epochs=10]
 
 The epoch counts come from the recipes alone (``sharing.plan_branches``, no training), for the
 Table 1 presets (SGD at B against SWA at 1B, 1.25B and 1.5B) and ``--preset``; steps per epoch from
 the dataset's training size and the batch size (they matter only to recipes whose LR changes
-within an epoch). Each repeat then
-runs both commands, interleaved, as fresh processes into fresh run directories, checks that
-``results.csv`` holds the same metrics, and prints the median wall times and their ratio.
+within an epoch). Each repeat then runs both commands, interleaved, as fresh processes into fresh
+run directories, checks that ``results.csv`` holds the same metrics, and prints the median wall
+times and their ratio.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     for _ in range(args.repeats):
         results = {}
         for share in (False, True):
-            flags = [] if share else ["--no-share"]
+            flags = ["--jobs", "1"] + ([] if share else ["--no-share"])  # sharing alone
             wall, results[share], _ = run(args.preset, flags, args.set, args.variant)
             walls[share].append(wall)
         identical = identical and results[False] == results[True]
