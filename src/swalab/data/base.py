@@ -29,9 +29,11 @@ __all__ = [
     "Augment",
     "BatchLoader",
     "DataBundle",
+    "DataShape",
     "DatasetUnavailable",
     "Inputs",
     "Split",
+    "num_batches",
 ]
 
 DATASETS = Registry("dataset")
@@ -104,6 +106,32 @@ class DataBundle:
     augment: Augment | None = None
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What a model and a training schedule need of a dataset, without its data.
+
+    Args:
+        train: samples in the training split.
+        in_shape: per-sample input shape, as in :class:`DataBundle`.
+        num_outputs: number of classes, or the regression output dimension.
+        task: as in :class:`DataBundle`.
+    """
+
+    train: int
+    in_shape: tuple[int, ...]
+    num_outputs: int
+    task: str = "classification"
+
+    @classmethod
+    def of(cls, bundle: DataBundle) -> DataShape:
+        return cls(len(bundle.train), bundle.in_shape, bundle.num_outputs, bundle.task)
+
+
+def num_batches(samples: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one pass over ``samples`` (the last one smaller unless ``drop_last``)."""
+    return samples // batch_size if drop_last else math.ceil(samples / batch_size)
+
+
 class BatchLoader:
     """Iterates ``(x, y)`` mini-batches of a :class:`Split` by indexing its tensors.
 
@@ -164,8 +192,7 @@ class BatchLoader:
         return self.split
 
     def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return num_batches(len(self.split), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
         split = self._source()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from swalab.data.base import (
     DATASETS,
     DataBundle,
     DatasetUnavailable,
+    DataShape,
     Split,
     check_int,
     random_split,
@@ -33,6 +35,28 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
 }
 """Per-channel (mean, std) of pixels in [0, 1]."""
+
+_FILES: dict[str, tuple[int, tuple[int, ...], int]] = {
+    "mnist": (60_000, (1, 28, 28), 10),
+    "cifar10": (50_000, (3, 32, 32), 10),
+    "cifar100": (50_000, (3, 32, 32), 100),
+}
+"""Training images (before ``val_size`` is carved off), image shape and classes of each dataset."""
+
+
+def _declares_shape(name: str) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
+    """Give the builder of ``name`` its ``shape(options)`` (``data.shape_of``): no file is read."""
+    images, in_shape, classes = _FILES[name]
+
+    def shape(options: dict[str, Any]) -> DataShape:
+        val_size = check_int("val_size", options["val_size"], 0, images - 1)
+        return DataShape(images - val_size, in_shape, classes)
+
+    def mark(builder: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
+        builder.shape = shape  # type: ignore[attr-defined]
+        return builder
+
+    return mark
 
 
 def random_crop_flip(
@@ -107,7 +131,6 @@ def _image_bundle(
     seed: int,
     val_size: int,
     normalization: str,
-    num_classes: int,
     padding: int,
     flip: bool,
 ) -> DataBundle:
@@ -125,7 +148,7 @@ def _image_bundle(
         train,
         val,
         test,
-        num_outputs=num_classes,
+        num_outputs=_FILES[name][2],
         in_shape=tuple(train.x.shape[1:]),
         augment=_augmentation(normalization, padding, flip),
     )
@@ -137,6 +160,7 @@ def _check_cifar_normalization(normalization: str) -> None:
 
 
 @DATASETS.register("mnist")
+@_declares_shape("mnist")
 def mnist(
     *, root: str = "data", download: bool = False, seed: int = 0, val_size: int = 5000
 ) -> DataBundle:
@@ -157,13 +181,13 @@ def mnist(
         seed=seed,
         val_size=val_size,
         normalization="mnist",
-        num_classes=10,
         padding=2,
         flip=False,
     )
 
 
 @DATASETS.register("cifar10")
+@_declares_shape("cifar10")
 def cifar10(
     *,
     root: str = "data",
@@ -190,13 +214,13 @@ def cifar10(
         seed=seed,
         val_size=val_size,
         normalization=normalization,
-        num_classes=10,
         padding=4,
         flip=True,
     )
 
 
 @DATASETS.register("cifar100")
+@_declares_shape("cifar100")
 def cifar100(
     *,
     root: str = "data",
@@ -223,7 +247,6 @@ def cifar100(
         seed=seed,
         val_size=val_size,
         normalization=normalization,
-        num_classes=100,
         padding=4,
         flip=True,
     )

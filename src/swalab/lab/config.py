@@ -22,6 +22,7 @@ from ..data import DATASETS
 from ..models import MODELS, default_options
 from .errors import ConfigError
 from .methods import recipe_of
+from .precision import PRECISIONS, check_compile
 from .tracking import check_trackers
 
 __all__ = [
@@ -81,6 +82,7 @@ class TrainConfig:
     log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the training step (lab/precision.py)
     channels_last: bool = False  # NHWC weights and batches in the training step
+    compile: bool = False  # torch.compile the model of the training forward (lab/precision.py)
 
 
 @dataclass
@@ -177,6 +179,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
                 expected = f"a finite number {expected}"
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
     check_trackers(cfg.train.log, packages=False)  # names only: a report needs no tracker package
+    if t.compile:
+        check_compile()  # the device's part when a run starts (Precision)
     for key, options in (("data.options", d.options), ("model.options", cfg.model.options)):
         _check_finite(key, options)
     _check_option_types(cfg)
@@ -270,7 +274,6 @@ def _check_finite(key: str, value: Any) -> None:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _type_name(tp: Any) -> str:
