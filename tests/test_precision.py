@@ -4,6 +4,8 @@ kept on the device with the batches of a loader that moves each batch."""
 import copy
 import gc
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -87,6 +89,54 @@ def test_precision_refuses_fp16_on_the_cpu_and_unknown_values():
         Precision("fp8", False, CPU)
     with pytest.raises(ConfigError, match="train.precision must be one of"):
         load_config("mnist1d", ["train.precision=fp8"])
+
+
+# --- train.compile -----------------------------------------------------------------------------
+
+
+def test_compile_without_a_compiler_is_one_line_naming_the_key(monkeypatch):
+    import swalab.lab.precision as precision_module
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(precision_module.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError) as error:
+        Precision("fp32", False, CPU, compile=True)
+    message = str(error.value)
+    assert "train.compile on the CPU needs a C++ compiler (g++ or clang++" in message
+    assert "set train.compile false" in message and "\n" not in message
+    Precision("fp32", False, CPU)  # not asked: not checked
+
+
+def test_compile_wraps_the_training_forward_only():
+    model = nn.Linear(4, 3)
+    assert Precision("fp32", False, CPU).compiled(model) is model
+    if not shutil.which(os.environ.get("CXX") or "g++") and not shutil.which("clang++"):
+        pytest.skip("no C++ compiler: train.compile cannot work here")
+    net = Precision("fp32", False, CPU, compile=True).compiled(model)
+    assert net is not model and net._orig_mod is model  # shares the parameters
+    with pytest.raises(ConfigError, match="train.compile must be bool"):
+        load_config("mnist1d", ["train.compile=maybe"])
+    assert load_config("mnist1d", ["train.compile=true"]).train.compile
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_like_an_eager_one_and_saves_plain_weights(tmp_path, mnist1d):
+    if not shutil.which(os.environ.get("CXX") or "g++") and not shutil.which("clang++"):
+        pytest.skip("no C++ compiler: train.compile cannot work here")
+    sets = [
+        "train.epochs=2",
+        "data.train_size=300",
+        "methods=[{method: swa, options: {swa_start: 1}}]",
+    ]
+    eager = load_config("mnist1d", sets)
+    compiled = load_config("mnist1d", [*sets, "train.compile=true"])
+    a = train_run(eager, eager.methods[0], 0, mnist1d, tmp_path / "a" / "swa" / "seed0", CPU)
+    b = train_run(compiled, compiled.methods[0], 0, mnist1d, tmp_path / "b" / "swa" / "seed0", CPU)
+    assert b.status == "done"
+    for key, value in a.metrics.items():  # other kernels, same arithmetic up to rounding
+        assert b.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+    final = torch.load(tmp_path / "b" / "swa" / "seed0" / "final.pt")
+    assert final.keys() == torch.load(tmp_path / "a" / "swa" / "seed0" / "final.pt").keys()
 
 
 # --- data on the device ----------------------------------------------------------------------
