@@ -11,8 +11,8 @@ lab's BatchLoader does when they fit, and autocasts / uses channels_last like th
 
 - ``--data mnist1d`` (default): the MNIST-1D BN CNN of the default preset on the CPU; ratios use
   the process's CPU time (one thread), which a busy shared machine disturbs far less than wall time.
-- ``--data cifar10|cifar100``: random CIFAR-shaped images (45,000 train, 3x32x32, normalised, the
-  paper's crop + flip augmentation), so no download is needed on a GPU machine; ``--model`` picks
+- ``--data cifar10|cifar100``: random CIFAR-shaped images (45,000 train, 3x32x32, uint8 normalised
+  per batch as swalab holds CIFAR, the paper's crop + flip augmentation), so no download is needed on a GPU machine; ``--model`` picks
   ``vgg16``, ``preresnet164``, ``wrn28_10`` ... On CUDA the ratios use wall time (synchronised).
 
 ``--compile`` adds a row: the swalab SGD run with ``train.compile: true`` (``torch.compile`` of
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import shutil
 import statistics
 import tempfile
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from swalab.data import DataBundle, Split, load
-from swalab.data.images import NORMALIZATION, random_crop_flip
+from swalab.data.images import NORMALIZATION, normalize_images, random_crop_flip
 from swalab.lab.config import load_config
 from swalab.lab.devices import resolve_device
 from swalab.lab.trainer import train_run
@@ -62,15 +63,14 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 def cifar_like(classes: int, train: int = 45000, test: int = 10000) -> DataBundle:
     """Random CIFAR-shaped data with the paper's augmentation: CIFAR's speed without a download."""
     g = torch.Generator().manual_seed(0)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["resnet"])
+    mean, std = (torch.tensor(v) for v in NORMALIZATION["resnet"])
+    decode = functools.partial(normalize_images, normalization="resnet")
 
-    def split(n: int) -> Split:
+    def split(n: int) -> Split:  # uint8 images normalised per batch, as swalab holds CIFAR
         images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-        return Split(
-            (images.float() / 255 - mean) / std, torch.randint(0, classes, (n,), generator=g)
-        )
+        return Split(images, torch.randint(0, classes, (n,), generator=g), decode)
 
-    fill = (-mean / std).flatten()
+    fill = -mean / std
     return DataBundle(
         f"cifar{classes}-shaped",
         "classification",
@@ -125,6 +125,7 @@ def bare_loop(args, bundle, device) -> None:
     schedule = sgd_reference_lr(0.1, args.epochs)
     generator = torch.Generator().manual_seed(0)
     x, y = bundle.train.x.to(device), bundle.train.y.to(device)
+    decode = bundle.train.decode or (lambda x: x)
     b = args.batch_size
     for epoch in range(args.epochs):
         for group in optimizer.param_groups:
@@ -133,7 +134,8 @@ def bare_loop(args, bundle, device) -> None:
         perm = torch.randperm(len(y), generator=generator).to(device)
         for i in range(0, len(y), b):
             idx = perm[i : i + b]
-            inputs = bundle.augment(x[idx], generator) if bundle.augment else x[idx]
+            inputs = decode(x[idx])  # uint8 CIFAR normalised here, as the lab does
+            inputs = bundle.augment(inputs, generator) if bundle.augment else inputs
             if args.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast():
@@ -153,7 +155,7 @@ def bare_loop(args, bundle, device) -> None:
                 continue
             probs = torch.cat(
                 [
-                    model(split.x[i : i + 1000].to(device)).softmax(1)
+                    model(decode(split.x[i : i + 1000].to(device))).softmax(1)
                     for i in range(0, len(split.y), 1000)
                 ]
             )

@@ -474,7 +474,8 @@ def _constant_images(ids, channels, size):
     """Image k is constant: channel c holds 10k + c, so x identifies the image and its channel."""
     ids = np.asarray(ids)
     values = 10 * ids[:, None] + np.arange(channels)[None, :]
-    return np.broadcast_to(values[:, :, None, None], (len(ids), channels, size, size)).copy()
+    shape = (len(ids), channels, size, size)
+    return np.broadcast_to(values[:, :, None, None], shape).astype(np.uint8)  # as the files hold
 
 
 def _ids_and_channels(x, normalization):
@@ -492,14 +493,15 @@ def _check_image_bundle(bundle, n_train, n_test, val_size, normalization, labels
         val_size,
         n_test,
     )
-    train_ids = _ids_and_channels(bundle.train.x, normalization)
-    val_ids = _ids_and_channels(bundle.val.x, normalization)
+    train_ids = _ids_and_channels(bundle.train.inputs(), normalization)
+    val_ids = _ids_and_channels(bundle.val.inputs(), normalization)
     assert sorted(train_ids.tolist() + val_ids.tolist()) == list(range(n_train))
     assert torch.equal(bundle.train.y, labels_of(train_ids))
-    test_ids = _ids_and_channels(bundle.test.x, normalization)
+    test_ids = _ids_and_channels(bundle.test.inputs(), normalization)
     assert test_ids.tolist() == list(range(n_train, n_train + n_test))  # test order is kept
     assert bundle.in_shape == tuple(bundle.train.x.shape[1:])
-    out = bundle.augment(bundle.train.x, torch.Generator().manual_seed(0))
+    assert all(s.x.dtype == torch.uint8 for s in (bundle.train, bundle.val, bundle.test))
+    out = bundle.augment(bundle.train.inputs(), torch.Generator().manual_seed(0))
     assert out.shape == bundle.train.x.shape
 
 
