@@ -43,12 +43,15 @@ def test_resumed_and_finished_runs_in_the_run_directory(tmp_path):
     layout = RunDirectory(tmp_path)
     layout.run("sgd", 0).save_checkpoint({"epoch": 4})  # 5 epochs trained
     layout.run("swa", 1).write_result({"method": "swa"})  # finished
-    plan = plan_experiment(tiny(), tmp_path, torch.device("cpu"), repeats=1)
+    layout.run("sgd", 2).mark_diverged("loss became nan")  # not retried
+    plan = plan_experiment(tiny("seeds=[0, 1, 2]"), tmp_path, torch.device("cpu"), repeats=1)
     # seed 0: SGD resumes alone at epoch 5 (5 left); SWA 1B inside 1.5B: 15. Separate: 5 + 10 + 15.
     # seed 1: SGD and SWA 1.5B share epochs 0..2: 3 + 7 + 12. Separate: 10 + 15.
+    # seed 2: SWA 1B inside 1.5B: 15. Separate: 10 + 15.
     assert [(s.seed, s.runs, s.shared, s.separate) for s in plan.seeds] == [
         (0, 3, 20, 30),
         (1, 2, 22, 25),
+        (2, 2, 15, 25),
     ]
 
 

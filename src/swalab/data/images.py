@@ -122,10 +122,15 @@ def _read(
 def normalize_images(x: Tensor, normalization: str) -> Tensor:
     """uint8 images ``[B, C, H, W]`` to floats ``(x / 255 - mean) / std`` per channel, where
     ``x`` is (a split's ``decode``: the images stay uint8 in memory, a quarter of fp32's)."""
-    mean, std = (
-        torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in NORMALIZATION[normalization]
-    )
+    mean, std = _statistics(normalization, x.device)
     return x.float().div_(255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=16)
+def _statistics(normalization: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``NORMALIZATION[normalization]`` as ``[1, C, 1, 1]`` tensors on ``device``, made once."""
+    mean, std = NORMALIZATION[normalization]
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
 
 
 def _normalise(split: Split, normalization: str) -> Split:

@@ -175,16 +175,16 @@ def plan_experiment(
     shared, separate = (plan_runs(cfg, todo, layout, steps, share) for share in (True, False))
     seeds = []
     for seed in cfg.seeds:
-        left = [m for s, m in todo if s == seed]
+        roots = separate.get(seed, [])  # one per run left (diverged runs are not retried)
         pretrain = cfg.pretrain.epochs
-        if not left or layout.pretrain_path(seed).exists():
+        if not roots or layout.pretrain_path(seed).exists():
             pretrain = 0
         seeds.append(
             SeedPlan(
                 seed,
-                len(left),
+                len(roots),
                 pretrain + trained_epochs(shared.get(seed, [])),
-                pretrain + trained_epochs(separate.get(seed, [])),
+                pretrain + trained_epochs(roots),
             )
         )
     seconds, timed = step_seconds(cfg, shape, device, repeats)
