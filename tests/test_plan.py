@@ -101,3 +101,15 @@ def test_table1_gpu_variant_plans_the_issue_epochs():
     for share, epochs in ((True, 419), (False, 950)):
         plans = plan_runs(cfg, todo, RunDirectory("/nonexistent"), steps, share)
         assert trained_epochs(plans[0]) == epochs
+
+
+def test_step_timing_stops_at_its_budget():
+    from swalab.lab.inputs import data_shape
+    from swalab.lab.plan import step_seconds
+
+    cfg, cpu = tiny(), torch.device("cpu")
+    shape = data_shape(cfg)
+    seconds, timed = step_seconds(cfg, shape, cpu, repeats=3, budget=0.0)
+    assert seconds > 0 and timed == 0  # the warm-up step alone took the budget: it is the estimate
+    assert step_seconds(cfg, shape, cpu, repeats=3, warmup=0, budget=0.0)[1] == 1
+    assert step_seconds(cfg, shape, cpu, repeats=3, budget=1e9)[1] == 3

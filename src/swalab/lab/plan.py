@@ -72,7 +72,7 @@ class ExperimentPlan:
             f"{self.shape.train} training samples, batch {t.batch_size}: "
             f"{self.steps_per_epoch} steps per epoch",
             f"one training step of {cfg.model.name} ({', '.join(how)}) on {self.device}: "
-            f"{self.step_seconds * 1000:.1f} ms (median of {self.timed_steps}), "
+            f"{self.step_seconds * 1000:.1f} ms ({self._timing()}), "
             f"{_duration(self.seconds(1))} per epoch",
             "",
             f"{'seed':>6} {'runs left':>9} {'epochs shared':>14} {'epochs separate':>16} "
@@ -92,6 +92,11 @@ class ExperimentPlan:
             "steps only (evaluation, BN recomputation and batches on top), one job at a time",
         ]
         return "\n".join(lines)
+
+    def _timing(self) -> str:
+        if self.timed_steps == 0:
+            return "one step, the warm-up: an upper bound"
+        return f"median of {self.timed_steps} after a warm-up"
 
 
 def _duration(seconds: float) -> str:
@@ -126,8 +131,10 @@ def step_seconds(
     """Median seconds of one training step (forward, loss, backward, optimizer step) of the
     experiment's model at ``train.batch_size`` on a random batch, after ``warmup`` steps, and how
     many steps it is the median of: ``repeats``, or fewer once the timed steps took ``budget``
-    seconds (a large model on a CPU). Through the lab's own step (``trainer.train_one_epoch``),
-    so precision, channels_last and compile are those of a run."""
+    seconds; 0 when a warm-up step alone took that long (a Table 1 model on a CPU: minutes per
+    step) and is the estimate itself, uncompiled (compiling makes a first step far slower).
+    Through the lab's own step (``trainer.train_one_epoch``), so precision, channels_last and
+    compile are those of a run."""
     train = cfg.train
     precision = Precision(train.precision, train.channels_last, device, train.compile)
     model = precision.model(build_model(cfg, shape, seed=0).to(device))
@@ -143,8 +150,11 @@ def step_seconds(
             model, net, batch, optimizer, loss, lambda step: train.lr, World(), precision
         )
         total.item()  # waits for the device
+        seconds = time.perf_counter() - start
+        if i < warmup and seconds >= budget and not train.compile:
+            return seconds, 0
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
             if sum(times) >= budget:
                 break
     return statistics.median(times), len(times)
