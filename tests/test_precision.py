@@ -16,7 +16,7 @@ from torch import nn
 
 from swalab.data import BatchLoader, load
 from swalab.data.base import Split, fits_on_device, on_device
-from swalab.data.images import NORMALIZATION, random_crop_flip
+from swalab.data.images import NORMALIZATION, normalize_images, random_crop_flip
 from swalab.lab.config import ConfigError, load_config
 from swalab.lab.inputs import load_bundle
 from swalab.lab.precision import Precision
@@ -251,6 +251,8 @@ def test_uint8_images_give_todays_batches(cifar_files, keep):
     assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (21, 3, 32, 32)
     today = _as_today(bundle.train, "vgg")
     assert torch.equal(bundle.train.inputs(), today.x)
+    with pytest.raises(ValueError, match="expects uint8 images, got torch.float32"):
+        normalize_images(today.x, "vgg")  # would normalise a float split in place
     loaders = [
         BatchLoader(
             split,

@@ -2,7 +2,7 @@
 
 Each batch is normalised where it is (:func:`normalize_images`, the splits' ``decode``): on the
 training device when the images are kept there (CIFAR's 45,000-50,000 training images: 150 MB as
-uint8 against 600 MB as fp32), with the values of images normalised up front.
+uint8 against 600 MB as fp32), into the same values, bit for bit, as images normalised up front.
 
 Files are read from ``root`` in torchvision's own layout (``root/MNIST/raw/``,
 ``root/cifar-10-batches-py/``, ``root/cifar-100-python/``) and fetched only with ``download=True``.
@@ -122,6 +122,8 @@ def _read(
 def normalize_images(x: Tensor, normalization: str) -> Tensor:
     """uint8 images ``[B, C, H, W]`` to floats ``(x / 255 - mean) / std`` per channel, where
     ``x`` is (a split's ``decode``: the images stay uint8 in memory, a quarter of fp32's)."""
+    if x.dtype != torch.uint8:  # .float() would be x itself, normalised in place
+        raise ValueError(f"normalize_images expects uint8 images, got {x.dtype}")
     mean, std = _statistics(normalization, x.device)
     return x.float().div_(255).sub_(mean).div_(std)
 

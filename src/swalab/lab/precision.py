@@ -33,7 +33,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    """Autocast, gradient scaling and memory format of one run's training step on ``device``."""
+    """Autocast, gradient scaling, memory format and compilation of one run's training step on
+    ``device``."""
 
     def __init__(
         self, precision: str, channels_last: bool, device: torch.device, compile: bool = False
