@@ -2,7 +2,7 @@
 
     python benchmarks/training.py [--epochs 40 --repeats 9 --threads 1]
     python benchmarks/training.py --device cuda --data cifar100 --model vgg16 --batch-size 128 \\
-        --epochs 2 --repeats 3 [--precision bf16 --channels-last]
+        --epochs 2 --repeats 3 [--precision bf16 --channels-last] [--compile]
 
 Both comparisons use the same model, data, batch order, augmentation and optimizer; evaluation
 happens once at the end, on the train, validation and test splits in both (so per-epoch learning
@@ -11,9 +11,13 @@ lab's BatchLoader does when they fit, and autocasts / uses channels_last like th
 
 - ``--data mnist1d`` (default): the MNIST-1D BN CNN of the default preset on the CPU; ratios use
   the process's CPU time (one thread), which a busy shared machine disturbs far less than wall time.
-- ``--data cifar10|cifar100``: random CIFAR-shaped images (45,000 train, 3x32x32, normalised, the
-  paper's crop + flip augmentation), so no download is needed on a GPU machine; ``--model`` picks
+- ``--data cifar10|cifar100``: random CIFAR-shaped images (45,000 train, 3x32x32, uint8 normalised
+  per batch as swalab holds CIFAR, the paper's crop + flip augmentation), so no download is needed on a GPU machine; ``--model`` picks
   ``vgg16``, ``preresnet164``, ``wrn28_10`` ... On CUDA the ratios use wall time (synchronised).
+
+``--compile`` adds a row: the swalab SGD run with ``train.compile: true`` (``torch.compile`` of
+the training forward), against the same run uncompiled; each repeat is a fresh run, so it pays its
+compilation (from Inductor's warm on-disk cache after the warm-up run), as every run does.
 
 The GCN's dense vs sparse paths are timed by benchmarks/gcn.py.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import shutil
 import statistics
 import tempfile
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from swalab.data import DataBundle, Split, load
-from swalab.data.images import NORMALIZATION, random_crop_flip
+from swalab.data.images import NORMALIZATION, normalize_images, random_crop_flip
 from swalab.lab.config import load_config
 from swalab.lab.devices import resolve_device
 from swalab.lab.trainer import train_run
@@ -58,15 +63,14 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 def cifar_like(classes: int, train: int = 45000, test: int = 10000) -> DataBundle:
     """Random CIFAR-shaped data with the paper's augmentation: CIFAR's speed without a download."""
     g = torch.Generator().manual_seed(0)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["resnet"])
+    mean, std = (torch.tensor(v) for v in NORMALIZATION["resnet"])
+    decode = functools.partial(normalize_images, normalization="resnet")
 
-    def split(n: int) -> Split:
+    def split(n: int) -> Split:  # uint8 images normalised per batch, as swalab holds CIFAR
         images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-        return Split(
-            (images.float() / 255 - mean) / std, torch.randint(0, classes, (n,), generator=g)
-        )
+        return Split(images, torch.randint(0, classes, (n,), generator=g), decode)
 
-    fill = (-mean / std).flatten()
+    fill = -mean / std
     return DataBundle(
         f"cifar{classes}-shaped",
         "classification",
@@ -79,7 +83,7 @@ def cifar_like(classes: int, train: int = 45000, test: int = 10000) -> DataBundl
     )
 
 
-def config(args, method: str, epochs: int):
+def config(args, method: str, epochs: int, compile: bool = False):
     options = "{swa_lr: 0.05}" if method == "swa" else "{}"
     return load_config(
         "mnist1d",
@@ -89,6 +93,7 @@ def config(args, method: str, epochs: int):
             f"train.batch_size={args.batch_size}",
             f"train.precision={args.precision}",
             f"train.channels_last={args.channels_last}",
+            f"train.compile={compile}",
             f"model.name={args.model}",
             f"model.options={args.model_options}",
             f"methods=[{{method: {method}, options: {options}}}]",
@@ -120,6 +125,7 @@ def bare_loop(args, bundle, device) -> None:
     schedule = sgd_reference_lr(0.1, args.epochs)
     generator = torch.Generator().manual_seed(0)
     x, y = bundle.train.x.to(device), bundle.train.y.to(device)
+    decode = bundle.train.decode or (lambda x: x)
     b = args.batch_size
     for epoch in range(args.epochs):
         for group in optimizer.param_groups:
@@ -128,7 +134,8 @@ def bare_loop(args, bundle, device) -> None:
         perm = torch.randperm(len(y), generator=generator).to(device)
         for i in range(0, len(y), b):
             idx = perm[i : i + b]
-            inputs = bundle.augment(x[idx], generator) if bundle.augment else x[idx]
+            inputs = decode(x[idx])  # uint8 CIFAR normalised here, as the lab does
+            inputs = bundle.augment(inputs, generator) if bundle.augment else inputs
             if args.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast():
@@ -148,7 +155,7 @@ def bare_loop(args, bundle, device) -> None:
                 continue
             probs = torch.cat(
                 [
-                    model(split.x[i : i + 1000].to(device)).softmax(1)
+                    model(decode(split.x[i : i + 1000].to(device))).softmax(1)
                     for i in range(0, len(split.y), 1000)
                 ]
             )
@@ -171,6 +178,9 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=10000, help="CIFAR-shaped test images")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="add a row: the SGD run with train.compile: true"
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
@@ -185,12 +195,17 @@ def main() -> None:
     sgd, swa = config(args, "sgd", args.epochs), config(args, "swa", args.epochs)
     warmup = dataclasses.replace(bundle, train=bundle.train.subset(slice(0, 4 * args.batch_size)))
     swalab_run(config(args, "sgd", 1), warmup, device)  # warm-up (kernels, cuDNN autotuning)
+    compiled = config(args, "sgd", args.epochs, compile=True)
+    if args.compile:
+        swalab_run(config(args, "sgd", 1, compile=True), warmup, device)  # Inductor's cache
     bare_loop(argparse.Namespace(**{**vars(args), "epochs": 1}), warmup, device)
     rows = {
         "bare PyTorch loop (SGD)": lambda: bare_loop(args, bundle, device),
         "swalab trainer, SGD": lambda: swalab_run(sgd, bundle, device),
         "swalab trainer, SWA": lambda: swalab_run(swa, bundle, device),
     }
+    if args.compile:
+        rows["swalab trainer, SGD, train.compile"] = lambda: swalab_run(compiled, bundle, device)
     # interleave repeats so drifting machine load affects every row alike
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
     for _ in range(args.repeats):
@@ -200,13 +215,13 @@ def main() -> None:
     cpu = {k: statistics.median(c for _, c in v) for k, v in samples.items()}
     ratio_of = wall if device.type == "cuda" else cpu
     basis = "wall" if device.type == "cuda" else "CPU"
-    bare, sgd_label, swa_label = rows
+    bare, sgd_label, swa_label, *compile_label = rows
     where = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} thread(s)"
     )
     print(
         f"{args.data} {args.model}, batch {args.batch_size}, {args.epochs} epochs, {args.precision}"
-        f"{', channels_last' if args.channels_last else ''}, {where}, "
+        f"{', channels_last' if args.channels_last else ''}, {where}, torch {torch.__version__}, "
         f"median of {args.repeats} repeats\n"
     )
     print(f"| run | wall s | CPU s | s/epoch (wall) | {basis} ratio | target |")
@@ -215,6 +230,7 @@ def main() -> None:
         (bare, None, ""),
         (sgd_label, bare, "≤ 1.05"),
         (swa_label, sgd_label, "≤ 1.02"),
+        *((label, sgd_label, "< 1 pays") for label in compile_label),
     ):
         ratio = (
             "1.000" if versus is None else f"{ratio_of[label] / ratio_of[versus]:.3f} vs {versus}"

@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from swalab.data import DATASETS, BatchLoader, DataBundle, DatasetUnavailable, Split, load
+from swalab.data import (
+    DATASETS,
+    BatchLoader,
+    DataBundle,
+    DatasetUnavailable,
+    DataShape,
+    Split,
+    load,
+    shape_of,
+)
 from swalab.data.cluster import graphs_to_dense, sbm_cluster_graphs
 from swalab.data.images import NORMALIZATION, random_crop_flip
 
@@ -503,7 +512,8 @@ def _constant_images(ids, channels, size):
     """Image k is constant: channel c holds 10k + c, so x identifies the image and its channel."""
     ids = np.asarray(ids)
     values = 10 * ids[:, None] + np.arange(channels)[None, :]
-    return np.broadcast_to(values[:, :, None, None], (len(ids), channels, size, size)).copy()
+    shape = (len(ids), channels, size, size)
+    return np.broadcast_to(values[:, :, None, None], shape).astype(np.uint8)  # as the files hold
 
 
 def _ids_and_channels(x, normalization):
@@ -521,14 +531,15 @@ def _check_image_bundle(bundle, n_train, n_test, val_size, normalization, labels
         val_size,
         n_test,
     )
-    train_ids = _ids_and_channels(bundle.train.x, normalization)
-    val_ids = _ids_and_channels(bundle.val.x, normalization)
+    train_ids = _ids_and_channels(bundle.train.inputs(), normalization)
+    val_ids = _ids_and_channels(bundle.val.inputs(), normalization)
     assert sorted(train_ids.tolist() + val_ids.tolist()) == list(range(n_train))
     assert torch.equal(bundle.train.y, labels_of(train_ids))
-    test_ids = _ids_and_channels(bundle.test.x, normalization)
+    test_ids = _ids_and_channels(bundle.test.inputs(), normalization)
     assert test_ids.tolist() == list(range(n_train, n_train + n_test))  # test order is kept
     assert bundle.in_shape == tuple(bundle.train.x.shape[1:])
-    out = bundle.augment(bundle.train.x, torch.Generator().manual_seed(0))
+    assert all(s.x.dtype == torch.uint8 for s in (bundle.train, bundle.val, bundle.test))
+    out = bundle.augment(bundle.train.inputs(), torch.Generator().manual_seed(0))
     assert out.shape == bundle.train.x.shape
 
 
@@ -620,3 +631,40 @@ def test_missing_files_raise_dataset_unavailable(tmp_path, name, folder):
     assert os.path.join(str(tmp_path), folder) in message
     assert "--download" in message and "\n" not in message
     assert isinstance(error.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        ("cifar10", {}, DataShape(45_000, (3, 32, 32), 10)),
+        ("cifar100", {"val_size": 0}, DataShape(50_000, (3, 32, 32), 100)),
+        ("mnist", {"val_size": 100}, DataShape(59_900, (1, 28, 28), 10)),
+    ],
+)
+def test_file_datasets_declare_their_shape_without_files(tmp_path, name, options, expected):
+    assert shape_of(name, root=str(tmp_path), **options) == expected  # tmp_path holds no file
+    with pytest.raises(ValueError, match="val_size"):
+        shape_of(name, root=str(tmp_path), val_size=expected.train + 5000)
+
+
+@pytest.mark.parametrize("name", ["mnist1d", "digits", "toy2d", "friedman1", "cluster"])
+def test_generated_datasets_shape_is_the_built_bundles(name):
+    bundle = load(name, seed=1)
+    assert shape_of(name, seed=1) == DataShape(
+        len(bundle.train), bundle.in_shape, bundle.num_outputs, bundle.task
+    )
+
+
+def test_declared_shape_matches_the_files(tmp_path, no_md5):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    images = _constant_images(range(4), 3, 32).reshape(4, 3072)
+    for split in ("train", "test"):
+        _pickle(
+            folder / split, {"data": images, "fine_labels": [1, 2, 3, 4], "coarse_labels": [0] * 4}
+        )
+    _pickle(folder / "meta", {"fine_label_names": [str(k) for k in range(100)]})
+    bundle = load("cifar100", root=str(tmp_path), val_size=1)
+    shape = shape_of("cifar100", root=str(tmp_path), val_size=1)
+    assert (shape.in_shape, shape.num_outputs) == (bundle.in_shape, bundle.num_outputs)
+    assert shape.train == 50_000 - 1  # the real file's 50,000 images, not the fake's 4

@@ -2,17 +2,23 @@
 kept on the device with the batches of a loader that moves each batch."""
 
 import copy
+import dataclasses
 import gc
 import math
+import os
+import pickle
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from swalab.data import BatchLoader, load
 from swalab.data.base import Split, fits_on_device, on_device
-from swalab.data.images import random_crop_flip
+from swalab.data.images import NORMALIZATION, normalize_images, random_crop_flip
 from swalab.lab.config import ConfigError, load_config
+from swalab.lab.inputs import load_bundle
 from swalab.lab.precision import Precision
 from swalab.lab.trainer import train_run
 
@@ -89,6 +95,54 @@ def test_precision_refuses_fp16_on_the_cpu_and_unknown_values():
         load_config("mnist1d", ["train.precision=fp8"])
 
 
+# --- train.compile -----------------------------------------------------------------------------
+
+
+def test_compile_without_a_compiler_is_one_line_naming_the_key(monkeypatch):
+    import swalab.lab.precision as precision_module
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(precision_module.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError) as error:
+        Precision("fp32", False, CPU, compile=True)
+    message = str(error.value)
+    assert "train.compile on the CPU needs a C++ compiler (g++ or clang++" in message
+    assert "set train.compile false" in message and "\n" not in message
+    Precision("fp32", False, CPU)  # not asked: not checked
+
+
+def test_compile_wraps_the_training_forward_only():
+    model = nn.Linear(4, 3)
+    assert Precision("fp32", False, CPU).compiled(model) is model
+    if not shutil.which(os.environ.get("CXX") or "g++") and not shutil.which("clang++"):
+        pytest.skip("no C++ compiler: train.compile cannot work here")
+    net = Precision("fp32", False, CPU, compile=True).compiled(model)
+    assert net is not model and net._orig_mod is model  # shares the parameters
+    with pytest.raises(ConfigError, match="train.compile must be bool"):
+        load_config("mnist1d", ["train.compile=maybe"])
+    assert load_config("mnist1d", ["train.compile=true"]).train.compile
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_like_an_eager_one_and_saves_plain_weights(tmp_path, mnist1d):
+    if not shutil.which(os.environ.get("CXX") or "g++") and not shutil.which("clang++"):
+        pytest.skip("no C++ compiler: train.compile cannot work here")
+    sets = [
+        "train.epochs=2",
+        "data.train_size=300",
+        "methods=[{method: swa, options: {swa_start: 1}}]",
+    ]
+    eager = load_config("mnist1d", sets)
+    compiled = load_config("mnist1d", [*sets, "train.compile=true"])
+    a = train_run(eager, eager.methods[0], 0, mnist1d, tmp_path / "a" / "swa" / "seed0", CPU)
+    b = train_run(compiled, compiled.methods[0], 0, mnist1d, tmp_path / "b" / "swa" / "seed0", CPU)
+    assert b.status == "done"
+    for key, value in a.metrics.items():  # other kernels, same arithmetic up to rounding
+        assert b.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+    final = torch.load(tmp_path / "b" / "swa" / "seed0" / "final.pt")
+    assert final.keys() == torch.load(tmp_path / "a" / "swa" / "seed0" / "final.pt").keys()
+
+
 # --- data on the device ----------------------------------------------------------------------
 
 
@@ -153,3 +207,97 @@ def test_fits_on_device_takes_a_quarter_of_free_cuda_memory(monkeypatch):
     assert fits_on_device(1000, cuda) and not fits_on_device(1001, cuda)
     assert fits_on_device(10**12, CPU)
     assert not fits_on_device(1, torch.device("meta"))
+
+
+# --- images kept as uint8, normalised per batch --------------------------------------------------
+
+
+def _fake_cifar10(root, n_train=25, n_test=8):
+    """CIFAR-10 in torchvision's pickle layout with random pixels (no md5 check: see below)."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images = rng.integers(0, 256, (n_train + n_test, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 10, n_train + n_test).tolist()
+    per = n_train // 5
+    parts = {f"data_batch_{b + 1}": slice(b * per, (b + 1) * per) for b in range(5)}
+    for name, part in {**parts, "test_batch": slice(n_train, None)}.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": images[part], "labels": labels[part]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(k) for k in range(10)]}, f)
+
+
+def _as_today(split, normalization):
+    """The split as it was held before: every image normalised up front, in fp32."""
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in NORMALIZATION[normalization])
+    return Split((split.x.float() / 255 - mean) / std, split.y)
+
+
+@pytest.fixture
+def cifar_files(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
+    _fake_cifar10(tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_uint8_images_give_todays_batches(cifar_files, keep):
+    bundle = load("cifar10", root=str(cifar_files), val_size=4, normalization="vgg")
+    assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (21, 3, 32, 32)
+    today = _as_today(bundle.train, "vgg")
+    assert torch.equal(bundle.train.inputs(), today.x)
+    with pytest.raises(ValueError, match="expects uint8 images, got torch.float32"):
+        normalize_images(today.x, "vgg")  # would normalise a float split in place
+    loaders = [
+        BatchLoader(
+            split,
+            6,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(3),
+            augment=bundle.augment,
+            device="cpu",
+            keep_on_device=keep,
+        )
+        for split in (bundle.train, today)
+    ]
+    for _ in range(2):  # two epochs: two orders, two sets of crops and flips
+        pairs = list(zip(*loaders, strict=True))
+        assert len(pairs) == 4
+        for (x, y), (x_today, y_today) in pairs:
+            assert x.dtype == torch.float32
+            assert torch.equal(x, x_today) and torch.equal(y, y_today)
+
+
+def test_a_run_on_uint8_images_equals_todays_bit_for_bit(cifar_files, tmp_path):
+    cfg = load_config(
+        "mnist1d",
+        [
+            "data.name=cifar10",
+            f"data.root={cifar_files}",
+            "data.options={val_size: 4, normalization: resnet}",
+            "model.name=small_cnn",
+            "model.options={blocks: 2, hidden: 8, bn: true}",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "methods=[{method: swa, options: {swa_start: 1}}]",  # BN recomputation: decoded too
+        ],
+    )
+    bundle = load_bundle(cfg, 0)
+    today = dataclasses.replace(
+        bundle, **{k: _as_today(getattr(bundle, k), "resnet") for k in ("train", "val", "test")}
+    )
+    results = []
+    for name, data in (("uint8", bundle), ("today", today)):
+        results.append(train_run(cfg, cfg.methods[0], 0, data, tmp_path / name / "swa" / "s0", CPU))
+    assert results[0].status == "done" and results[0] == results[1]
+    final = [torch.load(tmp_path / name / "swa" / "s0" / "final.pt") for name in ("uint8", "today")]
+    assert all(torch.equal(v, final[1][k]) for k, v in final[0].items())
+    curves = [
+        (tmp_path / n / "swa" / "s0" / "metrics.jsonl").read_text() for n in ("uint8", "today")
+    ]
+    assert curves[0] == curves[1]

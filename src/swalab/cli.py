@@ -4,6 +4,7 @@ swalab --version
 swalab list
 swalab run mnist1d
 swalab run mnist1d --jobs 2
+swalab plan cifar10-wrn28x10 --variant gpu
 swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
 swalab run my_experiment.yaml --out runs/x
 torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
@@ -80,8 +81,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         overrides.append(f"seeds={list(range(args.seeds))}")
-    if args.out is not None and not args.out.strip():
-        raise ValueError("--out must be a directory path, got ''")
     if args.device is not None:
         resolve_device(args.device, "--device")
         overrides.append(f"train.device={args.device}")
@@ -94,11 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"--restart-run {label!r} is not a method label of this experiment "
                 f"(labels: {', '.join(labels)})"
             )
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
-    )
+    out = _out(args, cfg)
     world = setup(
         cfg.train.batch_size, cfg.train.device, args.dist_timeout
     )  # one process unless under torchrun
@@ -130,6 +125,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with run_directory(out):  # after the other ranks have left: rank 0 alone
             landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .lab.config import load_config
+    from .lab.devices import resolve_device
+    from .lab.plan import plan_experiment
+
+    device = None if args.device is None else resolve_device(args.device, "--device")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    cfg = load_config(args.config, args.set, args.variant)
+    if device is None:
+        device = resolve_device(cfg.train.device, "train.device")
+    print(plan_experiment(cfg, _out(args, cfg), device, args.repeats).format(cfg))
+    return 0
+
+
+def _out(args: argparse.Namespace, cfg: Any) -> Path:
+    """``--out``, or the run directory of the preset (and its variant) under ``runs/``."""
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out must be a directory path, got ''")
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / (cfg.name + (f"-{args.variant}" if args.variant else ""))
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
@@ -282,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: how long a process waits for the others to join (default: 60)",
     )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "plan",
+        help="the epochs an experiment will train per seed, with and without shared trajectories, "
+        "and its wall time here from a few timed training steps (no data is read)",
+    )
+    p.add_argument("config", help="preset name (see `swalab list`) or path to a YAML config")
+    p.add_argument("--variant", help="a preset variant, e.g. cpu or gpu")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.add_argument("--device", help="where to time the steps (default: the config's train.device)")
+    p.add_argument(
+        "--out", help="the run directory whose runs resume (default: runs/<name>, as swalab run)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed steps at most, after one warm-up step (default: 5; fewer past 20 s)",
+    )
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
         "landscape", help="loss-landscape geometry of a run: line, rays, planes, ensemble view"

@@ -13,14 +13,43 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from swalab.data import cluster, digits, images, mnist1d, regression  # noqa: F401  (registration)
-from swalab.data.base import DATASETS, BatchLoader, DataBundle, DatasetUnavailable, Split
+from swalab.data.base import (
+    DATASETS,
+    BatchLoader,
+    DataBundle,
+    DatasetUnavailable,
+    DataShape,
+    Split,
+)
 
-__all__ = ["DATASETS", "BatchLoader", "DataBundle", "DatasetUnavailable", "Split", "load"]
+__all__ = [
+    "DATASETS",
+    "BatchLoader",
+    "DataBundle",
+    "DataShape",
+    "DatasetUnavailable",
+    "Split",
+    "load",
+    "shape_of",
+]
 
 
 def load(name: str, **options: Any) -> DataBundle:
     """Build the registered dataset ``name`` with ``options`` (e.g. ``seed``, ``val_size``)."""
     return DATASETS.create(name, **options)
+
+
+def shape_of(name: str, **options: Any) -> DataShape:
+    """The :class:`DataShape` of ``load(name, **options)``, without reading a file where the
+    builder declares it (``builder.shape(options)``, given every option with its default: datasets
+    read from files, e.g. CIFAR); any other dataset is built (generated data: cheap)."""
+    builder = DATASETS.get(name)
+    declared = getattr(builder, "shape", None)
+    if declared is None:
+        return DataShape.of(builder(**options))
+    params = inspect.signature(builder).parameters.values()
+    return declared({**{p.name: p.default for p in params if p.default is not p.empty}, **options})

@@ -29,9 +29,11 @@ __all__ = [
     "Augment",
     "BatchLoader",
     "DataBundle",
+    "DataShape",
     "DatasetUnavailable",
     "Inputs",
     "Split",
+    "num_batches",
 ]
 
 DATASETS = Registry("dataset")
@@ -60,10 +62,15 @@ class Split:
             ``(node_features [G, N, F], adj [G, N, N], mask [G, N] bool)``.
         y: class ids (long), regression targets (float, ``[G, out]``) or per-node class ids
             ``[G, N]`` with -1 on padding.
+        decode: stored inputs to model inputs, applied by :class:`BatchLoader` to each batch
+            where the batch is (before ``augment``): e.g. uint8 images normalised on the training
+            device, a quarter of the memory of fp32 images. ``None``: ``x`` is what the model
+            takes.
     """
 
     x: Inputs
     y: Tensor
+    decode: Callable[[Inputs], Inputs] | None = None
 
     def __post_init__(self) -> None:
         sizes = {t.shape[0] for t in _tensors(self.x)} | {self.y.shape[0]}
@@ -78,7 +85,11 @@ class Split:
     def subset(self, index: Tensor | slice) -> Split:
         """The samples at ``index``: a long tensor of positions, or a slice (giving views)."""
         x = tuple(t[index] for t in self.x) if isinstance(self.x, tuple) else self.x[index]
-        return Split(x, self.y[index])
+        return Split(x, self.y[index], self.decode)
+
+    def inputs(self) -> Inputs:
+        """Every sample's model inputs: ``x`` decoded (all at once: for small splits)."""
+        return self.x if self.decode is None else self.decode(self.x)
 
 
 @dataclass
@@ -104,13 +115,40 @@ class DataBundle:
     augment: Augment | None = None
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What a model and a training schedule need of a dataset, without its data.
+
+    Args:
+        train: samples in the training split.
+        in_shape: per-sample input shape, as in :class:`DataBundle`.
+        num_outputs: number of classes, or the regression output dimension.
+        task: as in :class:`DataBundle`.
+    """
+
+    train: int
+    in_shape: tuple[int, ...]
+    num_outputs: int
+    task: str = "classification"
+
+    @classmethod
+    def of(cls, bundle: DataBundle) -> DataShape:
+        return cls(len(bundle.train), bundle.in_shape, bundle.num_outputs, bundle.task)
+
+
+def num_batches(samples: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one pass over ``samples`` (the last one smaller unless ``drop_last``)."""
+    return samples // batch_size if drop_last else math.ceil(samples / batch_size)
+
+
 class BatchLoader:
     """Iterates ``(x, y)`` mini-batches of a :class:`Split` by indexing its tensors.
 
     With ``shuffle=True`` each ``__iter__`` call draws one
     ``torch.randperm(n, generator=generator)``, so the batch order is a function of the generator
     state alone. ``augment`` (if given) is applied to each batch of inputs after it is moved to
-    ``device``, with the same generator.
+    ``device``, with the same generator; a split's ``decode`` (uint8 images to normalised floats)
+    comes before it, on ``device`` too.
 
     Data on the device: when the whole split fits on ``device`` (:func:`fits_on_device`), it is
     copied there once (shared by every loader of the same split) and batches are cut there, so no
@@ -164,8 +202,7 @@ class BatchLoader:
         return self.split
 
     def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return num_batches(len(self.split), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
         split = self._source()
@@ -182,6 +219,8 @@ class BatchLoader:
                     else x.to(self.device)
                 )
                 y = y.to(self.device)
+            if split.decode is not None:
+                x = split.decode(x)
             if self.augment is not None:
                 x = self.augment(x, self.generator)
             yield x, y
@@ -212,7 +251,7 @@ def on_device(split: Split, device: torch.device) -> Split:
             if isinstance(split.x, tuple)
             else split.x.to(device)
         )
-        _ON_DEVICE[key] = Split(x, split.y.to(device))
+        _ON_DEVICE[key] = Split(x, split.y.to(device), split.decode)
         weakref.finalize(split, _ON_DEVICE.pop, key, None)
     return _ON_DEVICE[key]
 

@@ -22,6 +22,7 @@ from ..data import DATASETS
 from ..models import MODELS, default_options
 from .errors import ConfigError
 from .methods import method_role, recipe_of
+from .precision import PRECISIONS, check_compile
 from .tracking import check_trackers
 
 __all__ = [
@@ -84,6 +85,7 @@ class TrainConfig:
     log: list[str] = field(default_factory=list)  # trackers: tensorboard, csv, mlflow, wandb
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the training step (lab/precision.py)
     channels_last: bool = False  # NHWC weights and batches in the training step
+    compile: bool = False  # torch.compile the model of the training forward (lab/precision.py)
 
     def saves_trajectory(self, label: str) -> bool:
         """Whether the run of method ``label`` keeps its weights after every epoch."""
@@ -237,6 +239,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
                 expected = f"a finite number {expected}"
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
     check_trackers(cfg.train.log, packages=False)  # names only: a report needs no tracker package
+    if t.compile:
+        check_compile()  # the device's part when a run starts (Precision)
     for key, options in (("data.options", d.options), ("model.options", cfg.model.options)):
         _check_finite(key, options)
     _check_option_types(cfg)
@@ -348,7 +352,6 @@ def _check_finite(key: str, value: Any) -> None:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _type_name(tp: Any) -> str:

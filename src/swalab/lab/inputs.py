@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import BatchLoader, DataBundle
+from ..data import BatchLoader, DataBundle, DataShape, shape_of
 from ..data import load as load_data
 from ..models import create as create_model
 from .config import ExperimentConfig
 from .distributed import World, shard_batches
 
-__all__ = ["bn_loader", "build_model", "load_bundle", "train_loader"]
+__all__ = ["bn_loader", "build_model", "data_shape", "load_bundle", "train_loader"]
 
 
 def load_bundle(cfg: ExperimentConfig, seed: int, download: bool = False) -> DataBundle:
@@ -35,8 +35,20 @@ def load_bundle(cfg: ExperimentConfig, seed: int, download: bool = False) -> Dat
     return bundle
 
 
-def build_model(cfg: ExperimentConfig, bundle: DataBundle, seed: int | None = None) -> nn.Module:
-    """The experiment's model for ``bundle``, initialised from ``seed`` (global RNG) if given."""
+def data_shape(cfg: ExperimentConfig, seed: int = 0) -> DataShape:
+    """The shape of ``load_bundle(cfg, seed)`` without its data where the dataset declares it (files
+    such as CIFAR are not read): its training split cut to ``data.train_size``."""
+    shape = shape_of(cfg.data.name, root=cfg.data.root, seed=seed, **cfg.data.options)
+    if cfg.data.train_size is not None and cfg.data.train_size < shape.train:
+        shape = dataclasses.replace(shape, train=cfg.data.train_size)
+    return shape
+
+
+def build_model(
+    cfg: ExperimentConfig, bundle: DataBundle | DataShape, seed: int | None = None
+) -> nn.Module:
+    """The experiment's model for ``bundle`` (or a :class:`DataShape`), initialised from ``seed``
+    (global RNG) if given."""
     if seed is not None:
         torch.manual_seed(seed)
     return create_model(cfg.model.name, bundle.in_shape, bundle.num_outputs, **cfg.model.options)

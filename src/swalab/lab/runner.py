@@ -150,7 +150,8 @@ def run_experiment(
     runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
     check_jobs(jobs, len(runs), world.size)  # bad input fails before any work
     device = world.device if world.size > 1 else resolve_device(cfg.train.device)
-    Precision(cfg.train.precision, cfg.train.channels_last, device)  # e.g. fp16 on the CPU
+    # e.g. fp16 on the CPU, or train.compile without a compiler
+    Precision(cfg.train.precision, cfg.train.channels_last, device, cfg.train.compile)
     check_trackers(cfg.train.log)  # a missing tracker package fails before any work
     world.on_main(prepare)
     if not world.main:

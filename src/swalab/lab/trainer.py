@@ -112,9 +112,10 @@ def pretrain(
     cached = world.on_main(lambda: files.experiment.load_pretrain(seed))
     if cached is not None:
         return cached
-    precision = Precision(cfg.train.precision, cfg.train.channels_last, device)
+    precision = Precision(cfg.train.precision, cfg.train.channels_last, device, cfg.train.compile)
     model = precision.model(build_model(cfg, bundle, seed).to(device))
     net, criterion = data_parallel(model, world), batch_loss(task_of(bundle.task), world)
+    net = precision.compiled(net)  # the training forward only
     p = cfg.pretrain
     optimizer = make_optimizer(p.optimizer, model, p.lr, cfg.train.momentum, p.weight_decay)
     loader, _ = train_loader(cfg, bundle, 10_000 + seed, device, world)
@@ -206,7 +207,7 @@ def train_runs(
         model.load_state_dict(
             pretrain(cfg, bundle, seed, runs[0][1], device, world, partial(on_epoch, []))
         )
-    precision = Precision(train.precision, train.channels_last, device)
+    precision = Precision(train.precision, train.channels_last, device, train.compile)
     precision.model(model.to(device))
     # Batch order and augmentation come from one generator; BN recomputation uses its own.
     loader, generator = train_loader(cfg, bundle, seed, device, world)
@@ -269,7 +270,8 @@ class _Trajectory:
             world,
         )
         # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
-        self.net, self.criterion = data_parallel(model, world), batch_loss(self.task, world)
+        self.net = precision.compiled(data_parallel(model, world))  # the training forward
+        self.criterion = batch_loss(self.task, world)
         self.done: Callable[[MethodConfig, RunResult, float], None] = lambda m, r, s: None
         self.on_record: Callable[[MethodConfig, dict[str, Any]], None] = lambda m, r: None
         self.on_epoch: Callable[[list[MethodConfig], dict[str, Any]], None] = lambda m, r: None
