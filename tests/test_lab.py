@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from swalab.cli import main
@@ -264,6 +265,12 @@ def test_experiment_writes_results_table_and_skips_finished_runs(tmp_path, capsy
         run_experiment(
             load_config("mnist1d", TINY + ["train.lr=0.05"]), tmp_path / "run", progress=False
         )
+    # a run directory saved before a key existed (train.compile) is the same run at its default
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["train"]["compile"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "swa" / "seed0" / "result.json").stat().st_mtime_ns == before
 
 
 def test_all_config_errors_are_named_at_once_and_nothing_runs(tmp_path, capsys):

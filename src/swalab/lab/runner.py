@@ -99,9 +99,15 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without what a resumed run may change: the trackers (``train.log``)."""
-    train = {k: v for k, v in (config.get("train") or {}).items() if k != "log"}
-    return {**config, "train": train}
+    """The config without what a resumed run may change (the trackers, ``train.log``), with the
+    defaults of keys added since it was saved (``train.compile``: the same run as before)."""
+    defaults = to_dict(ExperimentConfig())
+    sections = {
+        key: {**defaults[key], **(config.get(key) or {})}
+        for key in ("data", "model", "train", "pretrain")
+    }
+    sections["train"].pop("log")
+    return {**config, **sections}
 
 
 def run_experiment(
