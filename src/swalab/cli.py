@@ -225,6 +225,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_arguments(p: argparse.ArgumentParser, variants: str) -> None:
+    """The experiment of ``run`` and ``plan``: a preset or YAML file, its variant, overrides."""
+    p.add_argument("config", help="preset name (see `swalab list`) or path to a YAML config")
+    p.add_argument("--variant", help=f"a preset variant, e.g. {variants}")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.lr=0.05 or methods.swa.options.swa_lr=0.02",
+    )
+
+
 def _jobs(text: str) -> int | str:
     """``--jobs``: an integer (checked against the runs later) or ``auto``."""
     if text == "auto":
@@ -257,17 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="run an experiment (a preset name or a YAML file); re-run to resume"
     )
-    p.add_argument("config", help="preset name (see `swalab list`) or path to a YAML config")
+    _experiment_arguments(p, "cpu or full")
     p.add_argument("--out", help="run directory (default: runs/<name>)")
     p.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default: the preset's)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train.lr=0.05 or methods.swa.options.swa_lr=0.02",
-    )
-    p.add_argument("--variant", help="a preset variant, e.g. cpu or full")
     p.add_argument("--download", action="store_true", help="download datasets that are missing")
     p.add_argument(
         "--restart-run",
@@ -307,11 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the epochs an experiment will train per seed, with and without shared trajectories, "
         "and its wall time here from a few timed training steps (no data is read)",
     )
-    p.add_argument("config", help="preset name (see `swalab list`) or path to a YAML config")
-    p.add_argument("--variant", help="a preset variant, e.g. cpu or gpu")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
+    _experiment_arguments(p, "cpu or gpu")
     p.add_argument("--device", help="where to time the steps (default: the config's train.device)")
     p.add_argument(
         "--out", help="the run directory whose runs resume (default: runs/<name>, as swalab run)"
