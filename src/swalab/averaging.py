@@ -241,31 +241,54 @@ def _pairs(
     )
 
 
+_REGISTRATIONS = [0]  # modules, parameters and buffers set on any module so far (see ModelBinding)
+
+
+def _count_registration(module: nn.Module, name: str, value: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (
+    nn.modules.module.register_module_module_registration_hook,
+    nn.modules.module.register_module_parameter_registration_hook,
+    nn.modules.module.register_module_buffer_registration_hook,
+):
+    _register(_count_registration)
+
+
 class ModelBinding:
     """A model's tensors looked up once, and a cheap test that the model still holds them.
 
-    ``holds(model)`` compares the module tree's slots by identity and the tensors' storage
-    addresses, so a replaced submodule or parameter, ``model.to(dtype)`` or ``.data = ...`` is
-    noticed without walking ``named_parameters()`` again.
+    ``holds(model)`` notices a replaced submodule or parameter, ``model.to(dtype)``,
+    ``.data = ...`` and ``load_state_dict(..., assign=True)`` without walking
+    ``named_parameters()`` again: the tensors' storage addresses are compared, and the module
+    trees' slots by identity -- only after some module anywhere registered a child, parameter or
+    buffer (torch's global registration hooks count them), or a slot's size changed (``del``).
+    ``also`` are more modules watched the same way (the average's own, for ``AveragedModel``).
     """
 
-    def __init__(self, model: nn.Module, tensors: Sequence[Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, tensors: Sequence[Tensor], also: Sequence[nn.Module] = ()
+    ) -> None:
         """``tensors``: the model's own parameters and buffers (not detached aliases of them)."""
         self.model = model
-        self._slots = _slots(list(model.modules()))
+        roots = [model, *also]
+        self._slots = _slots([m for root in roots for m in root.modules()])
+        self._registrations = _REGISTRATIONS[0]
         self._tree = _tree(self._slots)
         self._tensors = list(tensors)
         self._ptrs = list(map(Tensor.data_ptr, self._tensors))
 
     def holds(self, model: nn.Module) -> bool:
-        if model is not self.model:
+        if model is not self.model or list(map(Tensor.data_ptr, self._tensors)) != self._ptrs:
             return False
+        if self._registrations == _REGISTRATIONS[0]:
+            return sum(map(len, self._slots)) == len(self._tree)
         tree = _tree(self._slots)
-        return (
-            len(tree) == len(self._tree)
-            and all(map(operator.is_, tree, self._tree))
-            and list(map(Tensor.data_ptr, self._tensors)) == self._ptrs
-        )
+        if len(tree) != len(self._tree) or not all(map(operator.is_, tree, self._tree)):
+            return False
+        self._registrations = _REGISTRATIONS[0]  # registrations elsewhere: still ours
+        return True
 
 
 class HostStaging:
@@ -453,7 +476,10 @@ class _Groups:
         for avg_list, src_list in self.direct:
             _fold(avg_list, src_list, weight)
         for avg_flat, src_views, scratch in self.gathered:
-            _fold([avg_flat], [torch.cat(src_views, out=scratch)], weight)
+            if weight == 1.0:
+                torch.cat(src_views, out=avg_flat)  # a copy: no scratch, one op
+            else:
+                _fold([avg_flat], [torch.cat(src_views, out=scratch)], weight)
         for avg_list, src_list in self.cast:
             _fold(avg_list, [t.to(a.device, a.dtype) for a, t in zip(avg_list, src_list)], weight)
         for staging, pieces, sizes, dtype in self.staged:
@@ -472,10 +498,14 @@ class _Pairing:
     """
 
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
-        param_pairs, buffer_pairs = _pairs(averaged.module, model)
+        """``model`` as the caller passed it (``torch.compile`` and DDP wrappers unwrapped here)."""
+        param_pairs, buffer_pairs = _pairs(averaged.module, _unwrap(model))
         pairs = param_pairs + buffer_pairs
-        # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
-        self.binding = ModelBinding(model, [t for _, t in pairs] + [a for a, _ in pairs])
+        # The average's side too: ``averaged.module.to(...)``, ``averaged.module[1] = ...`` or
+        # ``averaged.module.load_state_dict(sd, assign=True)`` give it tensors unseen by us.
+        self.binding = ModelBinding(
+            model, [t for _, t in pairs] + [a for a, _ in pairs], also=[averaged]
+        )
         params = [(a.detach(), t.detach()) for a, t in param_pairs]
         buffers = [(a.detach(), t.detach()) for a, t in buffer_pairs]
         candidates = params + buffers if averaged.use_buffers else params
@@ -486,6 +516,53 @@ class _Pairing:
         # A copy of the folded average on the CPU, made on the first update through a user
         # function and kept, for putting the average back if the function raises.
         self.saved: list[list[Tensor]] | None = None
+
+
+class _HostCount:
+    """``n_averaged`` mirrored on the host, so that an update never reads the device.
+
+    The buffer is written after each update (on the CPU through a NumPy view of its memory: no
+    dispatch, no version bump; elsewhere with ``fill_``, a launch but no synchronisation). A write
+    by anyone else (``fill_``, ``zero_``, ``+=``, ``copy_``/``load_state_dict``, assignment of a new
+    tensor) changes the buffer's ``_version`` counter or identity, and the next ``read`` takes the
+    buffer's value (the only time the host waits for the device).
+    """
+
+    __slots__ = ("value", "calls", "buffer", "view", "version")
+
+    def __init__(self, calls: int = 0) -> None:
+        self.value = 0
+        self.calls = calls  # steps seen when the caller gives none
+        self.buffer: Tensor | None = None  # the buffer the mirror follows
+        self.view: Any = None  # a NumPy view of a CPU buffer, written without dispatch
+        self.version = -1
+
+    def detached(self) -> _HostCount:
+        """A mirror for a copy of the model: same step count, follows the copy's buffer."""
+        return _HostCount(self.calls)
+
+    def read(self, buffer: Tensor) -> int:
+        if buffer is not self.buffer or buffer._version != self.version:
+            self.value = int(buffer)  # written by someone else: take it
+            self._follow(buffer)
+        return self.value
+
+    def _follow(self, buffer: Tensor) -> None:
+        self.buffer, self.view = buffer, None
+        if buffer.device.type == "cpu" and not buffer.requires_grad:
+            with contextlib.suppress(TypeError, RuntimeError):  # e.g. bfloat16 has no NumPy view
+                self.view = buffer.numpy()
+        self.version = buffer._version
+
+    def write(self, buffer: Tensor, value: int) -> None:
+        if buffer is not self.buffer:
+            self._follow(buffer)
+        self.value = value
+        if self.view is not None:
+            self.view[...] = value
+        else:
+            buffer.fill_(value)
+            self.version = buffer._version
 
 
 class AveragedModel(nn.Module):
@@ -557,35 +634,24 @@ class AveragedModel(nn.Module):
             raise ValueError(f"update_after must be an integer >= 0, got {update_after!r}")
         _check_not_sharded(model)
         self.module = _copy_module(_unwrap(model), device, dtype)
-        # n_averaged is torch's buffer; the count lives on the host and is written into it when the
-        # buffer is read (the property below) or saved, so updates launch no kernel for it.
-        self._buffers["n_averaged"] = torch.tensor(0, dtype=torch.long, device=device)
+        # n_averaged is torch's buffer, always up to date; the count is mirrored on the host (see
+        # _HostCount) so that an update never reads it back from the device.
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
         self.avg_fn = avg_fn
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
         self.rule = rule if rule is not None else SWA()
         self.update_every, self.update_after = update_every, update_after
-        self._calls = 0  # steps seen when the caller gives none
-        self._count = 0
-        self._written = 0  # the count last written into the n_averaged buffer
+        self._host = _HostCount()
         self._pairing: _Pairing | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     @property
-    def n_averaged(self) -> Tensor:
-        """torch's ``n_averaged`` buffer (a long scalar on the average's device), up to date."""
-        buffer = self._buffers["n_averaged"]
-        if self._written != self._count:
-            buffer.fill_(self._count)
-            self._written = self._count
-        return buffer
-
-    @property
     def count(self) -> int:
-        """Number of models averaged so far (the host copy of ``n_averaged``)."""
-        return self._count
+        """Number of models averaged so far (``int(n_averaged)``, read from its host mirror)."""
+        return self._host.read(self._buffers["n_averaged"])
 
     def _bind(self, model: nn.Module) -> _Pairing:
         """The pairing with ``model``: the bound one if the cheap test passes, else checked anew."""
@@ -606,22 +672,26 @@ class AveragedModel(nn.Module):
         ``step`` is the caller's 0-based optimizer step (pass it when resuming: the default counts this
         object's own calls, which are not checkpointed). Returns whether this step was averaged.
         """
+        host = self._host
         if step is None:
-            step, self._calls = self._calls, self._calls + 1
-        if not self.should_update(step):
+            step = host.calls
+            host.calls += 1
+        if step < self.update_after or (step - self.update_after) % self.update_every:
             return False
-        pairing = self._bind(_unwrap(model))
-        if self._count == 0:
+        pairing = self._bind(model)
+        buffer = self._buffers["n_averaged"]
+        count = host.read(buffer)
+        if count == 0:
             pairing.averaged.apply(1.0)
         elif self.avg_fn is None and self.multi_avg_fn is None:
-            pairing.averaged.apply(self.rule.weight(self._count))
+            pairing.averaged.apply(self.rule.weight(count))
         else:
-            self._update_with_torch_fn(pairing)
+            self._update_with_torch_fn(pairing, buffer)
         pairing.copied.apply(1.0)
-        self._count += 1
+        host.write(buffer, count + 1)
         return True
 
-    def _update_with_torch_fn(self, pairing: _Pairing) -> None:
+    def _update_with_torch_fn(self, pairing: _Pairing, n_averaged: Tensor) -> None:
         """The user's ``avg_fn``/``multi_avg_fn``, called as ``torch.optim.swa_utils`` calls them.
 
         Floating tensors only, grouped by the average's (device, dtype) like torch. All or nothing:
@@ -630,7 +700,6 @@ class AveragedModel(nn.Module):
         raises, so a function that fails half-way leaves the average as it was. torch's own
         ``get_ema_multi_avg_fn``/``get_swa_multi_avg_fn`` on one group skip the copy.
         """
-        n_averaged = self.n_averaged
         groups = _groups([a for a, _ in pairing.folded], [t for _, t in pairing.folded])
         if len(groups) == 1 and _one_foreach_call(self.multi_avg_fn):
             ((avg_list, src_list),) = (
@@ -658,23 +727,15 @@ class AveragedModel(nn.Module):
 
     def reset(self) -> None:
         """Start a new average: the next ``update_parameters`` copies the model (periodic SWA)."""
-        self._count = 0
-
-    def _save_to_state_dict(
-        self, destination: dict[str, Any], prefix: str, keep_vars: bool
-    ) -> None:
-        self.n_averaged  # noqa: B018 -- write the host count into the buffer before it is saved
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._host.write(self._buffers["n_averaged"], 0)
 
     def load_state_dict(
         self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
-        self.n_averaged  # noqa: B018 -- up to date, in case the state_dict lacks it (strict=False)
         result = super().load_state_dict(
             _strip_compile_prefix(state_dict), strict=strict, assign=assign
         )
-        self._count = self._written = int(self._buffers["n_averaged"])
-        self._pairing = None
+        self._pairing = None  # n_averaged was written: its host mirror reads it again
         return result
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AveragedModel:
@@ -682,8 +743,9 @@ class AveragedModel(nn.Module):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
-        # The pairing holds the trained model's tensors: never pickle or deep-copy it.
-        return dict(super().__getstate__(), _pairing=None)
+        # The pairing holds the trained model's tensors: never pickle or deep-copy it. The host
+        # mirror of n_averaged starts again from the buffer (always up to date).
+        return dict(super().__getstate__(), _pairing=None, _host=self._host.detached())
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -699,7 +761,7 @@ class AveragedModel(nn.Module):
             ...     accuracy = evaluate(model)
         """
         params, buffers = _pairs(self.module, _unwrap(model))
-        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point()]
+        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point() or t.is_complex()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
         saved = _exchange(pairs, saved=None)
         try:
