@@ -790,10 +790,15 @@ def _exchange(
 
 
 def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn.Module:
-    """Deep copy with every tensor created directly on ``device``/``dtype`` (one copy at peak).
+    """Copy of ``model`` with every tensor created directly on ``device``/``dtype`` (one copy at peak).
 
     The copies of each (device, dtype) are views into one flat buffer, parameters first, then
     buffers, in the model's order, so that an update can be one operation over the whole buffer.
+    Tensors a module keeps as plain attributes (the weight that ``weight_norm`` and
+    ``spectral_norm`` compute in each forward, not a graph leaf, which ``copy.deepcopy`` refuses)
+    are copied detached. When ``copy.deepcopy`` still fails (a module holding a lock, a file or
+    another object that cannot be copied), the modules are copied one by one instead
+    (:func:`_copy_tree`), sharing such attributes with the model.
     """
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
     keys = [
@@ -817,7 +822,46 @@ def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn
         if isinstance(t, nn.Parameter):
             clone = nn.Parameter(clone, requires_grad=t.requires_grad)
         memo[id(t)] = clone
-    return copy.deepcopy(model, memo)
+    for t in _attribute_tensors(model):
+        if id(t) not in memo:
+            memo[id(t)] = t.detach().to(
+                device=device, dtype=dtype if t.is_floating_point() else None, copy=True
+            )
+    try:
+        return copy.deepcopy(model, dict(memo))
+    except Exception:  # noqa: BLE001 -- any object deepcopy cannot copy: copy module by module
+        return _copy_tree(model, memo, {})
+
+
+def _attribute_tensors(model: nn.Module) -> Iterator[Tensor]:
+    """Tensors held as plain module attributes (directly or in a list, tuple or dict)."""
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else value
+            if isinstance(value, Tensor):
+                yield value
+            elif isinstance(value, (list, tuple, dict)):
+                yield from (v for v in items if isinstance(v, Tensor))
+
+
+def _copy_tree(module: nn.Module, tensors: dict[int, Any], done: dict[int, nn.Module]) -> nn.Module:
+    """A new module object per module (``copy.copy``) with new slots for children, parameters and
+    buffers (the copies in ``tensors``) and hook dicts of its own; other attributes are shared."""
+    if id(module) in done:
+        return done[id(module)]
+    new = done[id(module)] = copy.copy(module)
+    for key, value in vars(module).items():
+        if key in ("_parameters", "_buffers"):
+            new.__dict__[key] = {k: tensors.get(id(v), v) for k, v in value.items()}
+        elif key == "_modules":
+            new.__dict__[key] = {
+                k: None if c is None else _copy_tree(c, tensors, done) for k, c in value.items()
+            }
+        elif isinstance(value, Tensor):
+            new.__dict__[key] = tensors.get(id(value), value)
+        elif isinstance(value, dict) and key.endswith(("hooks", "hooks_with_kwargs", "always_call")):
+            new.__dict__[key] = copy.copy(value)
+    return new
 
 
 @torch.no_grad()
