@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import itertools
 import math
 import numbers
 import operator
+import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -136,17 +140,32 @@ class EMA(AveragingRule):
     set, ``decay_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)`` for the t-th update
     (t = 0 is the first, which copies), so early weights are forgotten quickly.
 
+    With ``half_life`` = H optimizer steps instead of ``decay``, a model's weight in the average
+    halves every H steps whatever the spacing of the updates: an ``AveragedModel`` updated every
+    k-th step (``update_every=k``) uses ``decay = 2 ** (-k / H)`` per update (``decay`` holds the
+    per-step value ``2 ** (-1 / H)``). With ``total_steps`` = T, ``half_life`` is a fraction of
+    training in (0, 1], H = half_life * T.
+
     Args:
-        decay: long-run decay in [0, 1].
+        decay: long-run decay per update in [0, 1] (default 0.999 unless ``half_life`` is given).
         warmup_gamma: warm-up time scale in updates (> 0), or None for no warm-up.
         warmup_power: warm-up exponent (> 0).
+        half_life: the decay as a half-life in optimizer steps (> 0), or a fraction of
+            ``total_steps``.
+        total_steps: the length of training in optimizer steps, when ``half_life`` is a fraction.
     """
 
-    decay: float = 0.999
+    decay: float | None = None
     warmup_gamma: float | None = None
     warmup_power: float = 2 / 3
+    half_life: float | None = None
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
+        if self.half_life is not None or self.total_steps is not None:
+            object.__setattr__(self, "decay", self._half_life_decay())
+        elif self.decay is None:
+            object.__setattr__(self, "decay", 0.999)
         if not _is_real(self.decay) or not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must be a number in [0, 1], got {self.decay!r}")
         if self.warmup_gamma is not None and not (
@@ -158,8 +177,27 @@ class EMA(AveragingRule):
         if not (_is_real(self.warmup_power) and 0 < self.warmup_power < math.inf):
             raise ValueError(f"warmup_power must be a finite number > 0, got {self.warmup_power!r}")
 
-    def weight(self, n: int) -> float:
-        decay = self.decay
+    def _half_life_decay(self) -> float:
+        if self.decay is not None:
+            raise ValueError(f"give decay or half_life, not both (got decay={self.decay!r})")
+        h, total = self.half_life, self.total_steps
+        if not (_is_real(h) and 0 < h < math.inf):
+            raise ValueError(f"half_life must be a finite number > 0, got {h!r}")
+        if total is not None:
+            if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+                raise ValueError(f"total_steps must be an integer >= 1, got {total!r}")
+            if h > 1:
+                raise ValueError(
+                    f"half_life is a fraction of total_steps, in (0, 1]; got {h!r} with "
+                    f"total_steps={total}"
+                )
+            h = h * total
+        return 2.0 ** (-1.0 / h)
+
+    def weight(self, n: int, every: int = 1) -> float:
+        """The weight of the (n + 1)-th model; ``every``: optimizer steps between updates, which
+        scales the decay when it is given as a half-life."""
+        decay = self.decay if every == 1 or self.half_life is None else self.decay**every
         if self.warmup_gamma is not None:
             decay = min(decay, 1.0 - (1.0 + n / self.warmup_gamma) ** -self.warmup_power)
         return 1.0 - decay
@@ -227,18 +265,52 @@ def _check_pairs(
 
 
 def _pairs(
-    averaged: nn.Module, model: nn.Module
+    averaged: nn.Module, model: nn.Module, names: frozenset[str] | None = None
 ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
     """The (average, model) pairs of parameters and of buffers, in order, once ``ValueError`` has
-    named any tensor of ``model`` whose count, shape or kind differs."""
+    named any tensor of ``model`` whose count, shape or kind differs; only those named in
+    ``names`` if given (the average's subset)."""
     ours_p, theirs_p = list(averaged.named_parameters()), list(model.named_parameters())
     ours_b, theirs_b = list(averaged.named_buffers()), list(model.named_buffers())
     _check_pairs(ours_p, theirs_p, "parameters", "the averaged model")
     _check_pairs(ours_b, theirs_b, "buffers", "the averaged model")
     return (
-        [(a, t) for (_, a), (_, t) in zip(ours_p, theirs_p)],
-        [(a, t) for (_, a), (_, t) in zip(ours_b, theirs_b)],
+        [(a, t) for (n, a), (_, t) in zip(ours_p, theirs_p) if names is None or n in names],
+        [(a, t) for (n, a), (_, t) in zip(ours_b, theirs_b) if names is None or n in names],
     )
+
+
+def _select(
+    model: nn.Module, include: Any, exclude: Any, trainable_only: bool
+) -> frozenset[str] | None:
+    """Canonical names (those of the unwrapped model) of the parameters and buffers averaged, or
+    None for all: names matching an ``include`` pattern (all if None), none of the ``exclude``
+    patterns, and, with ``trainable_only``, parameters that require grad (no buffers).
+    Patterns are ``fnmatch`` globs (``"*lora_*"``); one that matches no name is an error."""
+    if not isinstance(trainable_only, bool):
+        raise ValueError(f"trainable_only must be True or False, got {trainable_only!r}")
+    params, buffers = list(model.named_parameters()), list(model.named_buffers())
+    names = [n for n, _ in params + buffers]
+    chosen = [n for n, p in params if p.requires_grad] if trainable_only else list(names)
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        if patterns is None:
+            continue
+        listed = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(listed, (list, tuple, set, frozenset)) or not all(
+            isinstance(x, str) for x in listed
+        ):
+            raise ValueError(f"{arg} must be a pattern or a list of patterns, got {patterns!r}")
+        for pattern in listed:
+            if not fnmatch.filter(names, pattern):
+                raise ValueError(
+                    f"{arg} pattern {pattern!r} matches no parameter or buffer of the model "
+                    f"(names look like {names[0]!r})"
+                )
+        matches = {n for n in names if any(fnmatch.fnmatchcase(n, x) for x in listed)}
+        chosen = [n for n in chosen if (n in matches) == (arg == "include")]
+    if not chosen:
+        raise ValueError("include/exclude/trainable_only leave no parameter or buffer to average")
+    return None if len(chosen) == len(names) else frozenset(chosen)
 
 
 _REGISTRATIONS = [0]  # modules, parameters and buffers set on any module so far (see ModelBinding)
@@ -499,7 +571,7 @@ class _Pairing:
 
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
         """``model`` as the caller passed it (``torch.compile`` and DDP wrappers unwrapped here)."""
-        param_pairs, buffer_pairs = _pairs(averaged.module, _unwrap(model))
+        param_pairs, buffer_pairs = _pairs(averaged.module, _unwrap(model), averaged.selected)
         pairs = param_pairs + buffer_pairs
         # The average's side too: ``averaged.module.to(...)``, ``averaged.module[1] = ...`` or
         # ``averaged.module.load_state_dict(sd, assign=True)`` give it tensors unseen by us.
@@ -597,6 +669,13 @@ class AveragedModel(nn.Module):
         update_every: average only every k-th step (timm's ``ModelEmaV3``, ema-pytorch's
             ``update_every``, Lightning's ``update_every_n_steps``); warm-up counts averaged models.
         update_after: skip the steps before this one; the first averaged step copies the model.
+        include: ``fnmatch`` pattern(s) on canonical parameter and buffer names (those of the
+            unwrapped model, e.g. ``"*.lora_*"``): average only these.
+        exclude: pattern(s) of names not to average.
+        trainable_only: average only the parameters that require grad (e.g. LoRA/adapter
+            weights of a frozen base model), no buffers. With any of these three, the tensors not
+            averaged are not copied: ``module`` shares them with ``model`` (same tensors), and
+            ``save_average`` exports only the averaged ones.
 
     Example:
         >>> swa_model = swalab.AveragedModel(model)
@@ -622,6 +701,9 @@ class AveragedModel(nn.Module):
         dtype: torch.dtype | None = None,
         update_every: int = 1,
         update_after: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         super().__init__()
         if sum(f is not None for f in (avg_fn, multi_avg_fn, rule)) > 1:
@@ -633,7 +715,9 @@ class AveragedModel(nn.Module):
         if isinstance(update_after, bool) or not isinstance(update_after, int) or update_after < 0:
             raise ValueError(f"update_after must be an integer >= 0, got {update_after!r}")
         _check_not_sharded(model)
-        self.module = _copy_module(_unwrap(model), device, dtype)
+        # The canonical names of the tensors averaged (None: all); the others are shared.
+        self.selected = _select(_unwrap(model), include, exclude, trainable_only)
+        self.module = _copy_module(_unwrap(model), device, dtype, self.selected)
         # n_averaged is torch's buffer, always up to date; the count is mirrored on the host (see
         # _HostCount) so that an update never reads it back from the device.
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
@@ -644,6 +728,7 @@ class AveragedModel(nn.Module):
         self.update_every, self.update_after = update_every, update_after
         self._host = _HostCount()
         self._pairing: _Pairing | None = None
+        self._source = weakref.ref(model)  # the default model of attach()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -684,7 +769,9 @@ class AveragedModel(nn.Module):
         if count == 0:
             pairing.averaged.apply(1.0)
         elif self.avg_fn is None and self.multi_avg_fn is None:
-            pairing.averaged.apply(self.rule.weight(count))
+            rule = self.rule  # an EMA given as a half-life scales its decay to the spacing
+            weight = rule.weight(count, self.update_every) if isinstance(rule, EMA) else None
+            pairing.averaged.apply(rule.weight(count) if weight is None else weight)
         else:
             self._update_with_torch_fn(pairing, buffer)
         pairing.copied.apply(1.0)
@@ -745,7 +832,60 @@ class AveragedModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The pairing holds the trained model's tensors: never pickle or deep-copy it. The host
         # mirror of n_averaged starts again from the buffer (always up to date).
-        return dict(super().__getstate__(), _pairing=None, _host=self._host.detached())
+        return dict(
+            super().__getstate__(), _pairing=None, _host=self._host.detached(), _source=None
+        )
+
+    def attach(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None, every: int = 1
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Update the average after each ``optimizer.step()`` (its post-step hook).
+
+        One update per real optimizer step, so gradient accumulation (several backward passes per
+        step) and a ``GradScaler`` that skips a step are handled. ``every=k`` sets
+        ``update_every`` (every k-th step, counted from ``update_after``; a half-life EMA keeps its
+        time scale). ``model``: the model averaged (default: the one given to the constructor).
+        Returns the hook's handle: ``handle.remove()`` detaches.
+
+        Example:
+            >>> ema = swalab.AveragedModel(model, rule=swalab.EMA(half_life=1000))
+            >>> ema.attach(optimizer, every=10)
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if every != 1 and self.update_every not in (1, every):
+            raise ValueError(f"every={every} conflicts with update_every={self.update_every}")
+        target = model if model is not None else self._source and self._source()
+        if target is None:
+            raise ValueError("attach: the model given to the constructor is gone; pass model=")
+        if every != 1:
+            self.update_every = every
+        return optimizer.register_step_post_hook(
+            lambda _optimizer, _args, _kwargs: self.update_parameters(target)
+        )
+
+    def average_state_dict(self) -> dict[str, Tensor]:
+        """The average as a plain ``state_dict`` of the model: canonical names (no ``module.``,
+        ``_orig_mod.`` or ``n_averaged``), only the averaged tensors with ``include``/``exclude``/
+        ``trainable_only`` (load those with ``strict=False``)."""
+        # Sharded averages are gathered here, so that save_average stays one path.
+        names = self.selected
+        return {
+            k: v.detach()
+            for k, v in self.module.state_dict().items()
+            if names is None or k in names
+        }
+
+    def save_average(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`average_state_dict` to ``path`` with ``torch.save`` (a temporary file and a
+        rename: never half-written); ``model.load_state_dict(torch.load(path))`` puts it in."""
+        from .lab.files import atomic_save  # the one place files are written whole
+
+        atomic_save(self.average_state_dict(), Path(path))
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -760,7 +900,7 @@ class AveragedModel(nn.Module):
             >>> with swa_model.swapped_into(model):
             ...     accuracy = evaluate(model)
         """
-        params, buffers = _pairs(self.module, _unwrap(model))
+        params, buffers = _pairs(self.module, _unwrap(model), self.selected)
         pairs = [(t, a) for a, t in params + buffers if t.is_floating_point() or t.is_complex()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
         saved = _exchange(pairs, saved=None)
@@ -789,7 +929,12 @@ def _exchange(
     return out
 
 
-def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn.Module:
+def _copy_module(
+    model: nn.Module,
+    device: Any,
+    dtype: torch.dtype | None,
+    names: frozenset[str] | None = None,
+) -> nn.Module:
     """Copy of ``model`` with every tensor created directly on ``device``/``dtype`` (one copy at peak).
 
     The copies of each (device, dtype) are views into one flat buffer, parameters first, then
@@ -798,9 +943,14 @@ def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn
     ``spectral_norm`` compute in each forward, not a graph leaf, which ``copy.deepcopy`` refuses)
     are copied detached. When ``copy.deepcopy`` still fails (a module holding a lock, a file or
     another object that cannot be copied), the modules are copied one by one instead
-    (:func:`_copy_tree`), sharing such attributes with the model.
+    (:func:`_copy_tree`), sharing such attributes with the model. With ``names``, only the named
+    tensors are copied; the others are the model's own, shared.
     """
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    memo: dict[int, Any] = {}
+    named = list(itertools.chain(model.named_parameters(), model.named_buffers()))
+    if names is not None:
+        memo.update((id(t), t) for n, t in named if n not in names)
+    tensors = [t for n, t in named if id(t) not in memo]
     keys = [
         (
             torch.device(device) if device is not None else t.device,
@@ -813,7 +963,6 @@ def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn
         sizes[key] = sizes.get(key, 0) + t.numel()
     flats = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
     offsets = dict.fromkeys(sizes, 0)
-    memo: dict[int, Any] = {}
     for t, key in zip(tensors, keys):
         start = offsets[key]
         offsets[key] += t.numel()
@@ -859,7 +1008,9 @@ def _copy_tree(module: nn.Module, tensors: dict[int, Any], done: dict[int, nn.Mo
             }
         elif isinstance(value, Tensor):
             new.__dict__[key] = tensors.get(id(value), value)
-        elif isinstance(value, dict) and key.endswith(("hooks", "hooks_with_kwargs", "always_call")):
+        elif isinstance(value, dict) and key.endswith(
+            ("hooks", "hooks_with_kwargs", "always_call")
+        ):
             new.__dict__[key] = copy.copy(value)
     return new
 
@@ -874,7 +1025,7 @@ def restart_from_average(
     (momentum) and resets the average's count so the next period starts a fresh average. A model
     whose tensors differ in count, shape or kind raises ``ValueError`` before anything is written.
     """
-    params, buffers = _pairs(averaged.module, _unwrap(model))
+    params, buffers = _pairs(averaged.module, _unwrap(model), averaged.selected)
     lerp_([t.detach() for _, t in params + buffers], [a.detach() for a, _ in params + buffers], 1.0)
     optimizer.state.clear()
     averaged.reset()
