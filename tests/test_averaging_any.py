@@ -3,6 +3,7 @@ EMA half-life, updates from the optimizer's step hook and the exported average."
 
 import threading
 import warnings
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -269,3 +270,94 @@ def test_attach_updates_once_per_optimizer_step_under_gradient_accumulation():
         averaged.attach(optimizer, every=0)
     with pytest.raises(ValueError, match="every=3 conflicts with update_every=2"):
         averaged.attach(optimizer, every=3)
+
+
+def bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"rule": swalab.EMA(0.9)},
+        {"use_buffers": True},
+        {"rule": swalab.EMA(half_life=3), "update_every": 2},
+    ],
+)
+def test_asynchronous_updates_on_a_worker_thread_equal_the_synchronous_ones(kwargs):
+    model = bn_model()
+    sync = swalab.AveragedModel(model, **kwargs)
+    background = swalab.AveragedModel(model, asynchronous=True, **kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    for step in range(7):
+        optimizer.zero_grad()
+        model(x + step).pow(2).mean().backward()
+        optimizer.step()  # the model moves on while the fold may still run
+        sync.update_parameters(model)
+        background.update_parameters(model)
+    assert background._worker.pending is not None  # the last fold is still in flight, or unjoined
+    ours, reference = background.state_dict(), sync.state_dict()  # state_dict joins first
+    assert background._worker.pending is None
+    assert list(ours) == list(reference)
+    for key in ours:
+        assert torch.equal(ours[key], reference[key]), key
+    assert background.count == sync.count
+    torch.testing.assert_close(background(x), sync(x), rtol=0, atol=0)
+
+
+def test_asynchronous_fold_error_is_raised_at_the_join():
+    model = bn_model()
+    averaged = swalab.AveragedModel(model, asynchronous=True)
+    averaged.update_parameters(model)
+    averaged._worker.pending.result()
+    future = Future()
+    future.set_exception(RuntimeError("fold failed"))
+    averaged._worker.pending = future
+    with pytest.raises(RuntimeError, match="fold failed"):
+        averaged.join()
+    averaged.join()  # raised once
+
+
+def test_asynchronous_update_bn_waits_for_the_fold_before_resetting_statistics():
+    model = bn_model()
+    averaged = swalab.AveragedModel(model, asynchronous=True)
+    with torch.no_grad():
+        model[1].running_mean.fill_(5.0)
+    averaged.update_parameters(model)
+    loader = [torch.randn(8, 3, generator=torch.Generator().manual_seed(1))]
+    swalab.update_bn(loader, averaged)
+    reference = swalab.AveragedModel(model)
+    reference.update_parameters(model)
+    swalab.update_bn(loader, reference)
+    assert torch.equal(averaged.module[1].running_mean, reference.module[1].running_mean)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"asynchronous": 1}, "asynchronous must be True or False, got 1"),
+        ({"asynchronous": True, "avg_fn": swalab.get_swa_avg_fn()}, "not avg_fn/multi_avg_fn"),
+    ],
+)
+def test_asynchronous_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        swalab.AveragedModel(bn_model(), **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_asynchronous_gpu_model_into_cpu_average_through_pinned_staging():
+    model = bn_model().cuda()
+    sync = swalab.AveragedModel(model, device="cpu")
+    background = swalab.AveragedModel(model, device="cpu", asynchronous=True)
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(step)
+        sync.update_parameters(model)
+        background.update_parameters(model)
+    assert background._worker.pending is not None
+    for (key, a), b in zip(background.state_dict().items(), sync.state_dict().values()):
+        assert torch.equal(a, b), key

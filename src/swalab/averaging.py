@@ -25,6 +25,7 @@ import operator
 import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -582,12 +583,86 @@ class _Pairing:
         buffers = [(a.detach(), t.detach()) for a, t in buffer_pairs]
         candidates = params + buffers if averaged.use_buffers else params
         self.folded = [(a, t) for a, t in candidates if a.is_floating_point() or a.is_complex()]
-        folded = {id(a) for a, _ in self.folded}
+        self.all = params + buffers
+        self.folded_ids = folded = {id(a) for a, _ in self.folded}
         self.averaged = _Groups(self.folded)
-        self.copied = _Groups([(a, t) for a, t in params + buffers if id(a) not in folded])
+        self.copied = _Groups([(a, t) for a, t in self.all if id(a) not in folded])
+        self.snapshot: _Snapshot | None = None  # for asynchronous updates, made on the first
         # A copy of the folded average on the CPU, made on the first update through a user
         # function and kept, for putting the average back if the function raises.
         self.saved: list[list[Tensor]] | None = None
+
+
+class _Snapshot:
+    """The model's tensors of a pairing copied into host staging, and the fold of that copy.
+
+    ``take()`` copies them on the caller's thread (from a GPU: non-blocking, into pinned memory,
+    and returns the CUDA event that marks the end of the copies); ``fold(weight, event)`` then
+    folds the copy into the average (a CPU average), on any thread.
+    """
+
+    def __init__(self, folded: list[tuple[Tensor, Tensor]], copied: list[tuple[Tensor, Tensor]]):
+        pairs = folded + copied
+        pin = torch.cuda.is_available() and any(t.device.type == "cuda" for _, t in pairs)
+        sizes: dict[torch.dtype, int] = {}
+        for _, t in pairs:
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        flats = {dtype: torch.empty(n, dtype=dtype, pin_memory=pin) for dtype, n in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        views = []
+        for _, t in pairs:
+            start = offsets[t.dtype]
+            offsets[t.dtype] += t.numel()
+            views.append(flats[t.dtype][start : start + t.numel()].view(t.shape))
+        self.copies: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
+        for view, (_, t) in zip(views, pairs):
+            into, sources = self.copies.setdefault((t.device, t.dtype), ([], []))
+            into.append(view)
+            sources.append(t)
+        self.on_gpu = any(t.device.type == "cuda" for _, t in pairs)
+        self.averaged = _Groups([(a, v) for (a, _), v in zip(folded, views)])
+        self.copied = _Groups([(a, v) for (a, _), v in zip(copied, views[len(folded) :])])
+
+    def take(self) -> Any:
+        for into, sources in self.copies.values():
+            torch._foreach_copy_(into, sources, non_blocking=True)
+        if not self.on_gpu:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def fold(self, weight: float, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        with torch.no_grad():
+            self.averaged.apply(weight)
+            self.copied.apply(1.0)
+
+
+class _Worker:
+    """One worker thread that folds snapshots into a CPU average; ``join()`` waits for the last
+    fold and raises its error, if any."""
+
+    def __init__(self) -> None:
+        self.executor: ThreadPoolExecutor | None = None
+        self.pending: Future[None] | None = None
+
+    def join(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def submit(self, pairing: _Pairing, weight: float) -> None:
+        self.join()  # the staging and the average are free again
+        if pairing.snapshot is None:
+            pairing.snapshot = _Snapshot(
+                pairing.folded, [(a, t) for a, t in pairing.all if id(a) not in pairing.folded_ids]
+            )
+        event = pairing.snapshot.take()
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="swalab-average")
+        self.pending = self.executor.submit(pairing.snapshot.fold, weight, event)
 
 
 class _HostCount:
@@ -643,9 +718,9 @@ class AveragedModel(nn.Module):
     Same constructor, ``update_parameters``, ``n_averaged``, ``module``, ``forward`` and
     ``state_dict`` keys as torch's. With the default rule (``SWA()``, or ``rule=EMA(...)``) each
     update is one ``torch._foreach_lerp_`` per (device, dtype) group over parameters and averaged
-    buffers, with
-    the count kept on the host, so it never synchronises with the device and launches no kernel for
-    the bookkeeping (``n_averaged`` is brought up to date when read or saved). The model's tensors
+    buffers; it never synchronises with the device. ``n_averaged`` is torch's buffer, written after
+    each update and read like torch's (``fill_(0)``, ``+=``, assignment and ``load_state_dict`` are
+    taken into account), with a host mirror so the update never reads it back. The model's tensors
     are paired with the average's on the first update and checked again only when a cheap test
     (same modules, same tensors, same storage) fails. A model on a GPU averaged on the CPU
     (``device="cpu"``) is copied in chunks through pinned memory, each chunk folded in while the
@@ -676,6 +751,12 @@ class AveragedModel(nn.Module):
             weights of a frozen base model), no buffers. With any of these three, the tensors not
             averaged are not copied: ``module`` shares them with ``model`` (same tensors), and
             ``save_average`` exports only the averaged ones.
+        asynchronous: fold updates in on a worker thread (an average on the CPU only): the model's
+            tensors are copied into host staging (non-blocking, pinned, from a GPU) and the fold
+            runs while training goes on; the next update, ``forward``, ``state_dict``,
+            ``swapped_into``, ``save_average``, ``update_bn``, ``load_state_dict`` and ``to()``
+            wait for it first (call ``join()`` before reading ``module``'s tensors yourself).
+            Results are those of the synchronous update. With ``rule=`` (SWA, EMA) only.
 
     Example:
         >>> swa_model = swalab.AveragedModel(model)
@@ -704,6 +785,7 @@ class AveragedModel(nn.Module):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         trainable_only: bool = False,
+        asynchronous: bool = False,
     ) -> None:
         super().__init__()
         if sum(f is not None for f in (avg_fn, multi_avg_fn, rule)) > 1:
@@ -714,6 +796,12 @@ class AveragedModel(nn.Module):
             raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         if isinstance(update_after, bool) or not isinstance(update_after, int) or update_after < 0:
             raise ValueError(f"update_after must be an integer >= 0, got {update_after!r}")
+        if not isinstance(asynchronous, bool):
+            raise ValueError(f"asynchronous must be True or False, got {asynchronous!r}")
+        if asynchronous and (avg_fn is not None or multi_avg_fn is not None):
+            raise ValueError(
+                "asynchronous=True folds with rule= (SWA, EMA), not avg_fn/multi_avg_fn"
+            )
         _check_not_sharded(model)
         # The canonical names of the tensors averaged (None: all); the others are shared.
         self.selected = _select(_unwrap(model), include, exclude, trainable_only)
@@ -729,9 +817,22 @@ class AveragedModel(nn.Module):
         self._host = _HostCount()
         self._pairing: _Pairing | None = None
         self._source = weakref.ref(model)  # the default model of attach()
+        self._worker = _Worker() if asynchronous else None
+        if asynchronous and any(t.device.type != "cpu" for t in self.module.parameters()):
+            raise ValueError(
+                "asynchronous=True needs the average on the CPU (device='cpu'); an average on an "
+                "accelerator updates without waiting already"
+            )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.join()
         return self.module(*args, **kwargs)
+
+    def join(self) -> None:
+        """Wait for an asynchronous update in flight (and raise its error); no-op otherwise."""
+        worker = self.__dict__.get("_worker")
+        if worker is not None:
+            worker.join()
 
     @property
     def count(self) -> int:
@@ -766,6 +867,18 @@ class AveragedModel(nn.Module):
         pairing = self._bind(model)
         buffer = self._buffers["n_averaged"]
         count = host.read(buffer)
+        if self._worker is not None:
+            rule = self.rule
+            weight = (
+                1.0
+                if count == 0
+                else rule.weight(count, self.update_every)
+                if isinstance(rule, EMA)
+                else rule.weight(count)
+            )
+            self._worker.submit(pairing, weight)
+            host.write(buffer, count + 1)
+            return True
         if count == 0:
             pairing.averaged.apply(1.0)
         elif self.avg_fn is None and self.multi_avg_fn is None:
@@ -819,6 +932,7 @@ class AveragedModel(nn.Module):
     def load_state_dict(
         self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
+        self.join()
         result = super().load_state_dict(
             _strip_compile_prefix(state_dict), strict=strict, assign=assign
         )
@@ -826,15 +940,28 @@ class AveragedModel(nn.Module):
         return result
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AveragedModel:
+        self.join()
         self._pairing = None  # .to(), .cuda(), .half() ... give the average new tensors
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         # The pairing holds the trained model's tensors: never pickle or deep-copy it. The host
         # mirror of n_averaged starts again from the buffer (always up to date).
+        self.join()
+        worker = _Worker() if self.__dict__.get("_worker") is not None else None
         return dict(
-            super().__getstate__(), _pairing=None, _host=self._host.detached(), _source=None
+            super().__getstate__(),
+            _pairing=None,
+            _host=self._host.detached(),
+            _source=None,
+            _worker=worker,
         )
+
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        self.join()  # the module's tensors are saved by its own hook, after this one
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def attach(
         self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None, every: int = 1
@@ -873,6 +1000,7 @@ class AveragedModel(nn.Module):
         ``_orig_mod.`` or ``n_averaged``), only the averaged tensors with ``include``/``exclude``/
         ``trainable_only`` (load those with ``strict=False``)."""
         # Sharded averages are gathered here, so that save_average stays one path.
+        self.join()
         names = self.selected
         return {
             k: v.detach()
@@ -900,6 +1028,7 @@ class AveragedModel(nn.Module):
             >>> with swa_model.swapped_into(model):
             ...     accuracy = evaluate(model)
         """
+        self.join()
         params, buffers = _pairs(self.module, _unwrap(model), self.selected)
         pairs = [(t, a) for a, t in params + buffers if t.is_floating_point() or t.is_complex()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
@@ -1025,6 +1154,7 @@ def restart_from_average(
     (momentum) and resets the average's count so the next period starts a fresh average. A model
     whose tensors differ in count, shape or kind raises ``ValueError`` before anything is written.
     """
+    averaged.join()
     params, buffers = _pairs(averaged.module, _unwrap(model), averaged.selected)
     lerp_([t.detach() for _, t in params + buffers], [a.detach() for a, _ in params + buffers], 1.0)
     optimizer.state.clear()

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .averaging import AveragedModel
+
 __all__ = [
     "update_bn",
     "call_model",
@@ -120,6 +122,8 @@ def update_bn(
         raise ValueError(
             "give forward_fn or unpack=True, not both (forward_fn decides how to call)"
         )
+    if isinstance(model, AveragedModel):
+        model.join()  # an asynchronous update in flight would write the statistics reset below
     momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
     if not momenta:
         return
