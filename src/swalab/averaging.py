@@ -844,14 +844,25 @@ class AveragedModel(nn.Module):
         pairing = self._pairing
         if pairing is None or not pairing.binding.holds(model):
             self._pairing = None  # a failed check leaves nothing bound
-            pairing = self._pairing = _Pairing(self, model)
+            with torch.no_grad():
+                pairing = self._pairing = _Pairing(self, model)
         return pairing
+
+    def _weight(self, count: int) -> float | None:
+        """The weight of the (count + 1)-th model; None when a user function averages."""
+        if count == 0:
+            return 1.0
+        if self.avg_fn is not None or self.multi_avg_fn is not None:
+            return None
+        rule = self.rule  # an EMA given as a half-life scales its decay to the spacing
+        return (
+            rule.weight(count, self.update_every) if isinstance(rule, EMA) else rule.weight(count)
+        )
 
     def should_update(self, step: int) -> bool:
         """Whether ``step`` (0-based) is averaged: ``step >= update_after`` and every ``update_every``-th after it."""
         return step >= self.update_after and (step - self.update_after) % self.update_every == 0
 
-    @torch.no_grad()
     def update_parameters(self, model: nn.Module, step: int | None = None) -> bool:
         """Fold ``model``'s current weights into the average (the first averaged call copies them).
 
@@ -867,27 +878,17 @@ class AveragedModel(nn.Module):
         pairing = self._bind(model)
         buffer = self._buffers["n_averaged"]
         count = host.read(buffer)
+        weight = self._weight(count)
+        # The pairing holds detached aliases of both sides: no autograd, no torch.no_grad needed.
         if self._worker is not None:
-            rule = self.rule
-            weight = (
-                1.0
-                if count == 0
-                else rule.weight(count, self.update_every)
-                if isinstance(rule, EMA)
-                else rule.weight(count)
-            )
             self._worker.submit(pairing, weight)
-            host.write(buffer, count + 1)
-            return True
-        if count == 0:
-            pairing.averaged.apply(1.0)
-        elif self.avg_fn is None and self.multi_avg_fn is None:
-            rule = self.rule  # an EMA given as a half-life scales its decay to the spacing
-            weight = rule.weight(count, self.update_every) if isinstance(rule, EMA) else None
-            pairing.averaged.apply(rule.weight(count) if weight is None else weight)
+        elif weight is None:
+            with torch.no_grad():
+                self._update_with_torch_fn(pairing, buffer)
+            pairing.copied.apply(1.0)
         else:
-            self._update_with_torch_fn(pairing, buffer)
-        pairing.copied.apply(1.0)
+            pairing.averaged.apply(weight)
+            pairing.copied.apply(1.0)
         host.write(buffer, count + 1)
         return True
 
