@@ -166,3 +166,37 @@ def test_swapped_into_swaps_complex_parameters_too():
     with averaged.swapped_into(model) as swapped:
         torch.testing.assert_close(swapped.weight.detach(), expected)
     torch.testing.assert_close(model.weight.detach(), 3 * live)
+
+
+def test_binding_notices_a_layer_deleted_and_a_parameter_replaced_without_a_full_walk():
+    """The module trees are compared after a registration anywhere; a deletion changes a slot's
+    size, a new Parameter is a registration."""
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    model[0].weight = nn.Parameter(torch.full((5, 3), 2.0))
+    averaged.update_parameters(model)
+    torch.testing.assert_close(averaged.module[0].weight, (small_model()[0].weight + 2.0) / 2)
+    del model[3]
+    with pytest.raises(ValueError, match="model has 4 parameters, the averaged model has 6"):
+        averaged.update_parameters(model)
+    assert averaged.count == 2
+
+
+def test_the_hot_path_never_reads_n_averaged_from_the_buffer():
+    """The count comes from the host mirror unless someone else wrote the buffer."""
+    model = small_model()
+    averaged = swalab.AveragedModel(model)
+    averaged.update_parameters(model)
+    calls = []
+    original = torch.Tensor.__int__
+    torch.Tensor.__int__ = lambda self: calls.append(1) or original(self)
+    try:
+        for _ in range(3):
+            averaged.update_parameters(model)
+        assert calls == []
+        averaged.n_averaged.fill_(1)
+        averaged.update_parameters(model)
+        assert len(calls) == 1 and averaged.count == 2
+    finally:
+        torch.Tensor.__int__ = original
