@@ -1071,10 +1071,10 @@ def _copy_module(
     buffers, in the model's order, so that an update can be one operation over the whole buffer.
     Tensors a module keeps as plain attributes (the weight that ``weight_norm`` and
     ``spectral_norm`` compute in each forward, not a graph leaf, which ``copy.deepcopy`` refuses)
-    are copied detached. When ``copy.deepcopy`` still fails (a module holding a lock, a file or
-    another object that cannot be copied), the modules are copied one by one instead
-    (:func:`_copy_tree`), sharing such attributes with the model. With ``names``, only the named
-    tensors are copied; the others are the model's own, shared.
+    are copied detached (to ``device``, in their dtype). When ``copy.deepcopy`` still fails (a
+    module holding a lock, a file or another object that cannot be copied), the modules are copied
+    one by one instead (:func:`_copy_tree`), sharing such attributes with the model. With
+    ``names``, only the named tensors are copied; the others are the model's own, shared.
     """
     memo: dict[int, Any] = {}
     named = list(itertools.chain(model.named_parameters(), model.named_buffers()))
@@ -1103,9 +1103,7 @@ def _copy_module(
         memo[id(t)] = clone
     for t in _attribute_tensors(model):
         if id(t) not in memo:
-            memo[id(t)] = t.detach().to(
-                device=device, dtype=dtype if t.is_floating_point() else None, copy=True
-            )
+            memo[id(t)] = t.detach().to(device=device, copy=True)
     try:
         return copy.deepcopy(model, dict(memo))
     except Exception:  # noqa: BLE001 -- any object deepcopy cannot copy: copy module by module
