@@ -336,7 +336,8 @@ class ModelBinding:
     ``.data = ...`` and ``load_state_dict(..., assign=True)`` without walking
     ``named_parameters()`` again: the tensors' storage addresses are compared, and the module
     trees' slots by identity -- only after some module anywhere registered a child, parameter or
-    buffer (torch's global registration hooks count them), or a slot's size changed (``del``).
+    buffer (torch's global registration hooks count them), or a container lost a child (``del``).
+    (A parameter or buffer deleted with nothing registered after it is not noticed until then.)
     ``also`` are more modules watched the same way (the average's own, for ``AveragedModel``).
     """
 
@@ -346,9 +347,12 @@ class ModelBinding:
         """``tensors``: the model's own parameters and buffers (not detached aliases of them)."""
         self.model = model
         roots = [model, *also]
-        self._slots = _slots([m for root in roots for m in root.modules()])
+        modules = [m for root in roots for m in root.modules()]
+        self._slots = _slots(modules)
         self._registrations = _REGISTRATIONS[0]
         self._tree = _tree(self._slots)
+        self._containers = [m._modules for m in modules if m._modules]
+        self._children = sum(map(len, self._containers))
         self._tensors = list(tensors)
         self._ptrs = list(map(Tensor.data_ptr, self._tensors))
 
@@ -356,7 +360,7 @@ class ModelBinding:
         if model is not self.model or list(map(Tensor.data_ptr, self._tensors)) != self._ptrs:
             return False
         if self._registrations == _REGISTRATIONS[0]:
-            return sum(map(len, self._slots)) == len(self._tree)
+            return sum(map(len, self._containers)) == self._children
         tree = _tree(self._slots)
         if len(tree) != len(self._tree) or not all(map(operator.is_, tree, self._tree)):
             return False
