@@ -24,6 +24,7 @@ import numbers
 import operator
 import os
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -315,10 +316,12 @@ def _select(
 
 
 _REGISTRATIONS = [0]  # modules, parameters and buffers set on any module so far (see ModelBinding)
+_RECENT: deque[int] = deque(maxlen=256)  # id() of the modules of the latest registrations
 
 
 def _count_registration(module: nn.Module, name: str, value: Any) -> None:
     _REGISTRATIONS[0] += 1
+    _RECENT.append(id(module))
 
 
 for _register in (
@@ -335,8 +338,8 @@ class ModelBinding:
     ``holds(model)`` notices a replaced submodule or parameter, ``model.to(dtype)``,
     ``.data = ...`` and ``load_state_dict(..., assign=True)`` without walking
     ``named_parameters()`` again: the tensors' storage addresses are compared, and the module
-    trees' slots by identity -- only after some module anywhere registered a child, parameter or
-    buffer (torch's global registration hooks count them), or a container lost a child (``del``).
+    trees' slots by identity -- only after one of their modules registered a child, parameter or
+    buffer (torch's global registration hooks record which), or a container lost a child (``del``).
     (A parameter or buffer deleted with nothing registered after it is not noticed until then.)
     ``also`` are more modules watched the same way (the average's own, for ``AveragedModel``).
     """
@@ -353,19 +356,24 @@ class ModelBinding:
         self._tree = _tree(self._slots)
         self._containers = [m._modules for m in modules if m._modules]
         self._children = sum(map(len, self._containers))
+        self._ids = set(map(id, modules))
         self._tensors = list(tensors)
         self._ptrs = list(map(Tensor.data_ptr, self._tensors))
 
     def holds(self, model: nn.Module) -> bool:
         if model is not self.model or list(map(Tensor.data_ptr, self._tensors)) != self._ptrs:
             return False
-        if self._registrations == _REGISTRATIONS[0]:
-            return sum(map(len, self._containers)) == self._children
-        tree = _tree(self._slots)
-        if len(tree) != len(self._tree) or not all(map(operator.is_, tree, self._tree)):
-            return False
-        self._registrations = _REGISTRATIONS[0]  # registrations elsewhere: still ours
-        return True
+        now = _REGISTRATIONS[0]
+        if now != self._registrations:
+            new = now - self._registrations
+            if new > len(_RECENT) or any(
+                i in self._ids for i in itertools.islice(reversed(_RECENT), new)
+            ):  # one of ours registered something, or too many registrations to tell
+                tree = _tree(self._slots)
+                if len(tree) != len(self._tree) or not all(map(operator.is_, tree, self._tree)):
+                    return False
+            self._registrations = now  # still ours
+        return sum(map(len, self._containers)) == self._children
 
 
 class HostStaging:
