@@ -13,7 +13,10 @@ kernels is inside); CPU times, and the CPU-average rows, are wall-clock times. M
 interleaved (each round times every contender once, in a new order, so a busy machine slows all
 alike and no contender always runs after the same one).
 ``mlp_200`` (100 small linear layers, 200 tensors) shows the host work per tensor, which does not
-depend on the memory bandwidth. On the CPU, also measures the peak extra memory while building
+depend on the memory bandwidth. ``small_cnn_host`` is the small CNN with one channel per layer: its
+update time is the host time per update (checks, bookkeeping, op dispatch), against a floor of one
+``lerp_`` dispatch; it is timed with ``--host-repeats`` calls (one call is a few microseconds, and a
+median of many single calls is robust to the other jobs that preempt this one). On the CPU, also measures the peak extra memory while building
 the averaged copy of a ResNet-50, in units of its parameter bytes.
 """
 
@@ -54,18 +57,38 @@ def small_cnn() -> nn.Module:
     )
 
 
+def small_cnn_host() -> nn.Module:
+    """The small CNN's layers and tensors (12 parameters, 6 buffers) with one channel and one unit
+    each: the update's arithmetic is negligible, so its time is the host's work per update."""
+    return nn.Sequential(
+        nn.Conv2d(3, 1, 3, padding=1),
+        nn.BatchNorm2d(1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(1, 1, 3, padding=1),
+        nn.BatchNorm2d(1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(1, 1),
+        nn.ReLU(),
+        nn.Linear(1, 1),
+    )
+
+
 def mlp_200() -> nn.Module:
     return nn.Sequential(*[nn.Linear(16, 16) for _ in range(100)])
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "small_cnn": small_cnn,
+    "small_cnn_host": small_cnn_host,
     "mlp_200": mlp_200,
     "resnet50": lambda: torchvision.models.resnet50(),
     "vit_b_16": lambda: torchvision.models.vit_b_16(),
 }
 DEFAULT_MODELS = {
-    "cpu": "small_cnn,mlp_200,resnet50",
+    "cpu": "small_cnn,small_cnn_host,mlp_200,resnet50",
     "cuda": "small_cnn,mlp_200,resnet50,vit_b_16",
 }
 
@@ -219,7 +242,8 @@ def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
         baseline_label = label.replace("swalab", "baseline")
         if label.startswith("swalab") and baseline_label in times:
             speedup += f" ({times[baseline_label] / ms:.1f}× baseline)"
-        print(f"| {label} | {ms:.3f} | {ms / floors[floor]:.2f} | {speedup} |")
+        digits = 4 if ms < 0.1 else 3
+        print(f"| {label} | {ms:.{digits}f} | {ms / floors[floor]:.2f} | {speedup} |")
     print()
 
 
@@ -231,6 +255,9 @@ def main() -> None:
     )
     parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--host-repeats", type=int, default=3000, help="calls per median for small_cnn_host"
+    )
     parser.add_argument(
         "--baseline", help="path of another swalab/averaging.py to time beside this one"
     )
@@ -252,10 +279,14 @@ def main() -> None:
         if device.type == "cuda"
         else f"{torch.get_num_threads()} threads"
     )
-    print(f"torch {torch.__version__}, {where}, median of {repeats} calls\n")
+    print(
+        f"torch {torch.__version__}, {where}, median of {repeats} calls"
+        f" ({max(repeats, args.host_repeats)} for small_cnn_host)\n"
+    )
     baseline = load_baseline(args.baseline) if args.baseline else None
     for name in names:
-        print_table(name, time_updates(name, repeats, device, baseline))
+        n = max(repeats, args.host_repeats) if name == "small_cnn_host" else repeats
+        print_table(name, time_updates(name, n, device, baseline))
     if device.type == "cpu":
         print(
             "### Peak extra memory while building the averaged copy of resnet50"

@@ -43,7 +43,7 @@ def test_linear_bn_statistics_by_hand(batch_format):
     elif batch_format == "tuple":
         loader, kwargs = [(x, torch.zeros(len(x))) for x in xs], {}
     elif batch_format == "dict":
-        loader, kwargs = [{"input": x} for x in xs], {}
+        loader, kwargs = [{"input": x} for x in xs], {"unpack": True}
         model = DictModel(model).eval()
     else:
         loader = [{"pixels": x, "label": 0} for x in xs]
@@ -90,7 +90,7 @@ def test_tuple_input_is_unpacked_and_max_batches_limits_the_pass():
 
     xs = batches([10, 10, 10], 4)
     model = TwoInputs()
-    swalab.update_bn([((x, 2.0), None) for x in xs], model, max_batches=2)
+    swalab.update_bn([((x, 2.0), None) for x in xs], model, max_batches=2, unpack=True)
     mean, var = expected_stats([2 * x for x in xs[:2]], 0)
     torch.testing.assert_close(model.bn.running_mean, mean)
     torch.testing.assert_close(model.bn.running_var, var)
@@ -152,3 +152,44 @@ def test_empty_loader_raises_before_resetting_statistics():
 def test_max_batches_must_be_a_positive_integer(max_batches):
     with pytest.raises(ValueError, match="max_batches"):
         swalab.update_bn(batches([4], 4), linear_bn(), max_batches=max_batches)
+
+
+class DictInput(nn.Module):
+    """A model that takes the whole dict batch as one argument, as torch's update_bn calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, batch):
+        return self.bn(batch["x"] * batch["scale"])
+
+
+def test_torch_batch_convention_is_the_default_and_unpacking_is_asked_for():
+    """Issue 23, class 1: a dict batch is passed whole, a tuple's first element is the input."""
+    xs = batches([8, 8], 4)
+    ours, theirs = DictInput(), DictInput()
+    dict_batches = [{"x": x, "scale": 3.0} for x in xs]
+    swalab.update_bn(dict_batches, ours)
+    swa_utils.update_bn(dict_batches, theirs)
+    mean, var = expected_stats([3 * x for x in xs], 0)
+    for model in (ours, theirs):
+        torch.testing.assert_close(model.bn.running_mean, mean)
+        torch.testing.assert_close(model.bn.running_var, var)
+    seen = []
+    swalab.update_bn([[x, 1] for x in xs], _Recorder(seen))
+    assert all(s is x for s, x in zip(seen, xs)) and len(seen) == 2  # model(batch[0]), as torch
+    with pytest.raises(ValueError, match="forward_fn or unpack=True"):
+        swalab.update_bn(xs, linear_bn(), forward_fn=lambda m, b: m(b), unpack=True)
+    with pytest.raises(ValueError, match="unpack must be True or False, got 'yes'"):
+        swalab.update_bn(xs, linear_bn(), unpack="yes")
+
+
+class _Recorder(nn.Module):
+    def __init__(self, seen) -> None:
+        super().__init__()
+        self.bn, self.seen = nn.BatchNorm1d(4), seen
+
+    def forward(self, x):
+        self.seen.append(x)
+        return self.bn(x)

@@ -17,7 +17,17 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["update_bn", "call_model", "default_forward", "has_batchnorm", "move_to"]
+from .averaging import AveragedModel
+
+__all__ = [
+    "update_bn",
+    "call_model",
+    "default_forward",
+    "has_batchnorm",
+    "move_to",
+    "torch_forward",
+    "unpacking_forward",
+]
 
 _EMPTY = object()  # what next() returns for a loader without batches
 
@@ -44,18 +54,27 @@ def move_to(batch: Any, device: Any) -> Any:
     return batch
 
 
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on a batch as ``update_bn`` does by default.
+def torch_forward(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on a batch as ``torch.optim.swa_utils.update_bn`` does (``update_bn``'s default):
+    ``model(batch[0])`` for a list/tuple, ``model(batch)`` for anything else (a dict included)."""
+    return model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+
+def unpacking_forward(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on a batch, unpacking it (``update_bn(..., unpack=True)``).
 
     A tensor is the input; a list/tuple's first element is the input (torch's rule), and an input
     that is itself a tuple/list is unpacked (``model(*x)``, e.g. a graph's features, adjacency and
-    mask); a dict is passed as keyword arguments (``model(**batch)``).
+    mask); a dict is passed as keyword arguments (``model(**batch)``, e.g. a Hugging Face batch).
     """
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (list, tuple)):
         batch = batch[0]
     return call_model(model, batch)
+
+
+default_forward = unpacking_forward  # the name ensemble prediction uses for its batches
 
 
 @torch.no_grad()
@@ -66,6 +85,7 @@ def update_bn(
     *,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     max_batches: int | None = None,
+    unpack: bool = False,
 ) -> None:
     """Recompute BatchNorm running statistics of ``model`` with one pass over ``loader``.
 
@@ -75,9 +95,12 @@ def update_bn(
         loader: batches: tensors, ``(x, y)`` lists/tuples, dicts, or anything ``forward_fn`` takes.
         model: the model (e.g. an ``AveragedModel``) whose BN statistics are recomputed.
         device: if set, every tensor of a batch is moved there first.
-        forward_fn: ``forward_fn(model, batch)`` runs the model on a batch (default:
-            :func:`default_forward`).
+        forward_fn: ``forward_fn(model, batch)`` runs the model on a batch (default: torch's
+            convention, :func:`torch_forward`: ``model(batch[0])`` for a list/tuple, else
+            ``model(batch)``, a dict included).
         max_batches: stop after this many batches (all by default).
+        unpack: unpack batches instead (:func:`unpacking_forward`): a dict as keyword arguments
+            (``model(**batch)``), an input that is a tuple/list as arguments (``model(*x)``).
 
     Raises:
         ValueError: if the model has BatchNorm layers and ``loader`` yields no batch (nothing is
@@ -93,6 +116,14 @@ def update_bn(
     integral = isinstance(max_batches, numbers.Integral) and not isinstance(max_batches, bool)
     if max_batches is not None and not (integral and max_batches >= 1):
         raise ValueError(f"max_batches must be an integer >= 1, got {max_batches!r}")
+    if not isinstance(unpack, bool):
+        raise ValueError(f"unpack must be True or False, got {unpack!r}")
+    if unpack and forward_fn is not None:
+        raise ValueError(
+            "give forward_fn or unpack=True, not both (forward_fn decides how to call)"
+        )
+    if isinstance(model, AveragedModel):
+        model.join()  # an asynchronous update in flight would write the statistics reset below
     momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
     if not momenta:
         return
@@ -108,7 +139,7 @@ def update_bn(
         module.momentum = None
     was_training = model.training
     model.train()
-    forward = forward_fn or default_forward
+    forward = forward_fn or (unpacking_forward if unpack else torch_forward)
     try:
         for i, batch in enumerate(itertools.chain([] if first is _EMPTY else [first], batches)):
             if max_batches is not None and i >= max_batches:

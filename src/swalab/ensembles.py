@@ -340,7 +340,8 @@ def _finish(
     model.load_state_dict(soup)
     if bn_loader is None:
         return soup
-    update_bn(bn_loader, model, next(model.parameters()).device, forward_fn=forward_fn)
+    device = next(model.parameters()).device  # batches are run as for prediction (unpacked)
+    update_bn(bn_loader, model, device, forward_fn=forward_fn, unpack=forward_fn is None)
     return {k: v.detach().to(soup[k].device, copy=True) for k, v in model.state_dict().items()}
 
 

@@ -324,7 +324,12 @@ def bma_predict(
         model = swag.sample(scale, cov, generator=generator)
         if has_bn:
             update_bn(
-                bn_loader, model, swag.device, forward_fn=forward_fn, max_batches=max_bn_batches
+                bn_loader,
+                model,
+                swag.device,
+                forward_fn=forward_fn,
+                max_batches=max_bn_batches,
+                unpack=forward_fn is None,  # as for prediction
             )
         if predict_fn is None:
             outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)

@@ -292,6 +292,7 @@ class AveragingCallback(pl.Callback):
                     device,
                     forward_fn=self.bn_forward_fn,
                     max_batches=self.bn_max_batches,
+                    unpack=self.bn_forward_fn is None,  # the default documented above
                 )
         if self.copy_to_model:
             pl_module.load_state_dict(self.averaged.module.state_dict())

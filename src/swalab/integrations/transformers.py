@@ -148,7 +148,7 @@ class AveragingCallback(transformers.TrainerCallback):
             return
         if self.update_bn and train_dataloader is not None:
             device = next(self.averaged.module.parameters()).device
-            update_bn(train_dataloader, self.averaged.module, device)
+            update_bn(train_dataloader, self.averaged.module, device, unpack=True)
         if state.is_world_process_zero:
             self._save(Path(args.output_dir) / AVERAGE_DIR)
         if self.copy_to_model:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..averaging import EMA, SWA, AveragedModel, restart_from_average
-from ..bn import has_batchnorm, update_bn
+from ..bn import has_batchnorm
+from ..bn import update_bn as _update_bn
 from ..data import Split
 from ..ensembles import (
     FGE,
@@ -54,6 +56,9 @@ METHODS = Registry("method")
 # paired baseline of every table ("baseline"), the average the landscape compares with it
 # ("average"), or an ensemble of predictions ("ensemble").
 ROLES = ("baseline", "average", "ensemble")
+
+# The lab's batches are (x, y) with x a tensor or a tuple of inputs (graph models): unpacked.
+update_bn = partial(_update_bn, unpack=True)
 
 
 def _role(role: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..bn import call_model, has_batchnorm, update_bn
+from ..bn import call_model, has_batchnorm
 from ..data import DataBundle
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
@@ -36,7 +36,7 @@ from .distributed import (
 )
 from .evaluation import EvalContext, evaluate, model_outputs
 from .inputs import bn_loader, build_model, train_loader
-from .methods import Recipe, recipe_of
+from .methods import Recipe, recipe_of, update_bn
 from .precision import Precision
 from .rundir import RunFiles
 from .sharing import Branch, plan_branches
