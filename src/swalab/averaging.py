@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import numbers
@@ -33,6 +34,8 @@ from torch.optim.swa_utils import (
     get_swa_avg_fn,
     get_swa_multi_avg_fn,
 )
+
+from swalab import sharded
 
 __all__ = [
     "AverageState",
@@ -171,19 +174,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = getattr(model.module, "_orig_mod", model.module)
     return model
-
-
-def _check_not_sharded(model: nn.Module) -> None:
-    """Refuse FSDP (1 or 2) and DTensor-sharded models: each rank holds only shards of the weights."""
-    sharded = any(
-        type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
-        for m in model.modules()
-    ) or any(type(p).__name__ == "DTensor" for p in model.parameters())
-    if sharded:
-        raise ValueError(
-            "AveragedModel does not support sharded models (FSDP, DTensor parameters): average an unsharded "
-            "model, e.g. one trained with DistributedDataParallel, or the full state_dict gathered from the shards"
-        )
 
 
 def _one_foreach_call(fn: Any) -> bool:
@@ -473,6 +463,11 @@ class _Pairing:
 
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
         param_pairs, buffer_pairs = _pairs(averaged.module, model)
+        if averaged.sharded:  # the rank's own shards (a ValueError if the sharding changed)
+            sharded.check_layout(
+                list(averaged.module.named_parameters()), list(model.named_parameters())
+            )
+            param_pairs = [(sharded.local(a), sharded.local(t)) for a, t in param_pairs]
         pairs = param_pairs + buffer_pairs
         # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
         self.binding = ModelBinding(model, [t for _, t in pairs] + [a for a, _ in pairs])
@@ -509,7 +504,8 @@ class AveragedModel(nn.Module):
 
     Args:
         model: the model whose weights are averaged (``torch.compile`` and ``DistributedDataParallel``
-            wrappers are unwrapped; FSDP-sharded models are refused with a ``ValueError``).
+            wrappers are unwrapped). A model sharded with FSDP2 or holding DTensor parameters is
+            averaged shard by shard (see :mod:`swalab.sharded`).
         device: where the average lives (e.g. ``"cpu"`` for a GPU model); default: the model's.
         avg_fn: torch-style per-tensor function ``(averaged, current, n_averaged) -> new averaged``.
         multi_avg_fn: torch-style in-place function over lists of tensors.
@@ -555,8 +551,17 @@ class AveragedModel(nn.Module):
             raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         if isinstance(update_after, bool) or not isinstance(update_after, int) or update_after < 0:
             raise ValueError(f"update_after must be an integer >= 0, got {update_after!r}")
-        _check_not_sharded(model)
-        self.module = _copy_module(_unwrap(model), device, dtype)
+        self.sharded = sharded.is_sharded(model)
+        if self.sharded and device is not None:
+            raise ValueError(
+                f"device={device!r}: the average of a sharded model lives with its shards (leave device unset)"
+            )
+        copy_module = (
+            sharded.average_module
+            if self.sharded
+            else functools.partial(_copy_module, device=device)
+        )
+        self.module = copy_module(_unwrap(model), dtype=dtype)
         # n_averaged is torch's buffer; the count lives on the host and is written into it when the
         # buffer is read (the property below) or saved, so updates launch no kernel for it.
         self._buffers["n_averaged"] = torch.tensor(0, dtype=torch.long, device=device)
@@ -571,6 +576,11 @@ class AveragedModel(nn.Module):
         self._pairing: _Pairing | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.sharded:
+            raise ValueError(
+                "the average of a sharded model runs inside the model: "
+                "use `with averaged.swapped_into(model): model(x)`"
+            )
         return self.module(*args, **kwargs)
 
     @property
@@ -610,6 +620,8 @@ class AveragedModel(nn.Module):
             step, self._calls = self._calls, self._calls + 1
         if not self.should_update(step):
             return False
+        if self.sharded:
+            sharded.reshard(model)  # FSDP2 left unsharded by an evaluation: back to its shards
         pairing = self._bind(_unwrap(model))
         if self._count == 0:
             pairing.averaged.apply(1.0)
@@ -698,9 +710,18 @@ class AveragedModel(nn.Module):
             >>> with swa_model.swapped_into(model):
             ...     accuracy = evaluate(model)
         """
+        if self.sharded:
+            sharded.reshard(model)
         params, buffers = _pairs(self.module, _unwrap(model))
-        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
+        if self.sharded:
+            sharded.check_layout(
+                list(self.module.named_parameters()), list(_unwrap(model).named_parameters())
+            )
+            with sharded.swapped_into(params, buffers):
+                yield model
+            return
+        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point()]
         saved = _exchange(pairs, saved=None)
         try:
             yield model
@@ -727,7 +748,7 @@ def _exchange(
     return out
 
 
-def _copy_module(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn.Module:
+def _copy_module(model: nn.Module, *, device: Any, dtype: torch.dtype | None) -> nn.Module:
     """Deep copy with every tensor created directly on ``device``/``dtype`` (one copy at peak).
 
     The copies of each (device, dtype) are views into one flat buffer, parameters first, then
@@ -768,7 +789,14 @@ def restart_from_average(
     (momentum) and resets the average's count so the next period starts a fresh average. A model
     whose tensors differ in count, shape or kind raises ``ValueError`` before anything is written.
     """
+    if averaged.sharded:
+        sharded.reshard(model)
     params, buffers = _pairs(averaged.module, _unwrap(model))
+    if averaged.sharded:
+        sharded.check_layout(
+            list(averaged.module.named_parameters()), list(_unwrap(model).named_parameters())
+        )
+        params = [(sharded.local(a), sharded.local(t)) for a, t in params]
     lerp_([t.detach() for _, t in params + buffers], [a.detach() for a, _ in params + buffers], 1.0)
     optimizer.state.clear()
     averaged.reset()

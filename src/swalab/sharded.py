@@ -1,0 +1,259 @@
+"""Averages of sharded models: FSDP2 (``fully_shard``) and tensor-parallel (DTensor) parameters.
+
+Each rank holds only its shards of the weights, so the average of a sharded model is held the same
+way: one DTensor per parameter with the parameter's mesh and placements (FSDP2's uneven dim-0
+shards included), whose local tensor is updated from the parameter's local tensor. The SWA/EMA
+update of Izmailov et al. (2018) is elementwise, so folding each shard in locally is the update of
+the whole model, with no collective. Gathering happens only when asked: :func:`save_average`
+(one gather, a plain ``state_dict``) and the DCP checkpoints (:func:`save_checkpoint`,
+:func:`load_checkpoint`), which torch.distributed.checkpoint reshards to any world size.
+
+``AveragedModel``, ``SWAG`` and ``FGE`` call into this module when given a sharded model; users
+normally only call :func:`save_checkpoint` / :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["is_sharded", "save_checkpoint", "load_checkpoint", "save_average", "gather"]
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds DTensor parameters or is sharded with FSDP2's ``fully_shard``."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
+        is_dtensor(p) for p in model.parameters()
+    )
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2 modules left unsharded (after a forward without backward) back into their
+    sharded state, so that their parameters are the DTensor shards (no collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def local(t: Tensor) -> Tensor:
+    """The rank's own part of ``t``: the local tensor of a DTensor (the storage FSDP2 all-gathers
+    from), or ``t`` itself."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def _layout(t: Tensor) -> str:
+    if not is_dtensor(t):
+        return "not sharded (a plain tensor)"
+    return f"sharded as {tuple(t.placements)} over {t.device_mesh} with local shape {tuple(t._local_tensor.shape)}"
+
+
+def check_layout(ours: Sequence[tuple[str, Tensor]], theirs: Sequence[tuple[str, Tensor]]) -> None:
+    """``ValueError`` naming the first tensor whose sharding (DTensor or not, mesh, placements,
+    local shape) differs from the average's; names and global shapes are checked by the caller."""
+    for (name, a), (_, t) in zip(ours, theirs):
+        same = is_dtensor(a) == is_dtensor(t) and (
+            not is_dtensor(a)
+            or (
+                a.device_mesh == t.device_mesh
+                and tuple(a.placements) == tuple(t.placements)
+                and a._local_tensor.shape == t._local_tensor.shape
+            )
+        )
+        if not same:
+            raise ValueError(
+                f"{name} is {_layout(t)}, the average's is {_layout(a)}: the model's sharding changed "
+                "since the average was made (build a new average for the new sharding)"
+            )
+
+
+def _like(t: Tensor, local_copy: Tensor) -> Tensor:
+    """A DTensor with ``t``'s mesh, placements and global shape around ``local_copy``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local_copy, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    )
+
+
+@torch.no_grad()
+def average_module(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A module tree with ``model``'s names holding copies of its parameters and buffers.
+
+    DTensor parameters become DTensors of the same mesh and placements, their local tensors views
+    into one flat buffer per dtype (so an update is one op over it). No FSDP state or hook is
+    copied: the tree only holds the average; it is evaluated inside the model
+    (``swapped_into``). Tied parameters stay tied.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    target = [dtype if (dtype is not None and t.is_floating_point()) else t.dtype for t in tensors]
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    for t, d in zip(tensors, target):
+        key = (local(t).device, d)
+        sizes[key] = sizes.get(key, 0) + local(t).numel()
+    flats = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
+    copies: dict[int, Tensor] = {}
+    for t, d in zip(tensors, target):
+        lt = local(t)
+        key = (lt.device, d)
+        start = offsets[key]
+        offsets[key] += lt.numel()
+        clone = flats[key][start : start + lt.numel()].view(lt.shape)
+        clone.copy_(lt.detach())
+        if is_dtensor(t):
+            clone = _like(t, clone)
+        if isinstance(t, nn.Parameter):
+            clone = nn.Parameter(clone, requires_grad=False)
+        copies[id(t)] = clone
+    mirror: dict[int, nn.Module] = {}
+    for m in model.modules():
+        copy = mirror[id(m)] = nn.Module()
+        for pname, p in m._parameters.items():
+            copy.register_parameter(pname, None if p is None else copies[id(p)])
+        for bname, b in m._buffers.items():
+            copy.register_buffer(
+                bname,
+                None if b is None else copies[id(b)],
+                persistent=bname not in m._non_persistent_buffers_set,
+            )
+    for m in model.modules():
+        for cname, child in m._modules.items():
+            if child is not None:
+                mirror[id(m)].add_module(cname, mirror[id(child)])
+    return mirror[id(model)]
+
+
+@contextlib.contextmanager
+def swapped_into(
+    params: Sequence[tuple[Tensor, Tensor]], buffers: Sequence[tuple[Tensor, Tensor]]
+) -> Iterator[None]:
+    """Copy the average's local shards into the model's (``(average, live)`` pairs), then back.
+
+    Parameters are copied in place into the local tensors FSDP2 all-gathers from (a swap of
+    ``.data`` would not reach them); the model's shards are saved aside (1/world of the model per
+    rank). Floating buffers swap storage, so statistics recomputed inside the block (``update_bn``)
+    stay with the average.
+    """
+    live = [local(t).detach() for _, t in params]
+    avg = [local(a).detach() for a, _ in params]
+    with torch.no_grad():
+        saved = [t.clone() for t in live]
+        if live:
+            torch._foreach_copy_(live, avg)
+    floating = [(a, t) for a, t in buffers if t.is_floating_point()]
+    for a, t in floating:
+        t.data, a.data = a.data, t.data
+    try:
+        yield
+    finally:
+        for a, t in floating:
+            t.data, a.data = a.data, t.data
+        with torch.no_grad():
+            if live:
+                torch._foreach_copy_(live, saved)
+
+
+def gather(t: Tensor) -> Tensor:
+    """The whole tensor on every rank (one all-gather for a DTensor), detached."""
+    return t.detach().full_tensor() if is_dtensor(t) else t.detach()
+
+
+def _plain_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k.replace("_orig_mod.", ""): v for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def save_average(module: nn.Module, path: str | os.PathLike) -> None:
+    """Gather the average once and write it on rank 0 as a plain ``state_dict`` (CPU tensors, the
+    model's keys) that ``load_state_dict`` takes into the unsharded model; a whole file or none."""
+    from swalab.ensembles import _save_whole
+
+    state = {k: gather(v).cpu() for k, v in _plain_state(module).items()}
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        _save_whole(state, Path(path))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _checkpoint_state(obj: Any) -> dict[str, Any]:
+    state = obj.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{type(obj).__name__}.state_dict() must map names to tensors for a DCP checkpoint"
+        )
+    return state
+
+
+def _fp32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32) if t.is_floating_point() else t.detach()
+
+
+@torch.no_grad()
+def save_checkpoint(averaged: Any, path: str | os.PathLike) -> None:
+    """Save an average (``AveragedModel``, sharded or not) with ``torch.distributed.checkpoint``.
+
+    Every rank writes its own shards, floating tensors in float32 whatever the parameters' dtype;
+    :func:`load_checkpoint` reads it back with any number of processes (DCP reshards). Call it on
+    every rank.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    state = {k: _fp32(v) for k, v in _checkpoint_state(averaged).items()}
+    dcp.save(state, checkpoint_id=os.fspath(path))
+
+
+@torch.no_grad()
+def load_checkpoint(averaged: Any, path: str | os.PathLike) -> None:
+    """Load what :func:`save_checkpoint` wrote, resharded to ``averaged``'s layout (any world size).
+
+    Names and shapes are checked against the checkpoint's metadata first and the tensors read into
+    fresh copies, so a mismatch raises ``ValueError`` naming the tensor and leaves ``averaged``
+    untouched.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ours = _checkpoint_state(averaged)
+    metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    missing = sorted(set(ours) - set(metadata))
+    extra = sorted(set(metadata) - set(ours))
+    if missing or extra:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} does not match the average: missing {missing}, unexpected {extra}"
+        )
+    for key, value in ours.items():
+        meta = metadata[key]
+        if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != tuple(value.shape):
+            shape = tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else "no tensor"
+            raise ValueError(
+                f"{key} has shape {shape} in checkpoint {os.fspath(path)!r}, the average has {tuple(value.shape)}"
+            )
+    fresh = {k: torch.empty_like(_fp32(v)) for k, v in ours.items()}
+    dcp.load(fresh, checkpoint_id=os.fspath(path))
+    averaged.load_state_dict(fresh)
