@@ -718,7 +718,7 @@ class AveragedModel(nn.Module):
             sharded.check_layout(
                 list(self.module.named_parameters()), list(_unwrap(model).named_parameters())
             )
-            with sharded.swapped_into(params, buffers):
+            with sharded.swapped_into(model, params, buffers):
                 yield model
             return
         pairs = [(t, a) for a, t in params + buffers if t.is_floating_point()]

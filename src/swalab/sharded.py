@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,14 +151,17 @@ def average_module(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 @contextlib.contextmanager
 def swapped_into(
-    params: Sequence[tuple[Tensor, Tensor]], buffers: Sequence[tuple[Tensor, Tensor]]
+    model: nn.Module,
+    params: Sequence[tuple[Tensor, Tensor]],
+    buffers: Sequence[tuple[Tensor, Tensor]],
 ) -> Iterator[None]:
     """Copy the average's local shards into the model's (``(average, live)`` pairs), then back.
 
     Parameters are copied in place into the local tensors FSDP2 all-gathers from (a swap of
     ``.data`` would not reach them); the model's shards are saved aside (1/world of the model per
     rank). Floating buffers swap storage, so statistics recomputed inside the block (``update_bn``)
-    stay with the average.
+    stay with the average. FSDP2 modules left unsharded by a forward inside the block are
+    resharded before the model's shards are put back.
     """
     live = [local(t).detach() for _, t in params]
     avg = [local(a).detach() for a, _ in params]
@@ -171,6 +175,7 @@ def swapped_into(
     try:
         yield
     finally:
+        reshard(model)
         for a, t in floating:
             t.data, a.data = a.data, t.data
         with torch.no_grad():
@@ -255,5 +260,7 @@ def load_checkpoint(averaged: Any, path: str | os.PathLike) -> None:
                 f"{key} has shape {shape} in checkpoint {os.fspath(path)!r}, the average has {tuple(value.shape)}"
             )
     fresh = {k: torch.empty_like(_fp32(v)) for k, v in ours.items()}
-    dcp.load(fresh, checkpoint_id=os.fspath(path))
+    with warnings.catch_warnings():  # one process without a process group is a supported case
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(fresh, checkpoint_id=os.fspath(path))
     averaged.load_state_dict(fresh)

@@ -1,0 +1,260 @@
+"""Averages of sharded models (FSDP2 ``fully_shard``, tensor-parallel DTensors) on the CPU with gloo.
+
+Each test spawns 2 or 3 ranks on loopback (``torch.multiprocessing.spawn``), trains the sharded
+model and the same model unsharded on the same batches, and checks the gathered averages against
+the unsharded ones (float rounding), the bytes each rank holds, that ``update_parameters`` issues
+no collective (every c10d op is counted by a dispatch mode), and the DCP checkpoints resharded
+from 2 ranks to 1 and 3.
+"""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import swalab
+from swalab import sharded
+
+STEPS = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world, *args):
+    torch.multiprocessing.spawn(_entry, args=(fn, world, _free_port(), *args), nprocs=world)
+
+
+def _entry(rank, fn, world, port, *args):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+class CountCollectives(TorchDispatchMode):
+    """Counts every c10d op (torch.distributed's and the functional collectives) dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "c10d" in func.namespace:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _net():
+    # 5 and 3 rows: uneven dim-0 shards over 2 ranks (3/2, 2/1) and over 3 ranks (2/2/1, 1/1/1)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _fsdp(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)) for _ in range(STEPS)]
+
+
+def _averages(model):
+    return {
+        "swa": swalab.AveragedModel(model),
+        "ema": swalab.AveragedModel(model, rule=swalab.EMA(0.8)),
+        "user": swalab.AveragedModel(
+            model, multi_avg_fn=swalab.get_ema_multi_avg_fn(0.7), dtype=torch.float64
+        ),
+    }
+
+
+def _train(model, averages, counter=None):
+    """20 SGD steps on the same full batches (every rank feeds the whole batch, so FSDP's averaged
+    gradient is the unsharded one); every average updated after each step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in _batches():
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        with counter if counter is not None else torch.no_grad():
+            for averaged in averages.values():
+                averaged.update_parameters(model)
+
+
+def _gathered(averaged):
+    return {k: sharded.gather(v) for k, v in averaged.state_dict().items()}
+
+
+def _local_bytes(module):
+    return sum(
+        sharded.local(p).numel() * sharded.local(p).element_size() for p in module.parameters()
+    )
+
+
+def _fsdp_worker(rank, world, out):
+    reference = _net()
+    ref_averages = _averages(reference)
+    _train(reference, ref_averages)
+
+    model = _fsdp(_net(), world)
+    averages = _averages(model)
+    counter = CountCollectives()
+    _train(model, averages, counter)
+    assert counter.ops == [], counter.ops
+    with CountCollectives() as forward:  # the counter does see FSDP's all-gathers
+        model(torch.zeros(1, 3))
+    assert any("allgather" in op for op in forward.ops), forward.ops
+    model.reshard()  # the root stays unsharded after a forward without backward
+
+    for name, averaged in averages.items():
+        assert averaged.count == STEPS
+        got, want = _gathered(averaged), ref_averages[name].state_dict()
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], msg=f"{name} {key}")
+        # the average is sharded like the model: same placements, 1/world of the bytes per rank
+        for (key, a), (_, p) in zip(averaged.module.named_parameters(), model.named_parameters()):
+            assert (a.placements, a.device_mesh) == (p.placements, p.device_mesh), key
+            assert sharded.local(a).shape == sharded.local(p).shape
+    swa = averages["swa"]
+    mine = torch.tensor(_local_bytes(swa.module))
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    full = sum(p.numel() * 4 for p in reference.parameters())
+    assert sum(int(b) for b in everyone) == full
+    assert int(mine) == _local_bytes(model)  # the model's own shard, in fp32
+    assert int(mine) < full
+
+    # the average evaluated inside the sharded model, then the model's weights back
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(x)
+        with swa.swapped_into(model) as m:
+            inside = m(x)
+        after = model(x)
+    torch.testing.assert_close(inside, ref_averages["swa"].module(x))
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="swapped_into"):
+        swa(x)
+
+    # bad input: the sharding changed (placements, or no sharding at all), the average untouched
+    resharded = _tp(_net(), world)  # layer 2's weight Shard(1) where FSDP2 has Shard(0)
+    saved = {k: v.clone() for k, v in _gathered(swa).items()}
+    with pytest.raises(ValueError, match=r"^2\.weight is sharded as \(Shard\(dim=1\),\)"):
+        swa.update_parameters(resharded)
+    with pytest.raises(ValueError, match=r"^0\.weight is not sharded"):
+        swa.update_parameters(_net())
+    assert swa.count == STEPS
+    for key, value in _gathered(swa).items():
+        assert torch.equal(value, saved[key]), key
+    swa.update_parameters(model)  # the right model still averages
+    assert swa.count == STEPS + 1
+
+    # checkpoints: DCP (every rank its shards) and one gathered plain state_dict
+    rebuilt = swalab.AveragedModel(model)
+    sharded.save_checkpoint(averages["user"], f"{out}/dcp")
+    swalab.sharded.save_average(averages["user"].module, f"{out}/plain.pt")
+    sharded.load_checkpoint(rebuilt, f"{out}/dcp")
+    assert rebuilt.count == STEPS
+    for key, value in _gathered(rebuilt).items():
+        torch.testing.assert_close(value, _gathered(averages["user"])[key].to(value.dtype))
+    expected = _gathered(averages["user"])  # a collective: on every rank
+    if rank == 0:
+        torch.save(expected, f"{out}/expected.pt")
+
+
+def _load_worker(rank, world, out):
+    """Load the 2-rank DCP checkpoint into a 3-rank FSDP2 average."""
+    model = _fsdp(_net(), world)
+    averaged = swalab.AveragedModel(model)
+    sharded.load_checkpoint(averaged, f"{out}/dcp")
+    assert averaged.count == STEPS
+    expected = torch.load(f"{out}/expected.pt")
+    for key, value in _gathered(averaged).items():
+        assert torch.equal(value, expected[key].float()), key
+    assert sharded.local(averaged.module.get_submodule("0").weight).shape[0] == (2 if rank < 2 else 1)
+
+
+def test_fsdp2_averages_equal_unsharded_ones_and_checkpoints_reshard(tmp_path):
+    _spawn(_fsdp_worker, 2, str(tmp_path))
+    expected = torch.load(tmp_path / "expected.pt")
+    # saved by 2 processes, loaded by 1 (no process group: an ordinary average) ...
+    single = swalab.AveragedModel(_net())
+    sharded.load_checkpoint(single, tmp_path / "dcp")
+    assert single.count == STEPS
+    for key, value in single.state_dict().items():
+        assert value.dtype != torch.float64 or key == "n_averaged"
+        assert torch.equal(value, expected[key].to(value.dtype)), key
+    # ... and by 3
+    _spawn(_load_worker, 3, str(tmp_path))
+    # save_average: a plain state_dict of the model's keys, loading into the unsharded model
+    plain = torch.load(tmp_path / "plain.pt")
+    model = _net()
+    model.load_state_dict(plain)
+    assert set(plain) == set(model.state_dict())
+    for key, value in plain.items():
+        assert torch.equal(value, expected["module." + key]), key
+    # a checkpoint of another shape: ValueError naming the tensor, the average untouched
+    other = swalab.AveragedModel(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^module\.0\.weight has shape \(5, 3\) in checkpoint"):
+        sharded.load_checkpoint(other, tmp_path / "dcp")
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def _tp(model, world):
+    """Tensor parallel: the first layer's weight Shard(0) (uneven), the second Shard(1) with a
+    Replicate bias."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (world,))
+    return parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def _tp_worker(rank, world):
+    from torch.distributed.tensor import Replicate, Shard
+
+    reference = _net()
+    ref_averages = _averages(reference)
+    _train(reference, ref_averages)
+    model = _tp(_net(), world)
+    assert model[0].weight.placements == (Shard(0),)
+    assert model[2].bias.placements == (Replicate(),)
+    averages = _averages(model)
+    counter = CountCollectives()
+    _train(model, averages, counter)
+    assert counter.ops == [], counter.ops
+    for name, averaged in averages.items():
+        got, want = _gathered(averaged), ref_averages[name].state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], msg=f"{name} {key}")
+    x = torch.randn(6, 3)
+    with torch.no_grad(), averages["ema"].swapped_into(model):
+        torch.testing.assert_close(model(x), ref_averages["ema"].module(x))
+
+
+def test_tensor_parallel_layer_averages_like_the_unsharded_one():
+    _spawn(_tp_worker, 2)
