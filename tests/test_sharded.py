@@ -55,10 +55,10 @@ class CountCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _net():
+def _net(hidden=5):
     # 5 and 3 rows: uneven dim-0 shards over 2 ranks (3/2, 2/1) and over 3 ranks (2/2/1, 1/1/1)
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, 3))
 
 
 def _fsdp(model, world):
@@ -221,8 +221,8 @@ def test_fsdp2_averages_equal_unsharded_ones_and_checkpoints_reshard(tmp_path):
 
 
 def _tp(model, world):
-    """Tensor parallel: the first layer's weight Shard(0) (uneven), the second Shard(1) with a
-    Replicate bias."""
+    """Tensor parallel: the first layer's weight and bias Shard(0), the second's weight Shard(1)
+    and bias Replicate."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -237,10 +237,10 @@ def _tp(model, world):
 def _tp_worker(rank, world):
     from torch.distributed.tensor import Replicate, Shard
 
-    reference = _net()
+    reference = _net(hidden=4)  # torch's row-wise parallel layer needs even shards
     ref_averages = _averages(reference)
     _train(reference, ref_averages)
-    model = _tp(_net(), world)
+    model = _tp(_net(hidden=4), world)
     assert model[0].weight.placements == (Shard(0),)
     assert model[2].bias.placements == (Replicate(),)
     averages = _averages(model)
