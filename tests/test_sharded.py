@@ -190,7 +190,9 @@ def _load_worker(rank, world, out):
     expected = torch.load(f"{out}/expected.pt")
     for key, value in _gathered(averaged).items():
         assert torch.equal(value, expected[key].float()), key
-    assert sharded.local(averaged.module.get_submodule("0").weight).shape[0] == (2 if rank < 2 else 1)
+    assert sharded.local(averaged.module.get_submodule("0").weight).shape[0] == (
+        2 if rank < 2 else 1
+    )
 
 
 def test_fsdp2_averages_equal_unsharded_ones_and_checkpoints_reshard(tmp_path):
@@ -258,3 +260,92 @@ def _tp_worker(rank, world):
 
 def test_tensor_parallel_layer_averages_like_the_unsharded_one():
     _spawn(_tp_worker, 2)
+
+
+def _gather_flat(swag, flat):
+    """SWAG's flat local moments, per parameter, as whole tensors (one all-gather each)."""
+    templates = list(swag.base.parameters())
+    return torch.cat(
+        [
+            sharded.gather(sharded._like(t, view)).reshape(-1)
+            for t, view in zip(templates, swag._views(flat))
+        ]
+    )
+
+
+def _expected_sample(reference, params, seed, scale=0.5):
+    """The SWAG sample formula on the unsharded moments, with z1 drawn parameter by parameter."""
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.cat([torch.randn(p.shape, generator=g).reshape(-1) for p in params])
+    z2 = torch.randn(reference.rank, generator=g)
+    var = torch.clamp(reference.sq_mean - reference.mean.square(), min=reference.var_clamp)
+    low_rank = z2 @ reference.cov_mat_sqrt[: reference.rank] / (reference.rank - 1) ** 0.5
+    return reference.mean + scale**0.5 * (var.sqrt() * z1 + low_rank)
+
+
+def _swag_worker(rank, world):
+    reference = _net()
+    ref_swag, ref_fge = swalab.SWAG(reference, max_num_models=5), swalab.FGE()
+    model = _fsdp(_net(), world)
+    swag, fge = swalab.SWAG(model, max_num_models=5), swalab.FGE()
+    counter = CountCollectives()
+    for net, (s, f), count in (
+        (reference, (ref_swag, ref_fge), None),
+        (model, (swag, fge), counter),
+    ):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        for step, (x, y) in enumerate(_batches()):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            optimizer.step()
+            with count if count is not None else torch.no_grad():
+                s.collect_model(net)
+            if step % 10 == 9:
+                f.collect(net)
+    assert counter.ops == [], counter.ops
+    assert swag.n_models == STEPS
+    # the moments, 1/world of them on each rank, gathered: the unsharded ones
+    assert swag.mean.numel() == sum(sharded.local(p).numel() for p in model.parameters())
+    torch.testing.assert_close(_gather_flat(swag, swag.mean), ref_swag.mean)
+    torch.testing.assert_close(_gather_flat(swag, swag.sq_mean), ref_swag.sq_mean)
+    for k in range(5):
+        torch.testing.assert_close(
+            _gather_flat(swag, swag.cov_mat_sqrt[k]), ref_swag.cov_mat_sqrt[k], msg=f"row {k}"
+        )
+    # samples: z2 the same on every rank, z1 each parameter's noise sliced to the rank's shard
+    params = list(reference.parameters())
+    swag.sample(0.5, generator=torch.Generator().manual_seed(3))
+    sample = _gather_flat(
+        swag, torch.cat([sharded.local(p).reshape(-1) for p in swag.base.parameters()])
+    )
+    torch.testing.assert_close(sample, _expected_sample(ref_swag, params, 3))
+    # without a generator: rank 0's global RNG seeds every rank's draws
+    torch.manual_seed(100 + rank)
+    swag.sample(0.5)
+    torch.manual_seed(100)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    sample = _gather_flat(
+        swag, torch.cat([sharded.local(p).reshape(-1) for p in swag.base.parameters()])
+    )
+    torch.testing.assert_close(sample, _expected_sample(ref_swag, params, seed))
+    # the sample evaluated inside the sharded model, the model's weights back afterwards
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        before = model(x)
+        with swag.swapped_into(model):
+            inside = model(x)
+        torch.nn.utils.vector_to_parameters(sample, reference.parameters())
+        torch.testing.assert_close(inside, reference(x))
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    # FGE members of a sharded model hold its shards and predict like the unsharded ones
+    assert len(fge) == 2
+    member = fge.members[0]["0.weight"]
+    assert member.placements == model.get_submodule("0").weight.placements
+    loader = _batches()[:3]
+    torch.testing.assert_close(
+        fge.predict(loader, model)["probs"], ref_fge.predict(loader, _net())["probs"]
+    )
+
+
+def test_swag_and_fge_of_an_fsdp2_model_equal_the_unsharded_ones():
+    _spawn(_swag_worker, 2)

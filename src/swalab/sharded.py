@@ -183,6 +183,42 @@ def swapped_into(
                 torch._foreach_copy_(live, saved)
 
 
+def shared_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """``generator``, or (without one) a generator seeded from rank 0's global RNG, broadcast once:
+    every rank then draws the same numbers."""
+    if generator is not None:
+        return generator
+    seed = torch.randint(0, 2**62, (1,))
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(seed, src=0)
+    return torch.Generator(device).manual_seed(int(seed))
+
+
+def local_noise(
+    templates: Sequence[Tensor], generator: torch.Generator, dtype: torch.dtype
+) -> Tensor:
+    """Standard normal noise for the rank's shards of ``templates``, flat and in their order.
+
+    Each parameter's whole noise is drawn (the same on every rank, from ``generator``) and the
+    rank keeps its own slice, so the gathered noise does not depend on the sharding: at most one
+    parameter's noise is held at a time.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    parts = []
+    for t in templates:
+        lt = local(t)
+        z = torch.randn(t.shape, generator=generator, device=lt.device, dtype=dtype)
+        if is_dtensor(t):
+            shape, offset = compute_local_shape_and_global_offset(
+                t.shape, t.device_mesh, t.placements
+            )
+            z = z[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+        parts.append(z.reshape(-1))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
 def gather(t: Tensor) -> Tensor:
     """The whole tensor on every rank (one all-gather for a DTensor), detached."""
     return t.detach().full_tensor() if is_dtensor(t) else t.detach()

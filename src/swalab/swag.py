@@ -15,15 +15,17 @@ Predictions average the softmax of ~30 samples, BatchNorm recomputed for each (`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from swalab import sharded
 from swalab.averaging import HostStaging, ModelBinding
 from swalab.bn import has_batchnorm, update_bn
 from swalab.ensembles import _check_compatible, predict_outputs
@@ -79,14 +81,22 @@ class SWAG:
             )
         if not (isinstance(var_clamp, (int, float)) and 0 <= var_clamp < math.inf):
             raise ValueError(f"var_clamp must be a finite number >= 0, got {var_clamp!r}")
-        params = list(model.parameters())
+        self.sharded = sharded.is_sharded(model)
+        if self.sharded:
+            sharded.reshard(model)
+        params = [sharded.local(p) for p in model.parameters()]  # the rank's shards
         if not params:
             raise ValueError("model has no parameters")
         self.max_num_models = max_num_models
         self.var_clamp = var_clamp
         self.device = torch.device(device) if device is not None else params[0].device
         self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
-        self.base = copy.deepcopy(model).to(self.device)
+        # a sharded model's samples are held like its parameters, evaluated with swapped_into
+        self.base = (
+            sharded.average_module(model, dtype=None)
+            if self.sharded
+            else copy.deepcopy(model).to(self.device)
+        )
         for p in self.base.parameters():
             p.grad = None
         self._signature = _signature(model)
@@ -134,6 +144,11 @@ class SWAG:
             )
         named = dict(model.named_parameters())
         live = [named[name] for name in self._param_names]
+        if self.sharded:
+            sharded.check_layout(
+                list(self.base.named_parameters()), list(zip(self._param_names, live))
+            )
+            live = [sharded.local(p) for p in live]
         named = dict(model.named_buffers())
         live_buffers = [named[name] for name, _ in self.base.named_buffers()]
         params, buffers = [p.detach() for p in live], [b.detach() for b in live_buffers]
@@ -160,6 +175,8 @@ class SWAG:
         in ``AveragedModel``); a GPU model collected on the CPU is copied in pinned chunks, each
         folded in while the next is in flight.
         """
+        if self.sharded:
+            sharded.reshard(model)
         _, route, params, buffers = self._bind(model)
         n = self.n_models
         row = None if self.cov_mat_sqrt is None else self.cov_mat_sqrt[n % self.max_num_models]
@@ -220,15 +237,46 @@ class SWAG:
             raise ValueError(
                 f"cov=True needs at least 2 collected models for D^T z / sqrt(K - 1), got {self.rank}"
             )
-        z1 = torch.randn(self.mean.shape, generator=generator, device=self.device, dtype=self.dtype)
+        if self.sharded:  # z1 for the rank's shards, z2 the same on every rank
+            generator = sharded.shared_generator(generator, self.device)
+            z1 = sharded.local_noise(list(self.base.parameters()), generator, self.dtype)
+        else:
+            z1 = torch.randn(
+                self.mean.shape, generator=generator, device=self.device, dtype=self.dtype
+            )
         var = torch.clamp(self.sq_mean - self.mean.square(), min=self.var_clamp)
         noise = var.sqrt_().mul_(z1)
         if cov:
             z2 = torch.randn(self.rank, generator=generator, device=self.device, dtype=self.dtype)
             noise.add_(z2 @ self.cov_mat_sqrt[: self.rank], alpha=1 / math.sqrt(self.rank - 1))
         theta = torch.add(self.mean, noise, alpha=math.sqrt(scale))
-        torch._foreach_copy_([p.detach() for p in self.base.parameters()], self._views(theta))
+        base = [sharded.local(p).detach() for p in self.base.parameters()]
+        torch._foreach_copy_(base, self._views(theta))
         return self.base
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Evaluate ``base`` (the last sample) inside ``model``, then put the model's weights back.
+
+        The way to evaluate samples of a sharded model (FSDP2, DTensor): ``base`` holds only the
+        rank's shards, copied into the model's own; works for any model of the architecture.
+
+        Example:
+            >>> swag.sample(0.5, generator=torch.Generator().manual_seed(0))
+            >>> with swag.swapped_into(model):
+            ...     probs = evaluate(model)
+        """
+        if self.sharded:
+            sharded.reshard(model)
+        named = dict(model.named_parameters())
+        ours = list(self.base.named_parameters())
+        _check_compatible(self._signature, _signature(model), "swapped_into: model")
+        theirs = [(name, named[name]) for name, _ in ours]
+        sharded.check_layout(ours, theirs)
+        named_buffers = dict(model.named_buffers())
+        buffers = [(b, named_buffers[name]) for name, b in self.base.named_buffers()]
+        with sharded.swapped_into(model, [(a, t) for (_, a), (_, t) in zip(ours, theirs)], buffers):
+            yield model
 
     def state_dict(self) -> dict[str, Any]:
         """Moments, deviations, count (the ring position is ``n_models % K``) and ``base``'s buffers."""
