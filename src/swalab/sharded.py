@@ -41,9 +41,16 @@ def is_dtensor(t: Any) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds DTensor parameters or is sharded with FSDP2's ``fully_shard``."""
+    """Whether ``model`` holds DTensor parameters or is sharded with FSDP2's ``fully_shard``.
+
+    FSDP1 (``FullyShardedDataParallel``, flat parameters) raises ``ValueError``."""
     if not torch.distributed.is_available():
         return False
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(
+            "FullyShardedDataParallel (FSDP1) flattens the parameters: shard the model with "
+            "FSDP2's torch.distributed.fsdp.fully_shard to average it shard by shard"
+        )
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
@@ -101,14 +108,18 @@ def _like(t: Tensor, local_copy: Tensor) -> Tensor:
     )
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # kept, so that indexing works
+
+
 @torch.no_grad()
 def average_module(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """A module tree with ``model``'s names holding copies of its parameters and buffers.
 
     DTensor parameters become DTensors of the same mesh and placements, their local tensors views
     into one flat buffer per dtype (so an update is one op over it). No FSDP state or hook is
-    copied: the tree only holds the average; it is evaluated inside the model
-    (``swapped_into``). Tied parameters stay tied.
+    copied: the tree (plain modules; ``Sequential``, ``ModuleList``, ``ModuleDict`` kept) only
+    holds the average; it is evaluated inside the model (``swapped_into``). Tied parameters stay
+    tied.
     """
     tensors = [*model.parameters(), *model.buffers()]
     target = [dtype if (dtype is not None and t.is_floating_point()) else t.dtype for t in tensors]
@@ -133,7 +144,8 @@ def average_module(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
         copies[id(t)] = clone
     mirror: dict[int, nn.Module] = {}
     for m in model.modules():
-        copy = mirror[id(m)] = nn.Module()
+        container = next((c for c in _CONTAINERS if isinstance(m, c)), nn.Module)
+        copy = mirror[id(m)] = container()
         for pname, p in m._parameters.items():
             copy.register_parameter(pname, None if p is None else copies[id(p)])
         for bname, b in m._buffers.items():
