@@ -171,7 +171,7 @@ def _fsdp_worker(rank, world, out):
     # checkpoints: DCP (every rank its shards) and one gathered plain state_dict
     rebuilt = swalab.AveragedModel(model)
     sharded.save_checkpoint(averages["user"], f"{out}/dcp")
-    swalab.sharded.save_average(averages["user"].module, f"{out}/plain.pt")
+    averages["user"].save_average(f"{out}/plain.pt")
     sharded.load_checkpoint(rebuilt, f"{out}/dcp")
     assert rebuilt.count == STEPS
     for key, value in _gathered(rebuilt).items():
@@ -349,3 +349,65 @@ def _swag_worker(rank, world):
 
 def test_swag_and_fge_of_an_fsdp2_model_equal_the_unsharded_ones():
     _spawn(_swag_worker, 2)
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _bn_batches():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(6, 3, generator=g) * 2 + 1 for _ in range(5)]
+
+
+def _bn_worker(rank, world):
+    """Rank 0 holds 3 of the 5 batches, rank 1 the other 2: the FSDP2 forwards stay in lockstep
+    and every rank ends with the statistics of all 5 batches, in the average."""
+    reference = _bn_net()
+    ref_swa = swalab.AveragedModel(reference)
+    model = _fsdp(_bn_net(), world)
+    swa = swalab.AveragedModel(model)
+    for net, averaged in ((reference, ref_swa), (model, swa)):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for x, y in _batches()[:5]:
+            optimizer.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            optimizer.step()
+            averaged.update_parameters(net)
+    batches = _bn_batches()
+    swalab.update_bn(batches, ref_swa)
+    model_stats = model.get_submodule("1").running_mean.clone()
+    with swa.swapped_into(model):
+        swalab.update_bn(batches[rank::world], model)
+        x = batches[0]
+        model.eval()
+        with torch.no_grad():
+            inside = model(x)
+    bn, ref_bn = swa.module.get_submodule("1"), ref_swa.module.get_submodule("1")
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == 5
+    assert torch.equal(model.get_submodule("1").running_mean, model_stats)  # the model's own back
+    ref_swa.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(inside, ref_swa(x))
+    with pytest.raises(ValueError, match="a rank has no batch"):
+        with swa.swapped_into(model):
+            swalab.update_bn(batches[:1] if rank == 0 else [], model)
+
+
+def test_update_bn_of_an_fsdp2_model_uses_the_whole_data_on_every_rank():
+    _spawn(_bn_worker, 2)
+
+
+def test_save_average_of_an_ordinary_average_is_the_model_state_dict(tmp_path):
+    model = _bn_net()
+    averaged = swalab.AveragedModel(torch.compile(model))
+    averaged.update_parameters(model)
+    averaged.save_average(tmp_path / "average.pt")
+    state = torch.load(tmp_path / "average.pt")
+    assert list(state) == list(model.state_dict())
+    fresh = _bn_net()
+    fresh.load_state_dict(state)
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())

@@ -22,6 +22,7 @@ import itertools
 import math
 import numbers
 import operator
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -667,6 +668,13 @@ class AveragedModel(nn.Module):
             for (avg_list, _), old in zip(groups, saved):
                 torch._foreach_copy_(avg_list, old)
             raise
+
+    def save_average(self, path: str | os.PathLike) -> None:
+        """Write the average as a plain ``state_dict`` that ``load_state_dict`` takes into the
+        unsharded model: the model's keys (no ``module.``/``_orig_mod.`` prefix, no
+        ``n_averaged``), CPU tensors, a whole file or none. A sharded average is gathered once
+        and written by rank 0 (call it on every rank)."""
+        sharded.save_average(self.module, path)
 
     def reset(self) -> None:
         """Start a new average: the next ``update_parameters`` copies the model (periodic SWA)."""

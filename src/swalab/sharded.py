@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,7 @@ def shared_generator(generator: torch.Generator | None, device: torch.device) ->
     seed = torch.randint(0, 2**62, (1,))
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
+        seed = seed.to(_comm_device())
         dist.broadcast(seed, src=0)
     return torch.Generator(device).manual_seed(int(seed))
 
@@ -229,6 +230,59 @@ def local_noise(
             z = z[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
         parts.append(z.reshape(-1))
     return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+_END = object()
+
+
+def _comm_device() -> torch.device:
+    """Where a tensor for a collective lives: the current GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _vote(value: bool, op: Any) -> bool:
+    flag = torch.tensor([int(value)], device=_comm_device())
+    torch.distributed.all_reduce(flag, op=op)
+    return bool(flag)
+
+
+def lockstep(batches: Iterable[Any], modules: Sequence[nn.Module]) -> Iterator[Any]:
+    """``batches``, with as many iterations on every rank: a sharded forward is a collective.
+
+    A rank whose batches run out while others still have some replays its first batch, and the
+    BatchNorm statistics of ``modules`` are put back as they were after each replayed forward, so
+    only the rank's own batches count (``update_bn`` then combines the ranks' statistics). One
+    small all-reduce per batch. Every rank needs at least one batch (``ValueError`` on all ranks).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield from batches
+        return
+    it = iter(batches)
+    first = batch = next(it, _END)
+    if not _vote(first is not _END, dist.ReduceOp.MIN):
+        raise ValueError(
+            "update_bn of a sharded model: a rank has no batch; every rank needs at least one "
+            "(its forward passes are collectives)"
+        )
+    tracked = [m for m in modules if getattr(m, "running_mean", None) is not None]
+    while _vote(batch is not _END, dist.ReduceOp.MAX):
+        if batch is not _END:
+            yield batch
+            batch = next(it, _END)
+            continue
+        stats = [
+            (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in tracked
+        ]
+        yield first
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(tracked, stats):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
 
 
 def gather(t: Tensor) -> Tensor:
