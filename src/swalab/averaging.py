@@ -603,6 +603,8 @@ class AveragedModel(nn.Module):
         pairing = self._pairing
         if pairing is None or not pairing.binding.holds(model):
             self._pairing = None  # a failed check leaves nothing bound
+            if self.sharded:  # FSDP2 left unsharded (by an evaluation) swaps its parameters
+                sharded.reshard(model)
             pairing = self._pairing = _Pairing(self, model)
         return pairing
 
@@ -621,8 +623,6 @@ class AveragedModel(nn.Module):
             step, self._calls = self._calls, self._calls + 1
         if not self.should_update(step):
             return False
-        if self.sharded:
-            sharded.reshard(model)  # FSDP2 left unsharded by an evaluation: back to its shards
         pairing = self._bind(_unwrap(model))
         if self._count == 0:
             pairing.averaged.apply(1.0)

@@ -137,6 +137,8 @@ class SWAG:
         if bound is not None and bound[0].holds(model):
             return bound
         self._bound = None
+        if self.sharded:  # FSDP2 left unsharded (by an evaluation) swaps its parameters
+            sharded.reshard(model)
         signature = _signature(model)
         if signature != self._signature:
             _check_compatible(
@@ -175,8 +177,6 @@ class SWAG:
         in ``AveragedModel``); a GPU model collected on the CPU is copied in pinned chunks, each
         folded in while the next is in flight.
         """
-        if self.sharded:
-            sharded.reshard(model)
         _, route, params, buffers = self._bind(model)
         n = self.n_models
         row = None if self.cov_mat_sqrt is None else self.cov_mat_sqrt[n % self.max_num_models]
