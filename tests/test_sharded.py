@@ -411,3 +411,36 @@ def test_save_average_of_an_ordinary_average_is_the_model_state_dict(tmp_path):
     fresh = _bn_net()
     fresh.load_state_dict(state)
     assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+
+
+def test_readme_fsdp2_example_runs_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rest = text[text.index("\n### Sharded models") :]
+    start = rest.index("```python\n") + len("```python\n")
+    (tmp_path / "example.py").write_text(rest[start : rest.index("```", start)])
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["example.py"],
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("tensor(") == 2  # each rank printed the average's output
+    model = nn.Sequential(nn.Linear(8, 33), nn.ReLU(), nn.Linear(33, 1))
+    state = torch.load(tmp_path / "ema.pt")
+    model.load_state_dict(state)
+    # the DCP checkpoint loads in one process into an ordinary average, equal to the plain file
+    averaged = swalab.AveragedModel(model)
+    sharded.load_checkpoint(averaged, tmp_path / "ema_dcp")
+    assert averaged.count == 100
+    for key, value in averaged.module.state_dict().items():
+        assert torch.equal(value, state[key]), key
