@@ -444,3 +444,51 @@ def test_readme_fsdp2_example_runs_under_torchrun(tmp_path):
     assert averaged.count == 100
     for key, value in averaged.module.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+# --- one process (a world of 1): checks that need no second rank -------------------------------
+
+
+@pytest.fixture
+def one_rank():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_checkpoint_of_a_bf16_average_is_float32_and_loads_back(one_rank, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model = _fsdp(_net().to(torch.bfloat16), 1)
+    averaged = swalab.AveragedModel(model)  # held in bf16 like the parameters
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    averaged.update_parameters(model)
+    sharded.save_checkpoint(averaged, tmp_path / "ckpt")
+    metadata = dcp.FileSystemReader(str(tmp_path / "ckpt")).read_metadata().state_dict_metadata
+    dtypes = {key: meta.properties.dtype for key, meta in metadata.items()}
+    assert dtypes.pop("n_averaged") == torch.long
+    assert set(dtypes.values()) == {torch.float32}
+    fresh = swalab.AveragedModel(_fsdp(_net().to(torch.bfloat16), 1))
+    sharded.load_checkpoint(fresh, tmp_path / "ckpt")
+    assert fresh.count == 1
+    for (key, a), b in zip(averaged.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(sharded.gather(a), sharded.gather(b)), key
+
+
+def test_sharded_average_refuses_a_device_and_a_direct_call_and_restarts(one_rank):
+    model = _fsdp(_net(), 1)
+    with pytest.raises(ValueError, match=r"^device='cpu': the average of a sharded model"):
+        swalab.AveragedModel(model, device="cpu")
+    averaged = swalab.AveragedModel(model)
+    with pytest.raises(ValueError, match="swapped_into"):
+        averaged(torch.zeros(1, 3))
+    averaged.update_parameters(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    nn.functional.mse_loss(model(torch.ones(2, 3)), torch.zeros(2, 3)).backward()
+    optimizer.step()
+    swalab.restart_from_average(averaged, model, optimizer)  # periodic SWA: back to the average
+    assert averaged.count == 0 and not optimizer.state
+    for (key, a), p in zip(averaged.module.named_parameters(), model.parameters()):
+        assert torch.equal(sharded.gather(a), sharded.gather(p)), key

@@ -465,10 +465,10 @@ class _Pairing:
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
         param_pairs, buffer_pairs = _pairs(averaged.module, model)
         if averaged.sharded:  # the rank's own shards (a ValueError if the sharding changed)
-            sharded.check_layout(
-                list(averaged.module.named_parameters()), list(model.named_parameters())
-            )
+            ours = [*averaged.module.named_parameters(), *averaged.module.named_buffers()]
+            sharded.check_layout(ours, [*model.named_parameters(), *model.named_buffers()])
             param_pairs = [(sharded.local(a), sharded.local(t)) for a, t in param_pairs]
+            buffer_pairs = [(sharded.local(a), sharded.local(t)) for a, t in buffer_pairs]
         pairs = param_pairs + buffer_pairs
         # The average's tensors too: ``averaged.module.to(...)`` gives them storage unseen by us.
         self.binding = ModelBinding(model, [t for _, t in pairs] + [a for a, _ in pairs])
