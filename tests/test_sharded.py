@@ -283,7 +283,7 @@ def _expected_sample(reference, params, seed, scale=0.5):
     return reference.mean + scale**0.5 * (var.sqrt() * z1 + low_rank)
 
 
-def _swag_worker(rank, world):
+def _swag_worker(rank, world, out):
     reference = _net()
     ref_swag, ref_fge = swalab.SWAG(reference, max_num_models=5), swalab.FGE()
     model = _fsdp(_net(), world)
@@ -346,9 +346,39 @@ def _swag_worker(rank, world):
         fge.predict(loader, model)["probs"], ref_fge.predict(loader, _net())["probs"]
     )
 
+    # a DCP checkpoint of the sharded SWAG: reloaded by 1 process (below) and by 3
+    sharded.save_checkpoint(swag, f"{out}/swag_dcp")
+    moments = {key: _gather_flat(swag, getattr(swag, key)) for key in ("mean", "sq_mean")} | {
+        "cov_mat_sqrt": torch.stack([_gather_flat(swag, row) for row in swag.cov_mat_sqrt])
+    }
+    if rank == 0:
+        torch.save(moments, f"{out}/swag.pt")
 
-def test_swag_and_fge_of_an_fsdp2_model_equal_the_unsharded_ones():
-    _spawn(_swag_worker, 2)
+
+def _swag_load_worker(rank, world, out):
+    swag = swalab.SWAG(_fsdp(_net(), world), max_num_models=5)
+    sharded.load_checkpoint(swag, f"{out}/swag_dcp")
+    assert swag.n_models == STEPS
+    moments = {key: _gather_flat(swag, getattr(swag, key)) for key in ("mean", "sq_mean")}
+    moments["cov_mat_sqrt"] = torch.stack([_gather_flat(swag, row) for row in swag.cov_mat_sqrt])
+    expected = torch.load(f"{out}/swag.pt")
+    for key, value in moments.items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_swag_and_fge_of_an_fsdp2_model_equal_the_unsharded_ones(tmp_path):
+    _spawn(_swag_worker, 2, str(tmp_path))
+    expected = torch.load(tmp_path / "swag.pt")
+    single = swalab.SWAG(_net(), max_num_models=5)
+    sharded.load_checkpoint(single, tmp_path / "swag_dcp")
+    assert single.n_models == STEPS
+    for key, value in expected.items():
+        assert torch.equal(getattr(single, key), value), key
+    _spawn(_swag_load_worker, 3, str(tmp_path))
+    other = swalab.SWAG(_net(), max_num_models=4)
+    with pytest.raises(ValueError, match=r"^cov_mat_sqrt\.0\.weight has shape \(5, 5, 3\)"):
+        sharded.load_checkpoint(other, tmp_path / "swag_dcp")
+    assert other.n_models == 0
 
 
 def _bn_net():

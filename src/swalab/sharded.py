@@ -111,6 +111,22 @@ def _like(t: Tensor, local_copy: Tensor) -> Tensor:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # kept, so that indexing works
 
 
+def wrap_like(t: Tensor, local_view: Tensor, leading: int = 0) -> Tensor:
+    """``local_view`` (shaped like the rank's part of ``t``, with ``leading`` extra dimensions in
+    front) as a DTensor laid out like ``t`` (shard dimensions shifted by ``leading``); itself when
+    ``t`` is not a DTensor."""
+    if not is_dtensor(t):
+        return local_view
+    from torch.distributed.tensor import DTensor, Shard
+
+    placements = [Shard(p.dim + leading) if isinstance(p, Shard) else p for p in t.placements]
+    shape = (*local_view.shape[:leading], *t.shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        local_view, t.device_mesh, placements, run_check=False, shape=shape, stride=stride
+    )
+
+
 @torch.no_grad()
 def average_module(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """A module tree with ``model``'s names holding copies of its parameters and buffers.
@@ -309,7 +325,7 @@ def save_average(module: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _checkpoint_state(obj: Any) -> dict[str, Any]:
-    state = obj.state_dict()
+    state = obj.checkpoint_state() if hasattr(obj, "checkpoint_state") else obj.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
             f"{type(obj).__name__}.state_dict() must map names to tensors for a DCP checkpoint"
@@ -323,7 +339,7 @@ def _fp32(t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def save_checkpoint(averaged: Any, path: str | os.PathLike) -> None:
-    """Save an average (``AveragedModel``, sharded or not) with ``torch.distributed.checkpoint``.
+    """Save an ``AveragedModel`` or a ``SWAG`` (sharded or not) with ``torch.distributed.checkpoint``.
 
     Every rank writes its own shards, floating tensors in float32 whatever the parameters' dtype;
     :func:`load_checkpoint` reads it back with any number of processes (DCP reshards). Call it on
@@ -332,7 +348,9 @@ def save_checkpoint(averaged: Any, path: str | os.PathLike) -> None:
     import torch.distributed.checkpoint as dcp
 
     state = {k: _fp32(v) for k, v in _checkpoint_state(averaged).items()}
-    dcp.save(state, checkpoint_id=os.fspath(path))
+    with warnings.catch_warnings():  # one process without a process group is a supported case
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.save(state, checkpoint_id=os.fspath(path))
 
 
 @torch.no_grad()
@@ -365,4 +383,7 @@ def load_checkpoint(averaged: Any, path: str | os.PathLike) -> None:
     with warnings.catch_warnings():  # one process without a process group is a supported case
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.load(fresh, checkpoint_id=os.fspath(path))
-    averaged.load_state_dict(fresh)
+    if hasattr(averaged, "load_checkpoint_state"):
+        averaged.load_checkpoint_state(fresh)
+    else:
+        averaged.load_state_dict(fresh)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -288,6 +289,35 @@ class SWAG:
             "max_num_models": self.max_num_models,
             "buffers": {name: b for name, b in self.base.named_buffers()},
         }
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """Every state tensor by name, for ``swalab.sharded.save_checkpoint`` (DCP): per-parameter
+        views of ``mean``, ``sq_mean`` and the deviations ``[K, *shape]``, ``base``'s buffers and
+        ``n_models``. For a sharded model the views are DTensors laid out like the parameters
+        (the deviations' placements shifted by the row dimension), so the checkpoint reshards."""
+        state: dict[str, Tensor] = {}
+        templates = list(self.base.parameters())
+        offsets = [0, *itertools.accumulate(self._numels)]
+        for i, (name, t) in enumerate(zip(self._param_names, templates)):
+            state[f"mean.{name}"] = sharded.wrap_like(t, self._views(self.mean)[i])
+            state[f"sq_mean.{name}"] = sharded.wrap_like(t, self._views(self.sq_mean)[i])
+            if self.cov_mat_sqrt is not None:
+                rows = self.cov_mat_sqrt[:, offsets[i] : offsets[i + 1]]
+                state[f"cov_mat_sqrt.{name}"] = sharded.wrap_like(
+                    t, rows.view(self.max_num_models, *self._shapes[i]), leading=1
+                )
+        for name, b in self.base.named_buffers():
+            state[f"buffers.{name}"] = b
+        state["n_models"] = torch.tensor(self.n_models)
+        return state
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict[str, Tensor]) -> None:
+        """Copy tensors shaped like :meth:`checkpoint_state`'s into this SWAG."""
+        for key, ours in self.checkpoint_state().items():
+            if key != "n_models":
+                ours.copy_(state[key])
+        self.n_models = int(state["n_models"])
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
