@@ -337,11 +337,18 @@ def _swag_worker(rank, world, out):
         torch.nn.utils.vector_to_parameters(sample, reference.parameters())
         torch.testing.assert_close(inside, reference(x))
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    # Bayesian model averaging inside the sharded model: at scale 0 every sample is the mean
+    loader = _batches()[:3]
+    bma = swalab.bma_predict(swag, loader, model=model, n_samples=2, scale=0.0, task="regression")
+    ref_swag.sample(0.0)
+    ref_out = swalab.bma_predict(ref_swag, loader, n_samples=1, scale=0.0, task="regression")
+    torch.testing.assert_close(bma["mean"], ref_out["mean"])
+    with pytest.raises(ValueError, match="pass model="):
+        swalab.bma_predict(swag, loader, n_samples=1)
     # FGE members of a sharded model hold its shards and predict like the unsharded ones
     assert len(fge) == 2
     member = fge.members[0]["0.weight"]
     assert member.placements == model.get_submodule("0").weight.placements
-    loader = _batches()[:3]
     torch.testing.assert_close(
         fge.predict(loader, model)["probs"], ref_fge.predict(loader, _net())["probs"]
     )

@@ -48,6 +48,11 @@ class SWAG:
     ``(2 + K) * d`` numbers (``2 * d`` with ``no_cov_mat``). A copy of the model, ``base``, receives
     the samples (one more ``d``).
 
+    A sharded model (FSDP2, DTensor parameters) is collected shard by shard: ``d`` counts the rank's
+    own shards, ``base`` holds DTensors laid out like the parameters (evaluate a sample with
+    :meth:`swapped_into`), and :meth:`sample` draws the same ``z2`` on every rank (see
+    :mod:`swalab.sharded`). :meth:`checkpoint_state` feeds ``swalab.sharded.save_checkpoint``.
+
     Args:
         model: the model being trained; its structure is deep-copied into ``base``.
         max_num_models: ``K``, the number of deviations kept (rank of the low-rank term).
@@ -363,6 +368,7 @@ def bma_predict(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     predict_fn: Callable[[nn.Module], Tensor] | None = None,
     max_bn_batches: int | None = None,
+    model: nn.Module | None = None,
 ) -> dict[str, Tensor | None]:
     """Bayesian model averaging over SWAG samples (Maddox et al., 2019, §4).
 
@@ -383,6 +389,8 @@ def bma_predict(
             predicting its shard of the data and gathering the parts; ``targets`` is then None.
         max_bn_batches: use only the first batches of ``bn_loader`` (``update_bn``'s
             ``max_batches``).
+        model: evaluate each sample inside this model (``SWAG.swapped_into``; its weights are put
+            back after each), as a sharded SWAG requires; by default inside ``swag.base``.
 
     Returns:
         ``{"probs": [N, C], "targets"}`` or ``{"mean", "var", "targets"}``, on the CPU; ``targets``
@@ -392,23 +400,30 @@ def bma_predict(
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-    has_bn = has_batchnorm(swag.base)
+    has_bn = has_batchnorm(model if model is not None else swag.base)
     if has_bn and bn_loader is None:
         raise ValueError(
             "the model has BatchNorm layers: pass bn_loader to recompute them for each sample"
         )
+    if swag.sharded and model is None:
+        raise ValueError(
+            "bma_predict: the samples of a sharded SWAG are evaluated inside the sharded model: "
+            "pass model="
+        )
     mean = m2 = 0.0
     for s in range(n_samples):
-        model = swag.sample(scale, cov, generator=generator)
-        if has_bn:
-            update_bn(
-                bn_loader, model, swag.device, forward_fn=forward_fn, max_batches=max_bn_batches
-            )
-        if predict_fn is None:
-            outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
-            y = outputs.double().softmax(-1) if task == "classification" else outputs.double()
-        else:
-            y, targets = predict_fn(model).double(), None
+        sample = swag.sample(scale, cov, generator=generator)
+        inside = swag.swapped_into(model) if model is not None else contextlib.nullcontext(sample)
+        with inside as net:
+            if has_bn:
+                update_bn(
+                    bn_loader, net, swag.device, forward_fn=forward_fn, max_batches=max_bn_batches
+                )
+            if predict_fn is None:
+                outputs, targets = predict_outputs(net, loader, forward_fn=forward_fn)
+                y = outputs.double().softmax(-1) if task == "classification" else outputs.double()
+            else:
+                y, targets = predict_fn(net).double(), None
         delta = y - mean  # Welford: running mean and sum of squared deviations over samples
         mean = mean + delta / (s + 1)
         if task == "regression":
