@@ -522,6 +522,11 @@ def test_sharded_average_refuses_a_device_and_a_direct_call_and_restarts(one_ran
     with pytest.raises(ValueError, match="swapped_into"):
         averaged(torch.zeros(1, 3))
     averaged.update_parameters(model)
+    with torch.no_grad():  # a forward without backward leaves the root's parameters unsharded
+        model(torch.zeros(1, 3))
+    assert not sharded.is_dtensor(model.get_submodule("2").weight)
+    averaged.update_parameters(model)  # resharded, paired again
+    assert averaged.count == 2 and sharded.is_dtensor(model.get_submodule("2").weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     nn.functional.mse_loss(model(torch.ones(2, 3)), torch.zeros(2, 3)).backward()
     optimizer.step()
