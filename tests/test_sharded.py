@@ -267,7 +267,7 @@ def _gather_flat(swag, flat):
     templates = list(swag.base.parameters())
     return torch.cat(
         [
-            sharded.gather(sharded._like(t, view)).reshape(-1)
+            sharded.gather(sharded.wrap_like(t, view)).reshape(-1)
             for t, view in zip(templates, swag._views(flat))
         ]
     )

@@ -46,13 +46,13 @@ def is_sharded(model: nn.Module) -> bool:
     FSDP1 (``FullyShardedDataParallel``, flat parameters) raises ``ValueError``."""
     if not torch.distributed.is_available():
         return False
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise ValueError(
             "FullyShardedDataParallel (FSDP1) flattens the parameters: shard the model with "
             "FSDP2's torch.distributed.fsdp.fully_shard to average it shard by shard"
         )
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
         is_dtensor(p) for p in model.parameters()
     )
@@ -97,15 +97,6 @@ def check_layout(ours: Sequence[tuple[str, Tensor]], theirs: Sequence[tuple[str,
                 f"{name} is {_layout(t)}, the average's is {_layout(a)}: the model's sharding changed "
                 "since the average was made (build a new average for the new sharding)"
             )
-
-
-def _like(t: Tensor, local_copy: Tensor) -> Tensor:
-    """A DTensor with ``t``'s mesh, placements and global shape around ``local_copy``."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local_copy, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
-    )
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # kept, so that indexing works
@@ -154,7 +145,7 @@ def average_module(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
         clone = flats[key][start : start + lt.numel()].view(lt.shape)
         clone.copy_(lt.detach())
         if is_dtensor(t):
-            clone = _like(t, clone)
+            clone = wrap_like(t, clone)
         if isinstance(t, nn.Parameter):
             clone = nn.Parameter(clone, requires_grad=False)
         copies[id(t)] = clone
