@@ -868,11 +868,11 @@ class AveragedModel(nn.Module):
 
     def _bind(self, model: nn.Module) -> _Pairing:
         """The pairing with ``model``: the bound one if the cheap test passes, else checked anew."""
+        if self.sharded:  # FSDP2 left unsharded (by an evaluation) holds other parameters, set
+            sharded.reshard(model)  # without a registration the cheap check would see
         pairing = self._pairing
         if pairing is None or not pairing.binding.holds(model):
             self._pairing = None  # a failed check leaves nothing bound
-            if self.sharded:  # FSDP2 left unsharded (by an evaluation) swaps its parameters
-                sharded.reshard(model)
             with torch.no_grad():
                 pairing = self._pairing = _Pairing(self, model)
         return pairing
