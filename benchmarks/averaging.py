@@ -3,6 +3,7 @@
     python benchmarks/averaging.py [--device cpu|cuda] [--repeats N] [--models small_cnn,...]
                                    [--threads N]
                                    [--baseline OLD/src/swalab/averaging.py]
+    torchrun --standalone --nproc_per_node=2 benchmarks/averaging.py --sharded [--models ...]
 
 The floor moves the same 12 bytes per fp32 parameter as an ideal update (read the average, read
 the weights, write the average) with one ``lerp_`` over a flat buffer. On a GPU the update is also
@@ -18,6 +19,11 @@ update time is the host time per update (checks, bookkeeping, op dispatch), agai
 ``lerp_`` dispatch; it is timed with ``--host-repeats`` calls (one call is a few microseconds, and a
 median of many single calls is robust to the other jobs that preempt this one). On the CPU, also measures the peak extra memory while building
 the averaged copy of a ResNet-50, in units of its parameter bytes.
+
+``--sharded`` (under torchrun, gloo on the CPU) shards each model with FSDP2's ``fully_shard`` over
+all processes and times the sharded SWA update (each rank folds in its own shards, no collective)
+against the unsharded update of the same model in the same process, and prints the average's
+bytes held by each rank against the unsharded average's.
 """
 
 from __future__ import annotations
@@ -247,6 +253,84 @@ def print_table(name: str, rows: list[tuple[str, float, str]]) -> None:
     print()
 
 
+def fsdp2(model: nn.Module, world: int) -> nn.Module:
+    """``model`` sharded with FSDP2 over a CPU mesh of all ranks: each child holding parameters,
+    then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def sharded_rows(name: str, repeats: int) -> tuple[dict[str, float], list[int], int]:
+    """Median ms of the unsharded and the sharded SWA update (this rank), every rank's average
+    bytes and the unsharded average's bytes."""
+    import torch.distributed as dist
+
+    from swalab import sharded
+
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    sharded_model = fsdp2(MODELS[name](), world)
+    plain, split = swalab.AveragedModel(model), swalab.AveragedModel(sharded_model)
+    plain.update_parameters(model)
+    split.update_parameters(sharded_model)
+    cpu = torch.device("cpu")
+    times = interleaved_medians(
+        {
+            "unsharded SWA update": (lambda: plain.update_parameters(model), True),
+            f"sharded SWA update ({world} ranks)": (
+                lambda: split.update_parameters(sharded_model),
+                True,
+            ),
+        },
+        repeats,
+        cpu,
+    )
+
+    def nbytes(module: nn.Module) -> int:
+        return sum(
+            sharded.local(t).numel() * sharded.local(t).element_size() for t in module.parameters()
+        )
+
+    per_rank: list[int] = [0] * world
+    dist.all_gather_object(per_rank, nbytes(split.module))
+    return times, per_rank, nbytes(plain.module)
+
+
+def sharded_main(names: list[str], repeats: int) -> None:
+    """``--sharded``: run under torchrun; rank 0 prints."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        print(
+            f"torch {torch.__version__}, {world} gloo ranks x {torch.get_num_threads()} threads, median of {repeats} calls\n"
+        )
+    for name in names:
+        times, per_rank, whole = sharded_rows(name, repeats)
+        if rank == 0:
+            base = times["unsharded SWA update"]
+            print(f"### {name} (FSDP2, {world} ranks), rank 0's times\n")
+            print("| update | ms | × unsharded |")
+            print("|---|---:|---:|")
+            for label, ms in times.items():
+                print(f"| {label} | {ms:.3f} | {ms / base:.2f} |")
+            print("\n| average held | bytes | × unsharded |")
+            print("|---|---:|---:|")
+            print(f"| unsharded, every rank | {whole} | 1.00 |")
+            for r, b in enumerate(per_rank):
+                print(f"| sharded, rank {r} | {b} | {b / whole:.3f} |")
+            print()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -260,6 +344,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline", help="path of another swalab/averaging.py to time beside this one"
+    )
+    parser.add_argument(
+        "--sharded", action="store_true", help="FSDP2 sharded update vs unsharded (under torchrun)"
     )
     args = parser.parse_args()
     if args.threads is not None:
@@ -279,6 +366,11 @@ def main() -> None:
         if device.type == "cuda"
         else f"{torch.get_num_threads()} threads"
     )
+    if args.sharded:
+        if device.type != "cpu":
+            parser.error("--sharded runs on the CPU with gloo (--device cpu)")
+        sharded_main(names, repeats)
+        return
     print(
         f"torch {torch.__version__}, {where}, median of {repeats} calls"
         f" ({max(repeats, args.host_repeats)} for small_cnn_host)\n"

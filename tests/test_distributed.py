@@ -215,7 +215,7 @@ def one_process_group():
     dist.destroy_process_group()
 
 
-def test_averaged_model_refuses_fsdp2_and_unwraps_ddp(one_process_group):
+def test_averaged_model_takes_fsdp2_and_unwraps_ddp(one_process_group):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -229,9 +229,15 @@ def test_averaged_model_refuses_fsdp2_and_unwraps_ddp(one_process_group):
     averaged.update_parameters(model)
     torch.testing.assert_close(averaged.module[0].weight, model[0].weight)
 
-    fully_shard(model)  # FSDP2: parameters become DTensor shards, the class becomes FSDPSequential
-    with pytest.raises(ValueError, match="does not support sharded models"):
-        swalab.AveragedModel(model)
+    fully_shard(
+        model
+    )  # FSDP2: parameters become DTensor shards (tests/test_sharded.py: 2, 3 ranks)
+    sharded = swalab.AveragedModel(model)
+    sharded.update_parameters(model)
+    assert type(sharded.module[0].weight).__name__ == "DTensor"
+    torch.testing.assert_close(
+        sharded.module[0].weight.full_tensor(), model[0].weight.full_tensor()
+    )
 
 
 @pytest.mark.skipif(
@@ -241,7 +247,7 @@ def test_averaged_model_refuses_fsdp1(one_process_group):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = FullyShardedDataParallel(nn.Linear(4, 2).cuda())
-    with pytest.raises(ValueError, match="does not support sharded models"):
+    with pytest.raises(ValueError, match="FSDP1"):
         swalab.AveragedModel(model)
 
 

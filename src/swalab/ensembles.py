@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from swalab import sharded
 from swalab.averaging import HostStaging, ModelBinding
 from swalab.bn import default_forward, move_to, update_bn
 
@@ -248,7 +249,8 @@ class FGE:
             if value.device.type == "cuda" and value.is_contiguous():
                 groups.setdefault((value.device, value.dtype), []).append(key)
         staged = [(keys, HostStaging([live[k].detach() for k in keys])) for keys in groups.values()]
-        self._bound = (ModelBinding(model, list(live.values())), live, staged)
+        # a sharded model's tensors are DTensors: the binding tests the rank's own shards
+        self._bound = (ModelBinding(model, [sharded.local(v) for v in live.values()]), live, staged)
         return self._bound
 
     @torch.no_grad()
@@ -256,7 +258,11 @@ class FGE:
         """Add a CPU copy of ``model.state_dict()`` to the ensemble (or save it in ``directory``).
 
         From a GPU, tensors are copied in chunks through pinned memory (as ``AveragedModel`` does).
+        A sharded model (FSDP2, DTensor) gives members holding DTensors of the same placements:
+        each rank keeps its shards; ``predict`` loads them back into the sharded model.
         """
+        if sharded.is_sharded(model):
+            sharded.reshard(model)
         _, live, staged = self._bind(model)
         staged_keys = {k for keys, _ in staged for k in keys}
         state = {

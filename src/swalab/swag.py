@@ -15,15 +15,18 @@ Predictions average the softmax of ~30 samples, BatchNorm recomputed for each (`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from swalab import sharded
 from swalab.averaging import HostStaging, ModelBinding
 from swalab.bn import has_batchnorm, update_bn
 from swalab.ensembles import _check_compatible, predict_outputs
@@ -44,6 +47,11 @@ class SWAG:
     (``D``, a ring buffer: the row of the n-th collected model, 0-based, is ``n % K``), i.e. exactly
     ``(2 + K) * d`` numbers (``2 * d`` with ``no_cov_mat``). A copy of the model, ``base``, receives
     the samples (one more ``d``).
+
+    A sharded model (FSDP2, DTensor parameters) is collected shard by shard: ``d`` counts the rank's
+    own shards, ``base`` holds DTensors laid out like the parameters (evaluate a sample with
+    :meth:`swapped_into`), and :meth:`sample` draws the same ``z2`` on every rank (see
+    :mod:`swalab.sharded`). :meth:`checkpoint_state` feeds ``swalab.sharded.save_checkpoint``.
 
     Args:
         model: the model being trained; its structure is deep-copied into ``base``.
@@ -79,14 +87,22 @@ class SWAG:
             )
         if not (isinstance(var_clamp, (int, float)) and 0 <= var_clamp < math.inf):
             raise ValueError(f"var_clamp must be a finite number >= 0, got {var_clamp!r}")
-        params = list(model.parameters())
+        self.sharded = sharded.is_sharded(model)
+        if self.sharded:
+            sharded.reshard(model)
+        params = [sharded.local(p) for p in model.parameters()]  # the rank's shards
         if not params:
             raise ValueError("model has no parameters")
         self.max_num_models = max_num_models
         self.var_clamp = var_clamp
         self.device = torch.device(device) if device is not None else params[0].device
         self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
-        self.base = copy.deepcopy(model).to(self.device)
+        # a sharded model's samples are held like its parameters, evaluated with swapped_into
+        self.base = (
+            sharded.average_module(model, dtype=None)
+            if self.sharded
+            else copy.deepcopy(model).to(self.device)
+        )
         for p in self.base.parameters():
             p.grad = None
         self._signature = _signature(model)
@@ -127,6 +143,8 @@ class SWAG:
         if bound is not None and bound[0].holds(model):
             return bound
         self._bound = None
+        if self.sharded:  # FSDP2 left unsharded (by an evaluation) swaps its parameters
+            sharded.reshard(model)
         signature = _signature(model)
         if signature != self._signature:
             _check_compatible(
@@ -134,6 +152,11 @@ class SWAG:
             )
         named = dict(model.named_parameters())
         live = [named[name] for name in self._param_names]
+        if self.sharded:
+            sharded.check_layout(
+                list(self.base.named_parameters()), list(zip(self._param_names, live))
+            )
+            live = [sharded.local(p) for p in live]
         named = dict(model.named_buffers())
         live_buffers = [named[name] for name, _ in self.base.named_buffers()]
         params, buffers = [p.detach() for p in live], [b.detach() for b in live_buffers]
@@ -220,15 +243,46 @@ class SWAG:
             raise ValueError(
                 f"cov=True needs at least 2 collected models for D^T z / sqrt(K - 1), got {self.rank}"
             )
-        z1 = torch.randn(self.mean.shape, generator=generator, device=self.device, dtype=self.dtype)
+        if self.sharded:  # z1 for the rank's shards, z2 the same on every rank
+            generator = sharded.shared_generator(generator, self.device)
+            z1 = sharded.local_noise(list(self.base.parameters()), generator, self.dtype)
+        else:
+            z1 = torch.randn(
+                self.mean.shape, generator=generator, device=self.device, dtype=self.dtype
+            )
         var = torch.clamp(self.sq_mean - self.mean.square(), min=self.var_clamp)
         noise = var.sqrt_().mul_(z1)
         if cov:
             z2 = torch.randn(self.rank, generator=generator, device=self.device, dtype=self.dtype)
             noise.add_(z2 @ self.cov_mat_sqrt[: self.rank], alpha=1 / math.sqrt(self.rank - 1))
         theta = torch.add(self.mean, noise, alpha=math.sqrt(scale))
-        torch._foreach_copy_([p.detach() for p in self.base.parameters()], self._views(theta))
+        base = [sharded.local(p).detach() for p in self.base.parameters()]
+        torch._foreach_copy_(base, self._views(theta))
         return self.base
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Evaluate ``base`` (the last sample) inside ``model``, then put the model's weights back.
+
+        The way to evaluate samples of a sharded model (FSDP2, DTensor): ``base`` holds only the
+        rank's shards, copied into the model's own; works for any model of the architecture.
+
+        Example:
+            >>> swag.sample(0.5, generator=torch.Generator().manual_seed(0))
+            >>> with swag.swapped_into(model):
+            ...     probs = evaluate(model)
+        """
+        if self.sharded:
+            sharded.reshard(model)
+        named = dict(model.named_parameters())
+        ours = list(self.base.named_parameters())
+        _check_compatible(self._signature, _signature(model), "swapped_into: model")
+        theirs = [(name, named[name]) for name, _ in ours]
+        sharded.check_layout(ours, theirs)
+        named_buffers = dict(model.named_buffers())
+        buffers = [(b, named_buffers[name]) for name, b in self.base.named_buffers()]
+        with sharded.swapped_into(model, [(a, t) for (_, a), (_, t) in zip(ours, theirs)], buffers):
+            yield model
 
     def state_dict(self) -> dict[str, Any]:
         """Moments, deviations, count (the ring position is ``n_models % K``) and ``base``'s buffers."""
@@ -240,6 +294,35 @@ class SWAG:
             "max_num_models": self.max_num_models,
             "buffers": {name: b for name, b in self.base.named_buffers()},
         }
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """Every state tensor by name, for ``swalab.sharded.save_checkpoint`` (DCP): per-parameter
+        views of ``mean``, ``sq_mean`` and the deviations ``[K, *shape]``, ``base``'s buffers and
+        ``n_models``. For a sharded model the views are DTensors laid out like the parameters
+        (the deviations' placements shifted by the row dimension), so the checkpoint reshards."""
+        state: dict[str, Tensor] = {}
+        templates = list(self.base.parameters())
+        offsets = [0, *itertools.accumulate(self._numels)]
+        for i, (name, t) in enumerate(zip(self._param_names, templates)):
+            state[f"mean.{name}"] = sharded.wrap_like(t, self._views(self.mean)[i])
+            state[f"sq_mean.{name}"] = sharded.wrap_like(t, self._views(self.sq_mean)[i])
+            if self.cov_mat_sqrt is not None:
+                rows = self.cov_mat_sqrt[:, offsets[i] : offsets[i + 1]]
+                state[f"cov_mat_sqrt.{name}"] = sharded.wrap_like(
+                    t, rows.view(self.max_num_models, *self._shapes[i]), leading=1
+                )
+        for name, b in self.base.named_buffers():
+            state[f"buffers.{name}"] = b
+        state["n_models"] = torch.tensor(self.n_models)
+        return state
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict[str, Tensor]) -> None:
+        """Copy tensors shaped like :meth:`checkpoint_state`'s into this SWAG."""
+        for key, ours in self.checkpoint_state().items():
+            if key != "n_models":
+                ours.copy_(state[key])
+        self.n_models = int(state["n_models"])
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -285,6 +368,7 @@ def bma_predict(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     predict_fn: Callable[[nn.Module], Tensor] | None = None,
     max_bn_batches: int | None = None,
+    model: nn.Module | None = None,
 ) -> dict[str, Tensor | None]:
     """Bayesian model averaging over SWAG samples (Maddox et al., 2019, §4).
 
@@ -305,6 +389,8 @@ def bma_predict(
             predicting its shard of the data and gathering the parts; ``targets`` is then None.
         max_bn_batches: use only the first batches of ``bn_loader`` (``update_bn``'s
             ``max_batches``).
+        model: evaluate each sample inside this model (``SWAG.swapped_into``; its weights are put
+            back after each), as a sharded SWAG requires; by default inside ``swag.base``.
 
     Returns:
         ``{"probs": [N, C], "targets"}`` or ``{"mean", "var", "targets"}``, on the CPU; ``targets``
@@ -314,28 +400,35 @@ def bma_predict(
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-    has_bn = has_batchnorm(swag.base)
+    has_bn = has_batchnorm(model if model is not None else swag.base)
     if has_bn and bn_loader is None:
         raise ValueError(
             "the model has BatchNorm layers: pass bn_loader to recompute them for each sample"
         )
+    if swag.sharded and model is None:
+        raise ValueError(
+            "bma_predict: the samples of a sharded SWAG are evaluated inside the sharded model: "
+            "pass model="
+        )
     mean = m2 = 0.0
     for s in range(n_samples):
-        model = swag.sample(scale, cov, generator=generator)
-        if has_bn:
-            update_bn(
-                bn_loader,
-                model,
-                swag.device,
-                forward_fn=forward_fn,
-                max_batches=max_bn_batches,
-                unpack=forward_fn is None,  # as for prediction
-            )
-        if predict_fn is None:
-            outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)
-            y = outputs.double().softmax(-1) if task == "classification" else outputs.double()
-        else:
-            y, targets = predict_fn(model).double(), None
+        sample = swag.sample(scale, cov, generator=generator)
+        inside = swag.swapped_into(model) if model is not None else contextlib.nullcontext(sample)
+        with inside as net:
+            if has_bn:
+                update_bn(
+                    bn_loader,
+                    net,
+                    swag.device,
+                    forward_fn=forward_fn,
+                    max_batches=max_bn_batches,
+                    unpack=forward_fn is None,  # as for prediction
+                )
+            if predict_fn is None:
+                outputs, targets = predict_outputs(net, loader, forward_fn=forward_fn)
+                y = outputs.double().softmax(-1) if task == "classification" else outputs.double()
+            else:
+                y, targets = predict_fn(net).double(), None
         delta = y - mean  # Welford: running mean and sum of squared deviations over samples
         mean = mean + delta / (s + 1)
         if task == "regression":
