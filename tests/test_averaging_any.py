@@ -361,3 +361,21 @@ def test_asynchronous_gpu_model_into_cpu_average_through_pinned_staging():
     assert background._worker.pending is not None
     for (key, a), b in zip(background.state_dict().items(), sync.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_asynchronous_average_of_a_subset_equals_the_synchronous_one():
+    model = lora_model()
+    sync = swalab.AveragedModel(model, trainable_only=True, rule=swalab.EMA(half_life=2))
+    background = swalab.AveragedModel(
+        model, trainable_only=True, rule=swalab.EMA(half_life=2), asynchronous=True
+    )
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * (step + 1))
+        sync.update_parameters(model)
+        background.update_parameters(model)
+    assert set(background.average_state_dict()) == ADAPTERS
+    for key, value in sync.average_state_dict().items():
+        assert torch.equal(background.average_state_dict()[key], value), key
+    assert own_tensors(background, model) == ADAPTERS
