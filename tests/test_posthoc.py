@@ -83,13 +83,17 @@ def test_bad_windows_name_the_value_and_the_range(tmp_path: Path) -> None:
     _trained(6, tmp_path)
     with pytest.raises(ValueError, match=r"^window start=3 must be < end=3; stored steps 0\.\.5"):
         swa_window(tmp_path, 3, 3)
-    with pytest.raises(ValueError, match=r"^window \[2, 9\] is outside the collected steps 0\.\.5$"):
+    with pytest.raises(
+        ValueError, match=r"^window \[2, 9\] is outside the collected steps 0\.\.5$"
+    ):
         swa_window(tmp_path, 2, 9)
     with pytest.raises(ValueError, match=r"^k must be an integer in \[1, 6\]"):
         lawa(tmp_path, 7)
     with pytest.raises(ValueError, match=r"^at=9 is not a stored snapshot; stored steps 0\.\.5"):
         ema(tmp_path, 0.07, at=9)
-    with pytest.raises(ValueError, match=r"^sigma_rel must be a number in \(0, 0\.2887\), got 0\.5"):
+    with pytest.raises(
+        ValueError, match=r"^sigma_rel must be a number in \(0, 0\.2887\), got 0\.5"
+    ):
         ema(tmp_path, 0.5)
     with pytest.raises(ValueError, match=r"^every must be an integer >= 1, got 0"):
         Snapshots(tmp_path / "x", every=0)
@@ -134,10 +138,13 @@ def test_power_ema_tracks_are_the_closed_form(tmp_path: Path) -> None:
 def test_ema_synthesis_reproduces_a_tracked_ema(tmp_path: Path, sigma_rel: float) -> None:
     """Tracks 0.05 and 0.10 stored every 25 of 2000 steps synthesise another sigma_rel's EMA.
 
-    Tolerance: the synthesised EMA differs from the directly tracked one by at most 2% of how far
-    the tracked EMA lies from the nearest stored track — a small fraction of the difference between
-    the EMA lengths one chooses among (Karras et al. report reconstructions that match tracked
-    EMAs in FID to within noise, their Fig. 5). The profile-fit error is returned as a bound too.
+    Tolerance: the synthesised EMA differs from the directly tracked one by at most 0.1% of how
+    far the tracked EMA lies from the nearest stored track, i.e. a negligible fraction of the
+    difference between the EMA lengths one chooses among. The synthesis is exact on the span of
+    the stored tracks; what remains is the least-squares misfit of the per-step weight profiles,
+    which is below 0.2% here for sigma_rel in [0.03, 0.2] (Karras et al., 2024, Fig. 5 show profiles
+    synthesised from 0.05/0.10 matching targets to that visual precision). Measured on this
+    trajectory (2-core CPU): 2e-4, 2e-5, 1e-5 of that distance for 0.03, 0.07, 0.15.
     """
     trajectory = _walk(2000)
     snaps = Snapshots(tmp_path, every=25, sigma_rels=(0.05, 0.10))
@@ -149,7 +156,7 @@ def test_ema_synthesis_reproduces_a_tracked_ema(tmp_path: Path, sigma_rel: float
         key=lambda t: float((t - direct).norm()),
     )
     got = ema(snaps, sigma_rel)["w"]
-    assert float((got - direct).norm()) <= 0.02 * float((nearest - direct).norm())
+    assert float((got - direct).norm()) <= 1e-3 * float((nearest - direct).norm())
 
 
 def test_unreachable_sigma_rel_names_the_range(tmp_path: Path) -> None:
@@ -162,14 +169,24 @@ def test_unreachable_sigma_rel_names_the_range(tmp_path: Path) -> None:
 
 
 def test_half_precision_tracks(tmp_path: Path) -> None:
-    trajectory = _walk(300)
+    """fp16/bf16 tracks: the synthesis is off by the storage rounding only. Its coefficients
+    sum to 1 and stay below 1 in size here, so the relative error grows by at most about eps."""
+    trajectory = _walk(2000)
+    direct = _direct_power_ema(trajectory, 0.07)
+    errors = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        snaps = Snapshots(tmp_path / str(dtype), every=30, ema_dtype=dtype)
+        snaps = Snapshots(tmp_path / str(dtype), every=25, ema_dtype=dtype)
         for step, w in enumerate(trajectory):
             snaps.update({"w": w}, step=step)
         stored = torch.load(snaps.files()[-1], weights_only=True)
         assert stored["ema"][0]["w"].dtype == dtype
         assert stored["sum"]["w"].dtype == torch.float64
+        errors[dtype] = float((ema(snaps, 0.07)["w"] - direct).norm() / direct.norm())
+    assert errors[torch.float32] < 1e-6
+    for dtype in (torch.float16, torch.bfloat16):
+        assert (
+            errors[torch.float32] < errors[dtype] <= errors[torch.float32] + torch.finfo(dtype).eps
+        )
     with pytest.raises(ValueError, match=r"^ema_dtype must be"):
         Snapshots(tmp_path / "bad", ema_dtype=torch.int8)
 

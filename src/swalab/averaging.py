@@ -520,6 +520,9 @@ class AveragedModel(nn.Module):
         update_every: average only every k-th step (timm's ``ModelEmaV3``, ema-pytorch's
             ``update_every``, Lightning's ``update_every_n_steps``); warm-up counts averaged models.
         update_after: skip the steps before this one; the first averaged step copies the model.
+        snapshots: a ``swalab.posthoc.Snapshots`` that collects the model at every call of
+            ``update_parameters`` (before ``update_every``/``update_after`` gate the average), for
+            choosing SWA windows, LAWA or the EMA length after training.
 
     Example:
         >>> swa_model = swalab.AveragedModel(model)
@@ -545,8 +548,11 @@ class AveragedModel(nn.Module):
         dtype: torch.dtype | None = None,
         update_every: int = 1,
         update_after: int = 0,
+        snapshots: Any = None,
     ) -> None:
         super().__init__()
+        if snapshots is not None and not callable(getattr(snapshots, "update", None)):
+            raise ValueError(f"snapshots must be a swalab.posthoc.Snapshots, got {snapshots!r}")
         if sum(f is not None for f in (avg_fn, multi_avg_fn, rule)) > 1:
             raise ValueError("give at most one of avg_fn, multi_avg_fn and rule")
         if dtype is not None and not dtype.is_floating_point:
@@ -569,6 +575,7 @@ class AveragedModel(nn.Module):
         self._count = 0
         self._written = 0  # the count last written into the n_averaged buffer
         self._pairing: _Pairing | None = None
+        self.snapshots = snapshots
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -608,6 +615,8 @@ class AveragedModel(nn.Module):
         """
         if step is None:
             step, self._calls = self._calls, self._calls + 1
+        if self.snapshots is not None:
+            self.snapshots.update(_unwrap(model), step=step)
         if not self.should_update(step):
             return False
         pairing = self._bind(_unwrap(model))
@@ -683,7 +692,8 @@ class AveragedModel(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # The pairing holds the trained model's tensors: never pickle or deep-copy it.
-        return dict(super().__getstate__(), _pairing=None)
+        # Nor the snapshots: a copy writing into the same directory would corrupt it.
+        return dict(super().__getstate__(), _pairing=None, snapshots=None)
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:

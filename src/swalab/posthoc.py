@@ -197,15 +197,15 @@ class Snapshots:
             )
         t = state["count"] + 1
         current = [weights[k].detach() for k in keys]
-        torch._foreach_add_(
-            [state["sum"][k] for k in keys], [c.to(torch.float64) for c in current]
-        )
+        torch._foreach_add_([state["sum"][k] for k in keys], [c.to(torch.float64) for c in current])
         for gamma, track in zip(self.gammas, state["ema"]):
             beta = (1.0 - 1.0 / t) ** (gamma + 1)  # 0 at t = 1: the first update copies
             torch._foreach_lerp_([track[k] for k in keys], current, 1.0 - beta)
         state["count"], state["step"] = t, step
         state["steps"].append(step)
-        state["other"] = {k: v.detach().clone() for k, v in weights.items() if k not in state["sum"]}
+        state["other"] = {
+            k: v.detach().clone() for k, v in weights.items() if k not in state["sum"]
+        }
         if t % self.every == 0:
             self._write_snapshot(state)
             _save_whole(_cpu(state), self.directory / _RESUME)
@@ -346,12 +346,16 @@ def lawa(
         raise ValueError(f"at={at} is not a stored snapshot; {stored}")
     available = index[ends[0]]["count"]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= available:
-        raise ValueError(f"k must be an integer in [1, {available}] (collections up to step {at}), got {k!r}")
+        raise ValueError(
+            f"k must be an integer in [1, {available}] (collections up to step {at}), got {k!r}"
+        )
     want = index[ends[0]]["count"] - k
     before = [i for i, s in enumerate(index) if s["count"] == want]
     if want > 0 and not before:
         counts = sorted(available - s["count"] for s in index[: ends[0]])
-        raise ValueError(f"k={k} does not end at a stored snapshot (every={snaps.every}); possible k: {counts}")
+        raise ValueError(
+            f"k={k} does not end at a stored snapshot (every={snaps.every}); possible k: {counts}"
+        )
     return _difference(index, before[0] if want > 0 else -1, ends[0], dtype)
 
 
@@ -400,7 +404,9 @@ def ema(
     return _result(total, _load(used[-1]["path"])["other"], dtypes)
 
 
-def _gram(used: list[dict[str, Any]], gammas: Sequence[float], gamma_r: float) -> tuple[Tensor, Tensor, float]:
+def _gram(
+    used: list[dict[str, Any]], gammas: Sequence[float], gamma_r: float
+) -> tuple[Tensor, Tensor, float]:
     """``A = W Wᵀ``, ``b = W w_r`` and ``‖w_r‖²`` over collections ``1..T`` (``T``: the last snapshot),
     the rows of ``W`` the weights of each stored (snapshot, track), in chunks of collections."""
     times = torch.tensor([[s["count"]] for s in used for _ in gammas], dtype=torch.float64)
@@ -410,9 +416,7 @@ def _gram(used: list[dict[str, Any]], gammas: Sequence[float], gamma_r: float) -
     a, b, rr = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0.0
     for lo in range(1, int(t_r) + 1, 1 << 15):
         steps = torch.arange(lo, min(int(t_r), lo + (1 << 15) - 1) + 1, dtype=torch.float64)
-        w = torch.stack(
-            [_power_weights(times[i], g, steps) for i, g in enumerate(track_gammas)]
-        )
+        w = torch.stack([_power_weights(times[i], g, steps) for i, g in enumerate(track_gammas)])
         w_r = _power_weights(torch.tensor(t_r), gamma_r, steps)
         a += w @ w.T
         b += w @ w_r
@@ -420,7 +424,9 @@ def _gram(used: list[dict[str, Any]], gammas: Sequence[float], gamma_r: float) -
     return a, b, rr
 
 
-def _fit(used: list[dict[str, Any]], gammas: Sequence[float], gamma_r: float) -> tuple[Tensor, float]:
+def _fit(
+    used: list[dict[str, Any]], gammas: Sequence[float], gamma_r: float
+) -> tuple[Tensor, float]:
     """Least-squares coefficients and the relative error ``‖W x − w_r‖ / ‖w_r‖`` of the fit."""
     a, b, rr = _gram(used, gammas, gamma_r)
     x = torch.linalg.lstsq(a, b.unsqueeze(1), rcond=1e-12, driver="gelsd").solution.squeeze(1)
