@@ -47,7 +47,9 @@ def test_table1_budgets_post_hoc_equal_the_shared_trajectory_runs(run_dir):
     assert main(["posthoc", str(run_dir), "--start", "1", "5", "--end", "6", "8", "9"]) == 0
     with (run_dir / "posthoc.csv").open() as f:
         rows = {(r["method"], int(r["seed"])): r for r in csv.DictReader(f)}
-    assert len(rows) == 2 * 6
+    assert {(int(r["start"]), int(r["end"])) for r in rows.values()} >= {
+        (a, b) for a in (1, 5) for b in (6, 8, 9)
+    }
     for seed in (0, 1):
         for label, end in (("swa", 6), ("swa-1.25B", 8), ("swa-1.5B", 9)):
             row, want = rows[(f"swa-1.5B[5-{end}]", seed)], results[(label, seed)]
@@ -71,3 +73,25 @@ def test_posthoc_config_is_checked():
         load_config("mnist1d", ["methods=[{method: sgd}]", "posthoc.run=x"])
     with pytest.raises(ConfigError, match=r"^posthoc.every must be an integer >= 1, got 0"):
         load_config("mnist1d", ["posthoc.every=0"])
+
+
+def test_claim_start_reads_the_band_from_posthoc_csv(run_dir):
+    """Claim 7: B = 6, starts floor(f B) + 1 for f = 0.6..0.9 are 4, 5, 5, 6; E = 9 (1.5 B)."""
+    from swalab.report.claims import evaluate_claims
+
+    claim = evaluate_claims(run_dir)[-1]
+    assert claim.id == "7" and not claim.values and "--start 4 5 6 --end 9" in claim.note
+    assert main(["posthoc", str(run_dir), "--start", "4", "5", "6", "--end", "9"]) == 0
+    with (run_dir / "posthoc.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert any(r["start"] == "1" for r in rows)  # the earlier grid's rows are kept
+    claim = evaluate_claims(run_dir)[-1]
+    for seed in (0, 1):
+        accuracy = [
+            float(r["test_accuracy"])
+            for r in rows
+            if r["seed"] == str(seed) and r["end"] == "9" and r["start"] in ("4", "5", "6")
+        ]
+        assert len(accuracy) == 3
+        assert claim.values[seed] == pytest.approx(max(accuracy) - min(accuracy))
+    assert claim.margin == 1.0 and claim.verdict in ("supported", "undecided", "contradicted")

@@ -312,7 +312,9 @@ def _keep_snapshots(cfg: ExperimentConfig) -> None:
 def _check_posthoc(cfg: ExperimentConfig) -> None:
     p, labels = cfg.posthoc, [m.label for m in cfg.methods]
     if p.run and p.run not in labels:
-        raise ConfigError(f"posthoc.run must be a method label ({', '.join(labels)}), got {p.run!r}")
+        raise ConfigError(
+            f"posthoc.run must be a method label ({', '.join(labels)}), got {p.run!r}"
+        )
     if isinstance(p.every, bool) or not isinstance(p.every, int) or p.every < 1:
         raise ConfigError(f"posthoc.every must be an integer >= 1, got {p.every!r}")
     for key, values in (("posthoc.starts", p.starts), ("posthoc.ends", p.ends)):

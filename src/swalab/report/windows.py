@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..bn import has_batchnorm, update_bn
 from ..lab.evaluation import EvalContext, evaluate, model_outputs
@@ -28,9 +29,24 @@ from ..lab.task import task_of
 from ..posthoc import Snapshots, swa_window
 from .rundir import RunDir
 
-__all__ = ["default_grid", "evaluate_windows", "paper_windows", "window_label", "window_map"]
+__all__ = [
+    "START_BAND",
+    "default_grid",
+    "evaluate_windows",
+    "paper_windows",
+    "run_epochs",
+    "start_band",
+    "window_label",
+    "window_map",
+]
 
 GRID_POINTS = 10  # starts and ends of the default grid
+START_BAND = (0.6, 0.7, 0.8, 0.9)  # claim 7's starts, as fractions of B (docs/claims.md)
+
+
+def start_band(budget_epochs: int) -> list[int]:
+    """Claim 7's starts: ``floor(f B) + 1`` for ``f`` in ``START_BAND`` (0.8: the paper's)."""
+    return sorted({int(f * budget_epochs) + 1 for f in START_BAND})
 
 
 def window_label(label: str, start: int, end: int) -> str:
@@ -43,6 +59,12 @@ def default_grid(last: int, extra: Sequence[int] = ()) -> list[int]:
     return sorted({*points, *(e for e in extra if 1 <= e <= last)})
 
 
+def run_epochs(run: RunDir, label: str) -> int:
+    """Epochs trained by the run of method ``label`` (its budget times B, rounded up)."""
+    recipe = recipe_of(run.method(label), run.cfg.train, steps_per_epoch=1, model=nn.Linear(1, 1))
+    return recipe.epochs
+
+
 def paper_windows(run: RunDir) -> dict[str, tuple[int, int]]:
     """The (first, last) averaged epoch of each SWA run of the config (the paper's choice:
     ``swa_start`` = 0.8 B + 1 to the run's budget), by label."""
@@ -50,7 +72,7 @@ def paper_windows(run: RunDir) -> dict[str, tuple[int, int]]:
     for m in run.cfg.methods:
         if m.method != "swa":
             continue
-        recipe = recipe_of(m, run.cfg.train, steps_per_epoch=1, model=torch.nn.Linear(1, 1))
+        recipe = recipe_of(m, run.cfg.train, steps_per_epoch=1, model=nn.Linear(1, 1))
         epochs = recipe.averaged_epochs()
         if epochs and epochs == list(range(epochs[0], epochs[-1] + 1)):
             out[m.label] = (epochs[0], epochs[-1])
@@ -86,8 +108,11 @@ def evaluate_windows(
         )
     last = min(_snapshots(run, label, s).index()[-1]["step"] for s in seeds)
     papers = paper_windows(run)
+    band = start_band(cfg.train.epochs)
     starts = list(
-        starts or cfg.posthoc.starts or default_grid(last, [a for a, _ in papers.values()])
+        starts
+        or cfg.posthoc.starts
+        or default_grid(last, [*band, *(a for a, _ in papers.values())])
     )
     ends = list(ends or cfg.posthoc.ends or default_grid(last, [b for _, b in papers.values()]))
     for name, values in (("start", starts), ("end", ends)):
@@ -132,7 +157,10 @@ def evaluate_windows(
                     row.update({f"{name}_{k}": v for k, v in metrics.items()})
             rows.append(row)
         log(f"posthoc: {label} seed {seed}: {len(windows)} windows evaluated")
-    run.write_posthoc_results(rows)
+    # windows evaluated before (another grid) stay; the ones evaluated again are replaced
+    fresh = {(r["method"], str(r["seed"])) for r in rows}
+    kept = [r for r in run.posthoc_results() if (r["method"], r["seed"]) not in fresh]
+    run.write_posthoc_results(kept + rows)
     return window_map(run)
 
 
