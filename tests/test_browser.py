@@ -98,13 +98,13 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         driver.get(page.as_uri())
         assert driver.title == "swalab report: mnist1d"
 
-        # the Claims section comes first: six claims (claim 1 once per SWA budget), each with a verdict
+        # the Claims section comes first: seven claims (claim 1 once per SWA budget), each with a verdict
         assert driver.find_elements("tag name", "h2")[0].text == "Claims"
         tables = driver.find_elements("css selector", "table.results")
         assert tables, "no table"
         claims = tables[0].find_elements("css selector", "tbody tr")
         assert [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims] == list(
-            "123456"
+            "1234567"
         )
         verdicts = [r.find_elements("tag name", "td")[5].text for r in claims]
         assert set(verdicts) <= {"supported", "contradicted", "undecided", "no input"}

@@ -194,8 +194,9 @@ def sgd_reference(run: RunDir, metric: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def window_map(run: RunDir) -> Path:
-    """``window_map.png``: the mean test metric over (start, end), centred on SGD's result."""
+def window_map(run: RunDir, path: Path | None = None, formats: Sequence[str] = ("png",)) -> Path:
+    """The window map (default ``RUN_DIR/window_map.png``): the mean test metric over (start,
+    end) from ``posthoc.csv``, centred on SGD's result, the paper's windows outlined."""
     from matplotlib import colors
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -248,4 +249,4 @@ def window_map(run: RunDir) -> Path:
         f"SWA window map from {source}'s snapshots{ref}\n{better}; outlined: the paper's windows",
         fontsize=9,
     )
-    return _save(fig, run.path / "window_map.png")
+    return _save(fig, path or run.path / "window_map.png", formats)
