@@ -226,8 +226,15 @@ def window_map(run: RunDir, path: Path | None = None, formats: Sequence[str] = (
     for i in range(len(ends)):
         for j in range(len(starts)):
             if np.isfinite(grid[i, j]):
+                dark = abs(grid[i, j] - centre) > 0.6 * spread  # white on the deep colours
                 ax.text(
-                    j + 0.5, i + 0.42, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=6
+                    j + 0.5,
+                    i + 0.42,
+                    f"{grid[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if dark else "black",
                 )
     ax.set_xticks(np.arange(len(starts)) + 0.5, [str(s) for s in starts], fontsize=7)
     ax.set_yticks(np.arange(len(ends)) + 0.5, [str(e) for e in ends], fontsize=7)
