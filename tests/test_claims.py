@@ -393,7 +393,9 @@ def test_cli_prints_six_verdicts(tmp_path, capsys):
     )
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
-    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list("1234567")
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list(
+        "1234567"
+    )
     assert out.count("verdict: ") == 7 and "verdict: SUPPORTED" in out
     assert main(["claims", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -433,7 +435,9 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     assert "nothing left to compute" in capsys.readouterr().out
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
-    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list("1234567")
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list(
+        "1234567"
+    )
     assert out.count("verdict: ") == 7 and out.count("95% CI [") == 6, out
 
 

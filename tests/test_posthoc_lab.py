@@ -69,8 +69,11 @@ def test_bad_windows_are_one_line_errors(run_dir, capsys):
 
 
 def test_posthoc_config_is_checked():
-    with pytest.raises(ConfigError, match=r"^posthoc.run must be a method label \(sgd\), got 'x'"):
+    with pytest.raises(ConfigError, match=r"^posthoc.run must be a method label \(sgd\) or auto"):
         load_config("mnist1d", ["methods=[{method: sgd}]", "posthoc.run=x"])
+    # auto: the SWA run of the largest budget, or none
+    assert load_config("mnist1d").posthoc.run == "swa-1.5B"
+    assert load_config("mnist1d", ["methods=[{method: sgd}]"]).posthoc.run == ""
     with pytest.raises(ConfigError, match=r"^posthoc.every must be an integer >= 1, got 0"):
         load_config("mnist1d", ["posthoc.every=0"])
 

@@ -121,7 +121,7 @@ class PosthocConfig:
     running sums and power-function EMA tracks) after every ``every``-th epoch, from which
     ``swalab posthoc`` evaluates the SWA average over a grid of (start, end) epoch windows."""
 
-    run: str = ""  # the method label whose epochs are collected ("": none)
+    run: str = ""  # the method label whose epochs are collected ("": none; "auto": the longest SWA)
     every: int = 1
     starts: list[int] = field(default_factory=list)  # 1-based epochs; empty: a grid of ~10
     ends: list[int] = field(default_factory=list)  # 1-based epochs; empty: a grid of ~10
@@ -310,10 +310,16 @@ def _keep_snapshots(cfg: ExperimentConfig) -> None:
 
 
 def _check_posthoc(cfg: ExperimentConfig) -> None:
+    """``posthoc.run: auto`` becomes the label of the SWA run with the largest budget (whose
+    trajectory holds the shorter ones'), or "" when there is none (so a preset's section still
+    works when ``--set methods=...`` drops runs; config.yaml shows the label used)."""
     p, labels = cfg.posthoc, [m.label for m in cfg.methods]
+    if p.run == "auto":
+        swa = [m for m in cfg.methods if m.method == "swa"]
+        p.run = max(swa, key=lambda m: m.budget).label if swa else ""
     if p.run and p.run not in labels:
         raise ConfigError(
-            f"posthoc.run must be a method label ({', '.join(labels)}), got {p.run!r}"
+            f"posthoc.run must be a method label ({', '.join(labels)}) or auto, got {p.run!r}"
         )
     if isinstance(p.every, bool) or not isinstance(p.every, int) or p.every < 1:
         raise ConfigError(f"posthoc.every must be an integer >= 1, got {p.every!r}")
