@@ -230,3 +230,16 @@ def test_snapshots_survive_a_kill_and_resume_bit_identical(tmp_path: Path) -> No
     assert sorted(p.name for p in killed.iterdir() if not p.name.startswith(".")) == names
     for name in names:
         assert (straight / name).read_bytes() == (killed / name).read_bytes(), name
+
+
+def test_low_precision_model_tracks_in_float32_and_changed_models_refused(tmp_path: Path) -> None:
+    snaps = Snapshots(tmp_path)
+    model = nn.Linear(3, 2).to(torch.bfloat16)
+    snaps.update(model, step=0)
+    snaps.update(model, step=1)
+    stored = torch.load(snaps.files()[-1], weights_only=True)
+    assert stored["ema"][0]["weight"].dtype == torch.float32
+    assert stored["sum"]["weight"].dtype == torch.float64
+    assert snaps.update(model, step=1) is False  # already collected
+    with pytest.raises(ValueError, match=r"^the model's floating tensors \(names and shapes\)"):
+        snaps.update(nn.Linear(3, 4), step=2)

@@ -76,6 +76,10 @@ def _power_weights(t: Tensor, gamma: float, steps: Tensor) -> Tensor:
     return torch.where(s <= t, w, torch.zeros((), dtype=torch.float64))
 
 
+def _track_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def _floating(state: Mapping[str, Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point()]
 
@@ -129,7 +133,7 @@ class Snapshots:
         self._state: dict[str, Any] | None = None
         resume = self.directory / _RESUME
         if resume.exists():
-            state = _load(resume)
+            state = _load(resume, mmap=False)
             given = {"every": every, "sigma_rels": sigma_rels, "ema_dtype": ema_dtype}
             stored = {
                 "every": state["every"],
@@ -187,20 +191,31 @@ class Snapshots:
                 "step": step,
                 "steps": [],
                 "sum": {k: torch.zeros_like(weights[k], dtype=torch.float64) for k in keys},
-                "ema": [{k: weights[k].detach().clone() for k in keys} for _ in self.gammas],
+                # at least float32: a bf16 track would stop moving once its increments round away
+                "ema": [
+                    {k: weights[k].detach().to(_track_dtype(weights[k]), copy=True) for k in keys}
+                    for _ in self.gammas
+                ],
             }
         state = self._state
-        if sorted(keys) != sorted(state["sum"]):
+        shapes = {k: tuple(weights[k].shape) for k in keys}
+        if shapes != {k: tuple(v.shape) for k, v in state["sum"].items()}:
             raise ValueError(
-                f"the model's floating tensors {sorted(keys)[:3]}... differ from the ones "
-                f"collected in {self.directory}"
+                f"the model's floating tensors (names and shapes) differ from the ones collected "
+                f"in {self.directory}"
             )
+        device = weights[keys[0]].device if keys else torch.device("cpu")
+        if keys and state["sum"][keys[0]].device != device:  # resumed from files: to the model
+            state["sum"] = {k: v.to(device) for k, v in state["sum"].items()}
+            state["ema"] = [{k: v.to(device) for k, v in track.items()} for track in state["ema"]]
         t = state["count"] + 1
         current = [weights[k].detach() for k in keys]
         torch._foreach_add_([state["sum"][k] for k in keys], [c.to(torch.float64) for c in current])
         for gamma, track in zip(self.gammas, state["ema"]):
             beta = (1.0 - 1.0 / t) ** (gamma + 1)  # 0 at t = 1: the first update copies
-            torch._foreach_lerp_([track[k] for k in keys], current, 1.0 - beta)
+            tracked = [track[k] for k in keys]
+            sources = [c.to(a.dtype) for a, c in zip(tracked, current)]
+            torch._foreach_lerp_(tracked, sources, 1.0 - beta)
         state["count"], state["step"] = t, step
         state["steps"].append(step)
         state["other"] = {
@@ -255,8 +270,10 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def _load(path: Path) -> dict[str, Any]:
-    data = torch.load(path, map_location="cpu", weights_only=True)
+def _load(path: Path, mmap: bool = True) -> dict[str, Any]:
+    """A snapshot or resume file; memory-mapped by default, so reading the index does not read the
+    tensors (the running state of a resume is read whole)."""
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a swalab post-hoc snapshot ({FORMAT})")
     return data
