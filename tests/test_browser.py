@@ -16,6 +16,7 @@ import torch
 from swalab.lab.config import load_config
 from swalab.lab.runner import run_experiment
 from swalab.report import build_report, compute_landscape
+from swalab.report.windows import evaluate_windows
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -81,6 +82,8 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         log=lambda _: None,
         progress=False,
     )  # the claims pair seeds 0 and 1
+    # posthoc.run: auto is the swa run, which kept snapshots: its window map joins the report
+    evaluate_windows(run, starts=[1, 3], ends=[4, 5], log=lambda _: None)
     report = build_report(run, html_page=True, formats=("png", "svg", "pdf"), log=lambda _: None)
     assert report["missing"] == []
     page = report["html"]
@@ -100,6 +103,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
 
         # the Claims section comes first: seven claims (claim 1 once per SWA budget), each with a verdict
         assert driver.find_elements("tag name", "h2")[0].text == "Claims"
+        assert "Post-hoc SWA windows" in [h.text for h in driver.find_elements("tag name", "h2")]
         tables = driver.find_elements("css selector", "table.results")
         assert tables, "no table"
         claims = tables[0].find_elements("css selector", "tbody tr")

@@ -405,7 +405,8 @@ def _claim6(inp: _Inputs) -> Claim:
 def _claim_start(inp: _Inputs) -> Claim:
     """Claim 7 (post hoc, docs/claims.md): the range over the start band of the test error of SWA
     over ``[start, E]`` from ``posthoc.csv``, equivalent to 0 within claim 4's margin."""
-    from .windows import run_epochs, start_band
+    from ..lab.methods import run_epochs
+    from .windows import start_band
 
     margin = EQUIVALENCE_MARGIN[inp.task.primary]
     cfg, run = inp.run.cfg, inp.run
@@ -426,7 +427,7 @@ def _claim_start(inp: _Inputs) -> Claim:
             f"--out {run.path}-posthoc --set posthoc.run=LABEL`, then `swalab posthoc`"
         )
         return claim
-    end = run_epochs(run, label)
+    end = run_epochs(run.method(label).budget, cfg.train.epochs)
     key = inp.metric
     cells = {
         (int(r["seed"]), int(r["start"])): float(r[key])

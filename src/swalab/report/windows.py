@@ -34,7 +34,6 @@ __all__ = [
     "default_grid",
     "evaluate_windows",
     "paper_windows",
-    "run_epochs",
     "start_band",
     "window_label",
     "window_map",
@@ -57,12 +56,6 @@ def default_grid(last: int, extra: Sequence[int] = ()) -> list[int]:
     """About ``GRID_POINTS`` epochs spread over ``1..last``, plus ``extra`` (the paper's)."""
     points = np.linspace(1, last, min(GRID_POINTS, last)).round().astype(int).tolist()
     return sorted({*points, *(e for e in extra if 1 <= e <= last)})
-
-
-def run_epochs(run: RunDir, label: str) -> int:
-    """Epochs trained by the run of method ``label`` (its budget times B, rounded up)."""
-    recipe = recipe_of(run.method(label), run.cfg.train, steps_per_epoch=1, model=nn.Linear(1, 1))
-    return recipe.epochs
 
 
 def paper_windows(run: RunDir) -> dict[str, tuple[int, int]]:
