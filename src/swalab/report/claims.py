@@ -428,6 +428,10 @@ def _claim_start(inp: _Inputs) -> Claim:
         )
         return claim
     end = run_epochs(run.method(label).budget, cfg.train.epochs)
+    band = [start for start in band if start < end]  # a window holds two epochs or more
+    if len(band) < 2:
+        claim.note = f"{label} ends at epoch {end}: fewer than two starts of the band before it"
+        return claim
     key = inp.metric
     cells = {
         (int(r["seed"]), int(r["start"])): float(r[key])
@@ -442,7 +446,7 @@ def _claim_start(inp: _Inputs) -> Claim:
         if inp.task.probabilistic:  # accuracy points: the range of the error is the same
             values[seed] = max(scores) - min(scores)
         else:
-            paper = cells[(seed, int(0.8 * cfg.train.epochs) + 1)]
+            paper = cells.get((seed, int(0.8 * cfg.train.epochs) + 1), scores[0])
             values[seed] = 100.0 * (max(scores) - min(scores)) / paper
     if not values:
         claim.note = (
