@@ -131,6 +131,7 @@ class Snapshots:
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"snapshot directory {self.directory} is not a directory")
         self._state: dict[str, Any] | None = None
+        self._index: dict[Path, dict[str, Any]] = {}
         resume = self.directory / _RESUME
         if resume.exists():
             state = _load(resume, mmap=False)
@@ -253,10 +254,16 @@ class Snapshots:
         one (without its tensors)."""
         out = []
         for path in self.files():
-            snap = _load(path)
-            out.append(
-                {"path": path, "count": snap["count"], "step": snap["step"], "steps": snap["steps"]}
-            )
+            entry = self._index.get(path)
+            if entry is None:  # a snapshot file never changes once written: read it once
+                snap = _load(path)
+                entry = self._index[path] = {
+                    "path": path,
+                    "count": snap["count"],
+                    "step": snap["step"],
+                    "steps": snap["steps"],
+                }
+            out.append(entry)
         return out
 
 

@@ -94,6 +94,8 @@ def evaluate_windows(
             f"`swalab run {run.config_path} --out {run.path}-posthoc --set posthoc.run=LABEL`"
         )
     seeds = [s for s in cfg.seeds if _snapshots(run, label, s).files()]
+    for seed in sorted(set(cfg.seeds) - set(seeds)):
+        log(f"posthoc: {label} seed {seed} skipped (no snapshots yet; `{run.resume_command}`)")
     if not seeds:
         raise ValueError(
             f"no snapshots under {run.run(label, cfg.seeds[0]).path / 'posthoc'}; "
