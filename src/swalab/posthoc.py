@@ -91,7 +91,9 @@ class Snapshots:
     step); every ``every``-th collection writes one snapshot file. Opening an existing directory
     resumes from the last collection written there (the settings are read from it; giving others is
     an error); a step at or before the last one collected is skipped, so a training run resumed
-    from an earlier checkpoint replays into the same files, byte for byte.
+    from an earlier checkpoint replays into the same files, byte for byte. The resume point is the
+    last stored snapshot: resume training from a checkpoint at or before it (with ``every=1``,
+    collect before saving the checkpoint, as the lab's trainer does).
 
     Args:
         directory: where the files go (created if missing).
@@ -100,8 +102,8 @@ class Snapshots:
         sigma_rels: relative widths of the power-function EMA tracks, two or more in
             ``(0, 0.2887)`` (the paper stores 0.05 and 0.10).
         ema_dtype: storage dtype of the tracks in the snapshot files: ``torch.float32``
-            (default), ``torch.float16`` or ``torch.bfloat16``; the running tracks stay in the
-            model's dtype and the sums in float64.
+            (default), ``torch.float16`` or ``torch.bfloat16``; the running tracks are kept in
+            the model's dtype or float32, whichever is wider, and the sums in float64.
     """
 
     def __init__(
