@@ -164,6 +164,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "plane",
             "snapshots",
             "reliability",
+            "window_map",
         }
         assert {alt for alt, *_ in images} == expected
         assert len(images) == len(report["figures"])
