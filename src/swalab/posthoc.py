@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,8 @@ class Snapshots:
         ema_dtype: storage dtype of the tracks in the snapshot files: ``torch.float32``
             (default), ``torch.float16`` or ``torch.bfloat16``; the running tracks are kept in
             the model's dtype or float32, whichever is wider, and the sums in float64.
+        save: ``save(obj, path)`` writes one file whole (default: ``torch.save`` to a temporary
+            file beside ``path``, then a rename); the laboratory passes its checked writer.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class Snapshots:
         every: int | None = None,
         sigma_rels: Sequence[float] | None = None,
         ema_dtype: torch.dtype | None = None,
+        save: Callable[[Any, Path], None] | None = None,
     ) -> None:
         if every is not None and (
             isinstance(every, bool) or not isinstance(every, int) or every < 1
@@ -130,6 +133,7 @@ class Snapshots:
                 f"ema_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {ema_dtype}"
             )
         self.directory = Path(directory)
+        self._save = save or _save_whole
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"snapshot directory {self.directory} is not a directory")
         self._state: dict[str, Any] | None = None
@@ -226,7 +230,7 @@ class Snapshots:
         }
         if t % self.every == 0:
             self._write_snapshot(state)
-            _save_whole(_cpu(state), self.directory / _RESUME)
+            self._save(_cpu(state), self.directory / _RESUME)
         return True
 
     def _write_snapshot(self, state: dict[str, Any]) -> None:
@@ -241,7 +245,7 @@ class Snapshots:
             "ema": [{k: v.to(self.ema_dtype) for k, v in track.items()} for track in state["ema"]],
             "other": state["other"],
         }
-        _save_whole(_cpu(snapshot), self.directory / f"snapshot-{state['count']:08d}.pt")
+        self._save(_cpu(snapshot), self.directory / f"snapshot-{state['count']:08d}.pt")
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ class RunFiles:
     def snapshots(self, every: int | None = None) -> Snapshots:
         """The run's ``swalab.posthoc`` snapshots (``posthoc/``), opened once and kept."""
         if getattr(self, "_snapshots", None) is None:
-            self._snapshots = Snapshots(self.path / "posthoc", every=every)
+            self._snapshots = Snapshots(self.path / "posthoc", every=every, save=atomic_save)
         return self._snapshots
 
     def append_trajectory(self, epoch: int, state: dict[str, Any]) -> None:
