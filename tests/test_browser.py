@@ -16,6 +16,7 @@ import torch
 from swalab.lab.config import load_config
 from swalab.lab.runner import run_experiment
 from swalab.report import build_report, compute_landscape
+from swalab.report.windows import evaluate_windows
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -81,6 +82,8 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         log=lambda _: None,
         progress=False,
     )  # the claims pair seeds 0 and 1
+    # posthoc.run: auto is the swa run, which kept snapshots: its window map joins the report
+    evaluate_windows(run, starts=[1, 3], ends=[4, 5], log=lambda _: None)
     report = build_report(run, html_page=True, formats=("png", "svg", "pdf"), log=lambda _: None)
     assert report["missing"] == []
     page = report["html"]
@@ -98,19 +101,21 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         driver.get(page.as_uri())
         assert driver.title == "swalab report: mnist1d"
 
-        # the Claims section comes first: six claims (claim 1 once per SWA budget), each with a verdict
+        # the Claims section comes first: seven claims (claim 1 once per SWA budget), each with a verdict
         assert driver.find_elements("tag name", "h2")[0].text == "Claims"
+        assert "Post-hoc SWA windows" in [h.text for h in driver.find_elements("tag name", "h2")]
         tables = driver.find_elements("css selector", "table.results")
         assert tables, "no table"
         claims = tables[0].find_elements("css selector", "tbody tr")
         assert [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims] == list(
-            "123456"
+            "1234567"
         )
         verdicts = [r.find_elements("tag name", "td")[5].text for r in claims]
         assert set(verdicts) <= {"supported", "contradicted", "undecided", "no input"}
         assert verdicts[4] == "no input"  # no fixed-LR ablation in this run
+        assert verdicts[6] == "no input"  # claim 7: a 5-epoch SWA run has one start in the band
         assert all(
-            v != "no input" for i, v in enumerate(verdicts) if i != 4
+            v != "no input" for i, v in enumerate(verdicts) if i not in (4, 6)
         )  # both seeds have the pieces
 
         # the results tables: one row per method, the paired difference of SWA to SGD
@@ -159,6 +164,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "plane",
             "snapshots",
             "reliability",
+            "window_map",
         }
         assert {alt for alt, *_ in images} == expected
         assert len(images) == len(report["figures"])

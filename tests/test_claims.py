@@ -393,8 +393,10 @@ def test_cli_prints_six_verdicts(tmp_path, capsys):
     )
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
-    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list("123456")
-    assert out.count("verdict: ") == 6 and "verdict: SUPPORTED" in out
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list(
+        "1234567"
+    )
+    assert out.count("verdict: ") == 7 and "verdict: SUPPORTED" in out
     assert main(["claims", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -433,8 +435,10 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     assert "nothing left to compute" in capsys.readouterr().out
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
-    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list("123456")
-    assert out.count("verdict: ") == 6 and out.count("95% CI [") == 6, out
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list(
+        "1234567"
+    )
+    assert out.count("verdict: ") == 7 and out.count("95% CI [") == 6, out
 
 
 def test_report_opens_with_the_claims(tmp_path):
@@ -464,7 +468,7 @@ def test_every_preset_gets_six_claims(tmp_path, preset):
     }
     write_run(tmp_path / "run", cfg, metric)
     claims = evaluate_claims(tmp_path / "run")
-    assert [c.id.split(" ")[0] for c in claims if c.id[0] != "1" or c.id == "1"] == list("123456")
+    assert [c.id.split(" ")[0] for c in claims if c.id[0] != "1" or c.id == "1"] == list("1234567")
     for c in claims:
         assert c.values or c.note, c.id  # a verdict's inputs, or a line saying what is missing
         if c.id.startswith("1") and c.values:

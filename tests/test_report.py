@@ -160,6 +160,8 @@ def test_html_is_one_self_contained_page(run):
 def test_missing_landscape_and_predictions_are_named_with_their_commands(run):
     report = build_report(run, log=lambda _: None)
     assert report["missing"] == [
+        # the preset's posthoc.run: auto made the swa run keep post-hoc snapshots
+        f"no posthoc.csv in {run}; evaluate the windows with `swalab posthoc {run}`",
         f"no landscape in {run / 'landscape'}; compute it with `swalab landscape {run}`",
         f"no final predictions in {run / 'landscape' / 'predictions.npz'}; compute them with "
         f"`swalab landscape {run} --what predictions`",

@@ -88,11 +88,14 @@ def run(finished, tmp_path) -> Path:
 def test_every_file_of_a_real_run_loads_weights_only(finished):
     names = sorted(str(p.relative_to(finished)) for p in finished.rglob("*.pt"))
     trajectory = [f"trajectory/epoch{n:05d}.pt" for n in (1, 2, 3)]  # one file per epoch
-    assert names == ["pretrain/seed0.pt"] + [
+    # the preset's posthoc.run: auto makes the swa run keep post-hoc snapshots too
+    posthoc = ["posthoc/resume.pt", *(f"posthoc/snapshot-{n:08d}.pt" for n in (1, 2, 3))]
+    assert names == ["pretrain/seed0.pt"] + sorted(
         f"{label}/seed0/{name}"
         for label in ("sgd", "swa")
         for name in ("checkpoint.pt", "final.pt", "init.pt", *trajectory)
-    ]
+        + (tuple(posthoc) if label == "swa" else ())
+    )
     for name in names:
         assert load_torch(finished / name) is not None
     ckpt = load_torch(finished / "swa" / "seed0" / "checkpoint.pt")

@@ -765,6 +765,9 @@ class AveragedModel(nn.Module):
             ``swapped_into``, ``save_average``, ``update_bn``, ``load_state_dict`` and ``to()``
             wait for it first (call ``join()`` before reading ``module``'s tensors yourself).
             Results are those of the synchronous update. With ``rule=`` (SWA, EMA) only.
+        snapshots: a ``swalab.posthoc.Snapshots`` that collects the model at every call of
+            ``update_parameters`` (before ``update_every``/``update_after`` gate the average), for
+            choosing SWA windows, LAWA or the EMA length after training.
 
     Example:
         >>> swa_model = swalab.AveragedModel(model)
@@ -794,8 +797,11 @@ class AveragedModel(nn.Module):
         exclude: str | Sequence[str] | None = None,
         trainable_only: bool = False,
         asynchronous: bool = False,
+        snapshots: Any = None,
     ) -> None:
         super().__init__()
+        if snapshots is not None and not callable(getattr(snapshots, "update", None)):
+            raise ValueError(f"snapshots must be a swalab.posthoc.Snapshots, got {snapshots!r}")
         if sum(f is not None for f in (avg_fn, multi_avg_fn, rule)) > 1:
             raise ValueError("give at most one of avg_fn, multi_avg_fn and rule")
         if dtype is not None and not dtype.is_floating_point:
@@ -845,6 +851,7 @@ class AveragedModel(nn.Module):
                 "asynchronous=True needs the average on the CPU (device='cpu'); an average on an "
                 "accelerator updates without waiting already"
             )
+        self.snapshots = snapshots
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.join()
@@ -902,7 +909,9 @@ class AveragedModel(nn.Module):
         if step is None:
             step = host.calls
             host.calls += 1
-        if step < self.update_after or (step - self.update_after) % self.update_every:
+        if self.snapshots is not None:
+            self.snapshots.update(_unwrap(model), step=step)
+        if not self.should_update(step):
             return False
         pairing = self._bind(model)
         buffer = self._buffers["n_averaged"]
@@ -985,6 +994,7 @@ class AveragedModel(nn.Module):
             _host=self._host.detached(),
             _source=None,
             _worker=worker,
+            snapshots=None,  # a copy writing into the same directory would corrupt it
         )
 
     def _save_to_state_dict(

@@ -11,6 +11,7 @@ torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
 swalab landscape runs/mnist1d --grid 21 --rays 10
 swalab landscape runs/mnist1d --seed all --what line,rays,ensemble,bn
 swalab claims runs/mnist1d
+swalab posthoc runs/mnist1d --start 10 20 25 --end 30 45
 swalab report runs/mnist1d --html --format png,svg,pdf
 """
 
@@ -206,6 +207,15 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_posthoc(args: argparse.Namespace) -> int:
+    from .report.windows import evaluate_windows
+
+    with _writing(args.run_dir):
+        path = evaluate_windows(args.run_dir, args.start, args.end, device=args.device)
+    print(f"window map: {path}; rows in {Path(args.run_dir) / 'posthoc.csv'}")
+    return 0
+
+
 def _writing(run_dir: str) -> contextlib.AbstractContextManager:
     """Writes of ``swalab landscape``/``report`` stay inside the run directory (no lock: they only
     add their own files); a missing directory is reported by the command itself."""
@@ -391,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
     p.set_defaults(func=_cmd_claims)
+
+    p = sub.add_parser(
+        "posthoc",
+        help="SWA over a grid of (start, end) epoch windows from one run's snapshots "
+        "(posthoc.run), BN recomputed: posthoc.csv and the window map",
+    )
+    p.add_argument("run_dir", help="a run directory written by `swalab run` with posthoc.run set")
+    p.add_argument("--start", type=int, nargs="+", help="first averaged epochs (1-based)")
+    p.add_argument("--end", type=int, nargs="+", help="last averaged epochs (1-based)")
+    p.add_argument("--device", default="cpu", help="device for BN recomputation and evaluation")
+    p.set_defaults(func=_cmd_posthoc)
 
     p = sub.add_parser(
         "report", help="report of a run (Markdown + PNGs; --html: one self-contained page)"

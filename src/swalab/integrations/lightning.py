@@ -79,6 +79,8 @@ class AveragingCallback(pl.Callback):
         bn_max_batches: limit of that pass.
         copy_to_model: after training, copy the average into the module (``trainer.test`` and
             ``trainer.save_checkpoint`` then use it).
+        posthoc: a ``swalab.posthoc.Snapshots`` collecting the module at every ``interval`` (each
+            step, or each epoch's end), for post-hoc SWA windows, LAWA and EMA synthesis.
 
     Example:
         >>> callback = AveragingCallback(swalab.EMA(0.999, warmup_gamma=10), update_after=100)
@@ -108,6 +110,7 @@ class AveragingCallback(pl.Callback):
         bn_forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         bn_max_batches: int | None = None,
         copy_to_model: bool = True,
+        posthoc: Any = None,
     ) -> None:
         if rule is not None and not isinstance(rule, AveragingRule):
             raise ValueError(f"rule must be a swalab AveragingRule (SWA(), EMA(...)), got {rule!r}")
@@ -144,6 +147,7 @@ class AveragingCallback(pl.Callback):
             bn_max_batches,
         )
         self.copy_to_model = copy_to_model
+        self.posthoc = posthoc
         self.averaged: AveragedModel | None = None
         self.swag: SWAG | None = None
         # Progress, checkpointed: steps taken, the last global_step seen, the last epoch folded in,
@@ -177,6 +181,7 @@ class AveragingCallback(pl.Callback):
                 dtype=self.dtype,
                 update_every=self.update_every,
                 update_after=self.update_after,
+                snapshots=self.posthoc,
             )
             if self.swag_max_models is not None:
                 self.swag = SWAG(

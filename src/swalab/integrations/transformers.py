@@ -55,6 +55,8 @@ class AveragingCallback(transformers.TrainerCallback):
             BatchNorm only; batches are passed as ``model(**batch)``).
         copy_to_model: after training, copy the average into the Trainer's model (off by default:
             ``load_best_model_at_end`` may have loaded another model by then).
+        posthoc: a ``swalab.posthoc.Snapshots`` collecting the model after every optimizer step
+            (``step = global_step - 1``), for post-hoc SWA windows, LAWA and EMA synthesis.
 
     Example:
         >>> callback = AveragingCallback(swalab.EMA(0.999, warmup_gamma=10), update_after=100)
@@ -73,6 +75,7 @@ class AveragingCallback(transformers.TrainerCallback):
         evaluate_average: bool = True,
         update_bn: bool = True,
         copy_to_model: bool = False,
+        posthoc: Any = None,
     ) -> None:
         if rule is not None and not isinstance(rule, AveragingRule):
             raise ValueError(f"rule must be a swalab AveragingRule (SWA(), EMA(...)), got {rule!r}")
@@ -81,6 +84,7 @@ class AveragingCallback(transformers.TrainerCallback):
         self.device, self.dtype = device, dtype
         self.evaluate_average, self.update_bn = evaluate_average, update_bn
         self.copy_to_model = copy_to_model
+        self.posthoc = posthoc
         self.averaged: AveragedModel | None = None
 
     def on_train_begin(
@@ -93,6 +97,7 @@ class AveragingCallback(transformers.TrainerCallback):
             dtype=self.dtype,
             update_every=self.update_every,
             update_after=self.update_after,
+            snapshots=self.posthoc,
         )
         if state.global_step > 0:  # resuming
             self._load(self._resume_directory(args, state), model, state.global_step)

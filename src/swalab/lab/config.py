@@ -33,6 +33,7 @@ __all__ = [
     "LandscapeConfig",
     "MethodConfig",
     "ModelConfig",
+    "PosthocConfig",
     "PretrainConfig",
     "TrainConfig",
     "apply_overrides",
@@ -115,6 +116,18 @@ class LandscapeConfig:
 
 
 @dataclass
+class PosthocConfig:
+    """Post-hoc SWA windows (``swalab.posthoc``): the run of method ``run`` stores snapshots (float64
+    running sums and power-function EMA tracks) after every ``every``-th epoch, from which
+    ``swalab posthoc`` evaluates the SWA average over a grid of (start, end) epoch windows."""
+
+    run: str = ""  # the method label whose epochs are collected ("": none; "auto": the longest SWA)
+    every: int = 1
+    starts: list[int] = field(default_factory=list)  # 1-based epochs; empty: a grid of ~10
+    ends: list[int] = field(default_factory=list)  # 1-based epochs; empty: a grid of ~10
+
+
+@dataclass
 class PretrainConfig:
     """Optional shared pre-training (documents 000 and 003): every method starts from its result."""
 
@@ -150,11 +163,13 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
     landscape: LandscapeConfig = field(default_factory=LandscapeConfig)
+    posthoc: PosthocConfig = field(default_factory=PosthocConfig)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_values(self)
         _keep_snapshots(self)
+        _check_posthoc(self)
 
     def default_label(self, role: str) -> str | None:
         """The first method of ``role`` (see ``lab.methods.ROLES``) at budget 1, else the first of
@@ -292,6 +307,26 @@ def _keep_snapshots(cfg: ExperimentConfig) -> None:
     needs = set(cfg.landscape.pieces) & {"ensemble", "snapshots"}
     if needs and sgd is not None and swa is not None and not cfg.train.saves_trajectory(swa):
         cfg.train.save_trajectory = [*(cfg.train.save_trajectory or []), swa]
+
+
+def _check_posthoc(cfg: ExperimentConfig) -> None:
+    """``posthoc.run: auto`` becomes the label of the SWA run with the largest budget (whose
+    trajectory holds the shorter ones'), or "" when there is none (so a preset's section still
+    works when ``--set methods=...`` drops runs; config.yaml shows the label used)."""
+    p, labels = cfg.posthoc, [m.label for m in cfg.methods]
+    if p.run == "auto":
+        swa = [m for m in cfg.methods if m.method == "swa"]
+        p.run = max(swa, key=lambda m: m.budget).label if swa else ""
+    if p.run and p.run not in labels:
+        raise ConfigError(
+            f"posthoc.run must be a method label ({', '.join(labels)}) or auto, got {p.run!r}"
+        )
+    if isinstance(p.every, bool) or not isinstance(p.every, int) or p.every < 1:
+        raise ConfigError(f"posthoc.every must be an integer >= 1, got {p.every!r}")
+    for key, values in (("posthoc.starts", p.starts), ("posthoc.ends", p.ends)):
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"{key} must be 1-based epochs (integers >= 1), got {bad[0]!r}")
 
 
 SAFE_NAME = (

@@ -3,11 +3,13 @@
 ::
 
     config.yaml  meta.json  results.csv
+    posthoc.csv                  `swalab posthoc`: one row per (seed, SWA window), window_map.png
     <method label>/seed<k>/
         metrics.jsonl            one JSON record per epoch, appended
         checkpoint.pt            model, optimizer, recipe state, RNG states, history (last epoch)
         init.pt  final.pt        weights before training and of the final model
         trajectory/epoch<n>.pt   weights after epoch n (train.save_trajectory), one file per epoch
+        posthoc/                 swalab.posthoc snapshots after every epoch (posthoc.run)
         result.json              the run's row of results.csv, once it is finished
     pretrain/seed<k>.pt          the shared pre-training's weights (only with a pre-training phase)
 
@@ -25,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from ..posthoc import Snapshots
 from .config import read_yaml
 from .files import RunFileError, append_text, atomic_save, atomic_write_text, load_torch, read_json
 
@@ -132,6 +135,12 @@ class RunFiles:
     def weights_path(self, name: str) -> Path:
         return self.path / f"{name}.pt"
 
+    def snapshots(self, every: int | None = None) -> Snapshots:
+        """The run's ``swalab.posthoc`` snapshots (``posthoc/``), opened once and kept."""
+        if getattr(self, "_snapshots", None) is None:
+            self._snapshots = Snapshots(self.path / "posthoc", every=every, save=atomic_save)
+        return self._snapshots
+
     def append_trajectory(self, epoch: int, state: dict[str, Any]) -> None:
         """The weights after 1-based ``epoch``: one file per epoch, nothing re-read."""
         atomic_save(state, self.trajectory_dir / f"epoch{epoch:05d}.pt")
@@ -189,6 +198,22 @@ class RunDirectory:
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in RESULT_FIELDS})
         atomic_write_text(self.path / "results.csv", buffer.getvalue())
+
+    def posthoc_results(self) -> list[dict[str, str]]:
+        """The rows of ``posthoc.csv`` (none before ``swalab posthoc``)."""
+        path = self.path / "posthoc.csv"
+        if not path.exists():
+            return []
+        with path.open() as f:
+            return list(csv.DictReader(f))
+
+    def write_posthoc_results(self, rows: list[dict[str, Any]]) -> None:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / "posthoc.csv", buffer.getvalue())
 
     def pretrain_path(self, seed: int) -> Path:
         return self.path / "pretrain" / f"seed{seed}.pt"

@@ -104,9 +104,11 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     defaults = to_dict(ExperimentConfig())
     sections = {
         key: {**defaults[key], **(config.get(key) or {})}
-        for key in ("data", "model", "train", "pretrain")
+        for key in ("data", "model", "train", "pretrain", "posthoc")
     }
     sections["train"].pop("log")
+    for key in ("starts", "ends"):  # the grid `swalab posthoc` evaluates: not training
+        sections["posthoc"].pop(key)
     return {**config, **sections}
 
 

@@ -403,6 +403,8 @@ class _Trajectory:
             if world.main:  # under DDP rank 0 alone writes
                 if train.saves_trajectory(run.method.label):
                     run.files.append_trajectory(epoch + 1, _cpu_state(model))
+                if self.cfg.posthoc.run == run.method.label:  # post-hoc windows (posthoc.py)
+                    run.files.snapshots(self.cfg.posthoc.every).update(model, step=epoch + 1)
                 run.files.save_checkpoint(
                     {
                         "epoch": epoch,

@@ -311,6 +311,30 @@ def _curves(run: RunDir, out: Path, metric: str, formats: Sequence[str]) -> list
     return blocks
 
 
+def _windows(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
+    """The window map of ``swalab posthoc`` (post-hoc SWA windows), when the run has snapshots."""
+    from .windows import window_map
+
+    if not run.cfg.posthoc.run:
+        return []
+    blocks = [Block("h2", "Post-hoc SWA windows")]
+    if not run.posthoc_results():
+        note = (
+            f"no posthoc.csv in {run.path}; evaluate the windows with `swalab posthoc {run.path}`"
+        )
+        return [*blocks, Block("note", note)]
+    caption = (
+        f"Test metric (mean over seeds) of SWA over epochs start..end, computed after training "
+        f"from {run.cfg.posthoc.run}'s snapshots (exact float64 sums, BatchNorm recomputed); the "
+        "colour scale is centred on SGD's result, the paper's windows (swa_start = 0.8 B + 1 to "
+        "each SWA run's budget) are outlined. Rows: posthoc.csv."
+    )
+    return [
+        *blocks,
+        Block("figure", caption, image=window_map(run, out / "window_map.png", formats)),
+    ]
+
+
 def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     src = run.path / "landscape"
     summary_path = src / "landscape.json"
@@ -665,6 +689,7 @@ def build_report(
         + _claims(run)
         + _results(run, out)
         + _curves(run, out, primary_metric(rows), formats)
+        + _windows(run, out, formats)
         + _landscape(run, out, formats)
         + _calibration(run, out, formats)
         + _times(run, out)

@@ -402,10 +402,72 @@ def _claim6(inp: _Inputs) -> Claim:
     return paired_verdict(claim, values)
 
 
+def _claim_start(inp: _Inputs) -> Claim:
+    """Claim 7 (post hoc, docs/claims.md): the range over the start band of the test error of SWA
+    over ``[start, E]`` from ``posthoc.csv``, equivalent to 0 within claim 4's margin."""
+    from ..lab.methods import run_epochs
+    from .windows import start_band
+
+    margin = EQUIVALENCE_MARGIN[inp.task.primary]
+    cfg, run = inp.run.cfg, inp.run
+    band = start_band(cfg.train.epochs)
+    unit = "points of test error" if inp.task.probabilistic else "% of the test MSE at 0.8 B + 1"
+    claim = Claim(
+        "7",
+        "SWA's gain does not depend on the exact start",
+        "§3 swa_start = 0.8 B + 1 (post hoc)",
+        f"largest minus smallest {unit} of SWA over [start, E] for starts {band} "
+        f"(0.6-0.9 B + 1), E the posthoc run's last epoch; equivalent within ±{margin:g}",
+        margin=margin,
+    )
+    label = cfg.posthoc.run
+    if not label:
+        claim.note = (
+            f"no posthoc.run in the config; train one with `swalab run {run.config_path} "
+            f"--out {run.path}-posthoc --set posthoc.run=LABEL`, then `swalab posthoc`"
+        )
+        return claim
+    end = run_epochs(run.method(label).budget, cfg.train.epochs)
+    band = [start for start in band if start < end]  # a window holds two epochs or more
+    if len(band) < 2:
+        claim.note = f"{label} ends at epoch {end}: fewer than two starts of the band before it"
+        return claim
+    key = inp.metric
+    cells = {
+        (int(r["seed"]), int(r["start"])): float(r[key])
+        for r in run.posthoc_results()
+        if r.get("source") == label and int(r["end"]) == end and r.get(key) not in (None, "")
+    }
+    values = {}
+    for seed in cfg.seeds:
+        scores = [cells.get((seed, start)) for start in band]
+        if any(v is None for v in scores):
+            continue
+        if inp.task.probabilistic:  # accuracy points: the range of the error is the same
+            values[seed] = max(scores) - min(scores)
+        else:
+            paper = cells.get((seed, int(0.8 * cfg.train.epochs) + 1), scores[0])
+            values[seed] = 100.0 * (max(scores) - min(scores)) / paper
+    if not values:
+        claim.note = (
+            f"no windows [{band[0]}..{band[-1]}, {end}] in {run.path / 'posthoc.csv'}; compute "
+            f"them with `swalab posthoc {run.path} --start {' '.join(map(str, band))} --end {end}`"
+        )
+    return paired_verdict(claim, values)
+
+
 def evaluate_claims(run_dir: str | Path) -> list[Claim]:
     """The six claims on the run directory (claim 1 once per SWA budget), in order."""
     inp = _Inputs(RunDir(run_dir))
-    return [*_claim1(inp), _claim2(inp), _claim3(inp), _claim4(inp), _claim5(inp), _claim6(inp)]
+    return [
+        *_claim1(inp),
+        _claim2(inp),
+        _claim3(inp),
+        _claim4(inp),
+        _claim5(inp),
+        _claim6(inp),
+        _claim_start(inp),
+    ]
 
 
 # --- output -------------------------------------------------------------------------------------
