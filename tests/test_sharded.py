@@ -195,6 +195,7 @@ def _load_worker(rank, world, out):
     )
 
 
+@pytest.mark.slow
 def test_fsdp2_averages_equal_unsharded_ones_and_checkpoints_reshard(tmp_path):
     _spawn(_fsdp_worker, 2, str(tmp_path))
     expected = torch.load(tmp_path / "expected.pt")
@@ -258,6 +259,7 @@ def _tp_worker(rank, world):
         torch.testing.assert_close(model(x), ref_averages["ema"].module(x))
 
 
+@pytest.mark.slow
 def test_tensor_parallel_layer_averages_like_the_unsharded_one():
     _spawn(_tp_worker, 2)
 
@@ -373,6 +375,7 @@ def _swag_load_worker(rank, world, out):
         assert torch.equal(value, expected[key]), key
 
 
+@pytest.mark.slow
 def test_swag_and_fge_of_an_fsdp2_model_equal_the_unsharded_ones(tmp_path):
     _spawn(_swag_worker, 2, str(tmp_path))
     expected = torch.load(tmp_path / "swag.pt")
@@ -434,6 +437,7 @@ def _bn_worker(rank, world):
             swalab.update_bn(batches[:1] if rank == 0 else [], model)
 
 
+@pytest.mark.slow
 def test_update_bn_of_an_fsdp2_model_uses_the_whole_data_on_every_rank():
     _spawn(_bn_worker, 2)
 
@@ -450,6 +454,7 @@ def test_save_average_of_an_ordinary_average_is_the_model_state_dict(tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.slow
 def test_readme_fsdp2_example_runs_under_torchrun(tmp_path):
     import os
     import subprocess
