@@ -304,12 +304,18 @@ def _plain_state(module: nn.Module) -> dict[str, Tensor]:
 @torch.no_grad()
 def save_average(module: nn.Module, path: str | os.PathLike) -> None:
     """Gather the average once and write it on rank 0 as a plain ``state_dict`` (CPU tensors, the
-    model's keys) that ``load_state_dict`` takes into the unsharded model; a whole file or none."""
+    model's keys) that ``load_state_dict`` takes into the unsharded model; a whole file or none.
+    Only rank 0 keeps the whole state; the others hold one gathered tensor at a time."""
     from swalab.ensembles import _save_whole
 
-    state = {k: gather(v).cpu() for k, v in _plain_state(module).items()}
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    state = {}
+    for key, value in _plain_state(module).items():
+        whole = gather(value)  # a collective for a DTensor: every rank, one tensor at a time
+        if writer:
+            state[key] = whole.cpu()
+    if writer:
         _save_whole(state, Path(path))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
