@@ -257,10 +257,26 @@ def _tp_worker(rank, world):
     x = torch.randn(6, 3)
     with torch.no_grad(), averages["ema"].swapped_into(model):
         torch.testing.assert_close(model(x), ref_averages["ema"].module(x))
+    # HSDP: a 2-D mesh, parameters (Replicate(), Shard(0)) on it
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    hsdp = _net()
+    fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "shard")))
+    assert hsdp.get_submodule("0").weight.placements == (Replicate(), Shard(0))
+    averages = _averages(hsdp)
+    _train(hsdp, averages)
+    reference = _net()
+    ref_averages = _averages(reference)
+    _train(reference, ref_averages)
+    for name, averaged in averages.items():
+        got, want = _gathered(averaged), ref_averages[name].state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], msg=f"hsdp {name} {key}")
 
 
 @pytest.mark.slow
-def test_tensor_parallel_layer_averages_like_the_unsharded_one():
+def test_tensor_parallel_and_hsdp_layers_average_like_the_unsharded_ones():
     _spawn(_tp_worker, 2)
 
 
