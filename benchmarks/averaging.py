@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 import statistics
 import subprocess
@@ -369,6 +370,11 @@ def main() -> None:
     if args.sharded:
         if device.type != "cpu":
             parser.error("--sharded runs on the CPU with gloo (--device cpu)")
+        if "RANK" not in os.environ:
+            parser.error(
+                "--sharded runs under torchrun: "
+                "torchrun --standalone --nproc_per_node=2 benchmarks/averaging.py --sharded"
+            )
         sharded_main(names, repeats)
         return
     print(

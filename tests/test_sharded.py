@@ -195,6 +195,7 @@ def _load_worker(rank, world, out):
     )
 
 
+@pytest.mark.slow
 def test_fsdp2_averages_equal_unsharded_ones_and_checkpoints_reshard(tmp_path):
     _spawn(_fsdp_worker, 2, str(tmp_path))
     expected = torch.load(tmp_path / "expected.pt")
@@ -256,9 +257,26 @@ def _tp_worker(rank, world):
     x = torch.randn(6, 3)
     with torch.no_grad(), averages["ema"].swapped_into(model):
         torch.testing.assert_close(model(x), ref_averages["ema"].module(x))
+    # HSDP: a 2-D mesh, parameters (Replicate(), Shard(0)) on it
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    hsdp = _net()
+    fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "shard")))
+    assert hsdp.get_submodule("0").weight.placements == (Replicate(), Shard(0))
+    averages = _averages(hsdp)
+    _train(hsdp, averages)
+    reference = _net()
+    ref_averages = _averages(reference)
+    _train(reference, ref_averages)
+    for name, averaged in averages.items():
+        got, want = _gathered(averaged), ref_averages[name].state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], msg=f"hsdp {name} {key}")
 
 
-def test_tensor_parallel_layer_averages_like_the_unsharded_one():
+@pytest.mark.slow
+def test_tensor_parallel_and_hsdp_layers_average_like_the_unsharded_ones():
     _spawn(_tp_worker, 2)
 
 
@@ -373,6 +391,7 @@ def _swag_load_worker(rank, world, out):
         assert torch.equal(value, expected[key]), key
 
 
+@pytest.mark.slow
 def test_swag_and_fge_of_an_fsdp2_model_equal_the_unsharded_ones(tmp_path):
     _spawn(_swag_worker, 2, str(tmp_path))
     expected = torch.load(tmp_path / "swag.pt")
@@ -432,8 +451,10 @@ def _bn_worker(rank, world):
     with pytest.raises(ValueError, match="a rank has no batch"):
         with swa.swapped_into(model):
             swalab.update_bn(batches[:1] if rank == 0 else [], model)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)  # nothing was reset
 
 
+@pytest.mark.slow
 def test_update_bn_of_an_fsdp2_model_uses_the_whole_data_on_every_rank():
     _spawn(_bn_worker, 2)
 
@@ -450,6 +471,7 @@ def test_save_average_of_an_ordinary_average_is_the_model_state_dict(tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.slow
 def test_readme_fsdp2_example_runs_under_torchrun(tmp_path):
     import os
     import subprocess

@@ -781,6 +781,8 @@ class AveragedModel(nn.Module):
         >>> swa_model(x_test)
     """
 
+    sharded = False  # whether the average is held as DTensor shards (set by __init__)
+
     def __init__(
         self,
         model: nn.Module,

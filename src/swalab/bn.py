@@ -138,6 +138,8 @@ def update_bn(
             "update_bn: the loader yielded no batches, so the BatchNorm statistics cannot be "
             "computed"
         )
+    if sharded.is_sharded(model):  # before the reset: ValueError on every rank if one has none
+        sharded.require_batches(first is not _EMPTY)
     for module in momenta:
         module.reset_running_stats()
         module.momentum = None

@@ -255,13 +255,27 @@ def _vote(value: bool, op: Any) -> bool:
     return bool(flag)
 
 
+def require_batches(has_batch: bool) -> None:
+    """``ValueError`` on every rank unless every rank has a batch (one small all-reduce)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not has_batch:
+            raise ValueError("update_bn of a sharded model: no batch")
+        return
+    if not _vote(has_batch, dist.ReduceOp.MIN):
+        raise ValueError(
+            "update_bn of a sharded model: a rank has no batch; every rank needs at least one "
+            "(its forward passes are collectives)"
+        )
+
+
 def lockstep(batches: Iterable[Any], modules: Sequence[nn.Module]) -> Iterator[Any]:
     """``batches``, with as many iterations on every rank: a sharded forward is a collective.
 
     A rank whose batches run out while others still have some replays its first batch, and the
     BatchNorm statistics of ``modules`` are put back as they were after each replayed forward, so
     only the rank's own batches count (``update_bn`` then combines the ranks' statistics). One
-    small all-reduce per batch. Every rank needs at least one batch (``ValueError`` on all ranks).
+    small all-reduce per batch. Every rank needs at least one batch (:func:`require_batches`).
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -269,11 +283,7 @@ def lockstep(batches: Iterable[Any], modules: Sequence[nn.Module]) -> Iterator[A
         return
     it = iter(batches)
     first = batch = next(it, _END)
-    if not _vote(first is not _END, dist.ReduceOp.MIN):
-        raise ValueError(
-            "update_bn of a sharded model: a rank has no batch; every rank needs at least one "
-            "(its forward passes are collectives)"
-        )
+    require_batches(first is not _END)
     tracked = [m for m in modules if getattr(m, "running_mean", None) is not None]
     while _vote(batch is not _END, dist.ReduceOp.MAX):
         if batch is not _END:
@@ -304,12 +314,18 @@ def _plain_state(module: nn.Module) -> dict[str, Tensor]:
 @torch.no_grad()
 def save_average(module: nn.Module, path: str | os.PathLike) -> None:
     """Gather the average once and write it on rank 0 as a plain ``state_dict`` (CPU tensors, the
-    model's keys) that ``load_state_dict`` takes into the unsharded model; a whole file or none."""
+    model's keys) that ``load_state_dict`` takes into the unsharded model; a whole file or none.
+    Only rank 0 keeps the whole state; the others hold one gathered tensor at a time."""
     from swalab.ensembles import _save_whole
 
-    state = {k: gather(v).cpu() for k, v in _plain_state(module).items()}
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    state = {}
+    for key, value in _plain_state(module).items():
+        whole = gather(value)  # a collective for a DTensor: every rank, one tensor at a time
+        if writer:
+            state[key] = whole.cpu()
+    if writer:
         _save_whole(state, Path(path))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
