@@ -6,6 +6,7 @@ symlinks, labels lead out of --out, files are created 0600, bad values train or 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from swalab.cli import main
 from swalab.lab.config import ConfigError, load_config
@@ -538,3 +540,33 @@ def test_second_process_on_the_same_out_exits_2(tmp_path, capsys):
         assert main(tiny_args(out)) == 2
     assert "is in use by another swalab process" in one_line_error(capsys)
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+# --- issue 23, class 2: reading a run imports no code it names -------------------------------------
+
+
+@pytest.mark.parametrize("command", ["report", "claims", "landscape"])
+def test_reading_a_run_never_imports_code_it_names(tmp_path, capsys, monkeypatch, command):
+    from test_report import make_run
+
+    run = make_run(tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    (run / "evilmod.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef build(in_shape, num_outputs):\n    return None\n"
+    )
+    config = run / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["model"] = {"name": "evilmod:build", "options": {}}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.chdir(run)  # the working directory is not put on sys.path
+    monkeypatch.delitem(__import__("sys").modules, "evilmod", raising=False)
+    assert main([command, str(run)]) == 2
+    err = one_line_error(capsys)
+    assert "would import module 'evilmod'" in err and "--allow-import evilmod" in err
+    assert str(config) in err and not marker.exists()
+    # the user says so on the command line: the module is imported (what it does next is theirs)
+    with contextlib.suppress(Exception):  # the stand-in builds no real model
+        main([command, str(run), "--allow-import", "evilmod"])
+    capsys.readouterr()
+    assert marker.exists()
+    __import__("sys").modules.pop("evilmod", None)

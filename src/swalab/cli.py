@@ -256,6 +256,18 @@ def _version() -> str:
     return __version__
 
 
+def _allow_import(p: argparse.ArgumentParser) -> None:
+    """Commands that read a run directory import no code it names, unless allowed here."""
+    p.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE if the run's config.yaml names it (model: MODULE:callable); "
+        "without it, reading a run never imports code it names; repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swalab", description="Stochastic Weight Averaging laboratory"
@@ -382,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="points evaluated at once with stacked weights, torch.vmap (default: 1, one by one)",
     )
+    _allow_import(p)
     p.set_defaults(func=_cmd_landscape)
 
     p = sub.add_parser(
@@ -390,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "interval over seeds, verdict, seeds needed to decide",
     )
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
+    _allow_import(p)
     p.set_defaults(func=_cmd_claims)
 
     p = sub.add_parser(
@@ -405,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="png,svg,pdf",
         help="figure files, e.g. png,svg,pdf (default: png; PNG always)",
     )
+    _allow_import(p)
     p.set_defaults(func=_cmd_report)
     return parser
 
@@ -415,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or "--debug" in argv
     try:
+        if hasattr(args, "allow_import"):  # a command that reads a run directory
+            from .registry import imports_limited_to
+
+            with imports_limited_to(args.allow_import):
+                return args.func(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(

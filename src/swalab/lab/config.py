@@ -20,6 +20,7 @@ import yaml
 
 from ..data import DATASETS
 from ..models import MODELS, default_options
+from ..registry import UntrustedImportError
 from .errors import ConfigError
 from .methods import method_role, recipe_of
 from .precision import PRECISIONS, check_compile
@@ -593,6 +594,8 @@ def _lookup_error(registry: Any, name: str) -> str:
     """The first line of the error looking ``name`` up raises, or "" when it is found."""
     try:
         registry.get(name)
+    except UntrustedImportError:
+        raise  # not a mistake in the config: its own one-line error, naming the flag
     except ValueError as err:
         return str(err).splitlines()[0]
     return ""

@@ -18,6 +18,7 @@ from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_confi
 from ..lab.files import load_torch
 from ..lab.inputs import bn_loader, build_model, load_bundle
 from ..lab.rundir import RunDirectory
+from ..registry import UntrustedImportError
 
 __all__ = ["RunDir"]
 
@@ -52,6 +53,8 @@ class RunDir(RunDirectory):
             )
         try:
             self.cfg: ExperimentConfig = load_config(str(config))
+        except UntrustedImportError as err:
+            raise UntrustedImportError(f"{config}: {err}") from None
         except ConfigError as err:
             raise ValueError(
                 f"{config} is not a swalab config ({err}); is {self.path} a run directory?"
