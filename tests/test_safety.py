@@ -212,16 +212,20 @@ def test_symlinked_report_folder_is_refused(run, tmp_path, capsys):
 def test_run_files_that_are_not_regular_files_are_refused(run, capsys):
     checkpoint = run / "swa" / "seed0" / "checkpoint.pt"
     checkpoint.unlink()
-    checkpoint.symlink_to("/dev/zero")
+    os.mkfifo(checkpoint)
     (checkpoint.parent / "result.json").unlink()
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
     assert f"cannot read {checkpoint}: not a regular file" in one_line_error(capsys)
+    checkpoint.unlink()
+    checkpoint.symlink_to("/dev/zero")
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    assert f"cannot read {checkpoint}: it is a symlink" in one_line_error(capsys)
     config = run / "config.yaml"
     config.unlink()
     config.symlink_to("/dev/zero")
     checkpoint.unlink()
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
-    assert f"{config}: larger than 1048576 bytes" in one_line_error(capsys)
+    assert f"cannot read {config}: it is a symlink" in one_line_error(capsys)
 
 
 # --- finding 3: labels and names stay inside --out, and are unique ------------------------------------

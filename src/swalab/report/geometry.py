@@ -54,6 +54,7 @@ from ..lab.evaluation import EvalContext
 from ..lab.files import atomic_output, atomic_write_text, read_json, run_directory
 from ..lab.jobs import slots
 from ..lab.methods import recipe_of
+from ..lab.runschema import check_landscape
 from ..lab.task import Task, task_of
 from . import figures
 from .progress import Progress
@@ -411,8 +412,8 @@ def _savez(path: Path, **arrays: Any) -> None:
 def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any]:
     """The existing summary if it is for the same seed and labels (pieces computed earlier are kept)."""
     path = out / "landscape.json"
-    if path.is_file():
-        old = read_json(path)
+    if path.exists() or path.is_symlink():
+        old = check_landscape(path, read_json(path, root=out))
         if (old.get("seed"), old.get("sgd"), old.get("swa")) == (seed, sgd, swa):
             return old
     return {}

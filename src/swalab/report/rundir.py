@@ -18,6 +18,7 @@ from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_confi
 from ..lab.files import load_torch
 from ..lab.inputs import bn_loader, build_model, load_bundle
 from ..lab.rundir import RunDirectory
+from ..lab.runschema import check_weights
 from ..registry import UntrustedImportError
 
 __all__ = ["RunDir"]
@@ -119,7 +120,7 @@ class RunDir(RunDirectory):
     def file(self, label: str, seed: int, name: str) -> Path:
         """``<label>/seed<k>/<name>``, or a one-line error naming the command that writes it."""
         path = self.run_dir(label, seed) / name
-        if path.is_file():
+        if path.exists() or path.is_symlink():  # a damaged one is named when it is read
             return path
         raise FileNotFoundError(
             f"no {name} in {path.parent} (run unfinished); finish it with `{self.resume_command}`"
@@ -141,7 +142,11 @@ class RunDir(RunDirectory):
         return self.run(label, seed).metrics()
 
     def load(self, label: str, seed: int, name: str) -> Any:
-        return load_torch(self.file(label, seed, name))
+        """``checkpoint.pt`` or a weights file (``final.pt``, ...), checked by its schema."""
+        path = self.file(label, seed, name)
+        if name == "checkpoint.pt":
+            return self.run(label, seed).checkpoint()
+        return check_weights(path, load_torch(path, root=self.path))
 
     # --- model and data ---
 
