@@ -574,3 +574,21 @@ def test_reading_a_run_never_imports_code_it_names(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     assert marker.exists()
     __import__("sys").modules.pop("evilmod", None)
+
+
+@pytest.mark.parametrize("command", ["report", "claims", "run"])
+def test_hand_edited_config_of_a_run_is_refused(run, capsys, command):
+    config = run / "config.yaml"
+    text = config.read_text()
+    assert text.startswith("# swalab run wrote this file; sha256 of what follows: ")
+    config.write_text(text.replace("lr: 0.1", "lr: 0.05", 1))
+    assert config.read_text() != text
+    argv = (
+        tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")
+        if command == "run"
+        else [command, str(run)]
+    )
+    assert main(argv) == 2
+    assert f"{config} was edited after `swalab run` wrote it" in one_line_error(capsys)
+    config.write_text(text)  # restored: the run reads again
+    assert main(["report", str(run)]) == 0

@@ -18,6 +18,7 @@ file primitives (atomic writes, safe loads) are in ``files.py``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -45,6 +46,8 @@ from .runschema import (
 )
 
 __all__ = ["RESULT_FIELDS", "RunDirectory", "RunFiles", "read_results"]
+
+_SEAL = "# swalab run wrote this file; sha256 of what follows: "
 
 RESULT_FIELDS = [
     "method",
@@ -209,11 +212,28 @@ class RunDirectory:
         """The config saved by an earlier ``swalab run`` as plain data, or None."""
         if not self.config_path.exists() and not self.config_path.is_symlink():
             return None
-        read_text(self.config_path, root=self.path)  # a regular file of its own, bounded
+        self.check_config()
         return read_yaml(self.config_path)  # aliases refused, size bounded
 
+    def check_config(self) -> None:
+        """``config.yaml`` is a regular file of its own and, when ``swalab run`` sealed it, the one
+        it wrote: a hand edit after the run is refused (its runs were trained under the other)."""
+        text = read_text(self.config_path, root=self.path)
+        first, _, body = text.partition("\n")
+        if not first.startswith(_SEAL):
+            return  # written by an older swalab, or by hand for a new run
+        if first[len(_SEAL) :].strip() != hashlib.sha256(body.encode()).hexdigest():
+            raise RunFileError(
+                f"{self.config_path} was edited after `swalab run` wrote it (its sha256 differs "
+                "from its first line): its runs were trained under the config it held; restore "
+                "it, or copy it elsewhere and run that into a new --out"
+            )
+
     def write_config(self, data: dict[str, Any]) -> None:
-        atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False))
+        """``config.yaml``, sealed with the sha256 of its text on a first comment line."""
+        body = yaml.safe_dump(data, sort_keys=False)
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        atomic_write_text(self.config_path, f"{_SEAL}{digest}\n{body}")
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2))

@@ -43,7 +43,7 @@ class RunDir(RunDirectory):
                 f"{self.path} is not a directory; pass a run directory written by `swalab run`"
             )
         config = self.config_path
-        if not config.is_file():
+        if not config.exists() and not config.is_symlink():
             what = (
                 "is empty"
                 if not any(self.path.iterdir())
@@ -52,6 +52,7 @@ class RunDir(RunDirectory):
             raise ValueError(
                 f"{self.path} {what}; create a run with `swalab run mnist1d --out {self.path}`"
             )
+        self.check_config()  # a regular file, not edited since the run
         try:
             self.cfg: ExperimentConfig = load_config(str(config))
         except UntrustedImportError as err:
