@@ -67,10 +67,14 @@ def _numbers(path: Path, data: dict[str, Any], where: str = "") -> None:
 def check_result(path: Path, data: Any) -> dict[str, Any]:
     """``result.json``: the run's row of ``results.csv``."""
     row = _mapping(path, data)
-    _require(path, row, "method", lambda v: isinstance(v, str) and v, "a method label")
-    _require(path, row, "seed", _is_int, "an integer")
     _require(path, row, "status", lambda v: isinstance(v, str) and v, "a status such as 'done'")
-    _require(path, row, "epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    for key, ok, expected in (
+        ("method", lambda v: isinstance(v, str) and v, "a method label"),
+        ("seed", _is_int, "an integer"),
+        ("epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ):
+        if key in row:
+            _require(path, row, key, ok, expected)
     _numbers(path, row)
     return row
 
