@@ -592,3 +592,101 @@ def test_hand_edited_config_of_a_run_is_refused(run, capsys, command):
     assert f"{config} was edited after `swalab run` wrote it" in one_line_error(capsys)
     config.write_text(text)  # restored: the run reads again
     assert main(["report", str(run)]) == 0
+
+
+# --- issue 23, class 3: nothing touched outside the run, workers die with the main process ---------
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_out_that_is_not_a_run_is_refused_before_anything_is_touched(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / ".draft.tmp-abcd1234.txt").write_text("looks like our temp file")
+    (out / "sub" / ".x.tmp-zzzz9999").write_text("so does this")
+    before = _tree(out)
+    assert main(tiny_args(out)) == 2
+    assert f"{out} is not empty and holds no swalab run" in one_line_error(capsys)
+    assert _tree(out) == before  # nothing removed, no lock file, no probe
+
+
+def test_the_lock_is_held_through_the_landscape_phase(tmp_path, capsys, monkeypatch):
+    import swalab.report.geometry as geometry
+
+    seen: list[str] = []
+
+    def landscapes(out, **kwargs):
+        try:
+            with run_directory(out):
+                seen.append("free")
+        except RunFileError as err:
+            seen.append(str(err))
+        return []
+
+    monkeypatch.setattr(geometry, "landscapes_of_run", landscapes)
+    assert main(tiny_args(tmp_path / "out", "methods=[{method: sgd}]", "train.epochs=1")) == 0
+    assert len(seen) == 1 and "is in use by another swalab process" in seen[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_job_workers_die_with_a_killed_main_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = tiny_args(out, "train.epochs=200", "seeds=[0, 1]")
+    args[args.index("--jobs") + 1] = "2"
+    main_process = subprocess.Popen(
+        [sys.executable, "-m", "swalab", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            workers = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit()
+                and _alive(int(p.name))
+                and f"PPid:\t{main_process.pid}\n" in _status(p)
+            ]
+            metrics = list(out.glob("*/seed*/metrics.jsonl"))
+            if len(workers) >= 2 and metrics:  # the workers are training
+                break
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the workers did not start"
+    finally:
+        main_process.send_signal(signal.SIGKILL)
+        main_process.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+    frozen = _tree(out)
+    time.sleep(1.0)
+    assert _tree(out) == frozen  # nothing written after the main process died
+
+
+def _status(proc: Path) -> str:
+    try:
+        return (proc / "status").read_text()
+    except OSError:
+        return ""

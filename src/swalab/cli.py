@@ -101,9 +101,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if jobs == "auto":
         device = world.device if world.size > 1 else resolve_device(cfg.train.device)
         jobs = auto_jobs(cfg.train.threads, device, len(cfg.seeds) * len(cfg.methods), world.size)
-    try:
-        # rank 0 alone writes: it holds the --out lock for the whole run
-        with run_directory(out) if world.main else contextlib.nullcontext():
+    # rank 0 alone writes: it holds the --out lock for the whole run, landscape phase included
+    with run_directory(out) if world.main else contextlib.nullcontext():
+        try:
             rows = run_experiment(
                 cfg,
                 out,
@@ -115,15 +115,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 restart=args.restart_run,
                 share=not args.no_share,
             )
-    except BaseException:
-        world.close(finished=False)
-        raise
-    world.close()
-    if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
-        from .report.geometry import landscapes_of_run
+        except BaseException:
+            world.close(finished=False)
+            raise
+        world.close()
+        if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
+            from .report.geometry import landscapes_of_run
 
-        with run_directory(out):  # after the other ranks have left: rank 0 alone
-            landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
+            landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))  # the other ranks have left
     return 0
 
 

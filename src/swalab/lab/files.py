@@ -346,6 +346,20 @@ def remove_tree(path: Path) -> None:
         raise RunFileError(f"cannot delete {path}: {err.strerror or err}") from None
 
 
+def _check_ours(out: Path, marker: str) -> None:
+    """Refuse an existing folder that holds files but no ``marker`` (not a run directory)."""
+    if out.exists() and not out.is_dir():
+        raise RunFileError(f"--out {out} is not a directory; choose another --out")
+    if not out.is_dir() or os.path.lexists(out / marker):
+        return
+    try:
+        ours = not holds_files(out)
+    except OSError as err:
+        raise RunFileError(f"cannot read --out {out}: {err.strerror or err}") from None
+    if not ours:
+        raise RunFileError(f"{out} is not empty and holds no swalab run; choose another --out")
+
+
 def _sweep(root: Path) -> None:
     """Remove temporary files left by a killed process (safe: we hold the lock)."""
     for folder, _, names in os.walk(root):  # does not follow symlinked folders
@@ -356,17 +370,25 @@ def _sweep(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_directory(out: Path, *, lock: bool = True) -> Iterator[Path]:
+def run_directory(
+    out: Path, *, lock: bool = True, marker: str | None = "config.yaml"
+) -> Iterator[Path]:
     """Open the run directory ``out`` for writing: create it, and (``lock``) hold an advisory lock.
 
     While open, every write under ``out`` through this module stays inside it and never passes
     through a symlinked folder. With ``lock``, a second process writing the same directory gets a
     :class:`RunFileError` at once (it would redo the same work), and temporary files that a killed
     process left are removed.
+
+    ``marker`` (with ``lock``): an existing folder that holds files but not ``marker`` is not a run
+    directory; it is refused before anything is created or removed in it (no lock file, no sweep
+    of names that look like our temporary files).
     """
     out = Path(out)
     if not str(out):
         raise RunFileError("--out must be a directory path, got ''")
+    if lock and marker is not None:
+        _check_ours(out, marker)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = (

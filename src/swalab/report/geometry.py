@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -52,7 +53,7 @@ from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig
 from ..lab.devices import resolve_device
 from ..lab.evaluation import EvalContext
 from ..lab.files import atomic_output, atomic_write_text, read_json, run_directory
-from ..lab.jobs import slots
+from ..lab.jobs import die_with_parent, slots
 from ..lab.methods import recipe_of
 from ..lab.runschema import check_landscape
 from ..lab.task import Task, task_of
@@ -365,7 +366,10 @@ def landscapes_of_run(
             log(f"landscape seed {opts.seed}: done ({time.perf_counter() - start:.1f} s)")
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        pool = ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+        )
+        with pool:
             futures = {pool.submit(_landscape_job, run.path, opts): opts.seed for opts in tasks}
             for future in as_completed(futures):
                 future.result()
