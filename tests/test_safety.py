@@ -616,22 +616,32 @@ def test_out_that_is_not_a_run_is_refused_before_anything_is_touched(tmp_path, c
     assert _tree(out) == before  # nothing removed, no lock file, no probe
 
 
-def test_the_lock_is_held_through_the_landscape_phase(tmp_path, capsys, monkeypatch):
+def test_the_lock_is_held_from_training_through_the_landscape_phase(tmp_path, monkeypatch):
+    """Between training and the landscape phase (the world closes there) no other process may
+    take --out: the lock is held throughout."""
     import swalab.report.geometry as geometry
+    from swalab.lab.distributed import World
 
+    out = tmp_path / "out"
     seen: list[str] = []
 
-    def landscapes(out, **kwargs):
+    def probe(where: str) -> None:
         try:
             with run_directory(out):
-                seen.append("free")
+                seen.append(f"{where}: free")
         except RunFileError as err:
-            seen.append(str(err))
-        return []
+            seen.append(f"{where}: {'held' if 'in use' in str(err) else err}")
 
-    monkeypatch.setattr(geometry, "landscapes_of_run", landscapes)
-    assert main(tiny_args(tmp_path / "out", "methods=[{method: sgd}]", "train.epochs=1")) == 0
-    assert len(seen) == 1 and "is in use by another swalab process" in seen[0]
+    close = World.close
+
+    def closing(self, finished=True):
+        probe("close")
+        close(self, finished)
+
+    monkeypatch.setattr(World, "close", closing)
+    monkeypatch.setattr(geometry, "landscapes_of_run", lambda out, **kw: probe("landscape") or [])
+    assert main(tiny_args(out, "methods=[{method: sgd}]", "train.epochs=1")) == 0
+    assert seen == ["close: held", "landscape: held"]
 
 
 def _alive(pid: int) -> bool:
