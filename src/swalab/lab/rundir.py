@@ -149,7 +149,7 @@ class RunFiles:
         if not path.exists() and not path.is_symlink():
             return 0
         # the tensors stay on disk
-        ckpt = check_checkpoint(path, load_torch(path, mmap=True, root=self.root))
+        ckpt = check_checkpoint(path, load_torch(path, mmap=True, root=self.root), full=False)
         return None if ckpt.get("diverged") else ckpt["epoch"] + 1
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:

@@ -151,11 +151,13 @@ def check_weights(path: Path, state: Any) -> dict[str, Any]:
     return weights
 
 
-def check_checkpoint(path: Path, ckpt: Any) -> dict[str, Any]:
+def check_checkpoint(path: Path, ckpt: Any, *, full: bool = True) -> dict[str, Any]:
     """``checkpoint.pt``: the last epoch's model, optimizer, recipe, RNG states and history, or a
-    diverged run's mark."""
+    diverged run's mark (``full=False``: the epoch and the mark alone, for planning)."""
     ckpt = _mapping(path, ckpt, "a checkpoint dict")
     _require(path, ckpt, "epoch", lambda v: _is_int(v) and v >= -1, "an integer >= -1")
+    if not full:
+        return ckpt
     if ckpt.get("diverged"):
         if not isinstance(ckpt["diverged"], str):
             raise _bad(path, "'diverged' must be a message")
