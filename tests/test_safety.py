@@ -327,7 +327,7 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" +
             "--device must be auto, cpu, cuda, cuda:N or mps, got 'foo'",
         ),
         (["--set", "train.device=foo"], "train.device must be auto, cpu, cuda"),
-        (["--set", "train.threads=0"], "train.threads must be >= 1 or null, got 0"),
+        (["--set", "train.threads=0"], "train.threads must be in [1, 1024], got 0"),
         (["--set", "data.train_size=0"], "data.train_size must be > 0 or null, got 0"),
         (
             ["--set", "train.weight_decay=.inf"],
@@ -344,7 +344,7 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" +
         ),
         (
             ["--set", "methods.swa.budget=.inf"],
-            "budget must be a finite number > 0, got inf",
+            "budget must be in (0, 100], got inf",
         ),
         (["--set", "methods.swa.lr=.nan"], "lr must be a finite number > 0, got nan"),
         (
@@ -408,7 +408,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
         (["--ray-distance", "-1"], "--ray-distance must be finite and > 0, got -1.0"),
         (["--margin", "nan"], "--margin must be finite and >= 0, got nan"),
         (["--rise", "inf"], "--rise must be finite and > 0, got inf"),
-        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be in [1, 1024], got 0"),
         (["--device", "foo"], "--device must be auto, cpu, cuda"),
     ],
 )
@@ -700,3 +700,82 @@ def _status(proc: Path) -> str:
         return (proc / "status").read_text()
     except OSError:
         return ""
+
+
+# --- issue 23, class 5: validation before work, and upper bounds ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "train.threads=100000"], "train.threads must be in [1, 1024], got 100000"),
+        (
+            ["--set", "train.epochs=1000000000"],
+            "train.epochs must be in [1, 100000], got 1000000000",
+        ),
+        (
+            ["--set", "pretrain.epochs=1000000"],
+            "pretrain.epochs must be in [0, 100000], got 1000000",
+        ),
+        (["--seeds", "100000"], "--seeds must be in [1, 10000], got 100000"),
+        (["--seeds", "0"], "--seeds must be in [1, 10000], got 0"),
+        (["--set", "methods.swa.budget=1000"], "budget must be in (0, 100], got 1000.0"),
+        (["--set", "landscape.grid=100000"], "landscape.grid must be in [2, 1001], got 100000"),
+        (["--set", "landscape.rays=0"], "landscape.rays must be in [1, 100000], got 0"),
+        *[
+            (
+                ["--set", f"methods=[{{method: sgd, label: {name}}}]"],
+                "methods[0].label must be not one of",
+            )
+            for name in ("results.csv", "config.yaml", "meta.json", "Results.CSV")
+        ],
+        (
+            ["--set", "model={name: mlp, options: {hidden: [0]}}"],
+            "model.options: hidden width must be an int > 0, got 0",
+        ),
+        (
+            ["--set", "model={name: mlp, options: {activation: swish2}}"],
+            "model.options: activation must be one of",
+        ),
+        (
+            ["--set", "data.options.val_size=999999"],
+            "data.options: val_size must be",
+        ),
+        (
+            ["--set", "model={name: resnet50, options: {weights: /nonexistent/r50.pth}}"],
+            "model.options.weights: no file /nonexistent/r50.pth",
+        ),
+    ],
+)
+def test_values_and_bounds_fail_before_any_work(extra, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "mnist1d", "--out", str(out), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert not out.exists()  # nothing written, nothing trained
+
+
+def test_offline_dataset_is_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    root = tmp_path / "nodata"
+    argv = ["run", "mnist1d", "--out", str(out), "--set", f"data={{name: cifar10, root: {root}}}"]
+    assert main([*argv, "--set", "model={name: small_cnn, options: {}}"]) == 2
+    assert f"CIFAR-10 not found in {root / 'cifar-10-batches-py'}; run with --download" in (
+        one_line_error(capsys)
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--grid", "100000"], "--grid must be in [2, 1001], got 100000"),
+        (["--line-points", "1000000"], "--line-points must be in [2, 100001], got 1000000"),
+        (["--rays", "1000000"], "--rays must be in [1, 100000], got 1000000"),
+        (["--threads", "5000"], "--threads must be in [1, 1024], got 5000"),
+    ],
+)
+def test_landscape_upper_bounds(finished, extra, message, capsys):
+    before = sorted(finished.rglob("*"))
+    assert main(["landscape", str(finished), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert sorted(finished.rglob("*")) == before

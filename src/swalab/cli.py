@@ -69,23 +69,24 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .lab.config import load_config
+    from .lab.config import check_range, load_config
     from .lab.devices import resolve_device
     from .lab.distributed import setup
     from .lab.files import run_directory
+    from .lab.inputs import check_inputs
     from .lab.jobs import auto_jobs
     from .lab.runner import run_experiment
 
     overrides = list(args.set)
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        check_range("--seeds", args.seeds, 1, "seeds")
         overrides.append(f"seeds={list(range(args.seeds))}")
     if args.device is not None:
         resolve_device(args.device, "--device")
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides, args.variant)
     resolve_device(cfg.train.device, "train.device")
+    check_inputs(cfg, args.download)  # data and model options, offline data: before --out
     labels = [m.label for m in cfg.methods]
     for label in args.restart_run:
         if label not in labels:

@@ -49,7 +49,7 @@ from .. import landscape as geo
 from ..bn import has_batchnorm
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
-from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig
+from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig, check_range
 from ..lab.devices import resolve_device
 from ..lab.evaluation import EvalContext
 from ..lab.files import atomic_output, atomic_write_text, read_json, run_directory
@@ -121,8 +121,15 @@ class LandscapeOptions:
             raise ValueError(
                 f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}"
             )
-        if self.grid < 2 or self.line_points < 2 or self.ray_points < 2 or self.rays < 1:
-            raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+        for key, value, low, limit in (
+            ("--grid", self.grid, 2, "grid"),
+            ("--line-points", self.line_points, 2, "line_points"),
+            ("--rays", self.rays, 1, "rays"),
+            ("--ray-points", self.ray_points, 2, "ray_points"),
+        ):
+            check_range(key, value, low, limit)
+        if self.threads is not None:
+            check_range("--threads", self.threads, 1, "threads")
         if self.stack < 1:
             raise ValueError(f"--stack must be >= 1, got {self.stack}")
         for key, value, ok, expected in (
