@@ -779,3 +779,47 @@ def test_landscape_upper_bounds(finished, extra, message, capsys):
     assert main(["landscape", str(finished), *extra]) == 2
     assert message in one_line_error(capsys)
     assert sorted(finished.rglob("*")) == before
+
+
+def test_lightning_callback_checks_bn_options_before_training():
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from swalab.integrations.lightning import AveragingCallback
+
+    for value in (0, -1, 2.5, True):
+        with pytest.raises(
+            ValueError, match=f"bn_max_batches must be an integer >= 1 or None, got {value!r}"
+        ):
+            AveragingCallback(bn_max_batches=value)
+    with pytest.raises(ValueError, match="bn_loader must be an iterable of batches, got int"):
+        AveragingCallback(bn_loader=3)
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+            self.steps = 0
+
+        def training_step(self, batch, batch_idx):
+            self.steps += 1
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(8, 2))
+    empty = DataLoader(TensorDataset(torch.randn(0, 2)), batch_size=4)
+    net = Net()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[AveragingCallback(bn_loader=empty)],
+    )
+    with pytest.raises(ValueError, match="bn_loader yields no batches"):
+        trainer.fit(net, DataLoader(data, batch_size=4))
+    assert net.steps == 0  # refused at setup, not after all of training
