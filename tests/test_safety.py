@@ -327,7 +327,7 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" +
             "--device must be auto, cpu, cuda, cuda:N or mps, got 'foo'",
         ),
         (["--set", "train.device=foo"], "train.device must be auto, cpu, cuda"),
-        (["--set", "train.threads=0"], "train.threads must be in [1, 1024], got 0"),
+        (["--set", "train.threads=0"], "train.threads must be >= 1 or null, got 0"),
         (["--set", "data.train_size=0"], "data.train_size must be > 0 or null, got 0"),
         (
             ["--set", "train.weight_decay=.inf"],
@@ -823,3 +823,88 @@ def test_lightning_callback_checks_bn_options_before_training():
     with pytest.raises(ValueError, match="bn_loader yields no batches"):
         trainer.fit(net, DataLoader(data, batch_size=4))
     assert net.steps == 0  # refused at setup, not after all of training
+
+
+# --- issue 23, done-when: every run file through every kind of damage, for each command reading it --
+
+DAMAGES = ["missing", "empty", "truncated", "wrong type", "fifo", "symlink in", "symlink out",
+           "hard link", "huge"]  # fmt: skip
+# where a damage may leave a readable run: the command goes on (exit 0) or stops with one line
+LENIENT = {"missing", "hard link"}
+# (run file, a sibling of the same kind for "symlink in", the command that reads it)
+READERS = [
+    ("config.yaml", "results.csv", "claims"),
+    ("config.yaml", "results.csv", "run"),
+    ("results.csv", "meta.json", "claims"),
+    ("meta.json", "config.yaml", "report"),
+    ("swa/seed0/metrics.jsonl", "sgd/seed0/metrics.jsonl", "report"),
+    ("landscape/landscape.json", "meta.json", "claims"),
+    ("swa/seed0/result.json", "sgd/seed0/result.json", "run"),
+    ("swa/seed0/checkpoint.pt", "swa/seed0/final.pt", "run"),
+    ("sgd/seed0/final.pt", "sgd/seed0/init.pt", "landscape"),
+    ("swa/seed0/trajectory/epoch00001.pt", "swa/seed0/final.pt", "landscape"),
+]
+
+
+def _damage(path: Path, damage: str, sibling: Path, outside: Path) -> None:
+    original = path.read_bytes()
+    if damage != "missing":
+        copy = outside / f"copy-of-{path.name}"
+        copy.write_bytes(original)
+    path.unlink()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(original[: len(original) // 2])
+    elif damage == "wrong type":
+        if path.suffix == ".pt":
+            torch.save([1, 2, 3], path)
+        elif path.suffix in (".json", ".jsonl"):
+            path.write_text("[1, 2, 3]\n")
+        else:  # YAML, CSV: text of another kind
+            path.write_text("- 1\n- 2\n" if path.suffix == ".yaml" else "a,b\n1,2\n")
+    elif damage == "fifo":
+        os.mkfifo(path)
+    elif damage == "symlink in":
+        path.symlink_to(sibling)
+    elif damage == "symlink out":
+        path.symlink_to(copy)
+    elif damage == "hard link":
+        os.link(copy, path)
+    elif damage == "huge":
+        with open(path, "wb") as f:
+            f.truncate((64 << 20) + 1)  # sparse: no disk used
+
+
+def _outside_state(outside: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in outside.iterdir()}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name, sibling, command", READERS, ids=[f"{n}-{c}" for n, _, c in READERS])
+def test_every_damaged_run_file_is_one_line_and_touches_nothing_outside(
+    run, tmp_path, capsys, name, sibling, command, damage
+):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    path = run / name
+    if name.endswith("checkpoint.pt"):
+        (path.parent / "result.json").unlink()  # the run resumes from its checkpoint
+    _damage(path, damage, run / sibling, outside)
+    before = _outside_state(outside)
+    argv = {
+        "run": tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true"),
+        "claims": ["claims", str(run)],
+        "report": ["report", str(run)],
+        "landscape": ["landscape", str(run), "--what", "line,ensemble", "--line-points", "2"],
+    }[command]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if damage in LENIENT and code == 0:
+        pass
+    else:
+        assert code == 2, err
+        assert err.count("\n") == 1 and err.startswith("swalab: error: "), err
+    assert _outside_state(outside) == before  # nothing outside the run read-modified or written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "run"]

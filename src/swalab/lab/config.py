@@ -190,19 +190,6 @@ def check_range(key: str, value: Any, low: int | float, limit: str) -> None:
 
 def _check_values(cfg: ExperimentConfig) -> None:
     t, p, d = cfg.train, cfg.pretrain, cfg.data
-    check_range("train.epochs", t.epochs, 1, "epochs")
-    check_range("pretrain.epochs", p.epochs, 0, "epochs")
-    if t.threads is not None:
-        check_range("train.threads", t.threads, 1, "threads")
-    if len(cfg.seeds) > LIMITS["seeds"]:
-        raise ConfigError(
-            f"seeds must hold at most {LIMITS['seeds']:g} seeds, got {len(cfg.seeds)}"
-        )
-    landscape = cfg.landscape
-    check_range("landscape.grid", landscape.grid, 2, "grid")
-    check_range("landscape.line_points", landscape.line_points, 2, "line_points")
-    check_range("landscape.rays", landscape.rays, 1, "rays")
-    check_range("landscape.ray_points", landscape.ray_points, 2, "ray_points")
     checks = [
         ("name", cfg.name[:40], _path_component(cfg.name), SAFE_NAME),
         ("train.epochs", t.epochs, t.epochs > 0, "> 0"),
@@ -274,6 +261,20 @@ def _check_values(cfg: ExperimentConfig) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 expected = f"a finite number {expected}"
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    # upper bounds (the lower ones above): one line naming the allowed range
+    check_range("train.epochs", t.epochs, 1, "epochs")
+    check_range("pretrain.epochs", p.epochs, 0, "epochs")
+    if t.threads is not None:
+        check_range("train.threads", t.threads, 1, "threads")
+    if len(cfg.seeds) > LIMITS["seeds"]:
+        raise ConfigError(
+            f"seeds must hold at most {LIMITS['seeds']:g} seeds, got {len(cfg.seeds)}"
+        )
+    landscape = cfg.landscape
+    check_range("landscape.grid", landscape.grid, 2, "grid")
+    check_range("landscape.line_points", landscape.line_points, 2, "line_points")
+    check_range("landscape.rays", landscape.rays, 1, "rays")
+    check_range("landscape.ray_points", landscape.ray_points, 2, "ray_points")
     check_trackers(cfg.train.log, packages=False)  # names only: a report needs no tracker package
     if t.compile:
         check_compile()  # the device's part when a run starts (Precision)

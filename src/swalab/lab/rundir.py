@@ -126,6 +126,10 @@ class RunFiles:
                     f"cannot read {path}: line {number} is not valid JSON "
                     f"({str(err).splitlines()[0]}); delete {path.parent} to retrain that run"
                 ) from None
+        if not records:  # written with the first epoch: never empty once it exists
+            raise RunFileError(
+                f"cannot read {path}: it is empty; delete {path.parent} to retrain that run"
+            )
         return check_metrics(path, records)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
