@@ -183,9 +183,9 @@ class RunFiles:
 
     @property
     def has_trajectory(self) -> bool:
-        return (self.trajectory_dir / "epoch00001.pt").is_file() or (
-            self.path / "trajectory.pt"
-        ).is_file()
+        first, old = self.trajectory_dir / "epoch00001.pt", self.path / "trajectory.pt"
+        # a damaged file counts (it is named when read), a missing one does not
+        return any(p.exists() or p.is_symlink() for p in (first, old))
 
     def trajectory(self) -> list[dict[str, Any]]:
         """Weights after epochs 1, 2, ... (older runs kept them in one ``trajectory.pt``)."""
