@@ -347,6 +347,7 @@ RESERVED_LABELS = (
     "tb",
     "mlflow.db",
     "mlartifacts",
+    "wandb",
 )
 
 
