@@ -721,7 +721,7 @@ def _status(proc: Path) -> str:
         (["--seeds", "0"], "--seeds must be in [1, 10000], got 0"),
         (["--set", "methods.swa.budget=1000"], "budget must be in (0, 100], got 1000.0"),
         (["--set", "landscape.grid=100000"], "landscape.grid must be in [2, 1001], got 100000"),
-        (["--set", "landscape.rays=0"], "landscape.rays must be in [1, 100000], got 0"),
+        (["--set", "landscape.rays=1000000"], "landscape.rays must be in [1, 100000], got 1000000"),
         *[
             (
                 ["--set", f"methods=[{{method: sgd, label: {name}}}]"],
