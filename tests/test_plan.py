@@ -42,7 +42,7 @@ def test_epochs_with_and_without_sharing_counted_by_hand(tmp_path):
 def test_resumed_and_finished_runs_in_the_run_directory(tmp_path):
     layout = RunDirectory(tmp_path)
     layout.run("sgd", 0).save_checkpoint({"epoch": 4})  # 5 epochs trained
-    layout.run("swa", 1).write_result({"method": "swa"})  # finished
+    layout.run("swa", 1).write_result({"method": "swa", "status": "done"})  # finished
     layout.run("sgd", 2).mark_diverged("loss became nan")  # not retried
     plan = plan_experiment(tiny("seeds=[0, 1, 2]"), tmp_path, torch.device("cpu"), repeats=1)
     # seed 0: SGD resumes alone at epoch 5 (5 left); SWA 1B inside 1.5B: 15. Separate: 5 + 10 + 15.

@@ -6,6 +6,7 @@ symlinks, labels lead out of --out, files are created 0600, bad values train or 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from swalab.cli import main
 from swalab.lab.config import ConfigError, load_config
@@ -213,16 +215,20 @@ def test_symlinked_report_folder_is_refused(run, tmp_path, capsys):
 def test_run_files_that_are_not_regular_files_are_refused(run, capsys):
     checkpoint = run / "swa" / "seed0" / "checkpoint.pt"
     checkpoint.unlink()
-    checkpoint.symlink_to("/dev/zero")
+    os.mkfifo(checkpoint)
     (checkpoint.parent / "result.json").unlink()
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
     assert f"cannot read {checkpoint}: not a regular file" in one_line_error(capsys)
+    checkpoint.unlink()
+    checkpoint.symlink_to("/dev/zero")
+    assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
+    assert f"cannot read {checkpoint}: it is a symlink" in one_line_error(capsys)
     config = run / "config.yaml"
     config.unlink()
     config.symlink_to("/dev/zero")
     checkpoint.unlink()
     assert main(tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")) == 2
-    assert f"{config}: larger than 1048576 bytes" in one_line_error(capsys)
+    assert f"cannot read {config}: it is a symlink" in one_line_error(capsys)
 
 
 # --- finding 3: labels and names stay inside --out, and are unique ------------------------------------
@@ -341,7 +347,7 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" +
         ),
         (
             ["--set", "methods.swa.budget=.inf"],
-            "budget must be a finite number > 0, got inf",
+            "budget must be in (0, 100], got inf",
         ),
         (["--set", "methods.swa.lr=.nan"], "lr must be a finite number > 0, got nan"),
         (
@@ -405,7 +411,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
         (["--ray-distance", "-1"], "--ray-distance must be finite and > 0, got -1.0"),
         (["--margin", "nan"], "--margin must be finite and >= 0, got nan"),
         (["--rise", "inf"], "--rise must be finite and > 0, got inf"),
-        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be in [1, 1024], got 0"),
         (["--device", "foo"], "--device must be auto, cpu, cuda"),
     ],
 )
@@ -541,3 +547,371 @@ def test_second_process_on_the_same_out_exits_2(tmp_path, capsys):
         assert main(tiny_args(out)) == 2
     assert "is in use by another swalab process" in one_line_error(capsys)
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+# --- issue 23, class 2: reading a run imports no code it names -------------------------------------
+
+
+@pytest.mark.parametrize("command", ["report", "claims", "landscape"])
+def test_reading_a_run_never_imports_code_it_names(tmp_path, capsys, monkeypatch, command):
+    from test_report import make_run
+
+    run = make_run(tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    (run / "evilmod.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef build(in_shape, num_outputs):\n    return None\n"
+    )
+    config = run / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["model"] = {"name": "evilmod:build", "options": {}}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.chdir(run)  # the working directory is not put on sys.path
+    monkeypatch.delitem(__import__("sys").modules, "evilmod", raising=False)
+    assert main([command, str(run)]) == 2
+    err = one_line_error(capsys)
+    assert "would import module 'evilmod'" in err and "--allow-import evilmod" in err
+    assert str(config) in err and not marker.exists()
+    # the user says so on the command line: the module is imported (what it does next is theirs)
+    with contextlib.suppress(Exception):  # the stand-in builds no real model
+        main([command, str(run), "--allow-import", "evilmod"])
+    capsys.readouterr()
+    assert marker.exists()
+    __import__("sys").modules.pop("evilmod", None)
+
+
+@pytest.mark.parametrize("command", ["report", "claims", "run"])
+def test_hand_edited_config_of_a_run_is_refused(run, capsys, command):
+    config = run / "config.yaml"
+    text = config.read_text()
+    assert text.startswith("# swalab run wrote this file; sha256 of what follows: ")
+    config.write_text(text.replace("lr: 0.1", "lr: 0.05", 1))
+    assert config.read_text() != text
+    argv = (
+        tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true")
+        if command == "run"
+        else [command, str(run)]
+    )
+    assert main(argv) == 2
+    assert f"{config} was edited after `swalab run` wrote it" in one_line_error(capsys)
+    config.write_text(text)  # restored: the run reads again
+    assert main(["report", str(run)]) == 0
+
+
+# --- issue 23, class 3: nothing touched outside the run, workers die with the main process ---------
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_out_that_is_not_a_run_is_refused_before_anything_is_touched(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / ".draft.tmp-abcd1234.txt").write_text("looks like our temp file")
+    (out / "sub" / ".x.tmp-zzzz9999").write_text("so does this")
+    before = _tree(out)
+    assert main(tiny_args(out)) == 2
+    assert f"{out} is not empty and holds no swalab run" in one_line_error(capsys)
+    assert _tree(out) == before  # nothing removed, no lock file, no probe
+
+
+def test_the_lock_is_held_from_training_through_the_landscape_phase(tmp_path, monkeypatch):
+    """Between training and the landscape phase (the world closes there) no other process may
+    take --out: the lock is held throughout."""
+    import swalab.report.geometry as geometry
+    from swalab.lab.distributed import World
+
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def probe(where: str) -> None:
+        try:
+            with run_directory(out):
+                seen.append(f"{where}: free")
+        except RunFileError as err:
+            seen.append(f"{where}: {'held' if 'in use' in str(err) else err}")
+
+    close = World.close
+
+    def closing(self, finished=True):
+        probe("close")
+        close(self, finished)
+
+    monkeypatch.setattr(World, "close", closing)
+    monkeypatch.setattr(geometry, "landscapes_of_run", lambda out, **kw: probe("landscape") or [])
+    assert main(tiny_args(out, "methods=[{method: sgd}]", "train.epochs=1")) == 0
+    assert seen == ["close: held", "landscape: held"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_job_workers_die_with_a_killed_main_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = tiny_args(out, "train.epochs=200", "seeds=[0, 1]")
+    args[args.index("--jobs") + 1] = "2"
+    main_process = subprocess.Popen(
+        [sys.executable, "-m", "swalab", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            workers = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit()
+                and _alive(int(p.name))
+                and f"PPid:\t{main_process.pid}\n" in _status(p)
+            ]
+            metrics = list(out.glob("*/seed*/metrics.jsonl"))
+            if len(workers) >= 2 and metrics:  # the workers are training
+                break
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the workers did not start"
+    finally:
+        main_process.send_signal(signal.SIGKILL)
+        main_process.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+    frozen = _tree(out)
+    time.sleep(1.0)
+    assert _tree(out) == frozen  # nothing written after the main process died
+
+
+def _status(proc: Path) -> str:
+    try:
+        return (proc / "status").read_text()
+    except OSError:
+        return ""
+
+
+# --- issue 23, class 5: validation before work, and upper bounds ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "train.threads=100000"], "train.threads must be in [1, 1024], got 100000"),
+        (
+            ["--set", "train.epochs=1000000000"],
+            "train.epochs must be in [1, 100000], got 1000000000",
+        ),
+        (
+            ["--set", "pretrain.epochs=1000000"],
+            "pretrain.epochs must be in [0, 100000], got 1000000",
+        ),
+        (["--seeds", "100000"], "--seeds must be in [1, 10000], got 100000"),
+        (["--seeds", "0"], "--seeds must be in [1, 10000], got 0"),
+        (["--set", "methods.swa.budget=1000"], "budget must be in (0, 100], got 1000.0"),
+        (["--set", "landscape.grid=100000"], "landscape.grid must be in [2, 1001], got 100000"),
+        (["--set", "landscape.rays=1000000"], "landscape.rays must be in [1, 100000], got 1000000"),
+        *[
+            (
+                ["--set", f"methods=[{{method: sgd, label: {name}}}]"],
+                "methods[0].label must be not one of",
+            )
+            for name in ("results.csv", "config.yaml", "meta.json", "Results.CSV")
+        ],
+        (
+            ["--set", "model={name: mlp, options: {hidden: [0]}}"],
+            "model.options: hidden width must be an int > 0, got 0",
+        ),
+        (
+            ["--set", "model={name: mlp, options: {activation: swish2}}"],
+            "model.options: activation must be one of",
+        ),
+        (
+            ["--set", "data.options.val_size=999999"],
+            "data.options: val_size must be",
+        ),
+        (
+            ["--set", "model={name: resnet50, options: {weights: /nonexistent/r50.pth}}"],
+            "model.options.weights: no file /nonexistent/r50.pth",
+        ),
+    ],
+)
+def test_values_and_bounds_fail_before_any_work(extra, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "mnist1d", "--out", str(out), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert not out.exists()  # nothing written, nothing trained
+
+
+def test_offline_dataset_is_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    root = tmp_path / "nodata"
+    argv = ["run", "mnist1d", "--out", str(out), "--set", f"data={{name: cifar10, root: {root}}}"]
+    assert main([*argv, "--set", "model={name: small_cnn, options: {}}"]) == 2
+    assert f"CIFAR-10 not found in {root / 'cifar-10-batches-py'}; run with --download" in (
+        one_line_error(capsys)
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--grid", "100000"], "--grid must be in [2, 1001], got 100000"),
+        (["--line-points", "1000000"], "--line-points must be in [2, 100001], got 1000000"),
+        (["--rays", "1000000"], "--rays must be in [1, 100000], got 1000000"),
+        (["--threads", "5000"], "--threads must be in [1, 1024], got 5000"),
+    ],
+)
+def test_landscape_upper_bounds(finished, extra, message, capsys):
+    before = sorted(finished.rglob("*"))
+    assert main(["landscape", str(finished), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert sorted(finished.rglob("*")) == before
+
+
+def test_lightning_callback_checks_bn_options_before_training():
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from swalab.integrations.lightning import AveragingCallback
+
+    for value in (0, -1, 2.5, True):
+        with pytest.raises(
+            ValueError, match=f"bn_max_batches must be an integer >= 1 or None, got {value!r}"
+        ):
+            AveragingCallback(bn_max_batches=value)
+    with pytest.raises(ValueError, match="bn_loader must be an iterable of batches, got int"):
+        AveragingCallback(bn_loader=3)
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+            self.steps = 0
+
+        def training_step(self, batch, batch_idx):
+            self.steps += 1
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(8, 2))
+    empty = DataLoader(TensorDataset(torch.randn(0, 2)), batch_size=4)
+    net = Net()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[AveragingCallback(bn_loader=empty)],
+    )
+    with pytest.raises(ValueError, match="bn_loader yields no batches"):
+        trainer.fit(net, DataLoader(data, batch_size=4))
+    assert net.steps == 0  # refused at setup, not after all of training
+
+
+# --- issue 23, done-when: every run file through every kind of damage, for each command reading it --
+
+DAMAGES = ["missing", "empty", "truncated", "wrong type", "fifo", "symlink in", "symlink out",
+           "hard link", "huge"]  # fmt: skip
+# where a damage may leave a readable run: the command goes on (exit 0) or stops with one line
+LENIENT = {"missing", "hard link"}
+# (run file, a sibling of the same kind for "symlink in", the command that reads it)
+READERS = [
+    ("config.yaml", "results.csv", "claims"),
+    ("config.yaml", "results.csv", "run"),
+    ("results.csv", "meta.json", "claims"),
+    ("meta.json", "config.yaml", "report"),
+    ("swa/seed0/metrics.jsonl", "sgd/seed0/metrics.jsonl", "report"),
+    ("landscape/landscape.json", "meta.json", "claims"),
+    ("swa/seed0/result.json", "sgd/seed0/result.json", "run"),
+    ("swa/seed0/checkpoint.pt", "swa/seed0/final.pt", "run"),
+    ("sgd/seed0/final.pt", "sgd/seed0/init.pt", "landscape"),
+    ("swa/seed0/trajectory/epoch00001.pt", "swa/seed0/final.pt", "landscape"),
+]
+
+
+def _damage(path: Path, damage: str, sibling: Path, outside: Path) -> None:
+    original = path.read_bytes()
+    if damage != "missing":
+        copy = outside / f"copy-of-{path.name}"
+        copy.write_bytes(original)
+    path.unlink()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(original[: len(original) // 2])
+    elif damage == "wrong type":
+        if path.suffix == ".pt":
+            torch.save([1, 2, 3], path)
+        elif path.suffix in (".json", ".jsonl"):
+            path.write_text("[1, 2, 3]\n")
+        else:  # YAML, CSV: text of another kind
+            path.write_text("- 1\n- 2\n" if path.suffix == ".yaml" else "a,b\n1,2\n")
+    elif damage == "fifo":
+        os.mkfifo(path)
+    elif damage == "symlink in":
+        path.symlink_to(sibling)
+    elif damage == "symlink out":
+        path.symlink_to(copy)
+    elif damage == "hard link":
+        os.link(copy, path)
+    elif damage == "huge":
+        with open(path, "wb") as f:
+            f.truncate((64 << 20) + 1)  # sparse: no disk used
+
+
+def _outside_state(outside: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in outside.iterdir()}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name, sibling, command", READERS, ids=[f"{n}-{c}" for n, _, c in READERS])
+def test_every_damaged_run_file_is_one_line_and_touches_nothing_outside(
+    run, tmp_path, capsys, name, sibling, command, damage
+):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    path = run / name
+    if name.endswith("checkpoint.pt"):
+        (path.parent / "result.json").unlink()  # the run resumes from its checkpoint
+    _damage(path, damage, run / sibling, outside)
+    before = _outside_state(outside)
+    argv = {
+        "run": tiny_args(run, "pretrain.epochs=1", "train.save_trajectory=true"),
+        "claims": ["claims", str(run)],
+        "report": ["report", str(run)],
+        "landscape": ["landscape", str(run), "--what", "line,ensemble", "--line-points", "2"],
+    }[command]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if damage in LENIENT and code == 0:
+        pass
+    else:
+        assert code == 2, err
+        lines = err.splitlines()
+        if command == "landscape":  # its progress lines on stderr come first
+            lines = [line for line in lines if not line.startswith("landscape: ")]
+        assert len(lines) == 1 and lines[0].startswith("swalab: error: "), err
+        assert str(path) in lines[0] or damage == "missing", err
+    assert _outside_state(outside) == before  # nothing outside the run read-modified or written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "run"]

@@ -70,23 +70,24 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .lab.config import load_config
+    from .lab.config import check_range, load_config
     from .lab.devices import resolve_device
     from .lab.distributed import setup
     from .lab.files import run_directory
+    from .lab.inputs import check_inputs
     from .lab.jobs import auto_jobs
     from .lab.runner import run_experiment
 
     overrides = list(args.set)
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        check_range("--seeds", args.seeds, 1, "seeds")
         overrides.append(f"seeds={list(range(args.seeds))}")
     if args.device is not None:
         resolve_device(args.device, "--device")
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides, args.variant)
     resolve_device(cfg.train.device, "train.device")
+    check_inputs(cfg, args.download)  # data and model options, offline data: before --out
     labels = [m.label for m in cfg.methods]
     for label in args.restart_run:
         if label not in labels:
@@ -102,9 +103,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if jobs == "auto":
         device = world.device if world.size > 1 else resolve_device(cfg.train.device)
         jobs = auto_jobs(cfg.train.threads, device, len(cfg.seeds) * len(cfg.methods), world.size)
-    try:
-        # rank 0 alone writes: it holds the --out lock for the whole run
-        with run_directory(out) if world.main else contextlib.nullcontext():
+    # rank 0 alone writes: it holds the --out lock for the whole run, landscape phase included
+    with run_directory(out) if world.main else contextlib.nullcontext():
+        try:
             rows = run_experiment(
                 cfg,
                 out,
@@ -116,15 +117,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 restart=args.restart_run,
                 share=not args.no_share,
             )
-    except BaseException:
-        world.close(finished=False)
-        raise
-    world.close()
-    if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
-        from .report.geometry import landscapes_of_run
+        except BaseException:
+            world.close(finished=False)
+            raise
+        world.close()
+        if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
+            from .report.geometry import landscapes_of_run
 
-        with run_directory(out):  # after the other ranks have left: rank 0 alone
-            landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
+            landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))  # the other ranks have left
     return 0
 
 
@@ -266,6 +266,18 @@ def _version() -> str:
     return __version__
 
 
+def _allow_import(p: argparse.ArgumentParser) -> None:
+    """Commands that read a run directory import no code it names, unless allowed here."""
+    p.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE if the run's config.yaml names it (model: MODULE:callable); "
+        "without it, reading a run never imports code it names; repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swalab", description="Stochastic Weight Averaging laboratory"
@@ -392,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="points evaluated at once with stacked weights, torch.vmap (default: 1, one by one)",
     )
+    _allow_import(p)
     p.set_defaults(func=_cmd_landscape)
 
     p = sub.add_parser(
@@ -400,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "interval over seeds, verdict, seeds needed to decide",
     )
     p.add_argument("run_dir", help="a run directory written by `swalab run`")
+    _allow_import(p)
     p.set_defaults(func=_cmd_claims)
 
     p = sub.add_parser(
@@ -426,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="png,svg,pdf",
         help="figure files, e.g. png,svg,pdf (default: png; PNG always)",
     )
+    _allow_import(p)
     p.set_defaults(func=_cmd_report)
     return parser
 
@@ -436,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or "--debug" in argv
     try:
+        if hasattr(args, "allow_import"):  # a command that reads a run directory
+            from .registry import imports_limited_to
+
+            with imports_limited_to(args.allow_import):
+                return args.func(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(

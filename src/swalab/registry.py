@@ -17,21 +17,65 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["Registry", "import_callable"]
+__all__ = ["Registry", "UntrustedImportError", "import_callable", "imports_limited_to"]
+
+# None: ``module:callable`` names are imported (the library, ``swalab run`` of the user's config);
+# a set: only those modules (and their submodules) are, as when reading a received run directory.
+_ALLOWED: set[str] | None = None
 
 
-def import_callable(spec: str, what: str) -> Callable[..., Any]:
+class UntrustedImportError(ValueError):
+    """A name would import a module the user has not allowed (reading a run directory)."""
+
+
+@contextlib.contextmanager
+def imports_limited_to(modules: Iterable[str], flag: str = "--allow-import") -> Iterator[None]:
+    """Inside this block, :func:`import_callable` imports only ``modules`` (and their submodules).
+
+    Commands that read a run directory (``report``, ``claims``, ``landscape``) run inside it: its
+    ``config.yaml`` is untrusted input and may name ``module:callable`` that a ``.py`` file beside
+    it provides. Registered builders and installed entry points stay available; the working
+    directory is put on ``sys.path`` only for a module the user allowed with ``flag``.
+    """
+    global _ALLOWED
+    previous = _ALLOWED
+    _ALLOWED = {m.strip() for m in modules if m.strip()}
+    _FLAG[0] = flag
+    try:
+        yield
+    finally:
+        _ALLOWED = previous
+
+
+_FLAG = ["--allow-import"]
+
+
+def _check_allowed(module_name: str, spec: str, what: str) -> None:
+    if _ALLOWED is None:
+        return
+    if any(module_name == m or module_name.startswith(m + ".") for m in _ALLOWED):
+        return
+    raise UntrustedImportError(
+        f"{what} {spec!r} would import module {module_name!r}; reading a run directory never "
+        f"imports code it names: if you trust it, pass {_FLAG[0]} {module_name}"
+    )
+
+
+def import_callable(spec: str, what: str, *, installed: bool = False) -> Callable[..., Any]:
     """The callable named by ``"package.module:attribute"`` (the attribute may be dotted).
 
     The module comes from an installed package or the working directory (as with ``python -m``).
+    Inside :func:`imports_limited_to`, only the modules allowed there are imported (``installed``:
+    the name comes from an installed entry point, always allowed).
 
     Raises:
         ValueError: one line naming what failed: the form, the module, the attribute, or a value
@@ -40,6 +84,8 @@ def import_callable(spec: str, what: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr or ":" in attr:
         raise ValueError(f"{what} {spec!r} must have the form 'package.module:callable'")
+    if not installed:  # an installed entry point is the user's own choice
+        _check_allowed(module_name, spec, what)
     if (
         os.getcwd() not in sys.path and "" not in sys.path
     ):  # like `python -m`: modules of the working directory
@@ -97,7 +143,7 @@ class Registry:
         plugin = self._entry_points().get(name)
         if plugin is not None:
             return import_callable(
-                plugin.value, f"{self.kind} {name!r} (entry point in {self.group})"
+                plugin.value, f"{self.kind} {name!r} (entry point in {self.group})", installed=True
             )
         if ":" in name:
             return import_callable(name, self.kind)

@@ -46,6 +46,12 @@ _FILES: dict[str, tuple[int, tuple[int, ...], int]] = {
     "cifar100": (50_000, (3, 32, 32), 100),
 }
 """Training images (before ``val_size`` is carved off), image shape and classes of each dataset."""
+_FOLDERS: dict[str, tuple[str, str]] = {
+    "mnist": ("MNIST", os.path.join("MNIST", "raw")),
+    "cifar10": ("CIFAR-10", "cifar-10-batches-py"),
+    "cifar100": ("CIFAR-100", "cifar-100-python"),
+}
+"""The title and the folder under ``root`` torchvision reads each dataset from."""
 
 
 def _declares_shape(name: str) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
@@ -54,10 +60,22 @@ def _declares_shape(name: str) -> Callable[[Callable[..., DataBundle]], Callable
 
     def shape(options: dict[str, Any]) -> DataShape:
         val_size = check_int("val_size", options["val_size"], 0, images - 1)
+        if "normalization" in options:
+            _check_cifar_normalization(options["normalization"])
         return DataShape(images - val_size, in_shape, classes)
+
+    def missing(options: dict[str, Any]) -> str | None:
+        """Why the dataset cannot be read without downloading it, or None (checked before a run
+        starts: not after hours of another dataset's work)."""
+        title, folder = _FOLDERS[name]
+        path = os.path.join(options.get("root", "data"), folder)
+        if options.get("download") or os.path.isdir(path):
+            return None
+        return f"{title} not found in {path}; run with --download to fetch it"
 
     def mark(builder: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
         builder.shape = shape  # type: ignore[attr-defined]
+        builder.missing = missing  # type: ignore[attr-defined]
         return builder
 
     return mark

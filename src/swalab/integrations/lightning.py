@@ -25,7 +25,8 @@ What it does differently from Lightning's ``StochasticWeightAveraging`` callback
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import numbers
+from collections.abc import Callable, Iterable, Sized
 from typing import Any, Literal
 
 import torch
@@ -133,6 +134,7 @@ class AveragingCallback(pl.Callback):
             )
         if lr_schedule is not None and not callable(lr_schedule):
             raise ValueError(f"lr_schedule must be a function of the step, got {lr_schedule!r}")
+        _check_bn_options(bn_loader, bn_max_batches)  # not after all of training
         self.rule = rule
         self.interval, self.lr_interval = interval, lr_interval
         self.update_every, self.update_after = update_every, update_after
@@ -162,6 +164,7 @@ class AveragingCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _check_bn_options(self.bn_loader, self.bn_max_batches, empty=self.update_bn)
         if sum(isinstance(cb, AveragingCallback) for cb in trainer.callbacks) > 1:
             raise ValueError(
                 "use one swalab AveragingCallback per Trainer "
@@ -347,3 +350,20 @@ class AveragingCallback(pl.Callback):
             self._average_weights = None
         if self.swag is not None and "swag" in state_dict:
             self.swag.load_state_dict(state_dict["swag"])
+
+
+def _check_bn_options(loader: Any, max_batches: Any, empty: bool = False) -> None:
+    """``bn_loader`` and ``bn_max_batches`` of :class:`AveragingCallback`, checked before training
+    (an error after all of it would leave the average uncopied). ``empty``: a loader with a length
+    must yield batches."""
+    integral = isinstance(max_batches, numbers.Integral) and not isinstance(max_batches, bool)
+    if max_batches is not None and not (integral and max_batches >= 1):
+        raise ValueError(f"bn_max_batches must be an integer >= 1 or None, got {max_batches!r}")
+    if loader is None:
+        return
+    if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes)):
+        raise ValueError(f"bn_loader must be an iterable of batches, got {type(loader).__name__}")
+    if empty and isinstance(loader, Sized) and len(loader) == 0:
+        raise ValueError(
+            "bn_loader yields no batches: the BatchNorm statistics cannot be recomputed"
+        )

@@ -20,6 +20,7 @@ import yaml
 
 from ..data import DATASETS
 from ..models import MODELS, default_options
+from ..registry import UntrustedImportError
 from .errors import ConfigError
 from .methods import method_role, recipe_of
 from .precision import PRECISIONS, check_compile
@@ -180,6 +181,28 @@ class ExperimentConfig:
         return chosen[0].label if chosen else None
 
 
+LIMITS: dict[str, int | float] = {
+    "epochs": 100_000,  # train.epochs, pretrain.epochs
+    "threads": 1024,  # train.threads, --threads (libgomp aborts far beyond the cores)
+    "seeds": 10_000,  # how many seeds (--seeds N)
+    "budget": 100.0,  # a method's budget, in units of train.epochs
+    "grid": 1001,  # landscape.grid, --grid: grid**2 points per plane
+    "line_points": 100_001,
+    "rays": 100_000,
+    "ray_points": 100_001,
+}
+"""Upper bounds of sizes a config or the command line sets: a typo (``epochs: 1e9``) is an error
+before any work, not a memory error or a silent hang."""
+
+
+def check_range(key: str, value: Any, low: int | float, limit: str) -> None:
+    """``value`` in ``[low, LIMITS[limit]]``, else one line naming the value and the range."""
+    high = LIMITS[limit]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (_finite(value) and low <= value <= high):
+        raise ConfigError(f"{key} must be in [{low:g}, {high:g}], got {value!r}")
+
+
 def _check_values(cfg: ExperimentConfig) -> None:
     t, p, d = cfg.train, cfg.pretrain, cfg.data
     checks = [
@@ -253,6 +276,20 @@ def _check_values(cfg: ExperimentConfig) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 expected = f"a finite number {expected}"
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    # upper bounds (the lower ones above): one line naming the allowed range
+    check_range("train.epochs", t.epochs, 1, "epochs")
+    check_range("pretrain.epochs", p.epochs, 0, "epochs")
+    if t.threads is not None:
+        check_range("train.threads", t.threads, 1, "threads")
+    if len(cfg.seeds) > LIMITS["seeds"]:
+        raise ConfigError(
+            f"seeds must hold at most {LIMITS['seeds']:g} seeds, got {len(cfg.seeds)}"
+        )
+    landscape = cfg.landscape
+    check_range("landscape.grid", landscape.grid, 2, "grid")
+    check_range("landscape.line_points", landscape.line_points, 2, "line_points")
+    check_range("landscape.rays", landscape.rays, 1, "rays")
+    check_range("landscape.ray_points", landscape.ray_points, 2, "ray_points")
     check_trackers(cfg.train.log, packages=False)  # names only: a report needs no tracker package
     if t.compile:
         check_compile()  # the device's part when a run starts (Precision)
@@ -262,9 +299,10 @@ def _check_values(cfg: ExperimentConfig) -> None:
     labels = [m.label for m in cfg.methods]
     seen: dict[str, str] = {}
     for i, m in enumerate(cfg.methods):
-        if not _path_component(m.label) or m.label in RESERVED_LABELS:
+        reserved = unicodedata.normalize("NFKC", m.label).casefold() in RESERVED_LABELS
+        if not _path_component(m.label) or reserved:
             shown = m.label if len(m.label) <= 40 else m.label[:40] + "..."
-            what = f"not one of {RESERVED_LABELS}" if m.label in RESERVED_LABELS else SAFE_NAME
+            what = f"not one of {RESERVED_LABELS}" if reserved else SAFE_NAME
             raise ConfigError(
                 f"methods[{i}].label must be {what}, got {shown!r} ({len(m.label)} characters)"
             )
@@ -278,9 +316,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"method labels must be unique, got {m.label!r} {same}")
         seen[key] = m.label
     for m in cfg.methods:
-        if not (_finite(m.budget) and m.budget > 0):
+        if not (_finite(m.budget) and 0 < m.budget <= LIMITS["budget"]):
             raise ConfigError(
-                f"methods.{m.label}.budget must be a finite number > 0, got {m.budget}"
+                f"methods.{m.label}.budget must be in (0, {LIMITS['budget']:g}], got {m.budget}"
             )
         if m.lr is not None and not (_finite(m.lr) and m.lr > 0):
             raise ConfigError(f"methods.{m.label}.lr must be a finite number > 0, got {m.lr}")
@@ -333,7 +371,19 @@ SAFE_NAME = (
     "a plain folder name (1-100 characters; no '/', '\\', control characters; "
     "not starting with '.')"
 )
-RESERVED_LABELS = ("pretrain", "landscape", "report")  # folders of a run directory
+# folders and files of a run directory (a label is a folder name beside them)
+RESERVED_LABELS = (
+    "pretrain",
+    "landscape",
+    "report",
+    "config.yaml",
+    "meta.json",
+    "results.csv",
+    "tb",
+    "mlflow.db",
+    "mlartifacts",
+    "wandb",
+)
 
 
 def _path_component(name: str) -> bool:
@@ -628,6 +678,8 @@ def _lookup_error(registry: Any, name: str) -> str:
     """The first line of the error looking ``name`` up raises, or "" when it is found."""
     try:
         registry.get(name)
+    except UntrustedImportError:
+        raise  # not a mistake in the config: its own one-line error, naming the flag
     except ValueError as err:
         return str(err).splitlines()[0]
     return ""

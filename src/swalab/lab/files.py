@@ -41,12 +41,18 @@ __all__ = [
     "holds_files",
     "is_scratch",
     "load_torch",
+    "load_npz",
+    "read_bytes",
     "read_json",
+    "read_text",
+    "redo_hint",
     "remove_tree",
     "run_directory",
 ]
 
 LOCK_NAME = ".swalab.lock"
+TEXT_LIMIT = 64 << 20  # a text run file (JSON, JSONL, CSV) read whole: at most 64 MiB
+DATA_LIMIT = 4 << 30  # an array file (npz) read whole: at most 4 GiB
 # Temporary files: ``.<name>.tmp-<8 random chars><suffix>`` (suffix kept for savefig/np.savez).
 _TEMP = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}(\.[^.]*)?$")
 _OLD_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[^.]*)?$")  # earlier temp names
@@ -165,54 +171,122 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def append_text(path: Path, text: str) -> None:
-    """Append ``text`` (whole lines) to ``path``, creating it if needed; never through a symlink."""
+    """Append ``text`` (whole lines) to ``path``, creating it if needed; never through a symlink,
+    into a FIFO or device, or into a hard link (the other name's file would change too)."""
     path = Path(path)
     try:
         _check_inside(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o666)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link"
+            raise RunFileError(
+                f"refusing to append to {path}: it is {what} (another file would change); "
+                f"{redo_hint(path)}"
+            )
         with os.fdopen(fd, "a") as f:
             f.write(text)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise RunFileError(f"refusing to write {path}: it is a symlink (remove it)") from None
+        if err.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise RunFileError(
+                f"refusing to append to {path}: it is not a regular file; {redo_hint(path)}"
+            ) from None
         raise _write_error(path, err) from None
 
 
-def _redo_hint(path: Path) -> str:
+def redo_hint(path: Path) -> str:
+    """What to do about a bad run file ``path``: the command that writes it again."""
     path = Path(path)
     if path.parent.name == "pretrain":
         return f"delete {path} to pre-train that seed again"
+    if path.parent.name == "trajectory" and path.parent.parent.name.startswith("seed"):
+        path = path.parent
     if path.parent.name.startswith("seed"):
         label = path.parent.parent.name
         return f"run again with --restart-run {label} (or delete {path.parent}) to retrain that run"
     return f"delete {path} to recompute it"
 
 
-def _check_regular(path: Path) -> None:
-    """A run file is a regular file: a FIFO or a link to ``/dev/zero`` would hang the reader."""
+def _refuse(path: Path, reason: str) -> RunFileError:
+    return RunFileError(f"cannot read {path}: {reason}; {redo_hint(path)}")
+
+
+def _open_checked(path: Path, root: Path | None, follow: bool) -> int:
+    """An open descriptor on the regular file ``path``: never a FIFO or device (which would hang
+    the reader), never a symlink (``follow``: the user's own file may be one), and with ``root``
+    never a file outside that run directory (through a symlinked folder). FileNotFoundError as is.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        mode = path.stat().st_mode
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise RunFileError(f"cannot read {path}: {err.strerror or err}") from None
-    if not stat.S_ISREG(mode):
-        raise RunFileError(f"cannot read {path}: not a regular file; {_redo_hint(path)}")
+        if err.errno == errno.ELOOP:
+            raise _refuse(path, "it is a symlink (a run file must be a file of its own)") from None
+        raise _refuse(path, err.strerror or str(err)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _refuse(path, "not a regular file")
+        if root is not None:
+            real, top = os.path.realpath(path), os.path.realpath(root)
+            if os.path.commonpath([real, top]) != top:
+                raise _refuse(
+                    path, f"it leads outside the run directory {root} (a symlinked folder)"
+                )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def load_torch(path: Path, mmap: bool = False) -> Any:
+def read_bytes(
+    path: Path, limit: int = TEXT_LIMIT, *, root: Path | None = None, follow: bool = False
+) -> bytes:
+    """The whole of the run file ``path``, checked as :func:`_open_checked` and at most ``limit``
+    bytes (a larger one is a one-line :class:`RunFileError`)."""
+    path = Path(path)
+    fd = _open_checked(path, root, follow)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as err:
+            raise _refuse(path, err.strerror or str(err)) from None
+    if len(data) > limit:
+        raise _refuse(path, f"larger than {limit} bytes")
+    return data
+
+
+def read_text(path: Path, limit: int = TEXT_LIMIT, *, root: Path | None = None) -> str:
+    """:func:`read_bytes` decoded as UTF-8 (a binary file is a one-line error)."""
+    try:
+        return read_bytes(path, limit, root=root).decode()
+    except UnicodeDecodeError:
+        raise _refuse(Path(path), "not UTF-8 text") from None
+
+
+def load_torch(path: Path, mmap: bool = False, *, root: Path | None = None) -> Any:
     """Load a run file written by ``atomic_save`` onto the CPU, with ``weights_only=True``.
 
     Run files hold tensors, dicts, lists, numbers and strings (optimizer and RNG states included),
     all of which the weights-only unpickler accepts; anything else (a pickled object that would
     run code) is refused and the file named in a one-line error. ``mmap``: tensors are read only
-    when used.
+    when used. The file is checked as :func:`read_bytes` checks it (regular, no symlink, inside
+    ``root``) and read through that descriptor.
     """
     path = Path(path)
-    _check_regular(path)
+    fd = _open_checked(path, root, follow=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with os.fdopen(fd, "rb") as f:
+            source: Any = f"/proc/self/fd/{fd}" if mmap and os.path.exists("/proc/self/fd") else f
+            if mmap and source is f:
+                source = path
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file
@@ -229,21 +303,34 @@ def load_torch(path: Path, mmap: bool = False) -> Any:
         else:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             reason = lines[0] if lines else type(err).__name__
-        raise RunFileError(f"cannot load {path}: {reason}; {_redo_hint(path)}") from None
+        raise RunFileError(f"cannot load {path}: {reason}; {redo_hint(path)}") from None
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON run file; a corrupt one is named in a one-line error."""
+def read_json(path: Path, *, root: Path | None = None) -> Any:
+    """Parse a JSON run file (checked and bounded as :func:`read_text`); a corrupt one is named
+    in a one-line error."""
     path = Path(path)
-    _check_regular(path)
+    text = read_text(path, root=root)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise RunFileError(
-            f"cannot read {path}: {str(err).splitlines()[0]}; {_redo_hint(path)}"
-        ) from None
+        return json.loads(text)
+    except ValueError as err:
+        raise _refuse(path, f"not valid JSON ({str(err).splitlines()[0]})") from None
+
+
+def load_npz(path: Path, *, root: Path | None = None) -> dict[str, Any]:
+    """The arrays of an ``np.savez`` run file (checked as :func:`read_bytes`, no pickles)."""
+    import io
+
+    import numpy as np
+
+    path = Path(path)
+    data = read_bytes(path, DATA_LIMIT, root=root)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except Exception as err:  # noqa: BLE001 - any failure to read it is a bad file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise _refuse(path, f"not a valid .npz file ({reason})") from None
 
 
 def remove_tree(path: Path) -> None:
@@ -259,6 +346,20 @@ def remove_tree(path: Path) -> None:
         raise RunFileError(f"cannot delete {path}: {err.strerror or err}") from None
 
 
+def _check_ours(out: Path, marker: str) -> None:
+    """Refuse an existing folder that holds files but no ``marker`` (not a run directory)."""
+    if out.exists() and not out.is_dir():
+        raise RunFileError(f"--out {out} is not a directory; choose another --out")
+    if not out.is_dir() or os.path.lexists(out / marker):
+        return
+    try:
+        ours = not holds_files(out)
+    except OSError as err:
+        raise RunFileError(f"cannot read --out {out}: {err.strerror or err}") from None
+    if not ours:
+        raise RunFileError(f"{out} is not empty and holds no swalab run; choose another --out")
+
+
 def _sweep(root: Path) -> None:
     """Remove temporary files left by a killed process (safe: we hold the lock)."""
     for folder, _, names in os.walk(root):  # does not follow symlinked folders
@@ -269,17 +370,25 @@ def _sweep(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_directory(out: Path, *, lock: bool = True) -> Iterator[Path]:
+def run_directory(
+    out: Path, *, lock: bool = True, marker: str | None = "config.yaml"
+) -> Iterator[Path]:
     """Open the run directory ``out`` for writing: create it, and (``lock``) hold an advisory lock.
 
     While open, every write under ``out`` through this module stays inside it and never passes
     through a symlinked folder. With ``lock``, a second process writing the same directory gets a
     :class:`RunFileError` at once (it would redo the same work), and temporary files that a killed
     process left are removed.
+
+    ``marker`` (with ``lock``): an existing folder that holds files but not ``marker`` is not a run
+    directory; it is refused before anything is created or removed in it (no lock file, no sweep
+    of names that look like our temporary files).
     """
     out = Path(out)
     if not str(out):
         raise RunFileError("--out must be a directory path, got ''")
+    if lock and marker is not None:
+        _check_ours(out, marker)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = (

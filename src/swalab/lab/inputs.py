@@ -5,6 +5,7 @@ batches that recompute BatchNorm statistics. Shared by the trainer, the runner a
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,10 +15,10 @@ from torch import nn
 from ..data import BatchLoader, DataBundle, DataShape, shape_of
 from ..data import load as load_data
 from ..models import create as create_model
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .distributed import World, shard_batches
 
-__all__ = ["bn_loader", "build_model", "data_shape", "load_bundle", "train_loader"]
+__all__ = ["bn_loader", "build_model", "check_inputs", "data_shape", "load_bundle", "train_loader"]
 
 
 def load_bundle(cfg: ExperimentConfig, seed: int, download: bool = False) -> DataBundle:
@@ -42,6 +43,43 @@ def data_shape(cfg: ExperimentConfig, seed: int = 0) -> DataShape:
     if cfg.data.train_size is not None and cfg.data.train_size < shape.train:
         shape = dataclasses.replace(shape, train=cfg.data.train_size)
     return shape
+
+
+def check_inputs(cfg: ExperimentConfig, download: bool = False) -> None:
+    """Before any work: the dataset's options (``val_size``, ...) and, unless downloading, its files;
+    then the model built on the ``meta`` device (no memory) for that data, so its options
+    (``hidden``, ``activation``, a ``weights`` path) fail here, not after the data is loaded.
+
+    Raises:
+        ConfigError: one line naming the option (or the missing dataset) and what was expected.
+    """
+    from ..data import DATASETS
+
+    builder = DATASETS.get(cfg.data.name)
+    missing = getattr(builder, "missing", None)
+    options = {"root": cfg.data.root, "download": download, **cfg.data.options}
+    why = missing(options) if missing is not None else None
+    if why:
+        raise ConfigError(f"data.name {cfg.data.name!r}: {why}")
+    try:
+        shape = data_shape(cfg, cfg.seeds[0])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"data.options: {_first_line(err)}") from None
+    weights = cfg.model.options.get("weights")
+    if isinstance(weights, str) and not os.path.isfile(weights):
+        raise ConfigError(f"model.options.weights: no file {weights}")
+    try:
+        with torch.device("meta"):
+            build_model(cfg, shape)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise ConfigError(f"model.options: {_first_line(err)}") from None
+    except RuntimeError:  # e.g. an operation the meta device lacks: the real build reports it
+        pass
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
 def build_model(

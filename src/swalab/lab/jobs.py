@@ -42,7 +42,7 @@ from .config import ConfigError, ExperimentConfig, MethodConfig
 from .rundir import RunDirectory
 from .sharing import Branch
 
-__all__ = ["RunsFailed", "Slot", "auto_jobs", "check_jobs", "run_jobs", "slots"]
+__all__ = ["RunsFailed", "Slot", "auto_jobs", "check_jobs", "die_with_parent", "run_jobs", "slots"]
 
 Job = tuple[
     str, int, tuple[str, ...]
@@ -109,16 +109,45 @@ def slots(
     return [Slot(device, per_job) for _ in range(jobs)]
 
 
+def die_with_parent(parent: int) -> None:
+    """Make this worker process end when ``parent`` (the main process) does, even mid-epoch.
+
+    A worker that outlived a killed main process would go on writing run files into ``--out``
+    while a re-run holds it. On Linux the kernel sends SIGKILL at once (``prctl``'s
+    ``PR_SET_PDEATHSIG``); everywhere a daemon thread also watches the parent's pid. A parent that
+    is already gone ends the worker here.
+    """
+    import ctypes
+    import sys
+    import time
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="swalab-parent-watch", daemon=True).start()
+
+
 def _worker(
     index: int,
     slot: Slot,
     cfg: ExperimentConfig,
     out: Path,
     share: bool,
+    parent: int,
     tasks: Any,
     events: Any,
 ) -> None:
-    """A worker process: take jobs from ``tasks`` until ``None``, report on ``events``."""
+    """A worker process: take jobs from ``tasks`` until ``None``, report on ``events``.
+
+    ``parent``: the main process's pid, which the worker does not outlive."""
     from .config import to_dict
     from .inputs import load_bundle
     from .rundir import RunDirectory
@@ -126,10 +155,10 @@ def _worker(
     from .trainer import pretrain, train_runs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when everyone stops
+    die_with_parent(parent)  # never writes into --out after the main process is gone
     torch.set_num_threads(slot.threads)
     if slot.device.type == "cuda":
         torch.cuda.set_device(slot.device)
-    parent = os.getppid()
     bundles: dict[int, Any] = {}
     methods = {m.label: m for m in cfg.methods}
     layout = RunDirectory(out)
@@ -204,7 +233,15 @@ class _Pool:
         self.tasks[i] = self.context.Queue()
         self.processes[i] = self.context.Process(
             target=_worker,
-            args=(i, self.placement[i], self.cfg, self.out, self.share, *self.queues(i)),
+            args=(
+                i,
+                self.placement[i],
+                self.cfg,
+                self.out,
+                self.share,
+                os.getpid(),
+                *self.queues(i),
+            ),
             daemon=True,
             name=f"swalab-job-{i}",
         )

@@ -20,6 +20,7 @@ file primitives (atomic writes, safe loads) are in ``files.py``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -29,9 +30,27 @@ import yaml
 
 from ..posthoc import Snapshots
 from .config import read_yaml
-from .files import RunFileError, append_text, atomic_save, atomic_write_text, load_torch, read_json
+from .files import (
+    RunFileError,
+    append_text,
+    atomic_save,
+    atomic_write_text,
+    load_torch,
+    read_json,
+    read_text,
+)
+from .runschema import (
+    check_checkpoint,
+    check_meta,
+    check_metrics,
+    check_result,
+    check_results_table,
+    check_weights,
+)
 
 __all__ = ["RESULT_FIELDS", "RunDirectory", "RunFiles", "read_results"]
+
+_SEAL = "# swalab run wrote this file; sha256 of what follows: "
 
 RESULT_FIELDS = [
     "method",
@@ -80,8 +99,15 @@ class RunFiles:
 
     # --- results ---
 
+    @property
+    def root(self) -> Path:
+        """The run directory (``<out>``): no file of this run is read from outside it."""
+        return self.path.parent.parent
+
     def result(self) -> dict[str, Any] | None:
-        return read_json(self.result_path) if self.result_path.exists() else None
+        if not self.result_path.exists():
+            return None
+        return check_result(self.result_path, read_json(self.result_path, root=self.root))
 
     def write_result(self, row: dict[str, Any]) -> None:
         atomic_write_text(self.result_path, json.dumps(row, indent=2))
@@ -89,16 +115,25 @@ class RunFiles:
     # --- learning curve ---
 
     def metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
         path = self.metrics_path
-        try:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError) as err:
+        if not path.exists() and not path.is_symlink():
+            return []
+        records = []
+        for number, line in enumerate(read_text(path, root=self.root).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                raise RunFileError(
+                    f"cannot read {path}: line {number} is not valid JSON "
+                    f"({str(err).splitlines()[0]}); delete {path.parent} to retrain that run"
+                ) from None
+        if not records:  # written with the first epoch: never empty once it exists
             raise RunFileError(
-                f"cannot read {path}: {str(err).splitlines()[0]}; delete {path.parent} "
-                "to retrain that run"
-            ) from None
+                f"cannot read {path}: it is empty; delete {path.parent} to retrain that run"
+            )
+        return check_metrics(path, records)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_text(self.metrics_path, _jsonl([record]))
@@ -110,13 +145,18 @@ class RunFiles:
     # --- weights and checkpoints ---
 
     def checkpoint(self) -> dict[str, Any] | None:
-        return load_torch(self.checkpoint_path) if self.checkpoint_path.exists() else None
+        path = self.checkpoint_path
+        if not path.exists() and not path.is_symlink():
+            return None
+        return check_checkpoint(path, load_torch(path, root=self.root))
 
     def resume_point(self) -> int | None:
         """Epochs this run has trained (0 if none), or None if it diverged."""
-        if not self.checkpoint_path.exists():
+        path = self.checkpoint_path
+        if not path.exists() and not path.is_symlink():
             return 0
-        ckpt = load_torch(self.checkpoint_path, mmap=True)  # the tensors stay on disk
+        # the tensors stay on disk
+        ckpt = check_checkpoint(path, load_torch(path, mmap=True, root=self.root), full=False)
         return None if ckpt.get("diverged") else ckpt["epoch"] + 1
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -141,23 +181,32 @@ class RunFiles:
             self._snapshots = Snapshots(self.path / "posthoc", every=every, save=atomic_save)
         return self._snapshots
 
+    def weights(self, name: str) -> dict[str, Any]:
+        """``init.pt`` or ``final.pt``, checked (FileNotFoundError when missing)."""
+        path = self.weights_path(name)
+        return check_weights(path, load_torch(path, root=self.root))
+
     def append_trajectory(self, epoch: int, state: dict[str, Any]) -> None:
         """The weights after 1-based ``epoch``: one file per epoch, nothing re-read."""
         atomic_save(state, self.trajectory_dir / f"epoch{epoch:05d}.pt")
 
     @property
     def has_trajectory(self) -> bool:
-        return (self.trajectory_dir / "epoch00001.pt").is_file() or (
-            self.path / "trajectory.pt"
-        ).is_file()
+        first, old = self.trajectory_dir / "epoch00001.pt", self.path / "trajectory.pt"
+        # a damaged file counts (it is named when read), a missing one does not
+        return any(p.exists() or p.is_symlink() for p in (first, old))
 
     def trajectory(self) -> list[dict[str, Any]]:
         """Weights after epochs 1, 2, ... (older runs kept them in one ``trajectory.pt``)."""
         if not self.trajectory_dir.is_dir():
-            return load_torch(self.path / "trajectory.pt")
+            path = self.path / "trajectory.pt"
+            states = load_torch(path, root=self.root)
+            if not isinstance(states, list):
+                raise RunFileError(f"cannot read {path}: expected a list of state dicts")
+            return [check_weights(path, state) for state in states]
         states, epoch = [], 1
-        while (self.trajectory_dir / f"epoch{epoch:05d}.pt").is_file():
-            states.append(load_torch(self.trajectory_dir / f"epoch{epoch:05d}.pt"))
+        while (path := self.trajectory_dir / f"epoch{epoch:05d}.pt").exists() or path.is_symlink():
+            states.append(check_weights(path, load_torch(path, root=self.root)))
             epoch += 1
         return states
 
@@ -174,19 +223,39 @@ class RunDirectory:
 
     def saved_config(self) -> dict[str, Any] | None:
         """The config saved by an earlier ``swalab run`` as plain data, or None."""
-        if not self.config_path.exists():
+        if not self.config_path.exists() and not self.config_path.is_symlink():
             return None
+        self.check_config()
         return read_yaml(self.config_path)  # aliases refused, size bounded
 
+    def check_config(self) -> None:
+        """``config.yaml`` is a regular file of its own and, when ``swalab run`` sealed it, the one
+        it wrote: a hand edit after the run is refused (its runs were trained under the other)."""
+        text = read_text(self.config_path, root=self.path)
+        first, _, body = text.partition("\n")
+        if not first.startswith(_SEAL):
+            return  # written by an older swalab, or by hand for a new run
+        if first[len(_SEAL) :].strip() != hashlib.sha256(body.encode()).hexdigest():
+            raise RunFileError(
+                f"{self.config_path} was edited after `swalab run` wrote it (its sha256 differs "
+                "from its first line): its runs were trained under the config it held; restore "
+                "it, or copy it elsewhere and run that into a new --out"
+            )
+
     def write_config(self, data: dict[str, Any]) -> None:
-        atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False))
+        """``config.yaml``, sealed with the sha256 of its text on a first comment line."""
+        body = yaml.safe_dump(data, sort_keys=False)
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        atomic_write_text(self.config_path, f"{_SEAL}{digest}\n{body}")
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2))
 
     def meta(self) -> dict[str, Any]:
         path = self.path / "meta.json"
-        return read_json(path) if path.is_file() else {}
+        if not path.exists() and not path.is_symlink():
+            return {}
+        return check_meta(path, read_json(path, root=self.path))
 
     def results(self) -> list[dict[str, str]]:
         return read_results(self.path)
@@ -220,7 +289,9 @@ class RunDirectory:
 
     def load_pretrain(self, seed: int) -> dict[str, Any] | None:
         path = self.pretrain_path(seed)
-        return load_torch(path) if path.exists() else None
+        if not path.exists() and not path.is_symlink():
+            return None
+        return check_weights(path, load_torch(path, root=self.path))
 
     def save_pretrain(self, seed: int, state: dict[str, Any]) -> None:
         atomic_save(state, self.pretrain_path(seed))
@@ -229,7 +300,12 @@ class RunDirectory:
 def read_results(out: str | Path) -> list[dict[str, str]]:
     """The rows of ``out/results.csv`` (none when it does not exist)."""
     path = Path(out) / "results.csv"
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path, root=Path(out))))
+        rows = list(reader)
+    except csv.Error as err:
+        raise RunFileError(f"cannot read {path}: {err}; delete {path} to recompute it") from None
+    check_results_table(path, list(reader.fieldnames or []), rows)
+    return rows

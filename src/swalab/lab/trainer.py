@@ -38,6 +38,7 @@ from .evaluation import EvalContext, evaluate, model_outputs
 from .inputs import bn_loader, build_model, train_loader
 from .methods import Recipe, recipe_of, update_bn
 from .precision import Precision
+from .rng import device_rng, kept_rng, restore_device_rng
 from .rundir import RunFiles
 from .sharing import Branch, plan_branches
 from .task import task_of
@@ -289,6 +290,7 @@ class _Trajectory:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "grad_scaler": self.precision.state_dict(),
+            **device_rng(self.ctx.device),
         }
 
     def restore(self, state: dict[str, Any], ranks: bool = False) -> None:
@@ -301,6 +303,7 @@ class _Trajectory:
             restore_rng(state, self.world, self.seed)
         else:
             torch.set_rng_state(state["torch_rng"])
+        restore_device_rng(state, self.ctx.device)
 
     def train_root(self, root: Branch, runs: list[_Run]) -> None:
         """Train a trajectory from its first runs' checkpoint (or from the start)."""
@@ -337,7 +340,7 @@ class _Trajectory:
         """Epoch ``epoch`` for ``runs`` (whose plans agree on it): train once, then each run's
         hooks, record, checkpoint, and the end of the runs whose last epoch it is. False if the
         loss diverged (every one of ``runs`` is marked diverged)."""
-        model, train, world = self.model, self.cfg.train, self.world
+        model, world = self.model, self.world
         recipes = [run.recipe for run in runs]
 
         def lr(step: int) -> float:  # every recipe sees its steps (its hooks depend on them)
@@ -369,7 +372,19 @@ class _Trajectory:
             return False
         for recipe in recipes:
             recipe.after_epoch(epoch, model, self.optimizer)
+        # the checkpoint holds the streams as training left them: what follows draws nothing
+        with kept_rng(self.ctx.device):
+            self._epoch_end(epoch, runs, train_loss)
+        return True
 
+    def _epoch_end(self, epoch: int, runs: list[_Run], train_loss: float) -> None:
+        """Epoch ``epoch``'s record, evaluations, checkpoints and the end of the runs it ends."""
+        model, train, world, recipes = (
+            self.model,
+            self.cfg.train,
+            self.world,
+            [r.recipe for r in runs],
+        )
         # The epoch's record: one line of metrics.jsonl (a per-epoch hook reads it here).
         shared: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -379,16 +394,17 @@ class _Trajectory:
         evaluated = [
             (epoch + 1) % train.eval_every == 0 or epoch + 1 == run.recipe.epochs for run in runs
         ]
-        if any(evaluated):  # the iterate, once for every run
-            test = self._evaluate(model)
-            shared.update({f"test_{k}": v for k, v in test.items()})
         rng_states = world.gather(torch.get_rng_state())  # every rank's dropout stream
         state = {
             "generator": self.generator.get_state(),
             "torch_rng": rng_states[0],
             "grad_scaler": self.precision.state_dict(),
             **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
+            **device_rng(self.ctx.device),
         }
+        if any(evaluated):  # the iterate, once for every run
+            test = self._evaluate(model)
+            shared.update({f"test_{k}": v for k, v in test.items()})
         for run, evaluate_it in zip(runs, evaluated):
             last = epoch + 1 == run.recipe.epochs
             record = {k: v for k, v in shared.items() if evaluate_it or not k.startswith("test_")}
@@ -422,13 +438,15 @@ class _Trajectory:
         self.on_epoch([run.method for run in runs], runs[0].history[-1])
         for run in [r for r in runs if r.recipe.epochs == epoch + 1]:
             self.finish(run)
-        return True
 
     def finish(self, run: _Run) -> None:
         """The end of ``run``: its final model's predictions, ``final.pt`` and metrics on every
         split, on a copy of the model and leaving the global RNG as it was (others may go on);
         the running average's last point joins the learning curve."""
-        rng = torch.get_rng_state()
+        with kept_rng(self.ctx.device):
+            self._finish(run)
+
+    def _finish(self, run: _Run) -> None:
         model, bundle, history = copy.deepcopy(self.model), self.bundle, run.history
         splits = {
             name: getattr(bundle, name)
@@ -454,7 +472,6 @@ class _Trajectory:
             )
             if self.world.main:
                 run.files.write_metrics(history)
-        torch.set_rng_state(rng)
         if history:
             self.on_record(run.method, history[-1])
         self.done(run.method, RunResult("done", run.recipe.epochs, results), self._since())

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..lab.files import RunFileError, atomic_write_text, read_json
+from ..lab.files import RunFileError, atomic_write_text, load_npz, read_json
 from ..lab.methods import method_role
+from ..lab.runschema import check_landscape
 from ..lab.stats import MethodSummary, primary_metric, summarize
 from . import export, figures
 from .rundir import RunDir
@@ -338,13 +339,16 @@ def _windows(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
 def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
     src = run.path / "landscape"
     summary_path = src / "landscape.json"
-    if not summary_path.is_file():
+    if not summary_path.exists() and not summary_path.is_symlink():
         return [
             Block("h2", "Loss landscape"),
             Block("note", f"no landscape in {src}; compute it with `swalab landscape {run.path}`"),
         ]
     try:
-        return _landscape_blocks(read_json(summary_path), src, out, formats)
+        summary = check_landscape(summary_path, read_json(summary_path, root=run.path))
+        return _landscape_blocks(summary, src, out, formats)
+    except RunFileError:
+        raise  # a damaged file: one line naming it
     except (KeyError, TypeError, ValueError) as err:
         return [
             Block("h2", "Loss landscape"),
@@ -474,14 +478,18 @@ def _calibration(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
         return []
     blocks = [Block("h2", "Calibration")]
     summary_path = run.path / "landscape" / "landscape.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
+    summary = (
+        check_landscape(summary_path, read_json(summary_path, root=run.path))
+        if summary_path.exists() or summary_path.is_symlink()
+        else {}
+    )
     path = run.path / "landscape" / "predictions.npz"
     if "predictions" in summary.get("skipped", {}):
         blocks.append(
             Block("note", f"no reliability diagrams: {summary['skipped']['predictions']}")
         )
         return blocks
-    if "predictions" not in summary or not path.is_file():
+    if "predictions" not in summary or not (path.exists() or path.is_symlink()):
         blocks.append(
             Block(
                 "note",
@@ -490,14 +498,14 @@ def _calibration(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
             )
         )
         return blocks
-    try:
-        with np.load(path) as npz:  # allow_pickle=False: arrays only
-            data = {key: npz[key] for key in ("labels", "targets", "probs")}
-    except Exception as err:  # noqa: BLE001 - any failure to read it is a bad file
+    npz = load_npz(path, root=run.path)  # allow_pickle=False: arrays only
+    missing = [key for key in ("labels", "targets", "probs") if key not in npz]
+    if missing:
         raise RunFileError(
-            f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            f"cannot read {path}: no array {missing[0]!r}; "
             f"delete it and run `swalab landscape {run.path} --what predictions`"
-        ) from None
+        )
+    data = {key: npz[key] for key in ("labels", "targets", "probs")}
     labels = [str(x) for x in data["labels"]]
     chosen = [
         label

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from ..lab.files import read_json
+from ..lab.files import load_npz, read_json
+from ..lab.runschema import check_landscape
 from ..lab.stats import primary_metric
 from ..lab.task import TASKS
 from .geometry import landscape_dir
@@ -164,9 +165,9 @@ class _Inputs:
         self.other_labels: list[int] = []
         for seed in run.cfg.seeds:
             path = landscape_dir(run, seed) / "landscape.json"
-            if not path.is_file():
+            if not path.exists() and not path.is_symlink():
                 continue
-            summary = read_json(path)
+            summary = check_landscape(path, read_json(path, root=run.path))
             if summary.get("seed") != seed:
                 continue
             if (summary.get("sgd"), summary.get("swa")) != (self.sgd, self.swa):
@@ -302,10 +303,10 @@ def _claim3(inp: _Inputs) -> Claim:
     values = {}
     for seed, (_, where) in have.items():
         path = where / "line.npz"
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             continue
-        with np.load(path) as line:
-            ts, loss = line["t"], line["train_loss"]
+        line = load_npz(path, root=where)
+        ts, loss = line["t"], line["train_loss"]
         if ts.min() > 0.5 or ts.max() < 1.5:
             why = (
                 why

@@ -8,14 +8,13 @@ import io
 import json
 import math
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..lab.files import atomic_write_text
+from ..lab.files import DATA_LIMIT, atomic_write_bytes, atomic_write_text, load_npz, read_bytes
 from ..lab.stats import MethodSummary
 from . import figures
 from .geometry import METRICS
@@ -197,21 +196,22 @@ def landscape_figure(
     target = out / name
     try:
         return _redraw(Path(name).stem, summary, src, target, formats)
-    except (KeyError, OSError, ValueError):
-        shutil.copyfile(src / name, target)
+    except (KeyError, FileNotFoundError):
+        # checked at both ends: the source is a regular file of the run (never a link to any
+        # file, which report.html would embed), the target is replaced, never written through
+        atomic_write_bytes(target, read_bytes(src / name, DATA_LIMIT, root=src))
         return target
 
 
 def _redraw(stem: str, s: dict[str, Any], src: Path, target: Path, formats: Sequence[str]) -> Path:
     sgd, swa = s["sgd"], s["swa"]
     if stem == "line":
-        with np.load(src / "line.npz") as d:
-            return figures.line_figure(
-                d["t"], {k: d[k] for k in METRICS}, sgd, swa, target, formats=formats
-            )
+        d = load_npz(src / "line.npz", root=src)
+        return figures.line_figure(
+            d["t"], {k: d[k] for k in METRICS}, sgd, swa, target, formats=formats
+        )
     if stem in ("rays", "width"):
-        with np.load(src / "rays.npz") as d:
-            arrays = {k: d[k] for k in d.files}
+        arrays = load_npz(src / "rays.npz", root=src)
         if stem == "rays":
             return figures.rays_figure(arrays, sgd, swa, target, formats=formats)
         widths = {key: arrays[f"{key}_width"] for key in ("swa", "sgd")}
@@ -224,23 +224,23 @@ def _redraw(stem: str, s: dict[str, Any], src: Path, target: Path, formats: Sequ
             target,
             formats=formats,
         )
-    with np.load(src / f"{stem}.npz") as d:
-        labels = [str(x) for x in d["point_labels"]]
-        paths = {k[len("path_") :]: d[k] for k in d.files if k.startswith("path_")}
-        marks = {k[len("mark_") :]: d[k] for k in d.files if k.startswith("mark_")}
-        title = (
-            f"plane through {labels[0]}, {labels[1]}, {labels[2]} (seed {s['seed']})"
-            if stem == "plane"
-            else f"plane through three {swa} snapshots (seed {s['seed']})"
-        )
-        return figures.plane_figure(
-            d["grid"],
-            {k: d[k] for k in METRICS},
-            d["points"],
-            labels,
-            paths,
-            marks,
-            title,
-            target,
-            formats=formats,
-        )
+    d = load_npz(src / f"{stem}.npz", root=src)
+    labels = [str(x) for x in d["point_labels"]]
+    paths = {k[len("path_") :]: d[k] for k in d if k.startswith("path_")}
+    marks = {k[len("mark_") :]: d[k] for k in d if k.startswith("mark_")}
+    title = (
+        f"plane through {labels[0]}, {labels[1]}, {labels[2]} (seed {s['seed']})"
+        if stem == "plane"
+        else f"plane through three {swa} snapshots (seed {s['seed']})"
+    )
+    return figures.plane_figure(
+        d["grid"],
+        {k: d[k] for k in METRICS},
+        d["points"],
+        labels,
+        paths,
+        marks,
+        title,
+        target,
+        formats=formats,
+    )

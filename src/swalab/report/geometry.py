@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -48,12 +49,13 @@ from .. import landscape as geo
 from ..bn import has_batchnorm
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
-from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig
+from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig, check_range
 from ..lab.devices import resolve_device
 from ..lab.evaluation import EvalContext
 from ..lab.files import atomic_output, atomic_write_text, read_json, run_directory
-from ..lab.jobs import slots
+from ..lab.jobs import die_with_parent, slots
 from ..lab.methods import recipe_of
+from ..lab.runschema import check_landscape
 from ..lab.task import Task, task_of
 from . import figures
 from .progress import Progress
@@ -119,8 +121,15 @@ class LandscapeOptions:
             raise ValueError(
                 f"unknown landscape piece(s) {unknown}; choose from {', '.join(PIECES)}"
             )
-        if self.grid < 2 or self.line_points < 2 or self.ray_points < 2 or self.rays < 1:
-            raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
+        for key, value, low, limit in (
+            ("--grid", self.grid, 2, "grid"),
+            ("--line-points", self.line_points, 2, "line_points"),
+            ("--rays", self.rays, 1, "rays"),
+            ("--ray-points", self.ray_points, 2, "ray_points"),
+        ):
+            check_range(key, value, low, limit)
+        if self.threads is not None:
+            check_range("--threads", self.threads, 1, "threads")
         if self.stack < 1:
             raise ValueError(f"--stack must be >= 1, got {self.stack}")
         for key, value, ok, expected in (
@@ -364,7 +373,10 @@ def landscapes_of_run(
             log(f"landscape seed {opts.seed}: done ({time.perf_counter() - start:.1f} s)")
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        pool = ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+        )
+        with pool:
             futures = {pool.submit(_landscape_job, run.path, opts): opts.seed for opts in tasks}
             for future in as_completed(futures):
                 future.result()
@@ -411,8 +423,8 @@ def _savez(path: Path, **arrays: Any) -> None:
 def _previous_summary(out: Path, seed: int, sgd: str, swa: str) -> dict[str, Any]:
     """The existing summary if it is for the same seed and labels (pieces computed earlier are kept)."""
     path = out / "landscape.json"
-    if path.is_file():
-        old = read_json(path)
+    if path.exists() or path.is_symlink():
+        old = check_landscape(path, read_json(path, root=out))
         if (old.get("seed"), old.get("sgd"), old.get("swa")) == (seed, sgd, swa):
             return old
     return {}

@@ -18,6 +18,8 @@ from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_confi
 from ..lab.files import load_torch
 from ..lab.inputs import bn_loader, build_model, load_bundle
 from ..lab.rundir import RunDirectory
+from ..lab.runschema import check_weights
+from ..registry import UntrustedImportError
 
 __all__ = ["RunDir"]
 
@@ -41,7 +43,7 @@ class RunDir(RunDirectory):
                 f"{self.path} is not a directory; pass a run directory written by `swalab run`"
             )
         config = self.config_path
-        if not config.is_file():
+        if not config.exists() and not config.is_symlink():
             what = (
                 "is empty"
                 if not any(self.path.iterdir())
@@ -50,8 +52,11 @@ class RunDir(RunDirectory):
             raise ValueError(
                 f"{self.path} {what}; create a run with `swalab run mnist1d --out {self.path}`"
             )
+        self.check_config()  # a regular file, not edited since the run
         try:
             self.cfg: ExperimentConfig = load_config(str(config))
+        except UntrustedImportError as err:
+            raise UntrustedImportError(f"{config}: {err}") from None
         except ConfigError as err:
             raise ValueError(
                 f"{config} is not a swalab config ({err}); is {self.path} a run directory?"
@@ -116,7 +121,7 @@ class RunDir(RunDirectory):
     def file(self, label: str, seed: int, name: str) -> Path:
         """``<label>/seed<k>/<name>``, or a one-line error naming the command that writes it."""
         path = self.run_dir(label, seed) / name
-        if path.is_file():
+        if path.exists() or path.is_symlink():  # a damaged one is named when it is read
             return path
         raise FileNotFoundError(
             f"no {name} in {path.parent} (run unfinished); finish it with `{self.resume_command}`"
@@ -138,7 +143,11 @@ class RunDir(RunDirectory):
         return self.run(label, seed).metrics()
 
     def load(self, label: str, seed: int, name: str) -> Any:
-        return load_torch(self.file(label, seed, name))
+        """``checkpoint.pt`` or a weights file (``final.pt``, ...), checked by its schema."""
+        path = self.file(label, seed, name)
+        if name == "checkpoint.pt":
+            return self.run(label, seed).checkpoint()
+        return check_weights(path, load_torch(path, root=self.path))
 
     # --- model and data ---
 
