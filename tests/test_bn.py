@@ -163,7 +163,9 @@ def sample_weighted_stats(inputs, dims):
     return (w * means).sum(0), (w * variances).sum(0)
 
 
-@pytest.mark.parametrize("model_fn, dims, shape", [(linear_bn, 0, ()), (conv_bn, (0, 2, 3), (5, 5))])
+@pytest.mark.parametrize(
+    "model_fn, dims, shape", [(linear_bn, 0, ()), (conv_bn, (0, 2, 3), (5, 5))]
+)
 def test_samples_weighting_with_a_short_last_batch_by_hand(model_fn, dims, shape):
     """weighting="samples" (timgaripov/swa bn_update: momentum = b / (n + b)) on 16 + 16 + 7 samples:
     the short batch counts 7/39 of the statistics, not 1/3 as in torch's convention."""
@@ -212,3 +214,22 @@ def test_distributed_samples_weighting_equals_single_process(tmp_path):
         stats = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(stats["mean"], mean)
         torch.testing.assert_close(stats["var"], var)
+
+
+def test_lab_eval_context_and_config_carry_the_weighting():
+    """The lab's BN passes (EvalContext.recompute_bn) follow train.bn_weighting; bad values refused."""
+    from swalab.lab.config import ExperimentConfig, TrainConfig
+    from swalab.lab.evaluation import EvalContext
+    from swalab.lab.task import task_of
+
+    xs = batches([16, 16, 7], 4)
+    xs[-1] = xs[-1] * 4 - 5
+    model = linear_bn()
+    ctx = EvalContext(
+        task_of("classification"), torch.device("cpu"), 8, lambda: iter(xs), None, None, "samples"
+    )
+    ctx.recompute_bn(model)
+    torch.testing.assert_close(model[0].running_mean, sample_weighted_stats(xs, 0)[0])
+    assert TrainConfig().bn_weighting == "batches"
+    with pytest.raises(ValueError, match="train.bn_weighting"):
+        ExperimentConfig(train=TrainConfig(bn_weighting="size"))

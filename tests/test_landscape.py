@@ -266,6 +266,35 @@ def test_stacked_evaluation_matches_point_by_point(bn):
         LandscapeEvaluator(model, bn_batches, data, stack=0)
 
 
+def test_stacked_evaluation_with_sample_weighted_bn_matches_point_by_point():
+    """bn_weighting="samples" with a short last BN batch: the stacked pass weights batches by size
+    as update_bn(weighting="samples") does, and the numbers differ from torch's convention."""
+    from swalab.models import create
+
+    torch.manual_seed(0)
+    model = create("mnist1d_cnn", (1, 40), 10, bn=True)
+    g = torch.Generator().manual_seed(4)
+    bn_batches = [(torch.randn(n, 1, 40, generator=g), torch.zeros(n)) for n in (20, 20, 3)]
+    bn_batches[-1] = (bn_batches[-1][0] * 3 + 2, bn_batches[-1][1])
+    data = {
+        "train": [(torch.randn(30, 1, 40, generator=g), torch.randint(0, 10, (30,), generator=g))]
+    }
+    w = flat_parameters(model)
+    points = [w + 0.3 * d for d in random_directions(w.numel(), 2, g)]
+    samples = LandscapeEvaluator(model, bn_batches, data, stack=2, bn_weighting="samples")
+    together = samples.evaluate_many(points)
+    for a, p in zip(together, points):
+        b = samples(p)
+        assert a["train_nll"] == pytest.approx(b["train_nll"], rel=1e-5)
+        load_flat(model, p)
+        update_bn(bn_batches, model, weighting="samples")
+        assert samples.measure(float(p.square().sum()))["train_nll"] == b["train_nll"]
+    batches = LandscapeEvaluator(model, bn_batches, data)(points[0])
+    assert abs(batches["train_nll"] - together[0]["train_nll"]) > 1e-4
+    with pytest.raises(ValueError, match="bn_weighting must be one of batches, samples"):
+        LandscapeEvaluator(model, bn_batches, data, bn_weighting="equal")
+
+
 def test_load_flat_round_trip_and_checks():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     w = torch.arange(26, dtype=torch.float64)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bn import call_model, has_batchnorm, update_bn
+from .bn import WEIGHTINGS, batch_size, call_model, has_batchnorm, update_bn
 
 __all__ = [
     "BatchStats",
@@ -267,6 +267,8 @@ class LandscapeEvaluator:
             convolutions become grouped ones; ``benchmarks/landscape.py``); it is meant for small
             models on a GPU, where one launch per point dominates. Models with dropout are always
             evaluated one by one (a vmapped train-mode pass would draw different masks).
+        bn_weighting: the BN pass's weighting of batches, ``update_bn``'s ``weighting``
+            (``"batches"``, torch's, or ``"samples"``, the paper's reference code).
 
     Returns (``__call__``):
         ``{"<name>_nll": mean data loss (cross-entropy or MSE), "<name>_loss": nll + wd/2 ||w||^2,
@@ -281,9 +283,15 @@ class LandscapeEvaluator:
         stats: BatchStats = cross_entropy_stats,
         weight_decay: float = 0.0,
         stack: int = 1,
+        bn_weighting: str = "batches",
     ) -> None:
         if stack < 1:
             raise ValueError(f"stack must be >= 1, got {stack}")
+        if bn_weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"bn_weighting must be one of {', '.join(WEIGHTINGS)}, got {bn_weighting!r}"
+            )
+        self.bn_weighting = bn_weighting
         self.model = model
         self.bn_batches = list(bn_batches) if has_batchnorm(model) else []
         self.datasets = {name: list(batches) for name, batches in datasets.items()}
@@ -296,7 +304,7 @@ class LandscapeEvaluator:
     def __call__(self, w: Tensor) -> dict[str, float]:
         load_flat(self.model, w)
         if self.bn_batches:
-            update_bn(self.bn_batches, self.model)
+            update_bn(self.bn_batches, self.model, weighting=self.bn_weighting)
         return self.measure(float(w.double().square().sum()))
 
     @torch.inference_mode()
@@ -382,7 +390,13 @@ class LandscapeEvaluator:
                     if m.num_batches_tracked is not None:
                         m.num_batches_tracked.zero_()
                 model.train()
-                for x, _ in self.bn_batches:
+                seen = 0
+                for x, y in self.bn_batches:
+                    if self.bn_weighting == "samples":  # update_bn's momentum b / (n + b)
+                        size = batch_size((x, y))
+                        for m in bns:
+                            m.momentum = size / (seen + size)
+                        seen += size
                     batched(stacked, x)
             model.eval()
             outputs = {

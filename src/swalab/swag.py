@@ -285,6 +285,7 @@ def bma_predict(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     predict_fn: Callable[[nn.Module], Tensor] | None = None,
     max_bn_batches: int | None = None,
+    bn_weighting: str = "batches",
 ) -> dict[str, Tensor | None]:
     """Bayesian model averaging over SWAG samples (Maddox et al., 2019, §4).
 
@@ -304,7 +305,7 @@ def bma_predict(
             for regression) in place of the pass over ``loader`` and the softmax, e.g. each process
             predicting its shard of the data and gathering the parts; ``targets`` is then None.
         max_bn_batches: use only the first batches of ``bn_loader`` (``update_bn``'s
-            ``max_batches``).
+            ``max_batches``); ``bn_weighting``: ``update_bn``'s ``weighting``.
 
     Returns:
         ``{"probs": [N, C], "targets"}`` or ``{"mean", "var", "targets"}``, on the CPU; ``targets``
@@ -324,7 +325,12 @@ def bma_predict(
         model = swag.sample(scale, cov, generator=generator)
         if has_bn:
             update_bn(
-                bn_loader, model, swag.device, forward_fn=forward_fn, max_batches=max_bn_batches
+                bn_loader,
+                model,
+                swag.device,
+                forward_fn=forward_fn,
+                max_batches=max_bn_batches,
+                weighting=bn_weighting,
             )
         if predict_fn is None:
             outputs, targets = predict_outputs(model, loader, forward_fn=forward_fn)

@@ -76,6 +76,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     augment: bool = True
     bn_batches: int | None = None
+    # update_bn's weighting of the BN pass: "batches" (torch's: each batch counts equally) or
+    # "samples" (the SWA paper's reference bn_update: each batch by its size; the paper presets)
+    bn_weighting: str = "batches"
     eval_every: int = 1
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
@@ -176,6 +179,12 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size > 0, "> 0"),
         ("train.eval_every", t.eval_every, t.eval_every > 0, "> 0"),
         ("train.bn_batches", t.bn_batches, t.bn_batches is None or t.bn_batches > 0, "> 0 or null"),
+        (
+            "train.bn_weighting",
+            t.bn_weighting,
+            t.bn_weighting in ("batches", "samples"),
+            "batches or samples",
+        ),
         ("train.threads", t.threads, t.threads is None or t.threads > 0, ">= 1 or null"),
         ("train.device", t.device, bool(t.device.strip()), "a device (auto, cpu, cuda, cuda:1)"),
         (

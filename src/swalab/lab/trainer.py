@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..bn import call_model, has_batchnorm, update_bn
+from ..bn import call_model, has_batchnorm
 from ..data import DataBundle
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
@@ -268,6 +268,7 @@ class _Trajectory:
             lambda: bn_loader(cfg, bundle, seed, device, world),
             train.bn_batches,
             world,
+            train.bn_weighting,
         )
         # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
         self.net = precision.compiled(data_parallel(model, world))  # the training forward
@@ -397,7 +398,7 @@ class _Trajectory:
                 # the last epoch's average is the final model, evaluated when the run ends
                 if has_batchnorm(running):  # recompute BN on a copy: the average's own stays
                     running = copy.deepcopy(running)
-                    update_bn(self.ctx.bn_loader(), running, max_batches=self.ctx.bn_batches)
+                    self.ctx.recompute_bn(running)
                 record.update({f"avg_test_{k}": v for k, v in self._evaluate(running).items()})
             run.history.append(record)
             if world.main:  # under DDP rank 0 alone writes

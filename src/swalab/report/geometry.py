@@ -521,6 +521,7 @@ class _Evaluation:
                 self.task.landscape_stats,
                 train.weight_decay,
                 stack=self.stack,
+                bn_weighting=train.bn_weighting,
             )
         return self._evaluator
 
@@ -536,6 +537,7 @@ class _Evaluation:
                 ev.stats,
                 ev.weight_decay,
                 stack=ev.stack,
+                bn_weighting=ev.bn_weighting,
             )
         return self._train_only
 
@@ -877,6 +879,7 @@ class _Pieces:
             train.eval_batch_size,
             lambda: run.bn_loader(bundle, self.seed, self.ev.device),
             train.bn_batches,
+            bn_weighting=train.bn_weighting,
         )
         labels, probs_list, summary = [], [], {}
         for m in run.cfg.methods:
