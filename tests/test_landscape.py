@@ -560,3 +560,74 @@ def test_cyclic_swa_snapshots_are_the_epochs_the_recipe_averages(tmp_path):
     RunDirectory(tmp_path).write_config(to_dict(cfg))
     job = _Sources(RunDir(tmp_path), 0, "sgd", "swa")
     assert job.averaged_epochs() == [6, 8, 10]
+
+
+# --- scale-invariant directions (Li et al., 2018) ---------------------------------------------------
+
+
+def test_normalize_direction_by_hand():
+    """Two tensors, a 2x2 weight and a bias: filter = per row, layer = per tensor, biases zeroed."""
+    from swalab.landscape import normalize_direction
+
+    shapes = [(2, 2), (2,)]
+    w = torch.tensor([3.0, 4.0, 0.0, 1.0, 5.0, 5.0], dtype=torch.float64)
+    d = torch.tensor([1.0, 0.0, 0.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    filt = normalize_direction(d, w, shapes, "filter")
+    torch.testing.assert_close(filt, torch.tensor([5.0, 0, 0, 1, 0, 0], dtype=torch.float64))
+    layer = normalize_direction(d, w, shapes, "layer")
+    k = math.sqrt(26 / 5)  # ||w_weight|| / ||d_weight||
+    torch.testing.assert_close(layer, torch.tensor([k, 0, 0, 2 * k, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(normalize_direction(d, w, shapes, "raw"), d)
+    with pytest.raises(
+        ValueError, match="directions must be one of filter, layer, raw, got 'unit'"
+    ):
+        normalize_direction(d, w, shapes, "unit")
+    with pytest.raises(ValueError, match="vectors of 6 parameters"):
+        normalize_direction(d[:5], w[:5], shapes, "filter")
+
+
+def test_filter_normalised_width_is_invariant_to_rescaling_a_bn_followed_layer():
+    """A layer followed by BatchNorm rescaled by 10 computes the same function; along the same
+    random direction, filter-normalised from each, the NLL rises identically (the same width),
+    while the raw rays (a fixed Euclidean step) give a different width."""
+    import copy
+
+    from swalab.landscape import normalize_direction
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(30, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 30, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    opt = torch.optim.Adam(a.parameters(), lr=0.05)
+    for _ in range(100):  # near a minimum, so the loss rises along every ray
+        opt.zero_grad()
+        nn.functional.cross_entropy(a(x), y).backward()
+        opt.step()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b[0].weight.mul_(10)
+        b[0].bias.mul_(10)
+    data = {"train": [(x, y)]}
+    shapes = [p.shape for p in a.parameters()]
+    d = random_directions(sum(p.numel() for p in a.parameters()), 3, g)
+    ts = np.linspace(0.0, 8.0, 81)
+
+    origins = {id(m): flat_parameters(m) for m in (a, b)}  # evaluating overwrites the weights
+
+    def widths(model, how):
+        ev = LandscapeEvaluator(model, [(x, y)], data)
+        w = origins[id(model)]
+        out = []
+        for row in d:
+            step = normalize_direction(row, w, shapes, how)
+            out.append(width(ts, [ev(w + float(t) * step)["train_nll"] for t in ts], 0.05))
+        return np.array(out)
+
+    for how in ("filter", "layer"):
+        wa, wb = widths(a, how), widths(b, how)
+        assert np.all(np.isfinite(wa))
+        np.testing.assert_allclose(wa, wb, rtol=1e-3)
+    raw_a, raw_b = widths(a, "raw"), widths(b, "raw")
+    assert np.all(np.isfinite(raw_a))
+    assert np.all(raw_b > 1.5 * raw_a)  # wider: the same step is 10x smaller relative to layer 0

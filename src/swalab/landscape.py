@@ -8,7 +8,9 @@ This module holds the pieces that show it, on flattened parameters ``w`` (1-D te
 - the line ``w(t) = t * w_SGD + (1 - t) * w_SWA`` (paper Fig. 5): :func:`segment`;
 - random rays ``w + t * d / ||d||``, ``d ~ N(0, I)`` (Fig. 4): :func:`random_directions`, and the
   width of a solution, the distance along a ray at which the train loss has risen by a set amount:
-  :func:`width`;
+  :func:`width`; the direction rescaled to the solution's own filter or layer norms, so that a
+  width does not change when a layer followed by BatchNorm is rescaled (Li et al., 2018):
+  :func:`normalize_direction`;
 - the plane through three points with the Gram–Schmidt basis of Garipov et al. (2018,
   dnn-mode-connectivity ``plane.py``): :func:`plane`, :class:`Plane` (points, plot coordinates,
   projections of other weights such as a trajectory), and the log-scaled contour levels of its
@@ -50,6 +52,7 @@ __all__ = [
     "load_flat",
     "log_levels",
     "mse_stats",
+    "normalize_direction",
     "plane",
     "random_directions",
     "segment",
@@ -108,6 +111,52 @@ def random_directions(dim: int, n: int, generator: torch.Generator | None = None
         raise ValueError(f"dim and n must be >= 1, got dim={dim}, n={n}")
     d = torch.randn(n, dim, generator=generator, dtype=torch.float64)
     return d / torch.linalg.vector_norm(d, dim=1, keepdim=True)
+
+
+DIRECTIONS = ("filter", "layer", "raw")
+
+
+def normalize_direction(
+    d: Tensor, w: Tensor, shapes: Sequence[torch.Size | tuple[int, ...]], how: str
+) -> Tensor:
+    """The direction ``d`` rescaled to the weights ``w`` (Li et al., 2018, "Visualizing the Loss
+    Landscape of Neural Nets", §4), both flat vectors over parameter tensors of ``shapes``.
+
+    - ``"filter"``: each filter of ``d`` (a slice along a tensor's first, output dimension: a
+      convolution's output channel, a linear layer's row) is rescaled to the norm of the same
+      filter of ``w``: ``d_f <- d_f ||w_f|| / ||d_f||``;
+    - ``"layer"``: each tensor of ``d`` is rescaled to the norm of the tensor of ``w``;
+    - ``"raw"``: ``d`` unchanged (a step of Euclidean length ``t ||d||``, the SWA paper's rays).
+
+    Under ``filter`` and ``layer``, the entries of 1-D tensors (biases, BatchNorm's weight and bias)
+    are set to zero, as Li et al. do by default (their ``ignore='biasbn'``), so a ray moves the
+    multi-dimensional weights only. A step ``w + t d`` then moves every filter (tensor) by ``t``
+    times its own norm, so the loss along it does not change when a layer followed by BatchNorm —
+    where the loss depends on ``W / ||W||`` only — is rescaled; a raw step does change.
+    """
+    if how not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {how!r}")
+    sizes = [math.prod(s) for s in shapes]
+    if d.shape != w.shape or d.dim() != 1 or d.numel() != sum(sizes):
+        raise ValueError(
+            f"d and w must be vectors of {sum(sizes)} parameters, got {tuple(d.shape)}, "
+            f"{tuple(w.shape)}"
+        )
+    if how == "raw":
+        return d.clone()
+    w = w.to(d)
+    parts = []
+    for shape, dp, wp in zip(shapes, d.split(sizes), w.split(sizes)):
+        if len(shape) <= 1:
+            parts.append(torch.zeros_like(dp))
+            continue
+        rows = 1 if how == "layer" else shape[0]
+        dr, wr = dp.reshape(rows, -1), wp.reshape(rows, -1)
+        scale = torch.linalg.vector_norm(wr, dim=1, keepdim=True) / (
+            torch.linalg.vector_norm(dr, dim=1, keepdim=True) + 1e-10
+        )
+        parts.append((dr * scale).reshape(-1))
+    return torch.cat(parts)
 
 
 def width(
