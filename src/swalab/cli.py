@@ -177,6 +177,12 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             ("ray_points", args.ray_points),
             ("rise", args.rise),
             ("ray_tails", args.ray_tails),
+            (
+                "directions",
+                tuple(d.strip() for d in args.directions.split(",") if d.strip())
+                if args.directions is not None
+                else None,
+            ),
         )
         if value is not None
     }
@@ -359,7 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="points along each ray (default: the run's landscape.ray_points)",
     )
     p.add_argument(
-        "--ray-distance", type=float, help="largest distance along a ray (default: ||w_SWA|| / 2)"
+        "--ray-distance",
+        type=float,
+        help="largest distance along a ray (raw directions: default ||w_SWA|| / 2; filter and "
+        "layer: in units of the normalised direction, default 0.25)",
+    )
+    p.add_argument(
+        "--directions",
+        help="comma-separated scalings of the rays' random directions, the first the primary: "
+        "filter (per output filter, Li et al. 2018), layer (per tensor), raw (unit Gaussian, the "
+        "SWA paper's); default: the run's landscape.directions",
     )
     p.add_argument(
         "--rise",

@@ -110,7 +110,11 @@ class LandscapeConfig:
     line_points: int = 21  # t in [-0.5, 1.5] on t * w_SGD + (1 - t) * w_SWA
     rays: int = 10  # random directions
     ray_points: int = 21  # points along each ray, from 0 to ||w_SWA|| / 2
-    rise: float = 0.1  # train-loss rise that defines the width along a ray
+    rise: float = 0.1  # train-NLL (data loss) rise that defines the width along a ray
+    # how the rays' random directions are scaled (swalab.landscape.normalize_direction), one set
+    # of rays per entry, the first the primary: filter (per output filter, Li et al. 2018; biases
+    # and BN affine not moved), layer (per tensor), raw (unit Gaussian: the SWA paper's Fig. 4)
+    directions: list[str] = field(default_factory=lambda: ["filter", "raw"])
     # evaluate each ray beyond its width (the figure's whole curves); false: stop at the first
     # point past the rise, which gives the same widths at about half the cost
     ray_tails: bool = True
@@ -235,6 +239,15 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("landscape.rays", cfg.landscape.rays, cfg.landscape.rays >= 1, ">= 1"),
         ("landscape.ray_points", cfg.landscape.ray_points, cfg.landscape.ray_points >= 2, ">= 2"),
         ("landscape.grid", cfg.landscape.grid, cfg.landscape.grid >= 2, ">= 2"),
+        (
+            "landscape.directions",
+            cfg.landscape.directions,
+            isinstance(cfg.landscape.directions, list)
+            and len(cfg.landscape.directions) >= 1
+            and len(set(cfg.landscape.directions)) == len(cfg.landscape.directions)
+            and set(cfg.landscape.directions) <= {"filter", "layer", "raw"},
+            "a non-empty list of distinct filter, layer, raw",
+        ),
         (
             "landscape.rise",
             cfg.landscape.rise,
