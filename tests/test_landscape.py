@@ -409,28 +409,44 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
 
 
 def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
-    """``ray_tails=False`` evaluates each ray only up to its first point past the rise, on the
-    train split: the same train numbers there, NaN beyond, and the widths of the whole rays."""
+    """``ray_tails=False`` evaluates each ray only up to its first point where both the train NLL
+    and the train loss have risen, on the train split: the same train numbers there, NaN beyond,
+    and the widths of the whole rays, under filter-normalised and raw directions."""
     options = {"what": ["rays"], "rays": 4, "ray_points": 7, **QUIET}
+    files = {"raw": "rays.npz", "filter": "rays_filter.npz"}
     whole = compute_landscape(run_dir, ray_tails=True, **options)["rays"]
-    full = dict(np.load(run_dir / "landscape" / "rays.npz"))
+    full = {how: dict(np.load(run_dir / "landscape" / name)) for how, name in files.items()}
     cut = compute_landscape(run_dir, ray_tails=False, **options)["rays"]
-    short = np.load(run_dir / "landscape" / "rays.npz")
-    assert cut["width"] == whole["width"] and (whole["tails"], cut["tails"]) == (True, False)
-    for key in ("swa", "sgd"):
-        loss, threshold = full[f"{key}_train_loss"], full[f"{key}_train_loss"][0, 0] + 0.1
-        for i, row in enumerate(loss):
-            above = np.nonzero(row >= threshold)[0]
-            last = int(above[0]) if len(above) else len(row) - 1  # the last point evaluated
-            for metric in ("train_loss", "train_nll", "train_error"):
-                np.testing.assert_array_equal(
-                    short[f"{key}_{metric}"][i, : last + 1], full[f"{key}_{metric}"][i, : last + 1]
-                )
-                assert np.isnan(short[f"{key}_{metric}"][i, last + 1 :]).all()
-        assert np.isnan(short[f"{key}_test_error"]).all()  # the train split alone
-        np.testing.assert_array_equal(short[f"{key}_width"], full[f"{key}_width"])
-    assert np.isnan(short["swa_train_loss"]).any()  # some rays were stopped short
-    assert (run_dir / "landscape" / "rays.png").stat().st_size > 0  # one panel: the train loss
+    assert cut["by_direction"] == whole["by_direction"]
+    assert (whole["tails"], cut["tails"]) == (True, False)
+    assert whole["directions"] == ["filter", "raw"] and whole["primary"] == "filter"
+    for how, name in files.items():
+        short = np.load(run_dir / "landscape" / name)
+        for key in ("swa", "sgd"):
+            last = np.zeros(4, dtype=int)  # per ray, the last point evaluated: both have risen
+            for loss in ("train_nll", "train_loss"):
+                values = full[how][f"{key}_{loss}"]
+                for i, row in enumerate(values):
+                    above = np.nonzero(row >= row[0] + 0.1)[0]
+                    last[i] = max(last[i], int(above[0]) if len(above) else len(row) - 1)
+            for i in range(4):
+                for metric in ("train_loss", "train_nll", "train_error"):
+                    np.testing.assert_array_equal(
+                        short[f"{key}_{metric}"][i, : last[i] + 1],
+                        full[how][f"{key}_{metric}"][i, : last[i] + 1],
+                    )
+                    assert np.isnan(short[f"{key}_{metric}"][i, last[i] + 1 :]).all()
+            assert np.isnan(short[f"{key}_test_error"]).all()  # the train split alone
+            for kind in ("width", "width_objective"):
+                np.testing.assert_array_equal(short[f"{key}_{kind}"], full[how][f"{key}_{kind}"])
+            # the width is read on the train NLL
+            np.testing.assert_array_equal(
+                short[f"{key}_width"],
+                [width(short["distances"], row, 0.1) for row in full[how][f"{key}_train_nll"]],
+            )
+        assert np.isnan(short["swa_train_loss"]).any()  # some rays were stopped short
+    for name in ("rays.png", "rays_filter.png", "width_filter.png", "rays_protocols.png"):
+        assert (run_dir / "landscape" / name).stat().st_size > 0
 
 
 def test_bn_piece_and_stacked_line(run_dir):
