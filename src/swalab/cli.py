@@ -177,6 +177,9 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             ("ray_points", args.ray_points),
             ("rise", args.rise),
             ("ray_tails", args.ray_tails),
+            ("curvature_samples", args.curvature_samples),
+            ("curvature_iterations", args.curvature_iterations),
+            ("curvature_probes", args.curvature_probes),
             (
                 "directions",
                 tuple(d.strip() for d in args.directions.split(",") if d.strip())
@@ -344,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa", help="label of the SWA run (default: the swa method at budget 1)")
     p.add_argument(
         "--what",
-        help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn "
-        "(default: all the run directory allows)",
+        help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn,"
+        "curvature (default: all the run directory allows)",
     )
     p.add_argument(
         "--grid", type=int, help="points per side of the planes (default: the run's landscape.grid)"
@@ -387,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate each ray beyond its width, for the figure (--no-ray-tails: stop there; "
         "the same widths; default: the run's landscape.ray_tails)",
     )
+    for key, text in (
+        ("samples", "training samples the Hessian of the curvature piece is taken over"),
+        ("iterations", "power iterations for the Hessian's top eigenvalue"),
+        ("probes", "Rademacher probes of Hutchinson's trace estimate"),
+    ):
+        p.add_argument(
+            f"--curvature-{key}",
+            type=int,
+            help=f"{text} (default: the run's landscape.curvature_{key})",
+        )
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's train.device)")
     p.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: the run's train.threads)"

@@ -4,8 +4,8 @@ A second measure of flatness beside the widths along random rays (Izmailov et al
 compare solutions by width; Keskar et al., 2017 and the SWA literature by the Hessian): the largest
 eigenvalue by power iteration, the trace by Hutchinson's estimator with Rademacher probes
 (``E[z^T H z] = tr H`` for ``z`` with independent ±1 entries; Hutchinson, 1990). Both only need
-Hessian-vector products, computed here with ``torch.func`` (forward-over-reverse: ``jvp`` of
-``grad``), batch by batch, never the Hessian itself.
+Hessian-vector products (:func:`make_hvp`: the model run by ``torch.func.functional_call`` on a
+flat parameter vector, differentiated twice), batch by batch, never the Hessian itself.
 
 The loss is the data loss (cross-entropy or MSE, :mod:`swalab.landscape`'s batch statistics)
 averaged over the given batches, with the model in eval mode: BatchNorm normalises with its
@@ -54,10 +54,13 @@ def make_hvp(
     """``v -> H v`` at the model's current parameters, ``H`` the Hessian of the mean data loss over
     ``batches`` (eval mode, buffers held fixed), for flat vectors ordered as ``model.parameters()``.
 
-    Each product runs ``jvp(grad(loss_b))`` on every batch and sums them weighted by the batch's
-    share of the targets, so memory is that of one batch.
+    Each product differentiates ``grad(loss_b) · v`` once more (reverse over reverse, Pearlmutter
+    1994) on every batch, the model run by ``torch.func.functional_call`` on a flat parameter
+    vector, and sums them weighted by the batch's share of the targets, so memory is that of one
+    batch. (Forward over reverse, ``torch.func.jvp`` of ``torch.func.grad``, gives the same numbers
+    but its first call imports ``torch._dynamo``, seconds per process on a CPU.)
     """
-    named = [(name, p) for name, p in model.named_parameters()]
+    named = list(model.named_parameters())
     if not named:
         raise ValueError("the model has no parameters")
     if not batches:
@@ -68,32 +71,28 @@ def make_hvp(
     flat0 = torch.cat([p.detach().reshape(-1) for _, p in named])
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
-    def loss_of(flat: Tensor, x: Any, y: Tensor) -> tuple[Tensor, int]:
-        params = {n: c.view(s) for n, c, s in zip(names, flat.split(sizes), shapes)}
-        args = tuple(x) if isinstance(x, (list, tuple)) else (x,)
-        out = torch.func.functional_call(model, (params, buffers), args)
-        loss, _, n = stats(out, y)
-        return loss.to(flat.dtype), n
-
     def hvp(v: Tensor) -> Tensor:
         if v.shape != flat0.shape:
             raise ValueError(f"expected a vector of {flat0.numel()} entries, got {tuple(v.shape)}")
+        v = v.to(flat0)
         was_training = model.training
         model.eval()
+        out, count = torch.zeros_like(flat0), 0
         try:
-            out = torch.zeros_like(flat0)
-            count = 0
             for x, y in batches:
-                n_box: list[int] = []
-
-                def f(flat: Tensor, x: Any = x, y: Tensor = y, box: list[int] = n_box) -> Tensor:
-                    loss, n = loss_of(flat, x, y)
-                    box.append(n)
-                    return loss  # summed over the batch's targets
-
-                _, hv = torch.func.jvp(torch.func.grad(f), (flat0,), (v.to(flat0),))
+                with torch.enable_grad():
+                    flat = flat0.clone().requires_grad_(True)
+                    params = {n: c.view(s) for n, c, s in zip(names, flat.split(sizes), shapes)}
+                    args = tuple(x) if isinstance(x, (list, tuple)) else (x,)
+                    output = torch.func.functional_call(model, (params, buffers), args)
+                    loss, _, n = stats(output, y)  # summed over the batch's targets
+                    (grad,) = torch.autograd.grad(loss, flat, create_graph=True)
+                    if not grad.requires_grad:  # a loss linear in the parameters: H = 0
+                        count += n
+                        continue
+                    (hv,) = torch.autograd.grad(grad @ v, flat)
                 out += hv
-                count += n_box[0]
+                count += n
         finally:
             model.train(was_training)
         if count == 0:

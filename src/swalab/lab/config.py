@@ -97,7 +97,16 @@ class TrainConfig:
         return label in self.save_trajectory
 
 
-LANDSCAPE_PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions", "bn")
+LANDSCAPE_PIECES = (
+    "line",
+    "rays",
+    "plane",
+    "snapshots",
+    "ensemble",
+    "predictions",
+    "bn",
+    "curvature",
+)
 
 
 @dataclass
@@ -119,6 +128,11 @@ class LandscapeConfig:
     # point past the rise, which gives the same widths at about half the cost
     ray_tails: bool = True
     grid: int = 21  # points per side of the planes
+    # curvature piece (swalab.curvature): the Hessian of the train NLL at both solutions, on the
+    # first curvature_samples training samples; power iterations and Hutchinson probes
+    curvature_samples: int = 1000
+    curvature_iterations: int = 20
+    curvature_probes: int = 10
 
 
 @dataclass
@@ -239,6 +253,15 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("landscape.rays", cfg.landscape.rays, cfg.landscape.rays >= 1, ">= 1"),
         ("landscape.ray_points", cfg.landscape.ray_points, cfg.landscape.ray_points >= 2, ">= 2"),
         ("landscape.grid", cfg.landscape.grid, cfg.landscape.grid >= 2, ">= 2"),
+        *(
+            (
+                f"landscape.{key}",
+                getattr(cfg.landscape, key),
+                getattr(cfg.landscape, key) >= 1,
+                ">= 1",
+            )
+            for key in ("curvature_samples", "curvature_iterations", "curvature_probes")
+        ),
         (
             "landscape.directions",
             cfg.landscape.directions,

@@ -15,6 +15,8 @@ ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots  
 predictions final test probabilities of every method (reliability diagrams)       checkpoint.pt
 bn         w_SWA with the BN statistics it carries (the last iterate's) vs            final.pt, checkpoint.pt
            recomputed ones (paper §3.2; claim 6 of ``swalab claims``)                 of SWA; a BN model
+curvature  Hessian top eigenvalue and trace of the train NLL at both solutions,    final.pt of both
+           BN recomputed first (:mod:`swalab.curvature`; claim 2's second measure)
 ========== ===================================================================== ======================
 
 Every evaluated point is loaded into one model instance, BatchNorm statistics are recomputed with
@@ -46,6 +48,7 @@ from torch import Tensor
 
 from .. import landscape as geo
 from ..bn import has_batchnorm
+from ..curvature import curvature
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
 from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig
@@ -119,6 +122,9 @@ class LandscapeOptions:
     device: str | None = None
     threads: int | None = None
     stack: int = 1  # points per vectorised pass (1: one by one; the same numbers)
+    curvature_samples: int = _DEFAULT.curvature_samples
+    curvature_iterations: int = _DEFAULT.curvature_iterations
+    curvature_probes: int = _DEFAULT.curvature_probes
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.what or ()) - set(PIECES))
@@ -130,6 +136,9 @@ class LandscapeOptions:
             raise ValueError("--grid, line and ray points must be >= 2 and --rays >= 1")
         if self.stack < 1:
             raise ValueError(f"--stack must be >= 1, got {self.stack}")
+        for key in ("curvature_samples", "curvature_iterations", "curvature_probes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         directions = tuple(self.directions)
         if (
             not directions
@@ -173,6 +182,9 @@ class LandscapeOptions:
             rise=config.rise,
             ray_tails=config.ray_tails,
             directions=tuple(config.directions),
+            curvature_samples=config.curvature_samples,
+            curvature_iterations=config.curvature_iterations,
+            curvature_probes=config.curvature_probes,
         ).replace(**changes)
 
     def replace(self, **changes: Any) -> LandscapeOptions:
@@ -194,6 +206,11 @@ class LandscapeOptions:
             },
             "plane": {"grid": self.grid, "margin": self.margin},
             "snapshots": {"grid": self.grid, "margin": self.margin},
+            "curvature": {
+                "samples": self.curvature_samples,
+                "iterations": self.curvature_iterations,
+                "probes": self.curvature_probes,
+            },
         }.get(piece, {})
 
 
@@ -246,6 +263,7 @@ def compute_landscape(
         "ensemble": lambda: src.check_snapshots(2),
         "predictions": lambda: src.check_predictions(ev.task),
         "bn": lambda: src.check_bn(ev),
+        "curvature": src.check_ends,
     }
     todo, skipped = [], {}
     for piece in requested:
@@ -278,6 +296,7 @@ def compute_landscape(
         "ensemble": 0,
         "predictions": 0,
         "bn": 0,
+        "curvature": 0,
     }
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
@@ -306,6 +325,10 @@ def compute_landscape(
                 summary["ensemble"] = job.ensemble()
             elif piece == "bn":
                 summary["bn"] = job.bn()
+            elif piece == "curvature":
+                summary["curvature"] = job.curvature(
+                    opts.curvature_samples, opts.curvature_iterations, opts.curvature_probes
+                )
             else:
                 summary["predictions"] = job.predictions(out, log)
             summary["seconds"][piece] = round(time.perf_counter() - start, 2)
@@ -984,6 +1007,39 @@ class _Pieces:
             f"BN running statistics of {self.swa}'s last SGD iterate (checkpoint.pt)"
         )
         return result
+
+    def curvature(self, samples: int, iterations: int, probes: int) -> dict[str, Any]:
+        """The Hessian's top eigenvalue and trace of the train NLL at both solutions
+        (:func:`swalab.curvature.curvature`), on the first ``samples`` training samples, BN
+        statistics recomputed with the run's BN pass first; the same seeded probes for both."""
+        ev = self.ev.evaluator
+        batches, left = [], samples
+        for x, y in ev.datasets["train"]:
+            if left <= 0:
+                break
+            batches.append((x[:left], y[:left]))
+            left -= len(y)
+        out: dict[str, Any] = {
+            "samples": samples - max(left, 0),
+            "iterations": iterations,
+            "probes": probes,
+            "loss": "train NLL (data loss) in eval mode, BN statistics recomputed first; the L2 "
+            "term adds weight_decay to every eigenvalue and weight_decay * dim to the trace",
+        }
+        for key, label in (("swa", self.swa), ("sgd", self.sgd)):
+            ev.model.load_state_dict(self.run.load(label, self.seed, "final.pt"))
+            c = curvature(
+                ev.model,
+                batches,
+                stats=ev.stats,
+                bn_batches=ev.bn_batches or None,
+                bn_weighting=ev.bn_weighting,
+                iterations=iterations,
+                probes=probes,
+                seed=self.seed,
+            )
+            out[key] = c._asdict()
+        return out
 
     def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
