@@ -103,14 +103,13 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         tables = driver.find_elements("css selector", "table.results")
         assert tables, "no table"
         claims = tables[0].find_elements("css selector", "tbody tr")
-        assert [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims] == list(
-            "123456"
-        )
+        ids = [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims]
+        assert ids == ["1", "2", "2 (raw rays)", "3", "4", "5", "6"]  # claim 2: both protocols
         verdicts = [r.find_elements("tag name", "td")[5].text for r in claims]
         assert set(verdicts) <= {"supported", "contradicted", "undecided", "no input"}
-        assert verdicts[4] == "no input"  # no fixed-LR ablation in this run
+        assert verdicts[5] == "no input"  # no fixed-LR ablation in this run
         assert all(
-            v != "no input" for i, v in enumerate(verdicts) if i != 4
+            v != "no input" for i, v in enumerate(verdicts) if i != 5
         )  # both seeds have the pieces
 
         # the results tables: one row per method, the paired difference of SWA to SGD
@@ -136,13 +135,22 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "test_ece",
             "solutions",
             "width",
+            "layer_norms",
             "ensemble",
             "run_times",
         )
         assert names == [f"table_{t}.{ext}" for t in tables_in_order for ext in ("csv", "tex")]
         for link in links:
             text = Path(link.removeprefix("file://")).read_text()
-            heads = ("claim,", "method,", "solution,", "Δ", "% needs \\usepackage{booktabs}")
+            heads = (
+                "claim,",
+                "method,",
+                "solution,",
+                "directions,",
+                "tensor,",
+                "Δ",
+                "% needs \\usepackage{booktabs}",
+            )
             assert text.startswith(heads), link
             assert "\\toprule" in text or link.endswith(".csv")
 
@@ -154,6 +162,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "learning_curves",
             "lr_schedules",
             "line",
+            "rays_protocols",
             "rays",
             "width",
             "plane",
