@@ -378,6 +378,12 @@ def test_regression_preset(tmp_path):
         (["landscape.ray_points=1"], r"landscape.ray_points must be >= 2, got 1"),
         (["landscape.rise=-0.1"], r"landscape.rise must be > 0, got -0.1"),
         (["landscape.ray_tails=maybe"], r"landscape.ray_tails must be bool, got 'maybe'"),
+        (
+            ["landscape.directions=[filter, unit]"],
+            r"landscape.directions must be a non-empty list of distinct filter, layer, raw",
+        ),
+        (["landscape.curvature_probes=0"], r"landscape.curvature_probes must be >= 1, got 0"),
+        (["train.bn_weighting=size"], r"train.bn_weighting must be batches or samples, got 'size'"),
         (["train.save_trajectory=[swa, swq]"], r"labels \(sgd, swa, .*\), got 'swq'"),
     ],
 )

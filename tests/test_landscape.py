@@ -647,3 +647,15 @@ def test_filter_normalised_width_is_invariant_to_rescaling_a_bn_followed_layer()
     raw_a, raw_b = widths(a, "raw"), widths(b, "raw")
     assert np.all(np.isfinite(raw_a))
     assert np.all(raw_b > 1.5 * raw_a)  # wider: the same step is 10x smaller relative to layer 0
+
+
+def test_landscape_options_check_directions_and_curvature_counts():
+    from swalab.report import LandscapeOptions
+
+    assert LandscapeOptions().directions == ("filter", "raw")  # the default: filter is primary
+    assert LandscapeOptions(directions=["layer"]).directions == ("layer",)
+    for bad in ((), ("filter", "filter"), ("unit",)):
+        with pytest.raises(ValueError, match="--directions must be distinct entries of filter"):
+            LandscapeOptions(directions=bad)
+    with pytest.raises(ValueError, match="curvature_probes must be >= 1, got 0"):
+        LandscapeOptions(curvature_probes=0)

@@ -384,6 +384,26 @@ def _landscape_blocks(
         )
     if "rays" in s:
         blocks += _rays_blocks(s)
+    if "curvature" in s:
+        c = s["curvature"]
+        blocks.append(
+            Block(
+                "table",
+                f"Curvature: the Hessian of the train NLL on {c['samples']} training samples, BN "
+                f"recomputed (top eigenvalue: {c['iterations']} power iterations at most; trace: "
+                f"Hutchinson, {c['probes']} Rademacher probes, ± standard error)",
+                ["solution", "top eigenvalue", "trace"],
+                [
+                    [
+                        s[key],
+                        _number(c[key]["top_eigenvalue"], 4),
+                        f"{_number(c[key]['trace'], 3)} ± {_number(c[key]['trace_stderr'], 3)}",
+                    ]
+                    for key in ("swa", "sgd")
+                ],
+                stem="table_curvature",
+            )
+        )
     for piece, name, caption in LANDSCAPE_FIGURES:
         if piece in s and (src / name).is_file():
             note = (
