@@ -104,12 +104,23 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         assert tables, "no table"
         claims = tables[0].find_elements("css selector", "tbody tr")
         ids = [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims]
-        assert ids == ["1", "2", "2 (raw rays)", "3", "4", "5", "6"]  # claim 2: both protocols
+        # claim 2: both ray protocols, and the curvature of seed 0 (all pieces there)
+        assert ids == [
+            "1",
+            "2",
+            "2 (raw rays)",
+            "2 (Hessian top eigenvalue)",
+            "2 (Hessian trace)",
+            "3",
+            "4",
+            "5",
+            "6",
+        ]
         verdicts = [r.find_elements("tag name", "td")[5].text for r in claims]
         assert set(verdicts) <= {"supported", "contradicted", "undecided", "no input"}
-        assert verdicts[5] == "no input"  # no fixed-LR ablation in this run
+        assert verdicts[7] == "no input"  # no fixed-LR ablation in this run
         assert all(
-            v != "no input" for i, v in enumerate(verdicts) if i != 5
+            v != "no input" for i, v in enumerate(verdicts) if i != 7
         )  # both seeds have the pieces
 
         # the results tables: one row per method, the paired difference of SWA to SGD
@@ -136,6 +147,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "solutions",
             "width",
             "layer_norms",
+            "curvature",
             "ensemble",
             "run_times",
         )
