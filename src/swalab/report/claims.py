@@ -296,7 +296,7 @@ def _claim2(inp: _Inputs) -> list[Claim]:
         unit = "t, in units of each filter's own norm" if how != "raw" else "Euclidean distance"
         claim = Claim(
             "2" if first else f"2 ({how} rays)",
-            "SWA finds wider solutions than SGD" + ("" if first else f" ({how} rays)"),
+            "SWA finds wider solutions than SGD",  # the id names a second protocol
             "Fig. 4 (widths along random rays)",
             f"protocol: {_PROTOCOL_NAMES[how]}{' (primary)' if first else ''}; median over rays "
             f"of width(w_SWA) − width(w_SGD), the same directions from both; width = {unit} at "
@@ -332,7 +332,7 @@ def _claim2(inp: _Inputs) -> list[Claim]:
             break
         claim = Claim(
             f"2 (Hessian {name})",
-            f"SWA finds flatter solutions than SGD (Hessian {name})",
+            "SWA finds flatter solutions than SGD",
             "§3 (flatness; a second measure)",
             f"protocol: Hessian {name} of the train NLL at each solution, BN recomputed "
             f"(swalab.curvature); d = {name}(w_SGD) − {name}(w_SWA), > 0: SWA flatter. Not "
