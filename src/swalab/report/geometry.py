@@ -101,6 +101,8 @@ class LandscapeOptions:
             the test metrics in ``rays.npz``).
         directions: how the random directions are scaled, one set of rays each, the first the
             primary (``filter``, ``layer``, ``raw``: :func:`swalab.landscape.normalize_direction`).
+            The planes go through three given weight vectors, whose axes are their differences,
+            not random directions, so the option does not apply to them.
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
     """
@@ -594,7 +596,7 @@ class _Evaluation:
         train = self.run.cfg.train
         return {
             "train_loss": f"cross-entropy (MSE for regression) + weight_decay/2 * ||w||^2, weight_decay={train.weight_decay}",
-            "train_nll": "the data term alone",
+            "train_nll": "the data term alone (the rays' widths read it; the L2 term apart)",
             "batchnorm": f"recomputed at every point with the training run's BN pass (batch {train.batch_size}"
             + (f", first {train.bn_batches} batches)" if train.bn_batches else ")"),
             "device": str(self.device),
