@@ -12,8 +12,10 @@ after training (``landscapes_of_run``: ``--jobs`` seeds at once in spawned proce
 each), in a fresh copy of RUN_DIR without its landscape, so the start of the worker processes
 counts. Protocols (docs/claims.md):
 
-- former: the 3-seed first outcome's (line 21 points, rays 10 x 21 points, whole rays);
-- preset: the mnist1d preset's ``landscape:`` section (the pre-registered protocol).
+- former: the 3-seed first outcome's (line 21 points, rays 10 x 21 points, whole rays, raw
+  directions);
+- preset, raw rays only: the mnist1d preset's section with ``directions: [raw]`` (before issue 19);
+- preset: the mnist1d preset's ``landscape:`` section (filter-normalised and raw rays).
 
 Repeats interleaved, medians. CPU = user + system time of this process and its workers; points =
 evaluated weight vectors per seed (line + ray points actually evaluated; ensemble and bn add a
@@ -41,10 +43,17 @@ from swalab.report.rundir import RunDir
 
 PROTOCOLS = {
     "former (line 21, rays 10 x 21, whole rays)": LandscapeConfig(
-        pieces=list(CLAIM_PIECES), line_points=21, rays=10, ray_points=21, ray_tails=True
+        pieces=list(CLAIM_PIECES),
+        line_points=21,
+        rays=10,
+        ray_points=21,
+        ray_tails=True,
+        directions=["raw"],
     ),
+    "preset, raw rays only": load_config("mnist1d", ["landscape.directions=[raw]"]).landscape,
     "preset (pre-registered)": load_config("mnist1d").landscape,
 }
+RAW_LINE = ("2", "2 (raw rays)")  # claim 2 on raw rays: the primary line, or the second one
 
 
 def once(run_dir: Path, config: LandscapeConfig, jobs: int) -> tuple[float, float, float, dict]:
@@ -58,10 +67,16 @@ def once(run_dir: Path, config: LandscapeConfig, jobs: int) -> tuple[float, floa
     run = RunDir(work)
     points = []
     for seed in run.cfg.seeds:
-        rays = np.load(landscape_dir(run, seed) / "rays.npz")
-        along = [rays[f"{k}_train_loss"][:, 1:] for k in ("swa", "sgd")]
-        points.append(config.line_points + 2 + sum(int(np.isfinite(a).sum()) for a in along))
-    values = {c.id: c.values for c in evaluate_claims(work) if c.id in ("2", "3")}
+        count = config.line_points
+        for how in config.directions:
+            name = "rays.npz" if how == "raw" else f"rays_{how}.npz"
+            rays = np.load(landscape_dir(run, seed) / name)
+            along = [rays[f"{k}_train_loss"][:, 1:] for k in ("swa", "sgd")]
+            count += 2 + sum(int(np.isfinite(a).sum()) for a in along)
+        points.append(count)
+    claims = evaluate_claims(work)
+    raw = next(c for c in claims if c.id in RAW_LINE and "raw rays" in c.statistic)
+    values = {"2": raw.values, "3": next(c.values for c in claims if c.id == "3")}
     shutil.rmtree(work.parent)
     return wall, cpu, statistics.mean(points), values
 
@@ -103,7 +118,10 @@ def main() -> None:
     for claim in ("2", "3"):
         a, b = values[base].get(claim, {}), values[new].get(claim, {})
         change = max((abs(a[s] - b[s]) for s in a if s in b), default=float("nan"))
-        print(f"claim {claim}: largest per-seed change of d between the protocols: {change:.3g}")
+        print(
+            f"claim {claim}{' (raw rays)' if claim == '2' else ''}: largest per-seed change of d "
+            f"between the first and the last protocol: {change:.3g}"
+        )
 
 
 if __name__ == "__main__":

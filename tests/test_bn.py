@@ -112,12 +112,12 @@ def test_model_without_bn_is_left_alone_and_bad_limit_rejected():
         swalab.update_bn(batches([3], 4), linear_bn(), max_batches=0)
 
 
-def _rank_worker(rank, world, port, shards, out):
+def _rank_worker(rank, world, port, shards, out, weighting="batches"):
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     model = linear_bn()
-    swalab.update_bn(shards[rank], model)
+    swalab.update_bn(shards[rank], model, weighting=weighting)
     torch.save({"mean": model[0].running_mean, "var": model[0].running_var}, f"{out}/{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -193,3 +193,84 @@ class _Recorder(nn.Module):
     def forward(self, x):
         self.seen.append(x)
         return self.bn(x)
+
+
+def sample_weighted_stats(inputs, dims):
+    """The reference code's bn_update: batch statistics weighted by batch size, by hand."""
+    sizes = torch.tensor([float(x.shape[0]) for x in inputs])
+    means = torch.stack([x.mean(dims) for x in inputs])
+    variances = torch.stack([x.var(dims, unbiased=True) for x in inputs])
+    w = (sizes / sizes.sum()).reshape(-1, *[1] * (means.dim() - 1))
+    return (w * means).sum(0), (w * variances).sum(0)
+
+
+@pytest.mark.parametrize(
+    "model_fn, dims, shape", [(linear_bn, 0, ()), (conv_bn, (0, 2, 3), (5, 5))]
+)
+def test_samples_weighting_with_a_short_last_batch_by_hand(model_fn, dims, shape):
+    """weighting="samples" (timgaripov/swa bn_update: momentum = b / (n + b)) on 16 + 16 + 7 samples:
+    the short batch counts 7/39 of the statistics, not 1/3 as in torch's convention."""
+    xs = batches([16, 16, 7], 4 if model_fn is linear_bn else 3, shape=shape)
+    xs[-1] = xs[-1] * 4 - 5  # a last batch unlike the others, so the two conventions differ
+    model = model_fn()
+    loader = [(x, torch.zeros(len(x))) for x in xs]
+    swalab.update_bn(loader, model, weighting="samples")
+    bn = model[0]
+    mean, var = sample_weighted_stats(xs, dims)
+    # by hand for one channel of the means, from the raw numbers
+    c0 = torch.cat([x.movedim(1, -1).reshape(-1, x.shape[1])[:, 0] for x in xs])
+    assert bn.running_mean[0].item() == pytest.approx(c0.mean().item(), rel=1e-5)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1
+    equal_mean, _ = expected_stats(xs, dims)
+    assert (bn.running_mean - equal_mean).abs().max() > 0.1  # the conventions really differ here
+    swalab.update_bn(loader, model)  # the default stays torch's
+    torch.testing.assert_close(bn.running_mean, equal_mean)
+
+
+def test_samples_weighting_equals_batches_for_equal_batches_and_rejects_bad_input():
+    xs = batches([8, 8, 8], 4)
+    a, b = linear_bn(), linear_bn()
+    swalab.update_bn(xs, a, weighting="samples")
+    swalab.update_bn(xs, b)
+    torch.testing.assert_close(a[0].running_var, b[0].running_var)
+    with pytest.raises(ValueError, match="weighting must be one of batches, samples, got 'mean'"):
+        swalab.update_bn(xs, a, weighting="mean")
+    with pytest.raises(ValueError, match="no tensor with a batch dimension"):
+        swalab.update_bn([{"x": 1}], a, weighting="samples", forward_fn=lambda m, b: None)
+    assert swalab.bn.batch_size({"a": [torch.zeros(3, 2)], "b": torch.zeros(5)}) == 3
+
+
+@pytest.mark.slow
+def test_distributed_samples_weighting_equals_single_process(tmp_path):
+    xs = batches([8, 8, 8, 8, 3], 4)
+    shards = [xs[:3], xs[3:]]  # unequal sample counts per rank: 24 and 11
+    port = 29500 + (os.getpid() + 500) % 1000
+    torch.multiprocessing.spawn(
+        _rank_worker, args=(2, port, shards, str(tmp_path), "samples"), nprocs=2
+    )
+    mean, var = sample_weighted_stats(xs, 0)
+    for rank in range(2):
+        stats = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(stats["mean"], mean)
+        torch.testing.assert_close(stats["var"], var)
+
+
+def test_lab_eval_context_and_config_carry_the_weighting():
+    """The lab's BN passes (EvalContext.recompute_bn) follow train.bn_weighting; bad values refused."""
+    from swalab.lab.config import ExperimentConfig, TrainConfig
+    from swalab.lab.evaluation import EvalContext
+    from swalab.lab.task import task_of
+
+    xs = batches([16, 16, 7], 4)
+    xs[-1] = xs[-1] * 4 - 5
+    model = linear_bn()
+    ctx = EvalContext(
+        task_of("classification"), torch.device("cpu"), 8, lambda: iter(xs), None, None, "samples"
+    )
+    ctx.recompute_bn(model)
+    torch.testing.assert_close(model[0].running_mean, sample_weighted_stats(xs, 0)[0])
+    assert TrainConfig().bn_weighting == "batches"
+    with pytest.raises(ValueError, match="train.bn_weighting"):
+        ExperimentConfig(train=TrainConfig(bn_weighting="size"))

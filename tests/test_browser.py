@@ -107,15 +107,26 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         tables = driver.find_elements("css selector", "table.results")
         assert tables, "no table"
         claims = tables[0].find_elements("css selector", "tbody tr")
-        assert [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims] == list(
-            "1234567"
-        )
+        ids = [r.find_elements("tag name", "td")[0].text.split(".")[0] for r in claims]
+        # claim 2: both ray protocols, and the curvature of seed 0 (all pieces there)
+        assert ids == [
+            "1",
+            "2",
+            "2 (raw rays)",
+            "2 (Hessian top eigenvalue)",
+            "2 (Hessian trace)",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+        ]
         verdicts = [r.find_elements("tag name", "td")[5].text for r in claims]
         assert set(verdicts) <= {"supported", "contradicted", "undecided", "no input"}
-        assert verdicts[4] == "no input"  # no fixed-LR ablation in this run
-        assert verdicts[6] == "no input"  # claim 7: a 5-epoch SWA run has one start in the band
+        assert verdicts[7] == "no input"  # no fixed-LR ablation in this run
+        assert verdicts[9] == "no input"  # claim 7: a 5-epoch SWA run has one start in the band
         assert all(
-            v != "no input" for i, v in enumerate(verdicts) if i not in (4, 6)
+            v != "no input" for i, v in enumerate(verdicts) if i not in (7, 9)
         )  # both seeds have the pieces
 
         # the results tables: one row per method, the paired difference of SWA to SGD
@@ -141,13 +152,23 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "test_ece",
             "solutions",
             "width",
+            "layer_norms",
+            "curvature",
             "ensemble",
             "run_times",
         )
         assert names == [f"table_{t}.{ext}" for t in tables_in_order for ext in ("csv", "tex")]
         for link in links:
             text = Path(link.removeprefix("file://")).read_text()
-            heads = ("claim,", "method,", "solution,", "Δ", "% needs \\usepackage{booktabs}")
+            heads = (
+                "claim,",
+                "method,",
+                "solution,",
+                "directions,",
+                "tensor,",
+                "Δ",
+                "% needs \\usepackage{booktabs}",
+            )
             assert text.startswith(heads), link
             assert "\\toprule" in text or link.endswith(".csv")
 
@@ -159,6 +180,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "learning_curves",
             "lr_schedules",
             "line",
+            "rays_protocols",
             "rays",
             "width",
             "plane",

@@ -193,6 +193,53 @@ def test_missing_landscape_names_the_run_that_produces_it(tmp_path):
         assert note.endswith(f"`swalab run {run}/config.yaml {expected}`"), note
 
 
+def test_claim2_protocols_and_curvature_by_hand(tmp_path):
+    """Claim 2's primary line reads the filter-normalised rays (the run's primary protocol), the
+    raw rays follow as a labelled line, both on the train-NLL widths; the curvature piece adds
+    the Hessian's top eigenvalue and trace, d = SGD − SWA."""
+    run = make_run(tmp_path / "run", {"sgd": [90.0, 91.0, 92.0], "swa": [91.0, 92.0, 93.0]})
+
+    def protocol(swa, sgd, cap):
+        return {
+            "max_distance": cap,
+            "width": {"swa": {"per_ray": swa}, "sgd": {"per_ray": sgd}},
+            # the objective's widths are not what claim 2 reads
+            "width_objective": {"swa": {"per_ray": [0.0] * 3}, "sgd": {"per_ray": [9.0] * 3}},
+        }
+
+    for seed in SEEDS:
+        e = 0.01 * seed
+        rays = {
+            "rays": 3,
+            "rise": 0.1,
+            "primary": "filter",
+            "directions": ["filter", "raw"],
+            "by_direction": {
+                "filter": protocol([0.2 + e, 0.3, None], [0.2, 0.25, 0.3], 0.25),
+                "raw": protocol([4.0, 4.5, 5.0], [4.5 + e, 5.0, 5.5], 10.0),
+            },
+        }
+        curvature = {
+            "swa": {"top_eigenvalue": 2.0, "trace": 20.0 + seed},
+            "sgd": {"top_eigenvalue": 2.5 + e, "trace": 20.0},
+        }
+        write_landscape(run, seed, rays=rays, curvature=curvature)
+    claims = by_id(evaluate_claims(run))
+    # filter: medians of [e, 0.05, 0.25 - 0.3 = -0.05] = e (None counts as the range 0.25)
+    assert claims["2"].values == pytest.approx({s: 0.01 * s for s in SEEDS})
+    assert claims["2"].statistic.startswith("protocol: filter-normalised rays")
+    # raw: medians of [-0.5 - e, -0.5, -0.5]
+    assert claims["2 (raw rays)"].values == pytest.approx({s: -0.5 for s in SEEDS})
+    assert claims["2 (raw rays)"].statistic.startswith("protocol: raw rays (the paper's Fig. 4")
+    assert claims["2 (Hessian top eigenvalue)"].values == pytest.approx(
+        {s: 0.5 + 0.01 * s for s in SEEDS}
+    )
+    assert claims["2 (Hessian top eigenvalue)"].verdict == "supported"
+    assert claims["2 (Hessian trace)"].values == pytest.approx({s: -float(s) for s in SEEDS})
+    ids = [c.id for c in evaluate_claims(run)]
+    assert ids.index("2") + 1 == ids.index("2 (raw rays)")
+
+
 def test_swa_identical_to_sgd_is_undecided_not_supported(tmp_path):
     run = make_run(tmp_path / "run", {"sgd": [90.0, 91.0, 92.0], "swa": [90.0, 91.0, 92.0]})
     ray = {
@@ -331,6 +378,12 @@ def test_regression_preset(tmp_path):
         (["landscape.ray_points=1"], r"landscape.ray_points must be >= 2, got 1"),
         (["landscape.rise=-0.1"], r"landscape.rise must be > 0, got -0.1"),
         (["landscape.ray_tails=maybe"], r"landscape.ray_tails must be bool, got 'maybe'"),
+        (
+            ["landscape.directions=[filter, unit]"],
+            r"landscape.directions must be a non-empty list of distinct filter, layer, raw",
+        ),
+        (["landscape.curvature_probes=0"], r"landscape.curvature_probes must be >= 1, got 0"),
+        (["train.bn_weighting=size"], r"train.bn_weighting must be batches or samples, got 'size'"),
         (["train.save_trajectory=[swa, swq]"], r"labels \(sgd, swa, .*\), got 'swq'"),
     ],
 )
@@ -435,10 +488,10 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     assert "nothing left to compute" in capsys.readouterr().out
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
-    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list(
-        "1234567"
-    )
-    assert out.count("verdict: ") == 7 and out.count("95% CI [") == 6, out
+    ids = [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()]
+    assert ids == ["1", "2", "2 (raw rays)", "3", "4", "5", "6", "7"]  # claim 2: filter, then raw
+    assert "protocol: filter-normalised rays (Li et al. 2018), width on the train NLL" in out
+    assert out.count("verdict: ") == 8 and out.count("95% CI [") == 7, out
 
 
 def test_report_opens_with_the_claims(tmp_path):

@@ -16,6 +16,7 @@ LIBRARY = (
     "ensembles",
     "metrics",
     "landscape",
+    "curvature",
     "registry",
     "data",
     "models",

@@ -266,6 +266,35 @@ def test_stacked_evaluation_matches_point_by_point(bn):
         LandscapeEvaluator(model, bn_batches, data, stack=0)
 
 
+def test_stacked_evaluation_with_sample_weighted_bn_matches_point_by_point():
+    """bn_weighting="samples" with a short last BN batch: the stacked pass weights batches by size
+    as update_bn(weighting="samples") does, and the numbers differ from torch's convention."""
+    from swalab.models import create
+
+    torch.manual_seed(0)
+    model = create("mnist1d_cnn", (1, 40), 10, bn=True)
+    g = torch.Generator().manual_seed(4)
+    bn_batches = [(torch.randn(n, 1, 40, generator=g), torch.zeros(n)) for n in (20, 20, 3)]
+    bn_batches[-1] = (bn_batches[-1][0] * 3 + 2, bn_batches[-1][1])
+    data = {
+        "train": [(torch.randn(30, 1, 40, generator=g), torch.randint(0, 10, (30,), generator=g))]
+    }
+    w = flat_parameters(model)
+    points = [w + 0.3 * d for d in random_directions(w.numel(), 2, g)]
+    samples = LandscapeEvaluator(model, bn_batches, data, stack=2, bn_weighting="samples")
+    together = samples.evaluate_many(points)
+    for a, p in zip(together, points):
+        b = samples(p)
+        assert a["train_nll"] == pytest.approx(b["train_nll"], rel=1e-5)
+        load_flat(model, p)
+        update_bn(bn_batches, model, weighting="samples")
+        assert samples.measure(float(p.square().sum()))["train_nll"] == b["train_nll"]
+    batches = LandscapeEvaluator(model, bn_batches, data)(points[0])
+    assert abs(batches["train_nll"] - together[0]["train_nll"]) > 1e-4
+    with pytest.raises(ValueError, match="bn_weighting must be one of batches, samples"):
+        LandscapeEvaluator(model, bn_batches, data, bn_weighting="equal")
+
+
 def test_load_flat_round_trip_and_checks():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     w = torch.arange(26, dtype=torch.float64)
@@ -380,28 +409,44 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
 
 
 def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
-    """``ray_tails=False`` evaluates each ray only up to its first point past the rise, on the
-    train split: the same train numbers there, NaN beyond, and the widths of the whole rays."""
+    """``ray_tails=False`` evaluates each ray only up to its first point where both the train NLL
+    and the train loss have risen, on the train split: the same train numbers there, NaN beyond,
+    and the widths of the whole rays, under filter-normalised and raw directions."""
     options = {"what": ["rays"], "rays": 4, "ray_points": 7, **QUIET}
+    files = {"raw": "rays.npz", "filter": "rays_filter.npz"}
     whole = compute_landscape(run_dir, ray_tails=True, **options)["rays"]
-    full = dict(np.load(run_dir / "landscape" / "rays.npz"))
+    full = {how: dict(np.load(run_dir / "landscape" / name)) for how, name in files.items()}
     cut = compute_landscape(run_dir, ray_tails=False, **options)["rays"]
-    short = np.load(run_dir / "landscape" / "rays.npz")
-    assert cut["width"] == whole["width"] and (whole["tails"], cut["tails"]) == (True, False)
-    for key in ("swa", "sgd"):
-        loss, threshold = full[f"{key}_train_loss"], full[f"{key}_train_loss"][0, 0] + 0.1
-        for i, row in enumerate(loss):
-            above = np.nonzero(row >= threshold)[0]
-            last = int(above[0]) if len(above) else len(row) - 1  # the last point evaluated
-            for metric in ("train_loss", "train_nll", "train_error"):
-                np.testing.assert_array_equal(
-                    short[f"{key}_{metric}"][i, : last + 1], full[f"{key}_{metric}"][i, : last + 1]
-                )
-                assert np.isnan(short[f"{key}_{metric}"][i, last + 1 :]).all()
-        assert np.isnan(short[f"{key}_test_error"]).all()  # the train split alone
-        np.testing.assert_array_equal(short[f"{key}_width"], full[f"{key}_width"])
-    assert np.isnan(short["swa_train_loss"]).any()  # some rays were stopped short
-    assert (run_dir / "landscape" / "rays.png").stat().st_size > 0  # one panel: the train loss
+    assert cut["by_direction"] == whole["by_direction"]
+    assert (whole["tails"], cut["tails"]) == (True, False)
+    assert whole["directions"] == ["filter", "raw"] and whole["primary"] == "filter"
+    for how, name in files.items():
+        short = np.load(run_dir / "landscape" / name)
+        for key in ("swa", "sgd"):
+            last = np.zeros(4, dtype=int)  # per ray, the last point evaluated: both have risen
+            for loss in ("train_nll", "train_loss"):
+                values = full[how][f"{key}_{loss}"]
+                for i, row in enumerate(values):
+                    above = np.nonzero(row >= row[0] + 0.1)[0]
+                    last[i] = max(last[i], int(above[0]) if len(above) else len(row) - 1)
+            for i in range(4):
+                for metric in ("train_loss", "train_nll", "train_error"):
+                    np.testing.assert_array_equal(
+                        short[f"{key}_{metric}"][i, : last[i] + 1],
+                        full[how][f"{key}_{metric}"][i, : last[i] + 1],
+                    )
+                    assert np.isnan(short[f"{key}_{metric}"][i, last[i] + 1 :]).all()
+            assert np.isnan(short[f"{key}_test_error"]).all()  # the train split alone
+            for kind in ("width", "width_objective"):
+                np.testing.assert_array_equal(short[f"{key}_{kind}"], full[how][f"{key}_{kind}"])
+            # the width is read on the train NLL
+            np.testing.assert_array_equal(
+                short[f"{key}_width"],
+                [width(short["distances"], row, 0.1) for row in full[how][f"{key}_train_nll"]],
+            )
+        assert np.isnan(short["swa_train_loss"]).any()  # some rays were stopped short
+    for name in ("rays.png", "rays_filter.png", "width_filter.png", "rays_protocols.png"):
+        assert (run_dir / "landscape" / name).stat().st_size > 0
 
 
 def test_bn_piece_and_stacked_line(run_dir):
@@ -531,3 +576,86 @@ def test_cyclic_swa_snapshots_are_the_epochs_the_recipe_averages(tmp_path):
     RunDirectory(tmp_path).write_config(to_dict(cfg))
     job = _Sources(RunDir(tmp_path), 0, "sgd", "swa")
     assert job.averaged_epochs() == [6, 8, 10]
+
+
+# --- scale-invariant directions (Li et al., 2018) ---------------------------------------------------
+
+
+def test_normalize_direction_by_hand():
+    """Two tensors, a 2x2 weight and a bias: filter = per row, layer = per tensor, biases zeroed."""
+    from swalab.landscape import normalize_direction
+
+    shapes = [(2, 2), (2,)]
+    w = torch.tensor([3.0, 4.0, 0.0, 1.0, 5.0, 5.0], dtype=torch.float64)
+    d = torch.tensor([1.0, 0.0, 0.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    filt = normalize_direction(d, w, shapes, "filter")
+    torch.testing.assert_close(filt, torch.tensor([5.0, 0, 0, 1, 0, 0], dtype=torch.float64))
+    layer = normalize_direction(d, w, shapes, "layer")
+    k = math.sqrt(26 / 5)  # ||w_weight|| / ||d_weight||
+    torch.testing.assert_close(layer, torch.tensor([k, 0, 0, 2 * k, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(normalize_direction(d, w, shapes, "raw"), d)
+    with pytest.raises(
+        ValueError, match="directions must be one of filter, layer, raw, got 'unit'"
+    ):
+        normalize_direction(d, w, shapes, "unit")
+    with pytest.raises(ValueError, match="vectors of 6 parameters"):
+        normalize_direction(d[:5], w[:5], shapes, "filter")
+
+
+def test_filter_normalised_width_is_invariant_to_rescaling_a_bn_followed_layer():
+    """A layer followed by BatchNorm rescaled by 10 computes the same function; along the same
+    random direction, filter-normalised from each, the NLL rises identically (the same width),
+    while the raw rays (a fixed Euclidean step) give a different width."""
+    import copy
+
+    from swalab.landscape import normalize_direction
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(30, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 30, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    opt = torch.optim.Adam(a.parameters(), lr=0.05)
+    for _ in range(100):  # near a minimum, so the loss rises along every ray
+        opt.zero_grad()
+        nn.functional.cross_entropy(a(x), y).backward()
+        opt.step()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b[0].weight.mul_(10)
+        b[0].bias.mul_(10)
+    data = {"train": [(x, y)]}
+    shapes = [p.shape for p in a.parameters()]
+    d = random_directions(sum(p.numel() for p in a.parameters()), 3, g)
+    ts = np.linspace(0.0, 8.0, 81)
+
+    origins = {id(m): flat_parameters(m) for m in (a, b)}  # evaluating overwrites the weights
+
+    def widths(model, how):
+        ev = LandscapeEvaluator(model, [(x, y)], data)
+        w = origins[id(model)]
+        out = []
+        for row in d:
+            step = normalize_direction(row, w, shapes, how)
+            out.append(width(ts, [ev(w + float(t) * step)["train_nll"] for t in ts], 0.05))
+        return np.array(out)
+
+    for how in ("filter", "layer"):
+        wa, wb = widths(a, how), widths(b, how)
+        assert np.all(np.isfinite(wa))
+        np.testing.assert_allclose(wa, wb, rtol=1e-3)
+    raw_a, raw_b = widths(a, "raw"), widths(b, "raw")
+    assert np.all(np.isfinite(raw_a))
+    assert np.all(raw_b > 1.5 * raw_a)  # wider: the same step is 10x smaller relative to layer 0
+
+
+def test_landscape_options_check_directions_and_curvature_counts():
+    from swalab.report import LandscapeOptions
+
+    assert LandscapeOptions().directions == ("filter", "raw")  # the default: filter is primary
+    assert LandscapeOptions(directions=["layer"]).directions == ("layer",)
+    for bad in ((), ("filter", "filter"), ("unit",)):
+        with pytest.raises(ValueError, match="--directions must be distinct entries of filter"):
+            LandscapeOptions(directions=bad)
+    with pytest.raises(ValueError, match="curvature_probes must be >= 1, got 0"):
+        LandscapeOptions(curvature_probes=0)

@@ -4,13 +4,19 @@ The running statistics of an averaged model belong to none of the averaged model
 recomputed with one pass over the training data: running mean/variance are reset and every BN
 layer uses ``momentum=None`` (PyTorch's cumulative average), which gives the average of the
 per-batch statistics over the pass — exactly ``torch.optim.swa_utils.update_bn``.
+
+``weighting="samples"`` weights each batch by its number of samples instead, as the paper's
+reference code does (``bn_update`` in timgaripov/swa ``utils.py`` sets ``momentum = b / (n + b)``
+before a batch of ``b`` samples, ``n`` seen so far): the two differ when the batches differ in size,
+e.g. CIFAR-10's 50,000 = 390 · 128 + 80 images, whose short last batch counts 80/50,000 of the
+statistics there and 1/391 of them in torch's convention.
 """
 
 from __future__ import annotations
 
 import itertools
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +29,7 @@ from .averaging import AveragedModel
 
 __all__ = [
     "update_bn",
+    "batch_size",
     "call_model",
     "default_forward",
     "has_batchnorm",
@@ -32,6 +39,7 @@ __all__ = [
 ]
 
 _EMPTY = object()  # what next() returns for a loader without batches
+WEIGHTINGS = ("batches", "samples")
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -88,6 +96,7 @@ def update_bn(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     max_batches: int | None = None,
     unpack: bool = False,
+    weighting: str = "batches",
 ) -> None:
     """Recompute BatchNorm running statistics of ``model`` with one pass over ``loader``.
 
@@ -103,6 +112,10 @@ def update_bn(
         max_batches: stop after this many batches (all by default).
         unpack: unpack batches instead (:func:`unpacking_forward`): a dict as keyword arguments
             (``model(**batch)``), an input that is a tuple/list as arguments (``model(*x)``).
+        weighting: ``"batches"`` (default, torch's): the statistics are the plain average of the
+            per-batch ones; ``"samples"``: each batch weighted by its size, the leading dimension
+            of its first tensor (:func:`batch_size`), as the SWA paper's reference ``bn_update``
+            does. The two agree when all batches have the same size.
 
     Raises:
         ValueError: if the model has BatchNorm layers and ``loader`` yields no batch (nothing is
@@ -128,6 +141,8 @@ def update_bn(
         )
     if isinstance(model, AveragedModel):
         model.join()  # an asynchronous update in flight would write the statistics reset below
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
     if not momenta:
         return
@@ -146,19 +161,57 @@ def update_bn(
     was_training = model.training
     model.train()
     forward = forward_fn or (unpacking_forward if unpack else torch_forward)
+    seen = 0  # samples so far (weighting="samples")
+
+    def own(batches: Iterable[Any]) -> Iterator[Any]:
+        """The rank's own batches; under ``weighting="samples"`` each sets the momentum of the
+        reference code's cumulative average over samples before it is run."""
+        nonlocal seen
+        for batch in batches:
+            if weighting == "samples":
+                size = batch_size(batch)
+                for module in momenta:
+                    module.momentum = size / (seen + size)
+                seen += size
+            yield batch
+
     try:
         data = itertools.islice(
-            itertools.chain([] if first is _EMPTY else [first], batches), max_batches
+            own(itertools.chain([] if first is _EMPTY else [first], batches)), max_batches
         )
         if sharded.is_sharded(model):  # FSDP2 all-gathers in each forward: ranks go in lockstep
-            data = sharded.lockstep(data, list(momenta))
+            data = sharded.lockstep(data, list(momenta))  # replays are not counted in `seen`
         for batch in data:
             forward(model, move_to(batch, device) if device is not None else batch)
-        _all_reduce_statistics(list(momenta))
+        _all_reduce_statistics(list(momenta), seen if weighting == "samples" else None)
     finally:
         for module, momentum in momenta.items():
             module.momentum = momentum
         model.train(was_training)
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples of a batch: the leading dimension of its first tensor (depth first
+    through lists, tuples and dicts), as the reference ``bn_update`` reads ``input.size(0)``."""
+    size = _leading_size(batch)
+    if size is None:
+        raise ValueError(
+            f"update_bn(weighting='samples'): no tensor with a batch dimension in a batch of type "
+            f"{type(batch).__name__} to read its size from"
+        )
+    return size
+
+
+def _leading_size(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(items, (list, tuple)) or isinstance(batch, Mapping):
+        for item in items:
+            size = _leading_size(item)
+            if size is not None:
+                return size
+    return None
 
 
 def _distributed() -> bool:
@@ -166,20 +219,23 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_statistics(modules: list[_BatchNorm]) -> None:
-    """Average each rank's running statistics, weighted by its batch count, across all ranks."""
+def _all_reduce_statistics(modules: list[_BatchNorm], samples: int | None = None) -> None:
+    """Average each rank's running statistics, weighted by its batch count (by its ``samples``
+    under ``weighting="samples"``), across all ranks."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     tracked = [m for m in modules if m.track_running_stats and m.running_mean is not None]
     if not tracked:
         return
-    # One flat buffer: [n * mean, n * var, n] per layer, summed over ranks, then divided by total n.
+    # One flat buffer: [w * mean, w * var, w, batches] per layer, summed over ranks, then divided
+    # by the total weight w (the batch count, or the sample count).
     device = tracked[0].running_mean.device
     parts = []
     for m in tracked:
         n = m.num_batches_tracked.to(device=device, dtype=m.running_mean.dtype).reshape(1)
-        parts += [m.running_mean * n, m.running_var * n, n]
+        w = n if samples is None else torch.full_like(n, float(samples))
+        parts += [m.running_mean * w, m.running_var * w, w, n]
     flat = torch.cat(parts)
     dist.all_reduce(flat)
     offset = 0
@@ -188,5 +244,5 @@ def _all_reduce_statistics(modules: list[_BatchNorm]) -> None:
         total = flat[offset + 2 * c]
         m.running_mean.copy_(flat[offset : offset + c] / total)
         m.running_var.copy_(flat[offset + c : offset + 2 * c] / total)
-        m.num_batches_tracked.copy_(total.round().long())
-        offset += 2 * c + 1
+        m.num_batches_tracked.copy_(flat[offset + 2 * c + 1].round().long())
+        offset += 2 * c + 2

@@ -178,6 +178,15 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             ("ray_points", args.ray_points),
             ("rise", args.rise),
             ("ray_tails", args.ray_tails),
+            ("curvature_samples", args.curvature_samples),
+            ("curvature_iterations", args.curvature_iterations),
+            ("curvature_probes", args.curvature_probes),
+            (
+                "directions",
+                tuple(d.strip() for d in args.directions.split(",") if d.strip())
+                if args.directions is not None
+                else None,
+            ),
         )
         if value is not None
     }
@@ -360,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa", help="label of the SWA run (default: the swa method at budget 1)")
     p.add_argument(
         "--what",
-        help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn "
-        "(default: all the run directory allows)",
+        help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn,"
+        "curvature (default: all the run directory allows)",
     )
     p.add_argument(
         "--grid", type=int, help="points per side of the planes (default: the run's landscape.grid)"
@@ -381,7 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="points along each ray (default: the run's landscape.ray_points)",
     )
     p.add_argument(
-        "--ray-distance", type=float, help="largest distance along a ray (default: ||w_SWA|| / 2)"
+        "--ray-distance",
+        type=float,
+        help="largest distance along a ray (raw directions: default ||w_SWA|| / 2; filter and "
+        "layer: in units of the normalised direction, default 0.25)",
+    )
+    p.add_argument(
+        "--directions",
+        help="comma-separated scalings of the rays' random directions, the first the primary: "
+        "filter (per output filter, Li et al. 2018), layer (per tensor), raw (unit Gaussian, the "
+        "SWA paper's); default: the run's landscape.directions",
     )
     p.add_argument(
         "--rise",
@@ -394,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate each ray beyond its width, for the figure (--no-ray-tails: stop there; "
         "the same widths; default: the run's landscape.ray_tails)",
     )
+    for key, text in (
+        ("samples", "training samples the Hessian of the curvature piece is taken over"),
+        ("iterations", "power iterations for the Hessian's top eigenvalue"),
+        ("probes", "Rademacher probes of Hutchinson's trace estimate"),
+    ):
+        p.add_argument(
+            f"--curvature-{key}",
+            type=int,
+            help=f"{text} (default: the run's landscape.curvature_{key})",
+        )
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's train.device)")
     p.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: the run's train.threads)"

@@ -8,7 +8,9 @@ This module holds the pieces that show it, on flattened parameters ``w`` (1-D te
 - the line ``w(t) = t * w_SGD + (1 - t) * w_SWA`` (paper Fig. 5): :func:`segment`;
 - random rays ``w + t * d / ||d||``, ``d ~ N(0, I)`` (Fig. 4): :func:`random_directions`, and the
   width of a solution, the distance along a ray at which the train loss has risen by a set amount:
-  :func:`width`;
+  :func:`width`; the direction rescaled to the solution's own filter or layer norms, so that a
+  width does not change when a layer followed by BatchNorm is rescaled (Li et al., 2018):
+  :func:`normalize_direction`;
 - the plane through three points with the Gram–Schmidt basis of Garipov et al. (2018,
   dnn-mode-connectivity ``plane.py``): :func:`plane`, :class:`Plane` (points, plot coordinates,
   projections of other weights such as a trajectory), and the log-scaled contour levels of its
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bn import call_model, has_batchnorm, update_bn
+from .bn import WEIGHTINGS, batch_size, call_model, has_batchnorm, update_bn
 
 __all__ = [
     "BatchStats",
@@ -50,6 +52,7 @@ __all__ = [
     "load_flat",
     "log_levels",
     "mse_stats",
+    "normalize_direction",
     "plane",
     "random_directions",
     "segment",
@@ -108,6 +111,52 @@ def random_directions(dim: int, n: int, generator: torch.Generator | None = None
         raise ValueError(f"dim and n must be >= 1, got dim={dim}, n={n}")
     d = torch.randn(n, dim, generator=generator, dtype=torch.float64)
     return d / torch.linalg.vector_norm(d, dim=1, keepdim=True)
+
+
+DIRECTIONS = ("filter", "layer", "raw")
+
+
+def normalize_direction(
+    d: Tensor, w: Tensor, shapes: Sequence[torch.Size | tuple[int, ...]], how: str
+) -> Tensor:
+    """The direction ``d`` rescaled to the weights ``w`` (Li et al., 2018, "Visualizing the Loss
+    Landscape of Neural Nets", §4), both flat vectors over parameter tensors of ``shapes``.
+
+    - ``"filter"``: each filter of ``d`` (a slice along a tensor's first, output dimension: a
+      convolution's output channel, a linear layer's row) is rescaled to the norm of the same
+      filter of ``w``: ``d_f <- d_f ||w_f|| / ||d_f||``;
+    - ``"layer"``: each tensor of ``d`` is rescaled to the norm of the tensor of ``w``;
+    - ``"raw"``: ``d`` unchanged (a step of Euclidean length ``t ||d||``, the SWA paper's rays).
+
+    Under ``filter`` and ``layer``, the entries of 1-D tensors (biases, BatchNorm's weight and bias)
+    are set to zero, as Li et al. do by default (their ``ignore='biasbn'``), so a ray moves the
+    multi-dimensional weights only. A step ``w + t d`` then moves every filter (tensor) by ``t``
+    times its own norm, so the loss along it does not change when a layer followed by BatchNorm —
+    where the loss depends on ``W / ||W||`` only — is rescaled; a raw step does change.
+    """
+    if how not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {how!r}")
+    sizes = [math.prod(s) for s in shapes]
+    if d.shape != w.shape or d.dim() != 1 or d.numel() != sum(sizes):
+        raise ValueError(
+            f"d and w must be vectors of {sum(sizes)} parameters, got {tuple(d.shape)}, "
+            f"{tuple(w.shape)}"
+        )
+    if how == "raw":
+        return d.clone()
+    w = w.to(d)
+    parts = []
+    for shape, dp, wp in zip(shapes, d.split(sizes), w.split(sizes)):
+        if len(shape) <= 1:
+            parts.append(torch.zeros_like(dp))
+            continue
+        rows = 1 if how == "layer" else shape[0]
+        dr, wr = dp.reshape(rows, -1), wp.reshape(rows, -1)
+        scale = torch.linalg.vector_norm(wr, dim=1, keepdim=True) / (
+            torch.linalg.vector_norm(dr, dim=1, keepdim=True) + 1e-10
+        )
+        parts.append((dr * scale).reshape(-1))
+    return torch.cat(parts)
 
 
 def width(
@@ -267,6 +316,8 @@ class LandscapeEvaluator:
             convolutions become grouped ones; ``benchmarks/landscape.py``); it is meant for small
             models on a GPU, where one launch per point dominates. Models with dropout are always
             evaluated one by one (a vmapped train-mode pass would draw different masks).
+        bn_weighting: the BN pass's weighting of batches, ``update_bn``'s ``weighting``
+            (``"batches"``, torch's, or ``"samples"``, the paper's reference code).
 
     Returns (``__call__``):
         ``{"<name>_nll": mean data loss (cross-entropy or MSE), "<name>_loss": nll + wd/2 ||w||^2,
@@ -281,9 +332,15 @@ class LandscapeEvaluator:
         stats: BatchStats = cross_entropy_stats,
         weight_decay: float = 0.0,
         stack: int = 1,
+        bn_weighting: str = "batches",
     ) -> None:
         if stack < 1:
             raise ValueError(f"stack must be >= 1, got {stack}")
+        if bn_weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"bn_weighting must be one of {', '.join(WEIGHTINGS)}, got {bn_weighting!r}"
+            )
+        self.bn_weighting = bn_weighting
         self.model = model
         self.bn_batches = list(bn_batches) if has_batchnorm(model) else []
         self.datasets = {name: list(batches) for name, batches in datasets.items()}
@@ -296,7 +353,9 @@ class LandscapeEvaluator:
     def __call__(self, w: Tensor) -> dict[str, float]:
         load_flat(self.model, w)
         if self.bn_batches:
-            update_bn(self.bn_batches, self.model)
+            update_bn(
+                self.bn_batches, self.model, weighting=self.bn_weighting, unpack=True
+            )  # the batches' inputs are run as call_model runs them
         return self.measure(float(w.double().square().sum()))
 
     @torch.inference_mode()
@@ -382,7 +441,13 @@ class LandscapeEvaluator:
                     if m.num_batches_tracked is not None:
                         m.num_batches_tracked.zero_()
                 model.train()
-                for x, _ in self.bn_batches:
+                seen = 0
+                for x, y in self.bn_batches:
+                    if self.bn_weighting == "samples":  # update_bn's momentum b / (n + b)
+                        size = batch_size((x, y))
+                        for m in bns:
+                            m.momentum = size / (seen + size)
+                        seen += size
                     batched(stacked, x)
             model.eval()
             outputs = {

@@ -369,6 +369,7 @@ def bma_predict(
     predict_fn: Callable[[nn.Module], Tensor] | None = None,
     max_bn_batches: int | None = None,
     model: nn.Module | None = None,
+    bn_weighting: str = "batches",
 ) -> dict[str, Tensor | None]:
     """Bayesian model averaging over SWAG samples (Maddox et al., 2019, §4).
 
@@ -388,7 +389,7 @@ def bma_predict(
             for regression) in place of the pass over ``loader`` and the softmax, e.g. each process
             predicting its shard of the data and gathering the parts; ``targets`` is then None.
         max_bn_batches: use only the first batches of ``bn_loader`` (``update_bn``'s
-            ``max_batches``).
+            ``max_batches``); ``bn_weighting``: ``update_bn``'s ``weighting``.
         model: evaluate each sample inside this model (``SWAG.swapped_into``; its weights are put
             back after each), as a sharded SWAG requires; by default inside ``swag.base``.
 
@@ -423,6 +424,7 @@ def bma_predict(
                     forward_fn=forward_fn,
                     max_batches=max_bn_batches,
                     unpack=forward_fn is None,  # as for prediction
+                    weighting=bn_weighting,
                 )
             if predict_fn is None:
                 outputs, targets = predict_outputs(net, loader, forward_fn=forward_fn)

@@ -78,6 +78,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     augment: bool = True
     bn_batches: int | None = None
+    # update_bn's weighting of the BN pass: "batches" (torch's: each batch counts equally) or
+    # "samples" (the SWA paper's reference bn_update: each batch by its size; the paper presets)
+    bn_weighting: str = "batches"
     eval_every: int = 1
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
@@ -96,7 +99,16 @@ class TrainConfig:
         return label in self.save_trajectory
 
 
-LANDSCAPE_PIECES = ("line", "rays", "plane", "snapshots", "ensemble", "predictions", "bn")
+LANDSCAPE_PIECES = (
+    "line",
+    "rays",
+    "plane",
+    "snapshots",
+    "ensemble",
+    "predictions",
+    "bn",
+    "curvature",
+)
 
 
 @dataclass
@@ -109,11 +121,20 @@ class LandscapeConfig:
     line_points: int = 21  # t in [-0.5, 1.5] on t * w_SGD + (1 - t) * w_SWA
     rays: int = 10  # random directions
     ray_points: int = 21  # points along each ray, from 0 to ||w_SWA|| / 2
-    rise: float = 0.1  # train-loss rise that defines the width along a ray
+    rise: float = 0.1  # train-NLL (data loss) rise that defines the width along a ray
+    # how the rays' random directions are scaled (swalab.landscape.normalize_direction), one set
+    # of rays per entry, the first the primary: filter (per output filter, Li et al. 2018; biases
+    # and BN affine not moved), layer (per tensor), raw (unit Gaussian: the SWA paper's Fig. 4)
+    directions: list[str] = field(default_factory=lambda: ["filter", "raw"])
     # evaluate each ray beyond its width (the figure's whole curves); false: stop at the first
     # point past the rise, which gives the same widths at about half the cost
     ray_tails: bool = True
     grid: int = 21  # points per side of the planes
+    # curvature piece (swalab.curvature): the Hessian of the train NLL at both solutions, on the
+    # first curvature_samples training samples; power iterations and Hutchinson probes
+    curvature_samples: int = 1000
+    curvature_iterations: int = 20
+    curvature_probes: int = 10
 
 
 @dataclass
@@ -214,6 +235,12 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size > 0, "> 0"),
         ("train.eval_every", t.eval_every, t.eval_every > 0, "> 0"),
         ("train.bn_batches", t.bn_batches, t.bn_batches is None or t.bn_batches > 0, "> 0 or null"),
+        (
+            "train.bn_weighting",
+            t.bn_weighting,
+            t.bn_weighting in ("batches", "samples"),
+            "batches or samples",
+        ),
         ("train.threads", t.threads, t.threads is None or t.threads > 0, ">= 1 or null"),
         ("train.device", t.device, bool(t.device.strip()), "a device (auto, cpu, cuda, cuda:1)"),
         (
@@ -264,6 +291,24 @@ def _check_values(cfg: ExperimentConfig) -> None:
         ("landscape.rays", cfg.landscape.rays, cfg.landscape.rays >= 1, ">= 1"),
         ("landscape.ray_points", cfg.landscape.ray_points, cfg.landscape.ray_points >= 2, ">= 2"),
         ("landscape.grid", cfg.landscape.grid, cfg.landscape.grid >= 2, ">= 2"),
+        *(
+            (
+                f"landscape.{key}",
+                getattr(cfg.landscape, key),
+                getattr(cfg.landscape, key) >= 1,
+                ">= 1",
+            )
+            for key in ("curvature_samples", "curvature_iterations", "curvature_probes")
+        ),
+        (
+            "landscape.directions",
+            cfg.landscape.directions,
+            isinstance(cfg.landscape.directions, list)
+            and len(cfg.landscape.directions) >= 1
+            and len(set(cfg.landscape.directions)) == len(cfg.landscape.directions)
+            and set(cfg.landscape.directions) <= {"filter", "layer", "raw"},
+            "a non-empty list of distinct filter, layer, raw",
+        ),
         (
             "landscape.rise",
             cfg.landscape.rise,

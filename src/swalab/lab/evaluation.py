@@ -8,7 +8,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..bn import call_model
+from ..bn import call_model, update_bn
 from ..data import BatchLoader, Split
 from .task import Task
 
@@ -35,6 +35,17 @@ class EvalContext(NamedTuple):
     bn_loader: Callable[[], BatchLoader]  # a fresh, seeded pass over the training data
     bn_batches: int | None
     world: Shards | None = None  # under DDP each rank predicts its part of a split (distributed.py)
+    bn_weighting: str = "batches"  # update_bn's weighting (train.bn_weighting)
+
+    def recompute_bn(self, model: nn.Module) -> None:
+        """``update_bn`` on a fresh pass of the training data, as the run's config says."""
+        update_bn(  # the lab's (x, y) batches, x a tensor or a graph's tuple of inputs: unpacked
+            self.bn_loader(),
+            model,
+            max_batches=self.bn_batches,
+            weighting=self.bn_weighting,
+            unpack=True,
+        )
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
-from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -19,7 +18,6 @@ from torch import Tensor, nn
 
 from ..averaging import EMA, SWA, AveragedModel, restart_from_average
 from ..bn import has_batchnorm
-from ..bn import update_bn as _update_bn
 from ..data import Split
 from ..ensembles import (
     FGE,
@@ -56,9 +54,6 @@ METHODS = Registry("method")
 # paired baseline of every table ("baseline"), the average the landscape compares with it
 # ("average"), or an ensemble of predictions ("ensemble").
 ROLES = ("baseline", "average", "ensemble")
-
-# The lab's batches are (x, y) with x a tensor or a tuple of inputs (graph models): unpacked.
-update_bn = partial(_update_bn, unpack=True)
 
 
 def _role(role: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
@@ -122,7 +117,7 @@ class Recipe:
         """Final outputs on each split; an averaged model gets its BatchNorm statistics recomputed first."""
         final = self.final_model(model)
         if final is not model and has_batchnorm(final):
-            update_bn(ctx.bn_loader(), final, max_batches=ctx.bn_batches)
+            ctx.recompute_bn(final)
         return predict(final, splits, ctx)
 
     def final_state(self, model: nn.Module) -> dict[str, Tensor]:
@@ -505,6 +500,7 @@ class SWAGRecipe(Ensembling):
             generator=generator,
             predict_fn=predict_fn,
             max_bn_batches=ctx.bn_batches,
+            bn_weighting=ctx.bn_weighting,
         )
         return unflatten(out["probs" if ctx.task.probabilistic else "mean"])
 
@@ -552,7 +548,7 @@ class SoupRecipe(FGERecipe):
         def score(state: dict[str, Tensor]) -> float:  # validation metric, higher is better
             model.load_state_dict(state)
             if bn:
-                update_bn(ctx.bn_loader(), model, max_batches=ctx.bn_batches)
+                ctx.recompute_bn(model)
             outputs = model_outputs(model, splits["val"], ctx)
             return ctx.task.score(evaluate(outputs, splits["val"], ctx.task))
 

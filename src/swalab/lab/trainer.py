@@ -36,7 +36,7 @@ from .distributed import (
 )
 from .evaluation import EvalContext, evaluate, model_outputs
 from .inputs import bn_loader, build_model, train_loader
-from .methods import Recipe, recipe_of, update_bn
+from .methods import Recipe, recipe_of
 from .precision import Precision
 from .rng import device_rng, kept_rng, restore_device_rng
 from .rundir import RunFiles
@@ -269,6 +269,7 @@ class _Trajectory:
             lambda: bn_loader(cfg, bundle, seed, device, world),
             train.bn_batches,
             world,
+            train.bn_weighting,
         )
         # DDP wrapper and global-batch loss (the model itself and its task's loss in one process)
         self.net = precision.compiled(data_parallel(model, world))  # the training forward
@@ -413,7 +414,7 @@ class _Trajectory:
                 # the last epoch's average is the final model, evaluated when the run ends
                 if has_batchnorm(running):  # recompute BN on a copy: the average's own stays
                     running = copy.deepcopy(running)
-                    update_bn(self.ctx.bn_loader(), running, max_batches=self.ctx.bn_batches)
+                    self.ctx.recompute_bn(running)
                 record.update({f"avg_test_{k}": v for k, v in self._evaluate(running).items()})
             run.history.append(record)
             if world.main:  # under DDP rank 0 alone writes

@@ -24,6 +24,7 @@ from ..lab.methods import method_role
 from ..lab.runschema import check_landscape
 from ..lab.stats import MethodSummary, primary_metric, summarize
 from . import export, figures
+from .geometry import ray_protocols
 from .rundir import RunDir
 
 __all__ = ["Block", "build_report", "format_value", "learning_curves", "results_tables"]
@@ -36,13 +37,22 @@ LANDSCAPE_FIGURES = (
     ),
     (
         "rays",
+        "rays_protocols.png",
+        "The same random rays under each scaling of the directions, side by side: filter-"
+        "normalised (Li et al. 2018; invariant to rescaling a layer followed by BatchNorm) and "
+        "raw (the paper's Fig. 4). Top: train NLL along the rays; bottom: each ray's width from "
+        "SWA against its width from SGD.",
+    ),
+    (
+        "rays",
         "rays.png",
-        "Train loss and test error along random rays from both solutions (paper Fig. 4).",
+        "Train NLL and test error along raw random rays from both solutions (paper Fig. 4).",
     ),
     (
         "rays",
         "width.png",
-        "Width: distance along each ray at which the train loss has risen by the set amount.",
+        "Width on raw rays: distance along each ray at which the train NLL has risen by the set "
+        "amount.",
     ),
     (
         "plane",
@@ -401,23 +411,25 @@ def _landscape_blocks(
             )
         )
     if "rays" in s:
-        r = s["rays"]
-        rows = [
-            [
-                s[key],
-                _width_text(r["width"][key]["median"], r["max_distance"]),
-                f"{r['width'][key]['beyond_range']} / {r['rays']}",
-            ]
-            for key in ("swa", "sgd")
-        ]
+        blocks += _rays_blocks(s)
+    if "curvature" in s:
+        c = s["curvature"]
         blocks.append(
             Block(
                 "table",
-                f"Width: distance at which the train loss rises by {r['rise']:g} "
-                f"({r['rays']} random directions up to distance {r['max_distance']:.3g})",
-                ["solution", "median width", "rays beyond the range"],
-                rows,
-                stem="table_width",
+                f"Curvature: the Hessian of the train NLL on {c['samples']} training samples, BN "
+                f"recomputed (top eigenvalue: {c['iterations']} power iterations at most; trace: "
+                f"Hutchinson, {c['probes']} Rademacher probes, ± standard error)",
+                ["solution", "top eigenvalue", "trace"],
+                [
+                    [
+                        s[key],
+                        _number(c[key]["top_eigenvalue"], 4),
+                        f"{_number(c[key]['trace'], 3)} ± {_number(c[key]['trace_stderr'], 3)}",
+                    ]
+                    for key in ("swa", "sgd")
+                ],
+                stem="table_curvature",
             )
         )
     for piece, name, caption in LANDSCAPE_FIGURES:
@@ -461,6 +473,63 @@ def _landscape_blocks(
         )
     for piece, message in s.get("skipped", {}).items():
         blocks.append(Block("note", f"{piece} not computed: {message}"))
+    return blocks
+
+
+def _rays_blocks(s: dict[str, Any]) -> list[Block]:
+    """The widths under each scaling of the directions, and the per-tensor norms of the two
+    solutions (a layer followed by BatchNorm: only its direction matters)."""
+    r = s["rays"]
+    rows = []
+    for how, p in ray_protocols(r).items():
+        width = p.get("width") or p["width_objective"]  # older summaries: the objective only
+        on = "train NLL" if "width" in p else "train loss (NLL + L2)"
+        for key in ("swa", "sgd"):
+            rows.append(
+                [
+                    how + (" (primary)" if how == r.get("primary") else ""),
+                    s[key],
+                    _width_text(width[key]["median"], p["max_distance"]),
+                    f"{width[key]['beyond_range']} / {r['rays']}",
+                    f"{p['max_distance']:.3g}",
+                    on,
+                ]
+            )
+    blocks = [
+        Block(
+            "table",
+            f"Width: how far along each of {r['rays']} random directions the loss rises by "
+            f"{r['rise']:g}, per scaling of the directions (filter, layer: t in units of each "
+            f"filter's / tensor's own norm; raw: Euclidean distance)",
+            ["directions", "solution", "median width", "rays beyond", "range", "loss"],
+            rows,
+            stem="table_width",
+        )
+    ]
+    if "l2_term" in r:
+        blocks.append(
+            Block(
+                "p",
+                f"L2 term wd/2·‖w‖² (wd = {r['weight_decay']:g}), reported apart from the "
+                f"widths: {s['swa']} {r['l2_term']['swa']:.4f}, {s['sgd']} "
+                f"{r['l2_term']['sgd']:.4f}.",
+            )
+        )
+    norms = r.get("layer_norms")
+    if norms:
+        blocks.append(
+            Block(
+                "table",
+                "Per-tensor norms of the two solutions (ratio < 1: SWA's tensor is smaller, so a "
+                "fixed Euclidean step is a larger relative step from SWA)",
+                ["tensor", f"‖w‖ {s['sgd']}", f"‖w‖ {s['swa']}", "ratio SWA / SGD"],
+                [
+                    [name, f"{v['sgd']:.4f}", f"{v['swa']:.4f}", _number(v["ratio"], 4)]
+                    for name, v in norms.items()
+                ],
+                stem="table_layer_norms",
+            )
+        )
     return blocks
 
 

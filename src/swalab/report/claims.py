@@ -36,7 +36,7 @@ from ..lab.files import load_npz, read_json
 from ..lab.runschema import check_landscape
 from ..lab.stats import primary_metric
 from ..lab.task import TASKS
-from .geometry import landscape_dir
+from .geometry import landscape_dir, ray_protocols
 from .rundir import RunDir
 
 __all__ = [
@@ -267,27 +267,85 @@ def _claim1(inp: _Inputs) -> list[Claim]:
     return out
 
 
-def _claim2(inp: _Inputs) -> Claim:
-    claim = Claim(
-        "2",
-        "SWA finds wider solutions than SGD",
-        "Fig. 4 (widths along random rays)",
-        "median over rays of width(w_SWA) − width(w_SGD), the same directions from both; width = "
-        "distance at which the train loss has risen by `rise` (a ray that stays below counts as "
-        "the largest distance)",
-    )
+_PROTOCOL_NAMES = {
+    "filter": "filter-normalised rays (Li et al. 2018), width on the train NLL",
+    "layer": "layer-normalised rays, width on the train NLL",
+    "raw": "raw rays (the paper's Fig. 4: unit Gaussian directions, Euclidean distance)",
+}
+
+
+def _claim2(inp: _Inputs) -> list[Claim]:
+    """Claim 2 under each scaling of the rays' directions: the primary line is the run's primary
+    protocol (``landscape.directions[0]``, filter-normalised by default: invariant to rescaling a
+    layer followed by BatchNorm), the others follow as labelled lines; with the ``curvature``
+    piece, the Hessian's top eigenvalue and trace add two more."""
     have, why = inp.piece("rays")
-    values = {}
-    for seed, (summary, _) in have.items():
-        r = summary["rays"]
-        cap = float(r["max_distance"])
-        swa, sgd = (
-            [cap if w is None else float(w) for w in r["width"][k]["per_ray"]]
-            for k in ("swa", "sgd")
+    protocols: dict[int, dict[str, dict[str, Any]]] = {
+        seed: ray_protocols(summary["rays"]) for seed, (summary, _) in have.items()
+    }
+    primary = next(
+        (
+            summary["rays"].get("primary") or next(iter(protocols[seed]))
+            for seed, (summary, _) in have.items()
+        ),
+        "filter",
+    )
+    order = [primary] + sorted({h for p in protocols.values() for h in p} - {primary})
+    claims = []
+    for how in order:
+        first = how == primary
+        unit = "t, in units of each filter's own norm" if how != "raw" else "Euclidean distance"
+        claim = Claim(
+            "2" if first else f"2 ({how} rays)",
+            "SWA finds wider solutions than SGD",  # the id names a second protocol
+            "Fig. 4 (widths along random rays)",
+            f"protocol: {_PROTOCOL_NAMES[how]}{' (primary)' if first else ''}; median over rays "
+            f"of width(w_SWA) − width(w_SGD), the same directions from both; width = {unit} at "
+            "which the train NLL has risen by `rise` (a ray that stays below counts as the "
+            "largest distance)",
         )
-        values[seed] = float(np.median(np.array(swa) - np.array(sgd)))
-    claim.note = why
-    return paired_verdict(claim, values)
+        values, missing = {}, []
+        for seed, by in protocols.items():
+            if how not in by:
+                missing.append(seed)
+                continue
+            p = by[how]
+            widths = p.get("width")
+            if widths is None:  # an older summary: the width on the objective (NLL + L2)
+                widths = p["width_objective"]
+                claim.statistic = claim.statistic.replace("train NLL", "train loss (NLL + L2)")
+            cap = float(p["max_distance"])
+            swa, sgd = (
+                [cap if w is None else float(w) for w in widths[k]["per_ray"]]
+                for k in ("swa", "sgd")
+            )
+            values[seed] = float(np.median(np.array(swa) - np.array(sgd)))
+        claim.note = why or (
+            f"seeds {missing} have no {how} rays; recompute them with "
+            f"`swalab landscape {inp.run.path} --seed all --what rays`"
+            if missing
+            else ""
+        )
+        claims.append(paired_verdict(claim, values))
+    curvature, _ = inp.piece("curvature")
+    for key, name in (("top_eigenvalue", "top eigenvalue"), ("trace", "trace")):
+        if not curvature:
+            break
+        claim = Claim(
+            f"2 (Hessian {name})",
+            "SWA finds flatter solutions than SGD",
+            "§3 (flatness; a second measure)",
+            f"protocol: Hessian {name} of the train NLL at each solution, BN recomputed "
+            f"(swalab.curvature); d = {name}(w_SGD) − {name}(w_SWA), > 0: SWA flatter. Not "
+            "scale-invariant: a layer followed by BatchNorm with smaller weights has a larger "
+            "curvature for the same function",
+        )
+        values = {
+            seed: float(summary["curvature"]["sgd"][key]) - float(summary["curvature"]["swa"][key])
+            for seed, (summary, _) in curvature.items()
+        }
+        claims.append(paired_verdict(claim, values))
+    return claims
 
 
 def _claim3(inp: _Inputs) -> Claim:
@@ -462,7 +520,7 @@ def evaluate_claims(run_dir: str | Path) -> list[Claim]:
     inp = _Inputs(RunDir(run_dir))
     return [
         *_claim1(inp),
-        _claim2(inp),
+        *_claim2(inp),
         _claim3(inp),
         _claim4(inp),
         _claim5(inp),

@@ -210,10 +210,19 @@ def _redraw(stem: str, s: dict[str, Any], src: Path, target: Path, formats: Sequ
         return figures.line_figure(
             d["t"], {k: d[k] for k in METRICS}, sgd, swa, target, formats=formats
         )
-    if stem in ("rays", "width"):
-        arrays = load_npz(src / "rays.npz", root=src)
-        if stem == "rays":
-            return figures.rays_figure(arrays, sgd, swa, target, formats=formats)
+    kind, _, how = stem.partition("_")  # rays.png, rays_filter.png, width_layer.png, ...
+    if stem == "rays_protocols":
+        arrays_of = {}
+        for direction in s["rays"]["directions"]:
+            name = "rays.npz" if direction == "raw" else f"rays_{direction}.npz"
+            arrays_of[direction] = dict(load_npz(src / name, root=src))
+        return figures.protocols_figure(
+            arrays_of, s["rays"]["rise"], sgd, swa, target, formats=formats
+        )
+    if kind in ("rays", "width") and how in ("", "filter", "layer"):
+        arrays = dict(load_npz(src / f"rays{'_' + how if how else ''}.npz", root=src))
+        if kind == "rays":
+            return figures.rays_figure(arrays, sgd, swa, target, how or "raw", formats=formats)
         widths = {key: arrays[f"{key}_width"] for key in ("swa", "sgd")}
         return figures.width_figure(
             widths,
@@ -222,6 +231,7 @@ def _redraw(stem: str, s: dict[str, Any], src: Path, target: Path, formats: Sequ
             sgd,
             swa,
             target,
+            how or "raw",
             formats=formats,
         )
     d = load_npz(src / f"{stem}.npz", root=src)

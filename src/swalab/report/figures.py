@@ -24,6 +24,7 @@ __all__ = [
     "line_figure",
     "lr_figure",
     "plane_figure",
+    "protocols_figure",
     "rays_figure",
     "reliability_figure",
     "width_figure",
@@ -95,30 +96,43 @@ def rays_figure(
     sgd: str,
     swa: str,
     path: Path,
+    directions: str = "raw",
     *,
     formats: Sequence[str] = ("png",),
 ) -> Path:
-    """Train loss and test error along random rays from both solutions (paper Fig. 4)."""
+    """Train NLL (the data loss) and test error along random rays from both solutions (paper
+    Fig. 4); ``directions``: how the rays were scaled (``swalab.landscape.normalize_direction``)."""
     d = arrays["distances"]
+    nll = "train_nll" if "swa_train_nll" in arrays else "train_loss"  # files of older versions
     key, label = _error_label({"test_error": arrays["swa_test_error"]})
     # rays stopped at their width (ray_tails: false) carry the train loss alone
     tested = not np.all(np.isnan(arrays[f"swa_{key}"]))
     fig = Figure(figsize=(10, 3.6) if tested else (5.5, 3.6))
     axes = fig.subplots(1, 2) if tested else [fig.subplots(1, 1)]
-    panels = list(zip(axes, ("train_loss", key), ("train loss", label)))
+    panels = list(zip(axes, (nll, key), (nll.replace("_", " "), label)))
     for name, color, text in (("swa", SWA_COLOR, swa), ("sgd", SGD_COLOR, sgd)):
         for ax, metric, _ in panels:
             for i, values in enumerate(arrays[f"{name}_{metric}"]):
                 ax.plot(d, values, color=color, lw=1, alpha=0.7, label=text if i == 0 else None)
     for ax, _, ylabel in panels:
-        ax.set_xlabel("distance ‖t·d/‖d‖‖")
+        ax.set_xlabel(_RAY_AXIS[directions])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(
-        f"random rays w + t·d/‖d‖, d ~ N(0, I), {len(arrays['swa_train_loss'])} directions"
-    )
+    fig.suptitle(f"{_RAY_TITLE[directions]}, {len(arrays['swa_train_loss'])} directions")
     return _save(fig, path, formats)
+
+
+_RAY_AXIS = {
+    "raw": "distance ‖t·d/‖d‖‖",
+    "filter": "t (steps of each filter's own norm)",
+    "layer": "t (steps of each tensor's own norm)",
+}
+_RAY_TITLE = {
+    "raw": "random rays w + t·d/‖d‖, d ~ N(0, I)",
+    "filter": "filter-normalised rays w + t·d, ‖d_f‖ = ‖w_f‖ per filter (Li et al. 2018)",
+    "layer": "layer-normalised rays w + t·d, ‖d_l‖ = ‖w_l‖ per tensor",
+}
 
 
 def width_figure(
@@ -128,10 +142,11 @@ def width_figure(
     sgd: str,
     swa: str,
     path: Path,
+    directions: str = "raw",
     *,
     formats: Sequence[str] = ("png",),
 ) -> Path:
-    """Per solution, the distance along each ray at which the train loss has risen by ``rise``."""
+    """Per solution, the distance along each ray at which the train NLL has risen by ``rise``."""
     fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
     for i, (key, color) in enumerate((("swa", SWA_COLOR), ("sgd", SGD_COLOR))):
@@ -153,9 +168,61 @@ def width_figure(
     ax.set_xticks([0, 1], [swa, sgd])
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylim(0, max_distance * 1.05)
-    ax.set_ylabel(f"distance where train loss rises by {rise:g}")
-    ax.set_title("width along random rays (▲: beyond the range, bar: median)", fontsize=9)
+    ax.set_ylabel(f"{'distance' if directions == 'raw' else 't'} where train NLL rises by {rise:g}")
+    ax.set_title(f"width along {directions} rays (▲: beyond the range, bar: median)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path, formats)
+
+
+def protocols_figure(
+    arrays: Mapping[str, Mapping[str, np.ndarray]],
+    rise: float,
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """The rays under each scaling of the directions side by side (``arrays``: ``{direction:
+    rays arrays}``): train NLL along the rays from both solutions (top), and each ray's width
+    from SWA against its width from SGD (bottom; above the diagonal: wider from SWA)."""
+    hows = list(arrays)
+    fig = Figure(figsize=(4.8 * len(hows), 7.6), layout="constrained")
+    axes = np.array(fig.subplots(2, len(hows), squeeze=False))
+    for col, how in enumerate(hows):
+        a = arrays[how]
+        d = a["distances"]
+        nll = "train_nll" if "swa_train_nll" in a else "train_loss"
+        top, bottom = axes[0, col], axes[1, col]
+        for name, color, text in (("swa", SWA_COLOR, swa), ("sgd", SGD_COLOR, sgd)):
+            for i, values in enumerate(a[f"{name}_{nll}"]):
+                top.plot(d, values, color=color, lw=1, alpha=0.7, label=text if i == 0 else None)
+        top.axhline(float(a[f"swa_{nll}"][0, 0]) + rise, color=SWA_COLOR, lw=0.6, ls=":")
+        top.axhline(float(a[f"sgd_{nll}"][0, 0]) + rise, color=SGD_COLOR, lw=0.6, ls=":")
+        top.set_xlabel(_RAY_AXIS[how])
+        top.set_ylabel(nll.replace("_", " "))
+        top.set_title(_RAY_TITLE[how], fontsize=8)
+        top.grid(alpha=0.3)
+        top.legend(fontsize=8)
+        cap = float(d[-1])
+        w_swa = np.where(np.isfinite(a["swa_width"]), a["swa_width"], cap)
+        w_sgd = np.where(np.isfinite(a["sgd_width"]), a["sgd_width"], cap)
+        bottom.scatter(w_sgd, w_swa, color="k", s=16)
+        low = 0.9 * float(min(w_swa.min(), w_sgd.min()))
+        high = 1.1 * float(max(w_swa.max(), w_sgd.max()))
+        bottom.plot([low, high], [low, high], color="grey", lw=0.8, ls="--")
+        bottom.set_xlim(low, high)
+        bottom.set_ylim(low, high)
+        wider = int((w_swa > w_sgd).sum())
+        ratio = float(np.median(w_swa / w_sgd))
+        bottom.set_title(
+            f"{how}: wider from {swa} on {wider}/{len(w_swa)} rays, median ratio {ratio:.3f}",
+            fontsize=8,
+        )
+        bottom.set_xlabel(f"width from {sgd} (train NLL +{rise:g})")
+        bottom.set_ylabel(f"width from {swa}")
+        bottom.grid(alpha=0.3)
+    fig.suptitle("the same random rays under each scaling of the directions", fontsize=10)
     return _save(fig, path, formats)
 
 

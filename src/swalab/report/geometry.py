@@ -15,6 +15,8 @@ ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots  
 predictions final test probabilities of every method (reliability diagrams)       checkpoint.pt
 bn         w_SWA with the BN statistics it carries (the last iterate's) vs            final.pt, checkpoint.pt
            recomputed ones (paper §3.2; claim 6 of ``swalab claims``)                 of SWA; a BN model
+curvature  Hessian top eigenvalue and trace of the train NLL at both solutions,    final.pt of both
+           BN recomputed first (:mod:`swalab.curvature`; claim 2's second measure)
 ========== ===================================================================== ======================
 
 Every evaluated point is loaded into one model instance, BatchNorm statistics are recomputed with
@@ -47,6 +49,7 @@ from torch import Tensor
 
 from .. import landscape as geo
 from ..bn import has_batchnorm
+from ..curvature import curvature
 from ..data import BatchLoader
 from ..ensembles import ensemble_view, predict_outputs
 from ..lab.config import LANDSCAPE_PIECES, LandscapeConfig, check_range
@@ -67,6 +70,8 @@ __all__ = [
     "compute_landscape",
     "landscape_dir",
     "landscapes_of_run",
+    "layer_norms",
+    "ray_protocols",
 ]
 
 PIECES = LANDSCAPE_PIECES
@@ -90,10 +95,16 @@ class LandscapeOptions:
         grid: points per side of the planes' grids; ``margin``: beyond [0, 1] on each side.
         line_points, line_range: ``t`` values of the line.
         rays, ray_points, ray_distance: number of random directions, points along each, and the
-            largest distance (default: ``||w_SWA|| / 2``); ``rise``: train-loss rise that defines
-            the width; ``ray_tails``: evaluate each ray beyond the point where it rises that
-            much (false: stop there, and evaluate the train split alone: the same widths, NaN
-            beyond and for the test metrics in ``rays.npz``).
+            largest distance (raw directions: Euclidean, default ``||w_SWA|| / 2``; filter and
+            layer directions: in units of the normalised direction, default
+            ``NORMALISED_RAY_DISTANCE`` = 0.25, each filter moved by a quarter of its own norm); ``rise``: train-NLL rise that defines the width;
+            ``ray_tails``: evaluate each ray beyond the point where it rises that much (false:
+            stop there, and evaluate the train split alone: the same widths, NaN beyond and for
+            the test metrics in ``rays.npz``).
+        directions: how the random directions are scaled, one set of rays each, the first the
+            primary (``filter``, ``layer``, ``raw``: :func:`swalab.landscape.normalize_direction`).
+            The planes go through three given weight vectors, whose axes are their differences,
+            not random directions, so the option does not apply to them.
         device: where to evaluate (default: the run's ``train.device``).
         threads: CPU threads for torch (default: the run's ``train.threads``, if set).
     """
@@ -111,9 +122,13 @@ class LandscapeOptions:
     ray_distance: float | None = None
     rise: float = _DEFAULT.rise
     ray_tails: bool = _DEFAULT.ray_tails
+    directions: tuple[str, ...] = tuple(_DEFAULT.directions)
     device: str | None = None
     threads: int | None = None
     stack: int = 1  # points per vectorised pass (1: one by one; the same numbers)
+    curvature_samples: int = _DEFAULT.curvature_samples
+    curvature_iterations: int = _DEFAULT.curvature_iterations
+    curvature_probes: int = _DEFAULT.curvature_probes
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.what or ()) - set(PIECES))
@@ -132,6 +147,20 @@ class LandscapeOptions:
             check_range("--threads", self.threads, 1, "threads")
         if self.stack < 1:
             raise ValueError(f"--stack must be >= 1, got {self.stack}")
+        for key in ("curvature_samples", "curvature_iterations", "curvature_probes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        directions = tuple(self.directions)
+        if (
+            not directions
+            or len(set(directions)) != len(directions)
+            or not set(directions) <= set(geo.DIRECTIONS)
+        ):
+            raise ValueError(
+                f"--directions must be distinct entries of {', '.join(geo.DIRECTIONS)}, "
+                f"got {','.join(map(str, directions)) or 'nothing'}"
+            )
+        object.__setattr__(self, "directions", directions)
         for key, value, ok, expected in (
             (
                 "--margin",
@@ -163,6 +192,10 @@ class LandscapeOptions:
             ray_points=config.ray_points,
             rise=config.rise,
             ray_tails=config.ray_tails,
+            directions=tuple(config.directions),
+            curvature_samples=config.curvature_samples,
+            curvature_iterations=config.curvature_iterations,
+            curvature_probes=config.curvature_probes,
         ).replace(**changes)
 
     def replace(self, **changes: Any) -> LandscapeOptions:
@@ -179,9 +212,16 @@ class LandscapeOptions:
                 "distance": self.ray_distance,
                 "rise": self.rise,
                 "tails": self.ray_tails,
+                "directions": list(self.directions),
+                "width_on": "train_nll",
             },
             "plane": {"grid": self.grid, "margin": self.margin},
             "snapshots": {"grid": self.grid, "margin": self.margin},
+            "curvature": {
+                "samples": self.curvature_samples,
+                "iterations": self.curvature_iterations,
+                "probes": self.curvature_probes,
+            },
         }.get(piece, {})
 
 
@@ -234,6 +274,7 @@ def compute_landscape(
         "ensemble": lambda: src.check_snapshots(2),
         "predictions": lambda: src.check_predictions(ev.task),
         "bn": lambda: src.check_bn(ev),
+        "curvature": src.check_ends,
     }
     todo, skipped = [], {}
     for piece in requested:
@@ -260,12 +301,13 @@ def compute_landscape(
 
     sizes = {
         "line": opts.line_points,
-        "rays": 2 * opts.rays * (opts.ray_points - 1) + 2,
+        "rays": len(opts.directions) * (2 * opts.rays * (opts.ray_points - 1) + 2),
         "plane": opts.grid**2,
         "snapshots": opts.grid**2,
         "ensemble": 0,
         "predictions": 0,
         "bn": 0,
+        "curvature": 0,
     }
     bar = Progress(sum(sizes[p] for p in todo), bar=progress)
     try:
@@ -284,6 +326,7 @@ def compute_landscape(
                     opts.rise,
                     opts.ray_tails,
                     bar,
+                    opts.directions,
                 )
             elif piece == "plane":
                 summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
@@ -293,6 +336,10 @@ def compute_landscape(
                 summary["ensemble"] = job.ensemble()
             elif piece == "bn":
                 summary["bn"] = job.bn()
+            elif piece == "curvature":
+                summary["curvature"] = job.curvature(
+                    opts.curvature_samples, opts.curvature_iterations, opts.curvature_probes
+                )
             else:
                 summary["predictions"] = job.predictions(out, log)
             summary["seconds"][piece] = round(time.perf_counter() - start, 2)
@@ -533,6 +580,7 @@ class _Evaluation:
                 self.task.landscape_stats,
                 train.weight_decay,
                 stack=self.stack,
+                bn_weighting=train.bn_weighting,
             )
         return self._evaluator
 
@@ -548,6 +596,7 @@ class _Evaluation:
                 ev.stats,
                 ev.weight_decay,
                 stack=ev.stack,
+                bn_weighting=ev.bn_weighting,
             )
         return self._train_only
 
@@ -559,7 +608,7 @@ class _Evaluation:
         train = self.run.cfg.train
         return {
             "train_loss": f"cross-entropy (MSE for regression) + weight_decay/2 * ||w||^2, weight_decay={train.weight_decay}",
-            "train_nll": "the data term alone",
+            "train_nll": "the data term alone (the rays' widths read it; the L2 term apart)",
             "batchnorm": f"recomputed at every point with the training run's BN pass (batch {train.batch_size}"
             + (f", first {train.bn_batches} batches)" if train.bn_batches else ")"),
             "device": str(self.device),
@@ -579,6 +628,51 @@ class _Evaluation:
                     values[k].append(result.get(k, math.nan))
                 bar.advance()
         return {k: np.array(v) for k, v in values.items()}
+
+
+# the largest t of filter/layer-normalised rays: ||d|| is about ||w|| there, so this is half the
+# raw rays' default ||w_SWA|| / 2; on the MNIST-1D CNN the train NLL rises by 0.1 near t = 0.16
+NORMALISED_RAY_DISTANCE = 0.25
+RAY_UNITS = {
+    "raw": "Euclidean distance, unit Gaussian directions (the SWA paper's Fig. 4)",
+    "filter": "t in w + t·d, d rescaled per output filter to the solution's filter norms "
+    "(Li et al. 2018; biases and BN affine not moved)",
+    "layer": "t in w + t·d, d rescaled per tensor to the solution's tensor norms "
+    "(biases and BN affine not moved)",
+}
+
+
+def _width_summary(widths: dict[str, list[float]]) -> dict[str, Any]:
+    return {
+        key: {
+            "per_ray": ws,
+            "median": float(np.median(ws)),  # inf (beyond the range): null
+            "beyond_range": sum(1 for x in ws if not math.isfinite(x)),
+        }
+        for key, ws in widths.items()
+    }
+
+
+def layer_norms(
+    names: Sequence[str], shapes: Sequence[torch.Size], w_sgd: Tensor, w_swa: Tensor
+) -> dict[str, dict[str, float]]:
+    """``{name: {"sgd": ||w_SGD[name]||, "swa": ||w_SWA[name]||, "ratio": swa / sgd}}`` per
+    parameter tensor: a layer followed by BatchNorm computes the same function at any scale, so a
+    ratio below 1 makes a fixed Euclidean step a larger relative step from SWA (issue 19)."""
+    sizes = [math.prod(s) for s in shapes]
+    out = {}
+    for name, a, b in zip(names, w_sgd.split(sizes), w_swa.split(sizes)):
+        na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+        out[name] = {"sgd": na, "swa": nb, "ratio": nb / na if na > 0 else math.nan}
+    return out
+
+
+def ray_protocols(rays: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{direction: {"max_distance", "width", ...}}`` of a ``rays`` summary; a summary written
+    before directions existed is the raw protocol, its width read on the objective."""
+    if "by_direction" in rays:
+        return rays["by_direction"]
+    return {"raw": {"max_distance": rays["max_distance"], "width_objective": rays["width"]}}
 
 
 class _Pieces:
@@ -615,46 +709,89 @@ class _Pieces:
         rise: float,
         tails: bool,
         bar: Progress,
+        directions: Sequence[str] = ("raw",),
     ) -> dict[str, Any]:
+        """Rays from both solutions along the same random directions, once per scaling in
+        ``directions`` (the first the primary), the width read on the train NLL (the data loss;
+        the width on the objective NLL + L2 is kept too), the L2 term at each solution, and the
+        per-tensor norms of the two solutions (:func:`layer_norms`)."""
         origins = {
             self.swa: self.weights(self.swa, "final.pt"),
             self.sgd: self.weights(self.sgd, "final.pt"),
         }
-        if max_distance is None:
-            max_distance = float(torch.linalg.vector_norm(origins[self.swa])) / 2
-        distances = np.linspace(0.0, max_distance, points)
-        # the same directions from both solutions, so their widths are compared ray by ray
-        directions = geo.random_directions(
+        shapes = [p.shape for p in self.ev.evaluator.model.parameters()]
+        # the same directions from both solutions and under every scaling, so widths compare
+        # ray by ray
+        unit = geo.random_directions(
             origins[self.swa].numel(), n, torch.Generator().manual_seed(self.seed)
         )
-        arrays: dict[str, np.ndarray] = {"distances": distances}
-        widths: dict[str, list[float]] = {}
-        for key, label in (("swa", self.swa), ("sgd", self.sgd)):
-            w = origins[label]
-            curves = (self._whole_rays if tails else self._rays_to_rise)(
-                w, directions, distances, rise, bar
-            )
-            for k in METRICS:
-                arrays[f"{key}_{k}"] = curves[k]
-            widths[key] = [geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]]
-            arrays[f"{key}_width"] = np.array(widths[key])
-        _savez(out / "rays.npz", **arrays)
-        figures.rays_figure(arrays, self.sgd, self.swa, out / "rays.png")
-        figures.width_figure(widths, distances[-1], rise, self.sgd, self.swa, out / "width.png")
-        return {
-            "max_distance": max_distance,
-            "rise": rise,
+        wd = self.ev.evaluator.weight_decay
+        summary: dict[str, Any] = {
             "rays": n,
+            "rise": rise,
             "tails": tails,
-            "width": {
-                key: {
-                    "per_ray": ws,
-                    "median": float(np.median(ws)),  # inf (beyond the range): null
-                    "beyond_range": sum(1 for x in ws if not math.isfinite(x)),
-                }
-                for key, ws in widths.items()
+            "width_on": "train_nll",
+            "directions": list(directions),
+            "primary": directions[0],
+            "l2_term": {
+                key: 0.5 * wd * float(origins[label].square().sum())
+                for key, label in (("swa", self.swa), ("sgd", self.sgd))
             },
+            "weight_decay": wd,
+            "layer_norms": layer_norms(self.ev.names, shapes, origins[self.sgd], origins[self.swa]),
+            "by_direction": {},
         }
+        all_arrays = {}
+        for how in directions:
+            raw = how == "raw"
+            top = max_distance
+            if top is None:
+                top = (
+                    float(torch.linalg.vector_norm(origins[self.swa])) / 2
+                    if raw
+                    else NORMALISED_RAY_DISTANCE
+                )
+            distances = np.linspace(0.0, top, points)
+            arrays: dict[str, np.ndarray] = {"distances": distances}
+            widths: dict[str, list[float]] = {}
+            objective: dict[str, list[float]] = {}
+            for key, label in (("swa", self.swa), ("sgd", self.sgd)):
+                w = origins[label]
+                steps = torch.stack([geo.normalize_direction(d, w, shapes, how) for d in unit])
+                curves = (self._whole_rays if tails else self._rays_to_rise)(
+                    w, steps, distances, rise, bar
+                )
+                for k in METRICS:
+                    arrays[f"{key}_{k}"] = curves[k]
+                widths[key] = [
+                    geo.width(distances, row, rise) for row in arrays[f"{key}_train_nll"]
+                ]
+                objective[key] = [
+                    geo.width(distances, row, rise) for row in arrays[f"{key}_train_loss"]
+                ]
+                arrays[f"{key}_width"] = np.array(widths[key])
+                arrays[f"{key}_width_objective"] = np.array(objective[key])
+            stem = "" if raw else f"_{how}"
+            all_arrays[how] = arrays
+            _savez(out / f"rays{stem}.npz", **arrays)
+            figures.rays_figure(arrays, self.sgd, self.swa, out / f"rays{stem}.png", how)
+            figures.width_figure(
+                widths,
+                distances[-1],
+                rise,
+                self.sgd,
+                self.swa,
+                out / f"width{stem}.png",
+                how,
+            )
+            summary["by_direction"][how] = {
+                "max_distance": top,
+                "unit": RAY_UNITS[how],
+                "width": _width_summary(widths),
+                "width_objective": _width_summary(objective),
+            }
+        figures.protocols_figure(all_arrays, rise, self.sgd, self.swa, out / "rays_protocols.png")
+        return summary
 
     def _whole_rays(
         self, w: Tensor, directions: Tensor, distances: np.ndarray, rise: float, bar: Progress
@@ -673,15 +810,17 @@ class _Pieces:
     def _rays_to_rise(
         self, w: Tensor, directions: Tensor, distances: np.ndarray, rise: float, bar: Progress
     ) -> dict[str, np.ndarray]:
-        """Each ray up to the first point where the train loss has risen by ``rise`` (the points
-        :func:`swalab.landscape.width` reads, so the same widths as :meth:`_whole_rays`), train
-        metrics only; the points beyond and the test metrics are NaN, not evaluated."""
+        """Each ray up to the first point where both the train NLL and the train loss (NLL + L2)
+        have risen by ``rise`` (the points :func:`swalab.landscape.width` reads, so the same
+        widths as :meth:`_whole_rays`), train metrics only; the points beyond and the test metrics
+        are NaN, not evaluated."""
         n, points = len(directions), len(distances)
         origin = self.ev.evaluate([w], bar, train_only=True)
         curves = {k: np.full((n, points), np.nan) for k in origin}
         for k, v in origin.items():
             curves[k][:, 0] = v[0]
-        threshold = curves["train_loss"][0, 0] + rise  # as geo.width computes it
+        # as geo.width computes them: the data loss and the objective, until both have risen
+        thresholds = {k: curves[k][0, 0] + rise for k in ("train_nll", "train_loss")}
         active = list(range(n))
         for j in range(1, points):
             if not active:
@@ -690,7 +829,11 @@ class _Pieces:
             values = self.ev.evaluate([w + t * directions[i] for i in active], bar, train_only=True)
             for k, v in values.items():
                 curves[k][active, j] = v
-            active = [i for i in active if not curves["train_loss"][i, j] >= threshold]
+            active = [
+                i
+                for i in active
+                if not all(np.nanmax(curves[k][i, : j + 1]) >= c for k, c in thresholds.items())
+            ]
         bar.advance(n * (points - 1) - int(np.isfinite(curves["train_loss"][:, 1:]).sum()))
         return curves
 
@@ -879,6 +1022,39 @@ class _Pieces:
         )
         return result
 
+    def curvature(self, samples: int, iterations: int, probes: int) -> dict[str, Any]:
+        """The Hessian's top eigenvalue and trace of the train NLL at both solutions
+        (:func:`swalab.curvature.curvature`), on the first ``samples`` training samples, BN
+        statistics recomputed with the run's BN pass first; the same seeded probes for both."""
+        ev = self.ev.evaluator
+        batches, left = [], samples
+        for x, y in ev.datasets["train"]:
+            if left <= 0:
+                break
+            batches.append((x[:left], y[:left]))
+            left -= len(y)
+        out: dict[str, Any] = {
+            "samples": samples - max(left, 0),
+            "iterations": iterations,
+            "probes": probes,
+            "loss": "train NLL (data loss) in eval mode, BN statistics recomputed first; the L2 "
+            "term adds weight_decay to every eigenvalue and weight_decay * dim to the trace",
+        }
+        for key, label in (("swa", self.swa), ("sgd", self.sgd)):
+            ev.model.load_state_dict(self.run.load(label, self.seed, "final.pt"))
+            c = curvature(
+                ev.model,
+                batches,
+                stats=ev.stats,
+                bn_batches=ev.bn_batches or None,
+                bn_weighting=ev.bn_weighting,
+                iterations=iterations,
+                probes=probes,
+                seed=self.seed,
+            )
+            out[key] = c._asdict()
+        return out
+
     def predictions(self, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
         """Final test probabilities of every finished method, rebuilt exactly as the run produced them."""
         run, bundle, train = self.run, self.ev.bundle, self.run.cfg.train
@@ -889,6 +1065,7 @@ class _Pieces:
             train.eval_batch_size,
             lambda: run.bn_loader(bundle, self.seed, self.ev.device),
             train.bn_batches,
+            bn_weighting=train.bn_weighting,
         )
         labels, probs_list, summary = [], [], {}
         for m in run.cfg.methods:

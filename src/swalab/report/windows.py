@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bn import has_batchnorm, update_bn
+from ..bn import has_batchnorm
 from ..lab.evaluation import EvalContext, evaluate, model_outputs
 from ..lab.methods import recipe_of
 from ..lab.stats import primary_metric
@@ -132,11 +132,12 @@ def evaluate_windows(
             cfg.train.eval_batch_size,
             partial(run.bn_loader, bundle, seed, device),
             cfg.train.bn_batches,
+            bn_weighting=cfg.train.bn_weighting,
         )
         for a, b in windows:
             model.load_state_dict(swa_window(snaps, a, b))
             if has_batchnorm(model):
-                update_bn(ctx.bn_loader(), model, max_batches=ctx.bn_batches)
+                ctx.recompute_bn(model)
             row: dict[str, Any] = {
                 "method": window_label(label, a, b),
                 "source": label,
