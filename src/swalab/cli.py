@@ -11,6 +11,7 @@ torchrun --standalone --nproc_per_node=8 -m swalab run cifar100-vgg16 --download
 swalab landscape runs/mnist1d --grid 21 --rays 10
 swalab landscape runs/mnist1d --seed all --what line,rays,ensemble,bn
 swalab claims runs/mnist1d
+swalab status runs/mnist1d
 swalab report runs/mnist1d --html --format png,svg,pdf
 """
 
@@ -102,8 +103,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device = world.device if world.size > 1 else resolve_device(cfg.train.device)
         jobs = auto_jobs(cfg.train.threads, device, len(cfg.seeds) * len(cfg.methods), world.size)
     try:
-        # rank 0 alone writes: it holds the --out lock for the whole run
-        with run_directory(out) if world.main else contextlib.nullcontext():
+        # rank 0 alone writes; several `swalab run` on one --out share its runs (lab/leases.py)
+        with run_directory(out, lock=False) if world.main else contextlib.nullcontext():
             rows = run_experiment(
                 cfg,
                 out,
@@ -120,10 +121,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise
     world.close()
     if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
+        from .lab.leases import Claims
         from .report.geometry import landscapes_of_run
 
-        with run_directory(out):  # after the other ranks have left: rank 0 alone
-            landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
+        with Claims(out) as claims:  # one of the processes sharing --out computes them
+            if not claims.claim("landscape"):
+                print(f"landscape pieces: computed by another process ({out})", file=sys.stderr)
+                return 0
+            with run_directory(out, lock=False):  # after the other ranks have left
+                landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
     return 0
 
 
@@ -196,6 +202,13 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
                 **given,
             )
             compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .lab.status import format_status, run_status
+
+    print(format_status(args.run_dir, run_status(args.run_dir)))
     return 0
 
 
@@ -383,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="points evaluated at once with stacked weights, torch.vmap (default: 1, one by one)",
     )
     p.set_defaults(func=_cmd_landscape)
+
+    p = sub.add_parser(
+        "status",
+        help="every run of a run directory: done, running (where, since when, epoch), failed "
+        "(why), stopped or waiting; works while processes on several machines share it",
+    )
+    p.add_argument("run_dir", help="a run directory written by `swalab run`")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(
         "claims",

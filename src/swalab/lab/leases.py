@@ -93,6 +93,7 @@ class ClaimInfo:
     beat: float
     epoch: int | None
     released: bool
+    failed: str | None = None
 
     def stale(self, now: float | None = None, timeout: float = TIMEOUT) -> bool:
         """Whether its holder is gone (see the module docstring)."""
@@ -128,6 +129,7 @@ def _read(folder: Path, key: str, generation: int) -> ClaimInfo | None:
             float(data["beat"]),
             data.get("epoch"),
             bool(data.get("released")),
+            data.get("failed"),
         )
     except FileNotFoundError:
         return None
@@ -247,12 +249,14 @@ class Claims:
         if key in self.lost:
             raise ClaimLost(f"the claim on {key} was taken over by another process")
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, failed: str | None = None) -> None:
+        """Give ``key`` back; ``failed``: why its work stopped with an error (``swalab status``)."""
         with self._lock:
             record = self.held.pop(key, None)
             self.lost.discard(key)
         if record is not None and not self._superseded(key, record):
             record["released"] = True
+            record["failed"] = failed
             self._write(key, record)
 
     def release_all(self) -> None:

@@ -180,17 +180,23 @@ def work(
                     claims.set_epoch(key, record["epoch"])
             on_epoch(trained, record)
 
-        train_runs(
-            cfg,
-            [(methods[label], layout.run(label, seed)) for label in left],
-            seed,
-            bundle(),
-            device,
-            done=finished,
-            on_record=on_record,
-            on_epoch=epoch,
-            share=share,
-        )
+        try:
+            train_runs(
+                cfg,
+                [(methods[label], layout.run(label, seed)) for label in left],
+                seed,
+                bundle(),
+                device,
+                done=finished,
+                on_record=on_record,
+                on_epoch=epoch,
+                share=share,
+            )
+        except Exception as err:
+            why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            for key in keys:
+                claims.release(key, failed=why)
+            raise
     finally:
         for key in keys:
             claims.release(key)
