@@ -4,6 +4,8 @@ swalab --version
 swalab list
 swalab run mnist1d
 swalab run mnist1d --jobs 2
+swalab run cifar100-vgg16 --executor submitit --executor-option partition=gpu
+swalab run mnist1d --executor ray --executor-option num_gpus=0.25
 swalab plan cifar10-wrn28x10 --variant gpu
 swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
 swalab run my_experiment.yaml --out runs/x
@@ -98,7 +100,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     world = setup(
         cfg.train.batch_size, cfg.train.device, args.dist_timeout
     )  # one process unless under torchrun
-    jobs = args.jobs
+    from .lab.executors import parse_options
+
+    executor_options = parse_options(args.executor_option)
+    if args.executor != "local" and args.jobs is not None:
+        raise ValueError(
+            f"--jobs is for --executor local; --executor {args.executor} runs one job per seed "
+            "tree (set its resources with --executor-option)"
+        )
+    jobs = 1 if args.executor != "local" else "auto" if args.jobs is None else args.jobs
     if jobs == "auto":
         device = world.device if world.size > 1 else resolve_device(cfg.train.device)
         jobs = auto_jobs(cfg.train.threads, device, len(cfg.seeds) * len(cfg.methods), world.size)
@@ -115,6 +125,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 jobs=jobs,
                 restart=args.restart_run,
                 share=not args.no_share,
+                executor=args.executor,
+                executor_options=executor_options,
             )
     except BaseException:
         world.close(finished=False)
@@ -299,11 +311,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs",
         type=_jobs,
-        default="auto",
+        default=None,
         metavar="N",
         help="train N trajectories (a seed's runs that share epochs) at once, in N processes, "
         "then N seeds' landscape pieces; auto (default): the CPU cores divided by "
         "train.threads (1 if unset), or one per GPU",
+    )
+    p.add_argument(
+        "--executor",
+        default="local",
+        metavar="local|submitit|ray",
+        help="where the seed trees train: local (default: --jobs processes here), submitit "
+        "(one Slurm job per seed tree; pip install 'swalab[slurm]') or ray (one task per seed "
+        "tree on RAY_ADDRESS or a local cluster; pip install 'swalab[ray]'); see docs/distributed.md",
+    )
+    p.add_argument(
+        "--executor-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --executor: submitit: partition, time (minutes), gpus_per_node, "
+        "cpus_per_task, mem_gb, array_parallelism, account, qos, constraint, max_requeue, "
+        "cluster (slurm|local), folder; ray: address, num_gpus (a fraction packs trees on a "
+        "GPU), num_cpus; repeatable",
     )
     p.add_argument(
         "--no-share",

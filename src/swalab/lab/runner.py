@@ -12,7 +12,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .devices import resolve_device
 from .distributed import World
+from .executors import open_executor
 from .files import RunFileError, atomic_write_text, holds_files, remove_tree
 from .inputs import load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
@@ -169,6 +170,8 @@ def run_experiment(
     jobs: int = 1,
     restart: Sequence[str] = (),
     share: bool = True,
+    executor: str = "local",
+    executor_options: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
 
@@ -180,6 +183,10 @@ def run_experiment(
     (``sharing.py``), with results equal to separate runs; also under ``jobs > 1`` (a job is a
     trajectory) and torchrun. ``share=False`` trains every run on its own.
 
+    ``executor``: where the units (a seed's tree of runs) train, ``local`` (this machine, ``jobs``
+    processes), ``submitit`` or ``ray`` with its ``executor_options`` (executors.py). Several
+    processes may share ``out`` (same config): each trains the runs nobody holds (leases.py).
+
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
     """
@@ -187,7 +194,19 @@ def run_experiment(
     claims = Claims(out)
     try:
         return _run_experiment(
-            cfg, out, claims, download, argv, log, progress, world, jobs, restart, share
+            cfg,
+            out,
+            claims,
+            download,
+            argv,
+            log,
+            progress,
+            world,
+            jobs,
+            restart,
+            share,
+            executor,
+            executor_options or {},
         )
     finally:
         claims.close()
@@ -205,6 +224,8 @@ def _run_experiment(
     jobs: int,
     restart: Sequence[str],
     share: bool,
+    executor: str,
+    executor_options: Mapping[str, str],
 ) -> list[dict[str, Any]]:
     layout = RunDirectory(out)
 
@@ -229,6 +250,7 @@ def _run_experiment(
 
     runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
     check_jobs(jobs, len(runs), world.size)  # bad input fails before any work
+    remote = open_executor(executor, executor_options, out, world.size)  # and a Ray address
     device = world.device if world.size > 1 else resolve_device(cfg.train.device)
     # e.g. fp16 on the CPU, or train.compile without a compiler
     Precision(cfg.train.precision, cfg.train.channels_last, device, cfg.train.compile)
@@ -273,7 +295,15 @@ def _run_experiment(
             if world.main:
                 layout.write_results([rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
 
-        if jobs > 1 and todo:
+        if remote is not None and todo:  # one unit per seed tree, placed by submitit or Ray
+            bundle = load_bundle(cfg, todo[0][0], download)
+            steps = len(train_loader(cfg, bundle, todo[0][0], torch.device("cpu"))[0])
+            trees = {
+                seed: [tuple(m.label for m in root.methods) for root in roots]
+                for seed, roots in plan_runs(cfg, todo, layout, steps, share).items()
+            }
+            failures = remote.run(cfg, out, trees, share=share, record=record, log=log)
+        elif jobs > 1 and todo:
             # the data once here (a download, rather than by several workers at once; the steps
             # per epoch that plan the shared trajectories)
             bundle = load_bundle(cfg, todo[0][0], download)
@@ -303,7 +333,9 @@ def _run_experiment(
         # the seeds to train here with their groups of runs (None: every run left of the seed);
         # units a live process holds wait, and come back here if it stops before finishing them
         queue: list[tuple[int, list[tuple[str, ...]] | None]] = [
-            (seed, None) for seed in dict.fromkeys(seed for seed, _ in todo) if jobs == 1
+            (seed, None)
+            for seed in dict.fromkeys(seed for seed, _ in todo)
+            if jobs == 1 and remote is None
         ]
         waiting: list[Unit] = []
         while queue or waiting:
