@@ -1,0 +1,140 @@
+"""``--executor local|submitit|ray``: the same results.csv and result.json files as --jobs 1;
+bad executors, options, missing engines and a silent Ray address: one line, exit 2, nothing
+trained or claimed."""
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from swalab.cli import main
+from swalab.lab.config import ConfigError, load_config
+from swalab.lab.executors import open_executor, parse_options
+from swalab.lab.rundir import read_results
+from swalab.lab.runner import run_experiment
+
+TINY = [  # as tests/test_jobs.py: two seeds x two methods sharing a trunk, and pre-training
+    "train.epochs=3",
+    "train.eval_every=3",
+    "seeds=[0, 1]",
+    "pretrain.epochs=1",
+    "methods=[{method: sgd}, {method: swa, options: {swa_start: 2}}]",
+]
+
+
+def _table(out: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_results(out)]
+
+
+def _result_files(out: Path) -> dict[str, dict]:
+    found = {}
+    for path in sorted(out.glob("*/seed*/result.json")):
+        row = json.loads(path.read_text())
+        row.pop("seconds")
+        found[str(path.relative_to(out))] = row
+    return found
+
+
+def _run(out: Path, **kwargs) -> None:
+    run_experiment(load_config("mnist1d", TINY), out, progress=False, log=lambda t: None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("executors") / "jobs1"
+    _run(out, jobs=1)
+    assert len(read_results(out)) == 4
+    return out
+
+
+@pytest.mark.slow
+def test_jobs_2_and_submitit_local_equal_jobs_1(sequential, tmp_path):
+    _run(tmp_path / "jobs2", jobs=2)
+    _run(tmp_path / "submitit", executor="submitit", executor_options={"cluster": "local"})
+    for out in (tmp_path / "jobs2", tmp_path / "submitit"):
+        assert _table(out) == _table(sequential)
+        assert _result_files(out) == _result_files(sequential)
+    assert list((tmp_path / "submitit" / ".submitit").glob("*_result.pkl"))  # two jobs ran
+    # a second run finds everything done: nothing is submitted again
+    _run(tmp_path / "submitit", executor="submitit", executor_options={"cluster": "local"})
+    assert len(list((tmp_path / "submitit" / ".submitit").glob("*_result.pkl"))) == 2
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_equals_jobs_1(sequential, tmp_path):
+    ray = pytest.importorskip("ray")
+    try:
+        _run(tmp_path / "ray", executor="ray", executor_options={"num_cpus": "1"})
+    finally:
+        ray.shutdown()
+    assert _table(tmp_path / "ray") == _table(sequential)
+    assert _result_files(tmp_path / "ray") == _result_files(sequential)
+
+
+def test_parse_and_check_options(tmp_path):
+    assert parse_options(["partition=gpu", "time=60"]) == {"partition": "gpu", "time": "60"}
+    with pytest.raises(ConfigError, match="must be KEY=VALUE, got 'partition'"):
+        parse_options(["partition"])
+    assert open_executor("local", {}, tmp_path) is None
+    with pytest.raises(ConfigError, match="must be one of local, submitit, ray, got 'slurm-typo'"):
+        open_executor("slurm-typo", {}, tmp_path)
+    with pytest.raises(ConfigError, match="unknown --executor-option 'partiton' for --executor"):
+        open_executor("submitit", {"partiton": "gpu"}, tmp_path)
+    with pytest.raises(ConfigError, match="time='soon' for submitit: expected int"):
+        open_executor("submitit", {"time": "soon"}, tmp_path)
+    with pytest.raises(ConfigError, match="num_gpus must be >= 0"):
+        open_executor("ray", {"num_gpus": "-1"}, tmp_path)
+    with pytest.raises(
+        ConfigError, match="unknown --executor-option 'address' for --executor local"
+    ):
+        open_executor("local", {"address": "x:1"}, tmp_path)
+    with pytest.raises(ConfigError, match="cannot be combined with torchrun"):
+        open_executor("ray", {}, tmp_path, processes=2)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _silent_port() -> int:
+    with socket.socket() as s:  # bound, then closed: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--executor", "slurm-typo"], "--executor must be one of local, submitit, ray"),
+        (
+            ["--executor", "submitit", "--executor-option", "gpus=1"],
+            "unknown --executor-option 'gpus' for --executor submitit (known: cluster, folder,",
+        ),
+        (["--executor", "ray", "--jobs", "2"], "--jobs is for --executor local"),
+        (["--executor-option", "partition=gpu"], "unknown --executor-option 'partition' for"),
+        (
+            ["--executor", "ray", "--executor-option", f"address=127.0.0.1:{_silent_port()}"],
+            "does not answer",
+        ),
+    ],
+)
+def test_cli_bad_executor_is_one_line_exit_2(argv, message, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "mnist1d", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert not out.exists() or not any(out.iterdir())  # nothing trained or claimed
+
+
+@pytest.mark.parametrize(
+    "engine, package, extra", [("submitit", "submitit", "slurm"), ("ray", "ray", "ray")]
+)
+def test_a_missing_engine_names_its_extra(engine, package, extra, monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    out = tmp_path / "out"
+    assert main(["run", "mnist1d", "--out", str(out), "--executor", engine]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"swalab: error: --executor {engine} needs the {package} package: "
+        f"pip install 'swalab[{extra}]'\n"
+    )
+    assert not out.exists() or not any(out.iterdir())
