@@ -138,3 +138,48 @@ def test_a_missing_engine_names_its_extra(engine, package, extra, monkeypatch, c
         f"pip install 'swalab[{extra}]'\n"
     )
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_a_preempted_slurm_job_is_requeued_and_resumes_bit_identically(
+    sequential, tmp_path, monkeypatch
+):
+    import signal
+    import threading
+    import time
+
+    psutil = pytest.importorskip("psutil")
+
+    from swalab.lab import executors
+    from swalab.lab.leases import Claims
+
+    out = tmp_path / "submitit"
+    submit = executors._Submitit.submit
+    interrupted: list[str] = []
+
+    def preempt_after_an_epoch(jobs) -> None:
+        claims, deadline = Claims(out), time.monotonic() + 240
+        while time.monotonic() < deadline and not interrupted:
+            for job in jobs:
+                seed = jobs.index(job)
+                info = claims.info(f"sgd/seed{seed}")
+                if info is not None and info.live and (info.epoch or 0) >= 1:
+                    for task in psutil.Process(job._process.pid).children(recursive=True):
+                        task.send_signal(signal.SIGUSR2)  # Slurm's preemption signal
+                    interrupted.append(job.job_id)
+                    return
+            time.sleep(0.05)
+
+    def submit_and_preempt(self, calls):
+        jobs = submit(self, calls)
+        if not interrupted:
+            threading.Thread(target=preempt_after_an_epoch, args=(jobs,), daemon=True).start()
+        return jobs
+
+    monkeypatch.setattr(executors._Submitit, "submit", submit_and_preempt)
+    _run(out, executor="submitit", executor_options={"cluster": "local"})
+    assert interrupted
+    log = next((out / ".submitit").glob(f"{interrupted[0]}_0_log.out")).read_text()
+    assert "Requeued" in log and log.count("Loading pickle") == 2, log  # started again
+    assert _table(out) == _table(sequential)
+    assert _result_files(out) == _result_files(sequential)

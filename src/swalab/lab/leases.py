@@ -240,10 +240,16 @@ class Claims:
             time.sleep(poll)
 
     def set_epoch(self, key: str, epoch: int) -> None:
-        """Record the epoch reached (shown by ``swalab status``) with the next heartbeat."""
+        """Record the epoch reached (shown by ``swalab status``): a heartbeat of its own."""
         with self._lock:
-            if key in self.held:
-                self.held[key]["epoch"] = epoch
+            record = self.held.get(key)
+            if record is None or record["epoch"] == epoch:
+                return
+            record["epoch"] = epoch
+            record["beat"] = time.time()
+            record = dict(record)
+        if not self._superseded(key, record):
+            self._write(key, record)
 
     def check(self, key: str) -> None:
         if key in self.lost:
