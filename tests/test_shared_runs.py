@@ -159,8 +159,8 @@ def test_a_different_config_is_refused_while_another_process_writes(tmp_path):
     cfg = load_config("mnist1d", TINY)
     out.mkdir()  # another process has just set up --out with its config, nothing trained yet
     RunDirectory(out).write_config(to_dict(load_config("mnist1d", [*TINY, "train.lr=0.05"])))
-    other = Claims(out)  # a live process training a run of the first config
-    assert other.claim("sgd/seed1")
+    other = Claims(out)  # a live process that set up the first config, nothing claimed yet
+    assert other.claim("writers/node7-1")
     with pytest.raises(ConfigError, match="another swalab process with a different config"):
         run_experiment(cfg, out, progress=False, log=lambda text: None, jobs=1)
     assert not (out / "sgd").exists()  # nothing trained

@@ -4,9 +4,12 @@ A job is one trajectory of one seed (``sharing.py``): the runs that train their 
 (one run when nothing is shared, or under ``--no-share``).
 
 The workers are N processes started with ``spawn`` (safe with CUDA and OpenMP), each holding the
-dataset of the seed it works on. The main process hands out one job at a time to an idle worker,
-receives its epochs and results through a queue, and alone writes ``result.json`` and
-``results.csv``, exactly as the sequential loop does. Where the workers run:
+dataset of the seed it works on. The main process hands out one job at a time to an idle worker
+and receives its epochs and results through a queue; a worker trains a job under its claims
+(``units.work``: it writes each run's ``result.json`` before releasing it), the main process writes
+``results.csv``. A job another process holds (a second ``swalab run`` on the same ``--out``,
+``leases.py``) waits, and comes back to a worker if that process stops before finishing it.
+Where the workers run:
 
 - **CPU:** the cores are divided, ``threads = min(train.threads or cores, cores // N)`` per worker
   (at least 1), so N jobs × threads ≤ cores.

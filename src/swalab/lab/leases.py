@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLAIMS_DIR", "ClaimInfo", "ClaimLost", "Claims", "TIMEOUT"]
+__all__ = ["CLAIMS_DIR", "HOST", "ClaimInfo", "ClaimLost", "Claims", "TIMEOUT"]
 
 CLAIMS_DIR = ".claims"
 TIMEOUT = float(os.environ.get("SWALAB_CLAIM_TIMEOUT", "120"))  # seconds without a heartbeat

@@ -8,6 +8,7 @@ change their config (or be added) between runs.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from .executors import open_executor
 from .files import RunFileError, atomic_write_text, holds_files, remove_tree
 from .inputs import load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
-from .leases import Claims
+from .leases import HOST, Claims
 from .methods import recipe_of
 from .precision import Precision
 from .rundir import RunDirectory
@@ -245,6 +246,8 @@ def _run_experiment(
                 remove_tree(layout.path / label)
             layout.write_config(to_dict(cfg))
             layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
+            # held while this process runs: one started meanwhile with another config is refused
+            claims.claim(f"writers/{HOST}-{os.getpid()}")
         finally:
             claims.release(_SETUP)
 
