@@ -28,7 +28,6 @@ from swalab.lab.files import (
     atomic_write_text,
     holds_files,
     load_torch,
-    run_directory,
 )
 from swalab.lab.rundir import RunDirectory
 
@@ -532,9 +531,15 @@ def test_files_follow_the_umask(tmp_path, umask, mode):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
 
 
-def test_second_process_on_the_same_out_exits_2(tmp_path, capsys):
+def test_second_process_on_the_same_out_with_another_config_exits_2(tmp_path, capsys):
+    from swalab.lab.leases import Claims
+
     out = tmp_path / "out"
-    with run_directory(out):  # another process holds the lock (flock: per open file)
-        assert main(tiny_args(out)) == 2
-    assert "is in use by another swalab process" in one_line_error(capsys)
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    with Claims(out) as other:  # another process has set up --out and writes it
+        assert other.claim("writers/node7-1")
+        RunDirectory(out).write_config({"name": "mnist1d", "train": {"lr": 0.5}})
+        assert main(tiny_args(out)) == 2  # (the same config shares it: tests/test_shared_runs.py)
+    assert "being written by another swalab process with a different config" in one_line_error(
+        capsys
+    )
+    assert sorted(p.name for p in out.iterdir()) == [".claims", "config.yaml"]  # nothing more

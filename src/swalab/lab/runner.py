@@ -35,7 +35,16 @@ from .sharing import Branch, plan_branches, trained_epochs
 from .stats import primary_metric, summarize
 from .tracking import EpochReporter, SeedTrackers, check_trackers
 from .trainer import train_runs
-from .units import Unit, pretrain_key, result_row, results, run_key, settle, work
+from .units import (
+    Unit,
+    pretrain_key,
+    result_row,
+    results,
+    run_key,
+    settle,
+    sweep_scratch,
+    work,
+)
 
 __all__ = ["run_experiment", "format_table", "plan_runs"]
 
@@ -109,16 +118,16 @@ _POLL = 2.0  # seconds between looks at the runs other processes hold
 
 def _check_live(
     layout: RunDirectory, cfg: ExperimentConfig, claims: Claims, restart: Sequence[str]
-) -> None:
+) -> bool:
     """A directory that live processes write (``leases.py``) is shared only with the same config;
-    ``--restart-run`` deletes none of the runs they hold."""
+    ``--restart-run`` deletes none of the runs they hold. Returns whether any process is live."""
     live = [
         key
         for key in claims.keys()
         if key != _SETUP and (info := claims.info(key)) is not None and info.live
     ]
     if not live:
-        return
+        return False
     old = layout.saved_config()
     if old is not None and _identity(old) != _identity(to_dict(cfg)):
         raise ConfigError(
@@ -131,6 +140,7 @@ def _check_live(
             f"--restart-run cannot delete {busy[0]}: another swalab process is training it; "
             "wait for it to finish"
         )
+    return True
 
 
 def _claim_everything(
@@ -241,7 +251,8 @@ def _run_experiment(
         claims.wait(_SETUP)  # one process at a time sets up a directory several share
         try:
             _check_out_dir(layout, cfg)
-            _check_live(layout, cfg, claims, restart)
+            if not _check_live(layout, cfg, claims, restart):  # nobody else: leftovers are ours
+                sweep_scratch(layout.path)
             for label in restart:  # after the config check: only runs of this same experiment
                 remove_tree(layout.path / label)
             layout.write_config(to_dict(cfg))

@@ -24,7 +24,17 @@ from .files import is_scratch
 from .leases import Claims
 from .rundir import RunDirectory
 
-__all__ = ["Unit", "pretrain_key", "result_row", "run_key", "results", "settle", "state", "work"]
+__all__ = [
+    "Unit",
+    "pretrain_key",
+    "result_row",
+    "run_key",
+    "results",
+    "settle",
+    "state",
+    "sweep_scratch",
+    "work",
+]
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,8 @@ def _claim_all(claims: Claims, keys: Sequence[str]) -> bool:
     return True
 
 
-def _sweep(folder: Path) -> None:
-    """Temporary files a killed process left in a run folder we now hold."""
+def sweep_scratch(folder: Path) -> None:
+    """Temporary files a killed process left under ``folder`` (which no live process writes)."""
     if folder.is_dir():
         for path in folder.rglob(".*"):
             if path.is_file() and not path.is_symlink() and is_scratch(path.name):
@@ -155,7 +165,7 @@ def work(
         if needs_pretrain:
             keys.append(pretrain_key(seed))
         for label in left:
-            _sweep(layout.run(label, seed).path)
+            sweep_scratch(layout.run(label, seed).path)
         if not left:
             if needs_pretrain:
                 pretrain(
