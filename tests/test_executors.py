@@ -183,3 +183,45 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_bit_identically(
     assert "Requeued" in log and log.count("Loading pickle") == 2, log  # started again
     assert _table(out) == _table(sequential)
     assert _result_files(out) == _result_files(sequential)
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_ray_tasks_and_a_rerun_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pytest.importorskip("ray")
+    from swalab.lab.leases import Claims
+
+    sets = [
+        "train.epochs=8",
+        "train.eval_every=8",
+        "seeds=[0, 1]",
+        "methods=[{method: sgd}]",
+        "landscape.pieces=[]",
+    ]
+    out = tmp_path / "ray"
+    argv = [sys.executable, "-m", "swalab", "run", "mnist1d", "--out", str(out)]
+    argv += ["--executor", "ray", "--executor-option", "num_cpus=1"]
+    argv += [a for s in sets for a in ("--set", s)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), OMP_NUM_THREADS="1")
+    main_process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    claims, deadline = Claims(out), time.monotonic() + 300
+    keys = ["sgd/seed0", "sgd/seed1"]
+    while not any((info := claims.info(k)) and info.live and (info.epoch or 0) >= 1 for k in keys):
+        assert main_process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    main_process.send_signal(signal.SIGINT)
+    _, err = main_process.communicate(timeout=120)
+    assert main_process.returncode == 130 and "interrupted" in err, err
+    time.sleep(2)
+    assert not any((info := claims.info(k)) and info.live for k in keys)  # the tasks are gone
+    assert not (out / "sgd" / "seed0" / "result.json").exists()
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    _run_sets = load_config("mnist1d", sets)
+    run_experiment(_run_sets, tmp_path / "one", progress=False, log=lambda t: None, jobs=1)
+    assert _table(out) == _table(tmp_path / "one")
+    assert _result_files(out) == _result_files(tmp_path / "one")
