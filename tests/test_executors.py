@@ -219,7 +219,10 @@ def test_ctrl_c_cancels_the_ray_tasks_and_a_rerun_resumes(tmp_path):
     time.sleep(2)
     assert not any((info := claims.info(k)) and info.live for k in keys)  # the tasks are gone
     assert not (out / "sgd" / "seed0" / "result.json").exists()
-    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+    try:
+        resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"the re-run hung: {err.stdout!r} {err.stderr!r}") from None
     assert resumed.returncode == 0, resumed.stderr
     _run_sets = load_config("mnist1d", sets)
     run_experiment(_run_sets, tmp_path / "one", progress=False, log=lambda t: None, jobs=1)

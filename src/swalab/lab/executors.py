@@ -312,23 +312,27 @@ class _Ray(RemoteExecutor):
     name = "ray"
 
     def __init__(self, address: str | None, options: dict[str, Any]) -> None:
+        _answers(address)  # before anything is written; Ray itself starts at the first placement
+        self.address = address
+        self.resources = {
+            "num_cpus": options.get("num_cpus", 1),
+            "num_gpus": options.get("num_gpus", 0),
+        }
+        self.task: Any = None
+
+    def submit(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         import ray
 
         self.ray = ray
-        _answers(address)
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False)
-            except Exception as err:  # noqa: BLE001  (ConnectionError, RuntimeError, ...)
-                where = address or "a local cluster"
-                text = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise ConfigError(
-                    f"--executor ray: cannot reach the Ray cluster at {where}: {text}"
-                ) from None
-        resources = {"num_cpus": options.get("num_cpus", 1), "num_gpus": options.get("num_gpus", 0)}
-        self.task = ray.remote(**resources)(train_unit)
-
-    def submit(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        if self.task is None:
+            if not ray.is_initialized():
+                try:
+                    ray.init(address=self.address, log_to_driver=False, include_dashboard=False)
+                except Exception as err:  # noqa: BLE001  (ConnectionError, RuntimeError, ...)
+                    where = self.address or "a local cluster"
+                    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    raise ConfigError(f"--executor ray: cannot start {where}: {text}") from None
+            self.task = ray.remote(**self.resources)(train_unit)
         return [self.task.remote(*call) for call in calls]
 
     def finished(self, handles: list[Any]) -> list[Any]:
