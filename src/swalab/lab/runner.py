@@ -243,13 +243,16 @@ def _run_experiment(
     def prepare() -> None:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            atomic_write_text(probe, "")  # never through a planted link
-            probe.unlink()
+            claims.wait(_SETUP)  # one process at a time sets up a directory several share
         except OSError as err:
             raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
-        claims.wait(_SETUP)  # one process at a time sets up a directory several share
         try:
+            try:
+                probe = out / ".write-test"
+                atomic_write_text(probe, "")  # never through a planted link
+                probe.unlink()
+            except OSError as err:
+                raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
             _check_out_dir(layout, cfg)
             if not _check_live(layout, cfg, claims, restart):  # nobody else: leftovers are ours
                 sweep_scratch(layout.path)
