@@ -1,6 +1,11 @@
-"""Concurrent runs: wall time of ``swalab run PRESET --jobs N`` against the sequential ``--jobs 1``.
+"""Concurrent runs: wall time of ``swalab run PRESET --jobs N`` (and ``--executor``) against ``--jobs 1``.
 
     python benchmarks/jobs.py [--preset mnist1d --jobs 2 --repeats 1 --set train.epochs=10]
+    python benchmarks/jobs.py --executors submitit,ray   # each engine against --jobs 2
+
+With ``--executors``, each engine (submitit's local executor standing in for Slurm, a local Ray
+cluster) runs the same command, start-up included, and is compared with ``--jobs N``; its
+start-up cost is the wall time of a one-epoch, one-run experiment beyond that of ``--jobs 1``.
 
 Each repeat runs both commands, interleaved, as fresh processes into fresh run directories (so the
 start of the worker processes counts), checks that ``results.csv`` holds the same metrics, and
@@ -48,6 +53,15 @@ def run(
     return wall, rows, f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"
 
 
+# the engines of --executor, as this machine runs them (a local Slurm stand-in, a local Ray)
+EXECUTORS = {
+    "submitit": ["--executor", "submitit", "--executor-option", "cluster=local"],
+    "ray": ["--executor", "ray", "--executor-option", "num_cpus=1"],
+}
+# a run with almost nothing to train: its wall time is the start-up (engine, data, processes)
+TRIVIAL = ["train.epochs=1", "seeds=[0]", "methods=[{method: sgd}]"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mnist1d")
@@ -55,37 +69,65 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--executors",
+        default="",
+        help="comma-separated: submitit,ray: also time these executors, against --jobs N, and "
+        "their start-up (a one-epoch, one-run experiment, against --jobs 1)",
+    )
     args = parser.parse_args()
-    walls: dict[int, list[float]] = {1: [], args.jobs: []}
-    loads: dict[int, list[str]] = {1: [], args.jobs: []}
+    chosen = [e.strip() for e in args.executors.split(",") if e.strip()]
+    for name in chosen:
+        if name not in EXECUTORS:
+            raise SystemExit(
+                f"--executors: expected names among {', '.join(EXECUTORS)}, got {name!r}"
+            )
+    commands = {"--jobs 1": ["--jobs", "1"], f"--jobs {args.jobs}": ["--jobs", str(args.jobs)]}
+    commands.update({f"--executor {name}": EXECUTORS[name] for name in chosen})
+    baseline = f"--jobs {args.jobs}"
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    loads: dict[str, list[str]] = {name: [] for name in commands}
+    starts: dict[str, list[float]] = {name: [] for name in commands if name != baseline}
     identical = True
     for _ in range(args.repeats):
         results = {}
-        for jobs in (1, args.jobs):
-            wall, rows, load = run(args.preset, ["--jobs", str(jobs)], args.set, args.variant)
-            walls[jobs].append(wall)
-            loads[jobs].append(load)
-            results[jobs] = rows
-        identical &= results[1] == results[args.jobs]
-    seq, par = statistics.median(walls[1]), statistics.median(walls[args.jobs])
+        for name, flags in commands.items():  # interleaved: each repeat runs every command
+            wall, rows, load = run(args.preset, flags, args.set, args.variant)
+            walls[name].append(wall)
+            loads[name].append(load)
+            results[name] = rows
+            if chosen and name in starts:
+                starts[name].append(run(args.preset, flags, [*args.set, *TRIVIAL], args.variant)[0])
+        identical &= all(rows == results["--jobs 1"] for rows in results.values())
+    median = {name: statistics.median(w) for name, w in walls.items()}
     extra = f" --set {' --set '.join(args.set)}" if args.set else ""
     print(
         f"swalab run {args.preset}{extra}: {os.cpu_count()} CPUs, "
         f"median of {args.repeats} repeat(s)\n"
     )
     print(
-        "| command | wall s (each repeat) | median s | ratio | load avg (1 min) before -> after "
-        "| target |"
+        f"| command | wall s (each repeat) | median s | ratio to --jobs 1 | ratio to {baseline} "
+        "| load avg (1 min) before -> after | target |"
     )
-    print("|---|---|---:|---:|---|---|")
-    print(
-        f"| --jobs 1 | {', '.join(f'{w:.1f}' for w in walls[1])} | {seq:.1f} | 1.00 | "
-        f"{'; '.join(loads[1])} | |"
-    )
-    print(
-        f"| --jobs {args.jobs} | {', '.join(f'{w:.1f}' for w in walls[args.jobs])} | {par:.1f} | "
-        f"{par / seq:.2f} | {'; '.join(loads[args.jobs])} | <= 0.6 |"
-    )
+    print("|---|---|---:|---:|---:|---|---|")
+    for name in commands:
+        target = "<= 0.6" if name == baseline else ""
+        print(
+            f"| {name} | {', '.join(f'{w:.1f}' for w in walls[name])} | {median[name]:.1f} | "
+            f"{median[name] / median['--jobs 1']:.2f} | {median[name] / median[baseline]:.2f} | "
+            f"{'; '.join(loads[name])} | {target} |"
+        )
+    if chosen:
+        one = statistics.median(starts["--jobs 1"])
+        print(
+            f"\nstart-up: the same command on a one-epoch, one-run experiment ({', '.join(TRIVIAL)})\n"
+        )
+        print("| command | wall s (median) | start-up beyond --jobs 1, s |")
+        print("|---|---:|---:|")
+        for name, values in starts.items():
+            print(
+                f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) - one:+.1f} |"
+            )
     print(f"\nresults.csv metrics identical: {'yes' if identical else 'NO'}")
 
 

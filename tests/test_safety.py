@@ -30,7 +30,6 @@ from swalab.lab.files import (
     atomic_write_text,
     holds_files,
     load_torch,
-    run_directory,
 )
 from swalab.lab.rundir import RunDirectory
 
@@ -541,12 +540,18 @@ def test_files_follow_the_umask(tmp_path, umask, mode):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
 
 
-def test_second_process_on_the_same_out_exits_2(tmp_path, capsys):
+def test_second_process_on_the_same_out_with_another_config_exits_2(tmp_path, capsys):
+    from swalab.lab.leases import Claims
+
     out = tmp_path / "out"
-    with run_directory(out):  # another process holds the lock (flock: per open file)
-        assert main(tiny_args(out)) == 2
-    assert "is in use by another swalab process" in one_line_error(capsys)
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    with Claims(out) as other:  # another process has set up --out and writes it
+        assert other.claim("writers/node7-1")
+        RunDirectory(out).write_config({"name": "mnist1d", "train": {"lr": 0.5}})
+        assert main(tiny_args(out)) == 2  # (the same config shares it: tests/test_shared_runs.py)
+    assert "being written by another swalab process with a different config" in one_line_error(
+        capsys
+    )
+    assert sorted(p.name for p in out.iterdir()) == [".claims", "config.yaml"]  # nothing more
 
 
 # --- issue 23, class 2: reading a run imports no code it names -------------------------------------
@@ -617,34 +622,6 @@ def test_out_that_is_not_a_run_is_refused_before_anything_is_touched(tmp_path, c
     assert main(tiny_args(out)) == 2
     assert f"{out} is not empty and holds no swalab run" in one_line_error(capsys)
     assert _tree(out) == before  # nothing removed, no lock file, no probe
-
-
-def test_the_lock_is_held_from_training_through_the_landscape_phase(tmp_path, monkeypatch):
-    """Between training and the landscape phase (the world closes there) no other process may
-    take --out: the lock is held throughout."""
-    import swalab.report.geometry as geometry
-    from swalab.lab.distributed import World
-
-    out = tmp_path / "out"
-    seen: list[str] = []
-
-    def probe(where: str) -> None:
-        try:
-            with run_directory(out):
-                seen.append(f"{where}: free")
-        except RunFileError as err:
-            seen.append(f"{where}: {'held' if 'in use' in str(err) else err}")
-
-    close = World.close
-
-    def closing(self, finished=True):
-        probe("close")
-        close(self, finished)
-
-    monkeypatch.setattr(World, "close", closing)
-    monkeypatch.setattr(geometry, "landscapes_of_run", lambda out, **kw: probe("landscape") or [])
-    assert main(tiny_args(out, "methods=[{method: sgd}]", "train.epochs=1")) == 0
-    assert seen == ["close: held", "landscape: held"]
 
 
 def _alive(pid: int) -> bool:

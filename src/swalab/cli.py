@@ -4,6 +4,8 @@ swalab --version
 swalab list
 swalab run mnist1d
 swalab run mnist1d --jobs 2
+swalab run cifar100-vgg16 --executor submitit --executor-option partition=gpu
+swalab run mnist1d --executor ray --executor-option num_gpus=0.25
 swalab plan cifar10-wrn28x10 --variant gpu
 swalab run cifar100-vgg16 --download --seeds 3 --set train.batch_size=256
 swalab run my_experiment.yaml --out runs/x
@@ -12,6 +14,7 @@ swalab landscape runs/mnist1d --grid 21 --rays 10
 swalab landscape runs/mnist1d --seed all --what line,rays,ensemble,bn
 swalab claims runs/mnist1d
 swalab posthoc runs/mnist1d --start 10 20 25 --end 30 45
+swalab status runs/mnist1d
 swalab report runs/mnist1d --html --format png,svg,pdf
 """
 
@@ -99,13 +102,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     world = setup(
         cfg.train.batch_size, cfg.train.device, args.dist_timeout
     )  # one process unless under torchrun
-    jobs = args.jobs
+    from .lab.executors import parse_options
+
+    executor_options = parse_options(args.executor_option)
+    if args.executor != "local" and args.jobs is not None:
+        raise ValueError(
+            f"--jobs is for --executor local; --executor {args.executor} runs one job per seed "
+            "tree (set its resources with --executor-option)"
+        )
+    jobs = 1 if args.executor != "local" else "auto" if args.jobs is None else args.jobs
     if jobs == "auto":
         device = world.device if world.size > 1 else resolve_device(cfg.train.device)
         jobs = auto_jobs(cfg.train.threads, device, len(cfg.seeds) * len(cfg.methods), world.size)
-    # rank 0 alone writes: it holds the --out lock for the whole run, landscape phase included
-    with run_directory(out) if world.main else contextlib.nullcontext():
-        try:
+    try:
+        # rank 0 alone writes; several `swalab run` on one --out share its runs (lab/leases.py)
+        with run_directory(out, lock=False) if world.main else contextlib.nullcontext():
             rows = run_experiment(
                 cfg,
                 out,
@@ -116,15 +127,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 jobs=jobs,
                 restart=args.restart_run,
                 share=not args.no_share,
+                executor=args.executor,
+                executor_options=executor_options,
             )
-        except BaseException:
-            world.close(finished=False)
-            raise
-        world.close()
-        if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
-            from .report.geometry import landscapes_of_run
+    except BaseException:
+        world.close(finished=False)
+        raise
+    world.close()
+    if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
+        from .lab.leases import Claims
+        from .report.geometry import landscapes_of_run
 
-            landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))  # the other ranks have left
+        with Claims(out) as claims:  # one of the processes sharing --out computes them
+            if not claims.claim("landscape"):
+                print(f"landscape pieces: computed by another process ({out})", file=sys.stderr)
+                return 0
+            with run_directory(out, lock=False):  # after the other ranks have left
+                landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
     return 0
 
 
@@ -206,6 +225,13 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
                 **given,
             )
             compute_landscape(args.run_dir, options, progress=sys.stderr.isatty())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .lab.status import format_status, run_status
+
+    print(format_status(args.run_dir, run_status(args.run_dir)))
     return 0
 
 
@@ -317,11 +343,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs",
         type=_jobs,
-        default="auto",
+        default=None,
         metavar="N",
         help="train N trajectories (a seed's runs that share epochs) at once, in N processes, "
         "then N seeds' landscape pieces; auto (default): the CPU cores divided by "
         "train.threads (1 if unset), or one per GPU",
+    )
+    p.add_argument(
+        "--executor",
+        default="local",
+        metavar="local|submitit|ray",
+        help="where the seed trees train: local (default: --jobs processes here), submitit "
+        "(one Slurm job per seed tree; pip install 'swalab[slurm]') or ray (one task per seed "
+        "tree on RAY_ADDRESS or a local cluster; pip install 'swalab[ray]'); see docs/distributed.md",
+    )
+    p.add_argument(
+        "--executor-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --executor: submitit: partition, time (minutes), gpus_per_node, "
+        "cpus_per_task, mem_gb, array_parallelism, account, qos, constraint, max_requeue, "
+        "cluster (slurm|local), folder; ray: address, num_gpus (a fraction packs trees on a "
+        "GPU), num_cpus; repeatable",
     )
     p.add_argument(
         "--no-share",
@@ -434,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _allow_import(p)
     p.set_defaults(func=_cmd_landscape)
+
+    p = sub.add_parser(
+        "status",
+        help="every run of a run directory: done, running (where, since when, epoch), failed "
+        "(why), stopped or waiting; works while processes on several machines share it",
+    )
+    p.add_argument("run_dir", help="a run directory written by `swalab run`")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(
         "claims",

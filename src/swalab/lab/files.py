@@ -64,8 +64,13 @@ class RunFileError(ValueError):
 
 
 def is_scratch(name: str) -> bool:
-    """Whether a file name is one of ours that holds no result: a temporary file or the lock file."""
-    return name == LOCK_NAME or _TEMP.match(name) is not None or _OLD_TEMP.match(name) is not None
+    """Whether a file name is one of ours that holds no result: a temporary file, the lock file or
+    the folder of per-run claims (``leases.py``)."""
+    return (
+        name in (LOCK_NAME, ".claims")
+        or _TEMP.match(name) is not None
+        or _OLD_TEMP.match(name) is not None
+    )
 
 
 def holds_files(directory: Path) -> bool:

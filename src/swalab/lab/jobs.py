@@ -4,9 +4,12 @@ A job is one trajectory of one seed (``sharing.py``): the runs that train their 
 (one run when nothing is shared, or under ``--no-share``).
 
 The workers are N processes started with ``spawn`` (safe with CUDA and OpenMP), each holding the
-dataset of the seed it works on. The main process hands out one job at a time to an idle worker,
-receives its epochs and results through a queue, and alone writes ``result.json`` and
-``results.csv``, exactly as the sequential loop does. Where the workers run:
+dataset of the seed it works on. The main process hands out one job at a time to an idle worker
+and receives its epochs and results through a queue; a worker trains a job under its claims
+(``units.work``: it writes each run's ``result.json`` before releasing it), the main process writes
+``results.csv``. A job another process holds (a second ``swalab run`` on the same ``--out``,
+``leases.py``) waits, and comes back to a worker if that process stops before finishing it.
+Where the workers run:
 
 - **CPU:** the cores are divided, ``threads = min(train.threads or cores, cores // N)`` per worker
   (at least 1), so N jobs × threads ≤ cores.
@@ -31,6 +34,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +42,20 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ExperimentConfig, MethodConfig
+from .config import ConfigError, ExperimentConfig
+from .leases import Claims
 from .rundir import RunDirectory
 from .sharing import Branch
+from .units import Unit, result_row, results, settle, work
 
 __all__ = ["RunsFailed", "Slot", "auto_jobs", "check_jobs", "die_with_parent", "run_jobs", "slots"]
 
 Job = tuple[
     str, int, tuple[str, ...]
 ]  # ("pretrain" | "run", seed, method labels (none for pretrain))
+
+
+_POLL = 2.0  # seconds between looks at the units other processes hold
 
 
 class RunsFailed(RuntimeError):
@@ -150,9 +159,7 @@ def _worker(
     ``parent``: the main process's pid, which the worker does not outlive."""
     from .config import to_dict
     from .inputs import load_bundle
-    from .rundir import RunDirectory
     from .tracking import SeedTrackers
-    from .trainer import pretrain, train_runs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when everyone stops
     die_with_parent(parent)  # never writes into --out after the main process is gone
@@ -160,25 +167,21 @@ def _worker(
     if slot.device.type == "cuda":
         torch.cuda.set_device(slot.device)
     bundles: dict[int, Any] = {}
-    methods = {m.label: m for m in cfg.methods}
-    layout = RunDirectory(out)
-    while True:
-        try:
-            job = tasks.get(timeout=2.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # the main process is gone
+    claims = Claims(out)  # this worker's own: a claim ends with the process that trains
+    try:
+        while True:
+            try:
+                job = tasks.get(timeout=2.0)
+            except queue.Empty:
+                if os.getppid() != parent:  # the main process is gone
+                    return
+                continue
+            if job is None:
                 return
-            continue
-        if job is None:
-            return
-        kind, seed, labels = job
-        try:
-            if seed not in bundles:  # one seed's data at a time
-                bundles = {seed: load_bundle(cfg, seed)}
-            if kind == "pretrain":
-                files = layout.run(cfg.methods[0].label, seed)
-                pretrain(cfg, bundles[seed], seed, files, slot.device)
-            else:
+            kind, seed, labels = job
+            try:
+                if seed not in bundles:  # one seed's data at a time
+                    bundles = {seed: load_bundle(cfg, seed)}
                 trackers = SeedTrackers(cfg.train.log, out, seed, to_dict(cfg))
 
                 def done(
@@ -186,22 +189,25 @@ def _worker(
                     result: Any,
                     seconds: float,
                     job: Job = job,
+                    seed: int = seed,
                     trackers: Any = trackers,
                 ) -> None:
                     trackers.close(method.label)
-                    events.put(("result", index, job, (method.label, result, seconds)))
+                    events.put(("result", index, job, result_row(seed, method, result, seconds)))
 
                 def on_epoch(methods: list[Any], record: Any, job: Job = job) -> None:
                     if methods:  # not pre-training
                         events.put(("epoch", index, job, None))
 
                 try:
-                    train_runs(
+                    held = work(
                         cfg,
-                        [(methods[label], layout.run(label, seed)) for label in labels],
+                        out,
                         seed,
-                        bundles[seed],
+                        [labels],
                         slot.device,
+                        claims,
+                        bundle=lambda bundle=bundles[seed]: bundle,
                         done=done,
                         on_record=trackers.log,
                         on_epoch=on_epoch,
@@ -209,10 +215,12 @@ def _worker(
                     )
                 finally:
                     trackers.close()
-            events.put(("done", index, job, None))
-        except Exception as err:  # noqa: BLE001  (reported; the worker takes the next job)
-            text = str(err).splitlines()[0] if str(err) else ""
-            events.put(("failed", index, job, f"{type(err).__name__}: {text}"))
+                events.put(("held" if held else "done", index, job, None))
+            except Exception as err:  # noqa: BLE001  (reported; the worker takes the next job)
+                text = str(err).splitlines()[0] if str(err) else ""
+                events.put(("failed", index, job, f"{type(err).__name__}: {text}"))
+    finally:
+        claims.close()
 
 
 class _Pool:
@@ -280,7 +288,7 @@ def run_jobs(
     device: torch.device,
     *,
     share: bool,
-    record: Callable[[int, MethodConfig, Any, float], None],
+    record: Callable[[dict[str, Any]], None],
     bar: Any,
     task: Any,
     log: Callable[[str], None],
@@ -293,7 +301,6 @@ def run_jobs(
     and its overall task; every running job gets a bar of its own (``progress``), or one line per
     event when there is no terminal.
     """
-    methods = {m.label: m for m in cfg.methods}
     seeds = list(dict.fromkeys(seed for seed, _ in trajectories))
     cached = {
         s for s in seeds if cfg.pretrain.epochs == 0 or RunDirectory(out).pretrain_path(s).exists()
@@ -337,10 +344,23 @@ def run_jobs(
     def ready(job: Job) -> bool:
         return job[0] == "pretrain" or job[1] in cached
 
+    waiting: list[Unit] = []
+    looked = time.monotonic()
+    claims = Claims(out)  # only reads: the workers hold the claims
     pool = _Pool(placement, cfg, out, share)
     graceful = False
     try:
-        while pending or running:
+        while pending or running or waiting:
+            if waiting and time.monotonic() - looked > _POLL:  # units other processes hold
+                looked = time.monotonic()
+                finished, free, waiting = settle(cfg, out, waiting, claims)
+                for unit in finished:
+                    for row in results(out, unit):
+                        recorded.add((row["method"], unit.seed))
+                        record(row)
+                    if unit.kind == "pretrain":
+                        cached.add(unit.seed)
+                pending += [(u.kind, u.seed, u.labels) for u in free]
             for worker in range(len(placement)):
                 if worker in running:
                     continue
@@ -367,12 +387,14 @@ def run_jobs(
                 bar.advance(task)
                 continue
             if kind == "result":
-                label, result, seconds = payload
-                recorded.add((label, job[1]))
-                record(job[1], methods[label], result, seconds)
+                recorded.add((payload["method"], job[1]))
+                record(payload)
                 continue
             bar.remove_task(running.pop(worker)[1])
-            if kind == "failed":
+            if kind == "held":
+                log(f"waiting for another process: {name(job)}")
+                waiting.append(Unit(*job))
+            elif kind == "failed":
                 fail(job, payload)
             elif job[0] == "pretrain":
                 cached.add(job[1])

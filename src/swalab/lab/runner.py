@@ -8,10 +8,12 @@ change their config (or be added) between runs.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ import torch
 from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .devices import resolve_device
 from .distributed import World
+from .executors import open_executor
 from .files import RunFileError, atomic_write_text, holds_files, remove_tree
 from .inputs import check_inputs, load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
+from .leases import HOST, Claims
 from .methods import recipe_of
 from .precision import Precision
 from .rundir import RunDirectory
@@ -31,6 +35,16 @@ from .sharing import Branch, plan_branches, trained_epochs
 from .stats import primary_metric, summarize
 from .tracking import EpochReporter, SeedTrackers, check_trackers
 from .trainer import train_runs
+from .units import (
+    Unit,
+    pretrain_key,
+    result_row,
+    results,
+    run_key,
+    settle,
+    sweep_scratch,
+    work,
+)
 
 __all__ = ["run_experiment", "format_table", "plan_runs"]
 
@@ -98,6 +112,51 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
         )
 
 
+_SETUP = "setup"  # the claim a process holds while it checks and writes config.yaml
+_POLL = 2.0  # seconds between looks at the runs other processes hold
+
+
+def _check_live(
+    layout: RunDirectory, cfg: ExperimentConfig, claims: Claims, restart: Sequence[str]
+) -> bool:
+    """A directory that live processes write (``leases.py``) is shared only with the same config;
+    ``--restart-run`` deletes none of the runs they hold. Returns whether any process is live."""
+    live = [
+        key
+        for key in claims.keys()
+        if key != _SETUP and (info := claims.info(key)) is not None and info.live
+    ]
+    if not live:
+        return False
+    old = layout.saved_config()
+    if old is not None and _identity(old) != _identity(to_dict(cfg)):
+        raise ConfigError(
+            f"{layout.path} is being written by another swalab process with a different config "
+            f"(it holds {live[0]}); run the same config to share the work, or choose another --out"
+        )
+    busy = [key for key in live if key.split("/")[0] in restart]
+    if busy:
+        raise ConfigError(
+            f"--restart-run cannot delete {busy[0]}: another swalab process is training it; "
+            "wait for it to finish"
+        )
+    return True
+
+
+def _claim_everything(
+    cfg: ExperimentConfig, layout: RunDirectory, todo: Sequence[tuple[int, Any]], claims: Claims
+) -> None:
+    """Under torchrun rank 0 holds every run left (and pre-training) for the whole run."""
+    keys = [run_key(m.label, seed) for seed, m in todo]
+    keys += [pretrain_key(s) for s in {seed for seed, _ in todo} if cfg.pretrain.epochs > 0]
+    for key in keys:
+        if not claims.claim(key):
+            raise ConfigError(
+                f"{layout.path}: {key} is held by another swalab process; under torchrun "
+                "start only when no other process writes --out"
+            )
+
+
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """The config without what a resumed run may change (the trackers, ``train.log``), with the
     defaults of keys added since it was saved (``train.compile``: the same run as before)."""
@@ -124,6 +183,8 @@ def run_experiment(
     jobs: int = 1,
     restart: Sequence[str] = (),
     share: bool = True,
+    executor: str = "local",
+    executor_options: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg`` under ``out`` and return the result rows.
 
@@ -135,28 +196,80 @@ def run_experiment(
     (``sharing.py``), with results equal to separate runs; also under ``jobs > 1`` (a job is a
     trajectory) and torchrun. ``share=False`` trains every run on its own.
 
+    ``executor``: where the units (a seed's tree of runs) train, ``local`` (this machine, ``jobs``
+    processes), ``submitit`` or ``ray`` with its ``executor_options`` (executors.py). Several
+    processes may share ``out`` (same config): each trains the runs nobody holds (leases.py).
+
     Under torchrun every rank calls this with its ``world``; rank 0 alone reads and writes ``out``
     and shares what it found, the others train alongside it (distributed.py).
     """
     check_parts(cfg)  # every config error before anything is written or trained
+    claims = Claims(out)
+    try:
+        return _run_experiment(
+            cfg,
+            out,
+            claims,
+            download,
+            argv,
+            log,
+            progress,
+            world,
+            jobs,
+            restart,
+            share,
+            executor,
+            executor_options or {},
+        )
+    finally:
+        claims.close()
+
+
+def _run_experiment(
+    cfg: ExperimentConfig,
+    out: Path,
+    claims: Claims,
+    download: bool,
+    argv: list[str] | None,
+    log: Callable[[str], None],
+    progress: bool,
+    world: World,
+    jobs: int,
+    restart: Sequence[str],
+    share: bool,
+    executor: str,
+    executor_options: Mapping[str, str],
+) -> list[dict[str, Any]]:
     layout = RunDirectory(out)
 
     def prepare() -> None:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            atomic_write_text(probe, "")  # never through a planted link
-            probe.unlink()
+            claims.wait(_SETUP)  # one process at a time sets up a directory several share
         except OSError as err:
             raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
-        _check_out_dir(layout, cfg)
-        for label in restart:  # after the config check: only runs of this same experiment
-            remove_tree(layout.path / label)
-        layout.write_config(to_dict(cfg))
-        layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
+        try:
+            try:
+                probe = out / ".write-test"
+                atomic_write_text(probe, "")  # never through a planted link
+                probe.unlink()
+            except OSError as err:
+                raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
+            _check_out_dir(layout, cfg)
+            if not _check_live(layout, cfg, claims, restart):  # nobody else: leftovers are ours
+                sweep_scratch(layout.path)
+            for label in restart:  # after the config check: only runs of this same experiment
+                remove_tree(layout.path / label)
+            layout.write_config(to_dict(cfg))
+            layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
+            # held while this process runs: one started meanwhile with another config is refused
+            claims.claim(f"writers/{HOST}-{os.getpid()}")
+        finally:
+            claims.release(_SETUP)
 
     runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
     check_jobs(jobs, len(runs), world.size)  # bad input fails before any work
+    remote = open_executor(executor, executor_options, out, world.size)  # and a Ray address
     device = world.device if world.size > 1 else resolve_device(cfg.train.device)
     # e.g. fp16 on the CPU, or train.compile without a compiler
     Precision(cfg.train.precision, cfg.train.channels_last, device, cfg.train.compile)
@@ -174,6 +287,8 @@ def run_experiment(
 
     rows = world.on_main(finished)
     todo = [(seed, m) for seed, m in runs if (m.label, seed) not in rows]
+    if world.size > 1:
+        world.on_main(partial(_claim_everything, cfg, layout, todo, claims))
     where = f"{world.size} processes on {device.type}" if world.size > 1 else str(device)
     log(
         f"{cfg.name}: {len(runs)} runs ({len(runs) - len(todo)} already done) on {where}, writing {out}"
@@ -185,34 +300,30 @@ def run_experiment(
         task = bar.add_task("epochs", total=None)
         reporter = EpochReporter(bar, task, log, lines=not progress)
 
-        def record(seed: int, method: Any, result: Any, seconds: float) -> None:
-            row = {
-                "method": method.label,
-                "method_name": method.method,
-                "baseline": method.baseline,
-                "seed": seed,
-                "budget": method.budget,
-                "epochs": result.epochs,
-                "status": result.status,
-                "seconds": seconds,
-                "message": result.message,
-                **result.metrics,
-            }
-            if result.status == "diverged":
-                log(f"diverged: {result.message}; the other runs go on")
+        def record(row: dict[str, Any]) -> None:
+            label, seed = row["method"], row["seed"]
+            if row["status"] == "diverged":
+                log(f"diverged: {row['message']}; the other runs go on")
             elif not progress:  # no live bar: a line per epoch (on_epoch), one per run here
-                metric = primary_metric([result.metrics])
+                metric = primary_metric([row])
                 log(
-                    f"[{len(rows) + 1}/{len(runs)}] {method.label} seed {seed}: {metric} "
-                    f"{result.metrics.get(metric, float('nan')):.4g} in {row['seconds']:.1f} s, "
+                    f"[{len(rows) + 1}/{len(runs)}] {label} seed {seed}: {metric} "
+                    f"{float(row.get(metric, float('nan'))):.4g} in {float(row['seconds']):.1f} s, "
                     f"ETA {reporter.eta_text()}"
                 )
-            rows[(method.label, seed)] = row
+            rows[(label, seed)] = row
             if world.main:
-                layout.run(method.label, seed).write_result(row)
                 layout.write_results([rows[(m.label, s)] for s, m in runs if (m.label, s) in rows])
 
-        if jobs > 1 and todo:
+        if remote is not None and todo:  # one unit per seed tree, placed by submitit or Ray
+            bundle = load_bundle(cfg, todo[0][0], download)
+            steps = len(train_loader(cfg, bundle, todo[0][0], torch.device("cpu"))[0])
+            trees = {
+                seed: [tuple(m.label for m in root.methods) for root in roots]
+                for seed, roots in plan_runs(cfg, todo, layout, steps, share).items()
+            }
+            failures = remote.run(cfg, out, trees, share=share, record=record, log=log)
+        elif jobs > 1 and todo:
             # the data once here (a download, rather than by several workers at once; the steps
             # per epoch that plan the shared trajectories)
             bundle = load_bundle(cfg, todo[0][0], download)
@@ -239,7 +350,23 @@ def run_experiment(
                 )
             )
         )
-        for seed in dict.fromkeys(seed for seed, _ in todo) if jobs == 1 else []:
+        # the seeds to train here with their groups of runs (None: every run left of the seed);
+        # units a live process holds wait, and come back here if it stops before finishing them
+        queue: list[tuple[int, list[tuple[str, ...]] | None]] = [
+            (seed, None)
+            for seed in dict.fromkeys(seed for seed, _ in todo)
+            if jobs == 1 and remote is None
+        ]
+        waiting: list[Unit] = []
+        while queue or waiting:
+            if not queue:
+                time.sleep(_POLL)
+                finished_units, free, waiting = settle(cfg, out, waiting, claims)
+                for row in [r for unit in finished_units for r in results(out, unit)]:
+                    record(row)
+                queue = [(u.seed, [u.labels]) for u in free]
+                continue
+            seed, groups = queue.pop(0)
             if seed not in bundles:  # under DDP rank 0 first: it downloads what the others read
                 bundles = {seed: world.main_first(partial(load_bundle, cfg, seed, download))}
             if bar.tasks[task].total is None:
@@ -247,6 +374,8 @@ def run_experiment(
                 plans = world.on_main(partial(plan_runs, cfg, todo, layout, steps, share))
                 pretraining = cfg.pretrain.epochs * len(pretrain_todo)
                 reporter.set_total(pretraining + sum(trained_epochs(p) for p in plans.values()))
+            if groups is None:
+                groups = [tuple(m.label for m in root.methods) for root in plans.get(seed, [])]
             methods = [m for s, m in todo if s == seed]
             trackers = SeedTrackers(cfg.train.log if world.main else [], out, seed, to_dict(cfg))
 
@@ -265,25 +394,51 @@ def run_experiment(
                 method: Any, result: Any, seconds: float, seed: int = seed, trackers: Any = trackers
             ) -> None:
                 trackers.close(method.label)
-                record(seed, method, result, seconds)
+                row = result_row(seed, method, result, seconds)
+                if world.size > 1 and world.main:  # units.work writes it in one process
+                    layout.run(method.label, seed).write_result(row)
+                record(row)
 
             phase = "pretrain" if cfg.pretrain.epochs > 0 and seed in pretrain_todo else "train"
             bar.update(task, description=f"{phase} seed {seed}")
             try:
-                train_runs(
+                if world.size > 1:  # torchrun: rank 0 holds every claim (taken at the start)
+                    train_runs(
+                        cfg,
+                        [(m, layout.run(m.label, seed)) for m in methods],
+                        seed,
+                        bundles[seed],
+                        device,
+                        done=done,
+                        on_record=trackers.log,
+                        on_epoch=on_epoch,
+                        world=world,
+                        share=share,
+                    )
+                    continue
+                held = work(
                     cfg,
-                    [(m, layout.run(m.label, seed)) for m in methods],
+                    out,
                     seed,
-                    bundles[seed],
+                    groups,
                     device,
+                    claims,
+                    bundle=lambda bundle=bundles[seed]: bundle,
                     done=done,
                     on_record=trackers.log,
                     on_epoch=on_epoch,
-                    world=world,
                     share=share,
                 )
+                if held:
+                    log(
+                        f"waiting for another process: {'; '.join(', '.join(g) for g in held)} "
+                        f"seed {seed}"
+                    )
+                waiting += [Unit("run", seed, group) for group in held]
             finally:
                 trackers.close()
+    if world.main:  # every result, also those of the other processes sharing this directory
+        rows.update(finished())
     ordered = [rows[(m.label, s)] for s, m in runs if (m.label, s) in rows]
     if world.main:
         layout.write_results(ordered)
