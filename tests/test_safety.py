@@ -944,3 +944,30 @@ def test_appends_refuse_hard_links_and_fifos(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(RunFileError, match="not a regular file"):
         append_text(fifo, "{}\n")  # returns at once: no reader would block it forever
+
+
+def test_report_figure_fallback_copy_follows_no_symlink(run, tmp_path, capsys):
+    """An older landscape (no line.npz) has its PNG copied into the report: never from a link to
+    another file (report.html would embed it), never through a link planted at the target."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    src = run / "landscape" / "line.png"
+    (run / "landscape" / "line.npz").unlink()
+    png = src.read_bytes()
+    src.unlink()
+    src.symlink_to(secret)
+    assert main(["report", str(run), "--html"]) == 2
+    assert f"cannot read {src}: it is a symlink" in one_line_error(capsys)
+    written = [p for p in run.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert not any(b"private" in p.read_bytes() for p in written)
+    src.unlink()
+    src.write_bytes(png)
+    target = run / "report" / "line.png"
+    target.parent.mkdir(exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    target.symlink_to(secret)
+    assert main(["report", str(run)]) == 0
+    capsys.readouterr()
+    assert secret.read_text() == "private"
+    assert not target.is_symlink() and target.read_bytes() == png
