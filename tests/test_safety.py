@@ -892,3 +892,62 @@ def test_every_damaged_run_file_is_one_line_and_touches_nothing_outside(
         assert str(path) in lines[0] or damage == "missing", err
     assert _outside_state(outside) == before  # nothing outside the run read-modified or written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "run"]
+
+
+def test_installed_entry_points_stay_importable_when_reading_a_run(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from swalab.registry import Registry, UntrustedImportError, imports_limited_to
+
+    registry = Registry("model")
+    plugin = EntryPoint("plugged", "json:dumps", "swalab.models")
+    monkeypatch.setattr(Registry, "_entry_points", lambda self: {"plugged": plugin})
+    with imports_limited_to([]):
+        assert registry.get("plugged") is json.dumps  # installed: the user's own choice
+        with pytest.raises(UntrustedImportError, match="pass --allow-import json$"):
+            registry.get("json:dumps")
+    with imports_limited_to(["json"]):
+        assert registry.get("json:dumps") is json.dumps
+    assert registry.get("json:dumps") is json.dumps  # outside: the library imports as before
+
+
+def test_appends_refuse_hard_links_and_fifos(tmp_path):
+    outside = tmp_path / "outside.log"
+    outside.write_text("mine\n")
+    linked = tmp_path / "run" / "metrics.jsonl"
+    linked.parent.mkdir()
+    os.link(outside, linked)
+    with pytest.raises(RunFileError, match="it is a hard link"):
+        append_text(linked, "{}\n")
+    assert outside.read_text() == "mine\n"
+    fifo = tmp_path / "run" / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(RunFileError, match="not a regular file"):
+        append_text(fifo, "{}\n")  # returns at once: no reader would block it forever
+
+
+def test_report_figure_fallback_copy_follows_no_symlink(run, tmp_path, capsys):
+    """An older landscape (no line.npz) has its PNG copied into the report: never from a link to
+    another file (report.html would embed it), never through a link planted at the target."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    src = run / "landscape" / "line.png"
+    (run / "landscape" / "line.npz").unlink()
+    png = src.read_bytes()
+    src.unlink()
+    src.symlink_to(secret)
+    assert main(["report", str(run), "--html"]) == 2
+    assert f"cannot read {src}: it is a symlink" in one_line_error(capsys)
+    written = [p for p in run.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert not any(b"private" in p.read_bytes() for p in written)
+    src.unlink()
+    src.write_bytes(png)
+    target = run / "report" / "line.png"
+    target.parent.mkdir(exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    target.symlink_to(secret)
+    assert main(["report", str(run)]) == 0
+    capsys.readouterr()
+    assert secret.read_text() == "private"
+    assert not target.is_symlink() and target.read_bytes() == png
