@@ -29,7 +29,15 @@ import yaml
 
 from ..posthoc import Snapshots
 from .config import read_yaml
-from .files import RunFileError, append_text, atomic_save, atomic_write_text, load_torch, read_json
+from .files import (
+    RunFileError,
+    append_text,
+    atomic_output,
+    atomic_save,
+    atomic_write_text,
+    load_torch,
+    read_json,
+)
 
 __all__ = ["RESULT_FIELDS", "RunDirectory", "RunFiles", "read_results"]
 
@@ -138,7 +146,7 @@ class RunFiles:
     def snapshots(self, every: int | None = None) -> Snapshots:
         """The run's ``swalab.posthoc`` snapshots (``posthoc/``), opened once and kept."""
         if getattr(self, "_snapshots", None) is None:
-            self._snapshots = Snapshots(self.path / "posthoc", every=every, save=atomic_save)
+            self._snapshots = Snapshots(self.path / "posthoc", every=every, output=atomic_output)
         return self._snapshots
 
     def append_trajectory(self, epoch: int, state: dict[str, Any]) -> None:
