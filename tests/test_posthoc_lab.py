@@ -98,3 +98,38 @@ def test_claim_start_reads_the_band_from_posthoc_csv(run_dir):
         assert len(accuracy) == 3
         assert claim.values[seed] == pytest.approx(max(accuracy) - min(accuracy))
     assert claim.margin == 1.0 and claim.verdict in ("supported", "undecided", "contradicted")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_killed_between_snapshot_and_checkpoint_resumes_into_the_same_files(
+    run_dir, tmp_path, monkeypatch
+):
+    """Killed after writing epoch 7's snapshot but before its checkpoint: the resumed run trains
+    epoch 7 again, skips collecting it a second time, and every snapshot file equals, byte for byte,
+    that of the uninterrupted run (the module's fixture, same config)."""
+    from swalab.lab.rundir import RunFiles
+
+    original = RunFiles.save_checkpoint
+
+    def dying(self, state):
+        if self.path.parent.name == "swa-1.5B" and state["epoch"] == 6:  # 0-based: epoch 7
+            raise Killed(self.path)
+        return original(self, state)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(RunFiles, "save_checkpoint", dying)
+    with pytest.raises(Killed):
+        run_experiment(load_config("mnist1d", SETS), out, progress=False, log=lambda s: None)
+    assert (out / "swa-1.5B" / "seed0" / "posthoc" / "snapshot-00000007.pt").is_file()
+    monkeypatch.setattr(RunFiles, "save_checkpoint", original)
+    run_experiment(load_config("mnist1d", SETS), out, progress=False, log=lambda s: None)
+    for seed in (0, 1):
+        ours = out / "swa-1.5B" / f"seed{seed}" / "posthoc"
+        theirs = run_dir / "swa-1.5B" / f"seed{seed}" / "posthoc"
+        names = sorted(p.name for p in theirs.iterdir())
+        assert sorted(p.name for p in ours.iterdir()) == names and len(names) == 10
+        for name in names:
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), (seed, name)

@@ -6,7 +6,7 @@ state, the SWA and FGE learning-rate schedules, BatchNorm recomputation for any 
 SWAG, FGE ensembles, model soups and calibration metrics.
 """
 
-from . import metrics
+from . import metrics, posthoc
 from .averaging import (
     EMA,
     SWA,
@@ -56,6 +56,7 @@ __all__ = [
     "fge_should_collect",
     "greedy_soup",
     "metrics",
+    "posthoc",
     "predict_outputs",
     "uniform_soup",
     "weighted_soup",

@@ -34,16 +34,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from .ensembles import _save_whole
 
 __all__ = ["Snapshots", "ema", "lawa", "sigma_rel_to_gamma", "swa_window"]
 
@@ -104,8 +106,10 @@ class Snapshots:
         ema_dtype: storage dtype of the tracks in the snapshot files: ``torch.float32``
             (default), ``torch.float16`` or ``torch.bfloat16``; the running tracks are kept in
             the model's dtype or float32, whichever is wider, and the sums in float64.
-        save: ``save(obj, path)`` writes one file whole (default: ``torch.save`` to a temporary
-            file beside ``path``, then a rename); the laboratory passes its checked writer.
+        output: ``with output(path) as tmp:`` gives the temporary path a file is written to and
+            renames it over ``path`` on success (default: beside it, a rename); the laboratory
+            passes its checked ``atomic_output``. Files are written through a file object, so
+            their bytes do not depend on the temporary name.
     """
 
     def __init__(
@@ -114,7 +118,7 @@ class Snapshots:
         every: int | None = None,
         sigma_rels: Sequence[float] | None = None,
         ema_dtype: torch.dtype | None = None,
-        save: Callable[[Any, Path], None] | None = None,
+        output: Callable[[Path], AbstractContextManager[Path]] | None = None,
     ) -> None:
         if every is not None and (
             isinstance(every, bool) or not isinstance(every, int) or every < 1
@@ -133,7 +137,7 @@ class Snapshots:
                 f"ema_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {ema_dtype}"
             )
         self.directory = Path(directory)
-        self._save = save or _save_whole
+        self._output = output or _whole
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"snapshot directory {self.directory} is not a directory")
         self._state: dict[str, Any] | None = None
@@ -230,7 +234,7 @@ class Snapshots:
         }
         if t % self.every == 0:
             self._write_snapshot(state)
-            self._save(_cpu(state), self.directory / _RESUME)
+            self._write(_cpu(state), self.directory / _RESUME)
         return True
 
     def _write_snapshot(self, state: dict[str, Any]) -> None:
@@ -245,7 +249,14 @@ class Snapshots:
             "ema": [{k: v.to(self.ema_dtype) for k, v in track.items()} for track in state["ema"]],
             "other": state["other"],
         }
-        self._save(_cpu(snapshot), self.directory / f"snapshot-{state['count']:08d}.pt")
+        self._write(_cpu(snapshot), self.directory / f"snapshot-{state['count']:08d}.pt")
+
+    def _write(self, obj: Any, path: Path) -> None:
+        """``torch.save`` into a file object (the archive's inner name is then always "archive",
+        not the temporary file's), through a temporary file renamed over ``path``."""
+        with self._output(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -271,6 +282,18 @@ class Snapshots:
                 }
             out.append(entry)
         return out
+
+
+@contextlib.contextmanager
+def _whole(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed over it on success and removed on failure."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # still there only after a failure
 
 
 def _cpu(obj: Any) -> Any:

@@ -33,6 +33,7 @@ from .config import read_yaml
 from .files import (
     RunFileError,
     append_text,
+    atomic_output,
     atomic_save,
     atomic_write_text,
     load_torch,
@@ -178,7 +179,7 @@ class RunFiles:
     def snapshots(self, every: int | None = None) -> Snapshots:
         """The run's ``swalab.posthoc`` snapshots (``posthoc/``), opened once and kept."""
         if getattr(self, "_snapshots", None) is None:
-            self._snapshots = Snapshots(self.path / "posthoc", every=every, save=atomic_save)
+            self._snapshots = Snapshots(self.path / "posthoc", every=every, output=atomic_output)
         return self._snapshots
 
     def weights(self, name: str) -> dict[str, Any]:

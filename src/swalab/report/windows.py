@@ -219,6 +219,7 @@ def window_map(run: RunDir, path: Path | None = None, formats: Sequence[str] = (
     image = ax.pcolormesh(
         np.arange(len(starts) + 1), np.arange(len(ends) + 1), grid, cmap=cmap, norm=norm
     )
+    digits = 2 if spread < 1 else 1  # small differences stay visible
     for i in range(len(ends)):
         for j in range(len(starts)):
             if np.isfinite(grid[i, j]):
@@ -226,7 +227,7 @@ def window_map(run: RunDir, path: Path | None = None, formats: Sequence[str] = (
                 ax.text(
                     j + 0.5,
                     i + 0.42,
-                    f"{grid[i, j]:.1f}",
+                    f"{grid[i, j]:.{digits}f}",
                     ha="center",
                     va="center",
                     fontsize=6,
