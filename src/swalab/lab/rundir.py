@@ -9,6 +9,7 @@
         init.pt  final.pt        weights before training and of the final model
         trajectory/epoch<n>.pt   weights after epoch n (train.save_trajectory), one file per epoch
         result.json              the run's row of results.csv, once it is finished
+        per_sample.npz           the final model's per-sample test scores (the claims' sampling share)
     pretrain/seed<k>.pt          the shared pre-training's weights (only with a pre-training phase)
 
 The trainer, the runner and the report use only this module to find and touch these files; the
@@ -23,10 +24,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from .config import read_yaml
-from .files import RunFileError, append_text, atomic_save, atomic_write_text, load_torch, read_json
+from .files import (
+    RunFileError,
+    append_text,
+    atomic_output,
+    atomic_save,
+    atomic_write_text,
+    load_torch,
+    read_json,
+)
 
 __all__ = ["RESULT_FIELDS", "RunDirectory", "RunFiles", "read_results"]
 
@@ -46,6 +56,9 @@ RESULT_FIELDS = [
     "test_accuracy",
     "test_ece",
     "test_mse",
+    "large_test_loss",
+    "large_test_accuracy",
+    "large_test_mse",
     "seconds",
     "message",
 ]
@@ -131,6 +144,28 @@ class RunFiles:
 
     def weights_path(self, name: str) -> Path:
         return self.path / f"{name}.pt"
+
+    @property
+    def per_sample_path(self) -> Path:
+        return self.path / "per_sample.npz"
+
+    def save_per_sample(self, scores: dict[str, Any]) -> None:
+        """The final model's per-sample scores on the test sets (``Task.per_sample``), one array
+        per split name: what the claims' test-sampling share reads."""
+        with atomic_output(self.per_sample_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in scores.items()})
+
+    def per_sample(self) -> dict[str, Any]:
+        """The arrays :meth:`save_per_sample` wrote ({} when the run has none)."""
+        if not self.per_sample_path.is_file():
+            return {}
+        try:
+            with np.load(self.per_sample_path, allow_pickle=False) as stored:
+                return {k: stored[k] for k in stored.files}
+        except (OSError, ValueError) as err:
+            raise RunFileError(
+                f"cannot read {self.per_sample_path}: {str(err).splitlines()[0]}"
+            ) from None
 
     def append_trajectory(self, epoch: int, state: dict[str, Any]) -> None:
         """The weights after 1-based ``epoch``: one file per epoch, nothing re-read."""

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bn import call_model, has_batchnorm, update_bn
-from ..data import DataBundle
+from ..data import DataBundle, Split
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
 from .distributed import (
@@ -40,7 +40,7 @@ from .methods import Recipe, recipe_of
 from .precision import Precision
 from .rundir import RunFiles
 from .sharing import Branch, plan_branches
-from .task import task_of
+from .task import Task, task_of
 
 __all__ = ["RunResult", "train_one_epoch", "train_run", "train_runs"]
 
@@ -430,12 +430,13 @@ class _Trajectory:
         model, bundle, history = copy.deepcopy(self.model), self.bundle, run.history
         splits = {
             name: getattr(bundle, name)
-            for name in ("train", "val", "test")
-            if len(getattr(bundle, name))
+            for name in ("train", "val", "test", "large_test")
+            if getattr(bundle, name) is not None and len(getattr(bundle, name))
         }
         outputs = run.recipe.predict(model, splits, self.ctx)
         if self.world.main:
             run.files.save_weights("final", run.recipe.final_state(model))
+            _save_per_sample(run.files, self.task, outputs, splits)
         results: dict[str, float] = {}
         for name, split in splits.items():
             results.update(
@@ -464,6 +465,20 @@ class _Trajectory:
 
     def _since(self) -> float:
         return round(time.perf_counter() - self.started, 2)
+
+
+def _save_per_sample(
+    files: Any, task: Task, outputs: dict[str, Tensor], splits: dict[str, Split]
+) -> None:
+    """The final model's per-sample scores on the test sets (``Task.per_sample``), for the claims'
+    test-sampling share; nothing for a task without them."""
+    scores = {
+        name: task.per_sample(outputs[name], splits[name].y)
+        for name in ("test", "large_test")
+        if name in splits
+    }
+    if scores and all(v is not None for v in scores.values()):
+        files.save_per_sample({k: v.float().numpy() for k, v in scores.items()})
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
