@@ -544,7 +544,10 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert all(float(r["large_test_accuracy"]) > 0 for r in rows)
     assert np.load(run / "swa" / "seed1" / "per_sample.npz")["large_test"].shape == (200,)
-    assert "test-sampling share: –" not in out.split("\n5.")[0].split("\n1.")[1]
+    blocks = {b.split(".")[0]: b for b in out.split("\n\n")[1:]}
+    for key in ("1", "4a", "5", "6", "6b"):  # test-set statistics with per-sample scores
+        share = blocks[key].split("test-sampling share: ")[1].split(" ")[0]
+        assert share.endswith("%") or share == "∞", blocks[key]
 
 
 def test_report_opens_with_the_claims(tmp_path):
