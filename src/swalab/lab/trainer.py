@@ -389,16 +389,19 @@ class _Trajectory:
             "grad_scaler": self.precision.state_dict(),
             **({"torch_rng_ranks": rng_states} if world.size > 1 else {}),
         }
+        averages = _SameAverages()  # runs of a shared epoch often hold the same average
         for run, evaluate_it in zip(runs, evaluated):
             last = epoch + 1 == run.recipe.epochs
             record = {k: v for k, v in shared.items() if evaluate_it or not k.startswith("test_")}
             running = run.recipe.running_model(model)
             if evaluate_it and running is not None and not last:
                 # the last epoch's average is the final model, evaluated when the run ends
-                if has_batchnorm(running):  # recompute BN on a copy: the average's own stays
-                    running = copy.deepcopy(running)
-                    update_bn(self.ctx.bn_loader(), running, max_batches=self.ctx.bn_batches)
-                record.update({f"avg_test_{k}": v for k, v in self._evaluate(running).items()})
+                record.update(
+                    {
+                        f"avg_test_{k}": v
+                        for k, v in averages.get(running, self._evaluate_average).items()
+                    }
+                )
             run.history.append(record)
             if world.main:  # under DDP rank 0 alone writes
                 if train.saves_trajectory(run.method.label):
@@ -458,6 +461,21 @@ class _Trajectory:
             self.on_record(run.method, history[-1])
         self.done(run.method, RunResult("done", run.recipe.epochs, results), self._since())
 
+    def _evaluate_average(self, running: nn.Module) -> dict[str, float]:
+        """Test metrics of a running average, its BN statistics recomputed on a copy (the
+        average's own stay). The global RNG is left as it was (a BN pass in train mode draws
+        dropout masks): the next epoch does not depend on how many averages were evaluated, and
+        continues as it does from the checkpoint (which holds the RNG state before evaluation)."""
+        if not has_batchnorm(running):
+            return self._evaluate(running)
+        rng = torch.get_rng_state()
+        try:
+            running = copy.deepcopy(running)
+            update_bn(self.ctx.bn_loader(), running, max_batches=self.ctx.bn_batches)
+            return self._evaluate(running)
+        finally:
+            torch.set_rng_state(rng)
+
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         """Test metrics of ``model``."""
         test = self.bundle.test
@@ -479,6 +497,29 @@ def _save_per_sample(
     }
     if scores and all(v is not None for v in scores.values()):
         files.save_per_sample({k: v.float().numpy() for k, v in scores.items()})
+
+
+class _SameAverages:
+    """The learning-curve metrics of the running averages of one epoch, computed once for equal
+    ones: runs that share an epoch (``sharing.py``) with the same averaging so far (SWA, SWAG and
+    the soup of the default preset) hold equal averages, whose BN pass and evaluation give the
+    same numbers (the BN pass is seeded per run's seed, the same for all)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, Tensor], dict[str, float]]] = []
+
+    def get(
+        self, running: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]
+    ) -> dict[str, float]:
+        state = running.state_dict()
+        for other, result in self.seen:
+            if other.keys() == state.keys() and all(
+                torch.equal(other[k], v) for k, v in state.items()
+            ):
+                return result
+        result = evaluate(running)
+        self.seen.append(({k: v.detach().clone() for k, v in state.items()}, result))
+        return result
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
