@@ -338,7 +338,7 @@ class _Inputs:
 def _test_claim(inp: _Inputs, claim: Claim, label: str, base: str) -> Claim:
     """``claim`` decided on ``metric(label) - metric(base)`` from results.csv on the primary test
     set, with its test-sampling share and the published split's line."""
-    claim.protocol = f"paired over seeds on {inp.test_set}"
+    claim.protocol = claim.protocol or f"paired over seeds on {inp.test_set}"
     values = inp.gain(label, base)
     if not values:
         claim.note = claim.note or (
