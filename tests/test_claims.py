@@ -20,12 +20,20 @@ from swalab.lab.config import (
     preset_names,
     to_dict,
 )
+from swalab.lab.power import t_test_power
 from swalab.lab.rundir import RESULT_FIELDS
 from swalab.report import build_report
-from swalab.report.claims import Claim, evaluate_claims, paired_verdict, seeds_to_decide
+from swalab.report.claims import (
+    Claim,
+    evaluate_claims,
+    fieller_interval,
+    paired_verdict,
+    seeds_to_decide,
+)
 from swalab.report.geometry import landscapes_of_run
 
 SEEDS = [0, 1, 2]
+IDS = ["1", "2", "2 (raw rays)", "3a", "3b", "3c", "4a", "4b", "5", "6", "6b", "7"]
 T975_2 = 4.302652729911275  # t_{0.975, 2}: scipy.stats.t.ppf(0.975, 2)
 METHODS = (
     "[{method: sgd}, {method: swa}, {method: sgd, label: sgd-const, options: {schedule: constant}},"
@@ -34,16 +42,28 @@ METHODS = (
 
 
 def make_run(
-    path: Path, metric: dict[str, list[float]], preset: str = "mnist1d", methods: str = METHODS
+    path: Path,
+    metric: dict[str, list[float]],
+    preset: str = "mnist1d",
+    methods: str = METHODS,
+    large: dict[str, list[float]] | None = None,
 ) -> Path:
-    """config.yaml and results.csv with ``metric[label][seed]`` (accuracy, or MSE for a regression preset)."""
-    return write_run(path, load_config(preset, [f"seeds={SEEDS}", f"methods={methods}"]), metric)
+    """config.yaml and results.csv with ``metric[label][seed]`` (accuracy, or MSE for a regression
+    preset), and ``large[label][seed]`` on the large test set."""
+    cfg = load_config(preset, [f"seeds={SEEDS}", f"methods={methods}"])
+    return write_run(path, cfg, metric, large)
 
 
-def write_run(path: Path, cfg: ExperimentConfig, metric: dict[str, list[float]]) -> Path:
+def write_run(
+    path: Path,
+    cfg: ExperimentConfig,
+    metric: dict[str, list[float]],
+    large: dict[str, list[float]] | None = None,
+) -> Path:
     """A finished run directory of ``cfg`` as ``swalab claims`` reads it: config.yaml, and a done
     row of results.csv for every method in ``metric`` and seed of ``SEEDS`` (``metric[label][i]``:
-    test accuracy, or test MSE for a regression task)."""
+    test accuracy, or test MSE for a regression task; ``large[label][i]``: the same on the large
+    test set)."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     regression = cfg.data.name.startswith(("friedman", "toy2d"))
@@ -58,6 +78,7 @@ def write_run(path: Path, cfg: ExperimentConfig, metric: dict[str, list[float]])
             "epochs": 1,
             "status": "done",
             key: metric[m.label][i],
+            **({f"large_{key}": large[m.label][i]} if large else {}),
             "test_loss": 0.1,
         }
         for i, s in enumerate(SEEDS)
@@ -76,10 +97,14 @@ def write_landscape(run: Path, seed: int, **pieces) -> Path:
     where = run / "landscape" if seed == SEEDS[0] else run / "landscape" / f"seed{seed}"
     where.mkdir(parents=True, exist_ok=True)
     line = pieces.pop("line_loss", None)
+    l2 = pieces.pop("line_l2", 0.0)  # the L2 term, a constant added to the NLL along the line
     if line is not None:
         ts = np.linspace(-0.5, 1.5, 21)
-        np.savez(where / "line.npz", t=ts, train_loss=line(ts))
-        pieces["line"] = {}
+        np.savez(where / "line.npz", t=ts, train_loss=line(ts) + l2, train_nll=line(ts))
+        pieces["line"] = {
+            "swa": {"train_nll": float(line(np.array([0.0]))[0])},
+            "sgd": {"train_nll": float(line(np.array([1.0]))[0])},
+        }
     (where / "landscape.json").write_text(
         json.dumps({"seed": seed, "sgd": "sgd", "swa": "swa", **pieces})
     )
@@ -169,7 +194,7 @@ def test_claims_1_and_5_from_results(tmp_path):
     assert claims["5"].values == pytest.approx({0: -1.0, 1: -0.9, 2: -1.1})
     assert claims["5"].verdict == "contradicted"
     # the landscape claims name the command that produces their inputs
-    for key in "2346":
+    for key in ("2", "3a", "3b", "4a", "6", "6b"):
         assert claims[key].verdict == "undecided" and not claims[key].values
         # the preset computes them in the run: resuming it computes what is missing
         assert f"`swalab run {run}/config.yaml --out {run}`" in claims[key].note
@@ -254,15 +279,15 @@ def test_swa_identical_to_sgd_is_undecided_not_supported(tmp_path):
             seed,
             rays=ray,
             line_loss=lambda t: np.full_like(t, 0.3),  # one point
-            ensemble={"average": 4.0, "ensemble": 4.0},
-            bn={"carried": {"test_error": 4.0}, "recomputed": {"test_error": 4.0}},
+            ensemble={"average": 4.0, "ensemble": 4.0, "snapshots_mean": 4.0},
+            bn={k: {"test_error": 4.0} for k in ("carried", "recomputed", "fresh", "averaged")},
         )
     claims = by_id(evaluate_claims(run))
-    for key in ("1", "2", "3", "6"):
+    for key in ("1", "2", "3a", "3b", "3c", "4a", "6", "6b"):
         assert claims[key].values == {0: 0.0, 1: 0.0, 2: 0.0}, key
         assert claims[key].verdict == "undecided", key
         assert claims[key].seeds_needed is None  # no number of seeds decides a zero difference
-    assert claims["4"].verdict == "supported"  # identical predictions: equivalent within any margin
+    assert "no fge method" in claims["4b"].note and not claims["4b"].values
     # the ablation pair is configured but never ran: the note names the command that runs it
     assert (
         "no finished swa-const/sgd-const pair" in claims["5"].note
@@ -289,26 +314,40 @@ def test_landscape_claims_by_hand(tmp_path):
             run,
             seed,
             rays=ray,
-            line_loss=lambda t, a=a: a * np.maximum(t - 1.0, 0.0) ** 2 + 0.01,  # flat towards SWA
-            ensemble={"average": 5.0 + 0.1 * seed, "ensemble": 5.0},
-            bn={"carried": {"test_error": 50.0 + seed}, "recomputed": {"test_error": 4.0}},
+            # flat towards SWA, NLL 0.02 at SWA (t = 0) and 0.01 at SGD (t = 1); L2 0.05 on top
+            line_loss=lambda t, a=a: a * np.maximum(t - 1.0, 0.0) ** 2 + 0.02 - 0.01 * t,
+            line_l2=0.05,
+            # members 8 points, ensemble 5 (gain 3), SWA 5.5 + 0.1 seed (gain 2.5 - 0.1 seed)
+            ensemble={"average": 5.5 + 0.1 * seed, "ensemble": 5.0, "snapshots_mean": 8.0},
+            bn={
+                "recomputed": {"test_error": 4.0},
+                "fresh": {"test_error": 50.0 + seed},
+                "carried": {"test_error": 4.5},
+                "averaged": {"test_error": 6.0 + 0.1 * seed},
+            },
         )
     claims = by_id(evaluate_claims(run))
     assert claims["2"].values == pytest.approx(
         {s: 2.0 + 0.1 * s for s in SEEDS}
     )  # medians of [2+, 2+, 5]
-    assert claims["3"].values == pytest.approx(
-        {s: 0.25 * a for s, a in slopes.items()}
-    )  # a (0.5)^2 - 0
-    assert claims["4"].values == pytest.approx({0: 0.0, 1: 0.1, 2: 0.2})
-    assert claims["6"].values == pytest.approx({0: 46.0, 1: 47.0, 2: 48.0})
-    assert [claims[k].verdict for k in "2346"] == [
-        "supported",
-        "supported",
-        "supported",
-        "supported",
-    ]
-    # the opposite geometry: SGD wider, loss rising towards SWA, SWA far from the ensemble, BN better carried
+    # NLL(1.5) - NLL(0.5) = a (0.5)^2 - 0.01 (the constant L2 term cancels: 0% of the difference)
+    assert claims["3a"].values == pytest.approx({s: 0.25 * a - 0.01 for s, a in slopes.items()})
+    assert "the L2 term is 0% of it" in claims["3a"].secondary[0]
+    assert claims["3b"].values == pytest.approx({s: 0.01 for s in SEEDS})  # NLL(SWA) - NLL(SGD)
+    assert claims["3c"].values == claims["1"].values  # claim 1's statistic
+    assert claims["4a"].values == pytest.approx({s: 1.0 - 0.1 * s for s in SEEDS})
+    # the ensemble's gain has no spread: Fieller's interval is g_SWA's t-interval over 3
+    _, low, high = expected_interval([2.5, 2.4, 2.3])
+    assert f"0.80 (Fieller 95% [{low / 3:.2f}, {high / 3:.2f}])" in claims["4a"].secondary[0]
+    assert claims["6"].values == pytest.approx({0: 46.0, 1: 47.0, 2: 48.0})  # fresh buffers
+    assert "former claim 6" in claims["6"].secondary[0] and "+0.5" in claims["6"].secondary[0]
+    assert claims["6b"].values == pytest.approx({0: 2.0, 1: 2.1, 2: 2.2})  # averaged buffers
+    assert [claims[k].verdict for k in ("2", "3a", "3b", "3c", "4a", "6", "6b")] == [
+        "supported"
+    ] * 7
+    # the train-split claims have no test sampling; the others say how theirs was estimated
+    assert claims["3a"].sampling_share is None and claims["3a"].sampling.startswith("none")
+    # the opposite geometry: SGD wider, loss rising towards SWA, SWA far from the ensemble, BN better kept
     for seed in SEEDS:
         ray = {
             "max_distance": 10.0,
@@ -320,12 +359,72 @@ def test_landscape_claims_by_hand(tmp_path):
             run,
             seed,
             rays=ray,
-            line_loss=lambda t: (t - 1.6) ** 2,
-            ensemble={"average": 9.0 + 0.1 * seed, "ensemble": 5.0},
-            bn={"carried": {"test_error": 3.0}, "recomputed": {"test_error": 4.0 + 0.1 * seed}},
+            line_loss=lambda t: (t + 0.5) ** 2,  # SWA (t = 0) lower than SGD (t = 1)
+            ensemble={"average": 9.0 + 0.1 * seed, "ensemble": 5.0, "snapshots_mean": 8.0},
+            bn={
+                k: {"test_error": 3.0 if k != "recomputed" else 4.0 + 0.1 * seed}
+                for k in ("recomputed", "fresh", "carried", "averaged")
+            },
         )
     claims = by_id(evaluate_claims(run))
-    assert [claims[k].verdict for k in "2346"] == ["contradicted"] * 4
+    assert [claims[k].verdict for k in ("2", "3b", "4a", "6", "6b")] == ["contradicted"] * 5
+    assert claims["3a"].values == pytest.approx({s: 3.0 for s in SEEDS})  # 2² − 1²
+
+
+def test_fieller_interval_by_hand():
+    # the denominator with no spread: (mean(num) -+ t sd(num)/sqrt(n)) / mean(den)
+    num, den = [2.5, 2.4, 2.3], [3.0, 3.0, 3.0]
+    ratio, low, high = fieller_interval(num, den)
+    _, lo, hi = expected_interval(num)
+    assert (ratio, low, high) == pytest.approx((0.8, lo / 3, hi / 3))
+    # the quadratic (a - R b)^2 = t^2 (vaa - 2 R vab + R^2 vbb) solved at the ends
+    num, den = [1.0, 2.0, 1.5, 2.2], [2.0, 3.1, 2.4, 3.5]
+    ratio, low, high = fieller_interval(num, den)
+    a, b, n = np.mean(num), np.mean(den), 4
+    cov = np.cov(num, den, ddof=1) / n
+    t2 = scipy_stats.t.ppf(0.975, n - 1) ** 2
+    for r in (low, high):
+        lhs = (a - r * b) ** 2
+        rhs = t2 * (cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1])
+        assert lhs == pytest.approx(rhs)
+    assert low < ratio < high and ratio == pytest.approx(a / b)
+    # a denominator indistinguishable from 0: unbounded
+    assert fieller_interval([1.0, 2.0, 1.5], [0.5, -0.4, 0.1])[1:] == (-math.inf, math.inf)
+
+
+def test_large_test_set_and_sampling_share_by_hand(tmp_path):
+    """With large_test_* columns the claims read them and keep the published split on a labelled
+    line; the sampling share is the binomial variance of the paired difference from the
+    disagreement counts, over the variance of d across seeds (docs/claims.md)."""
+    run = make_run(
+        tmp_path / "run",
+        {"sgd": [90.0, 91.0, 92.0], "swa": [91.0, 93.0, 96.0]},
+        large={"sgd": [80.0, 80.0, 80.0], "swa": [80.5, 80.7, 80.3]},
+    )
+    n = 1000
+    counts = {0: (30, 25), 1: (40, 33), 2: (20, 17)}  # (b: SWA alone right, c: SGD alone right)
+    for seed, (b, c) in counts.items():
+        both = 700  # right by both; the rest wrong by both
+        sgd = np.zeros(n, np.float32)
+        swa = np.zeros(n, np.float32)
+        sgd[:both] = swa[:both] = 1
+        swa[both : both + b] = 1
+        sgd[both + b : both + b + c] = 1
+        for label, scores in (("sgd", sgd), ("swa", swa)):
+            where = run / label / f"seed{seed}"
+            where.mkdir(parents=True)
+            np.savez(where / "per_sample.npz", test=scores[:100], large_test=scores)
+    claim = by_id(evaluate_claims(run))["1"]
+    assert claim.values == pytest.approx({0: 0.5, 1: 0.7, 2: 0.3})  # the large test set
+    assert "large test set" in claim.protocol
+    assert claim.secondary[0].startswith("published test split: mean d +2.33")
+    v = {s: 100**2 * ((b + c) / n - ((b - c) / n) ** 2) / n for s, (b, c) in counts.items()}
+    expected = np.mean(list(v.values())) / np.var([0.5, 0.7, 0.3], ddof=1)
+    assert claim.sampling_share == pytest.approx(expected)
+    assert "1,000 test samples" in claim.sampling
+    # minimum detectable effect at n = 3 and the observed sd, power 0.8
+    sd = float(np.std([0.5, 0.7, 0.3], ddof=1))
+    assert t_test_power(claim.mde / sd, 3) == pytest.approx(0.8)
 
 
 def test_landscape_of_other_labels_is_not_used(tmp_path):
@@ -351,17 +450,17 @@ def test_regression_preset(tmp_path):
         write_landscape(
             run,
             seed,
-            ensemble={"average": 0.22, "ensemble": 0.20},
+            ensemble={"average": 0.22, "ensemble": 0.20, "snapshots_mean": 0.25},
             skipped={"bn": "mlp has no BatchNorm: nothing to recompute"},
         )
     claims = by_id(evaluate_claims(run))
     assert claims["1"].values == pytest.approx({0: 0.02, 1: 0.021, 2: 0.019})  # MSE: SGD minus SWA
     assert claims["1"].verdict == "supported"
-    assert claims["4"].values == pytest.approx(
-        {s: 10.0 for s in SEEDS}
-    )  # +10% of the ensemble's MSE
-    assert claims["4"].verdict == "contradicted"  # beyond the 5% margin on every seed
+    # gains in MSE: SWA 0.03, ensemble 0.05; d = 0.03 - 0.5 * 0.05
+    assert claims["4a"].values == pytest.approx({s: 0.005 for s in SEEDS})
+    assert claims["4a"].verdict == "supported"
     assert "no BatchNorm" in claims["6"].note and not claims["6"].values
+    assert "no BatchNorm" in claims["6b"].note and not claims["6b"].values
     assert (
         "no fixed-LR ablation" in claims["5"].note and "swa-const" in claims["5"].note
     )  # not configured
@@ -446,10 +545,13 @@ def test_cli_prints_six_verdicts(tmp_path, capsys):
     )
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
-    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == list(
-        "1234567"
-    )
-    assert out.count("verdict: ") == 7 and "verdict: SUPPORTED" in out
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == IDS
+    assert out.count("verdict: ") == len(IDS) and "verdict: SUPPORTED" in out
+    # every claim: its verdict, the primary protocol, the interval, the minimum detectable effect
+    # and the test-sampling share
+    assert out.count("primary protocol: ") == len(IDS)
+    assert out.count(", minimum detectable effect ") == len(IDS)
+    assert out.count("\n  test-sampling share: ") == len(IDS)
     assert main(["claims", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -464,6 +566,7 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
         "train.epochs=4",
         "data.train_size=400",
         "data.test_size=200",
+        "data.options.large_test=200",
         "methods=[{method: sgd}, {method: swa, options: {swa_lr: 0.05, swa_start: 2}},"
         " {method: sgd, label: sgd-const, options: {schedule: constant}},"
         " {method: swa, label: swa-const, baseline: sgd-const,"
@@ -488,10 +591,17 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     assert "nothing left to compute" in capsys.readouterr().out
     assert main(["claims", str(run)]) == 0
     out = capsys.readouterr().out
-    ids = [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()]
-    assert ids == ["1", "2", "2 (raw rays)", "3", "4", "5", "6", "7"]  # claim 2: filter, then raw
-    assert "protocol: filter-normalised rays (Li et al. 2018), width on the train NLL" in out
-    assert out.count("verdict: ") == 8 and out.count("95% CI [") == 7, out
+    assert [line.split(".")[0] for line in out.splitlines() if line[:1].isdigit()] == IDS
+    assert out.count("verdict: ") == len(IDS) and out.count("95% CI [") >= len(IDS) - 1, out
+    # the large test set was evaluated and the runs kept their per-sample scores
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert all(float(r["large_test_accuracy"]) > 0 for r in rows)
+    assert np.load(run / "swa" / "seed1" / "per_sample.npz")["large_test"].shape == (200,)
+    blocks = {b.split(".")[0]: b for b in out.split("\n\n")[1:]}
+    for key in ("1", "4a", "5", "6", "6b"):  # test-set statistics with per-sample scores
+        share = blocks[key].split("test-sampling share: ")[1].split(" ")[0]
+        assert share.endswith("%") or share == "∞", blocks[key]
+    assert "filter-normalised rays (Li et al. 2018), width on the train NLL" in out
 
 
 def test_report_opens_with_the_claims(tmp_path):
@@ -521,7 +631,7 @@ def test_every_preset_gets_six_claims(tmp_path, preset):
     }
     write_run(tmp_path / "run", cfg, metric)
     claims = evaluate_claims(tmp_path / "run")
-    assert [c.id.split(" ")[0] for c in claims if c.id[0] != "1" or c.id == "1"] == list("1234567")
+    assert [c.id for c in claims if c.id[0] != "1" or c.id == "1"] == IDS
     for c in claims:
         assert c.values or c.note, c.id  # a verdict's inputs, or a line saying what is missing
         if c.id.startswith("1") and c.values:

@@ -103,6 +103,10 @@ class DataBundle:
         num_outputs: number of classes, or the regression output dimension.
         in_shape: per-sample input shape, e.g. ``(3, 32, 32)``; for graphs ``(num_node_features,)``.
         augment: batched train-time augmentation, applied by :class:`BatchLoader` only when asked.
+        large_test: for a generated dataset, a second, large test set drawn from the generator
+            with its own seed (``large_test=N`` option; docs/claims.md), so that a difference
+            between two methods is not decided by the sampling noise of a small test split;
+            ``None`` when not asked for.
     """
 
     name: str
@@ -113,6 +117,7 @@ class DataBundle:
     num_outputs: int
     in_shape: tuple[int, ...]
     augment: Augment | None = None
+    large_test: Split | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,10 @@ def on_device(split: Split, device: torch.device) -> Split:
 
 
 # --- helpers shared by the dataset modules -------------------------------------------------------
+
+LARGE_TEST_SEED = 2018
+"""The generator seed of every dataset's large test set (``large_test=N``), fixed in docs/claims.md
+before any outcome; not a run seed, so the set is the same for every run."""
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:

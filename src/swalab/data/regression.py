@@ -13,6 +13,7 @@ from torch import Tensor
 
 from swalab.data.base import (
     DATASETS,
+    LARGE_TEST_SEED,
     DataBundle,
     Split,
     check_float,
@@ -64,6 +65,7 @@ def toy2d(
     noise: float = 0.1,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    large_test: int = 0,
 ) -> DataBundle:
     """2D toy regression: 2cos(πx1x2) − 0.5x1 + 0.08x2 + sin(πx1) − sin(πx2) + 0.1ε, 75×75 grid.
 
@@ -75,15 +77,27 @@ def toy2d(
         grid_size: points per axis.
         noise: standard deviation of the additive Gaussian noise (0 gives the exact surface).
         val_fraction, test_fraction: shares of the grid held out.
+        large_test: a second test set (``DataBundle.large_test``) of that many points drawn
+            uniformly on [−2, 2]² with the same surface and noise, from ``LARGE_TEST_SEED``
+            (0: none).
     """
     check_int("grid_size", grid_size, 2)
+    check_int("large_test", large_test, 0)
     noise = check_float("noise", noise, 0.0)
     generator = seeded_generator(seed)
     axis = torch.linspace(-2.0, 2.0, grid_size)
     x = torch.cartesian_prod(axis, axis)  # [grid_size², 2], x1 varies slowest
     y = toy2d_surface(x) + noise * torch.randn(len(x), 1, generator=generator)
     train, val, test = _split_fractions(x, y, val_fraction, test_fraction, generator)
-    return DataBundle("toy2d", "regression", train, val, test, num_outputs=1, in_shape=(2,))
+    large = None
+    if large_test:
+        fresh = seeded_generator(LARGE_TEST_SEED)
+        x_large = 4.0 * torch.rand(large_test, 2, generator=fresh) - 2.0
+        y_large = toy2d_surface(x_large) + noise * torch.randn(large_test, 1, generator=fresh)
+        large = Split(x_large, y_large)
+    return DataBundle(
+        "toy2d", "regression", train, val, test, num_outputs=1, in_shape=(2,), large_test=large
+    )
 
 
 def _friedman(
@@ -96,28 +110,42 @@ def _friedman(
     standardize: bool,
     val_fraction: float,
     test_fraction: float,
+    large_test: int = 0,
     **make_kwargs: int,
 ) -> DataBundle:
-    """Sample ``sklearn.datasets.<make>``, split it, standardise with the training statistics."""
+    """Sample ``sklearn.datasets.<make>``, split it, standardise with the training statistics.
+
+    ``large_test``: a second test set of that many samples of the same function drawn with
+    ``random_state=LARGE_TEST_SEED`` (``DataBundle.large_test``; 0: none), standardised as the others.
+    """
     from sklearn import datasets
 
     check_int("n_samples", n_samples, 10)
+    check_int("large_test", large_test, 0)
     noise = check_float("noise", noise, 0.0)
     generator = seeded_generator(seed)
-    x_np, y_np = getattr(datasets, make)(
-        n_samples=n_samples, noise=noise, random_state=seed, **make_kwargs
-    )
-    x = torch.as_tensor(x_np, dtype=torch.float32)
-    y = torch.as_tensor(y_np, dtype=torch.float32).unsqueeze(1)
-    train, val, test = _split_fractions(x, y, val_fraction, test_fraction, generator)
+
+    def sample(n: int, random_state: int) -> Split:
+        x_np, y_np = getattr(datasets, make)(
+            n_samples=n, noise=noise, random_state=random_state, **make_kwargs
+        )
+        x = torch.as_tensor(x_np, dtype=torch.float32)
+        return Split(x, torch.as_tensor(y_np, dtype=torch.float32).unsqueeze(1))
+
+    data = sample(n_samples, seed)
+    train, val, test = _split_fractions(data.x, data.y, val_fraction, test_fraction, generator)
+    large = sample(large_test, LARGE_TEST_SEED) if large_test else None
     if standardize:
         x_mean, x_std = train.x.mean(0), train.x.std(0)
         y_mean, y_std = train.y.mean(0), train.y.std(0)
-        train, val, test = (
-            Split((s.x - x_mean) / x_std, (s.y - y_mean) / y_std) for s in (train, val, test)
+        train, val, test, large = (
+            None if s is None else Split((s.x - x_mean) / x_std, (s.y - y_mean) / y_std)
+            for s in (train, val, test, large)
         )
-    in_shape = (x.shape[1],)
-    return DataBundle(name, "regression", train, val, test, num_outputs=1, in_shape=in_shape)
+    in_shape = (data.x.shape[1],)
+    return DataBundle(
+        name, "regression", train, val, test, num_outputs=1, in_shape=in_shape, large_test=large
+    )
 
 
 @DATASETS.register("friedman1")
@@ -132,12 +160,14 @@ def friedman1(
     standardize: bool = True,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    large_test: int = 0,
 ) -> DataBundle:
     """Friedman #1, y = 10sin(πx0x1) + 20(x2−0.5)² + 10x3 + 5x4 + noise·ε (sklearn make_friedman1).
 
     10,000 samples of 5 features, noise 0.1 as in the source documents (REFERENCE.md §5); features
     beyond the fifth are pure distractors. Split randomly 70/10/20; inputs and targets are
     standardised with the training split's mean and std (``standardize=False`` keeps raw values).
+    ``large_test``: a second test set of that many samples (``DataBundle.large_test``).
     """
     check_int("n_features", n_features, 5)
     return _friedman(
@@ -149,6 +179,7 @@ def friedman1(
         standardize=standardize,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
+        large_test=large_test,
         n_features=n_features,
     )
 
@@ -164,12 +195,14 @@ def friedman2(
     standardize: bool = True,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    large_test: int = 0,
 ) -> DataBundle:
     """Friedman #2, y = sqrt(x0² + (x1x2 − 1/(x1x3))²) + noise·ε (sklearn make_friedman2).
 
     10,000 samples of 4 features; noise std 125 gives Friedman's (1991) 3:1 signal-to-noise ratio.
     Split randomly 70/10/20; inputs and targets are standardised with the training split's mean and
-    std (``standardize=False`` keeps raw values).
+    std (``standardize=False`` keeps raw values). ``large_test``: a second test set of that many
+    samples (``DataBundle.large_test``, docs/claims.md).
     """
     return _friedman(
         "friedman2",
@@ -180,6 +213,7 @@ def friedman2(
         standardize=standardize,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
+        large_test=large_test,
     )
 
 
@@ -194,12 +228,14 @@ def friedman3(
     standardize: bool = True,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    large_test: int = 0,
 ) -> DataBundle:
     """Friedman #3, y = arctan((x1x2 − 1/(x1x3)) / x0) + noise·ε (sklearn make_friedman3).
 
     10,000 samples of 4 features; noise std 0.1 gives Friedman's (1991) 3:1 signal-to-noise ratio.
     Split randomly 70/10/20; inputs and targets are standardised with the training split's mean and
-    std (``standardize=False`` keeps raw values).
+    std (``standardize=False`` keeps raw values). ``large_test``: a second test set of that many
+    samples (``DataBundle.large_test``, docs/claims.md).
     """
     return _friedman(
         "friedman3",
@@ -210,4 +246,5 @@ def friedman3(
         standardize=standardize,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
+        large_test=large_test,
     )

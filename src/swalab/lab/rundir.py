@@ -11,6 +11,7 @@
         trajectory/epoch<n>.pt   weights after epoch n (train.save_trajectory), one file per epoch
         posthoc/                 swalab.posthoc snapshots after every epoch (posthoc.run)
         result.json              the run's row of results.csv, once it is finished
+        per_sample.npz           the final model's per-sample test scores (the claims' sampling share)
     pretrain/seed<k>.pt          the shared pre-training's weights (only with a pre-training phase)
 
 The trainer, the runner and the report use only this module to find and touch these files; the
@@ -26,6 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ..posthoc import Snapshots
@@ -36,6 +38,7 @@ from .files import (
     atomic_output,
     atomic_save,
     atomic_write_text,
+    load_npz,
     load_torch,
     read_json,
     read_text,
@@ -69,6 +72,9 @@ RESULT_FIELDS = [
     "test_accuracy",
     "test_ece",
     "test_mse",
+    "large_test_loss",
+    "large_test_accuracy",
+    "large_test_mse",
     "seconds",
     "message",
 ]
@@ -186,6 +192,22 @@ class RunFiles:
         """``init.pt`` or ``final.pt``, checked (FileNotFoundError when missing)."""
         path = self.weights_path(name)
         return check_weights(path, load_torch(path, root=self.root))
+
+    @property
+    def per_sample_path(self) -> Path:
+        return self.path / "per_sample.npz"
+
+    def save_per_sample(self, scores: dict[str, Any]) -> None:
+        """The final model's per-sample scores on the test sets (``Task.per_sample``), one array
+        per split name: what the claims' test-sampling share reads."""
+        with atomic_output(self.per_sample_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in scores.items()})
+
+    def per_sample(self) -> dict[str, Any]:
+        """The arrays :meth:`save_per_sample` wrote ({} when the run has none)."""
+        if not self.per_sample_path.is_file():
+            return {}
+        return load_npz(self.per_sample_path, root=self.root)
 
     def append_trajectory(self, epoch: int, state: dict[str, Any]) -> None:
         """The weights after 1-based ``epoch``: one file per epoch, nothing re-read."""

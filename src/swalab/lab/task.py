@@ -54,6 +54,12 @@ class Task:
         """Validation score of ``metrics(...)``, higher is better (what a soup maximises)."""
         return result["accuracy"]
 
+    def per_sample(self, outputs: Tensor, y: Tensor) -> Tensor | None:
+        """Each sample's score whose mean is the primary metric (as a fraction): 1.0 where the
+        predicted class is right, else 0.0. Two runs' scores on the same samples give the
+        test-set sampling variance of their difference (docs/claims.md)."""
+        return outputs.argmax(-1).eq(y).double()
+
     def error(self, outputs: Tensor, y: Tensor) -> float:
         """Test error of predictions in % (labels of -1, padding, ignored)."""
         y = y.reshape(-1)
@@ -80,6 +86,10 @@ class NodeClassification(Task):
 
     def count(self, y: Tensor) -> Tensor:
         return (y >= 0).sum()
+
+    def per_sample(self, outputs: Tensor, y: Tensor) -> Tensor | None:
+        """None: balanced accuracy is not a mean over samples."""
+        return None
 
     def metrics(self, outputs: Tensor, y: Tensor) -> dict[str, float]:
         probs, y = outputs.reshape(-1, outputs.shape[-1]), y.reshape(-1)
@@ -115,6 +125,10 @@ class Regression(Task):
 
     def score(self, result: dict[str, float]) -> float:
         return -result["mse"]
+
+    def per_sample(self, outputs: Tensor, y: Tensor) -> Tensor | None:
+        """Each sample's squared error (mean over output dimensions): their mean is the MSE."""
+        return (outputs.double() - y.double()).square().reshape(len(y), -1).mean(-1)
 
     def error(self, outputs: Tensor, y: Tensor) -> float:
         return float((outputs.double() - y.double()).square().mean())

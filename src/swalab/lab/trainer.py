@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bn import call_model, has_batchnorm
-from ..data import DataBundle
+from ..data import DataBundle, Split
 from ..schedules import set_lr
 from .config import ExperimentConfig, MethodConfig
 from .distributed import (
@@ -41,7 +41,7 @@ from .precision import Precision
 from .rng import device_rng, kept_rng, restore_device_rng
 from .rundir import RunFiles
 from .sharing import Branch, plan_branches
-from .task import task_of
+from .task import Task, task_of
 
 __all__ = ["RunResult", "train_one_epoch", "train_run", "train_runs"]
 
@@ -406,16 +406,19 @@ class _Trajectory:
         if any(evaluated):  # the iterate, once for every run
             test = self._evaluate(model)
             shared.update({f"test_{k}": v for k, v in test.items()})
+        averages = _SameAverages()  # runs of a shared epoch often hold the same average
         for run, evaluate_it in zip(runs, evaluated):
             last = epoch + 1 == run.recipe.epochs
             record = {k: v for k, v in shared.items() if evaluate_it or not k.startswith("test_")}
             running = run.recipe.running_model(model)
             if evaluate_it and running is not None and not last:
                 # the last epoch's average is the final model, evaluated when the run ends
-                if has_batchnorm(running):  # recompute BN on a copy: the average's own stays
-                    running = copy.deepcopy(running)
-                    self.ctx.recompute_bn(running)
-                record.update({f"avg_test_{k}": v for k, v in self._evaluate(running).items()})
+                record.update(
+                    {
+                        f"avg_test_{k}": v
+                        for k, v in averages.get(running, self._evaluate_average).items()
+                    }
+                )
             run.history.append(record)
             if world.main:  # under DDP rank 0 alone writes
                 if train.saves_trajectory(run.method.label):
@@ -451,12 +454,13 @@ class _Trajectory:
         model, bundle, history = copy.deepcopy(self.model), self.bundle, run.history
         splits = {
             name: getattr(bundle, name)
-            for name in ("train", "val", "test")
-            if len(getattr(bundle, name))
+            for name in ("train", "val", "test", "large_test")
+            if getattr(bundle, name) is not None and len(getattr(bundle, name))
         }
         outputs = run.recipe.predict(model, splits, self.ctx)
         if self.world.main:
             run.files.save_weights("final", run.recipe.final_state(model))
+            _save_per_sample(run.files, self.task, outputs, splits)
         results: dict[str, float] = {}
         for name, split in splits.items():
             results.update(
@@ -477,6 +481,15 @@ class _Trajectory:
             self.on_record(run.method, history[-1])
         self.done(run.method, RunResult("done", run.recipe.epochs, results), self._since())
 
+    def _evaluate_average(self, running: nn.Module) -> dict[str, float]:
+        """Test metrics of a running average, its BN statistics recomputed on a copy (the
+        average's own stay); called inside ``kept_rng``, so a BN pass drawing dropout masks leaves
+        the next epoch as the checkpoint has it."""
+        if has_batchnorm(running):
+            running = copy.deepcopy(running)
+            self.ctx.recompute_bn(running)
+        return self._evaluate(running)
+
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         """Test metrics of ``model``."""
         test = self.bundle.test
@@ -484,6 +497,43 @@ class _Trajectory:
 
     def _since(self) -> float:
         return round(time.perf_counter() - self.started, 2)
+
+
+def _save_per_sample(
+    files: Any, task: Task, outputs: dict[str, Tensor], splits: dict[str, Split]
+) -> None:
+    """The final model's per-sample scores on the test sets (``Task.per_sample``), for the claims'
+    test-sampling share; nothing for a task without them."""
+    scores = {
+        name: task.per_sample(outputs[name], splits[name].y)
+        for name in ("test", "large_test")
+        if name in splits
+    }
+    if scores and all(v is not None for v in scores.values()):
+        files.save_per_sample({k: v.float().numpy() for k, v in scores.items()})
+
+
+class _SameAverages:
+    """The learning-curve metrics of the running averages of one epoch, computed once for equal
+    ones: runs that share an epoch (``sharing.py``) with the same averaging so far (SWA, SWAG and
+    the soup of the default preset) hold equal averages, whose BN pass and evaluation give the
+    same numbers (the BN pass is seeded per run's seed, the same for all)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, Tensor], dict[str, float]]] = []
+
+    def get(
+        self, running: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]
+    ) -> dict[str, float]:
+        state = running.state_dict()
+        for other, result in self.seen:
+            if other.keys() == state.keys() and all(
+                torch.equal(other[k], v) for k, v in state.items()
+            ):
+                return result
+        result = evaluate(running)
+        self.seen.append(({k: v.detach().clone() for k, v in state.items()}, result))
+        return result
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:

@@ -1,30 +1,37 @@
-"""``swalab claims RUN_DIR``: the SWA paper's six claims checked on a run, one verdict each.
+"""``swalab claims RUN_DIR``: the SWA paper's claims checked on a run, one verdict each.
 
 Izmailov et al. (2018) claim, and source documents 002 and 004 repeat:
 
 1. SWA generalises better than SGD at the same budget, and at 1.25B / 1.5B (Table 1);
 2. SWA finds wider solutions: along random rays the train loss rises more slowly from w_SWA
    than from w_SGD (Fig. 4, the width figure of document 004);
-3. SGD ends at the periphery of a flat region whose interior lies towards w_SWA (Fig. 5);
-4. SWA approximates the ensemble of the snapshots it averages (§3.4, "comparable to FGE");
+3. SGD ends at the periphery of a flat region whose interior lies towards w_SWA (Fig. 5): (a) the
+   loss rises faster beyond SGD than towards SWA, (b) SGD has the lower train loss, (c) SWA the
+   lower test error;
+4. SWA approximates the ensemble of the snapshots it averages (§3.4): (a) it recovers the
+   ensemble's gain over its members, (b) it is comparable to FGE;
 5. averaging with a constant learning rate works where the constant-LR iterate does not (the
    fixed-LR ablation of §5);
-6. BatchNorm statistics must be recomputed for the averaged weights (§3.2).
+6. BatchNorm statistics must be recomputed for the averaged weights (§3.2); (b) recomputing them
+   beats averaging the BN buffers like the weights.
 
 For each claim a per-seed statistic ``d`` (oriented so that ``d > 0`` agrees with the paper) is
 paired over the seeds, its 95% t-interval computed, and a verdict given: **supported** when the
 interval lies on the paper's side, **contradicted** when it lies on the other side, **undecided**
-otherwise (claim 4 is an equivalence claim: supported when the interval lies inside
-``[-margin, +margin]``). The seeds needed to decide are a power calculation at the observed mean
-and standard deviation: a two-sided one-sample t-test, alpha 0.05, power 0.8 (claim 4: two
-one-sided tests at 0.025, normal-theory approximation). Statistics, thresholds and margins are
-written down in ``docs/claims.md``; nothing here depends on the outcome.
+otherwise (claim 4b is an equivalence claim: supported when the interval lies inside
+``[-margin, +margin]``). Each verdict carries the minimum detectable effect at the current number
+of seeds and the seeds needed to decide (``lab.power``: paired t-test, two-sided, alpha 0.05,
+power 0.8), and, for a test-set statistic, the share of the seed-to-seed variance of ``d`` that
+the test set's sampling alone explains. Where the dataset has a large generated test set the
+claims read it, with the published split's numbers on a second, labelled line. Statistics,
+thresholds and margins are written down in ``docs/claims.md``; nothing here depends on the outcome.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from ..lab.files import load_npz, read_json
+from ..lab.power import MAX_SEEDS, minimum_detectable_effect, seeds_to_decide
 from ..lab.runschema import check_landscape
 from ..lab.stats import primary_metric
 from ..lab.task import TASKS
@@ -41,20 +49,25 @@ from .rundir import RunDir
 
 __all__ = [
     "ALPHA",
+    "MAX_SEEDS",
     "POWER",
+    "RECOVERED",
     "Claim",
     "claim_rows",
     "evaluate_claims",
+    "fieller_interval",
     "format_claims",
     "paired_verdict",
+    "sampling_share",
     "seeds_to_decide",
 ]
 
 ALPHA, POWER = 0.05, 0.8
-EQUIVALENCE_MARGIN = {"accuracy": 1.0, "mse": 5.0}  # claim 4, by the task's primary metric: error
+EQUIVALENCE_MARGIN = {"accuracy": 1.0, "mse": 5.0}  # claim 4b, by the task's primary metric: error
 # points / MSE percent
+RECOVERED = 0.5  # claim 4a: the share of the ensemble's gain SWA must recover (docs/claims.md)
 CLAIM_PIECES = ("line", "rays", "ensemble", "bn")  # the landscape pieces claims 2, 3, 4, 6 read
-MAX_SEEDS = 10_000  # beyond this a claim counts as undecidable at the observed variance
+TRAIN_ONLY = "none: a train-split statistic"
 
 
 @dataclass
@@ -73,6 +86,13 @@ class Claim:
     seeds_needed: int | None = None
     margin: float | None = None  # equivalence claims only
     note: str = ""  # why there is no verdict (missing input, does not apply) or a remark
+    protocol: str = ""  # the primary protocol's name
+    mde: float | None = None  # minimum detectable effect at the current number of seeds
+    sampling_share: float | None = (
+        None  # mean test-sampling variance of d / its variance over seeds
+    )
+    sampling: str = TRAIN_ONLY  # how the share was estimated, or why there is none
+    secondary: list[str] = field(default_factory=list)  # labelled second lines
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -90,37 +110,9 @@ def _interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def seeds_to_decide(mean: float, sd: float, margin: float | None = None) -> int | None:
-    """Seeds for a paired t-test (two-sided, ``ALPHA``) to reach ``POWER`` at this mean and sd.
-
-    Without ``margin``: the smallest ``n >= 2`` whose power against ``mean != 0``, computed with the
-    noncentral t distribution, is at least ``POWER``. With ``margin`` (equivalence, two one-sided
-    tests at ``ALPHA / 2``): the smallest ``n`` with ``(margin - |mean|) sqrt(n) / sd >=
-    t_{1 - ALPHA/2, n-1} + t_{POWER, n-1}``. ``None`` when no number of seeds decides it (no
-    observed difference, a mean beyond the margin, or more than ``MAX_SEEDS``).
-    """
-    if not (math.isfinite(mean) and math.isfinite(sd)):
-        return None
-    effect = (margin - abs(mean)) if margin is not None else abs(mean)
-    if effect <= 0:
-        return None
-    if sd == 0:
-        return 2
-    for n in range(2, MAX_SEEDS + 1):
-        df, nc = n - 1, effect * math.sqrt(n) / sd
-        if margin is not None:
-            reached = nc >= scipy_stats.t.ppf(1 - ALPHA / 2, df) + scipy_stats.t.ppf(POWER, df)
-        else:
-            crit = scipy_stats.t.ppf(1 - ALPHA / 2, df)
-            power = scipy_stats.nct.sf(crit, df, nc) + scipy_stats.nct.cdf(-crit, df, nc)
-            reached = power >= POWER
-        if reached:
-            return n
-    return None
-
-
 def paired_verdict(claim: Claim, values: dict[int, float]) -> Claim:
-    """Fill ``claim`` from per-seed values: mean, 95% interval, verdict, seeds needed."""
+    """Fill ``claim`` from per-seed values: mean, 95% interval, verdict, minimum detectable effect,
+    seeds needed."""
     claim.values = dict(sorted(values.items()))
     data = list(claim.values.values())
     if not data:
@@ -140,26 +132,73 @@ def paired_verdict(claim: Claim, values: dict[int, float]) -> Claim:
         claim.verdict = "supported"
     elif high < 0:
         claim.verdict = "contradicted"
-    claim.seeds_needed = seeds_to_decide(claim.mean, sd, claim.margin)
+    claim.seeds_needed = seeds_to_decide(claim.mean, sd, claim.margin, alpha=ALPHA, power=POWER)
+    claim.mde = minimum_detectable_effect(sd, len(data), claim.margin, alpha=ALPHA, power=POWER)
     return claim
+
+
+def sampling_share(claim: Claim, variances: dict[int, float], how: str) -> Claim:
+    """``claim.sampling_share``: the mean over seeds of ``variances`` (each seed's sampling variance
+    of ``d`` caused by the finite test set) over the sample variance of ``d`` across seeds
+    (docs/claims.md). ``how`` says how the variances were estimated, or why there are none."""
+    claim.sampling = how
+    seeds = [s for s in claim.values if s in variances]
+    if len(claim.values) < 2 or not seeds:
+        return claim
+    observed = statistics.variance(list(claim.values.values()))
+    sampled = statistics.fmean(variances[s] for s in seeds)
+    claim.sampling_share = sampled / observed if observed > 0 else math.inf
+    return claim
+
+
+def _mean_variance(scores: np.ndarray) -> float:
+    """The sampling variance of the mean of per-sample ``scores``: ``var(scores) / N`` (the
+    binomial ``((b + c)/N - ((b - c)/N)^2) / N`` for differences of 0/1 scores)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(scores.var() / len(scores))
+
+
+def fieller_interval(
+    num: list[float], den: list[float], alpha: float = ALPHA
+) -> tuple[float, float, float]:
+    """``mean(num) / mean(den)`` and its Fieller interval over paired per-seed values: the ``R``
+    with ``(mean(num) - R mean(den))^2 <= t^2 var(mean(num) - R mean(den))``. ``(-inf, inf)`` when
+    ``mean(den)`` is not itself distinguishable from 0 at ``alpha`` (the set is unbounded)."""
+    n = len(num)
+    a, b = np.asarray(num, float), np.asarray(den, float)
+    ratio = float(a.mean() / b.mean()) if b.mean() != 0 else math.nan
+    if n < 2:
+        return ratio, math.nan, math.nan
+    t2 = float(scipy_stats.t.ppf(1 - alpha / 2, n - 1)) ** 2
+    cov = np.cov(a, b, ddof=1) / n
+    qa = b.mean() ** 2 - t2 * cov[1, 1]
+    qb = a.mean() * b.mean() - t2 * cov[0, 1]
+    qc = a.mean() ** 2 - t2 * cov[0, 0]
+    disc = qb * qb - qa * qc
+    if qa <= 0 or disc < 0:
+        return ratio, -math.inf, math.inf
+    root = math.sqrt(disc)
+    return ratio, float((qb - root) / qa), float((qb + root) / qa)
 
 
 # --- inputs -------------------------------------------------------------------------------------
 
 
 class _Inputs:
-    """What the claims read from a run directory: results.csv and the per-seed landscape summaries."""
+    """What the claims read from a run directory: results.csv, the runs' per-sample test scores
+    and the per-seed landscape summaries."""
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
         self.rows = run.results()
-        self.metric = primary_metric(self.rows)
-        self.task = next(t for t in TASKS.values() if f"test_{t.primary}" == self.metric)
-        self.done = {
-            (r["method"], int(r["seed"])): float(r[self.metric])
-            for r in self.rows
-            if r["status"] == "done"
-        }
+        published = primary_metric(self.rows)
+        self.task = next(t for t in TASKS.values() if f"test_{t.primary}" == published)
+        large = f"large_test_{self.task.primary}"
+        self.large = any(r.get(large) not in (None, "") for r in self.rows)
+        self.split = "large_test" if self.large else "test"
+        self.metric = large if self.large else published
+        self.done = self._done(self.metric)
+        self.done_published = self._done(published)
         self.sgd, self.swa = run.default_label("baseline"), run.default_label("average")
         self.landscapes: dict[int, tuple[dict[str, Any], Path]] = {}
         self.other_labels: list[int] = []
@@ -175,14 +214,78 @@ class _Inputs:
                 continue
             self.landscapes[seed] = (summary, path.parent)
 
-    def gain(self, label: str, base: str) -> dict[int, float]:
+    def _done(self, metric: str) -> dict[tuple[str, int], float]:
+        return {
+            (r["method"], int(r["seed"])): float(r[metric])
+            for r in self.rows
+            if r["status"] == "done" and r.get(metric) not in (None, "")
+        }
+
+    @property
+    def test_set(self) -> str:
+        """The primary protocol's test set, in words."""
+        if not self.large:
+            return (
+                "the published test split"
+                if self.run.cfg.data.name == "mnist1d"
+                else "the test split"
+            )
+        size = self.run.cfg.data.options.get("large_test")
+        return (
+            f"the large test set ({size:,} generated, seed 2018)" if size else "the large test set"
+        )
+
+    @property
+    def scale(self) -> float:
+        """Per-sample scores (fractions for classification) in the unit of ``d`` (points)."""
+        return 100.0 if self.task.probabilistic else 1.0
+
+    def gain(self, label: str, base: str, published: bool = False) -> dict[int, float]:
         """Per seed ``metric(label) - metric(base)``, sign flipped for MSE so that > 0 favours ``label``."""
+        done = self.done_published if published else self.done
         sign = -1.0 if not self.task.probabilistic else 1.0
         return {
-            s: sign * (v - self.done[(base, s)])
-            for (lab, s), v in self.done.items()
-            if lab == label and (base, s) in self.done
+            s: sign * (v - done[(base, s)])
+            for (lab, s), v in done.items()
+            if lab == label and (base, s) in done
         }
+
+    def pair_variances(
+        self, label: str, base: str, scale: Callable[[int], float] | None = None
+    ) -> tuple[dict[int, float], str]:
+        """Per seed the test-sampling variance of ``metric(label) - metric(base)`` from the two
+        runs' per-sample scores on the primary test set (``per_sample.npz``); ``scale(seed)``
+        converts a score difference to the unit of ``d`` (default: points, or MSE)."""
+        out: dict[int, float] = {}
+        sizes = set()
+        for seed in self.run.cfg.seeds:
+            a = self.run.run(label, seed).per_sample().get(self.split)
+            b = self.run.run(base, seed).per_sample().get(self.split)
+            if a is None or b is None or len(a) != len(b) or not len(a):
+                continue
+            k = scale(seed) if scale is not None else self.scale
+            out[seed] = k * k * _mean_variance(np.asarray(a, float) - np.asarray(b, float))
+            sizes.add(len(a))
+        if not out:
+            return out, (
+                "– (no per-sample test scores: runs trained before swalab saved per_sample.npz)"
+            )
+        n = ", ".join(f"{s:,}" for s in sorted(sizes))
+        return (
+            out,
+            f"sampling variance of the paired difference on {n} test samples vs seed-to-seed",
+        )
+
+    def published_line(self, claim: Claim, values: dict[int, float]) -> None:
+        """The published split's verdict of the same statistic, as a labelled second line."""
+        if not self.large or not values:
+            return
+        c = paired_verdict(Claim("", "", "", "", margin=claim.margin), values)
+        ci = "–" if c.low is None else f"[{_num(c.low)}, {_num(c.high)}]"
+        claim.secondary.append(
+            f"published test split: mean d {_num(c.mean)}, 95% CI {ci}, {c.verdict} "
+            f"(seeds {len(c.values)})"
+        )
 
     @property
     def landscape_command(self) -> str:
@@ -199,6 +302,9 @@ class _Inputs:
             # which cannot resume the runs that have started
             out = run.path.with_name(run.path.name + "-claims")
         return " ".join([f"swalab run {run.config_path} --out {out}", *sets])
+
+    def recompute_command(self, piece: str) -> str:
+        return f"swalab landscape {self.run.path} --seed all --what {piece}"
 
     def piece(self, name: str) -> tuple[dict[int, tuple[dict[str, Any], Path]], str]:
         """Seeds whose landscape has ``name``, and why the others have not (the command to run)."""
@@ -230,13 +336,32 @@ class _Inputs:
 # --- the claims ---------------------------------------------------------------------------------
 
 
-def _claim1(inp: _Inputs) -> list[Claim]:
-    unit = "points of test accuracy" if inp.task.probabilistic else "test MSE, SGD minus SWA"
-    swas = [
+def _test_claim(inp: _Inputs, claim: Claim, label: str, base: str) -> Claim:
+    """``claim`` decided on ``metric(label) - metric(base)`` from results.csv on the primary test
+    set, with its test-sampling share and the published split's line."""
+    claim.protocol = claim.protocol or f"paired over seeds on {inp.test_set}"
+    values = inp.gain(label, base)
+    if not values:
+        claim.note = claim.note or (
+            f"no finished {label}/{base} pair in results.csv; `{inp.run.resume_command}`"
+        )
+    paired_verdict(claim, values)
+    sampling_share(claim, *inp.pair_variances(label, base))
+    inp.published_line(claim, inp.gain(label, base, published=True))
+    return claim
+
+
+def _swa_methods(inp: _Inputs) -> list[Any]:
+    return [
         m
         for m in inp.run.cfg.methods
         if m.method == "swa" and not m.baseline and m.options.get("schedule", "swa") != "constant"
     ]
+
+
+def _claim1(inp: _Inputs) -> list[Claim]:
+    unit = "points of test accuracy" if inp.task.probabilistic else "test MSE, SGD minus SWA"
+    swas = _swa_methods(inp)
     if inp.sgd is None or not swas:
         missing = "an sgd method" if inp.sgd is None else "an swa method"
         return [
@@ -246,6 +371,7 @@ def _claim1(inp: _Inputs) -> list[Claim]:
                 "Table 1",
                 f"SWA − SGD, {unit}",
                 note=f"the run has no {missing}; add one to the config and `swalab run` it",
+                sampling="–",
             )
         ]
     out = []
@@ -257,12 +383,7 @@ def _claim1(inp: _Inputs) -> list[Claim]:
             "Table 1",
             f"{m.label} − {inp.sgd}, {unit}, per seed",
         )
-        values = inp.gain(m.label, inp.sgd)
-        if not values:
-            claim.note = (
-                f"no finished {m.label}/{inp.sgd} pair in results.csv; `{inp.run.resume_command}`"
-            )
-        out.append(paired_verdict(claim, values))
+        out.append(_test_claim(inp, claim, m.label, inp.sgd))
     out.sort(key=lambda c: c.id != "1")
     return out
 
@@ -299,10 +420,10 @@ def _claim2(inp: _Inputs) -> list[Claim]:
             "2" if first else f"2 ({how} rays)",
             "SWA finds wider solutions than SGD",  # the id names a second protocol
             "Fig. 4 (widths along random rays)",
-            f"protocol: {_PROTOCOL_NAMES[how]}{' (primary)' if first else ''}; median over rays "
-            f"of width(w_SWA) − width(w_SGD), the same directions from both; width = {unit} at "
-            "which the train NLL has risen by `rise` (a ray that stays below counts as the "
-            "largest distance)",
+            f"median over rays of width(w_SWA) − width(w_SGD), the same directions from both; "
+            f"width = {unit} at which the train NLL has risen by `rise` (a ray that stays below "
+            "counts as the largest distance)",
+            protocol=_PROTOCOL_NAMES[how],
         )
         values, missing = {}, []
         for seed, by in protocols.items():
@@ -335,10 +456,10 @@ def _claim2(inp: _Inputs) -> list[Claim]:
             f"2 (Hessian {name})",
             "SWA finds flatter solutions than SGD",
             "§3 (flatness; a second measure)",
-            f"protocol: Hessian {name} of the train NLL at each solution, BN recomputed "
-            f"(swalab.curvature); d = {name}(w_SGD) − {name}(w_SWA), > 0: SWA flatter. Not "
-            "scale-invariant: a layer followed by BatchNorm with smaller weights has a larger "
-            "curvature for the same function",
+            f"d = {name}(w_SGD) − {name}(w_SWA), > 0: SWA flatter. Not scale-invariant: a layer "
+            "followed by BatchNorm with smaller weights has a larger curvature for the same function",
+            protocol=f"Hessian {name} of the train NLL at each solution, BN recomputed "
+            "(swalab.curvature)",
         )
         values = {
             seed: float(summary["curvature"]["sgd"][key]) - float(summary["curvature"]["swa"][key])
@@ -348,63 +469,191 @@ def _claim2(inp: _Inputs) -> list[Claim]:
     return claims
 
 
-def _claim3(inp: _Inputs) -> Claim:
-    claim = Claim(
-        "3",
-        "SGD ends at the periphery of a flat region that extends towards SWA",
-        "Fig. 5 (line through w_SGD and w_SWA)",
-        "train loss at t = 1.5 minus train loss at t = 0.5 on w(t) = t·w_SGD + (1 − t)·w_SWA "
-        "(half the SGD–SWA distance beyond SGD vs towards SWA; > 0: the loss rises away from SWA "
-        "faster than towards it)",
-    )
+def _line_values(inp: _Inputs, key: str) -> tuple[dict[int, tuple[float, float]], str]:
+    """Per seed ``(key at t = 1.5, key at t = 0.5)`` of the ``line`` piece."""
     have, why = inp.piece("line")
-    values = {}
+    out = {}
     for seed, (_, where) in have.items():
         path = where / "line.npz"
         if not path.exists() and not path.is_symlink():
             continue
         line = load_npz(path, root=where)
-        ts, loss = line["t"], line["train_loss"]
+        if key not in line:
+            why = why or f"{path} has no {key}; recompute it with `{inp.recompute_command('line')}`"
+            continue
+        ts, loss = line["t"], line[key]
         if ts.min() > 0.5 or ts.max() < 1.5:
             why = (
                 why
                 or f"{path}: the line must span t in [0.5, 1.5]; recompute with `{inp.landscape_command}`"
             )
             continue
-        values[seed] = float(np.interp(1.5, ts, loss) - np.interp(0.5, ts, loss))
-    claim.note = why
-    return paired_verdict(claim, values)
+        out[seed] = (float(np.interp(1.5, ts, loss)), float(np.interp(0.5, ts, loss)))
+    return out, why
 
 
-def _claim4(inp: _Inputs) -> Claim:
-    margin = EQUIVALENCE_MARGIN[inp.task.primary]
-    stat = (
-        "test error of w_SWA minus test error of the ensemble of its snapshots, points"
-        if inp.task.probabilistic
-        else "test MSE of w_SWA minus that of the ensemble of its snapshots, in % of the ensemble's"
+def _claim3(inp: _Inputs) -> list[Claim]:
+    """3a on the NLL (the L2 term apart), 3b the train losses of the two solutions, 3c their test
+    errors (claim 1's numbers)."""
+    rise = Claim(
+        "3a",
+        "The loss rises faster beyond SGD than towards SWA (SGD at the periphery of a flat region)",
+        "Fig. 5 (line through w_SGD and w_SWA)",
+        "train NLL at t = 1.5 minus train NLL at t = 0.5 on w(t) = t·w_SGD + (1 − t)·w_SWA "
+        "(half the SGD–SWA distance beyond SGD vs towards SWA)",
+        protocol="train NLL (data term, no L2) along the line, BN recomputed at every point",
     )
-    claim = Claim(
-        "4",
-        "SWA approximates the ensemble of the snapshots it averages",
-        "§3.4 (SWA comparable to FGE)",
-        f"{stat}; equivalent within ±{margin:g}",
-        margin=margin,
+    nll, why = _line_values(inp, "train_nll")
+    rise.note = why
+    paired_verdict(rise, {s: hi - lo for s, (hi, lo) in nll.items()})
+    objective, _ = _line_values(inp, "train_loss")
+    both = [s for s in rise.values if s in objective]
+    if both:
+        d_obj = {s: objective[s][0] - objective[s][1] for s in both}
+        with_l2 = paired_verdict(Claim("", "", "", ""), d_obj)
+        shares = [(d_obj[s] - rise.values[s]) / d_obj[s] for s in both if d_obj[s] != 0]
+        share = f"; the L2 term is {100 * statistics.fmean(shares):.0f}% of it" if shares else ""
+        rise.secondary.append(
+            f"objective with the L2 term (the former claim 3): mean d {_num(with_l2.mean)}, "
+            f"95% CI [{_num(with_l2.low)}, {_num(with_l2.high)}], {with_l2.verdict}{share}"
+        )
+
+    lower = Claim(
+        "3b",
+        "SGD has the lower train loss",
+        "Fig. 5 (train loss at the two solutions)",
+        "train NLL of w_SWA minus train NLL of w_SGD (BN recomputed, the line's end points)",
+        protocol="train NLL at w_SWA and w_SGD, BN recomputed",
     )
-    have, why = inp.piece("ensemble")
+    have, why = inp.piece("line")
     values = {}
     for seed, (summary, _) in have.items():
-        e = summary["ensemble"]
-        if e.get("average") is None or e.get("ensemble") is None:
-            continue
-        if inp.task.probabilistic:
-            values[seed] = float(e["average"]) - float(e["ensemble"])
-        else:
-            values[seed] = (
-                100.0 * (float(e["average"]) - float(e["ensemble"])) / float(e["ensemble"])
+        ends = summary["line"]
+        if "swa" in ends and "sgd" in ends and "train_nll" in ends["swa"]:
+            values[seed] = float(ends["swa"]["train_nll"]) - float(ends["sgd"]["train_nll"])
+    lower.note = why
+    paired_verdict(lower, values)
+
+    swas = [m for m in _swa_methods(inp) if m.budget == 1.0]
+    unit = "points of test accuracy" if inp.task.probabilistic else "test MSE, SGD minus SWA"
+    test = Claim(
+        "3c",
+        "SWA has the lower test error",
+        "Fig. 5 (test error at the two solutions)",
+        f"SWA − SGD, {unit}, per seed (claim 1's statistic)",
+        sampling="–",
+    )
+    if inp.sgd is None or not swas:
+        test.note = "the run has no SGD/SWA pair at budget 1 (see claim 1)"
+    else:
+        _test_claim(inp, test, swas[0].label, inp.sgd)
+    return [rise, lower, test]
+
+
+def _ensemble_scores(summary: dict[str, Any], split: str) -> dict[str, Any] | None:
+    e = summary.get("ensemble", {})
+    scores = e if split == "test" else e.get(split)
+    if not scores or any(scores.get(k) is None for k in ("average", "ensemble", "snapshots_mean")):
+        return None
+    return scores
+
+
+def _claim4(inp: _Inputs) -> list[Claim]:
+    """4a the fraction of the snapshot ensemble's gain that SWA recovers; 4b SWA vs FGE."""
+    unit = "points" if inp.task.probabilistic else "test MSE"
+    recovered = Claim(
+        "4a",
+        f"SWA recovers at least {RECOVERED:.0%} of the snapshot ensemble's gain over its members",
+        "§3.4 (SWA approximates the ensemble of its snapshots)",
+        f"g_SWA − {RECOVERED:g}·g_ens, {unit}; g = mean snapshot error − error of w_SWA / of the "
+        "ensemble (probabilities averaged, each snapshot with its own BN statistics)",
+        protocol=f"fraction of the ensemble's gain recovered, on {inp.test_set}",
+    )
+    have, why = inp.piece("ensemble")
+    g_swa: dict[int, float] = {}
+    g_ens: dict[int, float] = {}
+    published: dict[int, tuple[float, float]] = {}
+    variances: dict[int, float] = {}
+    for seed, (summary, where) in have.items():
+        scores = _ensemble_scores(summary, inp.split)
+        if scores is None:
+            why = why or (
+                f"the ensemble piece of seed {seed} predates the large test set; recompute it "
+                f"with `{inp.recompute_command('ensemble')}`"
             )
-    claim.note = why
-    # the statistic is "SWA worse by": > margin contradicts; orientation kept for the equivalence test
-    return paired_verdict(claim, values)
+            continue
+        members = float(scores["snapshots_mean"])
+        g_swa[seed] = members - float(scores["average"])
+        g_ens[seed] = members - float(scores["ensemble"])
+        pub = _ensemble_scores(summary, "test")
+        if pub is not None:
+            m = float(pub["snapshots_mean"])
+            published[seed] = (m - float(pub["average"]), m - float(pub["ensemble"]))
+        path = where / "ensemble.npz"
+        if path.is_file():
+            with np.load(path) as arrays:
+                names = [f"{inp.split}_{k}" for k in ("snapshots", "ensemble", "average")]
+                if all(n in arrays.files for n in names):
+                    snaps, ens, avg = (np.asarray(arrays[n], float) for n in names)
+                    per = (1 - RECOVERED) * snaps.mean(0) - avg + RECOVERED * ens
+                    variances[seed] = inp.scale**2 * _mean_variance(per)
+    recovered.note = why
+    paired_verdict(recovered, {s: g_swa[s] - RECOVERED * g_ens[s] for s in g_swa})
+    how = (
+        f"sampling variance of d from the per-sample errors of the snapshots, ensemble and w_SWA "
+        f"on {inp.test_set} vs seed-to-seed"
+        if variances
+        else "– (no ensemble.npz: recompute the ensemble piece)"
+    )
+    sampling_share(recovered, variances, how)
+    for name, pairs in (
+        (inp.test_set, {s: (g_swa[s], g_ens[s]) for s in g_swa}),
+        *([("the published test split", published)] if inp.large else []),
+    ):
+        if len(pairs) >= 2:
+            ratio, low, high = fieller_interval(
+                [a for a, _ in pairs.values()], [b for _, b in pairs.values()]
+            )
+            ens = statistics.fmean(b for _, b in pairs.values())
+            recovered.secondary.append(
+                f"fraction recovered on {name}: {ratio:.2f} (Fieller 95% [{low:.2f}, {high:.2f}]); "
+                f"the ensemble's gain over its members {ens:+.3g} {unit}"
+            )
+
+    margin = EQUIVALENCE_MARGIN[inp.task.primary]
+    fges = [m for m in inp.run.cfg.methods if m.method == "fge" and m.budget == 1.0]
+    swas = [m for m in _swa_methods(inp) if m.budget == 1.0]
+    fge = Claim(
+        "4b",
+        "SWA is comparable to FGE (equivalence)",
+        '§3.4, document 002 ("comparable to FGE")',
+        (
+            "test accuracy of SWA minus FGE's, points"
+            if inp.task.probabilistic
+            else "test MSE of FGE minus SWA's, in % of FGE's"
+        )
+        + f"; equivalent within ±{margin:g}",
+        margin=margin,
+        protocol=f"TOST equivalence, paired over seeds on {inp.test_set}",
+        sampling="–",
+    )
+    if not fges or not swas:
+        fge.note = (
+            "the run has no "
+            + ("fge" if not fges else "swa")
+            + " method at budget 1; add `{method: fge}` to the config and `swalab run` it"
+        )
+        return [recovered, fge]
+    f, w = fges[0].label, swas[0].label
+    if inp.task.probabilistic:
+        _test_claim(inp, fge, w, f)
+        return [recovered, fge]
+    # regression: in % of FGE's MSE
+    pct = {s: 100.0 / inp.done[(f, s)] for s in inp.run.cfg.seeds if (f, s) in inp.done}
+    values = {s: d * pct[s] for s, d in inp.gain(w, f).items() if s in pct}
+    paired_verdict(fge, values)
+    sampling_share(fge, *inp.pair_variances(w, f, scale=lambda s: pct.get(s, math.nan)))
+    return [recovered, fge]
 
 
 def _claim5(inp: _Inputs) -> Claim:
@@ -419,6 +668,7 @@ def _claim5(inp: _Inputs) -> Claim:
         "Averaging at a constant learning rate beats the constant-LR iterate",
         "§5 fixed-LR ablation (CIFAR-100)",
         f"SWA(constant LR) − SGD(constant LR), {unit}",
+        sampling="–",
     )
     if not pairs:
         claim.note = (
@@ -429,36 +679,91 @@ def _claim5(inp: _Inputs) -> Claim:
         return claim
     label, base = pairs[0]
     claim.statistic = f"{label} − {base}, {unit}, per seed"
-    values = inp.gain(label, base)
-    if not values:
-        claim.note = f"no finished {label}/{base} pair in results.csv; `{inp.run.resume_command}`"
-    return paired_verdict(claim, values)
+    return _test_claim(inp, claim, label, base)
 
 
-def _claim6(inp: _Inputs) -> Claim:
+_BN_COUNTERFACTUALS = {
+    "fresh": "fresh BN buffers (mean 0, variance 1), as the reference code's swa_model before bn_update",
+    "carried": "the last SGD iterate's BN statistics",
+    "averaged": "the BN buffers averaged over the snapshots like the weights",
+}
+
+
+def _bn_claim(inp: _Inputs, claim: Claim, key: str, have: dict[int, Any], why: str) -> Claim:
+    """``claim``: error of w_SWA with the ``key`` BN buffers minus with recomputed statistics."""
+    field_name = f"{inp.split}_error"
+    values: dict[int, float] = {}
+    published: dict[int, float] = {}
+    variances: dict[int, float] = {}
+    for seed, (summary, where) in have.items():
+        b = summary["bn"]
+        if key not in b or field_name not in b[key] or field_name not in b["recomputed"]:
+            why = (
+                why
+                or b.get("averaged_missing")
+                or (
+                    f"the bn piece of seed {seed} has no {key} counterfactual on {inp.test_set}; "
+                    f"recompute it with `{inp.recompute_command('bn')}`"
+                )
+            )
+            continue
+        rec = float(b["recomputed"][field_name])
+        scale = 1.0 if inp.task.probabilistic else 100.0 / rec
+        values[seed] = scale * (float(b[key][field_name]) - rec)
+        if "test_error" in b[key]:
+            pub_rec = float(b["recomputed"]["test_error"])
+            pub_scale = 1.0 if inp.task.probabilistic else 100.0 / pub_rec
+            published[seed] = pub_scale * (float(b[key]["test_error"]) - pub_rec)
+        path = where / "bn.npz"
+        if path.is_file():
+            with np.load(path) as arrays:
+                a, r = f"{inp.split}_{key}", f"{inp.split}_recomputed"
+                if a in arrays.files and r in arrays.files:
+                    diff = np.asarray(arrays[a], float) - np.asarray(arrays[r], float)
+                    k = inp.scale * scale
+                    variances[seed] = k * k * _mean_variance(diff)
+    claim.note = why
+    paired_verdict(claim, values)
+    how = (
+        f"sampling variance of the paired difference on {inp.test_set} vs seed-to-seed"
+        if variances
+        else "– (no bn.npz: recompute the bn piece)"
+    )
+    sampling_share(claim, variances, how)
+    inp.published_line(claim, published)
+    return claim
+
+
+def _claim6(inp: _Inputs) -> list[Claim]:
     metric = (
         "test error (points)" if inp.task.probabilistic else "test MSE (% of the recomputed one)"
     )
-    claim = Claim(
+    have, why = inp.piece("bn")
+    primary = Claim(
         "6",
         "BatchNorm statistics must be recomputed for the averaged weights",
         "§3.2",
-        f"{metric} of w_SWA with the BN statistics it carries (its run's last iterate's) minus with "
-        "recomputed ones",
+        f"{metric} of w_SWA with {_BN_COUNTERFACTUALS['fresh']}, minus with recomputed ones",
+        protocol=f"fresh BN buffers (the reference code) vs recomputed, on {inp.test_set}",
     )
-    have, why = inp.piece("bn")
-    values = {}
-    for seed, (summary, _) in have.items():
-        b = summary["bn"]
-        key = "test_error" if inp.task.probabilistic else "test_nll"
-        carried, recomputed = float(b["carried"][key]), float(b["recomputed"][key])
-        values[seed] = (
-            carried - recomputed
-            if inp.task.probabilistic
-            else 100.0 * (carried - recomputed) / recomputed
+    _bn_claim(inp, primary, "fresh", have, why)
+    carried = _bn_claim(inp, Claim("", "", "", ""), "carried", have, why)
+    if carried.values:
+        ci = "–" if carried.low is None else f"[{_num(carried.low)}, {_num(carried.high)}]"
+        primary.secondary.insert(
+            0,
+            f"with {_BN_COUNTERFACTUALS['carried']} instead (the former claim 6): mean d "
+            f"{_num(carried.mean)}, 95% CI {ci}, {carried.verdict}",
         )
-    claim.note = why
-    return paired_verdict(claim, values)
+    averaged = Claim(
+        "6b",
+        "Recomputing BN beats averaging the BN buffers like the weights",
+        "§3.2 (a practitioners' question)",
+        f"{metric} of w_SWA with {_BN_COUNTERFACTUALS['averaged']}, minus with recomputed ones",
+        protocol=f"averaged BN buffers vs recomputed, on {inp.test_set}",
+    )
+    _bn_claim(inp, averaged, "averaged", have, why)
+    return [primary, averaged]
 
 
 def _claim_start(inp: _Inputs) -> Claim:
@@ -516,15 +821,15 @@ def _claim_start(inp: _Inputs) -> Claim:
 
 
 def evaluate_claims(run_dir: str | Path) -> list[Claim]:
-    """The six claims on the run directory (claim 1 once per SWA budget), in order."""
+    """The claims on the run directory (claim 1 once per SWA budget), in order."""
     inp = _Inputs(RunDir(run_dir))
     return [
         *_claim1(inp),
         *_claim2(inp),
-        _claim3(inp),
-        _claim4(inp),
+        *_claim3(inp),
+        *_claim4(inp),
         _claim5(inp),
-        _claim6(inp),
+        *_claim6(inp),
         _claim_start(inp),
     ]
 
@@ -536,45 +841,57 @@ def _num(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:+.3g}"
 
 
+def _share(c: Claim) -> str:
+    if c.sampling_share is None:
+        return c.sampling if c.sampling == TRAIN_ONLY else "–"
+    return "∞" if not math.isfinite(c.sampling_share) else f"{100 * c.sampling_share:.0f}%"
+
+
+def _needed(c: Claim) -> str:
+    if not c.values:
+        return "–"
+    if c.seeds_needed is None:
+        return "never at this mean" if len(c.values) > 1 else "–"
+    return str(c.seeds_needed) + (f" (within ±{c.margin:g})" if c.margin is not None else "")
+
+
 def claim_rows(claims: list[Claim]) -> tuple[list[str], list[list[str]]]:
-    """A table: claim, source, seeds, mean d, 95% interval, verdict, seeds to decide, note."""
+    """A table: claim, source, protocol, seeds, mean d, 95% interval, verdict, minimum detectable
+    effect, test-sampling share, seeds to decide, statistic / note."""
     header = [
         "claim",
         "paper",
+        "primary protocol",
         "seeds",
         "mean d",
         "95% CI",
         "verdict",
+        "min. detectable effect",
+        "test-sampling share",
         "seeds to decide",
         "statistic d / note",
     ]
     rows = []
     for c in claims:
         interval = "–" if c.low is None else f"[{_num(c.low)}, {_num(c.high)}]"
-        needed = (
-            "–"
-            if not c.values
-            else (
-                "never at this mean"
-                if c.seeds_needed is None and len(c.values) > 1
-                else "–"
-                if c.seeds_needed is None
-                else str(c.seeds_needed)
-            )
-        )
-        if c.margin is not None and c.values:
-            needed += f" (within ±{c.margin:g})" if needed[0].isdigit() else ""
-        verdict = c.verdict if c.values else "no input"
+        mde = "–" if c.mde is None or not math.isfinite(c.mde) else f"{c.mde:.3g}"
+        if c.margin is not None and mde != "–":
+            mde = f"{mde} below the margin"
         rows.append(
             [
                 f"{c.id}. {c.title}",
                 c.source,
+                c.protocol or "–",
                 str(len(c.values)),
                 _num(c.mean),
                 interval,
-                verdict,
-                needed,
-                c.statistic + (f" — {c.note}" if c.note else ""),
+                c.verdict if c.values else "no input",
+                mde,
+                _share(c),
+                _needed(c),
+                c.statistic
+                + (f" — {c.note}" if c.note else "")
+                + "".join(f"; {line}" for line in c.secondary),
             ]
         )
     return header, rows
@@ -584,16 +901,24 @@ def format_claims(claims: list[Claim]) -> str:
     """Plain text for the terminal: one block per claim."""
     lines = [
         (
-            f"verdicts: 95% paired t-interval over seeds; seeds to decide: paired t-test, two-sided "
-            f"alpha {ALPHA:g}, power {POWER:g}, at the observed mean and sd (a power calculation)"
+            f"verdicts: 95% paired t-interval over seeds; minimum detectable effect and seeds to "
+            f"decide: paired t-test, two-sided alpha {ALPHA:g}, power {POWER:g}, at the observed sd "
+            "(a power calculation); test-sampling share: the test set's sampling variance of d over "
+            "its variance across seeds (docs/claims.md)"
         )
     ]
     _, rows = claim_rows(claims)
-    for row in rows:
-        claim, source, n, mean, interval, verdict, needed, statistic = row
-        summary = (
-            f"  verdict: {verdict.upper()}  (seeds {n}, mean d {mean}, 95% CI {interval}, "
-            f"seeds to decide: {needed})"
-        )
-        lines += ["", f"{claim}  [{source}]", summary, f"  d = {statistic}"]
+    for c, row in zip(claims, rows):
+        claim, source, protocol, n, mean, interval, verdict, mde, share, needed, _ = row
+        how = f" ({c.sampling})" if c.sampling_share is not None else ""
+        lines += [
+            "",
+            f"{claim}  [{source}]",
+            f"  verdict: {verdict.upper()}  — primary protocol: {protocol}",
+            f"  seeds {n}, mean d {mean}, 95% CI {interval}, minimum detectable effect {mde}, "
+            f"seeds to decide: {needed}",
+            f"  test-sampling share: {share}{how}",
+            f"  d = {c.statistic}" + (f" — {c.note}" if c.note else ""),
+            *(f"  {line}" for line in c.secondary),
+        ]
     return "\n".join(lines)

@@ -333,9 +333,9 @@ def compute_landscape(
             elif piece == "snapshots":
                 summary["snapshots"] = job.snapshots(out, opts.grid, opts.margin, bar)
             elif piece == "ensemble":
-                summary["ensemble"] = job.ensemble()
+                summary["ensemble"] = job.ensemble(out)
             elif piece == "bn":
-                summary["bn"] = job.bn()
+                summary["bn"] = job.bn(out)
             elif piece == "curvature":
                 summary["curvature"] = job.curvature(
                     opts.curvature_samples, opts.curvature_iterations, opts.curvature_probes
@@ -953,11 +953,40 @@ class _Pieces:
         summary["epochs"] = chosen
         return summary
 
-    def ensemble(self) -> dict[str, Any]:
+    def _test_sets(self) -> dict[str, tuple[BatchLoader, Tensor]]:
+        """The published test split and, where the dataset has one, the large test set
+        (``DataBundle.large_test``, docs/claims.md): batches and targets."""
+        bundle, size = self.ev.bundle, self.run.cfg.train.eval_batch_size
+        sets = {"test": bundle.test}
+        if getattr(bundle, "large_test", None) is not None:
+            sets["large_test"] = bundle.large_test
+        return {
+            name: (BatchLoader(split, size, device=self.ev.device), split.y)
+            for name, split in sets.items()
+        }
+
+    def _per_sample_errors(
+        self, states: list[dict[str, Tensor]]
+    ) -> dict[str, tuple[list[Tensor], Tensor]]:
+        """For every test set: each state's predictions (``task.outputs``, double) and the targets."""
+        model = self.ev.evaluator.model
+        out: dict[str, tuple[list[Tensor], Tensor]] = {}
+        for name, (loader, y) in self._test_sets().items():
+            outputs = []
+            for state in states:
+                model.load_state_dict(state)
+                outputs.append(self.ev.task.outputs(predict_outputs(model, loader)[0].double()))
+            out[name] = (outputs, y)
+        return out
+
+    def ensemble(self, out: Path | None = None) -> dict[str, Any]:
         """The SWA average against the ensemble of its snapshots, each snapshot with its own BN statistics.
 
         Classification: Δ, agreement and KL from ``swalab.ensembles.ensemble_view``, and test errors
-        (%); regression: Δ and test MSE (the ensemble averages the predictions).
+        (%); regression: Δ and test MSE (the ensemble averages the predictions). On the published
+        test split and, where there is one, the large test set (``large_test``: the same keys);
+        with ``out``, each model's per-sample errors (0/1, or squared errors) on them in
+        ``ensemble.npz`` (claim 4's test-sampling share).
         """
         epochs = self.src.averaged_epochs()
         states = self.src.trajectory(self.swa)
@@ -967,7 +996,7 @@ class _Pieces:
         test = BatchLoader(
             self.ev.bundle.test, self.run.cfg.train.eval_batch_size, device=self.ev.device
         )
-        y, task = self.ev.bundle.test.y, self.ev.task
+        task = self.ev.task
         if task.probabilistic:
             view = ensemble_view(snapshots, average, model, test)
         else:
@@ -980,46 +1009,86 @@ class _Pieces:
                 "agreement": None,
                 "kl": None,
             }
+        result: dict[str, Any] = {"epochs": epochs, **view, "metric": task.error_label}
+        arrays: dict[str, np.ndarray] = {}
+        for name, (outputs, y) in self._per_sample_errors(snapshots + [average]).items():
+            ensemble = torch.stack(outputs[:-1]).mean(0)
+            scores = {
+                "average": task.error(outputs[-1], y),
+                "ensemble": task.error(ensemble, y),
+                "snapshots_mean": float(np.mean([task.error(o, y) for o in outputs[:-1]])),
+            }
+            if name == "test":
+                result.update(scores)
+            else:
+                result[name] = {**scores, "samples": len(y)}
+            per_sample = [task.per_sample(o, y) for o in [*outputs[:-1], ensemble, outputs[-1]]]
+            if all(p is not None for p in per_sample):
+                # as errors (1 - correct for classification), so that they average to the error
+                errors = [(1.0 - p) if task.probabilistic else p for p in per_sample]
+                arrays[f"{name}_snapshots"] = torch.stack(errors[:-2]).float().numpy()
+                arrays[f"{name}_ensemble"] = errors[-2].float().numpy()
+                arrays[f"{name}_average"] = errors[-1].float().numpy()
+        if out is not None and arrays:
+            _savez(out / "ensemble.npz", **arrays)
+        return result
 
-        def score(outputs: Tensor) -> float:
-            return task.error(outputs, y)
+    def bn(self, out: Path | None = None) -> dict[str, Any]:
+        """w_SWA evaluated with recomputed BN statistics and three counterfactuals (paper §3.2).
 
-        metric = task.error_label
-        outputs = []
-        for state in snapshots + [average]:
-            model.load_state_dict(state)
-            outputs.append(task.outputs(predict_outputs(model, test)[0].double()))
-        return {
-            "epochs": epochs,
-            **view,
-            "metric": metric,
-            "average": score(outputs[-1]),
-            "ensemble": score(torch.stack(outputs[:-1]).mean(0)),
-            "snapshots_mean": float(np.mean([score(o) for o in outputs[:-1]])),
-        }
-
-    def bn(self) -> dict[str, Any]:
-        """w_SWA evaluated with the BN statistics it carries and with recomputed ones (paper §3.2).
-
-        "Carried": the running statistics of the SWA run's last SGD iterate (``checkpoint.pt``), which
-        an averaged copy of the weights holds unless BN is recomputed; "recomputed": ``final.pt``
-        as the run saved it, after its own BN pass.
+        "recomputed": ``final.pt`` as the run saved it, after its own BN pass; "fresh": the BN
+        buffers of a newly built model (running mean 0, variance 1), what the reference code's
+        ``swa_model`` holds before ``bn_update``; "carried": the running statistics of the SWA
+        run's last SGD iterate (``checkpoint.pt``); "averaged": the BN buffers averaged over the
+        same snapshots as the weights (needs the SWA run's trajectory; absent without one). Each
+        with the train/test metrics of the evaluator and the error on the large test set
+        (``large_test_error``) where there is one; with ``out``, the per-sample errors on the test
+        sets in ``bn.npz`` (claim 6's test-sampling share).
         """
         final = self.run.load(self.swa, self.seed, "final.pt")
         iterate = self.run.load(self.swa, self.seed, "checkpoint.pt")["model"]
         model, evaluator = self.ev.evaluator.model, self.ev.evaluator
         squared_norm = float(geo.flat_parameters(final, self.ev.names).square().sum())
         buffers = {name for name, _ in model.named_buffers()}
-        result = {}
-        for key, state in (
-            ("recomputed", final),
-            ("carried", {k: iterate[k] if k in buffers else v for k, v in final.items()}),
-        ):
+        fresh = self.run.model(self.ev.bundle).state_dict()
+        states = {
+            "recomputed": final,
+            "fresh": {k: fresh[k].to(v.device) if k in buffers else v for k, v in final.items()},
+            "carried": {k: iterate[k] if k in buffers else v for k, v in final.items()},
+        }
+        result: dict[str, Any] = {}
+        try:
+            trajectory = self.src.trajectory(self.swa)
+            snapshots = [trajectory[e - 1] for e in self.src.averaged_epochs()]
+        except (_Missing, FileNotFoundError) as err:
+            result["averaged_missing"] = str(err)
+        else:
+            states["averaged"] = {
+                k: (
+                    torch.stack([s[k].double() for s in snapshots]).mean(0).to(v.dtype)
+                    if k in buffers and v.is_floating_point()
+                    else v
+                )
+                for k, v in final.items()
+            }
+        for key, state in states.items():
             model.load_state_dict(state)
             result[key] = evaluator.measure(squared_norm)
+        arrays: dict[str, np.ndarray] = {}
+        task = self.ev.task
+        for name, (outputs, y) in self._per_sample_errors(list(states.values())).items():
+            for key, o in zip(states, outputs):
+                result[key][f"{name}_error"] = task.error(o, y)
+                p = task.per_sample(o, y)
+                if p is not None:
+                    arrays[f"{name}_{key}"] = (
+                        ((1.0 - p) if task.probabilistic else p).float().numpy()
+                    )
         result["carried_from"] = (
             f"BN running statistics of {self.swa}'s last SGD iterate (checkpoint.pt)"
         )
+        if out is not None and arrays:
+            _savez(out / "bn.npz", **arrays)
         return result
 
     def curvature(self, samples: int, iterations: int, probes: int) -> dict[str, Any]:
