@@ -159,7 +159,7 @@ def _worker(
                     job: Job = job,
                     trackers: Any = trackers,
                 ) -> None:
-                    trackers.close(method.label)
+                    trackers.close(method.label, result)
                     events.put(("result", index, job, (method.label, result, seconds)))
 
                 def on_epoch(methods: list[Any], record: Any, job: Job = job) -> None:

@@ -29,7 +29,7 @@ from .precision import Precision
 from .rundir import RunDirectory
 from .sharing import Branch, plan_branches, trained_epochs
 from .stats import primary_metric, summarize
-from .tracking import EpochReporter, SeedTrackers, check_trackers
+from .tracking import EpochReporter, SeedTrackers, check_trackers, prepare_trackers
 from .trainer import train_runs
 
 __all__ = ["run_experiment", "format_table", "plan_runs"]
@@ -152,6 +152,7 @@ def run_experiment(
             remove_tree(layout.path / label)
         layout.write_config(to_dict(cfg))
         layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
+        prepare_trackers(cfg.train.log, out, to_dict(cfg))  # before any worker opens them
 
     runs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
     check_jobs(jobs, len(runs), world.size)  # bad input fails before any work
@@ -261,7 +262,7 @@ def run_experiment(
             def done(
                 method: Any, result: Any, seconds: float, seed: int = seed, trackers: Any = trackers
             ) -> None:
-                trackers.close(method.label)
+                trackers.close(method.label, result)
                 record(seed, method, result, seconds)
 
             phase = "pretrain" if cfg.pretrain.epochs > 0 and seed in pretrain_todo else "train"
