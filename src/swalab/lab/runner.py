@@ -22,7 +22,7 @@ from .config import ConfigError, ExperimentConfig, check_parts, to_dict
 from .devices import resolve_device
 from .distributed import World
 from .files import RunFileError, atomic_write_text, holds_files, remove_tree
-from .inputs import load_bundle, train_loader
+from .inputs import data_shape, load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
 from .methods import recipe_of
 from .precision import Precision
@@ -160,6 +160,8 @@ def run_experiment(
     # e.g. fp16 on the CPU, or train.compile without a compiler
     Precision(cfg.train.precision, cfg.train.channels_last, device, cfg.train.compile)
     check_trackers(cfg.train.log)  # a missing tracker package fails before any work
+    if ":" in cfg.data.name:  # a user's own dataset: a wrong return fails before --out
+        data_shape(cfg, cfg.seeds[0])
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
