@@ -124,7 +124,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         with run_directory(out):  # after the other ranks have left: rank 0 alone
             landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
+    if world.main and rows:
+        print(next_steps(out))
     return 0
+
+
+def next_steps(out: Path) -> str:
+    """What to run after ``swalab run``: the report and the claims (printed after the table)."""
+    return (
+        "\nNext:\n"
+        f"  swalab report {out} --html    the report: tables, learning curves, landscape, times\n"
+        f"  swalab claims {out}           a verdict on each of the paper's claims\n"
+        f"  swalab landscape {out} --what plane,predictions\n"
+        "      adds the paper's Fig. 1 plane and the calibration (reliability diagrams) to the report"
+    )
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -138,6 +151,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, args.variant)
     if device is None:
         device = resolve_device(cfg.train.device, "train.device")
+    print(  # timing a large model's steps on a CPU takes minutes: say so first
+        f"{cfg.name}: timing {args.repeats} training steps of {cfg.model.name} "
+        f"(batch {cfg.train.batch_size}) on {device} for the estimate...",
+        file=sys.stderr,
+        flush=True,
+    )
     print(plan_experiment(cfg, _out(args, cfg), device, args.repeats).format(cfg))
     return 0
 
