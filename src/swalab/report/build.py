@@ -517,7 +517,11 @@ def _times(run: RunDir, out: Path) -> list[Block]:
     blocks = [Block("h2", "Run times and environment")]
     header, rows = export.run_times(run.results())
     if rows:
-        caption = "Wall-clock time of the runs (a resumed run: the time of its last process)"
+        caption = (
+            "Wall-clock time of the runs (a resumed run: the time of its last process). A run's "
+            "time includes the epochs it shares with the other runs of its seed (trained once), "
+            "so the last row adds each seed's longest run, not every run"
+        )
         blocks.append(Block("table", caption, header, rows, stem="table_run_times"))
     else:
         blocks.append(Block("note", "results.csv records no run times"))
