@@ -154,6 +154,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         )
         expected = {
             "learning_curves",
+            "own_models",
             "lr_schedules",
             "line",
             "rays",

@@ -294,17 +294,34 @@ def _curves(run: RunDir, out: Path, metric: str, formats: Sequence[str]) -> list
     caption = (
         f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
         "the iterate (thin) and, for averaging methods, the running average with "
-        "BatchNorm recomputed (dashed) — document 003's Figure 1."
+        "BatchNorm recomputed (dashed)."
     )
     image = figures.learning_curves_figure(
         curves, metric, focus, out / "learning_curves.png", formats=formats
     )
     blocks.append(Block("figure", caption, image=image))
+    blocks.append(
+        Block(
+            "figure",
+            f"Test {metric.split('_', 1)[1]} of every method's own model (its running average "
+            "where it has one) over the second half of training, one panel per method on shared "
+            f"axes, {focus[0] if focus else 'the baseline'} in grey: mean over seeds "
+            f"({len(run.cfg.seeds)}), band ± std.",
+            image=figures.own_models_figure(
+                curves,
+                metric,
+                focus[0] if focus else None,
+                out / "own_models.png",
+                formats=formats,
+            ),
+        )
+    )
     blocks.append(Block("h2", "Learning-rate schedules"))
     blocks.append(
         Block(
             "figure",
-            f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
+            f"Learning rate at the start of each epoch, one panel per method "
+            f"(seed {run.cfg.seeds[0]}; every seed's is the same).",
             image=figures.lr_figure(schedules, out / "lr_schedules.png", formats=formats),
         )
     )
@@ -585,6 +602,7 @@ table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 0.9em; }
 caption { text-align: left; font-weight: 600; padding: .3em 0; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 td { white-space: nowrap; } th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td.text { white-space: normal; text-align: left; min-width: 9em; max-width: 22em; }
 .scroll { overflow-x: auto; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; } .files { font-size: 0.85em; margin-top: -1em; }
@@ -597,6 +615,13 @@ def _inline_code(text: str) -> str:
     """HTML-escape ``text`` and turn `backticks` into <code>."""
     parts = html.escape(text).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _cell(text: str) -> str:
+    """A table cell; long text (a claim, a statistic's definition) wraps, so that a wide table
+    such as the claims' keeps its last columns (the verdict) on screen."""
+    wrap = len(text) > 24 and " " in text
+    return f'<td class="text">{html.escape(text)}</td>' if wrap else f"<td>{html.escape(text)}</td>"
 
 
 def render_html(blocks: list[Block], title: str) -> str:
@@ -612,10 +637,7 @@ def render_html(blocks: list[Block], title: str) -> str:
             body.append(f"<pre>{html.escape(b.text)}</pre>")
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            rows = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                for row in b.rows
-            )
+            rows = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in b.rows)
             body.append(
                 f'<div class="scroll"><table class="results"><caption>{_inline_code(b.text)}</caption>'
                 f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
