@@ -35,3 +35,14 @@ def test_plan_says_what_it_times_first(tmp_path, capsys):
     assert captured.err.startswith(
         "mnist1d: timing 1 training steps of mnist1d_cnn (batch 100) on cpu"
     )
+
+
+def test_landscape_captions_say_what_is_drawn_and_which_seed():
+    from swalab.report.build import LANDSCAPE_FIGURES, _landscape_caption
+
+    rays = next(c for piece, name, c in LANDSCAPE_FIGURES if name == "rays.png")
+    stopped = _landscape_caption("rays.png", rays, {"seed": 3, "rays": {"tails": False}})
+    assert stopped.startswith("Train loss along random rays") and "test error and" not in stopped
+    assert "Seed 3; the other seeds' figures are in `landscape/seed<k>/`" in stopped
+    full = _landscape_caption("rays.png", rays, {"seed": 0, "rays": {"tails": True}})
+    assert full.startswith(rays)

@@ -417,7 +417,7 @@ def _landscape_blocks(
                 else ""
             )
             image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
-            blocks.append(Block("figure", caption + note, image=image))
+            blocks.append(Block("figure", _landscape_caption(name, caption, s) + note, image=image))
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
@@ -451,6 +451,22 @@ def _landscape_blocks(
     for piece, message in s.get("skipped", {}).items():
         blocks.append(Block("note", f"{piece} not computed: {message}"))
     return blocks
+
+
+def _landscape_caption(name: str, caption: str, s: dict[str, Any]) -> str:
+    """``caption`` made true of what was drawn: rays stopped at their width (``ray_tails: false``)
+    carry the train loss alone; and which seed the figure shows."""
+    rays = s.get("rays")
+    if name == "rays.png" and isinstance(rays, dict) and rays.get("tails") is False:
+        caption = (
+            "Train loss along random rays from both solutions (paper Fig. 4 also plots the test "
+            "error: these rays stop at their width, `landscape.ray_tails: false`; "
+            "`swalab landscape RUN --what rays --ray-tails` evaluates both)."
+        )
+    return (
+        f"{caption} Seed {s.get('seed', 0)}; the other seeds' figures are in "
+        "`landscape/seed<k>/`, their spread in the claims table."
+    )
 
 
 def _number(value: float | None, digits: int) -> str:
