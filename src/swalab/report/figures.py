@@ -438,32 +438,30 @@ def own_models_figure(
     *,
     formats: Sequence[str] = ("png",),
 ) -> Path:
-    """Every method's own model (:func:`own_curves`) over the second half of training, one small
-    panel per method on shared axes, the baseline (SGD) in grey in each: mean ± std over seeds."""
+    """Every method's own model (:func:`own_curves`) over the second half of its training, one small
+    panel per method on a shared y-axis, the baseline (SGD) in grey in each: mean ± std over seeds."""
     own = own_curves(curves)
-    start, low, high = _late_window(own, ("own",))
+    late: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    for label, c in own.items():
+        keep = c["epoch"] >= max(1.0, 0.5 * float(c["epoch"][-1]))  # the second half of its run
+        late[label] = (c["epoch"][keep], c["own"][keep], c["own_std"][keep])
+    _, low, high = _late_window(own, ("own",))
     pad = 0.1 * (high - low) or 0.5
-    series = {k: (c["epoch"], c["own"], c["own_std"]) for k, c in own.items()}
     reference = (
         (baseline, own[baseline]["epoch"], own[baseline]["own"]) if baseline in own else None
     )
     unit = " (%)" if metric.endswith("accuracy") else ""
-    figure = small_multiples_figure(
-        {k: (x[x >= start], y[x >= start], sd[x >= start]) for k, (x, y, sd) in series.items()},
+    return small_multiples_figure(
+        late,
         metric.replace("_", " ") + unit,
         path,
-        reference=None
-        if reference is None
-        else (
-            reference[0],
-            reference[1][reference[1] >= start],
-            reference[2][reference[1] >= start],
-        ),
+        reference=reference,
         ylim=(low - pad, high + pad),
-        title=f"each method's own model from epoch {start:g} on: mean over seeds, band ± std",
+        sharex=False,
+        title="each method's own model over the second half of its training: mean over seeds, "
+        "band ± std",
         formats=formats,
     )
-    return figure
 
 
 def lr_figure(
@@ -496,6 +494,7 @@ def small_multiples_figure(
     step: bool = False,
     logy: bool = False,
     ylim: tuple[float, float] | None = None,
+    sharex: bool = True,
     title: str = "",
     formats: Sequence[str] = ("png",),
 ) -> Path:
@@ -505,7 +504,9 @@ def small_multiples_figure(
     cols = min(4, max(1, len(labels)))
     rows = -(-len(labels) // cols)
     fig = Figure(figsize=(3.1 * cols, 2.3 * rows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    axes = np.atleast_1d(
+        fig.subplots(rows, cols, sharex=sharex, sharey=True, squeeze=False)
+    ).ravel()
     for i, (ax, label) in enumerate(zip(axes, labels)):
         x, y, std = series[label]
         if reference is not None and reference[0] != label:
@@ -515,6 +516,8 @@ def small_multiples_figure(
         else:
             _curve(ax, x, y, std, color=f"C{i % 10}", lw=1.6, label=label)
         ax.set_title(label, fontsize=9)
+        if not sharex and len(x) > 1:  # the panel's own range (the reference may be longer)
+            ax.set_xlim(float(x[0]), float(x[-1]))
         ax.grid(alpha=0.3, which="both")
         ax.tick_params(labelsize=7)
         if reference is not None and reference[0] != label:
