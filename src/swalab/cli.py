@@ -151,13 +151,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, args.variant)
     if device is None:
         device = resolve_device(cfg.train.device, "train.device")
-    print(  # timing a large model's steps on a CPU takes minutes: say so first
-        f"{cfg.name}: timing {args.repeats} training steps of {cfg.model.name} "
-        f"(batch {cfg.train.batch_size}) on {device} for the estimate...",
-        file=sys.stderr,
-        flush=True,
-    )
-    print(plan_experiment(cfg, _out(args, cfg), device, args.repeats).format(cfg))
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    print(plan_experiment(cfg, _out(args, cfg), device, args.repeats, log=say).format(cfg))
     return 0
 
 
