@@ -137,12 +137,14 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         # every results table also as CSV and booktabs LaTeX, linked under it
         captions = [t.find_element("tag name", "caption").text for t in tables]
         assert captions[-2:] == [
-            "Wall-clock time of the runs (a resumed run: the time of its last process)",
+            "Wall-clock time of the runs (a resumed run: the time of its last process). A run's "
+            "time includes the epochs it shares with the other runs of its seed (trained once), "
+            "so the last row adds each seed's longest run, not every run",
             "Environment (meta.json)",
         ]
         time_rows = tables[-2].find_elements("css selector", "tbody tr")
         first_cells = [r.find_elements("tag name", "td")[0].text for r in time_rows]
-        assert first_cells == ["sgd", "swa", "swag", "all"]
+        assert first_cells == ["sgd", "swa", "swag", "all (each seed's longest run)"]
         links = [a.get_attribute("href") for a in driver.find_elements("css selector", "p.files a")]
         names = [Path(link.removeprefix("file://")).name for link in links]
         tables_in_order = (
@@ -178,6 +180,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         )
         expected = {
             "learning_curves",
+            "own_models",
             "lr_schedules",
             "line",
             "rays_protocols",

@@ -182,7 +182,12 @@ def test_periodic_swa_restarts_from_the_mean_then_averages_afresh():
     torch.manual_seed(4)
     recorder = Recorder()
     callback = AveragingCallback(
-        interval="epoch", restart_every=2, restart_until=4, update_bn=False, copy_to_model=False
+        interval="epoch",
+        update_after=0,
+        restart_every=2,
+        restart_until=4,
+        update_bn=False,
+        copy_to_model=False,
     )
     _trainer([recorder, callback], epochs=6).fit(Net(), _loader())
     end = [recorder.steps[4 * e + 3] for e in range(6)]  # weights at each epoch's end
@@ -211,7 +216,9 @@ def test_several_optimizers_one_step_per_batch_and_schedule_in_each():
     torch.manual_seed(6)
     recorder = Recorder()
     schedule = swalab.swa_reference_lr(lr_init=0.1, swa_start=2, swa_lr=0.01)
-    callback = AveragingCallback(update_every=2, lr_schedule=schedule, update_bn=False)
+    callback = AveragingCallback(
+        update_every=2, update_after=0, lr_schedule=schedule, update_bn=False
+    )
     trainer = _trainer(
         [callback, recorder], epochs=3
     )  # the recorder reads the LR after ours sets it
@@ -223,22 +230,94 @@ def test_several_optimizers_one_step_per_batch_and_schedule_in_each():
 
 def test_gradient_accumulation_averages_after_optimizer_steps_only():
     torch.manual_seed(11)
-    recorder, callback = Recorder(), AveragingCallback(update_bn=False)
+    recorder, callback = Recorder(), AveragingCallback(update_after=0, update_bn=False)
     trainer = _trainer([recorder, callback], epochs=2, accumulate_grad_batches=2)
     trainer.fit(Net(), _loader())
     assert trainer.global_step == 4 and callback.averaged.count == 4  # 8 batches, 4 steps
     assert_all_close(params(callback.averaged.module), mean(recorder.steps))
 
 
-def test_schedule_beside_a_scheduler_is_refused():
-    class WithScheduler(Net):
-        def configure_optimizers(self):
-            optimizer = super().configure_optimizers()
-            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1)]
+class WithScheduler(Net):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)]
 
-    callback = AveragingCallback(lr_schedule=swalab.constant_lr(0.1))
-    with pytest.raises(ValueError, match="also configures an LR scheduler"):
-        _trainer([callback], epochs=1).fit(WithScheduler(), _loader())
+
+def test_schedule_takes_over_from_the_modules_scheduler_when_averaging_starts():
+    """Lightning's SWA hand-over: the module's StepLR drives epochs 0-1 (0.1, 0.05), the swalab
+    schedule from the first averaged epoch on; the scheduler is no longer stepped."""
+    recorder = Recorder()
+    callback = AveragingCallback(
+        interval="epoch", update_after=2, lr_schedule=swalab.constant_lr(0.02), update_bn=False
+    )
+    trainer = _trainer([callback, recorder], epochs=4)
+    trainer.fit(WithScheduler(), _loader())
+    assert recorder.lrs == [[0.1], [0.05], [0.02], [0.02]]
+    assert callback.averaged.count == 2 and trainer.lr_scheduler_configs == []
+
+
+def test_defaults_swa_from_80_percent_ema_from_the_start_fractions_and_nothing_warns():
+    steps = 5 * N // BATCH  # 20 optimizer steps
+    for kwargs, count in [
+        ({}, steps - int(0.8 * steps)),  # SWA: the last 20%, as swa_epoch_start=0.8
+        ({"rule": swalab.EMA(0.9)}, steps),
+        ({"update_after": 0.5}, steps // 2),
+        ({"interval": "epoch", "update_after": 0.6}, 2),
+    ]:
+        callback = AveragingCallback(**kwargs, update_bn=False)
+        _trainer([callback], epochs=5).fit(Net(), _loader())
+        assert callback.averaged.count == count, kwargs
+    with pytest.warns(UserWarning, match=r"update_after=100 \(steps\) is past the end of training"):
+        with pytest.warns(UserWarning, match="averaged no model"):
+            _trainer([AveragingCallback(update_after=100)], epochs=1).fit(Net(), _loader())
+    with pytest.raises(ValueError, match="update_after must be an integer >= 0 .* got 1.5"):
+        AveragingCallback(update_after=1.5)
+
+
+class BNNet(Net):
+    def __init__(self):
+        super().__init__(bn=True)
+
+
+class ValLosses(pl.Callback):
+    """The validated val_loss of each epoch (checkpoints are written after it)."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        self.losses[trainer.current_epoch] = float(trainer.callback_metrics["val_loss"])
+
+
+def test_every_checkpoint_loads_the_model_validated_for_it(tmp_path):
+    """With BatchNorm: the validated average has its statistics recomputed, and each checkpoint
+    holds that model, so load_from_checkpoint scores what was validated for it."""
+    torch.manual_seed(12)
+    losses = ValLosses()
+    every_epoch = pl.callbacks.ModelCheckpoint(
+        tmp_path, save_top_k=-1, every_n_epochs=1, save_last=True
+    )
+    callback = AveragingCallback(update_after=2)
+    val = _loader(seed=5, n=BATCH)  # one batch: the logged mean is the loss of the whole set
+    train = DataLoader(_data(), batch_size=BATCH, shuffle=True)
+    model = BNNet()
+    _trainer([callback, every_epoch, losses], epochs=3, enable_checkpointing=True).fit(
+        model, train, val
+    )
+    x, y = val.dataset.tensors
+
+    def score(module):
+        module.eval()
+        with torch.no_grad():
+            return float(F.mse_loss(module(x), y))
+
+    for epoch in range(3):
+        (path,) = tmp_path.glob(f"epoch={epoch}-*.ckpt")
+        assert score(BNNet.load_from_checkpoint(path)) == pytest.approx(losses.losses[epoch])
+    assert score(BNNet.load_from_checkpoint(tmp_path / "last.ckpt")) == pytest.approx(
+        losses.losses[2]
+    )
+    assert score(model) == pytest.approx(losses.losses[2])  # the module after training
 
 
 def test_bn_recomputed_at_the_end_for_any_batch_format():
@@ -274,7 +353,7 @@ def test_bf16_mixed_precision_averages_and_recomputes_bn():
     [
         dict(interval="epoch", update_after=1, swag_max_models=2),
         dict(rule=swalab.EMA(0.8, warmup_gamma=3), update_every=2, update_after=5),
-        dict(interval="epoch", restart_every=2, restart_until=3),
+        dict(interval="epoch", update_after=0, restart_every=2, restart_until=3),
     ],
 )
 def test_resume_gives_the_uninterrupted_average(tmp_path, options):

@@ -10,6 +10,7 @@ resumed run ends with the uninterrupted run's average.
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,28 +116,86 @@ def _mean_loss(model, data):
         )
 
 
-def test_evaluation_reports_the_average_and_current_loss(tmp_path):
+def _token_accuracy(prediction):
+    """compute_metrics: the next-token accuracy of the logits."""
+    logits, labels = prediction.predictions, prediction.label_ids
+    return {"accuracy": float((logits[:, :-1].argmax(-1) == labels[:, 1:]).mean())}
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    values = {}
+    for events in Path(log_dir).rglob("events.out.tfevents.*"):
+        acc = event_accumulator.EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            values.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return values
+
+
+def test_the_average_is_evaluated_logged_and_kept_best_by_the_trainer(tmp_path):
+    """The average's loss and compute_metrics reach log_history and TensorBoard, computed as
+    the Trainer's own eval_loss; the best-average checkpoint is what load_best_model_at_end
+    gives and what swalab_average/ holds."""
+    pytest.importorskip("tensorboard")
     callback = AveragingCallback(update_after=2)
-    trainer = _train(
-        tmp_path,
-        callback,
-        eval_strategy="steps",
-        eval_steps=4,
-        metric_for_best_model="average_loss",
-        greater_is_better=False,
+    trainer = transformers.Trainer(
+        model=_model(),
+        args=_args(
+            tmp_path,
+            eval_strategy="steps",
+            eval_steps=4,
+            metric_for_best_model="average_loss",
+            greater_is_better=False,
+            load_best_model_at_end=True,
+            report_to=["tensorboard"],
+        ),
+        train_dataset=_data(0),
+        eval_dataset=_data(1, n=7),
+        callbacks=[callback],
+        compute_metrics=_token_accuracy,
     )
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "eval_average_loss" in e]
+    assert [e["step"] for e in logged] == [4, 8]
+    assert all("eval_average_accuracy" in e for e in logged)
+    best = min(logged, key=lambda e: e["eval_average_loss"])
+    assert trainer.state.best_metric == best["eval_average_loss"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    # the checkpoint's average, evaluated by the Trainer as the live weights are (same loss)
+    saved = tmp_path / f"checkpoint-{best['step']}" / AVERAGE_DIR
+    average = transformers.GPT2LMHeadModel.from_pretrained(saved)
+    plain = transformers.Trainer(
+        model=average,
+        args=_args(tmp_path / "plain"),
+        eval_dataset=_data(1, n=7),
+        compute_metrics=_token_accuracy,
+    )
+    reference = plain.evaluate()
+    assert best["eval_average_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+    assert best["eval_average_accuracy"] == pytest.approx(reference["eval_accuracy"])
+    # load_best_model_at_end loaded that average; swalab_average/ is it too
+    assert_all_close(params(trainer.model), params(average))
+    final_dir = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
+    assert_all_close(params(final_dir), params(average))
+    # TensorBoard (report_to) holds the average's metrics at the evaluation steps
+    scalars = _scalars(tmp_path / "runs")  # the Trainer's default logging dir
+    assert [step for step, _ in scalars["eval/average_loss"]] == [4, 8]
+    assert [step for step, _ in scalars["eval/average_accuracy"]] == [4, 8]
+    # an evaluate() after training evaluates both, each under its prefix
     metrics = trainer.evaluate()
-    average = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
-    assert metrics["eval_average_loss"] == pytest.approx(
-        _mean_loss(average, _data(1, n=7)), rel=1e-5
+    assert {"eval_loss", "eval_accuracy", "eval_average_loss", "eval_average_accuracy"} <= set(
+        metrics
     )
-    assert metrics["eval_current_loss"] == pytest.approx(
-        _mean_loss(trainer.model, _data(1, n=7)), rel=1e-5
-    )
-    assert abs(metrics["eval_average_loss"] - metrics["eval_current_loss"]) > 1e-4  # two models
-    logged = [entry for entry in trainer.state.log_history if "eval_average_loss" in entry]
-    assert [entry["step"] for entry in logged] == [4, 8, 8]
-    assert trainer.state.best_metric == min(entry["eval_average_loss"] for entry in logged[:2])
+
+
+def test_without_a_best_average_metric_the_final_average_is_saved(tmp_path):
+    callback = AveragingCallback(update_after=2)
+    trainer = _train(tmp_path, callback, eval_strategy="steps", eval_steps=4)
+    final = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / AVERAGE_DIR)
+    assert_all_close(params(final), params(callback.averaged.module))
+    assert trainer.state.best_model_checkpoint is None  # no metric_for_best_model: the final one
 
 
 @pytest.mark.parametrize("where", ["output_dir", "args"])
@@ -233,6 +292,6 @@ def test_import_swalab_needs_neither_framework_and_a_missing_one_names_the_extra
 @pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
     out = run_readme_example("**Hugging Face**", tmp_path)
-    assert "'eval_average_loss'" in out and "'eval_current_loss'" in out
+    assert "'eval_average_loss'" in out and "'eval_loss'" in out
     for directory in ("out/swalab_average", "out/checkpoint-20/swalab_average"):
         assert (tmp_path / directory / "config.json").is_file(), directory

@@ -148,7 +148,8 @@ def test_html_is_one_self_contained_page(run):
     assert page.startswith("<!DOCTYPE html>") and "<table" in page
     assert "<script" not in page and "<link" not in page and "url(" not in page
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == len(report["figures"]) == 2  # learning curves and LR schedules
+    # learning curves (SGD vs SWA, every method in its own panel) and LR schedules
+    assert len(sources) == len(report["figures"]) == 3
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -141,17 +141,19 @@ def test_summary_csv_holds_summarize_numbers(tmp_path):
 
 
 def test_run_times():
+    """Runs of a seed share epochs: the last row adds each seed's longest run (150 + 3721 s),
+    not every run (which would count seed 0's shared epochs twice)."""
     rows = [
-        {"method": "sgd", "seconds": "1"},
-        {"method": "sgd", "seconds": "3"},
-        {"method": "swa", "seconds": "3721"},
-        {"method": "swa", "seconds": ""},
+        {"method": "sgd", "seed": "0", "seconds": "100"},
+        {"method": "sgd", "seed": "1", "seconds": "3721"},
+        {"method": "swa", "seed": "0", "seconds": "150"},
+        {"method": "swa", "seed": "1", "seconds": ""},
     ]
     header, body = export.run_times(rows)
     assert header[0] == "method" and body == [
-        ["sgd", "2", "2.0 ± 1.4", "4 s"],
-        ["swa", "1", "3721.0 ± 0.0", "1 h 02 min"],
-        ["all", "3", "1241.7", "1 h 02 min"],
+        ["sgd", "2", "1910.5 ± 2560.4", "1 h 03 min"],
+        ["swa", "1", "150.0 ± 0.0", "2 min 30 s"],
+        ["all (each seed's longest run)", "3", "1323.7", "1 h 04 min"],
     ]
 
 

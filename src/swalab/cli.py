@@ -139,12 +139,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .report.geometry import landscapes_of_run
 
         with Claims(out) as claims:  # one of the processes sharing --out computes them
-            if not claims.claim("landscape"):
+            if claims.claim("landscape"):
+                with run_directory(out, lock=False):  # after the other ranks have left
+                    landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
+            else:
                 print(f"landscape pieces: computed by another process ({out})", file=sys.stderr)
-                return 0
-            with run_directory(out, lock=False):  # after the other ranks have left
-                landscapes_of_run(out, jobs=min(jobs, len(cfg.seeds)))
+    if world.main and rows:
+        print(next_steps(out))
     return 0
+
+
+def next_steps(out: Path) -> str:
+    """What to run after ``swalab run``: the report and the claims (printed after the table)."""
+    return (
+        "\nNext:\n"
+        f"  swalab report {out} --html    the report: tables, learning curves, landscape, times\n"
+        f"  swalab claims {out}           a verdict on each of the paper's claims\n"
+        f"  swalab landscape {out} --what plane,predictions\n"
+        "      adds the paper's Fig. 1 plane and the calibration (reliability diagrams) to the report"
+    )
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -158,7 +171,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, args.variant)
     if device is None:
         device = resolve_device(cfg.train.device, "train.device")
-    print(plan_experiment(cfg, _out(args, cfg), device, args.repeats).format(cfg))
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    print(plan_experiment(cfg, _out(args, cfg), device, args.repeats, log=say).format(cfg))
     return 0
 
 

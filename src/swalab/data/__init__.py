@@ -40,7 +40,13 @@ __all__ = [
 
 def load(name: str, **options: Any) -> DataBundle:
     """Build the registered dataset ``name`` with ``options`` (e.g. ``seed``, ``val_size``)."""
-    return DATASETS.create(name, **options)
+    bundle = DATASETS.create(name, **options)
+    if not isinstance(bundle, DataBundle):
+        raise ValueError(
+            f"dataset {name!r} returned a {type(bundle).__name__}, not a swalab.data.DataBundle "
+            "(see the README, 'Your own model, dataset or method')"
+        )
+    return bundle
 
 
 def shape_of(name: str, **options: Any) -> DataShape:
@@ -50,6 +56,6 @@ def shape_of(name: str, **options: Any) -> DataShape:
     builder = DATASETS.get(name)
     declared = getattr(builder, "shape", None)
     if declared is None:
-        return DataShape.of(builder(**options))
+        return DataShape.of(load(name, **options))
     params = inspect.signature(builder).parameters.values()
     return declared({**{p.name: p.default for p in params if p.default is not p.empty}, **options})

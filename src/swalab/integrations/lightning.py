@@ -10,29 +10,35 @@ What it does differently from Lightning's ``StochasticWeightAveraging`` callback
 - it averages after any optimizer step or any epoch, every ``update_every``-th from
   ``update_after`` (the gating of ``AveragedModel``), with any rule (SWA, EMA with warm-up),
   instead of once per epoch;
-- it never replaces the user's LR scheduler with ``SWALR``: that swap is why it supports one
-  optimizer and one scheduler, and why resuming loaded SWALR's state into the user's scheduler
-  (Lightning issue #11665). An optional swalab schedule writes the LR into every optimizer;
+- by default SWA starts at 80% of training (``update_after=None``, as Lightning's
+  ``swa_epoch_start=0.8``; EMA from the start), and a run that averaged nothing says so;
+- an optional swalab schedule writes the LR into every optimizer; a module's own LR scheduler
+  drives until averaging starts and is then handed over (no longer stepped), without replacing it
+  by ``SWALR`` (that swap is why Lightning's callback supports one optimizer and one scheduler,
+  and why resuming loaded SWALR's state into the user's scheduler, Lightning issue #11665);
 - BatchNorm statistics are recomputed by ``swalab.update_bn`` after training, outside the training
   loop, for any batch format (``bn_forward_fn``). Lightning adds one more training epoch that runs
   forward passes with no backward, which under AMP fails with "No inf checks were recorded for
   this optimizer" (#17245), and its statistics were computed wrongly (#14866);
-- the average is validated (swapped into the module's storage, no copy), so ``ModelCheckpoint`` can
-  monitor the average's metric and keep the best average; it is saved in every checkpoint as the
-  ``state_dict`` (``load_from_checkpoint`` gives the average) and restored on resume together with
-  the live weights and the step counters, so a resumed run ends with the same average (#6074).
+- the average is validated (swapped into the module's storage, no copy) with its BatchNorm
+  statistics recomputed for its current weights, so ``ModelCheckpoint`` can monitor the average's
+  metric and keep the best average; every checkpoint holds that same model as the ``state_dict``
+  (``load_from_checkpoint`` gives the model that was validated) and the live weights and step
+  counters beside it, so a resumed run ends with the same average (#6074).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sized
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from swalab.averaging import AveragedModel, AveragingRule, restart_from_average
+from swalab.averaging import EMA, AveragedModel, AveragingRule, restart_from_average
 from swalab.bn import update_bn
 from swalab.integrations import require
 from swalab.schedules import Schedule, set_lr
@@ -59,7 +65,10 @@ class AveragingCallback(pl.Callback):
     Args:
         rule: ``swalab.SWA()`` (default) or ``swalab.EMA(decay, warmup_gamma)``.
         interval: ``"step"`` or ``"epoch"``: what ``update_every``/``update_after`` count.
-        update_every, update_after: the ``AveragedModel`` gating, in ``interval`` units.
+        update_every, update_after: the ``AveragedModel`` gating, in ``interval`` units;
+            ``update_after`` a float in (0, 1) is that fraction of training (of the Trainer's
+            ``estimated_stepping_batches`` or ``max_epochs``); ``None`` (default): 0.8 for SWA
+            (the last 20% of training, as Lightning's ``swa_epoch_start=0.8``), 0 for EMA.
         device, dtype, use_buffers: where and how the average is kept, as in ``AveragedModel``.
         restart_every: periodic SWA: after every ``restart_every``-th averaged model, the module
             restarts from the average with fresh optimizer states (``restart_from_average``).
@@ -68,12 +77,14 @@ class AveragingCallback(pl.Callback):
             steps, available as ``callback.swag`` (e.g. for ``swalab.bma_predict``).
         swag_no_cov_mat: SWAG-Diag only.
         lr_schedule: a swalab schedule (e.g. ``swa_reference_lr``) written into every param group of
-            every optimizer; then the module must configure no LR scheduler of its own.
+            every optimizer. If the module configures LR schedulers of its own, they drive until
+            averaging starts (``update_after``) and the schedule from then on (hand-over).
         lr_interval: ``lr_schedule`` is called with the 0-based epoch (``"epoch"``, at each epoch's
             start) or the 0-based step (``"step"``, before each step).
         validate_average: validate the average instead of the live weights once it holds a model
             (same metric names, so checkpoints and early stopping follow the average).
-        update_bn: recompute the average's BatchNorm statistics after training.
+        update_bn: recompute the average's BatchNorm statistics before it is validated or
+            checkpointed (when it changed since) and after training.
         bn_loader: data for that pass (default: the trainer's training dataloader).
         bn_forward_fn: ``bn_forward_fn(module, batch)`` runs the module on a batch (default: the
             input is the batch, its first element, or its keyword arguments).
@@ -95,7 +106,7 @@ class AveragingCallback(pl.Callback):
         *,
         interval: Literal["step", "epoch"] = "step",
         update_every: int = 1,
-        update_after: int = 0,
+        update_after: int | float | None = None,
         device: int | str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         use_buffers: bool = False,
@@ -132,6 +143,13 @@ class AveragingCallback(pl.Callback):
             raise ValueError(
                 f"restart_until must be an integer >= 0 or None, got {restart_until!r}"
             )
+        fraction = isinstance(update_after, float) and 0.0 < update_after < 1.0
+        integer = isinstance(update_after, int) and not isinstance(update_after, bool)
+        if not (update_after is None or fraction or (integer and update_after >= 0)):
+            raise ValueError(
+                "update_after must be an integer >= 0 (a step or epoch), a fraction of training "
+                f"in (0, 1), or None (0.8 for SWA, 0 for EMA), got {update_after!r}"
+            )
         if lr_schedule is not None and not callable(lr_schedule):
             raise ValueError(f"lr_schedule must be a function of the step, got {lr_schedule!r}")
         _check_bn_options(bn_loader, bn_max_batches)  # not after all of training
@@ -158,6 +176,8 @@ class AveragingCallback(pl.Callback):
         self._final_phase = False
         self._swap: Any = None  # the open ``swapped_into`` context during validation
         self._average_weights: dict[str, torch.Tensor] | None = None  # read from a checkpoint
+        self._bn_count = -1  # the average's count when its BatchNorm statistics were recomputed
+        self._start = 0  # update_after resolved in steps or epochs (on_fit_start)
 
     # -- building -------------------------------------------------------------------------------
 
@@ -183,7 +203,7 @@ class AveragingCallback(pl.Callback):
                 rule=self.rule,
                 dtype=self.dtype,
                 update_every=self.update_every,
-                update_after=self.update_after,
+                update_after=0,  # resolved against the length of training in on_fit_start
                 snapshots=self.posthoc,
             )
             if self.swag_max_models is not None:
@@ -193,16 +213,44 @@ class AveragingCallback(pl.Callback):
         finally:
             pl_module.trainer = attached
 
+    def _resolve_start(self, trainer: pl.Trainer) -> tuple[int, int | None]:
+        """(``update_after`` in ``interval`` units, the length of training in them or None)."""
+        length: int | None
+        if self.interval == "epoch":
+            length = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        else:
+            steps = trainer.estimated_stepping_batches
+            length = int(steps) if math.isfinite(steps) else None
+        after = self.update_after
+        if after is None:
+            after = 0 if isinstance(self.rule, EMA) else 0.8
+        if isinstance(after, float):
+            if length is None:
+                raise ValueError(
+                    f"update_after={after} is a fraction of training, but the Trainer sets no "
+                    "length (max_epochs/max_steps): give update_after as an integer"
+                )
+            return int(after * length), length
+        return after, length
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.lr_schedule is not None and trainer.lr_scheduler_configs:
-            raise ValueError(
-                "lr_schedule drives the learning rate, but the module also configures "
-                "an LR scheduler: remove one of them"
+        self._start, length = self._resolve_start(trainer)
+        self.averaged.update_after = self._start
+        if length is not None and self._start >= length:
+            warnings.warn(
+                f"AveragingCallback: update_after={self._start} ({self.interval}s) is past the end "
+                f"of training ({length} {self.interval}s): nothing will be averaged",
+                stacklevel=2,
             )
 
     # -- learning rate --------------------------------------------------------------------------
 
     def _set_lr(self, trainer: pl.Trainer, index: int) -> None:
+        if trainer.lr_scheduler_configs:  # the module's own schedulers drive until averaging
+            started = self._steps if self.interval == "step" else trainer.current_epoch
+            if started < self._start:
+                return
+            trainer.strategy.lr_scheduler_configs = []  # handed over: no longer stepped
         lr = self.lr_schedule(index)
         for optimizer in trainer.optimizers:
             set_lr(optimizer, lr)
@@ -269,6 +317,7 @@ class AveragingCallback(pl.Callback):
             and trainer.state.fn == "fit"
             and not trainer.sanity_checking
         ):
+            self._fresh_bn(trainer)
             self._swap = self.averaged.swapped_into(pl_module)
             self._swap.__enter__()
 
@@ -287,21 +336,46 @@ class AveragingCallback(pl.Callback):
 
     # -- end of training ------------------------------------------------------------------------
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.averaged is None or self.averaged.count == 0:
+    def _fresh_bn(self, trainer: pl.Trainer, force: bool = False) -> None:
+        """Recompute the average's BatchNorm statistics if its weights changed since the last
+        time (``force``: always), leaving the RNG as it was (the pass draws the loader's order),
+        so the training run goes on as without it. Buffers the average averages itself
+        (``use_buffers``) are left alone."""
+        if not self.update_bn or self.use_buffers or self.averaged is None:
             return
-        if self.update_bn:
-            loader = self.bn_loader if self.bn_loader is not None else trainer.train_dataloader
-            device = next(self.averaged.module.parameters()).device
-            with trainer.precision_plugin.train_step_context():
-                update_bn(
-                    loader,
-                    self.averaged.module,
-                    device,
-                    forward_fn=self.bn_forward_fn,
-                    max_batches=self.bn_max_batches,
-                    unpack=self.bn_forward_fn is None,  # the default documented above
-                )
+        count = self.averaged.count
+        if count == 0 or (count == self._bn_count and not force):
+            return
+        if not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.averaged.module.modules()
+        ):
+            return
+        loader = self.bn_loader if self.bn_loader is not None else trainer.train_dataloader
+        device = next(self.averaged.module.parameters()).device
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda), trainer.precision_plugin.train_step_context():
+            update_bn(
+                loader,
+                self.averaged.module,
+                device,
+                forward_fn=self.bn_forward_fn,
+                max_batches=self.bn_max_batches,
+                unpack=self.bn_forward_fn is None,  # the default documented above
+            )
+        self._bn_count = count
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.averaged is None:
+            return
+        if self.averaged.count == 0:
+            warnings.warn(
+                f"AveragingCallback averaged no model: averaging starts at {self.interval} "
+                f"{self._start} (update_after), training ended before it; the module keeps its "
+                "own weights",
+                stacklevel=2,
+            )
+            return
+        self._fresh_bn(trainer, force=True)
         if self.copy_to_model:
             pl_module.load_state_dict(self.averaged.module.state_dict())
 
@@ -324,6 +398,7 @@ class AveragingCallback(pl.Callback):
     ) -> None:
         # The checkpoint's model is the average (what was validated); the live weights beside it.
         if self.averaged is not None and self.averaged.count > 0:
+            self._fresh_bn(trainer)  # the model validated (and loaded) is this one
             checkpoint[_MODEL_STATE] = checkpoint["state_dict"]
             checkpoint["state_dict"] = self.averaged.module.state_dict()
 

@@ -7,11 +7,15 @@ after optimizer steps (the ``AveragedModel`` gating: from ``update_after``, ever
 - saves it beside every checkpoint as ``checkpoint-N/swalab_average/`` and after training as
   ``<output_dir>/swalab_average/``, in ``save_pretrained`` format (``from_pretrained`` loads it),
   with ``swalab_state.json`` holding how many models it averages;
-- evaluates it whenever the Trainer evaluates: ``eval_average_loss`` and, computed the same way
-  for the live weights, ``eval_current_loss`` (the mean of ``model(**batch).loss`` over the
-  samples; the Trainer's own ``eval_loss`` may be normalised otherwise, e.g. per label token) are
-  added to the metrics (so ``metric_for_best_model="average_loss"`` keeps the checkpoint whose
-  average is best) and to ``state.log_history``;
+- evaluates it whenever the Trainer evaluates, by the Trainer itself: ``trainer.evaluate`` runs
+  its evaluation loop once more with the average swapped into the model and the metric prefix
+  ``eval_average``, so ``eval_average_loss`` and every ``compute_metrics`` value
+  (``eval_average_accuracy`` ...) are computed exactly as the live weights' ``eval_loss``,
+  ``eval_accuracy`` (the same loss, the same normalisation), logged through ``Trainer.log``
+  (``log_history``, the console, every ``report_to`` tracker) and returned with them;
+- with ``metric_for_best_model`` naming an average's metric (``"average_loss"``), the best
+  checkpoint is the one whose average is best: ``load_best_model_at_end`` loads that average
+  into the model and ``<output_dir>/swalab_average/`` is that best average (else the final one);
 - resumes it from the checkpoint that ``trainer.train(resume_from_checkpoint=...)`` continues
   (``TrainingArguments.resume_from_checkpoint``, else ``<output_dir>/checkpoint-<global_step>``).
 
@@ -20,10 +24,12 @@ Needs ``pip install 'swalab[integrations]'``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ import torch
 from torch import nn
 
 from swalab.averaging import AveragedModel, AveragingRule
-from swalab.bn import move_to, update_bn
+from swalab.bn import update_bn
 from swalab.integrations import require
 
 transformers = require("transformers", "Hugging Face transformers")
@@ -50,7 +56,8 @@ class AveragingCallback(transformers.TrainerCallback):
         update_every, update_after: the ``AveragedModel`` gating, in optimizer steps (0-based: the
             step after which ``state.global_step`` is ``index + 1``).
         device, dtype: where and in which floating dtype the average is kept (``AveragedModel``).
-        evaluate_average: add the average's and the live weights' losses to every evaluation.
+        evaluate_average: evaluate the average too whenever the Trainer evaluates (metrics
+            ``eval_average_*``); this costs one more evaluation loop.
         update_bn: recompute BatchNorm statistics of the average after training (models with
             BatchNorm only; batches are passed as ``model(**batch)``).
         copy_to_model: after training, copy the average into the Trainer's model (off by default:
@@ -86,10 +93,63 @@ class AveragingCallback(transformers.TrainerCallback):
         self.copy_to_model = copy_to_model
         self.posthoc = posthoc
         self.averaged: AveragedModel | None = None
+        self._evaluating = False  # the average's evaluation loop is running
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._attach(_calling_trainer())
+
+    def _attach(self, trainer: Any) -> None:
+        """Wrap ``trainer.evaluate`` so that each evaluation also evaluates the average, through
+        the Trainer's own loop and ``Trainer.log`` (a callback's ``on_evaluate`` comes after the
+        Trainer has logged; callbacks are not handed the Trainer, so it is the one calling)."""
+        if trainer is None:
+            if self.evaluate_average:
+                warnings.warn(
+                    "swalab AveragingCallback: not called by a transformers.Trainer, the average "
+                    "is not evaluated",
+                    stacklevel=3,
+                )
+            return
+        if getattr(trainer.evaluate, "swalab_callback", None) is self:
+            return
+        original = trainer.evaluate
+
+        def evaluate(
+            eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+        ) -> dict[str, float]:
+            metrics = original(
+                eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
+            datasets = trainer.eval_dataset if eval_dataset is None else eval_dataset
+            if (
+                self._evaluating
+                or not self.evaluate_average
+                or self.averaged is None
+                or self.averaged.count == 0
+                or isinstance(datasets, dict)  # each dataset's own call evaluated the average
+            ):
+                return metrics
+            self._evaluating = True
+            try:
+                with self.averaged.swapped_into(trainer.model):
+                    metrics.update(
+                        original(
+                            eval_dataset,
+                            ignore_keys=ignore_keys,
+                            metric_key_prefix=f"{metric_key_prefix}_average",
+                        )
+                    )
+            finally:
+                self._evaluating = False
+            return metrics
+
+        evaluate.swalab_callback = self  # type: ignore[attr-defined]
+        trainer.evaluate = evaluate
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any
     ) -> None:
+        self._attach(_calling_trainer())  # (a callback added after the Trainer was built)
         self.averaged = AveragedModel(
             model,
             self.device,
@@ -106,33 +166,6 @@ class AveragingCallback(transformers.TrainerCallback):
         self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any
     ) -> None:
         self.averaged.update_parameters(model, step=state.global_step - 1)
-
-    # -- evaluation -----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def on_evaluate(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        metrics: dict[str, float] | None = None,
-        model: nn.Module = None,
-        eval_dataloader: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        if not self.evaluate_average or self.averaged is None or self.averaged.count == 0:
-            return
-        if metrics is None or eval_dataloader is None:
-            return
-        prefix = next((k[: -len("_loss")] for k in metrics if k.endswith("_loss")), "eval")
-        current = _mean_loss(model, eval_dataloader)
-        if current is None:  # batches without labels: the model computes no loss
-            return
-        with self.averaged.swapped_into(model):
-            average = _mean_loss(model, eval_dataloader)
-        logs = {f"{prefix}_average_loss": average, f"{prefix}_current_loss": current}
-        metrics.update(logs)
-        state.log_history.append(dict(logs, step=state.global_step))
 
     # -- saving and resuming --------------------------------------------------------------------
 
@@ -151,6 +184,14 @@ class AveragingCallback(transformers.TrainerCallback):
     ) -> None:
         if self.averaged is None or self.averaged.count == 0:
             return
+        best = _best_average(args, state)
+        if best is not None:  # the best checkpoint's average is the result, not the final one
+            if state.is_world_process_zero:
+                self._save(Path(args.output_dir) / AVERAGE_DIR, source=best)
+            if args.load_best_model_at_end or self.copy_to_model:
+                saved = type(model).from_pretrained(best)
+                model.load_state_dict(saved.state_dict())
+            return
         if self.update_bn and train_dataloader is not None:
             device = next(self.averaged.module.parameters()).device
             update_bn(train_dataloader, self.averaged.module, device, unpack=True)
@@ -159,13 +200,17 @@ class AveragingCallback(transformers.TrainerCallback):
         if self.copy_to_model:
             model.load_state_dict(self.averaged.module.state_dict())
 
-    def _save(self, directory: Path) -> None:
-        """``save_pretrained`` into a temporary sibling directory, then rename it into place."""
+    def _save(self, directory: Path, source: Path | None = None) -> None:
+        """``save_pretrained`` (or a copy of the saved average ``source``) into a temporary sibling
+        directory, then rename it into place."""
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            self.averaged.module.save_pretrained(tmp)
-            (tmp / _STATE_FILE).write_text(json.dumps({"count": self.averaged.count}))
+            if source is not None:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+            else:
+                self.averaged.module.save_pretrained(tmp)
+                (tmp / _STATE_FILE).write_text(json.dumps({"count": self.averaged.count}))
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(tmp, directory)
@@ -195,21 +240,25 @@ class AveragingCallback(transformers.TrainerCallback):
         self.averaged.load_state_dict(weights)
 
 
-def _mean_loss(model: nn.Module, loader: Any) -> float | None:
-    """Mean of ``model(**batch).loss`` over the samples of ``loader``, in eval mode."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose method is calling this callback, or None."""
+    frame = inspect.currentframe()
     try:
-        for batch in loader:
-            batch = move_to(batch, device)
-            loss = model(**batch).loss
-            if loss is None:
-                return None
-            size = len(next(iter(batch.values())))
-            total += float(loss) * size
-            count += size
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, transformers.Trainer):
+                return candidate
+            frame = frame.f_back
+        return None
     finally:
-        model.train(was_training)
-    return total / count
+        del frame
+
+
+def _best_average(args: Any, state: Any) -> Path | None:
+    """The saved average of the best checkpoint when ``metric_for_best_model`` names one of the
+    average's metrics (``average_loss``, ``eval_average_accuracy`` ...), else None."""
+    metric = args.metric_for_best_model or ""
+    if "_average_" not in f"_{metric}" or not state.best_model_checkpoint:
+        return None
+    directory = Path(state.best_model_checkpoint) / AVERAGE_DIR
+    return directory if (directory / _STATE_FILE).is_file() else None

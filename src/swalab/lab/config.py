@@ -698,10 +698,14 @@ def check_parts(cfg: ExperimentConfig) -> None:
                 f"unknown data.options {unknown} for dataset {cfg.data.name!r} "
                 f"(known: {sorted(known)})"
             )
+    if not model_error:
+        try:  # a builder swalab cannot call (signature) fails here, before any output
+            known = set(default_options(cfg.model.name))
+        except ValueError as err:
+            model_error = str(err).splitlines()[0]
     if model_error:
         errors.append(f"model.name: {model_error}")
     else:
-        known = set(default_options(cfg.model.name))
         unknown = sorted(set(cfg.model.options) - known)
         if unknown:
             errors.append(

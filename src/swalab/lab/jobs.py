@@ -192,7 +192,7 @@ def _worker(
                     seed: int = seed,
                     trackers: Any = trackers,
                 ) -> None:
-                    trackers.close(method.label)
+                    trackers.close(method.label, result)
                     events.put(("result", index, job, result_row(seed, method, result, seconds)))
 
                 def on_epoch(methods: list[Any], record: Any, job: Job = job) -> None:

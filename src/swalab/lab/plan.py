@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,11 @@ def _synchronize(device: torch.device) -> None:
 
 
 def plan_experiment(
-    cfg: ExperimentConfig, out: Path, device: torch.device | None = None, repeats: int = 5
+    cfg: ExperimentConfig,
+    out: Path,
+    device: torch.device | None = None,
+    repeats: int = 5,
+    log: Callable[[str], None] = lambda _: None,
 ) -> ExperimentPlan:
     """The plan of ``cfg`` run into ``out``: per seed, the epochs left to train (from where each
     run stands in ``out``: finished runs drop out, unfinished ones resume; all of them when ``out``
@@ -197,5 +202,10 @@ def plan_experiment(
                 pretrain + trained_epochs(roots),
             )
         )
+    # timing a large model's steps on a CPU takes minutes: say so first (bad input failed above)
+    log(
+        f"{cfg.name}: timing {repeats} training steps of {cfg.model.name} "
+        f"(batch {cfg.train.batch_size}) on {device} for the estimate..."
+    )
     seconds, timed = step_seconds(cfg, shape, device, repeats)
     return ExperimentPlan(cfg.name, device, shape, steps, seconds, timed, seeds)

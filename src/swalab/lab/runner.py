@@ -25,7 +25,7 @@ from .devices import resolve_device
 from .distributed import World
 from .executors import open_executor
 from .files import RunFileError, atomic_write_text, holds_files, remove_tree
-from .inputs import check_inputs, load_bundle, train_loader
+from .inputs import check_inputs, data_shape, load_bundle, train_loader
 from .jobs import RunsFailed, check_jobs, run_jobs
 from .leases import HOST, Claims
 from .methods import recipe_of
@@ -33,7 +33,7 @@ from .precision import Precision
 from .rundir import RunDirectory
 from .sharing import Branch, plan_branches, trained_epochs
 from .stats import primary_metric, summarize
-from .tracking import EpochReporter, SeedTrackers, check_trackers
+from .tracking import EpochReporter, SeedTrackers, check_trackers, prepare_trackers
 from .trainer import train_runs
 from .units import (
     Unit,
@@ -262,6 +262,7 @@ def _run_experiment(
                 remove_tree(layout.path / label)
             layout.write_config(to_dict(cfg))
             layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
+            prepare_trackers(cfg.train.log, out, to_dict(cfg))  # before any worker opens them
             # held while this process runs: one started meanwhile with another config is refused
             claims.claim(f"writers/{HOST}-{os.getpid()}")
         finally:
@@ -275,6 +276,8 @@ def _run_experiment(
     Precision(cfg.train.precision, cfg.train.channels_last, device, cfg.train.compile)
     check_trackers(cfg.train.log)  # a missing tracker package fails before any work
     check_inputs(cfg, download)  # data options and files, model options: before any work
+    if ":" in cfg.data.name:  # a user's own dataset: a wrong return fails before --out
+        data_shape(cfg, cfg.seeds[0])
     world.on_main(prepare)
     if not world.main:
         log, progress = (lambda text: None), False
@@ -393,7 +396,7 @@ def _run_experiment(
             def done(
                 method: Any, result: Any, seconds: float, seed: int = seed, trackers: Any = trackers
             ) -> None:
-                trackers.close(method.label)
+                trackers.close(method.label, result)
                 row = result_row(seed, method, result, seconds)
                 if world.size > 1 and world.main:  # units.work writes it in one process
                     layout.run(method.label, seed).write_result(row)

@@ -12,13 +12,27 @@ each named tracker, one writer per (method, seed), step = epoch:
   refuses it by default);
 - ``wandb``: an offline W&B run under ``<out>/wandb`` (``wandb sync`` uploads it later).
 
+Every tracked run also holds the run's hyper-parameters (:func:`hparams`: method, lr, epochs,
+model, dataset, options ...; TensorBoard's HPARAMS tab, MLflow params, W&B config) and, when it
+ends, the final model's metrics on every split under one name for every method:
+``final/test_accuracy`` is the iterate's for SGD and the average's for SWA (``final/val_*`` the
+validation split's; the per-epoch ``test_*`` stay the iterate's, ``avg_test_*`` the average's).
+
+One tracked run per swalab run, opened and finished in the process that trains it, also when
+several runs share a trajectory or train in ``--jobs`` workers: W&B runs are created side by
+side (``reinit="create_new"``); the MLflow store is created once, by the main process before the
+workers start (:func:`prepare_trackers`), whole (built beside and renamed into place, under a
+lock), so a failed attempt never leaves a half-built store behind.
+
 A resumed run continues its writers: TensorBoard purges the steps it writes again, the CSV file
 drops rows past the checkpoint, MLflow and W&B reopen the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -30,9 +44,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .files import append_text, atomic_write_text
+from .files import append_text, atomic_output, atomic_write_text
 
-__all__ = ["TRACKERS", "EpochReporter", "RunTrackers", "check_trackers", "open_trackers"]
+__all__ = [
+    "TRACKERS",
+    "EpochReporter",
+    "RunTrackers",
+    "check_trackers",
+    "hparams",
+    "open_trackers",
+    "prepare_trackers",
+]
 
 # tracker name -> the package it needs
 TRACKERS = {"tensorboard": "tensorboard", "csv": None, "mlflow": "mlflow", "wandb": "wandb"}
@@ -67,21 +89,81 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _param(value: Any) -> bool | int | float | str:
+    """A hyper-parameter as the trackers take it: a scalar, else its JSON text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def hparams(config: dict[str, Any], label: str, seed: int) -> dict[str, bool | int | float | str]:
+    """The hyper-parameters of run ``label``/``seed`` of the experiment ``config`` (a dict of
+    :class:`~swalab.lab.config.ExperimentConfig`), flat: what tells two tracked runs apart."""
+    train, data = config.get("train", {}), config.get("data", {})
+    model, pretrain = config.get("model", {}), config.get("pretrain", {})
+    method = next((m for m in config.get("methods", []) if m.get("label") == label), {})
+    flat: dict[str, Any] = {
+        "experiment": config.get("name"),
+        "method": method.get("method", label),
+        "label": label,
+        "seed": seed,
+        "dataset": data.get("name"),
+        "train_size": data.get("train_size"),
+        "model": model.get("name"),
+        "epochs": train.get("epochs"),
+        "budget": method.get("budget", 1.0),
+        "lr": method.get("lr") if method.get("lr") is not None else train.get("lr"),
+        "optimizer": train.get("optimizer"),
+        "momentum": train.get("momentum"),
+        "weight_decay": train.get("weight_decay"),
+        "batch_size": train.get("batch_size"),
+        "augment": train.get("augment"),
+        "precision": train.get("precision"),
+        "pretrain_epochs": pretrain.get("epochs", 0),
+        **{f"data.{k}": v for k, v in data.get("options", {}).items()},
+        **{f"model.{k}": v for k, v in model.get("options", {}).items()},
+        **{f"options.{k}": v for k, v in method.get("options", {}).items()},
+    }
+    return {k: _param(v) for k, v in flat.items() if v is not None}
+
+
+def _final(result: Any) -> dict[str, float]:
+    """The final model's metrics of a finished run, one name for every method (``final/...``)."""
+    return {f"final/{k}": v for k, v in _scalars(dict(result.metrics)).items()}
+
+
 class _TensorBoard:
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
+    def __init__(self, log_dir: Path, params: dict[str, Any]) -> None:
+        self.log_dir, self.params = log_dir, params
         self.writer: Any = None
 
-    def log(self, record: dict[str, Any]) -> None:
-        if (
-            self.writer is None
-        ):  # opened at the first record: a resumed run purges the steps it rewrites
+    def _open(self, step: int) -> Any:
+        if self.writer is None:  # at the first record: a resumed run purges the steps it rewrites
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.log_dir), purge_step=record["epoch"])
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=step)
+        return self.writer
+
+    def log(self, record: dict[str, Any]) -> None:
+        writer = self._open(record["epoch"])
         for key, value in _scalars(record).items():
-            self.writer.add_scalar(key, value, record["epoch"])
-        self.writer.flush()
+            writer.add_scalar(key, value, record["epoch"])
+        writer.flush()
+
+    def finish(self, result: Any) -> None:
+        """The run's hyper-parameters with its final metrics (TensorBoard's HPARAMS tab), in this
+        run's own event file (``SummaryWriter.add_hparams`` would start another run)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        writer = self._open(result.epochs)
+        final = _final(result)
+        for summary in hparams_summary(
+            {**self.params, "status": result.status}, final or {"final/none": math.nan}
+        ):
+            writer.file_writer.add_summary(summary)
+        for key, value in final.items():
+            writer.add_scalar(key, value, result.epochs)
+        writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -128,8 +210,70 @@ class _CSV:
         csv.DictWriter(buffer, fieldnames=self.header, restval="").writerow(row)
         append_text(self.path, buffer.getvalue())
 
+    def finish(self, result: Any) -> None:
+        """(The final metrics are the run's ``result.json`` beside this file.)"""
+
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Any:
+    """An advisory ``fcntl.flock`` on ``path`` (created), held for the ``with`` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _mlflow_client(store: Path) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
+
+
+@contextlib.contextmanager
+def _mlflow_probe(store: Path, artifacts: str) -> Any:
+    """MLflow's SQL store of ``store`` on a URI of its own (a ``timeout`` query) whose engine is
+    dropped afterwards: a store found broken and set aside is never cached under the URI the
+    runs use."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = f"sqlite:///{store.resolve()}?timeout=60"
+    try:
+        yield SqlAlchemyStore(uri, artifacts)
+    finally:
+        engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+
+
+def _mlflow_experiment(store: Path, experiment: str) -> str:
+    """The id of ``experiment`` in the MLflow store ``store``, creating both when missing.
+
+    The store is built whole beside ``store`` and renamed into place, under a lock: two processes
+    never build it at once, and a store a killed process left unreadable is set aside
+    (``mlflow.db.broken``) and built again rather than failing every later run.
+    """
+    artifacts = (store.parent / "mlartifacts").resolve().as_uri()
+    with _locked(store.with_name(f".{store.name}.lock")):
+        if store.exists():
+            try:
+                with _mlflow_probe(store, artifacts) as probe:
+                    found = probe.get_experiment_by_name(experiment)
+                    return (
+                        found.experiment_id
+                        if found
+                        else probe.create_experiment(experiment, artifact_location=artifacts)
+                    )
+            except Exception:  # noqa: BLE001  (any failure to read it: a half-built store)
+                store.replace(store.with_name(store.name + ".broken"))
+        with atomic_output(store) as tmp, _mlflow_probe(tmp, artifacts) as probe:
+            experiment_id = probe.create_experiment(experiment, artifact_location=artifacts)
+        return experiment_id
 
 
 class _MLflow:
@@ -138,42 +282,55 @@ class _MLflow:
     def __init__(
         self, store: Path, experiment: str, name: str, params: dict[str, Any], id_file: Path
     ) -> None:
-        from mlflow.tracking import MlflowClient
+        from mlflow.entities import Param
 
-        self.client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id
-            if found
-            else self.client.create_experiment(
-                experiment, artifact_location=(store.parent / "mlartifacts").resolve().as_uri()
-            )
-        )
-        if id_file.exists():
-            self.run_id = json.loads(id_file.read_text())["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
+        experiment_id = _mlflow_experiment(store, experiment)
+        self.client = _mlflow_client(store)
+        self.run_id, self.logged = "", 0
+        if id_file.exists():  # a resume: the same run, unless the store was built again
+            run_id = json.loads(id_file.read_text())["run_id"]
+            with contextlib.suppress(Exception):
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                # the epochs it holds already (a crash between checkpoint and log re-runs one)
+                history = self.client.get_metric_history(run_id, "train_loss")
+                self.logged = max((m.step for m in history), default=0)
+        if not self.run_id:
             run = self.client.create_run(experiment_id, run_name=name)
             self.run_id = run.info.run_id
-            for key, value in params.items():
-                self.client.log_param(self.run_id, key, value)
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
             atomic_write_text(id_file, json.dumps({"run_id": self.run_id}))
 
     def log(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
+        if record["epoch"] <= self.logged:
+            return
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
             metrics=[Metric(k, v, now, record["epoch"]) for k, v in _scalars(record).items()],
         )
 
+    def finish(self, result: Any) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(k, v, now, result.epochs) for k, v in _final(result).items()],
+        )
+        self.client.set_tag(self.run_id, "swalab.status", result.status)
+
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
 
 
 class _Wandb:
-    """An offline W&B run whose id is derived from the run directory, so a resume reopens it."""
+    """An offline W&B run whose id is derived from the run directory, so a resume reopens it.
+
+    ``reinit="create_new"``: runs that share a trajectory are open side by side in one process
+    (W&B's default would hand back the first and finish it with that run)."""
 
     def __init__(
         self, root: Path, project: str, label: str, seed: int, config: dict[str, Any], run_dir: Path
@@ -191,18 +348,23 @@ class _Wandb:
             dir=str(root),
             mode="offline",
             config=config,
+            reinit="create_new",
             settings=wandb.Settings(console="off", silent=True),
         )
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(_scalars(record), step=record["epoch"])
 
+    def finish(self, result: Any) -> None:
+        self.run.summary.update({**_final(result), "status": result.status})
+
     def close(self) -> None:
         self.run.finish()
 
 
 class RunTrackers:
-    """The trackers of one (method, seed) run: ``log(record)`` per epoch, then ``close()``."""
+    """The trackers of one (method, seed) run: ``log(record)`` per epoch, ``finish(result)`` when
+    it ends (its final metrics), then ``close()``."""
 
     def __init__(self, writers: list[Any]) -> None:
         self.writers = writers
@@ -211,9 +373,22 @@ class RunTrackers:
         for writer in self.writers:
             writer.log(record)
 
+    def finish(self, result: Any) -> None:
+        for writer in self.writers:
+            writer.finish(result)
+
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+
+def prepare_trackers(names: Sequence[str], out: Path, config: dict[str, Any]) -> None:
+    """What the trackers share between the runs, made once by the main process before any worker
+    starts: the MLflow store and experiment."""
+    if "mlflow" in names:
+        _mlflow_experiment(out / "mlflow.db", str(config.get("name", "experiment")))
+    if "wandb" in names:
+        (out / "wandb").mkdir(parents=True, exist_ok=True)
 
 
 def open_trackers(
@@ -222,18 +397,11 @@ def open_trackers(
     """The writers ``names`` for run ``<out>/<label>/seed<seed>`` of the experiment ``config``."""
     run_dir = out / label / f"seed{seed}"
     experiment = str(config.get("name", "experiment"))
-    method = next((m for m in config.get("methods", []) if m.get("label") == label), {})
-    params = {
-        "method": method.get("method", label),
-        "label": label,
-        "seed": seed,
-        "budget": method.get("budget", 1.0),
-        **{f"options.{k}": v for k, v in method.get("options", {}).items()},
-    }
+    params = hparams(config, label, seed)
     writers: list[Any] = []
     for name in names:
         if name == "tensorboard":
-            writers.append(_TensorBoard(out / "tb" / label / f"seed{seed}"))
+            writers.append(_TensorBoard(out / "tb" / label / f"seed{seed}", params))
         elif name == "csv":
             writers.append(_CSV(run_dir / "metrics.csv"))
         elif name == "mlflow":
@@ -247,7 +415,9 @@ def open_trackers(
                 )
             )
         elif name == "wandb":
-            writers.append(_Wandb(out, experiment, label, seed, {**config, "run": params}, run_dir))
+            writers.append(
+                _Wandb(out, experiment, label, seed, {**params, "swalab": config}, run_dir)
+            )
     return RunTrackers(writers)
 
 
@@ -259,15 +429,19 @@ class SeedTrackers:
         self.names, self.out, self.seed, self.config = names, out, seed, config
         self.open: dict[str, RunTrackers] = {}
 
-    def log(self, method: Any, record: dict[str, Any]) -> None:
-        if method.label not in self.open:
-            self.open[method.label] = open_trackers(
-                self.names, self.out, method.label, self.seed, self.config
-            )
-        self.open[method.label].log(record)
+    def _of(self, label: str) -> RunTrackers:
+        if label not in self.open:
+            self.open[label] = open_trackers(self.names, self.out, label, self.seed, self.config)
+        return self.open[label]
 
-    def close(self, label: str | None = None) -> None:
-        """Close the trackers of run ``label`` (of every run if None)."""
+    def log(self, method: Any, record: dict[str, Any]) -> None:
+        self._of(method.label).log(record)
+
+    def close(self, label: str | None = None, result: Any = None) -> None:
+        """Close the trackers of run ``label`` (of every run if None), first recording
+        ``result`` (a ``RunResult``: its status and final metrics) when given."""
+        if label is not None and result is not None and self.names:
+            self._of(label).finish(result)
         for key in [label] if label is not None else list(self.open):
             trackers = self.open.pop(key, None)
             if trackers is not None:

@@ -305,17 +305,34 @@ def _curves(run: RunDir, out: Path, metric: str, formats: Sequence[str]) -> list
     caption = (
         f"Test {metric.split('_', 1)[1]} over epochs, mean over seeds with a ± std band: "
         "the iterate (thin) and, for averaging methods, the running average with "
-        "BatchNorm recomputed (dashed) — document 003's Figure 1."
+        "BatchNorm recomputed (dashed)."
     )
     image = figures.learning_curves_figure(
         curves, metric, focus, out / "learning_curves.png", formats=formats
     )
     blocks.append(Block("figure", caption, image=image))
+    blocks.append(
+        Block(
+            "figure",
+            f"Test {metric.split('_', 1)[1]} of every method's own model (its running average "
+            "where it has one) over the second half of training, one panel per method on shared "
+            f"axes, {focus[0] if focus else 'the baseline'} in grey: mean over seeds "
+            f"({len(run.cfg.seeds)}), band ± std.",
+            image=figures.own_models_figure(
+                curves,
+                metric,
+                focus[0] if focus else None,
+                out / "own_models.png",
+                formats=formats,
+            ),
+        )
+    )
     blocks.append(Block("h2", "Learning-rate schedules"))
     blocks.append(
         Block(
             "figure",
-            f"Learning rate at the start of each epoch (seed {run.cfg.seeds[0]}).",
+            f"Learning rate at the start of each epoch, one panel per method "
+            f"(seed {run.cfg.seeds[0]}; every seed's is the same).",
             image=figures.lr_figure(schedules, out / "lr_schedules.png", formats=formats),
         )
     )
@@ -440,7 +457,7 @@ def _landscape_blocks(
                 else ""
             )
             image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
-            blocks.append(Block("figure", caption + note, image=image))
+            blocks.append(Block("figure", _landscape_caption(name, caption, s) + note, image=image))
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
@@ -533,6 +550,22 @@ def _rays_blocks(s: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _landscape_caption(name: str, caption: str, s: dict[str, Any]) -> str:
+    """``caption`` made true of what was drawn: rays stopped at their width (``ray_tails: false``)
+    carry the train loss alone; and which seed the figure shows."""
+    rays = s.get("rays")
+    if name == "rays.png" and isinstance(rays, dict) and rays.get("tails") is False:
+        caption = (
+            "Train loss along random rays from both solutions (paper Fig. 4 also plots the test "
+            "error: these rays stop at their width, `landscape.ray_tails: false`; "
+            "`swalab landscape RUN --what rays --ray-tails` evaluates both)."
+        )
+    return (
+        f"{caption} Seed {s.get('seed', 0)}; the other seeds' figures are in "
+        "`landscape/seed<k>/`, their spread in the claims table."
+    )
+
+
 def _number(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -618,7 +651,11 @@ def _times(run: RunDir, out: Path) -> list[Block]:
     blocks = [Block("h2", "Run times and environment")]
     header, rows = export.run_times(run.results())
     if rows:
-        caption = "Wall-clock time of the runs (a resumed run: the time of its last process)"
+        caption = (
+            "Wall-clock time of the runs (a resumed run: the time of its last process). A run's "
+            "time includes the epochs it shares with the other runs of its seed (trained once), "
+            "so the last row adds each seed's longest run, not every run"
+        )
         blocks.append(Block("table", caption, header, rows, stem="table_run_times"))
     else:
         blocks.append(Block("note", "results.csv records no run times"))
@@ -682,6 +719,7 @@ table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 0.9em; }
 caption { text-align: left; font-weight: 600; padding: .3em 0; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 td { white-space: nowrap; } th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td.text { white-space: normal; text-align: left; min-width: 9em; max-width: 22em; }
 .scroll { overflow-x: auto; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; } .files { font-size: 0.85em; margin-top: -1em; }
@@ -694,6 +732,13 @@ def _inline_code(text: str) -> str:
     """HTML-escape ``text`` and turn `backticks` into <code>."""
     parts = html.escape(text).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _cell(text: str) -> str:
+    """A table cell; long text (a claim, a statistic's definition) wraps, so that a wide table
+    such as the claims' keeps its last columns (the verdict) on screen."""
+    wrap = len(text) > 24 and " " in text
+    return f'<td class="text">{html.escape(text)}</td>' if wrap else f"<td>{html.escape(text)}</td>"
 
 
 def render_html(blocks: list[Block], title: str) -> str:
@@ -709,10 +754,7 @@ def render_html(blocks: list[Block], title: str) -> str:
             body.append(f"<pre>{html.escape(b.text)}</pre>")
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            rows = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                for row in b.rows
-            )
+            rows = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in b.rows)
             body.append(
                 f'<div class="scroll"><table class="results"><caption>{_inline_code(b.text)}</caption>'
                 f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"

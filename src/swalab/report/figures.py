@@ -23,10 +23,13 @@ __all__ = [
     "learning_curves_figure",
     "line_figure",
     "lr_figure",
+    "own_curves",
+    "own_models_figure",
     "plane_figure",
     "protocols_figure",
     "rays_figure",
     "reliability_figure",
+    "small_multiples_figure",
     "width_figure",
 ]
 
@@ -397,7 +400,7 @@ def learning_curves_figure(
     *,
     formats: Sequence[str] = ("png",),
 ) -> Path:
-    """Test metric over epochs: the SGD iterate and the running SWA model (document 003, Fig. 1),
+    """Test metric over epochs: the SGD iterate and the running SWA model,
     mean over seeds with a ± std band, on the full y-range.
 
     Where the first epochs would squeeze the end of training into a few pixels, an accuracy panel
@@ -407,28 +410,12 @@ def learning_curves_figure(
         curves: ``{label: {"epoch", "iterate", "average" (absent for non-averaging methods)}}``,
             averaged over seeds, with optional ``"iterate_std"``/``"average_std"``.
         metric: e.g. ``test_accuracy``.
-        focus: labels drawn in the left panel with both curves (SGD and SWA); the right panel shows
-            every method's own model: its running average where it has one, else its iterate.
+        focus: labels drawn with both curves (SGD and SWA); every method's own model is drawn
+            by :func:`own_models_figure`, one small panel each.
     """
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig = Figure(figsize=(7, 4.4), layout="constrained")
+    left = fig.subplots(1, 1)
     color = {label: f"C{i % 10}" for i, label in enumerate(curves)}
-    own: dict[str, dict[str, np.ndarray]] = {}
-    for label, c in curves.items():
-        # before averaging starts, a method's model is its iterate
-        if "average" in c:
-            before = np.isnan(c["average"])
-            own[label] = {
-                "epoch": c["epoch"],
-                "own": np.where(before, c["iterate"], c["average"]),
-                "own_std": np.where(
-                    before,
-                    c.get("iterate_std", 0 * c["iterate"]),
-                    c.get("average_std", 0 * c["iterate"]),
-                ),
-            }
-        else:
-            own[label] = {"epoch": c["epoch"], "own": c["iterate"], "own_std": c.get("iterate_std")}
 
     def draw_left(ax: Axes) -> None:
         for label in (f for f in focus if f in curves):
@@ -454,16 +441,9 @@ def learning_curves_figure(
                     label=f"{label} (running average)",
                 )
 
-    def draw_right(ax: Axes) -> None:
-        for label, c in own.items():
-            _curve(
-                ax, c["epoch"], c["own"], c.get("own_std"), color=color[label], lw=1.5, label=label
-            )
-
     unit = " (%)" if metric.endswith("accuracy") else ""
     panels = (
         (left, draw_left, {k: curves[k] for k in focus if k in curves}, ("iterate", "average")),
-        (right, draw_right, own, ("own",)),
     )
     for ax, draw, shown, keys in panels:
         draw(ax)
@@ -488,11 +468,67 @@ def learning_curves_figure(
         elif squeezed and low > 0 and high / low > 10:
             ax.set_yscale("log")
     left.legend(fontsize=8, loc="upper left" if metric.endswith("accuracy") else "upper right")
-    right.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     left.set_title(" vs ".join(f for f in focus if f in curves) or "no SGD/SWA runs", fontsize=10)
-    right.set_title("every method's own model (running average where there is one)", fontsize=10)
     fig.suptitle("mean over seeds, band: ± std", fontsize=9)
     return _save(fig, path, formats)
+
+
+def own_curves(
+    curves: Mapping[str, Mapping[str, np.ndarray]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every method's own model over epochs: its running average where it has one (its iterate
+    before averaging starts), else its iterate; ``{"epoch", "own", "own_std"}``."""
+    own: dict[str, dict[str, np.ndarray]] = {}
+    for label, c in curves.items():
+        zero = 0 * c["iterate"]
+        if "average" in c:
+            before = np.isnan(c["average"])
+            own[label] = {
+                "epoch": c["epoch"],
+                "own": np.where(before, c["iterate"], c["average"]),
+                "own_std": np.where(before, c.get("iterate_std", zero), c.get("average_std", zero)),
+            }
+        else:
+            own[label] = {
+                "epoch": c["epoch"],
+                "own": c["iterate"],
+                "own_std": c.get("iterate_std", zero),
+            }
+    return own
+
+
+def own_models_figure(
+    curves: Mapping[str, Mapping[str, np.ndarray]],
+    metric: str,
+    baseline: str | None,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Every method's own model (:func:`own_curves`) over the second half of its training, one small
+    panel per method on a shared y-axis, the baseline (SGD) in grey in each: mean ± std over seeds."""
+    own = own_curves(curves)
+    late: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    for label, c in own.items():
+        keep = c["epoch"] >= max(1.0, 0.5 * float(c["epoch"][-1]))  # the second half of its run
+        late[label] = (c["epoch"][keep], c["own"][keep], c["own_std"][keep])
+    _, low, high = _late_window(own, ("own",))
+    pad = 0.1 * (high - low) or 0.5
+    reference = (
+        (baseline, own[baseline]["epoch"], own[baseline]["own"]) if baseline in own else None
+    )
+    unit = " (%)" if metric.endswith("accuracy") else ""
+    return small_multiples_figure(
+        late,
+        metric.replace("_", " ") + unit,
+        path,
+        reference=reference,
+        ylim=(low - pad, high + pad),
+        sharex=False,
+        title="each method's own model over the second half of its training: mean over seeds, "
+        "band ± std",
+        formats=formats,
+    )
 
 
 def lr_figure(
@@ -501,26 +537,70 @@ def lr_figure(
     *,
     formats: Sequence[str] = ("png",),
 ) -> Path:
-    """Learning rate of every method: its value at the first step of each epoch, held for it."""
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    ax = fig.subplots()
-    for i, (label, (epochs, lr)) in enumerate(schedules.items()):
-        x = np.concatenate([epochs - 1, epochs[-1:]])  # epoch e runs from e - 1 to e
-        ax.plot(
-            x,
+    """Learning rate of every method: its value at the first step of each epoch, held for it; one
+    small panel per method on shared axes (equal schedules would hide each other in one)."""
+    series = {
+        label: (
+            np.concatenate([epochs - 1, epochs[-1:]]),  # epoch e runs from e - 1 to e
             np.concatenate([lr, lr[-1:]]),
-            drawstyle="steps-post",
-            label=label,
-            lw=1.5,
-            color=f"C{i % 10}",
-            alpha=0.85,
-            ls=("-", "--", ":", "-.")[i % 4],
-        )  # equal schedules stay visible
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("learning rate")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            None,
+        )
+        for label, (epochs, lr) in schedules.items()
+    }
+    return small_multiples_figure(
+        series, "learning rate", path, step=True, logy=True, formats=formats
+    )
+
+
+def small_multiples_figure(
+    series: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    ylabel: str,
+    path: Path,
+    *,
+    reference: tuple[str, np.ndarray, np.ndarray] | None = None,
+    step: bool = False,
+    logy: bool = False,
+    ylim: tuple[float, float] | None = None,
+    sharex: bool = True,
+    title: str = "",
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """One small panel per curve ``{label: (x, y, std or None)}`` on shared axes, 4 to a row,
+    with an optional ``reference`` curve ``(label, x, y)`` drawn thin and grey in every panel."""
+    labels = list(series)
+    cols = min(4, max(1, len(labels)))
+    rows = -(-len(labels) // cols)
+    fig = Figure(figsize=(3.1 * cols, 2.3 * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(
+        fig.subplots(rows, cols, sharex=sharex, sharey=True, squeeze=False)
+    ).ravel()
+    for i, (ax, label) in enumerate(zip(axes, labels)):
+        x, y, std = series[label]
+        if reference is not None and reference[0] != label:
+            ax.plot(reference[1], reference[2], color="0.6", lw=1, label=reference[0])
+        if step:
+            ax.plot(x, y, drawstyle="steps-post", color=f"C{i % 10}", lw=1.6, label=label)
+        else:
+            _curve(ax, x, y, std, color=f"C{i % 10}", lw=1.6, label=label)
+        ax.set_title(label, fontsize=9)
+        if not sharex and len(x) > 1:  # the panel's own range (the reference may be longer)
+            ax.set_xlim(float(x[0]), float(x[-1]))
+        ax.grid(alpha=0.3, which="both")
+        ax.tick_params(labelsize=7)
+        if reference is not None and reference[0] != label:
+            ax.legend(fontsize=6, loc="best")
+    for ax in axes[len(labels) :]:
+        ax.set_visible(False)
+    if logy:
+        axes[0].set_yscale("log")
+    if ylim is not None:
+        axes[0].set_ylim(*ylim)
+    for ax in axes[(rows - 1) * cols :]:
+        ax.set_xlabel("epoch", fontsize=8)
+    for ax in axes[::cols]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path, formats)
 
 
