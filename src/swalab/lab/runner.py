@@ -77,6 +77,13 @@ def _meta(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Any]:
     }
 
 
+def _refuse_foreign(layout: RunDirectory) -> None:
+    """A folder that holds files but no run is not ours: refused before anything is made in it."""
+    out = layout.path
+    if out.is_dir() and holds_files(out) and layout.saved_config() is None:
+        raise ConfigError(f"{out} is not empty and holds no swalab run; choose another --out")
+
+
 def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
     """Refuse to change the config of methods that have started in this directory.
 
@@ -85,8 +92,7 @@ def _check_out_dir(layout: RunDirectory, cfg: ExperimentConfig) -> None:
     """
     out, old = layout.path, layout.saved_config()
     if old is None:
-        if out.exists() and holds_files(out):
-            raise ConfigError(f"{out} is not empty and holds no swalab run; choose another --out")
+        _refuse_foreign(layout)
         return
     old, new = _identity(old), _identity(to_dict(cfg))
     shared = sorted(k for k in new if k not in (*_RUN_SPECIFIC, "methods") and old.get(k) != new[k])
@@ -243,6 +249,7 @@ def _run_experiment(
     layout = RunDirectory(out)
 
     def prepare() -> None:
+        _refuse_foreign(layout)  # before .claims/ is made in it
         try:
             out.mkdir(parents=True, exist_ok=True)
             claims.wait(_SETUP)  # one process at a time sets up a directory several share
