@@ -32,8 +32,13 @@ def same_value(key: str, got, expected) -> bool:
     return g == (pytest.approx(e, abs=1e-2) if key.endswith("ece") else pytest.approx(e, rel=1e-3))
 
 
+# Columns added after the fixture was recorded (issue 19: the large generated test set); they add
+# results, they do not change the recorded ones.
+ADDED = {"large_test_loss", "large_test_accuracy", "large_test_mse"}
+
+
 def same_row(got: dict, expected: dict) -> bool:
-    return got.keys() == expected.keys() and all(
+    return got.keys() - ADDED == expected.keys() and all(
         same_value(k, got[k], v) for k, v in expected.items()
     )
 

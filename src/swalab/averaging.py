@@ -41,6 +41,7 @@ from torch.optim.swa_utils import (
 )
 
 from swalab import sharded
+from swalab._files import save_whole
 
 __all__ = [
     "AverageState",
@@ -1057,9 +1058,7 @@ class AveragedModel(nn.Module):
         if self.sharded:
             sharded.save_average(self.module, path)
             return
-        from .lab.files import atomic_save  # the one place files are written whole
-
-        atomic_save(self.average_state_dict(), Path(path))
+        save_whole(self.average_state_dict(), Path(path))
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -16,10 +16,8 @@ at a time, so memory stays bounded by a few copies of the model).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from swalab import sharded
+from swalab._files import save_whole
 from swalab.averaging import HostStaging, ModelBinding
 from swalab.bn import default_forward, move_to, update_bn
 
@@ -183,19 +182,6 @@ def ensemble_predict(
     return {"probs": (probs / len(checkpoints)).float(), "targets": targets}
 
 
-def _save_whole(obj: Any, path: Path) -> None:
-    """``torch.save`` into a temporary file beside ``path`` (named as the lab names its temporary
-    files), then renamed over it: a failed save leaves ``path`` as it was."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 class FGE:
     """Fast Geometric Ensembling (Garipov et al., 2018): collect models, average their predictions.
 
@@ -280,7 +266,7 @@ class FGE:
             self.members.append(state)
         else:
             path = self.directory / f"member_{len(self.members):03d}.pt"
-            _save_whole(state, path)
+            save_whole(state, path)
             self.members.append(path)
 
     def predict(

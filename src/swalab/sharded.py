@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from swalab._files import save_whole
+
 __all__ = ["is_sharded", "save_checkpoint", "load_checkpoint", "save_average", "gather"]
 
 
@@ -316,8 +318,6 @@ def save_average(module: nn.Module, path: str | os.PathLike) -> None:
     """Gather the average once and write it on rank 0 as a plain ``state_dict`` (CPU tensors, the
     model's keys) that ``load_state_dict`` takes into the unsharded model; a whole file or none.
     Only rank 0 keeps the whole state; the others hold one gathered tensor at a time."""
-    from swalab.ensembles import _save_whole
-
     dist = torch.distributed
     writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     state = {}
@@ -326,7 +326,7 @@ def save_average(module: nn.Module, path: str | os.PathLike) -> None:
         if writer:
             state[key] = whole.cpu()
     if writer:
-        _save_whole(state, Path(path))
+        save_whole(state, Path(path))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

@@ -146,9 +146,9 @@ def evaluate_windows(
                 "end": b,
                 "epochs": b - a + 1,
             }
-            for name in ("val", "test"):
+            for name in ("val", "test", "large_test"):  # large_test: claims' primary set
                 split = getattr(bundle, name)
-                if len(split):
+                if split is not None and len(split):
                     metrics = evaluate(model_outputs(model, split, ctx), split, task)
                     row.update({f"{name}_{k}": v for k, v in metrics.items()})
             rows.append(row)
