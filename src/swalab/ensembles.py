@@ -6,7 +6,7 @@
   softmax probabilities, each member with its own BatchNorm statistics.
 * Soups, i.e. one set of weights averaged from chosen checkpoints (Wortsman et al., 2022, "Model
   soups"): uniform, greedy (a candidate enters only if the validation score improves), and weighted
-  by validation score (source document 003, §4.2).
+  by validation score (Elkoubi & Ein Dor's reimplementation study, §4.2).
 * The ensemble view of SWA (Izmailov et al., 2018, §3.5): ``f(w_bar) - mean_i f(w_i) = O(Delta)``
   with ``Delta = max_i ||w_i - w_bar||``.
 
@@ -387,7 +387,7 @@ def weighted_soup(
     bn_loader: Iterable[Any] | None = None,
     forward_fn: ForwardFn | None = None,
 ) -> StateDict:
-    """Average of the checkpoints weighted by their validation scores (source document 003, §4.2).
+    """Average of the checkpoints weighted by their validation scores (Elkoubi & Ein Dor's reimplementation study, §4.2).
 
     Weights are ``scores / sum(scores)`` (scores such as accuracies, ``>= 0``), or
     ``softmax(scores / temperature)`` when ``temperature`` is given (a small temperature leans on

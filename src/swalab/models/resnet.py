@@ -1,6 +1,6 @@
 """ResNet-50 (He et al. 2016) from torchvision, for fine-tuning from local ImageNet weights.
 
-Source document 003 trains a head on MNIST on top of an ImageNet ResNet-50 and then fine-tunes it;
+Elkoubi & Ein Dor's reimplementation study trains a head on MNIST on top of an ImageNet ResNet-50 and then fine-tunes it;
 the SWA paper runs SWA from pretrained torchvision ImageNet models. Nothing is ever downloaded:
 ``weights`` is the path of a ``state_dict`` saved from ``torchvision.models.resnet50``.
 

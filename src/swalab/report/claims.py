@@ -4,7 +4,7 @@ Izmailov et al. (2018) claim, and source documents 002 and 004 repeat:
 
 1. SWA generalises better than SGD at the same budget, and at 1.25B / 1.5B (Table 1);
 2. SWA finds wider solutions: along random rays the train loss rises more slowly from w_SWA
-   than from w_SGD (Fig. 4, the width figure of document 004);
+   than from w_SGD (Fig. 4, the paper's width figure);
 3. SGD ends at the periphery of a flat region whose interior lies towards w_SWA (Fig. 5): (a) the
    loss rises faster beyond SGD than towards SWA, (b) SGD has the lower train loss, (c) SWA the
    lower test error;
@@ -626,7 +626,7 @@ def _claim4(inp: _Inputs) -> list[Claim]:
     fge = Claim(
         "4b",
         "SWA is comparable to FGE (equivalence)",
-        '§3.4, document 002 ("comparable to FGE")',
+        '§3.4 ("comparable to FGE", as a published summary of the paper puts it)',
         (
             "test accuracy of SWA minus FGE's, points"
             if inp.task.probabilistic
