@@ -184,7 +184,11 @@ def _check(out: Path, complete_wandb: tuple[int, ...] = (0, 1)) -> None:
             assert [int(r["epoch"]) for r in csv.DictReader(f)] == epochs
 
 
-def test_trackers_under_jobs_with_sharing_after_a_crashed_attempt(tmp_path):
+def test_trackers_under_jobs_with_sharing_after_a_crashed_attempt(tmp_path, monkeypatch):
+    # An earlier W&B test leaves this process's wandb-core service in WANDB_SERVICE, which child
+    # processes inherit: the crashed attempt would register its runs in that service, which
+    # outlives it and keeps their ids "in use". A user's killed run takes its own service with it.
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     out = tmp_path / "run"
     crashed = subprocess.run(
         [sys.executable, "-c", CRASH, str(out), *OVERRIDES],

@@ -783,6 +783,7 @@ def _claim_start(inp: _Inputs) -> Claim:
         f"largest minus smallest {unit} of SWA over [start, E] for starts {band} "
         f"(0.6-0.9 B + 1), E the posthoc run's last epoch; equivalent within ±{margin:g}",
         margin=margin,
+        sampling="not estimated: posthoc.csv holds no per-sample scores",
     )
     label = cfg.posthoc.run
     if not label:
