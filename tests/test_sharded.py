@@ -36,10 +36,12 @@ def _entry(rank, fn, world, port, *args):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)
+    # every rank done with its collectives before any tears gloo down (destroying the group while
+    # another rank still talks to it can abort that rank: "terminate called without an active
+    # exception"); a rank that raised fails the spawn without getting here
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class CountCollectives(TorchDispatchMode):
