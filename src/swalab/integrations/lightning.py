@@ -29,15 +29,19 @@ What it does differently from Lightning's ``StochasticWeightAveraging`` callback
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sized
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from swalab import sharded
 from swalab.averaging import EMA, AveragedModel, AveragingRule, restart_from_average
 from swalab.bn import update_bn
 from swalab.integrations import require
@@ -178,6 +182,7 @@ class AveragingCallback(pl.Callback):
         self._average_weights: dict[str, torch.Tensor] | None = None  # read from a checkpoint
         self._bn_count = -1  # the average's count when its BatchNorm statistics were recomputed
         self._start = 0  # update_after resolved in steps or epochs (on_fit_start)
+        self._sharded_strategy = False  # ModelParallelStrategy: built late, checkpointed with DCP
 
     # -- building -------------------------------------------------------------------------------
 
@@ -193,6 +198,14 @@ class AveragingCallback(pl.Callback):
         # Each fit starts a new average; trainer.fit(ckpt_path=...) then restores the saved one.
         self._steps, self._last_global_step, self._last_epoch = 0, 0, -1
         self._final_phase = False
+        self.averaged, self.swag = None, None
+        # Under ModelParallelStrategy, configure_model shards the module after this hook: the
+        # average is built in on_fit_start, held like the module's shards.
+        self._sharded_strategy = _check_strategy(trainer.strategy, self)
+        if not self._sharded_strategy:
+            self._build(pl_module)
+
+    def _build(self, pl_module: pl.LightningModule) -> None:
         # The module refers to its Trainer; copy the module alone.
         attached, pl_module.trainer = pl_module._trainer, None
         try:
@@ -234,6 +247,8 @@ class AveragingCallback(pl.Callback):
         return after, length
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.averaged is None:  # ModelParallelStrategy: the module is sharded by now
+            self._build(pl_module)
         self._start, length = self._resolve_start(trainer)
         self.averaged.update_after = self._start
         if length is not None and self._start >= length:
@@ -351,12 +366,20 @@ class AveragingCallback(pl.Callback):
         ):
             return
         loader = self.bn_loader if self.bn_loader is not None else trainer.train_dataloader
-        device = next(self.averaged.module.parameters()).device
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=cuda), trainer.precision_plugin.train_step_context():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=cuda))
+            stack.enter_context(trainer.precision_plugin.train_step_context())
+            if self.averaged.sharded:  # a sharded average runs inside the module (its buffers
+                # are swapped in, so the statistics computed stay with the average)
+                model = stack.enter_context(self.averaged.swapped_into(trainer.lightning_module))
+                device = trainer.strategy.root_device
+            else:
+                model = self.averaged.module
+                device = next(self.averaged.module.parameters()).device
             update_bn(
                 loader,
-                self.averaged.module,
+                model,
                 device,
                 forward_fn=self.bn_forward_fn,
                 max_batches=self.bn_max_batches,
@@ -377,6 +400,8 @@ class AveragingCallback(pl.Callback):
             return
         self._fresh_bn(trainer, force=True)
         if self.copy_to_model:
+            if self.averaged.sharded:  # FSDP2 left unsharded by a forward holds other tensors
+                sharded.reshard(pl_module)
             pl_module.load_state_dict(self.averaged.module.state_dict())
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -399,6 +424,11 @@ class AveragingCallback(pl.Callback):
         # The checkpoint's model is the average (what was validated); the live weights beside it.
         if self.averaged is not None and self.averaged.count > 0:
             self._fresh_bn(trainer)  # the model validated (and loaded) is this one
+            if self._sharded_strategy:  # the strategy writes "state_dict" with DCP, shard by shard
+                checkpoint["state_dict"] = _sharded_checkpoint_state(
+                    self.averaged, checkpoint["state_dict"]
+                )
+                return
             checkpoint[_MODEL_STATE] = checkpoint["state_dict"]
             checkpoint["state_dict"] = self.averaged.module.state_dict()
 
@@ -407,6 +437,11 @@ class AveragingCallback(pl.Callback):
     ) -> None:
         # Called before load_state_dict; the module was given checkpoint["state_dict"], the average.
         # Resuming fit restores the live weights; validate/test/predict keep the average.
+        if self.averaged is not None and self._sharded_strategy:
+            self._average_weights = _load_sharded_checkpoint(
+                trainer.ckpt_path, pl_module, self.averaged
+            )
+            return
         if self.averaged is not None and _MODEL_STATE in checkpoint:
             self._average_weights = checkpoint["state_dict"]
             pl_module.load_state_dict(checkpoint[_MODEL_STATE])
@@ -442,3 +477,60 @@ def _check_bn_options(loader: Any, max_batches: Any, empty: bool = False) -> Non
         raise ValueError(
             "bn_loader yields no batches: the BatchNorm statistics cannot be recomputed"
         )
+
+
+def _check_strategy(strategy: Any, callback: AveragingCallback) -> bool:
+    """Whether ``strategy`` shards the module after ``setup`` (``ModelParallelStrategy``: FSDP2
+    and tensor parallelism applied in ``configure_model``). ``FSDPStrategy`` (FSDP1, flat
+    parameters) and the options a sharded average does not have are refused before training."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            f"AveragingCallback does not support {type(strategy).__name__} (FSDP1 flattens the "
+            "parameters): use lightning.pytorch.strategies.ModelParallelStrategy and shard the "
+            "module with torch.distributed.fsdp.fully_shard in configure_model"
+        )
+    if not isinstance(strategy, ModelParallelStrategy):
+        return False
+    if not strategy._save_distributed_checkpoint:
+        raise ValueError(
+            "AveragingCallback under ModelParallelStrategy checkpoints the average shard by shard: "
+            "keep save_distributed_checkpoint=True (the default)"
+        )
+    for name in ("swag_max_models", "posthoc", "device"):
+        value = getattr(callback, name)
+        if value is not None:
+            raise ValueError(
+                f"AveragingCallback({name}={value!r}) is not available under "
+                f"{type(strategy).__name__}: the average of a sharded module is held with its "
+                f"shards (leave {name} unset)"
+            )
+    return True
+
+
+def _sharded_checkpoint_state(averaged: AveragedModel, live: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``state_dict`` under ``ModelParallelStrategy``: the average (the model
+    validated; the strategy loads it into the module for validate/test), with the live weights
+    nested under ``swalab_model_state_dict``; DCP writes both shard by shard, no gather."""
+    return {**averaged.module.state_dict(), _MODEL_STATE: live}
+
+
+def _load_sharded_checkpoint(
+    path: str | os.PathLike | None, pl_module: pl.LightningModule, averaged: AveragedModel
+) -> dict[str, torch.Tensor] | None:
+    """Read back what :func:`_sharded_checkpoint_state` wrote (resharded by DCP): put the live
+    weights into ``pl_module`` and return the average's (None when the checkpoint holds none)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if path is None or not Path(path).is_dir():
+        return None
+    keys = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    if not any(k.startswith(f"state_dict.{_MODEL_STATE}.") for k in keys):
+        return None
+    live = {k: torch.empty_like(v) for k, v in get_model_state_dict(pl_module).items()}
+    average = {k: torch.empty_like(v) for k, v in averaged.module.state_dict().items()}
+    dcp.load({"state_dict": {**average, _MODEL_STATE: live}}, checkpoint_id=os.fspath(path))
+    set_model_state_dict(pl_module, live)
+    return average
