@@ -1,0 +1,249 @@
+"""The Lightning callback under ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` in
+``configure_model``), 2 processes with gloo on the CPU.
+
+Each rank feeds the whole batch (no distributed sampler), so FSDP's averaged gradient is the
+unsharded one and the sharded run must end with the average of the same training unsharded (the
+unsharded callback run in the test's own process). Oracles: the average is the mean of the live
+weights recorded after the averaged steps; a validation before the first update sees the live
+weights (never the untouched average); each rank holds 1/world of the average; a fit resumed
+from a sharded checkpoint ends with the uninterrupted run's average and live weights; the DCP
+checkpoint's ``state_dict`` is the average, the live weights nested beside it.
+"""
+
+import os
+import socket
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
+
+import swalab  # noqa: E402
+from swalab import sharded  # noqa: E402
+from swalab.integrations.lightning import AveragingCallback  # noqa: E402
+
+WORLD = 2
+UPDATE_AFTER = 5  # steps 5, 6, 7 of 8 averaged: the validation after epoch 0 precedes them
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args):
+    torch.multiprocessing.spawn(_entry, args=(fn, _free_port(), *args), nprocs=WORLD)
+
+
+def _entry(rank, fn, port, *args):
+    # the variables torchrun sets: Lightning then joins these processes instead of launching
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    fn(rank, *args)
+    dist.barrier()  # every rank done with its collectives before gloo is torn down
+    dist.destroy_process_group()
+
+
+def _gathered(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: sharded.gather(v).clone() for k, v in module.state_dict().items()}
+
+
+class Net(pl.LightningModule):
+    """5 and 3 rows: uneven dim-0 shards over 2 ranks. Records the (gathered) weights after each
+    optimizer step and the weights each validation runs with."""
+
+    def __init__(self, shard: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.shard = shard
+        self.live, self.validated = [], []
+
+    def configure_model(self):
+        if self.shard:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.live.append(_gathered(self.net))
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.validated.append(_gathered(self.net))
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _loader():
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(32, 3, generator=g), torch.randn(32, 3, generator=g))
+    return DataLoader(data, batch_size=8)  # 4 steps per epoch
+
+
+def _trainer(strategy, callbacks, **kwargs):
+    options = dict(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    options.update(kwargs)
+    if strategy is None:
+        return pl.Trainer(devices=1, callbacks=callbacks, **options)
+    return pl.Trainer(devices=WORLD, strategy=strategy, callbacks=callbacks, **options)
+
+
+def _strategy():
+    return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+
+
+def _average_worker(rank, out):
+    module, callback = Net(shard=True), AveragingCallback(update_after=UPDATE_AFTER)
+    _trainer(_strategy(), [callback]).fit(module, _loader(), _loader())
+    averaged = callback.averaged
+    assert averaged.sharded and averaged.count == 3
+    own = sum(sharded.local(p).numel() for p in averaged.module.parameters())
+    model = sum(sharded.local(p).numel() for p in module.parameters())
+    result = {
+        "average": averaged.average_state_dict(),  # a gather: every rank
+        "final": _gathered(module.net),
+        "live": module.live,
+        "validated": module.validated,
+        "own": own,
+        "model": model,
+    }
+    if rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.slow
+def test_sharded_average_equals_the_unsharded_run_and_never_swaps_before_an_update(tmp_path):
+    reference, callback = Net(shard=False), AveragingCallback(update_after=UPDATE_AFTER)
+    _trainer(None, [callback]).fit(reference, _loader(), _loader())
+    want = {f"net.{k}": v for k, v in _gathered(reference.net).items()}  # copied to the model
+
+    _spawn(_average_worker, tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt")
+    # 32 + 18 parameters over 2 ranks: 3 + 2 rows of the first layer, 2 + 1 of the second
+    assert got["own"] == got["model"] < sum(p.numel() for p in reference.parameters())
+    average = {k.removeprefix("net."): v for k, v in got["average"].items()}
+    for key, value in want.items():
+        torch.testing.assert_close(got["average"][key], value, msg=key)
+    for key in average:  # the oracle: SWA is the mean of the live weights after steps 5, 6, 7
+        mean = sum(step[key] for step in got["live"][UPDATE_AFTER:]) / 3
+        torch.testing.assert_close(average[key], mean, msg=key)
+        torch.testing.assert_close(got["final"][key], average[key], msg=key)  # copy_to_model
+    first, second = got["validated"]  # after epoch 0 (no update yet) and after epoch 1
+    for key in average:
+        torch.testing.assert_close(first[key], got["live"][3][key], msg=key)
+        torch.testing.assert_close(second[key], average[key], msg=key)
+    assert not torch.equal(first["0.weight"], Net(shard=False).net[0].weight.detach())
+
+
+def _checkpoint_worker(rank, directory):
+    directory = Path(directory)
+    saved = {}
+
+    class Record(pl.Callback):  # what the callback holds when the checkpoint is written
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            saved["average"] = averaging.averaged.average_state_dict()
+            saved["live"] = _gathered(pl_module)
+
+    averaging = AveragingCallback(update_after=2, copy_to_model=False)
+    checkpoint = pl.callbacks.ModelCheckpoint(directory / "ckpt", save_top_k=-1)
+    first = Net(shard=True)
+    trainer = _trainer(_strategy(), [averaging, Record(), checkpoint], enable_checkpointing=True)
+    trainer.fit(first, _loader())
+    uninterrupted = (averaging.averaged.average_state_dict(), _gathered(first))
+
+    path = directory / "ckpt" / "epoch=0-step=4.ckpt"  # 2 models averaged (steps 2, 3)
+    resumed, again = Net(shard=True), AveragingCallback(update_after=2, copy_to_model=False)
+    _trainer(_strategy(), [again]).fit(resumed, _loader(), ckpt_path=path)
+    assert again.averaged.count == averaging.averaged.count == 6
+    result = {
+        "uninterrupted": uninterrupted,
+        "resumed": (again.averaged.average_state_dict(), _gathered(resumed)),
+        "saved": saved,
+        "path": str(path),
+    }
+    if rank == 0:
+        torch.save(result, directory / "out.pt")
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_holds_the_average_and_a_resumed_fit_ends_the_same(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    _spawn(_checkpoint_worker, str(tmp_path))
+    got = torch.load(tmp_path / "out.pt")
+    for want, have in zip(got["uninterrupted"], got["resumed"]):
+        assert want.keys() == have.keys()
+        for key in want:
+            torch.testing.assert_close(have[key], want[key], msg=key)
+    # the sharded checkpoint (epoch 1's, the last written) as one file: "state_dict" is the
+    # average, the live weights nested under swalab_model_state_dict
+    dcp_to_torch_save(got["path"].replace("epoch=0-step=4", "epoch=1-step=8"), tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt")["state_dict"]
+    live = state.pop("swalab_model_state_dict")
+    assert state.keys() == got["saved"]["average"].keys() == live.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], got["saved"]["average"][key], msg=key)
+        torch.testing.assert_close(live[key], got["saved"]["live"][key], msg=key)
+    assert not torch.equal(state["net.0.weight"], live["net.0.weight"])
+
+
+def _fake_trainer(strategy, callback):
+    return types.SimpleNamespace(strategy=strategy, callbacks=[callback])
+
+
+def test_fsdp1_strategy_is_refused_at_setup_pointing_to_model_parallel():
+    callback = AveragingCallback()
+    with pytest.raises(ValueError, match="FSDPStrategy.*ModelParallelStrategy") as error:
+        callback.setup(_fake_trainer(FSDPStrategy(), callback), Net(shard=False), "fit")
+    assert "\n" not in str(error.value) and callback.averaged is None
+
+
+@pytest.mark.parametrize(
+    "options, strategy, match",
+    [
+        (dict(swag_max_models=5), {}, "swag_max_models=5"),
+        (dict(device="cpu"), {}, "device='cpu'"),
+        ({}, dict(save_distributed_checkpoint=False), "save_distributed_checkpoint=True"),
+    ],
+)
+def test_options_a_sharded_average_lacks_are_refused_at_setup(options, strategy, match):
+    callback = AveragingCallback(swalab.SWA(), **options)
+    trainer = _fake_trainer(ModelParallelStrategy(**strategy), callback)
+    with pytest.raises(ValueError, match=match):
+        callback.setup(trainer, Net(shard=False), "fit")
