@@ -66,10 +66,11 @@ class Net(pl.LightningModule):
     """5 and 3 rows: uneven dim-0 shards over 2 ranks. Records the (gathered) weights after each
     optimizer step and the weights each validation runs with."""
 
-    def __init__(self, shard: bool):
+    def __init__(self, shard: bool, bn: bool = False):
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+        norm = [nn.BatchNorm1d(5)] if bn else []
+        self.net = nn.Sequential(nn.Linear(3, 5), *norm, nn.Tanh(), nn.Linear(5, 3))
         self.shard = shard
         self.live, self.validated = [], []
 
@@ -78,7 +79,7 @@ class Net(pl.LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
-            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self.net[0], mesh=mesh)  # the BatchNorm's buffers stay whole
             fully_shard(self.net, mesh=mesh)
 
     def forward(self, x):
@@ -129,13 +130,16 @@ def _strategy():
 
 
 def _average_worker(rank, out):
-    module, callback = Net(shard=True), AveragingCallback(update_after=UPDATE_AFTER)
+    module, callback = Net(shard=True, bn=True), AveragingCallback(update_after=UPDATE_AFTER)
     _trainer(_strategy(), [callback]).fit(module, _loader(), _loader())
     averaged = callback.averaged
     assert averaged.sharded and averaged.count == 3
     own = sum(sharded.local(p).numel() for p in averaged.module.parameters())
     model = sum(sharded.local(p).numel() for p in module.parameters())
+    total = torch.tensor(own)
+    dist.all_reduce(total)
     result = {
+        "total": int(total),
         "average": averaged.average_state_dict(),  # a gather: every rank
         "final": _gathered(module.net),
         "live": module.live,
@@ -149,25 +153,37 @@ def _average_worker(rank, out):
 
 @pytest.mark.slow
 def test_sharded_average_equals_the_unsharded_run_and_never_swaps_before_an_update(tmp_path):
-    reference, callback = Net(shard=False), AveragingCallback(update_after=UPDATE_AFTER)
+    # BatchNorm statistics of the average recomputed before each validation and after training
+    reference, callback = Net(shard=False, bn=True), AveragingCallback(update_after=UPDATE_AFTER)
     _trainer(None, [callback]).fit(reference, _loader(), _loader())
     want = {f"net.{k}": v for k, v in _gathered(reference.net).items()}  # copied to the model
 
     _spawn(_average_worker, tmp_path / "out.pt")
     got = torch.load(tmp_path / "out.pt")
-    # 32 + 18 parameters over 2 ranks: 3 + 2 rows of the first layer, 2 + 1 of the second
-    assert got["own"] == got["model"] < sum(p.numel() for p in reference.parameters())
+    # rank 0 holds the first 3 of 5 rows (Linear, BatchNorm) and 2 of 3 (the last Linear): 30 of
+    # the 48 parameters, as its shards of the model; the ranks' parts add up to the whole
+    assert got["own"] == got["model"] == 30 and got["total"] == 48
     average = {k.removeprefix("net."): v for k, v in got["average"].items()}
+    # update_bn combines the ranks' statistics: each rank ran the 4 batches, 8 in all
+    assert int(got["average"].pop("net.1.num_batches_tracked")) == 2 * int(
+        want.pop("net.1.num_batches_tracked")
+    )
+    assert got["average"].keys() == want.keys()
     for key, value in want.items():
         torch.testing.assert_close(got["average"][key], value, msg=key)
-    for key in average:  # the oracle: SWA is the mean of the live weights after steps 5, 6, 7
+    assert "1.running_mean" in average
+    for key in ("1.running_mean", "1.running_var"):  # recomputed for the average's weights
+        assert not torch.allclose(average[key], got["live"][-1][key])
+    for key in dict(Net(shard=False, bn=True).net.named_parameters()):
+        # the oracle: SWA is the mean of the live weights after steps 5, 6, 7
         mean = sum(step[key] for step in got["live"][UPDATE_AFTER:]) / 3
         torch.testing.assert_close(average[key], mean, msg=key)
-        torch.testing.assert_close(got["final"][key], average[key], msg=key)  # copy_to_model
     first, second = got["validated"]  # after epoch 0 (no update yet) and after epoch 1
-    for key in average:
+    for key in [k for k, v in average.items() if v.is_floating_point()]:  # (what is swapped)
         torch.testing.assert_close(first[key], got["live"][3][key], msg=key)
         torch.testing.assert_close(second[key], average[key], msg=key)
+    for key in average:
+        torch.testing.assert_close(got["final"][key], average[key], msg=key)  # copy_to_model
     assert not torch.equal(first["0.weight"], Net(shard=False).net[0].weight.detach())
 
 

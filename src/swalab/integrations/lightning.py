@@ -29,7 +29,6 @@ What it does differently from Lightning's ``StochasticWeightAveraging`` callback
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import os
@@ -361,30 +360,25 @@ class AveragingCallback(pl.Callback):
         count = self.averaged.count
         if count == 0 or (count == self._bn_count and not force):
             return
-        if not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.averaged.module.modules()
-        ):
+        # (a sharded average's tree holds plain modules: the module tells its BatchNorm layers)
+        model = trainer.lightning_module if self.averaged.sharded else self.averaged.module
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             return
         loader = self.bn_loader if self.bn_loader is not None else trainer.train_dataloader
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=cuda))
-            stack.enter_context(trainer.precision_plugin.train_step_context())
-            if self.averaged.sharded:  # a sharded average runs inside the module (its buffers
-                # are swapped in, so the statistics computed stay with the average)
-                model = stack.enter_context(self.averaged.swapped_into(trainer.lightning_module))
-                device = trainer.strategy.root_device
-            else:
-                model = self.averaged.module
-                device = next(self.averaged.module.parameters()).device
-            update_bn(
-                loader,
-                model,
-                device,
+        with torch.random.fork_rng(devices=cuda), trainer.precision_plugin.train_step_context():
+            options = dict(
                 forward_fn=self.bn_forward_fn,
                 max_batches=self.bn_max_batches,
                 unpack=self.bn_forward_fn is None,  # the default documented above
             )
+            if self.averaged.sharded:
+                _update_bn_inside(
+                    self.averaged, model, loader, trainer.strategy.root_device, options
+                )
+            else:
+                device = next(model.parameters()).device
+                update_bn(loader, model, device, **options)
         self._bn_count = count
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -534,3 +528,21 @@ def _load_sharded_checkpoint(
     dcp.load({"state_dict": {**average, _MODEL_STATE: live}}, checkpoint_id=os.fspath(path))
     set_model_state_dict(pl_module, live)
     return average
+
+
+def _update_bn_inside(
+    averaged: AveragedModel, module: nn.Module, loader: Any, device: Any, options: dict[str, Any]
+) -> None:
+    """``update_bn`` of a sharded average: it runs inside the sharded ``module`` (an FSDP2 forward
+    is a collective; ``update_bn`` keeps the ranks in lockstep), whose floating buffers are the
+    average's during the swap. The integer ones (``num_batches_tracked``) are not swapped: they
+    are copied to the average and the module's own put back."""
+    counters = [(name, t) for name, t in module.named_buffers() if not t.is_floating_point()]
+    saved = [t.clone() for _, t in counters]
+    with averaged.swapped_into(module):
+        update_bn(loader, module, device, **options)
+    ours = dict(averaged.module.named_buffers())
+    with torch.no_grad():
+        for (name, t), old in zip(counters, saved):
+            ours[name].copy_(t)
+            t.copy_(old)
