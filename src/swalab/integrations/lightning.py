@@ -44,6 +44,7 @@ from swalab import sharded
 from swalab.averaging import EMA, AveragedModel, AveragingRule, restart_from_average
 from swalab.bn import update_bn
 from swalab.integrations import require
+from swalab.integrations._sharded import update_bn_inside
 from swalab.schedules import Schedule, set_lr
 from swalab.swag import SWAG
 
@@ -373,9 +374,8 @@ class AveragingCallback(pl.Callback):
                 unpack=self.bn_forward_fn is None,  # the default documented above
             )
             if self.averaged.sharded:
-                _update_bn_inside(
-                    self.averaged, model, loader, trainer.strategy.root_device, options
-                )
+                device = trainer.strategy.root_device
+                update_bn_inside(self.averaged, model, loader, device, **options)
             else:
                 device = next(model.parameters()).device
                 update_bn(loader, model, device, **options)
@@ -528,21 +528,3 @@ def _load_sharded_checkpoint(
     dcp.load({"state_dict": {**average, _MODEL_STATE: live}}, checkpoint_id=os.fspath(path))
     set_model_state_dict(pl_module, live)
     return average
-
-
-def _update_bn_inside(
-    averaged: AveragedModel, module: nn.Module, loader: Any, device: Any, options: dict[str, Any]
-) -> None:
-    """``update_bn`` of a sharded average: it runs inside the sharded ``module`` (an FSDP2 forward
-    is a collective; ``update_bn`` keeps the ranks in lockstep), whose floating buffers are the
-    average's during the swap. The integer ones (``num_batches_tracked``) are not swapped: they
-    are copied to the average and the module's own put back."""
-    counters = [(name, t) for name, t in module.named_buffers() if not t.is_floating_point()]
-    saved = [t.clone() for _, t in counters]
-    with averaged.swapped_into(module):
-        update_bn(loader, module, device, **options)
-    ours = dict(averaged.module.named_buffers())
-    with torch.no_grad():
-        for (name, t), old in zip(counters, saved):
-            ours[name].copy_(t)
-            t.copy_(old)
