@@ -263,3 +263,151 @@ def test_options_a_sharded_average_lacks_are_refused_at_setup(options, strategy,
     trainer = _fake_trainer(ModelParallelStrategy(**strategy), callback)
     with pytest.raises(ValueError, match=match):
         callback.setup(trainer, Net(shard=False), "fit")
+
+
+# -- Hugging Face: the callback's sharded path, driven hook by hook ------------------------------
+# accelerate 1.16 turns TrainingArguments(fsdp=...) into FSDP only on accelerators (MULTI_GPU,
+# MULTI_NPU, ...): on the CPU (MULTI_CPU) the model trains as replicas and the callback averages
+# it as an ordinary model. The sharded path is therefore driven here by calling the callback's
+# hooks, in the Trainer's order, around a GPT-2 sharded with fully_shard by hand.
+
+HF_STEPS, HF_SAVE = 6, 4
+
+
+def _gpt2(shard):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _hf_args(out, resume=None):
+    return types.SimpleNamespace(
+        output_dir=str(out),
+        resume_from_checkpoint=resume,
+        metric_for_best_model=None,
+        load_best_model_at_end=False,
+        device=torch.device("cpu"),
+    )
+
+
+def _hf_state(step=0):
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    return types.SimpleNamespace(
+        global_step=step, is_world_process_zero=rank0, best_model_checkpoint=None
+    )
+
+
+def _hf_run(model, callback, out):
+    """``HF_STEPS`` AdamW steps on the same batches on every rank, the callback's hooks called as
+    the Trainer calls them; saves at ``HF_SAVE``. Returns the gathered average at the save."""
+    from swalab.integrations import _sharded
+
+    args, state = _hf_args(out), _hf_state()
+    callback.on_train_begin(args, state, None, model=model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(2)
+    at_save = None
+    for _ in range(HF_STEPS):
+        ids = torch.randint(0, 32, (4, 8), generator=g)
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        state.global_step += 1
+        callback.on_step_end(args, state, None, model=model)
+        if state.global_step == HF_SAVE:
+            callback.on_save(args, state, None)
+            at_save = _sharded.gathered_on_rank0(callback.averaged)
+    callback.on_train_end(args, state, None, model=model)
+    return at_save
+
+
+def _hf_worker(rank, out):
+    from swalab.integrations.transformers import AveragingCallback as HFCallback
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", world_size=WORLD, rank=rank)  # from the variables _entry set
+    out = Path(out)
+    reference = HFCallback(update_after=1, evaluate_average=False)
+    ref_at_save = _hf_run(_gpt2(shard=False), reference, out / f"unsharded{rank}")
+    model = _gpt2(shard=True)
+    callback = HFCallback(update_after=1, evaluate_average=False)
+    at_save = _hf_run(model, callback, out / "sharded")
+    assert callback.averaged.sharded and callback.averaged.count == HF_STEPS - 1
+    own = sum(sharded.local(p).numel() for p in callback.averaged.module.parameters())
+    assert own == sum(sharded.local(p).numel() for p in model.parameters())
+    # resumed at the saved step with 2 ranks: the average (and its count) as it was saved
+    again = HFCallback(update_after=1, evaluate_average=False)
+    resume = str(out / "sharded" / f"checkpoint-{HF_SAVE}")
+    again.on_train_begin(_hf_args(out, resume), _hf_state(HF_SAVE), None, model=model)
+    resumed = _sharded_gathered(again)
+    if rank == 0:
+        torch.save(
+            {
+                "reference": reference.averaged.average_state_dict(),
+                "ref_at_save": ref_at_save,
+                "at_save": at_save,
+                "resumed": (again.averaged.count, resumed),
+                "own": own,
+            },
+            out / "out.pt",
+        )
+
+
+def _sharded_gathered(callback):
+    from swalab.integrations import _sharded
+
+    return _sharded.gathered_on_rank0(callback.averaged)
+
+
+@pytest.mark.slow
+def test_hf_callback_keeps_a_sharded_average_saves_it_with_the_checkpoint_and_resumes(tmp_path):
+    import transformers
+
+    from swalab.integrations.transformers import AveragingCallback as HFCallback
+
+    _spawn(_hf_worker, str(tmp_path))
+    got = torch.load(tmp_path / "out.pt")
+    # the final export loads unsharded with from_pretrained and equals the unsharded run's average
+    final = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "sharded" / "swalab_average")
+    exported = final.state_dict()
+    for key, value in got["reference"].items():
+        torch.testing.assert_close(exported[key], value, msg=key)
+    for key, value in got["ref_at_save"].items():
+        torch.testing.assert_close(got["at_save"][key], value, msg=key)
+        torch.testing.assert_close(got["resumed"][1][key], value, msg=key)
+    assert got["resumed"][0] == HF_SAVE - 1
+    assert got["own"] < sum(p.numel() for p in final.parameters())
+    # the same DCP checkpoint read by one process into an ordinary (unsharded) average
+    one = HFCallback(update_after=1, evaluate_average=False)
+    resume = str(tmp_path / "sharded" / f"checkpoint-{HF_SAVE}")
+    one.on_train_begin(_hf_args(tmp_path, resume), _hf_state(HF_SAVE), None, model=_gpt2(False))
+    assert not one.averaged.sharded and one.averaged.count == HF_SAVE - 1
+    for key, value in one.averaged.average_state_dict().items():
+        torch.testing.assert_close(value, got["ref_at_save"][key], msg=key)
+
+
+def test_hf_callback_refuses_deepspeed_zero3_before_copying():
+    from swalab.integrations.transformers import AveragingCallback as HFCallback
+
+    model = nn.Linear(3, 2)
+    for p in model.parameters():  # what ZeRO-3 leaves on each rank: empty placeholders
+        p.data = torch.empty(0)
+        p.ds_id = 0
+    callback = HFCallback(evaluate_average=False)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
+        callback.on_train_begin(_hf_args("unused"), _hf_state(), None, model=model)
+    assert callback.averaged is None

@@ -84,8 +84,10 @@ def gathered_on_rank0(averaged: AveragedModel) -> dict[str, Tensor] | None:
     state = {}
     for key, value in averaged.module.state_dict().items():
         whole = sharded.gather(value)  # a collective for a DTensor
-        if keep:
-            state[key.replace("_orig_mod.", "")] = whole.cpu()
+        if keep:  # a snapshot: an unsharded average's own tensors are copied
+            state[key.replace("_orig_mod.", "")] = whole.to(
+                "cpu", copy=not sharded.is_dtensor(value)
+            )
     return state if keep else None
 
 

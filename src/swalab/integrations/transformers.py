@@ -36,9 +36,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from swalab import sharded
 from swalab.averaging import AveragedModel, AveragingRule
 from swalab.bn import update_bn
 from swalab.integrations import require
+from swalab.integrations._sharded import (
+    gathered_on_rank0,
+    is_zero3,
+    save_dcp_whole,
+    update_bn_inside,
+)
+from swalab.sharded import load_checkpoint
 
 transformers = require("transformers", "Hugging Face transformers")
 
@@ -150,6 +158,7 @@ class AveragingCallback(transformers.TrainerCallback):
         self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any
     ) -> None:
         self._attach(_calling_trainer())  # (a callback added after the Trainer was built)
+        _check_sharding(model, args)
         self.averaged = AveragedModel(
             model,
             self.device,
@@ -170,8 +179,11 @@ class AveragingCallback(transformers.TrainerCallback):
     # -- saving and resuming --------------------------------------------------------------------
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self._save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / AVERAGE_DIR)
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}" / AVERAGE_DIR
+        if self.averaged is not None and self.averaged.sharded:  # every rank writes its shards
+            _save_sharded(self.averaged, directory)
+        elif state.is_world_process_zero:
+            self._save(directory)
 
     def on_train_end(
         self,
@@ -183,6 +195,9 @@ class AveragingCallback(transformers.TrainerCallback):
         **kwargs: Any,
     ) -> None:
         if self.averaged is None or self.averaged.count == 0:
+            return
+        if self.averaged.sharded:
+            self._end_sharded(args, state, model, train_dataloader)
             return
         best = _best_average(args, state)
         if best is not None:  # the best checkpoint's average is the result, not the final one
@@ -231,13 +246,81 @@ class AveragingCallback(transformers.TrainerCallback):
                 "checkpoint saved with this callback, named in "
                 "TrainingArguments.resume_from_checkpoint"
             )
-        count = json.loads((directory / _STATE_FILE).read_text())["count"]
+        saved_state = json.loads((directory / _STATE_FILE).read_text())
+        count = saved_state["count"]
         if count == 0:
             return
+        if saved_state.get("format") == "dcp":  # saved by a sharded run: any world size reads it
+            load_checkpoint(self.averaged, directory)
+            return
+        if self.averaged.sharded:
+            raise ValueError(
+                f"{directory} holds an average saved by an unsharded run (save_pretrained format): "
+                "a sharded run resumes from the DCP average a sharded run saves"
+            )
         saved = type(model).from_pretrained(directory)
         weights = {f"module.{k}": v for k, v in saved.state_dict().items()}
         weights["n_averaged"] = torch.tensor(count)
         self.averaged.load_state_dict(weights)
+
+    def _end_sharded(self, args: Any, state: Any, model: nn.Module, loader: Any) -> None:
+        """``on_train_end`` of a sharded average: the best checkpoint's average (when the best
+        metric is one of the average's) or the final one with BatchNorm recomputed inside the
+        model, gathered once into ``<output_dir>/swalab_average`` in ``save_pretrained`` format."""
+        best = _best_average(args, state)
+        if best is not None:
+            load_checkpoint(self.averaged, best)
+        elif self.update_bn and loader is not None and _has_batchnorm(model):
+            update_bn_inside(self.averaged, model, loader, args.device, unpack=True)
+        _export_sharded(self.averaged, model, Path(args.output_dir) / AVERAGE_DIR)
+        if self.copy_to_model or (best is not None and args.load_best_model_at_end):
+            sharded.reshard(model)
+            model.load_state_dict(self.averaged.module.state_dict())
+
+
+def _check_sharding(model: nn.Module, args: Any) -> None:
+    """Refuse, before anything is copied, the sharded set-ups whose average would be wrong:
+    DeepSpeed ZeRO-3 (each rank holds empty placeholders, the average would hold nothing) and
+    FSDP1 (``sharded.is_sharded`` raises). FSDP2 (``fully_shard``) gives a sharded average."""
+    if is_zero3(model):
+        raise ValueError(
+            "swalab AveragingCallback does not support DeepSpeed ZeRO-3 (its parameters are "
+            "partitioned into flat buffers): use FSDP2 (fsdp_config={'version': 2}) or ZeRO-1/2"
+        )
+    sharded.is_sharded(model)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _save_sharded(averaged: AveragedModel, directory: Path) -> None:
+    """The average of a sharded model beside a checkpoint: a DCP folder (every rank its shards,
+    float32, readable by any number of processes) with ``swalab_state.json``."""
+    state = {"count": averaged.count, "format": "dcp"}
+    save_dcp_whole(
+        averaged, directory, lambda folder: (folder / _STATE_FILE).write_text(json.dumps(state))
+    )
+
+
+def _export_sharded(averaged: AveragedModel, model: nn.Module, directory: Path) -> None:
+    """Gather the average once (one tensor at a time, kept on rank 0) and write it on rank 0 with
+    the model's ``save_pretrained`` and ``state_dict=``: ``from_pretrained`` loads it unsharded."""
+    whole = gathered_on_rank0(averaged)
+    if whole is not None:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        try:
+            model.save_pretrained(tmp, state_dict=whole)
+            (tmp / _STATE_FILE).write_text(json.dumps({"count": averaged.count}))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _calling_trainer() -> Any:
