@@ -193,7 +193,8 @@ def _checkpoint_worker(rank, directory):
 
     class Record(pl.Callback):  # what the callback holds when the checkpoint is written
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            saved["average"] = averaging.averaged.average_state_dict()
+            saved.setdefault("averages", []).append(averaging.averaged.average_state_dict())
+            saved["average"] = saved["averages"][-1]
             saved["live"] = _gathered(pl_module)
 
     averaging = AveragingCallback(update_after=2, copy_to_model=False)
@@ -207,6 +208,10 @@ def _checkpoint_worker(rank, directory):
     resumed, again = Net(shard=True), AveragingCallback(update_after=2, copy_to_model=False)
     _trainer(_strategy(), [again]).fit(resumed, _loader(), ckpt_path=path)
     assert again.averaged.count == averaging.averaged.count == 6
+    # validate(ckpt_path=...) without the callback: the strategy loads the checkpoint's average
+    checked = Net(shard=True)
+    _trainer(_strategy(), []).validate(checked, _loader(), ckpt_path=path, verbose=False)
+    saved["validated"] = checked.validated[0]
     result = {
         "uninterrupted": uninterrupted,
         "resumed": (again.averaged.average_state_dict(), _gathered(resumed)),
@@ -237,6 +242,9 @@ def test_sharded_checkpoint_holds_the_average_and_a_resumed_fit_ends_the_same(tm
         torch.testing.assert_close(state[key], got["saved"]["average"][key], msg=key)
         torch.testing.assert_close(live[key], got["saved"]["live"][key], msg=key)
     assert not torch.equal(state["net.0.weight"], live["net.0.weight"])
+    first = got["saved"]["averages"][0]  # the average in epoch 0's checkpoint
+    for key, value in got["saved"]["validated"].items():
+        torch.testing.assert_close(value, first[f"net.{key}"], msg=key)
 
 
 def _fake_trainer(strategy, callback):
