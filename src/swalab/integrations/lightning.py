@@ -25,6 +25,11 @@ What it does differently from Lightning's ``StochasticWeightAveraging`` callback
   metric and keep the best average; every checkpoint holds that same model as the ``state_dict``
   (``load_from_checkpoint`` gives the model that was validated) and the live weights and step
   counters beside it, so a resumed run ends with the same average (#6074).
+
+Under ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` / tensor parallelism in ``configure_model``)
+the average is built in ``on_fit_start``, after the module is sharded, and held like its shards
+(:mod:`swalab.sharded`); the checkpoint's ``state_dict`` (a DCP folder) is the average with the
+live weights nested under ``swalab_model_state_dict``. ``FSDPStrategy`` (FSDP1) is refused.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ after optimizer steps (the ``AveragedModel`` gating: from ``update_after``, ever
 - resumes it from the checkpoint that ``trainer.train(resume_from_checkpoint=...)`` continues
   (``TrainingArguments.resume_from_checkpoint``, else ``<output_dir>/checkpoint-<global_step>``).
 
+A model sharded with FSDP2 (accelerate's ``fsdp_config={"version": 2}``) gets a sharded average
+(:mod:`swalab.sharded`): checkpoints hold it as a DCP folder (any world size resumes it), the final
+``swalab_average/`` is gathered once into ``save_pretrained`` format; DeepSpeed ZeRO-3 and FSDP1 are
+refused.
+
 Needs ``pip install 'swalab[integrations]'``.
 """
 
