@@ -362,6 +362,14 @@ def _hf_worker(rank, out):
     resume = str(out / "sharded" / f"checkpoint-{HF_SAVE}")
     again.on_train_begin(_hf_args(out, resume), _hf_state(HF_SAVE), None, model=model)
     resumed = _sharded_gathered(again)
+    # metric_for_best_model naming the average's metric, the best checkpoint the saved one: the
+    # export is that checkpoint's average, and load_best_model_at_end puts it into the model
+    best_args = _hf_args(out / "best")
+    best_args.metric_for_best_model, best_args.load_best_model_at_end = "eval_average_loss", True
+    best_state = _hf_state(HF_STEPS)
+    best_state.best_model_checkpoint = resume
+    callback.on_train_end(best_args, best_state, None, model=model)
+    loaded = {k: sharded.gather(v) for k, v in model.state_dict().items()}
     if rank == 0:
         torch.save(
             {
@@ -370,6 +378,7 @@ def _hf_worker(rank, out):
                 "at_save": at_save,
                 "resumed": (again.averaged.count, resumed),
                 "own": own,
+                "loaded": loaded,
             },
             out / "out.pt",
         )
@@ -398,6 +407,10 @@ def test_hf_callback_keeps_a_sharded_average_saves_it_with_the_checkpoint_and_re
         torch.testing.assert_close(got["at_save"][key], value, msg=key)
         torch.testing.assert_close(got["resumed"][1][key], value, msg=key)
     assert got["resumed"][0] == HF_SAVE - 1
+    best = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "best" / "swalab_average")
+    for key, value in got["ref_at_save"].items():
+        torch.testing.assert_close(best.state_dict()[key], value, msg=key)
+        torch.testing.assert_close(got["loaded"][key], value, msg=key)
     assert got["own"] < sum(p.numel() for p in final.parameters())
     # the same DCP checkpoint read by one process into an ordinary (unsharded) average
     one = HFCallback(update_after=1, evaluate_average=False)
