@@ -70,12 +70,22 @@ class Net(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         norm = [nn.BatchNorm1d(5)] if bn else []
-        self.net = nn.Sequential(nn.Linear(3, 5), *norm, nn.Tanh(), nn.Linear(5, 3))
+        hidden = 4 if shard == "tp" else 5  # (tensor parallelism's local outputs need even shards)
+        self.net = nn.Sequential(nn.Linear(3, hidden), *norm, nn.Tanh(), nn.Linear(hidden, 3))
         self.shard = shard
         self.live, self.validated = [], []
 
     def configure_model(self):
-        if self.shard:
+        if self.shard == "tp":  # rows of the first layer's weight, columns of the second's
+            from torch.distributed.tensor.parallel import (
+                ColwiseParallel,
+                RowwiseParallel,
+                parallelize_module,
+            )
+
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+        elif self.shard:
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
@@ -187,6 +197,50 @@ def test_sharded_average_equals_the_unsharded_run_and_never_swaps_before_an_upda
     assert not torch.equal(first["0.weight"], Net(shard=False).net[0].weight.detach())
 
 
+def _tensor_parallel_worker(rank, out):
+    module, callback = Net(shard="tp"), AveragingCallback(update_after=UPDATE_AFTER)
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=WORLD)
+    _trainer(strategy, [callback]).fit(module, _loader(), _loader())
+    layout = [
+        (tuple(a.placements), tuple(p.placements), sharded.local(a).shape)
+        for a, p in zip(callback.averaged.module.parameters(), module.parameters())
+    ]
+    result = {
+        "average": callback.averaged.average_state_dict(),
+        "validated": module.validated,
+        "live": module.live,
+        "layout": layout,
+    }
+    if rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_module_average_equals_the_unsharded_run(tmp_path):
+    from torch.distributed.tensor import Replicate, Shard
+
+    reference, callback = Net(shard="tp"), AveragingCallback(update_after=UPDATE_AFTER)
+    reference.shard = False  # the same 4-wide model, unsharded
+    _trainer(None, [callback]).fit(reference, _loader(), _loader())
+    want = callback.averaged.average_state_dict()
+
+    _spawn(_tensor_parallel_worker, tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt")
+    # held like the parameters: Shard(0) rows (first layer), Shard(1) columns, a replicated bias
+    assert [(a, p) for a, p, _ in got["layout"]] == [
+        ((Shard(0),), (Shard(0),)), ((Shard(0),), (Shard(0),)),
+        ((Shard(1),), (Shard(1),)), ((Replicate(),), (Replicate(),)),
+    ]  # fmt: skip
+    assert [shape for *_, shape in got["layout"]] == [(2, 3), (2,), (3, 2), (3,)]
+    assert got["average"].keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got["average"][key], value, msg=key)
+    first, second = got["validated"]
+    for key, value in first.items():
+        torch.testing.assert_close(value, got["live"][3][key], msg=key)  # no update yet
+        torch.testing.assert_close(second[key], want[f"net.{key}"], msg=key)
+
+
 def _checkpoint_worker(rank, directory):
     directory = Path(directory)
     saved = {}
@@ -197,15 +251,18 @@ def _checkpoint_worker(rank, directory):
             saved["average"] = saved["averages"][-1]
             saved["live"] = _gathered(pl_module)
 
-    averaging = AveragingCallback(update_after=2, copy_to_model=False)
+    averaging = AveragingCallback(swalab.EMA(0.8), update_after=2, copy_to_model=False)
     checkpoint = pl.callbacks.ModelCheckpoint(directory / "ckpt", save_top_k=-1)
     first = Net(shard=True)
     trainer = _trainer(_strategy(), [averaging, Record(), checkpoint], enable_checkpointing=True)
     trainer.fit(first, _loader())
     uninterrupted = (averaging.averaged.average_state_dict(), _gathered(first))
 
-    path = directory / "ckpt" / "epoch=0-step=4.ckpt"  # 2 models averaged (steps 2, 3)
-    resumed, again = Net(shard=True), AveragingCallback(update_after=2, copy_to_model=False)
+    path = directory / "ckpt" / "epoch=0-step=4.ckpt"  # EMA of steps 2, 3
+    resumed, again = (
+        Net(shard=True),
+        AveragingCallback(swalab.EMA(0.8), update_after=2, copy_to_model=False),
+    )
     _trainer(_strategy(), [again]).fit(resumed, _loader(), ckpt_path=path)
     assert again.averaged.count == averaging.averaged.count == 6
     # validate(ckpt_path=...) without the callback: the strategy loads the checkpoint's average
