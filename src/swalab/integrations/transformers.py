@@ -163,7 +163,7 @@ class AveragingCallback(transformers.TrainerCallback):
         self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any
     ) -> None:
         self._attach(_calling_trainer())  # (a callback added after the Trainer was built)
-        _check_sharding(model, args)
+        _check_sharding(model)
         self.averaged = AveragedModel(
             model,
             self.device,
@@ -283,7 +283,7 @@ class AveragingCallback(transformers.TrainerCallback):
             model.load_state_dict(self.averaged.module.state_dict())
 
 
-def _check_sharding(model: nn.Module, args: Any) -> None:
+def _check_sharding(model: nn.Module) -> None:
     """Refuse, before anything is copied, the sharded set-ups whose average would be wrong:
     DeepSpeed ZeRO-3 (each rank holds empty placeholders, the average would hold nothing) and
     FSDP1 (``sharded.is_sharded`` raises). FSDP2 (``fully_shard``) gives a sharded average."""
