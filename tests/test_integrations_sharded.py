@@ -38,16 +38,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args):
-    torch.multiprocessing.spawn(_entry, args=(fn, _free_port(), *args), nprocs=WORLD)
+def _spawn(fn, *args, world=WORLD):
+    torch.multiprocessing.spawn(_entry, args=(fn, _free_port(), world, *args), nprocs=world)
 
 
-def _entry(rank, fn, port, *args):
+def _entry(rank, fn, port, world, *args):
     # the variables torchrun sets: Lightning then joins these processes instead of launching
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
+        SWALAB_TEST_WORLD=str(world),  # (Lightning's teardown removes WORLD_SIZE)
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         NODE_RANK="0",
@@ -132,11 +133,13 @@ def _trainer(strategy, callbacks, **kwargs):
     options.update(kwargs)
     if strategy is None:
         return pl.Trainer(devices=1, callbacks=callbacks, **options)
-    return pl.Trainer(devices=WORLD, strategy=strategy, callbacks=callbacks, **options)
+    devices = int(os.environ["SWALAB_TEST_WORLD"])
+    return pl.Trainer(devices=devices, strategy=strategy, callbacks=callbacks, **options)
 
 
 def _strategy():
-    return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+    world = int(os.environ["SWALAB_TEST_WORLD"])
+    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
 
 
 def _average_worker(rank, out):
@@ -279,16 +282,31 @@ def _checkpoint_worker(rank, directory):
         torch.save(result, directory / "out.pt")
 
 
+def _resume_worker(rank, directory):
+    """One process resumes the 2-rank checkpoint (DCP reshards)."""
+    directory = Path(directory)
+    resumed = Net(shard=True)
+    again = AveragingCallback(swalab.EMA(0.8), update_after=2, copy_to_model=False)
+    path = directory / "ckpt" / "epoch=0-step=4.ckpt"
+    _trainer(_strategy(), [again]).fit(resumed, _loader(), ckpt_path=path)
+    result = (again.averaged.count, again.averaged.average_state_dict(), _gathered(resumed))
+    torch.save(result, directory / "one.pt")
+
+
 @pytest.mark.slow
 def test_sharded_checkpoint_holds_the_average_and_a_resumed_fit_ends_the_same(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     _spawn(_checkpoint_worker, str(tmp_path))
+    _spawn(_resume_worker, str(tmp_path), world=1)  # the same checkpoint, resumed by 1 process
     got = torch.load(tmp_path / "out.pt")
-    for want, have in zip(got["uninterrupted"], got["resumed"]):
-        assert want.keys() == have.keys()
+    count, *one = torch.load(tmp_path / "one.pt")
+    assert count == 6
+    for want, have, alone in zip(got["uninterrupted"], got["resumed"], one):
+        assert want.keys() == have.keys() == alone.keys()
         for key in want:
             torch.testing.assert_close(have[key], want[key], msg=key)
+            torch.testing.assert_close(alone[key], want[key], msg=key)
     # the sharded checkpoint (epoch 1's, the last written) as one file: "state_dict" is the
     # average, the live weights nested under swalab_model_state_dict
     dcp_to_torch_save(got["path"].replace("epoch=0-step=4", "epoch=1-step=8"), tmp_path / "c.pt")
