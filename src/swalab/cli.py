@@ -204,7 +204,10 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--seed must be an integer or 'all', got {args.seed!r}") from None
     # the protocol of the run's landscape: section unless given here (the claims compare seeds)
-    protocol = RunDir(args.run_dir).cfg.landscape if Path(args.run_dir).is_dir() else None
+    run = RunDir(args.run_dir) if Path(args.run_dir).is_dir() else None
+    if run is not None:
+        run.check_code()  # the run's own model code is allowed (--allow-import), before any work
+    protocol = run.cfg.landscape if run is not None else None
     given = {
         key: value
         for key, value in (
