@@ -35,6 +35,12 @@ def tiny_mlp(in_shape, num_outputs, hidden=32):
     )
 
 
+def my_sgd(run):
+    from swalab.lab.methods import METHODS
+
+    return METHODS.get("sgd")(run)
+
+
 def blobs(*, root="data", download=False, seed=0, n=600):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 3, (n,), generator=g)
@@ -52,7 +58,10 @@ seeds: [0]
 data: {name: "mylab:blobs", options: {n: 450}}
 model: {name: "mylab:tiny_mlp", options: {hidden: 8}}
 train: {epochs: 2, batch_size: 50, lr: 0.05, augment: false, threads: 1}
-methods: [{method: sgd}, {method: swa, options: {swa_lr: 0.02, swa_start: 2}}]
+methods:
+  - {method: sgd}
+  - {method: swa, options: {swa_lr: 0.02, swa_start: 2}}
+  - {method: "mylab:my_sgd", label: mine}
 landscape: {line_points: 5}
 """
 

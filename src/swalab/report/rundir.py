@@ -17,6 +17,7 @@ from ..data import DATASETS, DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
 from ..lab.files import load_torch
 from ..lab.inputs import bn_loader, build_model, load_bundle
+from ..lab.methods import METHODS
 from ..lab.rundir import RunDirectory
 from ..lab.runimports import trust_run_imports
 from ..lab.runschema import check_weights
@@ -155,12 +156,14 @@ class RunDir(RunDirectory):
     # --- model and data ---
 
     def check_code(self) -> None:
-        """Import the dataset's and the model's builders now, before any work, for the commands
-        that rebuild the model (``landscape``): a module the user has not allowed with
-        ``--allow-import`` stops them in one line naming it and the flag."""
+        """Import the dataset's, the model's and the methods' builders now, before any work, for
+        the commands that rebuild the model (``landscape``): a module the user has not allowed
+        with ``--allow-import`` stops them in one line naming it and the flag."""
         try:
             DATASETS.get(self.cfg.data.name)
             MODELS.get(self.cfg.model.name)
+            for m in self.cfg.methods:
+                METHODS.get(m.method)
         except UntrustedImportError as err:
             raise UntrustedImportError(f"{self.config_path}: {err}") from None
 
