@@ -29,6 +29,7 @@ from typing import Any
 __all__ = [
     "Registry",
     "UntrustedImportError",
+    "allowed_modules",
     "import_callable",
     "imports_limited_to",
     "module_root",
@@ -89,9 +90,14 @@ def trust_run_roots(roots: dict[str, str], made_in: dict[str, str]) -> list[str]
     if _ALLOWED is None:
         return []
     _MADE_IN.update(made_in)
-    trusted = [m for m in roots if any(a == m or a.startswith(m + ".") for a in _ALLOWED)]
+    trusted = [m for m in roots if any(a == m or a.startswith(m + ".") for a in allowed_modules())]
     _ROOTS.update({m: roots[m] for m in trusted})
     return trusted
+
+
+def allowed_modules() -> frozenset[str]:
+    """Inside :func:`imports_limited_to`: the modules allowed there (none outside)."""
+    return frozenset(_ALLOWED or ())
 
 
 def reading_a_run() -> bool:

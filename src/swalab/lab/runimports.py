@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..registry import module_root, trust_run_roots
+from ..registry import allowed_modules, module_root, trust_run_roots
+from .rundir import RunDirectory
 
 __all__ = ["imported_modules", "trust_run_imports"]
 
@@ -38,13 +39,16 @@ def imported_modules(cfg: Any, run_dir: Path) -> dict[str, dict[str, Any]]:
     return record
 
 
-def trust_run_imports(meta: dict[str, Any], run_dir: Path) -> list[str]:
+def trust_run_imports(layout: RunDirectory) -> list[str]:
     """Before a read run's config is loaded: its allowed modules come from the folder that holds
-    the run directory (as recorded in ``meta`` by :func:`imported_modules`), if the module is there.
+    the run directory (as recorded in ``meta.json`` by :func:`imported_modules`), if the module is
+    there. ``meta.json`` is read only when ``--allow-import`` allowed a module.
 
     Returns the modules so trusted.
     """
-    run = Path(run_dir).resolve()
+    if not allowed_modules():
+        return []
+    meta, run = layout.meta(), layout.path.resolve()
     roots: dict[str, str] = {}
     made_in: dict[str, str] = {}
     for module, where in (meta.get("imports") or {}).items():

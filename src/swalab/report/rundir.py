@@ -56,7 +56,7 @@ class RunDir(RunDirectory):
                 f"{self.path} {what}; create a run with `swalab run mnist1d --out {self.path}`"
             )
         self.check_config()  # a regular file, not edited since the run
-        trust_run_imports(self.meta(), self.path)  # allowed modules: from the run's own folder
+        trust_run_imports(self)  # allowed modules: from the run's own folder
         try:
             self.cfg: ExperimentConfig = load_config(str(config))
         except UntrustedImportError as err:
