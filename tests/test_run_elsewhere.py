@@ -198,3 +198,28 @@ def test_meta_imports_schema(tmp_path, imports):
         "pkg": {"directory": "/y", "above_run": None},
     }
     assert check_meta(path, {"imports": good})["imports"] == good
+
+
+def test_run_roots_serve_allowed_modules_only_inside_the_block(tmp_path, monkeypatch):
+    from swalab.registry import (
+        UntrustedImportError,
+        import_callable,
+        imports_limited_to,
+        trust_run_roots,
+    )
+
+    (tmp_path / "modx_i24d.py").write_text("def seven():\n    return 7\n")
+    monkeypatch.chdir(tmp_path.parent)  # not the working directory
+    monkeypatch.delitem(sys.modules, "modx_i24d", raising=False)
+    root = str(tmp_path)
+    with imports_limited_to(["other"]):
+        assert trust_run_roots({"modx_i24d": root}, {"modx_i24d": root}) == []
+        with pytest.raises(UntrustedImportError, match="pass --allow-import modx_i24d$"):
+            import_callable("modx_i24d:seven", "model")
+    assert root not in sys.path
+    with imports_limited_to(["modx_i24d"]):
+        assert trust_run_roots({"modx_i24d": root}, {}) == ["modx_i24d"]
+        assert import_callable("modx_i24d:seven", "model")() == 7
+        assert sys.path[0] == root
+    assert root not in sys.path  # taken off when the block ends
+    sys.modules.pop("modx_i24d", None)
