@@ -96,6 +96,7 @@ def project(tmp_path_factory):
     (proj / "mine.yaml").write_text(CONFIG)
     done = swalab(proj, "run", "mine.yaml", "--out", "runs/mine", "--jobs", "1")
     assert done.returncode == 0, done.stdout + done.stderr
+    (proj / "run.out").write_text(done.stdout)
     (proj / "IMPORTED-proj").unlink()  # the run imported it; from here on, only reads
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
@@ -106,6 +107,9 @@ def test_the_run_records_where_its_module_came_from(project):
     proj, _ = project
     meta = json.loads((proj / "runs" / "mine" / "meta.json").read_text())
     assert meta["imports"] == {"mylab": {"directory": str(proj.resolve()), "above_run": 2}}
+    # the next steps the run prints: the landscape, which rebuilds the model, allows its module
+    hint = "swalab landscape runs/mine --what plane,predictions --allow-import mylab\n"
+    assert hint in (proj / "run.out").read_text()
 
 
 @pytest.mark.parametrize("command", ["report", "claims"])

@@ -145,17 +145,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
             else:
                 print(f"landscape pieces: computed by another process ({out})", file=sys.stderr)
     if world.main and rows:
-        print(next_steps(out))
+        from .lab.runimports import imported_modules
+
+        print(next_steps(out, sorted(imported_modules(cfg, out))))
     return 0
 
 
-def next_steps(out: Path) -> str:
-    """What to run after ``swalab run``: the report and the claims (printed after the table)."""
+def next_steps(out: Path, own_modules: list[str] | None = None) -> str:
+    """What to run after ``swalab run``: the report and the claims (printed after the table);
+    the landscape rebuilds the model, so it allows the config's own modules (``own_modules``)."""
+    allow = "".join(f" --allow-import {m}" for m in own_modules or [])
     return (
         "\nNext:\n"
         f"  swalab report {out} --html    the report: tables, learning curves, landscape, times\n"
         f"  swalab claims {out}           a verdict on each of the paper's claims\n"
-        f"  swalab landscape {out} --what plane,predictions\n"
+        f"  swalab landscape {out} --what plane,predictions{allow}\n"
         "      adds the paper's Fig. 1 plane and the calibration (reliability diagrams) to the report"
     )
 
