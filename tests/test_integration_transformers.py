@@ -382,3 +382,26 @@ def test_other_callbacks_see_one_evaluation_with_live_and_average_metrics(tmp_pa
     metrics = trainer.evaluate()
     assert len(recorder.evaluated) == before + 1 and everything <= set(recorder.evaluated[-1][1])
     assert everything <= set(metrics)
+
+
+def test_several_eval_datasets_each_one_evaluation_with_its_average(tmp_path):
+    """A dict of eval datasets: as without the callback, one on_evaluate per dataset; each holds
+    that dataset's live and average metrics."""
+    recorder = EvaluateRecorder()
+    trainer = transformers.Trainer(
+        model=_model(),
+        args=_args(tmp_path, max_steps=2, save_strategy="no"),
+        train_dataset=_data(0),
+        eval_dataset={"a": _data(1, n=5), "b": _data(2, n=4)},
+        callbacks=[AveragingCallback(update_after=0), recorder],
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert [sorted(k for k in m if k.endswith("_loss")) for _, m in recorder.evaluated] == [
+        ["eval_a_average_loss", "eval_a_loss"],
+        ["eval_b_average_loss", "eval_b_loss"],
+    ]
+    assert {"eval_a_loss", "eval_a_average_loss", "eval_b_loss", "eval_b_average_loss"} <= set(
+        metrics
+    )
+    assert len(recorder.logged) == 2
