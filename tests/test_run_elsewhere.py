@@ -227,3 +227,9 @@ def test_run_roots_serve_allowed_modules_only_inside_the_block(tmp_path, monkeyp
         assert sys.path[0] == root
     assert root not in sys.path  # taken off when the block ends
     sys.modules.pop("modx_i24d", None)
+
+
+def test_the_report_names_where_the_runs_modules_came_from(project):
+    proj, _ = project
+    report = (proj / "runs" / "mine" / "report" / "report.md").read_text()
+    assert f"| imports | mylab ({proj.resolve()}) |" in report
