@@ -63,6 +63,7 @@ methods:
   - {method: swa, options: {swa_lr: 0.02, swa_start: 2}}
   - {method: "mylab:my_sgd", label: mine}
 landscape: {line_points: 5}
+posthoc: {run: swa}
 """
 
 
@@ -233,3 +234,17 @@ def test_the_report_names_where_the_runs_modules_came_from(project):
     proj, _ = project
     report = (proj / "runs" / "mine" / "report" / "report.md").read_text()
     assert f"| imports | mylab ({proj.resolve()}) |" in report
+
+
+def test_posthoc_imports_the_module_only_when_allowed(project):
+    proj, elsewhere = project
+    run = proj / "runs" / "mine"
+    err = one_line(swalab(elsewhere, "posthoc", str(run), "--start", "1", "--end", "2"))
+    assert "would import module 'mylab'" in err and err.endswith("pass --allow-import mylab")
+    assert not (run / "posthoc.csv").exists() and not (proj / "IMPORTED-proj").exists()
+    done = swalab(
+        elsewhere, "posthoc", str(run), "--start", "1", "--end", "2", "--allow-import", "mylab"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (run / "posthoc.csv").exists() and (proj / "IMPORTED-proj").exists()
+    (proj / "IMPORTED-proj").unlink()

@@ -529,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, nargs="+", help="first averaged epochs (1-based)")
     p.add_argument("--end", type=int, nargs="+", help="last averaged epochs (1-based)")
     p.add_argument("--device", default="cpu", help="device for BN recomputation and evaluation")
+    _allow_import(p)
     p.set_defaults(func=_cmd_posthoc)
 
     p = sub.add_parser(
