@@ -154,7 +154,7 @@ def import_callable(spec: str, what: str, *, installed: bool = False) -> Callabl
     ):  # like `python -m`: modules of the working directory
         sys.path.insert(0, os.getcwd())
     top = module_name.partition(".")[0]
-    if top in _ROOTS and not installed and _ROOTS[top] not in sys.path:
+    if top in _ROOTS and not installed and sys.path[:1] != [_ROOTS[top]]:
         sys.path.insert(0, _ROOTS[top])  # the run's own folder, first: the code it trained
         _INSERTED.append(_ROOTS[top])
     try:
