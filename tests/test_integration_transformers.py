@@ -295,3 +295,113 @@ def test_readme_example_runs_as_written(tmp_path):
     assert "'eval_average_loss'" in out and "'eval_loss'" in out
     for directory in ("out/swalab_average", "out/checkpoint-20/swalab_average"):
         assert (tmp_path / directory / "config.json").is_file(), directory
+
+
+class EvaluateRecorder(transformers.TrainerCallback):
+    """Another callback: what each ``on_evaluate`` and each logged evaluation hands it."""
+
+    def __init__(self):
+        self.evaluated, self.logged = [], []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evaluated.append((state.global_step, dict(metrics)))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if any(k.startswith("eval_") for k in logs):
+            self.logged.append((state.global_step, dict(logs)))
+
+
+class _Warnings(__import__("logging").Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _early_stopped(out, metric, averaging):
+    """Train with EarlyStoppingCallback (patience 2, a threshold no change passes: every
+    evaluation after the first is a non-improvement), an evaluation every 2 steps."""
+    stopper, recorder = transformers.EarlyStoppingCallback(2, early_stopping_threshold=1e9), None
+    recorder = EvaluateRecorder()
+    callbacks = [stopper, recorder] + ([AveragingCallback(update_after=0)] if averaging else [])
+    trainer = transformers.Trainer(
+        model=_model(),
+        args=_args(
+            out,
+            max_steps=16,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_steps=2,
+            metric_for_best_model=metric,
+            greater_is_better=False,
+            load_best_model_at_end=True,
+        ),
+        train_dataset=_data(0),
+        eval_dataset=_data(1, n=7),
+        callbacks=callbacks,
+        compute_metrics=_token_accuracy,
+    )
+    handler = _Warnings()
+    logger = transformers.logging.get_logger("transformers.trainer_callback")
+    logger.addHandler(handler)
+    try:
+        trainer.train()
+    finally:
+        logger.removeHandler(handler)
+    return trainer, stopper, recorder, handler.messages
+
+
+@pytest.mark.parametrize("metric", ["loss", "average_loss"])
+def test_other_callbacks_see_one_evaluation_with_live_and_average_metrics(tmp_path, metric):
+    """Issue 24: EarlyStoppingCallback finds its metric (live or average) in every on_evaluate and
+    counts each evaluation once: it stops where it stops without the average (live metric) or where
+    the same patience gives (average metric); every callback sees one on_evaluate and one logged
+    record per evaluation, holding the live and the average metrics."""
+    trainer, stopper, recorder, warned = _early_stopped(tmp_path / "avg", metric, averaging=True)
+    assert not [m for m in warned if "did not find" in m], warned
+    steps = [step for step, _ in recorder.evaluated]
+    assert steps == [2, 4, 6] and trainer.state.global_step == 6  # patience 2: the 3rd stops
+    assert stopper.early_stopping_patience_counter == 2
+    everything = {"eval_loss", "eval_accuracy", "eval_average_loss", "eval_average_accuracy"}
+    assert all(everything <= set(m) for _, m in recorder.evaluated)
+    assert [step for step, _ in recorder.logged] == steps
+    assert all(everything <= set(m) for _, m in recorder.logged)
+    history = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert [e["step"] for e in history] == steps and all(everything <= set(e) for e in history)
+    if metric == "loss":  # the same stop as without the callback
+        plain, plain_stopper, plain_recorder, _ = _early_stopped(tmp_path / "plain", metric, False)
+        assert [s for s, _ in plain_recorder.evaluated] == steps
+        assert plain_stopper.early_stopping_patience_counter == 2
+        # the live metrics are the same numbers either way (the average is swapped back out)
+        for (_, with_avg), (_, without) in zip(recorder.evaluated, plain_recorder.evaluated):
+            assert with_avg["eval_loss"] == pytest.approx(without["eval_loss"], rel=1e-6)
+    # an evaluate() outside training: one on_evaluate, with both
+    before = len(recorder.evaluated)
+    metrics = trainer.evaluate()
+    assert len(recorder.evaluated) == before + 1 and everything <= set(recorder.evaluated[-1][1])
+    assert everything <= set(metrics)
+
+
+def test_several_eval_datasets_each_one_evaluation_with_its_average(tmp_path):
+    """A dict of eval datasets: as without the callback, one on_evaluate per dataset; each holds
+    that dataset's live and average metrics."""
+    recorder = EvaluateRecorder()
+    trainer = transformers.Trainer(
+        model=_model(),
+        args=_args(tmp_path, max_steps=2, save_strategy="no"),
+        train_dataset=_data(0),
+        eval_dataset={"a": _data(1, n=5), "b": _data(2, n=4)},
+        callbacks=[AveragingCallback(update_after=0), recorder],
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert [sorted(k for k in m if k.endswith("_loss")) for _, m in recorder.evaluated] == [
+        ["eval_a_average_loss", "eval_a_loss"],
+        ["eval_b_average_loss", "eval_b_loss"],
+    ]
+    assert {"eval_a_loss", "eval_a_average_loss", "eval_b_loss", "eval_b_average_loss"} <= set(
+        metrics
+    )
+    assert len(recorder.logged) == 2

@@ -145,17 +145,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
             else:
                 print(f"landscape pieces: computed by another process ({out})", file=sys.stderr)
     if world.main and rows:
-        print(next_steps(out))
+        from .lab.runimports import imported_modules
+
+        print(next_steps(out, sorted(imported_modules(cfg, out))))
     return 0
 
 
-def next_steps(out: Path) -> str:
-    """What to run after ``swalab run``: the report and the claims (printed after the table)."""
+def next_steps(out: Path, own_modules: list[str] | None = None) -> str:
+    """What to run after ``swalab run``: the report and the claims (printed after the table);
+    the landscape rebuilds the model, so it allows the config's own modules (``own_modules``)."""
+    allow = "".join(f" --allow-import {m}" for m in own_modules or [])
     return (
         "\nNext:\n"
         f"  swalab report {out} --html    the report: tables, learning curves, landscape, times\n"
         f"  swalab claims {out}           a verdict on each of the paper's claims\n"
-        f"  swalab landscape {out} --what plane,predictions\n"
+        f"  swalab landscape {out} --what plane,predictions{allow}\n"
         "      adds the paper's Fig. 1 plane and the calibration (reliability diagrams) to the report"
     )
 
@@ -204,7 +208,10 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--seed must be an integer or 'all', got {args.seed!r}") from None
     # the protocol of the run's landscape: section unless given here (the claims compare seeds)
-    protocol = RunDir(args.run_dir).cfg.landscape if Path(args.run_dir).is_dir() else None
+    run = RunDir(args.run_dir) if Path(args.run_dir).is_dir() else None
+    if run is not None:
+        run.check_code()  # the run's own model code is allowed (--allow-import), before any work
+    protocol = run.cfg.landscape if run is not None else None
     given = {
         key: value
         for key, value in (
@@ -522,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, nargs="+", help="first averaged epochs (1-based)")
     p.add_argument("--end", type=int, nargs="+", help="last averaged epochs (1-based)")
     p.add_argument("--device", default="cpu", help="device for BN recomputation and evaluation")
+    _allow_import(p)
     p.set_defaults(func=_cmd_posthoc)
 
     p = sub.add_parser(

@@ -26,11 +26,25 @@ from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["Registry", "UntrustedImportError", "import_callable", "imports_limited_to"]
+__all__ = [
+    "Registry",
+    "UntrustedImportError",
+    "allowed_modules",
+    "import_callable",
+    "imports_limited_to",
+    "module_root",
+    "reading_a_run",
+    "trust_run_roots",
+]
 
 # None: ``module:callable`` names are imported (the library, ``swalab run`` of the user's config);
 # a set: only those modules (and their submodules) are, as when reading a received run directory.
 _ALLOWED: set[str] | None = None
+# Inside ``imports_limited_to``: the folder an allowed top-level module is imported from first (the
+# one the run imported it from, see ``lab/runimports.py``), and where it came from, for messages.
+_ROOTS: dict[str, str] = {}
+_MADE_IN: dict[str, str] = {}
+_INSERTED: list[str] = []  # those folders this put on sys.path, taken off when the block ends
 
 
 class UntrustedImportError(ValueError):
@@ -47,13 +61,62 @@ def imports_limited_to(modules: Iterable[str], flag: str = "--allow-import") -> 
     directory is put on ``sys.path`` only for a module the user allowed with ``flag``.
     """
     global _ALLOWED
-    previous = _ALLOWED
+    previous, roots, made_in, inserted = _ALLOWED, dict(_ROOTS), dict(_MADE_IN), len(_INSERTED)
     _ALLOWED = {m.strip() for m in modules if m.strip()}
     _FLAG[0] = flag
     try:
         yield
     finally:
         _ALLOWED = previous
+        while len(_INSERTED) > inserted:
+            entry = _INSERTED.pop()
+            if entry in sys.path:
+                sys.path.remove(entry)
+        _ROOTS.clear()
+        _ROOTS.update(roots)
+        _MADE_IN.clear()
+        _MADE_IN.update(made_in)
+
+
+def trust_run_roots(roots: dict[str, str], made_in: dict[str, str]) -> list[str]:
+    """Inside :func:`imports_limited_to`: import each *allowed* module of ``roots`` from its folder.
+
+    ``roots`` maps a top-level module to the folder the run imported it from, when that folder
+    holds the run directory (``swalab run mine.yaml --out runs/mine``: the project folder);
+    ``made_in`` maps every module to where the run imported it from, named when it cannot be
+    imported. A module the user did not allow is never looked for anywhere. Returns the modules
+    whose folder is trusted.
+    """
+    if _ALLOWED is None:
+        return []
+    _MADE_IN.update(made_in)
+    trusted = [m for m in roots if any(a == m or a.startswith(m + ".") for a in allowed_modules())]
+    _ROOTS.update({m: roots[m] for m in trusted})
+    return trusted
+
+
+def allowed_modules() -> frozenset[str]:
+    """Inside :func:`imports_limited_to`: the modules allowed there (none outside)."""
+    return frozenset(_ALLOWED or ())
+
+
+def reading_a_run() -> bool:
+    """Inside :func:`imports_limited_to`: a run directory is read, its ``module:callable`` names
+    are imported only where what they build is needed, never to check its config."""
+    return _ALLOWED is not None
+
+
+def module_root(module_name: str) -> str | None:
+    """The ``sys.path`` folder an imported top-level module came from (None: built in, or a
+    namespace package)."""
+    module = sys.modules.get(module_name.partition(".")[0])
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = os.path.dirname(os.path.abspath(file))
+    if os.path.basename(file).startswith("__init__."):
+        path = os.path.dirname(path)
+    return path
 
 
 _FLAG = ["--allow-import"]
@@ -90,11 +153,22 @@ def import_callable(spec: str, what: str, *, installed: bool = False) -> Callabl
         os.getcwd() not in sys.path and "" not in sys.path
     ):  # like `python -m`: modules of the working directory
         sys.path.insert(0, os.getcwd())
+    top = module_name.partition(".")[0]
+    if top in _ROOTS and not installed and sys.path[:1] != [_ROOTS[top]]:
+        sys.path.insert(0, _ROOTS[top])  # the run's own folder, first: the code it trained
+        _INSERTED.append(_ROOTS[top])
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
+        made_in = _MADE_IN.get(top) if not installed else None
+        hint = (
+            f" (the run imported it from {made_in}: run the command there, or put that folder "
+            "on PYTHONPATH)"
+            if made_in
+            else ""
+        )
         raise ValueError(
-            f"cannot import module {module_name!r} for {what} {spec!r}: {err}"
+            f"cannot import module {module_name!r} for {what} {spec!r}: {err}{hint}"
         ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -29,12 +29,14 @@ Needs ``pip install 'swalab[integrations]'``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,28 +132,35 @@ class AveragingCallback(transformers.TrainerCallback):
         def evaluate(
             eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
         ) -> dict[str, float]:
-            metrics = original(
-                eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-            )
             datasets = trainer.eval_dataset if eval_dataset is None else eval_dataset
             if (
                 self._evaluating
                 or not self.evaluate_average
                 or self.averaged is None
                 or self.averaged.count == 0
-                or isinstance(datasets, dict)  # each dataset's own call evaluated the average
+                or isinstance(datasets, dict)  # each dataset's own call evaluates the average
             ):
-                return metrics
+                return original(
+                    eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+                )
             self._evaluating = True
             try:
-                with self.averaged.swapped_into(trainer.model):
+                with _logged_once(trainer) as metrics:
                     metrics.update(
                         original(
                             eval_dataset,
                             ignore_keys=ignore_keys,
-                            metric_key_prefix=f"{metric_key_prefix}_average",
+                            metric_key_prefix=metric_key_prefix,
                         )
                     )
+                    with self.averaged.swapped_into(trainer.model):
+                        metrics.update(
+                            original(
+                                eval_dataset,
+                                ignore_keys=ignore_keys,
+                                metric_key_prefix=f"{metric_key_prefix}_average",
+                            )
+                        )
             finally:
                 self._evaluating = False
             return metrics
@@ -326,6 +335,30 @@ def _export_sharded(averaged: AveragedModel, model: nn.Module, directory: Path) 
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _logged_once(trainer: Any) -> Iterator[dict[str, float]]:
+    """One evaluation of the live weights and of the average, seen by the rest of the Trainer as
+    one: inside, ``Trainer.log`` and the callbacks' ``on_evaluate`` are held back; on leaving
+    (without an error) the metrics gathered in the yielded dict, live and average together, are
+    logged once and every callback's ``on_evaluate`` runs once with all of them (so
+    ``EarlyStoppingCallback`` finds its metric and counts each evaluation once)."""
+    handler = trainer.callback_handler
+    own = {k: vars(o)[k] for o, k in ((trainer, "log"), (handler, "on_evaluate")) if k in vars(o)}
+    trainer.log = lambda logs, *args, **kwargs: None
+    handler.on_evaluate = lambda args, state, control, metrics, **kwargs: control
+    metrics: dict[str, float] = {}
+    try:
+        yield metrics
+    finally:
+        for owner, key in ((trainer, "log"), (handler, "on_evaluate")):
+            if key in own:
+                setattr(owner, key, own[key])
+            else:
+                delattr(owner, key)
+    trainer.log(dict(metrics))
+    trainer.control = handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
 
 
 def _calling_trainer() -> Any:

@@ -31,6 +31,7 @@ from .leases import HOST, Claims
 from .methods import recipe_of
 from .precision import Precision
 from .rundir import RunDirectory
+from .runimports import imported_modules
 from .sharing import Branch, plan_branches, trained_epochs
 from .stats import primary_metric, summarize
 from .tracking import EpochReporter, SeedTrackers, check_trackers, prepare_trackers
@@ -51,7 +52,8 @@ __all__ = ["run_experiment", "format_table", "plan_runs"]
 _RUN_SPECIFIC = ("seeds", "description", "variants", "landscape")  # training ignores them
 
 
-def _meta(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Any]:
+def _meta(cfg: ExperimentConfig, argv: list[str], out: Path) -> dict[str, Any]:
+    """``meta.json``: the command, versions, and where the config's own modules came from."""
     try:
         rev = (
             subprocess.run(
@@ -74,6 +76,7 @@ def _meta(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Any]:
         "swalab": swalab.__version__,
         "git_revision": rev,
         "platform": platform.platform(),
+        "imports": imported_modules(cfg, out),
     }
 
 
@@ -268,7 +271,7 @@ def _run_experiment(
             for label in restart:  # after the config check: only runs of this same experiment
                 remove_tree(layout.path / label)
             layout.write_config(to_dict(cfg))
-            layout.write_meta(dict(_meta(cfg, argv or sys.argv), processes=world.size))
+            layout.write_meta(dict(_meta(cfg, argv or sys.argv, out), processes=world.size))
             prepare_trackers(cfg.train.log, out, to_dict(cfg))  # before any worker opens them
             # held while this process runs: one started meanwhile with another config is refused
             claims.claim(f"writers/{HOST}-{os.getpid()}")

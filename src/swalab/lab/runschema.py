@@ -101,6 +101,23 @@ def check_meta(path: Path, data: Any) -> dict[str, Any]:
         raise _bad(path, "'command' must be a list of strings")
     if "config_sha256" in meta and not isinstance(meta["config_sha256"], str):
         raise _bad(path, "'config_sha256' must be a string")
+    imports = meta.get("imports", {})
+    if not isinstance(imports, dict):
+        raise _bad(path, "'imports' must be a mapping of module names")
+    for module, where in imports.items():
+        up = where.get("above_run") if isinstance(where, dict) else None
+        if not (
+            isinstance(module, str)
+            and module.isidentifier()
+            and isinstance(where, dict)
+            and isinstance(where.get("directory"), str)
+            and (up is None or (_is_int(up) and 1 <= up <= 64))
+        ):
+            raise _bad(
+                path,
+                f"'imports' entry {module!r} must be a top-level module name mapped to "
+                "{'directory': a path, 'above_run': null or an integer from 1 to 64}",
+            )
     return meta
 
 

@@ -195,12 +195,18 @@ def _duration(seconds: float) -> str:
 
 
 def environment(meta: dict[str, Any]) -> list[list[str]]:
-    """``meta.json`` as (key, value) rows, the command last."""
-    return [
-        [key, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-        for key, value in meta.items()
-        if key != "command"
-    ]
+    """``meta.json`` as (key, value) rows, the command last; ``imports`` (the config's own
+    modules) as ``module (folder)``, left out when there are none."""
+    rows = []
+    for key, value in meta.items():
+        if key == "command" or (key == "imports" and not value):
+            continue
+        if key == "imports" and isinstance(value, dict):
+            text = ", ".join(f"{m} ({where.get('directory')})" for m, where in value.items())
+        else:
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        rows.append([key, text])
+    return rows
 
 
 def landscape_figure(

@@ -13,12 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import DataBundle
+from ..data import DATASETS, DataBundle
 from ..lab.config import ConfigError, ExperimentConfig, MethodConfig, load_config
 from ..lab.files import load_torch
 from ..lab.inputs import bn_loader, build_model, load_bundle
+from ..lab.methods import METHODS
 from ..lab.rundir import RunDirectory
+from ..lab.runimports import trust_run_imports
 from ..lab.runschema import check_weights
+from ..models import MODELS
 from ..registry import UntrustedImportError
 
 __all__ = ["RunDir"]
@@ -53,6 +56,7 @@ class RunDir(RunDirectory):
                 f"{self.path} {what}; create a run with `swalab run mnist1d --out {self.path}`"
             )
         self.check_config()  # a regular file, not edited since the run
+        trust_run_imports(self)  # allowed modules: from the run's own folder
         try:
             self.cfg: ExperimentConfig = load_config(str(config))
         except UntrustedImportError as err:
@@ -150,6 +154,18 @@ class RunDir(RunDirectory):
         return check_weights(path, load_torch(path, root=self.path))
 
     # --- model and data ---
+
+    def check_code(self) -> None:
+        """Import the dataset's, the model's and the methods' builders now, before any work, for
+        the commands that rebuild the model (``landscape``): a module the user has not allowed
+        with ``--allow-import`` stops them in one line naming it and the flag."""
+        try:
+            DATASETS.get(self.cfg.data.name)
+            MODELS.get(self.cfg.model.name)
+            for m in self.cfg.methods:
+                METHODS.get(m.method)
+        except UntrustedImportError as err:
+            raise UntrustedImportError(f"{self.config_path}: {err}") from None
 
     def data(self, seed: int) -> DataBundle:
         return load_bundle(self.cfg, seed)

@@ -93,6 +93,7 @@ def evaluate_windows(
             f"{run.config_path} sets no posthoc.run, so no run stored snapshots; train one with "
             f"`swalab run {run.config_path} --out {run.path}-posthoc --set posthoc.run=LABEL`"
         )
+    run.check_code()  # the run's own model code is allowed (--allow-import), before any work
     seeds = [s for s in cfg.seeds if _snapshots(run, label, s).files()]
     for seed in sorted(set(cfg.seeds) - set(seeds)):
         log(f"posthoc: {label} seed {seed} skipped (no snapshots yet; `{run.resume_command}`)")
