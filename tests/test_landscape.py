@@ -31,6 +31,7 @@ from swalab.landscape import (
     width,
 )
 from swalab.report import compute_landscape
+from swalab.report.geometry import METRICS
 from swalab.report.progress import Progress
 
 QUIET = {"log": lambda _: None, "progress": False}
@@ -410,7 +411,7 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
 
 def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
     """``ray_tails=False`` evaluates each ray only up to its first point where both the train NLL
-    and the train loss have risen, on the train split: the same train numbers there, NaN beyond,
+    and the train loss have risen: the same train and test numbers there, NaN beyond,
     and the widths of the whole rays, under filter-normalised and raw directions."""
     options = {"what": ["rays"], "rays": 4, "ray_points": 7, **QUIET}
     files = {"raw": "rays.npz", "filter": "rays_filter.npz"}
@@ -430,13 +431,14 @@ def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
                     above = np.nonzero(row >= row[0] + 0.1)[0]
                     last[i] = max(last[i], int(above[0]) if len(above) else len(row) - 1)
             for i in range(4):
-                for metric in ("train_loss", "train_nll", "train_error"):
+                for metric in METRICS:  # test metrics too, at the same points (paper Fig. 4)
                     np.testing.assert_array_equal(
                         short[f"{key}_{metric}"][i, : last[i] + 1],
                         full[how][f"{key}_{metric}"][i, : last[i] + 1],
                     )
                     assert np.isnan(short[f"{key}_{metric}"][i, last[i] + 1 :]).all()
-            assert np.isnan(short[f"{key}_test_error"]).all()  # the train split alone
+            # at t = 0 the test error is the solution's own (the line's endpoints agree)
+            assert (short[f"{key}_test_error"][:, 0] == full[how][f"{key}_test_error"][0, 0]).all()
             for kind in ("width", "width_objective"):
                 np.testing.assert_array_equal(short[f"{key}_{kind}"], full[how][f"{key}_{kind}"])
             # the width is read on the train NLL
@@ -445,6 +447,10 @@ def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
                 [width(short["distances"], row, 0.1) for row in full[how][f"{key}_train_nll"]],
             )
         assert np.isnan(short["swa_train_loss"]).any()  # some rays were stopped short
+        # at t = 0 the test error is the SWA model's own, as the run scored it (BN recomputed)
+        assert 100 - short["swa_test_error"][0, 0] == pytest.approx(
+            float(results(run_dir)["swa"]["test_accuracy"])
+        )
     for name in ("rays.png", "rays_filter.png", "width_filter.png", "rays_protocols.png"):
         assert (run_dir / "landscape" / name).stat().st_size > 0
 

@@ -555,10 +555,19 @@ def _landscape_caption(name: str, caption: str, s: dict[str, Any]) -> str:
     carry the train loss alone; and which seed the figure shows."""
     rays = s.get("rays")
     if name == "rays.png" and isinstance(rays, dict) and rays.get("tails") is False:
+        tested = (s.get("settings", {}).get("rays") or {}).get("test_on_stopped_rays")
         caption = (
-            "Train loss along random rays from both solutions (paper Fig. 4 also plots the test "
-            "error: these rays stop at their width, `landscape.ray_tails: false`; "
-            "`swalab landscape RUN --what rays --ray-tails` evaluates both)."
+            (
+                "Train NLL and test error along raw random rays from both solutions (paper "
+                "Fig. 4), each ray evaluated up to its first point past the width "
+            )
+            if tested
+            else "Train NLL along raw random rays from both solutions (paper Fig. 4 also plots "
+            "the test error; recompute with `swalab landscape RUN --what rays`): each ray stops "
+            "at its first point past the width "
+        ) + (
+            "(`landscape.ray_tails: false`; `swalab landscape RUN --what rays --ray-tails` "
+            "evaluates whole rays)."
         )
     return (
         f"{caption} Seed {s.get('seed', 0)}; the other seeds' figures are in "
