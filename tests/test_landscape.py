@@ -368,7 +368,7 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
     s = compute_landscape(run_dir, grid=3, rays=2, ray_points=3, line_points=3, **QUIET)
     assert s["skipped"] == {}
     out = run_dir / "landscape"
-    plane_data = np.load(out / "plane.npz")
+    plane_data = np.load(out / "plane_init.npz")
     dx, dy = float(plane_data["dx"]), float(plane_data["dy"])
     np.testing.assert_allclose(plane_data["points"][0], [0, 0], atol=1e-9)  # SGD start
     np.testing.assert_allclose(plane_data["points"][2], [dx, 0], atol=1e-9)  # SWA
@@ -380,6 +380,7 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
     np.testing.assert_allclose(path[0], [0, 0], atol=1e-9)
     np.testing.assert_allclose(path[-1], plane_data["points"][1], atol=1e-9)
     assert s["snapshots"]["epochs"] == [3, 4, 5]
+    check_papers_plane(run_dir, s["plane"])
     snap = s["snapshots"]["marks"]
     assert snap["swa (all 3)"]["xy"] == pytest.approx(snap["average of the three"]["xy"], abs=1e-6)
     assert snap["average of the three"]["distance_to_plane"] == pytest.approx(0, abs=1e-6)
@@ -403,10 +404,58 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
         "line",
         "rays",
         "plane",
+        "plane_init",
         "snapshots",
     }
-    for name in ("line", "rays", "width", "plane", "snapshots"):
+    for name in ("line", "rays", "width", "plane", "plane_init", "snapshots"):
         assert (out / f"{name}.png").stat().st_size > 0
+
+
+def check_papers_plane(run_dir: Path, summary: dict) -> None:
+    """The paper's Fig. 1 plane: its first point is the last weights SGD and SWA held in common
+    (their saved trajectories agree there and part after), and the plotted coordinates of the
+    three points keep their pairwise distances in weight space (the basis recovers them)."""
+    k = summary["start_epoch"]
+    trajectories = {
+        label: sorted((run_dir / label / "seed0" / "trajectory").glob("epoch*.pt"))
+        for label in ("sgd", "swa")
+    }
+    names = [n for n in torch.load(run_dir / "sgd" / "seed0" / "final.pt") if "running" not in n]
+    names = [n for n in names if "num_batches" not in n]
+
+    def flat(path: Path) -> torch.Tensor:
+        state = torch.load(path)
+        return torch.cat([state[n].double().reshape(-1) for n in names])
+
+    assert 1 <= k < 3  # before SWA's first averaged epoch (3)
+    assert torch.equal(flat(trajectories["sgd"][k - 1]), flat(trajectories["swa"][k - 1]))
+    assert not torch.equal(flat(trajectories["sgd"][k]), flat(trajectories["swa"][k]))
+    w = [
+        flat(trajectories["swa"][k - 1]),
+        flat(run_dir / "sgd" / "seed0" / "final.pt"),
+        flat(run_dir / "swa" / "seed0" / "final.pt"),
+    ]
+    data = np.load(run_dir / "landscape" / "plane.npz")
+    points = data["points"]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert np.linalg.norm(points[i] - points[j]) == pytest.approx(
+                float(torch.linalg.vector_norm(w[i] - w[j])), rel=1e-9
+            )
+    np.testing.assert_allclose(points[0], [0, 0], atol=1e-12)
+    np.testing.assert_allclose(
+        points[2], [float(torch.linalg.vector_norm(w[2] - w[0])), 0], atol=1e-9
+    )
+    assert [str(x) for x in data["point_labels"]] == [
+        f"start of both (epoch {k})",
+        "sgd end",
+        "swa",
+    ]
+    path = data[f"path_swa iterates (epochs {k}–5)"]  # from the start to SWA's last iterate
+    assert len(path) == 5 - k + 1
+    np.testing.assert_allclose(path[0], [0, 0], atol=1e-12)
+    assert data["train_loss"].shape == data["test_error"].shape == data["grid"].shape[:2]
+    assert "first averaged snapshot (epoch 3)" in summary["marks"]
 
 
 def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):

@@ -103,6 +103,7 @@ LANDSCAPE_PIECES = (
     "line",
     "rays",
     "plane",
+    "plane_init",
     "snapshots",
     "ensemble",
     "predictions",
@@ -382,12 +383,13 @@ def _check_values(cfg: ExperimentConfig) -> None:
 
 
 def _keep_snapshots(cfg: ExperimentConfig) -> None:
-    """The landscape pieces that read the SWA run's snapshots (``ensemble``, ``snapshots``) make
+    """The landscape pieces that read the SWA run's snapshots (``ensemble``, ``snapshots``, and
+    ``plane``: its start is an iterate of that run) make
     that run keep them: its label joins ``train.save_trajectory`` (so a preset's section still
     works when ``--set methods=...`` renames or drops runs; the run directory's config.yaml shows
     the list that was used)."""
     sgd, swa = cfg.default_label("baseline"), cfg.default_label("average")
-    needs = set(cfg.landscape.pieces) & {"ensemble", "snapshots"}
+    needs = set(cfg.landscape.pieces) & {"ensemble", "snapshots", "plane"}
     if needs and sgd is not None and swa is not None and not cfg.train.saves_trajectory(swa):
         cfg.train.save_trajectory = [*(cfg.train.save_trajectory or []), swa]
 

@@ -57,7 +57,16 @@ LANDSCAPE_FIGURES = (
     (
         "plane",
         "plane.png",
-        "The plane through SGD's start, SGD's end and SWA, with SGD's trajectory projected.",
+        "The paper's Fig. 1 (middle, right): train loss and test error in the plane through the "
+        "point SGD and SWA both start from (the last epoch their runs trained alike, or SWA's "
+        "first averaged epoch if earlier), SGD's end and SWA, BN recomputed at every grid point; "
+        "axes in weight-space distance; the SWA run's iterates projected.",
+    ),
+    (
+        "plane_init",
+        "plane_init.png",
+        "The plane through SGD's initialisation, SGD's end and SWA, with SGD's trajectory "
+        "projected.",
     ),
     (
         "snapshots",

@@ -257,8 +257,9 @@ def _plane_panel(
     ax.set_xlim(xy[..., 0].min(), xy[..., 0].max())
     ax.set_ylim(xy[..., 1].min(), xy[..., 1].max())
     ax.set_aspect("equal")  # distances in weight space read the same along both axes
-    ax.set_xlabel("distance along û = (w₂ − w₁)/‖w₂ − w₁‖", fontsize=8)
-    ax.set_ylabel("distance along v̂ ⊥ û", fontsize=8)
+    # landscape.plane: u points from the first point to the third, v towards the second
+    ax.set_xlabel("weight-space distance along û = (w₃ − w₁)/‖w₃ − w₁‖", fontsize=8)
+    ax.set_ylabel("weight-space distance along v̂ ⊥ û (towards w₂)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=10)
 
