@@ -26,6 +26,7 @@ from ..lab.stats import MethodSummary, primary_metric, summarize
 from . import export, figures
 from .geometry import ray_protocols
 from .rundir import RunDir
+from .seeds import pooled_median, quantile_band, seed_arrays
 
 __all__ = ["Block", "build_report", "format_value", "learning_curves", "results_tables"]
 
@@ -382,7 +383,7 @@ def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
         ]
     try:
         summary = check_landscape(summary_path, read_json(summary_path, root=run.path))
-        return _landscape_blocks(summary, src, out, formats)
+        return _landscape_blocks(summary, src, out, formats, over_seeds(run, summary, out, formats))
     except RunFileError:
         raise  # a damaged file: one line naming it
     except (KeyError, TypeError, ValueError) as err:
@@ -397,8 +398,15 @@ def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
 
 
 def _landscape_blocks(
-    s: dict[str, Any], src: Path, out: Path, formats: Sequence[str]
+    s: dict[str, Any],
+    src: Path,
+    out: Path,
+    formats: Sequence[str],
+    seed_figures: dict[str, Block] | None = None,
 ) -> list[Block]:
+    """The landscape section; ``seed_figures``: figures over all seeds (:func:`over_seeds`)
+    that replace the first seed's of the same name."""
+    seed_figures = seed_figures or {}
     blocks = [Block("h2", "Loss landscape")]
     blocks.append(
         Block(
@@ -459,7 +467,9 @@ def _landscape_blocks(
             )
         )
     for piece, name, caption in LANDSCAPE_FIGURES:
-        if piece in s and (src / name).is_file():
+        if name in seed_figures:
+            blocks.append(seed_figures[name])
+        elif piece in s and (src / name).is_file():
             note = (
                 f" {s[piece]['note']}"
                 if isinstance(s.get(piece), dict) and s[piece].get("note")
@@ -578,10 +588,81 @@ def _landscape_caption(name: str, caption: str, s: dict[str, Any]) -> str:
             "(`landscape.ray_tails: false`; `swalab landscape RUN --what rays --ray-tails` "
             "evaluates whole rays)."
         )
+    if name.startswith(("plane", "snapshots")):
+        piece = name.split(".")[0]
+        return (
+            f"{caption} Seed {s.get('seed', 0)} only (a plane costs grid² evaluations per seed); "
+            f"the other seeds': `swalab landscape RUN --seed all --what {piece}`."
+        )
     return (
         f"{caption} Seed {s.get('seed', 0)}; the other seeds' figures are in "
         "`landscape/seed<k>/`, their spread in the claims table."
     )
+
+
+def over_seeds(
+    run: RunDir, s: dict[str, Any], out: Path, formats: Sequence[str]
+) -> dict[str, Block]:
+    """The line (paper Fig. 5) and the raw rays (Fig. 4) over every seed that has them, as
+    figure blocks named as the first seed's figures they replace (none with fewer than 2 seeds)."""
+    blocks: dict[str, Block] = {}
+    sgd, swa = s["sgd"], s["swa"]
+    lines, missing = seed_arrays(run, "line.npz")
+    if len(lines) >= 2:
+        ts = next(iter(lines.values()))["t"]
+        if all(np.array_equal(a["t"], ts) for a in lines.values()):
+            bands = {
+                k: quantile_band(np.stack([a[k] for a in lines.values()]))
+                for k in ("train_loss", "test_error", "test_nll")
+            }
+            image = figures.line_seeds_figure(
+                ts, bands, len(lines), sgd, swa, out / "line.png", formats=formats
+            )
+            blocks["line.png"] = Block(
+                "figure",
+                "Train loss and test error along the line t·w_SGD + (1 − t)·w_SWA (paper Fig. 5), "
+                f"BN recomputed at every point, over {_seed_list(lines, missing)}: median, "
+                "interquartile band (dark) and min–max range (light).",
+                image=image,
+            )
+    rays, missing = seed_arrays(run, "rays.npz")
+    if len(rays) >= 2:
+        tested = all(not np.all(np.isnan(a["swa_test_error"])) for a in rays.values())
+        metrics = ["train_nll", "test_error"] if tested else ["train_nll"]
+        medians = {
+            m: {
+                key: pooled_median([(a["distances"], a[f"{key}_{m}"]) for a in rays.values()])
+                for key in ("swa", "sgd")
+            }
+            for m in metrics
+            if all(f"swa_{m}" in a for a in rays.values())
+        }
+        image = figures.rays_seeds_figure(
+            rays, medians, sgd, swa, out / "rays.png", "raw", formats=formats
+        )
+        n_rays = len(next(iter(rays.values()))["swa_train_loss"])
+        stopped = (s.get("rays") or {}).get("tails") is False
+        blocks["rays.png"] = Block(
+            "figure",
+            f"{'Train NLL and test error' if tested else 'Train NLL'} along raw random rays from "
+            f"both solutions (paper Fig. 4) over {_seed_list(rays, missing)}, {n_rays} directions "
+            "each (thin); bold: the median of all rays of all seeds, drawn as far as every ray "
+            "was evaluated (distances interpolated onto the shortest seed's range)"
+            + (
+                "; each ray stops at its first point past the width (`landscape.ray_tails: "
+                "false`; `swalab landscape RUN --seed all --what rays --ray-tails` evaluates "
+                "whole rays)."
+                if stopped
+                else "."
+            ),
+            image=image,
+        )
+    return blocks
+
+
+def _seed_list(found: dict[int, Any], missing: list[int]) -> str:
+    text = f"{len(found)} seeds ({', '.join(map(str, found))})"
+    return text + (f"; seeds {', '.join(map(str, missing))} lack it" if missing else "")
 
 
 def _number(value: float | None, digits: int) -> str:
