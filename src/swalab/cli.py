@@ -134,7 +134,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         world.close(finished=False)
         raise
     world.close()
-    if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
+    if world.main and rows and (cfg.landscape.pieces or cfg.landscape.first_seed):
         from .lab.leases import Claims
         from .report.geometry import landscapes_of_run
 
@@ -155,8 +155,10 @@ def next_steps(out: Path) -> str:
         "\nNext:\n"
         f"  swalab report {out} --html    the report: tables, learning curves, landscape, times\n"
         f"  swalab claims {out}           a verdict on each of the paper's claims\n"
-        f"  swalab landscape {out} --what plane,predictions\n"
-        "      adds the paper's Fig. 1 plane and the calibration (reliability diagrams) to the report"
+        f"  swalab landscape {out} --what predictions\n"
+        "      adds the calibration (reliability diagrams) to the report; `--seed all --what plane`\n"
+        "      the paper's Fig. 1 plane of every seed (the run computes the first seed's if its\n"
+        "      landscape.first_seed asks for it, as the default preset does)"
     )
 
 

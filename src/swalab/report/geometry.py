@@ -380,12 +380,15 @@ def landscapes_of_run(
     """
     run = RunDir(run_dir)
     config = config or run.cfg.landscape
-    if not config.pieces:
+    every = list(config.pieces)
+    if not every and not config.first_seed:
         return []
+    first = list(dict.fromkeys(every + list(config.first_seed)))  # the first seed's pieces
+    names = ", ".join(first)
     sgd, swa = run.default_label("baseline"), run.default_label("average")
     if sgd is None or swa is None:
         log(
-            f"landscape pieces {', '.join(config.pieces)} skipped: they compare an SGD and an SWA "
+            f"landscape pieces {names} skipped: they compare an SGD and an SWA "
             f"run, and the config has no {'sgd' if sgd is None else 'swa'} method"
         )
         return []
@@ -405,18 +408,18 @@ def landscapes_of_run(
         done, skipped = summary.get("settings", {}), summary.get("skipped", {})
         pieces = [
             p
-            for p in config.pieces
+            for p in (first if seed == run.cfg.seeds[0] else every)
             if p not in skipped and done.get(p, None) != _clean(opts.settings(p))
         ]
         if pieces:
             todo[seed] = opts.replace(what=pieces)
     if not todo:
-        log(f"landscape pieces {', '.join(config.pieces)}: nothing left to compute")
+        log(f"landscape pieces {names}: nothing left to compute")
         return []
     jobs = max(1, min(jobs, len(todo)))
     workers = slots(jobs, resolve_device(run.cfg.train.device), run.cfg.train.threads)
     log(
-        f"landscape pieces {', '.join(config.pieces)} of {len(todo)} seed(s), "
+        f"landscape pieces {names} of {len(todo)} seed(s), "
         f"{jobs} at a time ({workers[0].threads} thread(s) each)"
     )
     tasks = [

@@ -1,0 +1,87 @@
+"""What the report's paper figures cost in the default run: the test split on the rays (Fig. 4)
+and the paper's Fig. 1 plane, per point of the MNIST-1D CNN with BatchNorm.
+
+    python benchmarks/landscape_figures.py [--points 60] [--repeats 5] [--threads 1]
+
+Each point is evaluated as ``swalab landscape`` does (BN recomputed with the training run's pass,
+3,500 training sequences in batches of 100, then eval-mode metrics in batches of 1,000):
+
+- baseline: the train split alone (what the rays stopped at their width evaluated before);
+- train + test: what they evaluate now, and what every plane point costs.
+
+Repeats are interleaved (baseline, then train + test, then again), so machine load hits both rows
+alike; the table gives medians of CPU (process) time per point and the ratio to the baseline
+measured in the same run, and the estimated seconds per seed of the default preset's rays (at most
+404 points: 2 scalings × (2 × 10 rays × 10 steps + 2)) and of a plane of 21² / 15² / 11² points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from swalab.data import BatchLoader, load
+from swalab.landscape import LandscapeEvaluator, cross_entropy_stats, flat_parameters
+from swalab.models import create
+
+BN_BATCH, EVAL_BATCH, BN_SEED, WD = 100, 1000, 20_000, 5e-4
+RAY_POINTS = 2 * (2 * 10 * 10 + 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.points < 1 or args.repeats < 1:
+        raise SystemExit("--points and --repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    bundle = load("mnist1d", seed=0, val_size=500)
+    model = create("mnist1d_cnn", bundle.in_shape, bundle.num_outputs, bn=True)
+    w = flat_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    points = [
+        w + 0.01 * torch.randn(w.shape, generator=g, dtype=w.dtype) for _ in range(args.points)
+    ]
+    bn = list(
+        BatchLoader(
+            bundle.train, BN_BATCH, shuffle=True, generator=torch.Generator().manual_seed(BN_SEED)
+        )
+    )
+    data = {
+        name: list(BatchLoader(split, EVAL_BATCH))
+        for name, split in (("train", bundle.train), ("test", bundle.test))
+    }
+    evaluators = {
+        "train split alone (baseline)": LandscapeEvaluator(
+            model, bn, {"train": data["train"]}, cross_entropy_stats, weight_decay=WD
+        ),
+        "train + test": LandscapeEvaluator(model, bn, data, cross_entropy_stats, weight_decay=WD),
+    }
+    cpu: dict[str, list[float]] = {k: [] for k in evaluators}
+    for _ in range(args.repeats):
+        for name, evaluate in evaluators.items():
+            start = time.process_time()
+            evaluate.evaluate_many(points)
+            cpu[name].append((time.process_time() - start) / len(points))
+    print(
+        f"{args.points} points, mnist1d_cnn bn=true, BN recomputed at every point; torch "
+        f"{torch.__version__}, {args.threads} thread(s); medians of {args.repeats} interleaved "
+        "repeats, CPU time"
+    )
+    print()
+    print("| evaluation | ms/point | ratio | rays per seed (s) | plane 21² / 15² / 11² (s) |")
+    print("|---|---:|---:|---:|---|")
+    base = statistics.median(cpu["train split alone (baseline)"])
+    for name, times in cpu.items():
+        t = statistics.median(times)
+        planes = " / ".join(f"{n * n * t:.1f}" for n in (21, 15, 11))
+        print(f"| {name} | {1000 * t:.1f} | {t / base:.2f}x | {RAY_POINTS * t:.1f} | {planes} |")
+
+
+if __name__ == "__main__":
+    main()
