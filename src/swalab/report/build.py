@@ -72,8 +72,9 @@ LANDSCAPE_FIGURES = (
     (
         "snapshots",
         "snapshots.png",
-        "The plane through three averaged SWA snapshots; their average and the SWA "
-        "solution marked, the SWA run's iterates projected.",
+        "The paper's Fig. 1 (left) and Fig. 3: the plane through three averaged SWA snapshots "
+        "(first, middle, last); their average and the SWA solution marked, the SWA run's "
+        "iterates projected.",
     ),
 )
 
@@ -477,6 +478,15 @@ def _landscape_blocks(
             )
             image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
             blocks.append(Block("figure", _landscape_caption(name, caption, s) + note, image=image))
+    if "plane" not in s and "plane" not in s.get("skipped", {}):
+        blocks.append(
+            Block(
+                "note",
+                "The paper's Fig. 1 plane (SGD and SWA from the same point) is not computed for "
+                "this run: `swalab landscape RUN --what plane` (grid² points, about 18 s CPU for "
+                "21 × 21 on the MNIST-1D CNN), or `landscape.first_seed: [plane]` in the config.",
+            )
+        )
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
@@ -588,6 +598,9 @@ def _landscape_caption(name: str, caption: str, s: dict[str, Any]) -> str:
             "(`landscape.ray_tails: false`; `swalab landscape RUN --what rays --ray-tails` "
             "evaluates whole rays)."
         )
+    if name == "plane.png" and not (s.get("plane") or {}).get("through"):
+        # a landscape of an earlier version: its plane went through SGD's initialisation
+        caption = dict((n, c) for _, n, c in LANDSCAPE_FIGURES)["plane_init.png"]
     if name.startswith(("plane", "snapshots")):
         piece = name.split(".")[0]
         return (
