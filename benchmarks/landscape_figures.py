@@ -2,12 +2,18 @@
 and the paper's Fig. 1 plane, per point of the MNIST-1D CNN with BatchNorm.
 
     python benchmarks/landscape_figures.py [--points 60] [--repeats 5] [--threads 1]
+    python benchmarks/landscape_figures.py --run RUN_DIR [--repeats 2] [--jobs 2]
 
 Each point is evaluated as ``swalab landscape`` does (BN recomputed with the training run's pass,
 3,500 training sequences in batches of 100, then eval-mode metrics in batches of 1,000):
 
 - baseline: the train split alone (what the rays stopped at their width evaluated before);
 - train + test: what they evaluate now, and what every plane point costs.
+
+With ``--run``: the wall-clock time of the landscape step of ``swalab run`` on a finished run of
+the default preset (``landscapes_of_run``, its landscape directory removed before each repeat), its
+pieces alone (baseline) and with the paper's Fig. 1 plane of the first seed
+(``landscape.first_seed: [plane]``, the preset's default).
 
 Repeats are interleaved (baseline, then train + test, then again), so machine load hits both rows
 alike; the table gives medians of CPU (process) time per point and the ratio to the baseline
@@ -18,6 +24,8 @@ measured in the same run, and the estimated seconds per seed of the default pres
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
 import statistics
 import time
 
@@ -36,9 +44,13 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--run", help="time the landscape step of this finished run instead")
+    parser.add_argument("--jobs", type=int, default=2, help="seeds at once (with --run)")
     args = parser.parse_args()
     if args.points < 1 or args.repeats < 1:
         raise SystemExit("--points and --repeats must be >= 1")
+    if args.run:
+        return run_step(args.run, args.repeats, args.jobs)
     torch.set_num_threads(args.threads)
     bundle = load("mnist1d", seed=0, val_size=500)
     model = create("mnist1d_cnn", bundle.in_shape, bundle.num_outputs, bn=True)
@@ -81,6 +93,39 @@ def main() -> None:
         t = statistics.median(times)
         planes = " / ".join(f"{n * n * t:.1f}" for n in (21, 15, 11))
         print(f"| {name} | {1000 * t:.1f} | {t / base:.2f}x | {RAY_POINTS * t:.1f} | {planes} |")
+
+
+def run_step(run_dir: str, repeats: int, jobs: int) -> None:
+    """Wall-clock seconds of ``landscapes_of_run`` without and with the first seed's plane."""
+    from swalab.report.geometry import landscapes_of_run
+    from swalab.report.rundir import RunDir
+
+    run = RunDir(run_dir)
+    base = run.cfg.landscape
+    rows = {
+        f"pieces {', '.join(base.pieces)} (baseline)": dataclasses.replace(base, first_seed=[]),
+        "the same + Fig. 1 plane of the first seed": dataclasses.replace(
+            base, first_seed=["plane"]
+        ),
+    }
+    wall: dict[str, list[float]] = {k: [] for k in rows}
+    for _ in range(repeats):
+        for name, config in rows.items():
+            shutil.rmtree(run.path / "landscape", ignore_errors=True)
+            start = time.perf_counter()
+            landscapes_of_run(run.path, jobs=jobs, config=config, log=lambda _: None)
+            wall[name].append(time.perf_counter() - start)
+    print(
+        f"landscape step of {run.path} ({len(run.cfg.seeds)} seeds, {jobs} at a time, grid "
+        f"{base.grid}); medians of {repeats} interleaved repeats, wall-clock"
+    )
+    print()
+    print("| landscape step | wall s | ratio | repeats (s) |")
+    print("|---|---:|---:|---|")
+    first = statistics.median(next(iter(wall.values())))
+    for name, times in wall.items():
+        t = statistics.median(times)
+        print(f"| {name} | {t:.1f} | {t / first:.2f}x | {', '.join(f'{x:.1f}' for x in times)} |")
 
 
 if __name__ == "__main__":
