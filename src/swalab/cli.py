@@ -432,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa", help="label of the SWA run (default: the swa method at budget 1)")
     p.add_argument(
         "--what",
-        help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn,"
-        "curvature (default: all the run directory allows)",
+        help="comma-separated pieces: line,rays,plane,plane_init,snapshots,ensemble,predictions,"
+        "bn,curvature (plane: the paper's Fig. 1, SGD and SWA from the same point; plane_init: "
+        "through SGD's initialisation; default: all the run directory allows)",
     )
     p.add_argument(
         "--grid", type=int, help="points per side of the planes (default: the run's landscape.grid)"

@@ -839,7 +839,8 @@ class _Pieces:
         """Each ray up to the first point where both the train NLL and the train loss (NLL + L2)
         have risen by ``rise`` (the points :func:`swalab.landscape.width` reads, so the same
         widths as :meth:`_whole_rays`), train and test metrics at those points (the paper's
-        Fig. 4 plots both; the test split costs about a fifth more per point on MNIST-1D); the
+        Fig. 4 plots both; about 7% more CPU per point on MNIST-1D,
+        ``benchmarks/landscape_figures.py``); the
         points beyond are NaN, not evaluated."""
         n, points = len(directions), len(distances)
         origin = self.ev.evaluate([w], bar)
