@@ -478,13 +478,22 @@ def _landscape_blocks(
             )
             image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
             blocks.append(Block("figure", _landscape_caption(name, caption, s) + note, image=image))
-    if "plane" not in s and "plane" not in s.get("skipped", {}):
+    absent = {
+        piece: text
+        for piece, text in (
+            ("plane", "the paper's Fig. 1 plane (SGD and SWA from the same point)"),
+            ("snapshots", "its Fig. 1 (left) / Fig. 3 plane through three SWA snapshots"),
+        )
+        if piece not in s and piece not in s.get("skipped", {})
+    }
+    if absent:
         blocks.append(
             Block(
                 "note",
-                "The paper's Fig. 1 plane (SGD and SWA from the same point) is not computed for "
-                "this run: `swalab landscape RUN --what plane` (grid² points, about 18 s CPU for "
-                "21 × 21 on the MNIST-1D CNN), or `landscape.first_seed: [plane]` in the config.",
+                f"Not computed for this run: {' and '.join(absent.values())}; "
+                f"`swalab landscape RUN --what {','.join(absent)}` adds "
+                f"{'it' if len(absent) == 1 else 'them'} (grid² points each, about 18 s CPU for "
+                "21 × 21 on the MNIST-1D CNN), or `landscape.first_seed` in the config.",
             )
         )
     if "ensemble" in s:
