@@ -117,7 +117,7 @@ def test_report_draws_the_line_and_rays_over_all_seeds(tmp_path, monkeypatch):
     assert low_high[1][0] == pytest.approx(float((t**2).min()) + 0.5)
     assert max(h for _, h in low_high) == pytest.approx(float((t**2).max()) + 5.0)
     # the planes were not computed: the report names the command that adds them
-    assert "Not computed for this run: the paper's Fig. 1 plane" in text
+    assert "Not computed for this run: the paper's Fig. 1 (middle, right) plane" in text
     assert "`swalab landscape RUN --what plane,snapshots` adds them" in text
     rays = dict(drawn)["rays.png"]
     assert len(rays.axes) == 2  # train NLL and test error

@@ -59,8 +59,9 @@ LANDSCAPE_FIGURES = (
         "plane",
         "plane.png",
         "The paper's Fig. 1 (middle, right): train loss and test error in the plane through the "
-        "point SGD and SWA both start from (the last epoch their runs trained alike, or SWA's "
-        "first averaged epoch if earlier), SGD's end and SWA, BN recomputed at every grid point; "
+        "point SGD and SWA both start from (the last epoch their runs trained alike, or the "
+        "epoch before SWA's first averaged one if earlier), SGD's end and SWA, BN recomputed at "
+        "every grid point; "
         "axes in weight-space distance; the SWA run's iterates projected.",
     ),
     (
@@ -481,8 +482,8 @@ def _landscape_blocks(
     absent = {
         piece: text
         for piece, text in (
-            ("plane", "the paper's Fig. 1 plane (SGD and SWA from the same point)"),
-            ("snapshots", "its Fig. 1 (left) / Fig. 3 plane through three SWA snapshots"),
+            ("plane", "the paper's Fig. 1 (middle, right) plane, SGD and SWA from one point"),
+            ("snapshots", "the paper's Fig. 1 (left) / Fig. 3 plane through three SWA snapshots"),
         )
         if piece not in s and piece not in s.get("skipped", {})
     }
@@ -492,7 +493,7 @@ def _landscape_blocks(
                 "note",
                 f"Not computed for this run: {' and '.join(absent.values())}; "
                 f"`swalab landscape RUN --what {','.join(absent)}` adds "
-                f"{'it' if len(absent) == 1 else 'them'} (grid² points each, about 18 s CPU for "
+                f"{'it' if len(absent) == 1 else 'them'} (grid² points a plane, about 18 s CPU for "
                 "21 × 21 on the MNIST-1D CNN), or `landscape.first_seed` in the config.",
             )
         )
