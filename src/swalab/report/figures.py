@@ -355,7 +355,7 @@ def plane_figure(
                 edgecolors="w",
                 marker=marker,
                 s=110,
-                zorder=5,
+                zorder=7,  # above the points' name boxes (a mark often sits next to a point)
                 label=name,
             )
     handles, names = axes[0].get_legend_handles_labels()
