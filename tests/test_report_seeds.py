@@ -103,6 +103,9 @@ def test_report_draws_the_line_and_rays_over_all_seeds(tmp_path, monkeypatch):
     text = (run / "report" / "report.md").read_text()
     assert "over 3 seeds (0, 1, 2)" in text and "Fig. 5" in text and "Fig. 4" in text
     assert "Train NLL and test error along raw random rays" in text
+    assert (
+        "(tables and figures of this seed unless a caption names more: line.png, rays.png" in text
+    )
     line = dict(drawn)["line.png"]
     left = line.axes[0]
     median = [ln for ln in left.lines if ln.get_label().startswith("train loss")][0]

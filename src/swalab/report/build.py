@@ -413,8 +413,15 @@ def _landscape_blocks(
     blocks.append(
         Block(
             "p",
-            f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
-            f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}.",
+            f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`"
+            + (
+                f" (tables and figures of this seed unless a caption names more: "
+                f"{', '.join(sorted(seed_figures))} over all seeds)"
+                if seed_figures
+                else ""
+            )
+            + f". Train loss: {s['protocol']['train_loss']}; BatchNorm "
+            f"{s['protocol']['batchnorm']}.",
         )
     )
     if "line" in s:
