@@ -213,7 +213,14 @@ def test_missing_landscape_names_the_run_that_produces_it(tmp_path):
     }
     for name, (trajectory, expected) in cases.items():
         cfg = load_config(
-            "mnist1d", [f"seeds={SEEDS}", f"methods={METHODS}", "landscape.pieces=[]", trajectory]
+            "mnist1d",
+            [
+                f"seeds={SEEDS}",
+                f"methods={METHODS}",
+                "landscape.pieces=[]",
+                "landscape.first_seed=[]",  # the preset's plane would keep the SWA run's snapshots
+                trajectory,
+            ],
         )
         run = write_run(tmp_path / name, cfg, metric)
         note = by_id(evaluate_claims(run))["2"].note
@@ -604,15 +611,17 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
         "landscape.rays=2",
         "landscape.ray_points=3",
         "landscape.line_points=5",
+        "landscape.grid=3",
     ]
     argv = ["run", "mnist1d", "--out", str(run), "--jobs", "2"]
     argv += [arg for item in tiny for arg in ("--set", item)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "landscape pieces line, rays, ensemble, bn of 2 seed(s), 2 at a time" in out
-    for where in (run / "landscape", run / "landscape" / "seed1"):
+    assert "landscape pieces line, rays, ensemble, bn, plane of 2 seed(s), 2 at a time" in out
+    for where, plane in ((run / "landscape", {"plane"}), (run / "landscape" / "seed1", set())):
         summary = json.loads((where / "landscape.json").read_text())
-        assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"}
+        # the paper's Fig. 1 plane for the first seed alone (landscape.first_seed in the preset)
+        assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"} | plane
         assert summary["rays"]["rays"] == 2 and not summary["rays"]["tails"]
     # the SWA run alone kept its snapshots (train.save_trajectory: [swa] in the preset)
     assert (run / "swa" / "seed1" / "trajectory").is_dir()
