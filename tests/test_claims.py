@@ -218,7 +218,6 @@ def test_missing_landscape_names_the_run_that_produces_it(tmp_path):
                 f"seeds={SEEDS}",
                 f"methods={METHODS}",
                 "landscape.pieces=[]",
-                "landscape.first_seed=[]",  # the preset's plane would keep the SWA run's snapshots
                 trajectory,
             ],
         )
@@ -522,6 +521,8 @@ def test_save_trajectory_of_some_runs():
         ["train.save_trajectory=false", "landscape.pieces=[line]", "landscape.first_seed=[]"],
     ).train
     assert not none.saves_trajectory("swa")
+    off = load_config("mnist1d", ["train.save_trajectory=false", "landscape.pieces=[]"]).train
+    assert not off.saves_trajectory("swa")  # no landscape step: the first seed's plane neither
     # the paper's plane starts at an iterate of the SWA run: that run keeps its snapshots
     plane = load_config(
         "mnist1d",

@@ -134,7 +134,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         world.close(finished=False)
         raise
     world.close()
-    if world.main and rows and (cfg.landscape.pieces or cfg.landscape.first_seed):
+    if world.main and rows and cfg.landscape.pieces:  # what `swalab claims` reads, every seed
         from .lab.leases import Claims
         from .report.geometry import landscapes_of_run
 

@@ -119,8 +119,8 @@ class LandscapeConfig:
     2018, §3; the pieces ``swalab claims`` reads are line, rays, ensemble and bn)."""
 
     pieces: list[str] = field(default_factory=list)
-    # pieces computed for the first seed only (a plane costs grid**2 points: the paper's Fig. 1
-    # plane of one seed, labelled so in the report)
+    # pieces added for the first seed only (a plane costs grid**2 points: the paper's Fig. 1
+    # plane of one seed, labelled so in the report); with pieces: [] no landscape step runs
     first_seed: list[str] = field(default_factory=list)
     line_points: int = 21  # t in [-0.5, 1.5] on t * w_SGD + (1 - t) * w_SWA
     rays: int = 10  # random directions
@@ -399,11 +399,8 @@ def _keep_snapshots(cfg: ExperimentConfig) -> None:
     works when ``--set methods=...`` renames or drops runs; the run directory's config.yaml shows
     the list that was used)."""
     sgd, swa = cfg.default_label("baseline"), cfg.default_label("average")
-    needs = set(cfg.landscape.pieces + cfg.landscape.first_seed) & {
-        "ensemble",
-        "snapshots",
-        "plane",
-    }
+    pieces = cfg.landscape.pieces + (cfg.landscape.first_seed if cfg.landscape.pieces else [])
+    needs = set(pieces) & {"ensemble", "snapshots", "plane"}
     if needs and sgd is not None and swa is not None and not cfg.train.saves_trajectory(swa):
         cfg.train.save_trajectory = [*(cfg.train.save_trajectory or []), swa]
 

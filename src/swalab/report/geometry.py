@@ -381,7 +381,7 @@ def landscapes_of_run(
     run = RunDir(run_dir)
     config = config or run.cfg.landscape
     every = list(config.pieces)
-    if not every and not config.first_seed:
+    if not every:  # pieces: [] turns the step off, first-seed pieces included
         return []
     first = list(dict.fromkeys(every + list(config.first_seed)))  # the first seed's pieces
     names = ", ".join(first)
