@@ -81,6 +81,8 @@ def _landscape(run: Path, seed: int, t: np.ndarray, shift: float) -> None:
             rays[f"{key}_{m}"] = np.array(
                 [[shift, shift + 1, np.nan], [shift, shift + 2, shift + 3]]
             )
+    rays["swa_width"] = np.array([1.0 + shift, np.inf])  # the second ray beyond the range (2)
+    rays["sgd_width"] = np.array([0.5 + shift, 1.5 + shift])
     np.savez(out / "rays.npz", **rays)
 
 
@@ -122,6 +124,13 @@ def test_report_draws_the_line_and_rays_over_all_seeds(tmp_path, monkeypatch):
     # the planes were not computed: the report names the command that adds them
     assert "Not computed for this run: the paper's Fig. 1 (middle, right) plane" in text
     assert "`swalab landscape RUN --what plane,snapshots` adds them" in text
+    # widths: each seed's median over its rays (a ray beyond the range counted at 2), paired
+    (ax,) = dict(drawn)["width.png"].axes
+    dots = [c.get_offsets()[:, 1].tolist() for c in ax.collections if len(c.get_offsets()) == 3]
+    shift = np.array([0.0, 1.0, 5.0])
+    np.testing.assert_allclose(dots[0], (1 + shift + 2) / 2)  # swa: median of 1 + shift and 2
+    np.testing.assert_allclose(dots[1], 1 + shift)  # sgd: median of 0.5 and 1.5 above shift
+    assert "Width on raw rays over 3 seeds (0, 1, 2)" in text
     rays = dict(drawn)["rays.png"]
     assert len(rays.axes) == 2  # train NLL and test error
     assert "3 seeds × 2 directions" in rays._suptitle.get_text()

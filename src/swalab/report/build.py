@@ -672,6 +672,26 @@ def over_seeds(
         )
         n_rays = len(next(iter(rays.values()))["swa_train_loss"])
         stopped = (s.get("rays") or {}).get("tails") is False
+        if all("swa_width" in a for a in rays.values()):
+            rise = (s.get("rays") or {}).get("rise", 0.1)
+            widths = {
+                seed: {
+                    **{k: a[f"{k}_width"] for k in ("swa", "sgd")},
+                    "max": float(a["distances"][-1]),
+                }
+                for seed, a in rays.items()
+            }
+            width_image = figures.width_seeds_figure(
+                widths, rise, sgd, swa, out / "width.png", formats=formats
+            )
+            blocks["width.png"] = Block(
+                "figure",
+                f"Width on raw rays over {_seed_list(rays, missing)}: each seed's median, over its "
+                f"{n_rays} rays, of the distance at which the train NLL has risen by {rise:g} (a ray "
+                "beyond the range counted at its end), the two solutions of a seed joined; bar: the "
+                "median over seeds (claim 2's paired statistic is in the claims table).",
+                image=width_image,
+            )
         blocks["rays.png"] = Block(
             "figure",
             f"{'Train NLL and test error' if tested else 'Train NLL'} along raw random rays from "

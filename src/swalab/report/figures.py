@@ -33,6 +33,7 @@ __all__ = [
     "reliability_figure",
     "small_multiples_figure",
     "width_figure",
+    "width_seeds_figure",
 ]
 
 SWA_COLOR, SGD_COLOR = "tab:blue", "tab:orange"
@@ -714,4 +715,45 @@ def rays_seeds_figure(
         f"{_RAY_TITLE[directions]}: {len(per_seed)} seeds × {rays} directions (thin)",
         fontsize=10,
     )
+    return _save(fig, path, formats)
+
+
+def width_seeds_figure(
+    widths: Mapping[int, Mapping[str, np.ndarray | float]],
+    rise: float,
+    sgd: str,
+    swa: str,
+    path: Path,
+    directions: str = "raw",
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Each seed's median width over its rays from both solutions (``widths``: ``{seed: {"swa",
+    "sgd": per-ray widths, inf beyond the range, "max": the range}}``, a ray beyond the range
+    counted at its end), a grey line joining the two of a seed; bar: the median over seeds."""
+    fig = Figure(figsize=(5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    medians = {
+        key: np.array(
+            [
+                float(np.median(np.where(np.isfinite(w[key]), w[key], w["max"])))
+                for w in widths.values()
+            ]
+        )
+        for key in ("swa", "sgd")
+    }
+    for a, b in zip(medians["swa"], medians["sgd"]):
+        ax.plot([0, 1], [a, b], color="0.7", lw=0.8, zorder=1)
+    for i, (key, color) in enumerate((("swa", SWA_COLOR), ("sgd", SGD_COLOR))):
+        ax.scatter(np.full(len(medians[key]), i), medians[key], color=color, s=20, zorder=2)
+        ax.hlines(np.median(medians[key]), i - 0.25, i + 0.25, color=color, lw=2, zorder=3)
+    ax.set_xticks([0, 1], [swa, sgd])
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylabel(f"median width ({'distance' if directions == 'raw' else 't'})", fontsize=9)
+    ax.set_title(
+        f"width along {directions} rays (train NLL +{rise:g}), {len(widths)} seeds\n"
+        "dot: a seed's median over its rays; bar: median over seeds",
+        fontsize=8,
+    )
+    ax.grid(alpha=0.3, axis="y")
     return _save(fig, path, formats)
