@@ -607,6 +607,11 @@ def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
     )
     summary = json.loads((copy / "landscape" / "landscape.json").read_text())
     assert set(summary["skipped"]) == {"snapshots", "ensemble"} and "plane" in summary
+    # the paper's plane starts at an epoch both runs trained: with no trajectory at all, one line
+    shutil.rmtree(copy / "sgd" / "seed0" / "trajectory")
+    err = one_line_error(capsys, ["landscape", str(copy), "--what", "plane", "--grid", "2"])
+    assert "the plane starts at the weights after epoch" in err
+    assert "--set train.save_trajectory=true" in err
     (copy / "sgd" / "seed0" / "final.pt").unlink()
     err = one_line_error(capsys, ["landscape", str(copy), "--what", "line"])
     assert "no final.pt in" in err and f"swalab run {copy / 'config.yaml'} --out {copy}" in err
