@@ -192,6 +192,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             "rays",
             "width",
             "plane",
+            "plane_init",
             "snapshots",
             "reliability",
             "window_map",

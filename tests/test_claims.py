@@ -22,7 +22,7 @@ from swalab.lab.config import (
 )
 from swalab.lab.power import t_test_power
 from swalab.lab.rundir import RESULT_FIELDS
-from swalab.report import build_report
+from swalab.report import build_report, geometry
 from swalab.report.claims import (
     Claim,
     evaluate_claims,
@@ -213,7 +213,13 @@ def test_missing_landscape_names_the_run_that_produces_it(tmp_path):
     }
     for name, (trajectory, expected) in cases.items():
         cfg = load_config(
-            "mnist1d", [f"seeds={SEEDS}", f"methods={METHODS}", "landscape.pieces=[]", trajectory]
+            "mnist1d",
+            [
+                f"seeds={SEEDS}",
+                f"methods={METHODS}",
+                "landscape.pieces=[]",
+                trajectory,
+            ],
         )
         run = write_run(tmp_path / name, cfg, metric)
         note = by_id(evaluate_claims(run))["2"].note
@@ -475,6 +481,7 @@ def test_regression_preset(tmp_path):
     "sets, message",
     [
         (["landscape.pieces=[line, lines]"], r"landscape.pieces must be a list of line, rays, "),
+        (["landscape.first_seed=[cube]"], r"landscape.first_seed must be a list of line, "),
         (["landscape.rays=0"], r"landscape.rays must be >= 1, got 0"),
         (["landscape.ray_points=1"], r"landscape.ray_points must be >= 2, got 1"),
         (["landscape.rise=-0.1"], r"landscape.rise must be > 0, got -0.1"),
@@ -509,8 +516,19 @@ def test_save_trajectory_of_some_runs():
     assert every.saves_trajectory("sgd") and every.saves_trajectory("swa")
     no_pair = load_config("mnist1d", ["methods=[{method: sgd}, {method: ema}]"]).train
     assert no_pair.save_trajectory is False  # nothing to compare: the run skips the pieces
-    none = load_config("mnist1d", ["train.save_trajectory=false", "landscape.pieces=[line]"]).train
+    none = load_config(
+        "mnist1d",
+        ["train.save_trajectory=false", "landscape.pieces=[line]", "landscape.first_seed=[]"],
+    ).train
     assert not none.saves_trajectory("swa")
+    off = load_config("mnist1d", ["train.save_trajectory=false", "landscape.pieces=[]"]).train
+    assert not off.saves_trajectory("swa")  # no landscape step: the first seed's plane neither
+    # the paper's plane starts at an iterate of the SWA run: that run keeps its snapshots
+    plane = load_config(
+        "mnist1d",
+        ["train.save_trajectory=false", "landscape.pieces=[line]", "landscape.first_seed=[plane]"],
+    ).train
+    assert plane.save_trajectory == ["swa"]
 
 
 def test_run_landscape_skips_seeds_without_a_finished_pair(tmp_path):
@@ -528,8 +546,26 @@ def test_run_landscape_skips_seeds_without_a_finished_pair(tmp_path):
         "landscape seed 0 skipped: sgd done, swa diverged",
         "landscape seed 1 skipped: sgd done, swa not finished",
         "landscape seed 2 skipped: sgd not finished, swa not finished",
-        "landscape pieces line, rays, ensemble, bn: nothing left to compute",
+        "landscape pieces line, rays, ensemble, bn, plane: nothing left to compute",
     ]
+
+
+def test_first_seed_pieces_go_to_the_first_seed_alone(tmp_path, monkeypatch):
+    """``landscape.first_seed`` (the preset: the paper's Fig. 1 plane) is computed for the first
+    seed only, the other pieces for every seed."""
+    run = write_run(tmp_path / "run", load_config("mnist1d", [f"seeds={SEEDS}"]), {})
+    for label in ("sgd", "swa"):
+        for seed in SEEDS:
+            where = run / label / f"seed{seed}"
+            where.mkdir(parents=True)
+            (where / "result.json").write_text(json.dumps({"status": "done"}))
+    asked = {}
+    monkeypatch.setattr(
+        geometry, "_landscape_job", lambda path, opts: asked.setdefault(opts.seed, opts.what)
+    )
+    assert landscapes_of_run(run, log=lambda _: None) == SEEDS
+    assert asked[SEEDS[0]] == ["line", "rays", "ensemble", "bn", "plane"]
+    assert all(asked[s] == ["line", "rays", "ensemble", "bn"] for s in SEEDS[1:])
 
 
 # --- command line and report --------------------------------------------------------------------
@@ -576,15 +612,17 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
         "landscape.rays=2",
         "landscape.ray_points=3",
         "landscape.line_points=5",
+        "landscape.grid=3",
     ]
     argv = ["run", "mnist1d", "--out", str(run), "--jobs", "2"]
     argv += [arg for item in tiny for arg in ("--set", item)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "landscape pieces line, rays, ensemble, bn of 2 seed(s), 2 at a time" in out
-    for where in (run / "landscape", run / "landscape" / "seed1"):
+    assert "landscape pieces line, rays, ensemble, bn, plane of 2 seed(s), 2 at a time" in out
+    for where, plane in ((run / "landscape", {"plane"}), (run / "landscape" / "seed1", set())):
         summary = json.loads((where / "landscape.json").read_text())
-        assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"}
+        # the paper's Fig. 1 plane for the first seed alone (landscape.first_seed in the preset)
+        assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"} | plane
         assert summary["rays"]["rays"] == 2 and not summary["rays"]["tails"]
     # the SWA run alone kept its snapshots (train.save_trajectory: [swa] in the preset)
     assert (run / "swa" / "seed1" / "trajectory").is_dir()

@@ -42,7 +42,13 @@ def test_landscape_captions_say_what_is_drawn_and_which_seed():
 
     rays = next(c for piece, name, c in LANDSCAPE_FIGURES if name == "rays.png")
     stopped = _landscape_caption("rays.png", rays, {"seed": 3, "rays": {"tails": False}})
-    assert stopped.startswith("Train loss along random rays") and "test error and" not in stopped
+    assert stopped.startswith("Train NLL along raw random rays") and "also plots" in stopped
     assert "Seed 3; the other seeds' figures are in `landscape/seed<k>/`" in stopped
+    # rays stopped at their width that evaluated the test split too (issue 24): both named
+    tested = {"seed": 3, "rays": {"tails": False}}
+    tested["settings"] = {"rays": {"test_on_stopped_rays": True}}
+    assert _landscape_caption("rays.png", rays, tested).startswith(
+        "Train NLL and test error along raw random rays"
+    )
     full = _landscape_caption("rays.png", rays, {"seed": 0, "rays": {"tails": True}})
     assert full.startswith(rays)

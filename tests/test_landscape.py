@@ -31,6 +31,7 @@ from swalab.landscape import (
     width,
 )
 from swalab.report import compute_landscape
+from swalab.report.geometry import METRICS
 from swalab.report.progress import Progress
 
 QUIET = {"log": lambda _: None, "progress": False}
@@ -367,7 +368,7 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
     s = compute_landscape(run_dir, grid=3, rays=2, ray_points=3, line_points=3, **QUIET)
     assert s["skipped"] == {}
     out = run_dir / "landscape"
-    plane_data = np.load(out / "plane.npz")
+    plane_data = np.load(out / "plane_init.npz")
     dx, dy = float(plane_data["dx"]), float(plane_data["dy"])
     np.testing.assert_allclose(plane_data["points"][0], [0, 0], atol=1e-9)  # SGD start
     np.testing.assert_allclose(plane_data["points"][2], [dx, 0], atol=1e-9)  # SWA
@@ -379,6 +380,7 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
     np.testing.assert_allclose(path[0], [0, 0], atol=1e-9)
     np.testing.assert_allclose(path[-1], plane_data["points"][1], atol=1e-9)
     assert s["snapshots"]["epochs"] == [3, 4, 5]
+    check_papers_plane(run_dir, s["plane"])
     snap = s["snapshots"]["marks"]
     assert snap["swa (all 3)"]["xy"] == pytest.approx(snap["average of the three"]["xy"], abs=1e-6)
     assert snap["average of the three"]["distance_to_plane"] == pytest.approx(0, abs=1e-6)
@@ -402,15 +404,63 @@ def test_planes_rays_ensemble_and_predictions(run_dir):
         "line",
         "rays",
         "plane",
+        "plane_init",
         "snapshots",
     }
-    for name in ("line", "rays", "width", "plane", "snapshots"):
+    for name in ("line", "rays", "width", "plane", "plane_init", "snapshots"):
         assert (out / f"{name}.png").stat().st_size > 0
+
+
+def check_papers_plane(run_dir: Path, summary: dict) -> None:
+    """The paper's Fig. 1 plane: its first point is the last weights SGD and SWA held in common
+    (their saved trajectories agree there and part after), and the plotted coordinates of the
+    three points keep their pairwise distances in weight space (the basis recovers them)."""
+    k = summary["start_epoch"]
+    trajectories = {
+        label: sorted((run_dir / label / "seed0" / "trajectory").glob("epoch*.pt"))
+        for label in ("sgd", "swa")
+    }
+    names = [n for n in torch.load(run_dir / "sgd" / "seed0" / "final.pt") if "running" not in n]
+    names = [n for n in names if "num_batches" not in n]
+
+    def flat(path: Path) -> torch.Tensor:
+        state = torch.load(path)
+        return torch.cat([state[n].double().reshape(-1) for n in names])
+
+    assert 1 <= k < 3  # before SWA's first averaged epoch (3)
+    assert torch.equal(flat(trajectories["sgd"][k - 1]), flat(trajectories["swa"][k - 1]))
+    assert not torch.equal(flat(trajectories["sgd"][k]), flat(trajectories["swa"][k]))
+    w = [
+        flat(trajectories["swa"][k - 1]),
+        flat(run_dir / "sgd" / "seed0" / "final.pt"),
+        flat(run_dir / "swa" / "seed0" / "final.pt"),
+    ]
+    data = np.load(run_dir / "landscape" / "plane.npz")
+    points = data["points"]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert np.linalg.norm(points[i] - points[j]) == pytest.approx(
+                float(torch.linalg.vector_norm(w[i] - w[j])), rel=1e-9
+            )
+    np.testing.assert_allclose(points[0], [0, 0], atol=1e-12)
+    np.testing.assert_allclose(
+        points[2], [float(torch.linalg.vector_norm(w[2] - w[0])), 0], atol=1e-9
+    )
+    assert [str(x) for x in data["point_labels"]] == [
+        f"start of both (epoch {k})",
+        "sgd end",
+        "swa",
+    ]
+    path = data[f"path_swa iterates (epochs {k}–5)"]  # from the start to SWA's last iterate
+    assert len(path) == 5 - k + 1
+    np.testing.assert_allclose(path[0], [0, 0], atol=1e-12)
+    assert data["train_loss"].shape == data["test_error"].shape == data["grid"].shape[:2]
+    assert "first averaged snapshot (epoch 3)" in summary["marks"]
 
 
 def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
     """``ray_tails=False`` evaluates each ray only up to its first point where both the train NLL
-    and the train loss have risen, on the train split: the same train numbers there, NaN beyond,
+    and the train loss have risen: the same train and test numbers there, NaN beyond,
     and the widths of the whole rays, under filter-normalised and raw directions."""
     options = {"what": ["rays"], "rays": 4, "ray_points": 7, **QUIET}
     files = {"raw": "rays.npz", "filter": "rays_filter.npz"}
@@ -430,13 +480,14 @@ def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
                     above = np.nonzero(row >= row[0] + 0.1)[0]
                     last[i] = max(last[i], int(above[0]) if len(above) else len(row) - 1)
             for i in range(4):
-                for metric in ("train_loss", "train_nll", "train_error"):
+                for metric in METRICS:  # test metrics too, at the same points (paper Fig. 4)
                     np.testing.assert_array_equal(
                         short[f"{key}_{metric}"][i, : last[i] + 1],
                         full[how][f"{key}_{metric}"][i, : last[i] + 1],
                     )
                     assert np.isnan(short[f"{key}_{metric}"][i, last[i] + 1 :]).all()
-            assert np.isnan(short[f"{key}_test_error"]).all()  # the train split alone
+            # at t = 0 the test error is the solution's own (the line's endpoints agree)
+            assert (short[f"{key}_test_error"][:, 0] == full[how][f"{key}_test_error"][0, 0]).all()
             for kind in ("width", "width_objective"):
                 np.testing.assert_array_equal(short[f"{key}_{kind}"], full[how][f"{key}_{kind}"])
             # the width is read on the train NLL
@@ -445,6 +496,10 @@ def test_rays_stopped_at_the_rise_give_the_same_widths(run_dir):
                 [width(short["distances"], row, 0.1) for row in full[how][f"{key}_train_nll"]],
             )
         assert np.isnan(short["swa_train_loss"]).any()  # some rays were stopped short
+        # at t = 0 the test error is the SWA model's own, as the run scored it (BN recomputed)
+        assert 100 - short["swa_test_error"][0, 0] == pytest.approx(
+            float(results(run_dir)["swa"]["test_accuracy"])
+        )
     for name in ("rays.png", "rays_filter.png", "width_filter.png", "rays_protocols.png"):
         assert (run_dir / "landscape" / name).stat().st_size > 0
 
@@ -552,6 +607,11 @@ def test_missing_trajectory_names_the_command(run_dir, tmp_path, capsys):
     )
     summary = json.loads((copy / "landscape" / "landscape.json").read_text())
     assert set(summary["skipped"]) == {"snapshots", "ensemble"} and "plane" in summary
+    # the paper's plane starts at an epoch both runs trained: with no trajectory at all, one line
+    shutil.rmtree(copy / "sgd" / "seed0" / "trajectory")
+    err = one_line_error(capsys, ["landscape", str(copy), "--what", "plane", "--grid", "2"])
+    assert "the plane starts at the weights after epoch" in err
+    assert "--set train.save_trajectory=true" in err
     (copy / "sgd" / "seed0" / "final.pt").unlink()
     err = one_line_error(capsys, ["landscape", str(copy), "--what", "line"])
     assert "no final.pt in" in err and f"swalab run {copy / 'config.yaml'} --out {copy}" in err

@@ -89,8 +89,10 @@ def test_plane_figure_equal_aspect_labels_and_visible_legend(tmp_path, drawn):
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert len(panels) == 2
     for ax in panels:
-        assert ax.get_aspect() == 1.0 and ax.get_xlabel().startswith("distance along û")
-        assert ax.get_ylabel() == "distance along v̂ ⊥ û"
+        # u points from the first point to the third (landscape.plane), v towards the second
+        assert ax.get_aspect() == 1.0
+        assert ax.get_xlabel() == "weight-space distance along û = (w₃ − w₁)/‖w₃ − w₁‖"
+        assert ax.get_ylabel() == "weight-space distance along v̂ ⊥ û (towards w₂)"
         assert [t.get_text() for t in ax.texts] == ["w₁: sgd start", "w₂: sgd end", "w₃: swa"]
     fig.canvas.draw()  # a plane 19 wide and 1.5 high: the panels one above the other
     assert panels[0].get_position().y0 > panels[1].get_position().y1

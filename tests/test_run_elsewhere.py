@@ -109,7 +109,7 @@ def test_the_run_records_where_its_module_came_from(project):
     meta = json.loads((proj / "runs" / "mine" / "meta.json").read_text())
     assert meta["imports"] == {"mylab": {"directory": str(proj.resolve()), "above_run": 2}}
     # the next steps the run prints: the landscape, which rebuilds the model, allows its module
-    hint = "swalab landscape runs/mine --what plane,predictions --allow-import mylab\n"
+    hint = "swalab landscape runs/mine --what predictions --allow-import mylab\n"
     assert hint in (proj / "run.out").read_text()
 
 

@@ -124,7 +124,9 @@ def test_malicious_run_files_do_not_run_in_landscape(run, tmp_path, capsys, name
     marker = tmp_path / "PWNED"
     path = run / "sgd" / "seed0" / name
     torch.save({"weights": torch.zeros(2), "extra": Payload(marker)}, path)
-    what = {"final.pt": "line", "init.pt": "plane", "trajectory/epoch00001.pt": "plane"}[name]
+    what = {"final.pt": "line", "init.pt": "plane_init", "trajectory/epoch00001.pt": "plane_init"}[
+        name
+    ]
     assert main(["landscape", str(run), "--what", what, "--grid", "2", "--line-points", "2"]) == 2
     assert str(path) in one_line_error(capsys) and not marker.exists()
 

@@ -159,8 +159,11 @@ def next_steps(out: Path, own_modules: list[str] | None = None) -> str:
         "\nNext:\n"
         f"  swalab report {out} --html    the report: tables, learning curves, landscape, times\n"
         f"  swalab claims {out}           a verdict on each of the paper's claims\n"
-        f"  swalab landscape {out} --what plane,predictions{allow}\n"
-        "      adds the paper's Fig. 1 plane and the calibration (reliability diagrams) to the report"
+        f"  swalab landscape {out} --what predictions{allow}\n"
+        "      adds the calibration (reliability diagrams) to the report\n"
+        f"  swalab landscape {out} --seed all --what plane{allow}\n"
+        "      the paper's Fig. 1 plane of every seed (the run computes the first seed's if its\n"
+        "      landscape.first_seed asks for it, as the default preset does)"
     )
 
 
@@ -437,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa", help="label of the SWA run (default: the swa method at budget 1)")
     p.add_argument(
         "--what",
-        help="comma-separated pieces: line,rays,plane,snapshots,ensemble,predictions,bn,"
-        "curvature (default: all the run directory allows)",
+        help="comma-separated pieces: line,rays,plane,plane_init,snapshots,ensemble,predictions,"
+        "bn,curvature (plane: the paper's Fig. 1, SGD and SWA from the same point; plane_init: "
+        "through SGD's initialisation; default: all the run directory allows)",
     )
     p.add_argument(
         "--grid", type=int, help="points per side of the planes (default: the run's landscape.grid)"

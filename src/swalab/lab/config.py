@@ -103,6 +103,7 @@ LANDSCAPE_PIECES = (
     "line",
     "rays",
     "plane",
+    "plane_init",
     "snapshots",
     "ensemble",
     "predictions",
@@ -118,6 +119,9 @@ class LandscapeConfig:
     2018, §3; the pieces ``swalab claims`` reads are line, rays, ensemble and bn)."""
 
     pieces: list[str] = field(default_factory=list)
+    # pieces added for the first seed only (a plane costs grid**2 points: the paper's Fig. 1
+    # plane of one seed, labelled so in the report); with pieces: [] no landscape step runs
+    first_seed: list[str] = field(default_factory=list)
     line_points: int = 21  # t in [-0.5, 1.5] on t * w_SGD + (1 - t) * w_SWA
     rays: int = 10  # random directions
     ray_points: int = 21  # points along each ray, from 0 to ||w_SWA|| / 2
@@ -283,6 +287,13 @@ def _check_values(cfg: ExperimentConfig) -> None:
             f"a list of {', '.join(LANDSCAPE_PIECES)}",
         ),
         (
+            "landscape.first_seed",
+            cfg.landscape.first_seed,
+            isinstance(cfg.landscape.first_seed, list)
+            and set(cfg.landscape.first_seed) <= set(LANDSCAPE_PIECES),
+            f"a list of {', '.join(LANDSCAPE_PIECES)}",
+        ),
+        (
             "landscape.line_points",
             cfg.landscape.line_points,
             cfg.landscape.line_points >= 2,
@@ -382,12 +393,14 @@ def _check_values(cfg: ExperimentConfig) -> None:
 
 
 def _keep_snapshots(cfg: ExperimentConfig) -> None:
-    """The landscape pieces that read the SWA run's snapshots (``ensemble``, ``snapshots``) make
+    """The landscape pieces that read the SWA run's snapshots (``ensemble``, ``snapshots``, and
+    ``plane``: its start is an iterate of that run) make
     that run keep them: its label joins ``train.save_trajectory`` (so a preset's section still
     works when ``--set methods=...`` renames or drops runs; the run directory's config.yaml shows
     the list that was used)."""
     sgd, swa = cfg.default_label("baseline"), cfg.default_label("average")
-    needs = set(cfg.landscape.pieces) & {"ensemble", "snapshots"}
+    pieces = cfg.landscape.pieces + (cfg.landscape.first_seed if cfg.landscape.pieces else [])
+    needs = set(pieces) & {"ensemble", "snapshots", "plane"}
     if needs and sgd is not None and swa is not None and not cfg.train.saves_trajectory(swa):
         cfg.train.save_trajectory = [*(cfg.train.save_trajectory or []), swa]
 

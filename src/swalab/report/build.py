@@ -26,6 +26,7 @@ from ..lab.stats import MethodSummary, primary_metric, summarize
 from . import export, figures
 from .geometry import ray_protocols
 from .rundir import RunDir
+from .seeds import pooled_median, quantile_band, seed_arrays
 
 __all__ = ["Block", "build_report", "format_value", "learning_curves", "results_tables"]
 
@@ -57,13 +58,24 @@ LANDSCAPE_FIGURES = (
     (
         "plane",
         "plane.png",
-        "The plane through SGD's start, SGD's end and SWA, with SGD's trajectory projected.",
+        "The paper's Fig. 1 (middle, right): train loss and test error in the plane through the "
+        "point SGD and SWA both start from (the last epoch their runs trained alike, or the "
+        "epoch before SWA's first averaged one if earlier), SGD's end and SWA, BN recomputed at "
+        "every grid point; "
+        "axes in weight-space distance; the SWA run's iterates projected.",
+    ),
+    (
+        "plane_init",
+        "plane_init.png",
+        "The plane through SGD's initialisation, SGD's end and SWA, with SGD's trajectory "
+        "projected.",
     ),
     (
         "snapshots",
         "snapshots.png",
-        "The plane through three averaged SWA snapshots; their average and the SWA "
-        "solution marked, the SWA run's iterates projected.",
+        "The paper's Fig. 1 (left) and Fig. 3: the plane through three averaged SWA snapshots "
+        "(first, middle, last); their average and the SWA solution marked, the SWA run's "
+        "iterates projected.",
     ),
 )
 
@@ -373,7 +385,7 @@ def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
         ]
     try:
         summary = check_landscape(summary_path, read_json(summary_path, root=run.path))
-        return _landscape_blocks(summary, src, out, formats)
+        return _landscape_blocks(summary, src, out, formats, over_seeds(run, summary, out, formats))
     except RunFileError:
         raise  # a damaged file: one line naming it
     except (KeyError, TypeError, ValueError) as err:
@@ -388,14 +400,28 @@ def _landscape(run: RunDir, out: Path, formats: Sequence[str]) -> list[Block]:
 
 
 def _landscape_blocks(
-    s: dict[str, Any], src: Path, out: Path, formats: Sequence[str]
+    s: dict[str, Any],
+    src: Path,
+    out: Path,
+    formats: Sequence[str],
+    seed_figures: dict[str, Block] | None = None,
 ) -> list[Block]:
+    """The landscape section; ``seed_figures``: figures over all seeds (:func:`over_seeds`)
+    that replace the first seed's of the same name."""
+    seed_figures = seed_figures or {}
     blocks = [Block("h2", "Loss landscape")]
     blocks.append(
         Block(
             "p",
-            f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`. Train loss: "
-            f"{s['protocol']['train_loss']}; BatchNorm {s['protocol']['batchnorm']}.",
+            f"Seed {s['seed']}, SGD = `{s['sgd']}`, SWA = `{s['swa']}`"
+            + (
+                f" (tables and figures of this seed unless a caption names more: "
+                f"{', '.join(sorted(seed_figures))} over all seeds)"
+                if seed_figures
+                else ""
+            )
+            + f". Train loss: {s['protocol']['train_loss']}; BatchNorm "
+            f"{s['protocol']['batchnorm']}.",
         )
     )
     if "line" in s:
@@ -450,7 +476,9 @@ def _landscape_blocks(
             )
         )
     for piece, name, caption in LANDSCAPE_FIGURES:
-        if piece in s and (src / name).is_file():
+        if name in seed_figures:
+            blocks.append(seed_figures[name])
+        elif piece in s and (src / name).is_file():
             note = (
                 f" {s[piece]['note']}"
                 if isinstance(s.get(piece), dict) and s[piece].get("note")
@@ -458,6 +486,24 @@ def _landscape_blocks(
             )
             image = export.landscape_figure(name, s, src, out, formats)  # redrawn in every format
             blocks.append(Block("figure", _landscape_caption(name, caption, s) + note, image=image))
+    absent = {
+        piece: text
+        for piece, text in (
+            ("plane", "the paper's Fig. 1 (middle, right) plane, SGD and SWA from one point"),
+            ("snapshots", "the paper's Fig. 1 (left) / Fig. 3 plane through three SWA snapshots"),
+        )
+        if piece not in s and piece not in s.get("skipped", {})
+    }
+    if absent:
+        blocks.append(
+            Block(
+                "note",
+                f"Not computed for this run: {' and '.join(absent.values())}; "
+                f"`swalab landscape RUN --what {','.join(absent)}` adds "
+                f"{'it' if len(absent) == 1 else 'them'} (grid² points a plane, about 18 s CPU for "
+                "21 × 21 on the MNIST-1D CNN), or `landscape.first_seed` in the config.",
+            )
+        )
     if "ensemble" in s:
         e = s["ensemble"]
         m = e["metric"]
@@ -555,15 +601,118 @@ def _landscape_caption(name: str, caption: str, s: dict[str, Any]) -> str:
     carry the train loss alone; and which seed the figure shows."""
     rays = s.get("rays")
     if name == "rays.png" and isinstance(rays, dict) and rays.get("tails") is False:
+        tested = (s.get("settings", {}).get("rays") or {}).get("test_on_stopped_rays")
         caption = (
-            "Train loss along random rays from both solutions (paper Fig. 4 also plots the test "
-            "error: these rays stop at their width, `landscape.ray_tails: false`; "
-            "`swalab landscape RUN --what rays --ray-tails` evaluates both)."
+            (
+                "Train NLL and test error along raw random rays from both solutions (paper "
+                "Fig. 4), each ray evaluated up to its first point past the width "
+            )
+            if tested
+            else "Train NLL along raw random rays from both solutions (paper Fig. 4 also plots "
+            "the test error; recompute with `swalab landscape RUN --what rays`): each ray stops "
+            "at its first point past the width "
+        ) + (
+            "(`landscape.ray_tails: false`; `swalab landscape RUN --what rays --ray-tails` "
+            "evaluates whole rays)."
+        )
+    if name == "plane.png" and not (s.get("plane") or {}).get("through"):
+        # a landscape of an earlier version: its plane went through SGD's initialisation
+        caption = dict((n, c) for _, n, c in LANDSCAPE_FIGURES)["plane_init.png"]
+    if name.startswith(("plane", "snapshots")):
+        piece = name.split(".")[0]
+        return (
+            f"{caption} Seed {s.get('seed', 0)} only (a plane costs grid² evaluations per seed); "
+            f"the other seeds': `swalab landscape RUN --seed all --what {piece}`."
         )
     return (
         f"{caption} Seed {s.get('seed', 0)}; the other seeds' figures are in "
         "`landscape/seed<k>/`, their spread in the claims table."
     )
+
+
+def over_seeds(
+    run: RunDir, s: dict[str, Any], out: Path, formats: Sequence[str]
+) -> dict[str, Block]:
+    """The line (paper Fig. 5) and the raw rays (Fig. 4) over every seed that has them, as
+    figure blocks named as the first seed's figures they replace (none with fewer than 2 seeds)."""
+    blocks: dict[str, Block] = {}
+    sgd, swa = s["sgd"], s["swa"]
+    lines, missing = seed_arrays(run, "line.npz")
+    if len(lines) >= 2:
+        ts = next(iter(lines.values()))["t"]
+        if all(np.array_equal(a["t"], ts) for a in lines.values()):
+            bands = {
+                k: quantile_band(np.stack([a[k] for a in lines.values()]))
+                for k in ("train_loss", "test_error", "test_nll")
+            }
+            image = figures.line_seeds_figure(
+                ts, bands, len(lines), sgd, swa, out / "line.png", formats=formats
+            )
+            blocks["line.png"] = Block(
+                "figure",
+                "Train loss and test error along the line t·w_SGD + (1 − t)·w_SWA (paper Fig. 5), "
+                f"BN recomputed at every point, over {_seed_list(lines, missing)}: median, "
+                "interquartile band (dark) and min–max range (light).",
+                image=image,
+            )
+    rays, missing = seed_arrays(run, "rays.npz")
+    if len(rays) >= 2:
+        tested = all(not np.all(np.isnan(a["swa_test_error"])) for a in rays.values())
+        metrics = ["train_nll", "test_error"] if tested else ["train_nll"]
+        medians = {
+            m: {
+                key: pooled_median([(a["distances"], a[f"{key}_{m}"]) for a in rays.values()])
+                for key in ("swa", "sgd")
+            }
+            for m in metrics
+            if all(f"swa_{m}" in a for a in rays.values())
+        }
+        image = figures.rays_seeds_figure(
+            rays, medians, sgd, swa, out / "rays.png", "raw", formats=formats
+        )
+        n_rays = len(next(iter(rays.values()))["swa_train_loss"])
+        stopped = (s.get("rays") or {}).get("tails") is False
+        if all("swa_width" in a for a in rays.values()):
+            rise = (s.get("rays") or {}).get("rise", 0.1)
+            widths = {
+                seed: {
+                    **{k: a[f"{k}_width"] for k in ("swa", "sgd")},
+                    "max": float(a["distances"][-1]),
+                }
+                for seed, a in rays.items()
+            }
+            width_image = figures.width_seeds_figure(
+                widths, rise, sgd, swa, out / "width.png", formats=formats
+            )
+            blocks["width.png"] = Block(
+                "figure",
+                f"Width on raw rays over {_seed_list(rays, missing)}: each seed's median, over its "
+                f"{n_rays} rays, of the distance at which the train NLL has risen by {rise:g} (a ray "
+                "beyond the range counted at its end), the two solutions of a seed joined; bar: the "
+                "median over seeds (claim 2's paired statistic is in the claims table).",
+                image=width_image,
+            )
+        blocks["rays.png"] = Block(
+            "figure",
+            f"{'Train NLL and test error' if tested else 'Train NLL'} along raw random rays from "
+            f"both solutions (paper Fig. 4) over {_seed_list(rays, missing)}, {n_rays} directions "
+            "each (thin); bold: the median of all rays of all seeds, drawn as far as every ray "
+            "was evaluated (distances interpolated onto the shortest seed's range)"
+            + (
+                "; each ray stops at its first point past the width (`landscape.ray_tails: "
+                "false`; `swalab landscape RUN --seed all --what rays --ray-tails` evaluates "
+                "whole rays)."
+                if stopped
+                else "."
+            ),
+            image=image,
+        )
+    return blocks
+
+
+def _seed_list(found: dict[int, Any], missing: list[int]) -> str:
+    text = f"{len(found)} seeds ({', '.join(map(str, found))})"
+    return text + (f"; seeds {', '.join(map(str, missing))} lack it" if missing else "")
 
 
 def _number(value: float | None, digits: int) -> str:

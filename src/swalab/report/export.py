@@ -259,9 +259,9 @@ def _redraw(stem: str, s: dict[str, Any], src: Path, target: Path, formats: Sequ
     labels = [str(x) for x in d["point_labels"]]
     paths = {k[len("path_") :]: d[k] for k in d if k.startswith("path_")}
     marks = {k[len("mark_") :]: d[k] for k in d if k.startswith("mark_")}
-    title = (
+    title = s[stem].get("title") or (  # summaries of older versions carry no title
         f"plane through {labels[0]}, {labels[1]}, {labels[2]} (seed {s['seed']})"
-        if stem == "plane"
+        if stem in ("plane", "plane_init")
         else f"plane through three {swa} snapshots (seed {s['seed']})"
     )
     return figures.plane_figure(

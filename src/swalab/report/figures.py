@@ -22,15 +22,18 @@ __all__ = [
     "FORMATS",
     "learning_curves_figure",
     "line_figure",
+    "line_seeds_figure",
     "lr_figure",
     "own_curves",
     "own_models_figure",
     "plane_figure",
     "protocols_figure",
     "rays_figure",
+    "rays_seeds_figure",
     "reliability_figure",
     "small_multiples_figure",
     "width_figure",
+    "width_seeds_figure",
 ]
 
 SWA_COLOR, SGD_COLOR = "tab:blue", "tab:orange"
@@ -257,8 +260,9 @@ def _plane_panel(
     ax.set_xlim(xy[..., 0].min(), xy[..., 0].max())
     ax.set_ylim(xy[..., 1].min(), xy[..., 1].max())
     ax.set_aspect("equal")  # distances in weight space read the same along both axes
-    ax.set_xlabel("distance along û = (w₂ − w₁)/‖w₂ − w₁‖", fontsize=8)
-    ax.set_ylabel("distance along v̂ ⊥ û", fontsize=8)
+    # landscape.plane: u points from the first point to the third, v towards the second
+    ax.set_xlabel("weight-space distance along û = (w₃ − w₁)/‖w₃ − w₁‖", fontsize=8)
+    ax.set_ylabel("weight-space distance along v̂ ⊥ û (towards w₂)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=10)
 
@@ -352,7 +356,7 @@ def plane_figure(
                 edgecolors="w",
                 marker=marker,
                 s=110,
-                zorder=5,
+                zorder=7,  # above the points' name boxes (a mark often sits next to a point)
                 label=name,
             )
     handles, names = axes[0].get_legend_handles_labels()
@@ -629,4 +633,127 @@ def reliability_figure(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("calibration on the test set (20 equal-mass bins)")
+    return _save(fig, path, formats)
+
+
+def _band(ax: Axes, x: np.ndarray, band: Mapping[str, np.ndarray], color: str, label: str) -> None:
+    """Median over seeds (line), interquartile band (darker) and range (lighter)."""
+    ax.fill_between(x, band["min"], band["max"], color=color, alpha=0.12, lw=0)
+    ax.fill_between(x, band["q25"], band["q75"], color=color, alpha=0.3, lw=0)
+    ax.plot(x, band["median"], color=color, lw=1.6, label=label)
+
+
+def line_seeds_figure(
+    ts: np.ndarray,
+    bands: Mapping[str, Mapping[str, np.ndarray]],
+    seeds: int,
+    sgd: str,
+    swa: str,
+    path: Path,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Train loss and test error along ``t * w_SGD + (1 - t) * w_SWA`` (paper Fig. 5) over
+    ``seeds`` seeds: ``bands`` ``{metric: report.seeds.quantile_band}``, median with its
+    interquartile band and range."""
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _band(left, ts, bands["train_loss"], "k", "train loss (CE + L2), median")
+    key, label = _error_label({k: v["median"] for k, v in bands.items()})
+    _band(right, ts, bands[key], "tab:red", f"{label}, median")
+    for ax, ylabel in ((left, "train loss"), (right, label)):
+        ax.axvline(0, color=SWA_COLOR, lw=1, label=swa)
+        ax.axvline(1, color=SGD_COLOR, lw=1, label=sgd)
+        ax.set_xlabel(f"t   (0 = {swa}, 1 = {sgd})")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"line w(t) = t·w_{sgd} + (1 − t)·w_{swa}, {seeds} seeds: median, "
+        "band: interquartile range (dark) and min–max (light)",
+        fontsize=10,
+    )
+    return _save(fig, path, formats)
+
+
+def rays_seeds_figure(
+    per_seed: Mapping[int, Mapping[str, np.ndarray]],
+    medians: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    sgd: str,
+    swa: str,
+    path: Path,
+    directions: str = "raw",
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Train NLL and test error along random rays from both solutions (paper Fig. 4) for every
+    seed (``per_seed``: each seed's ``rays.npz`` arrays), thin; bold: ``medians``
+    ``{metric: {"swa"|"sgd": (x, median)}}`` over all rays of all seeds
+    (``report.seeds.pooled_median``)."""
+    first = next(iter(per_seed.values()))
+    nll = "train_nll" if "swa_train_nll" in first else "train_loss"
+    key, label = _error_label({"test_error": first["swa_test_error"]})
+    tested = all(not np.all(np.isnan(a[f"swa_{key}"])) for a in per_seed.values())
+    fig = Figure(figsize=(10, 3.8) if tested else (5.5, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2) if tested else [fig.subplots(1, 1)]
+    panels = list(zip(axes, (nll, key), (nll.replace("_", " "), label)))
+    for name, color, text in (("swa", SWA_COLOR, swa), ("sgd", SGD_COLOR, sgd)):
+        for ax, metric, _ in panels:
+            for a in per_seed.values():
+                for values in a[f"{name}_{metric}"]:
+                    ax.plot(a["distances"], values, color=color, lw=0.6, alpha=0.25)
+            if metric in medians:
+                x, median = medians[metric][name]
+                ax.plot(x, median, color=color, lw=2.2, label=f"{text}, median of all rays")
+    for ax, _, ylabel in panels:
+        ax.set_xlabel(_RAY_AXIS[directions])
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    rays = len(first["swa_train_loss"])
+    fig.suptitle(
+        f"{_RAY_TITLE[directions]}: {len(per_seed)} seeds × {rays} directions (thin)",
+        fontsize=10,
+    )
+    return _save(fig, path, formats)
+
+
+def width_seeds_figure(
+    widths: Mapping[int, Mapping[str, np.ndarray | float]],
+    rise: float,
+    sgd: str,
+    swa: str,
+    path: Path,
+    directions: str = "raw",
+    *,
+    formats: Sequence[str] = ("png",),
+) -> Path:
+    """Each seed's median width over its rays from both solutions (``widths``: ``{seed: {"swa",
+    "sgd": per-ray widths, inf beyond the range, "max": the range}}``, a ray beyond the range
+    counted at its end), a grey line joining the two of a seed; bar: the median over seeds."""
+    fig = Figure(figsize=(5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    medians = {
+        key: np.array(
+            [
+                float(np.median(np.where(np.isfinite(w[key]), w[key], w["max"])))
+                for w in widths.values()
+            ]
+        )
+        for key in ("swa", "sgd")
+    }
+    for a, b in zip(medians["swa"], medians["sgd"]):
+        ax.plot([0, 1], [a, b], color="0.7", lw=0.8, zorder=1)
+    for i, (key, color) in enumerate((("swa", SWA_COLOR), ("sgd", SGD_COLOR))):
+        ax.scatter(np.full(len(medians[key]), i), medians[key], color=color, s=20, zorder=2)
+        ax.hlines(np.median(medians[key]), i - 0.25, i + 0.25, color=color, lw=2, zorder=3)
+    ax.set_xticks([0, 1], [swa, sgd])
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylabel(f"median width ({'distance' if directions == 'raw' else 't'})", fontsize=9)
+    ax.set_title(
+        f"width along {directions} rays (train NLL +{rise:g}), {len(widths)} seeds\n"
+        "dot: a seed's median over its rays; bar: median over seeds",
+        fontsize=8,
+    )
+    ax.grid(alpha=0.3, axis="y")
     return _save(fig, path, formats)

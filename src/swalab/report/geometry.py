@@ -8,7 +8,10 @@ piece      what                                                                 
 ========== ===================================================================== ======================
 line       train loss / test error along ``t * w_SGD + (1 - t) * w_SWA``           final.pt of both
 rays       along ``w + t d/||d||`` from both solutions (same directions), width   final.pt of both
-plane      plane through (SGD start, SGD end, SWA), SGD trajectory projected      init.pt, final.pt;
+plane      the paper's Fig. 1 (middle, right): plane through the iterate SGD and     final.pt; trajectory
+           SWA start from (where their runs part), SGD's end and SWA; the SWA      of SWA (or SGD), or
+           run's iterates projected                                                init.pt
+plane_init plane through (SGD start, SGD end, SWA), SGD trajectory projected      init.pt, final.pt;
                                                                                   trajectory (path)
 snapshots  plane through three averaged SWA snapshots, their average marked       trajectory of SWA
 ensemble   Δ, agreement, KL, errors: the average vs the ensemble of snapshots     trajectory of SWA
@@ -59,6 +62,7 @@ from ..lab.files import atomic_output, atomic_write_text, read_json, run_directo
 from ..lab.jobs import die_with_parent, slots
 from ..lab.methods import recipe_of
 from ..lab.runschema import check_landscape
+from ..lab.sharing import plan_branches
 from ..lab.task import Task, task_of
 from . import figures
 from .progress import Progress
@@ -99,8 +103,8 @@ class LandscapeOptions:
             layer directions: in units of the normalised direction, default
             ``NORMALISED_RAY_DISTANCE`` = 0.25, each filter moved by a quarter of its own norm); ``rise``: train-NLL rise that defines the width;
             ``ray_tails``: evaluate each ray beyond the point where it rises that much (false:
-            stop there, and evaluate the train split alone: the same widths, NaN beyond and for
-            the test metrics in ``rays.npz``).
+            stop there: the same widths, train and test metrics up to there, NaN beyond in
+            ``rays.npz``).
         directions: how the random directions are scaled, one set of rays each, the first the
             primary (``filter``, ``layer``, ``raw``: :func:`swalab.landscape.normalize_direction`).
             The planes go through three given weight vectors, whose axes are their differences,
@@ -212,10 +216,12 @@ class LandscapeOptions:
                 "distance": self.ray_distance,
                 "rise": self.rise,
                 "tails": self.ray_tails,
+                "test_on_stopped_rays": True,  # test metrics where stopped rays were evaluated
                 "directions": list(self.directions),
                 "width_on": "train_nll",
             },
-            "plane": {"grid": self.grid, "margin": self.margin},
+            "plane": {"grid": self.grid, "margin": self.margin, "through": "shared start"},
+            "plane_init": {"grid": self.grid, "margin": self.margin},
             "snapshots": {"grid": self.grid, "margin": self.margin},
             "curvature": {
                 "samples": self.curvature_samples,
@@ -269,7 +275,8 @@ def compute_landscape(
     checks = {
         "line": src.check_ends,
         "rays": src.check_ends,
-        "plane": src.check_plane,
+        "plane": lambda: src.check_plane(ev),
+        "plane_init": src.check_plane_init,
         "snapshots": lambda: src.check_snapshots(3),
         "ensemble": lambda: src.check_snapshots(2),
         "predictions": lambda: src.check_predictions(ev.task),
@@ -303,6 +310,7 @@ def compute_landscape(
         "line": opts.line_points,
         "rays": len(opts.directions) * (2 * opts.rays * (opts.ray_points - 1) + 2),
         "plane": opts.grid**2,
+        "plane_init": opts.grid**2,
         "snapshots": opts.grid**2,
         "ensemble": 0,
         "predictions": 0,
@@ -330,6 +338,8 @@ def compute_landscape(
                 )
             elif piece == "plane":
                 summary["plane"] = job.plane(out, opts.grid, opts.margin, bar)
+            elif piece == "plane_init":
+                summary["plane_init"] = job.plane_init(out, opts.grid, opts.margin, bar)
             elif piece == "snapshots":
                 summary["snapshots"] = job.snapshots(out, opts.grid, opts.margin, bar)
             elif piece == "ensemble":
@@ -370,12 +380,15 @@ def landscapes_of_run(
     """
     run = RunDir(run_dir)
     config = config or run.cfg.landscape
-    if not config.pieces:
+    every = list(config.pieces)
+    if not every:  # pieces: [] turns the step off, first-seed pieces included
         return []
+    first = list(dict.fromkeys(every + list(config.first_seed)))  # the first seed's pieces
+    names = ", ".join(first)
     sgd, swa = run.default_label("baseline"), run.default_label("average")
     if sgd is None or swa is None:
         log(
-            f"landscape pieces {', '.join(config.pieces)} skipped: they compare an SGD and an SWA "
+            f"landscape pieces {names} skipped: they compare an SGD and an SWA "
             f"run, and the config has no {'sgd' if sgd is None else 'swa'} method"
         )
         return []
@@ -395,18 +408,18 @@ def landscapes_of_run(
         done, skipped = summary.get("settings", {}), summary.get("skipped", {})
         pieces = [
             p
-            for p in config.pieces
+            for p in (first if seed == run.cfg.seeds[0] else every)
             if p not in skipped and done.get(p, None) != _clean(opts.settings(p))
         ]
         if pieces:
             todo[seed] = opts.replace(what=pieces)
     if not todo:
-        log(f"landscape pieces {', '.join(config.pieces)}: nothing left to compute")
+        log(f"landscape pieces {names}: nothing left to compute")
         return []
     jobs = max(1, min(jobs, len(todo)))
     workers = slots(jobs, resolve_device(run.cfg.train.device), run.cfg.train.threads)
     log(
-        f"landscape pieces {', '.join(config.pieces)} of {len(todo)} seed(s), "
+        f"landscape pieces {names} of {len(todo)} seed(s), "
         f"{jobs} at a time ({workers[0].threads} thread(s) each)"
     )
     tasks = [
@@ -494,9 +507,42 @@ class _Sources:
         self.run.file(self.swa, self.seed, "final.pt")
         self.run.file(self.swa, self.seed, "checkpoint.pt")
 
-    def check_plane(self) -> None:
+    def check_plane_init(self) -> None:
         self.run.file(self.sgd, self.seed, "init.pt")
         self.check_ends()
+
+    def check_plane(self, ev: _Evaluation) -> None:
+        self.check_ends()
+        self.shared_start(ev)
+
+    def start_epoch(self, ev: _Evaluation) -> int:
+        """The epoch after which SGD and SWA last held the same weights, or SWA began to average
+        if that is earlier (0: the initialisation): the point both start from in the paper's
+        Fig. 1 ("starting from the same initialization of SGD"). The runs of a seed share their
+        first epochs for as long as their recipes train them alike (``lab.sharing``; the same
+        whether or not the run trained them once)."""
+        train = self.run.cfg.train
+        methods = [self.run.method(self.sgd), self.run.method(self.swa)]
+        steps = len(BatchLoader(ev.bundle.train, train.batch_size))
+        (root,) = plan_branches(train, methods, steps)
+        averaged = recipe_of(methods[1], train, steps_per_epoch=steps).averaged_epochs()
+        return min(root.stop, averaged[0] - 1) if averaged else root.stop
+
+    def shared_start(self, ev: _Evaluation) -> tuple[int, str]:
+        """``(epoch, label)``: the epoch of :meth:`start_epoch` and the run whose trajectory holds
+        its weights (at epoch 0 the SGD run, whose ``init.pt`` they are)."""
+        epoch = self.start_epoch(ev)
+        if epoch == 0:
+            self.run.file(self.sgd, self.seed, "init.pt")
+            return 0, self.sgd
+        for label in (self.swa, self.sgd):
+            if self.run.run(label, self.seed).has_trajectory:
+                return epoch, label
+        raise FileNotFoundError(
+            f"the plane starts at the weights after epoch {epoch}, and neither {self.swa} nor "
+            f"{self.sgd} kept a trajectory in {self.run.run_dir(self.swa, self.seed)}; "
+            f"{self.run.trajectory_command}"
+        )
 
     def averaged_epochs(self) -> list[int]:
         """1-based epochs whose weights the SWA run folded into its average, as its recipe says."""
@@ -547,7 +593,6 @@ class _Evaluation:
         self.run, self.seed, self.stack = run, seed, stack
         self.device = resolve_device(device or run.cfg.train.device)
         self._evaluator: geo.LandscapeEvaluator | None = None
-        self._train_only: geo.LandscapeEvaluator | None = None
 
     @property
     def bundle(self) -> Any:
@@ -585,22 +630,6 @@ class _Evaluation:
         return self._evaluator
 
     @property
-    def train_only(self) -> geo.LandscapeEvaluator:
-        """The same evaluator without the test split (the rays' widths read the train loss)."""
-        if self._train_only is None:
-            ev = self.evaluator
-            self._train_only = geo.LandscapeEvaluator(
-                ev.model,
-                ev.bn_batches,
-                {"train": ev.datasets["train"]},
-                ev.stats,
-                ev.weight_decay,
-                stack=ev.stack,
-                bn_weighting=ev.bn_weighting,
-            )
-        return self._train_only
-
-    @property
     def names(self) -> list[str]:
         return [name for name, _ in self.evaluator.model.named_parameters()]
 
@@ -614,12 +643,9 @@ class _Evaluation:
             "device": str(self.device),
         }
 
-    def evaluate(
-        self, points: list[Tensor], bar: Progress, train_only: bool = False
-    ) -> dict[str, np.ndarray]:
-        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``);
-        ``train_only``: the test metrics are NaN, not evaluated."""
-        evaluator = self.train_only if train_only else self.evaluator
+    def evaluate(self, points: list[Tensor], bar: Progress) -> dict[str, np.ndarray]:
+        """The metrics at ``points``, ``stack`` of them per vectorised pass (``LandscapeEvaluator``)."""
+        evaluator = self.evaluator
         values: dict[str, list[float]] = {k: [] for k in METRICS}
         step = evaluator.stack
         for start in range(0, len(points), step):
@@ -812,10 +838,12 @@ class _Pieces:
     ) -> dict[str, np.ndarray]:
         """Each ray up to the first point where both the train NLL and the train loss (NLL + L2)
         have risen by ``rise`` (the points :func:`swalab.landscape.width` reads, so the same
-        widths as :meth:`_whole_rays`), train metrics only; the points beyond and the test metrics
-        are NaN, not evaluated."""
+        widths as :meth:`_whole_rays`), train and test metrics at those points (the paper's
+        Fig. 4 plots both; about 7% more CPU per point on MNIST-1D,
+        ``benchmarks/landscape_figures.py``); the
+        points beyond are NaN, not evaluated."""
         n, points = len(directions), len(distances)
-        origin = self.ev.evaluate([w], bar, train_only=True)
+        origin = self.ev.evaluate([w], bar)
         curves = {k: np.full((n, points), np.nan) for k in origin}
         for k, v in origin.items():
             curves[k][:, 0] = v[0]
@@ -826,7 +854,7 @@ class _Pieces:
             if not active:
                 break
             t = float(distances[j])
-            values = self.ev.evaluate([w + t * directions[i] for i in active], bar, train_only=True)
+            values = self.ev.evaluate([w + t * directions[i] for i in active], bar)
             for k, v in values.items():
                 curves[k][active, j] = v
             active = [
@@ -884,6 +912,7 @@ class _Pieces:
             xy, values, points, labels, path_xy, mark_xy, title, out / f"{name}.png"
         )
         return {
+            "title": title,
             "points": {label: [float(c) for c in p] for label, p in zip(labels, points)},
             "dx": pl.dx,
             "dy": pl.dy,
@@ -897,6 +926,56 @@ class _Pieces:
         }
 
     def plane(self, out: Path, grid: int, margin: float, bar: Progress) -> dict[str, Any]:
+        """The paper's Fig. 1 (middle, right): the plane through the point SGD and SWA start from
+        (:meth:`_Sources.start_epoch`), SGD's end and SWA's end, train loss and test error at
+        every grid point (BN recomputed), the SWA run's iterates from that point on projected,
+        its first averaged snapshot marked."""
+        epoch, label = self.src.shared_start(self.ev)
+        if epoch == 0:
+            w0 = self.weights(self.sgd, "init.pt")
+            states: list[dict[str, Tensor]] = []
+        else:
+            states = self.src.trajectory(label)
+            w0 = geo.flat_parameters(states[epoch - 1], self.ev.names)
+        w1, w2 = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
+        paths: dict[str, list[Tensor]] = {}
+        marks: dict[str, Tensor] = {}
+        try:
+            swa_states = states if label == self.swa else self.src.trajectory(self.swa)
+        except FileNotFoundError:
+            swa_states = []
+        if swa_states:
+            paths[f"{self.swa} iterates (epochs {epoch}–{len(swa_states)})"] = [w0] + [
+                geo.flat_parameters(st, self.ev.names) for st in swa_states[epoch:]
+            ]
+            try:
+                averaged = self.src.averaged_epochs()
+            except _Missing:  # an SWA run that does not average end-of-epoch weights
+                averaged = []
+            if averaged and averaged[0] > epoch:
+                marks[f"first averaged snapshot (epoch {averaged[0]})"] = geo.flat_parameters(
+                    swa_states[averaged[0] - 1], self.ev.names
+                )
+        labels = (f"start of both (epoch {epoch})", f"{self.sgd} end", self.swa)
+        summary = self._plane(
+            out,
+            "plane",
+            (w0, w1, w2),
+            labels,
+            paths,
+            marks,
+            grid,
+            margin,
+            bar,
+            f"the paper's Fig. 1 plane: {self.sgd} and {self.swa} from the same point "
+            f"(seed {self.seed})",
+        )
+        summary["start_epoch"] = epoch
+        summary["through"] = "shared start"
+        return summary
+
+    def plane_init(self, out: Path, grid: int, margin: float, bar: Progress) -> dict[str, Any]:
+        """The plane through SGD's initialisation, SGD's end and SWA, SGD's trajectory projected."""
         w0 = self.weights(self.sgd, "init.pt")
         w1, w2 = self.weights(self.sgd, "final.pt"), self.weights(self.swa, "final.pt")
         paths: dict[str, list[Tensor]] = {}
@@ -912,7 +991,7 @@ class _Pieces:
         labels = (f"{self.sgd} start", f"{self.sgd} end", self.swa)
         summary = self._plane(
             out,
-            "plane",
+            "plane_init",
             (w0, w1, w2),
             labels,
             paths,
