@@ -618,10 +618,11 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     argv += [arg for item in tiny for arg in ("--set", item)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "landscape pieces line, rays, ensemble, bn, plane of 2 seed(s), 2 at a time" in out
-    for where, plane in ((run / "landscape", {"plane"}), (run / "landscape" / "seed1", set())):
+    assert "landscape pieces line, rays, ensemble, bn, plane, predictions of 2 seed(s), 2 at a time" in out
+    first = {"plane", "predictions"}
+    for where, plane in ((run / "landscape", first), (run / "landscape" / "seed1", set())):
         summary = json.loads((where / "landscape.json").read_text())
-        # the paper's Fig. 1 plane for the first seed alone (landscape.first_seed in the preset)
+        # the paper's Fig. 1 plane and the calibration for the first seed alone (the preset's first_seed)
         assert set(summary["settings"]) == {"line", "rays", "ensemble", "bn"} | plane
         assert summary["rays"]["rays"] == 2 and not summary["rays"]["tails"]
     # the SWA run alone kept its snapshots (train.save_trajectory: [swa] in the preset)

@@ -160,7 +160,7 @@ def next_steps(out: Path, own_modules: list[str] | None = None) -> str:
         f"  swalab report {out} --html    the report: tables, learning curves, landscape, times\n"
         f"  swalab claims {out}           a verdict on each of the paper's claims\n"
         f"  swalab landscape {out} --what predictions{allow}\n"
-        "      adds the calibration (reliability diagrams) to the report\n"
+        "      the calibration (reliability diagrams) in the report, where the run did not compute it\n"
         f"  swalab landscape {out} --seed all --what plane{allow}\n"
         "      the paper's Fig. 1 plane of every seed (the run computes the first seed's if its\n"
         "      landscape.first_seed asks for it, as the default preset does)"
