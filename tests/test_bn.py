@@ -119,6 +119,8 @@ def _rank_worker(rank, world, port, shards, out, weighting="batches"):
     model = linear_bn()
     swalab.update_bn(shards[rank], model, weighting=weighting)
     torch.save({"mean": model[0].running_mean, "var": model[0].running_var}, f"{out}/{rank}.pt")
+    torch.distributed.barrier()  # every rank done with gloo before it is torn down (a rank
+    # destroyed while another still talks to it aborts that rank)
     torch.distributed.destroy_process_group()
 
 

@@ -618,7 +618,10 @@ def test_run_then_claims_end_to_end(tmp_path, capsys):
     argv += [arg for item in tiny for arg in ("--set", item)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "landscape pieces line, rays, ensemble, bn, plane, predictions of 2 seed(s), 2 at a time" in out
+    assert (
+        "landscape pieces line, rays, ensemble, bn, plane, predictions of 2 seed(s), 2 at a time"
+        in out
+    )
     first = {"plane", "predictions"}
     for where, plane in ((run / "landscape", first), (run / "landscape" / "seed1", set())):
         summary = json.loads((where / "landscape.json").read_text())

@@ -308,6 +308,7 @@ def _rank_worker(rank, port, out):
         "model": model.state_dict(),
     }
     torch.save({"stats": stats, "outputs": outputs, "state": state}, f"{out}/{rank}.pt")
+    dist.barrier()  # every rank done with gloo before it is torn down
     dist.destroy_process_group()
 
 
