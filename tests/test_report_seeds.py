@@ -123,7 +123,7 @@ def test_report_draws_the_line_and_rays_over_all_seeds(tmp_path, monkeypatch):
     assert max(h for _, h in low_high) == pytest.approx(float((t**2).max()) + 5.0)
     # the planes were not computed: the report names the command that adds them
     assert "Not computed for this run: the paper's Fig. 1 (middle, right) plane" in text
-    assert "`swalab landscape RUN --what plane,snapshots` adds them" in text
+    assert f"`swalab landscape {run} --what plane,snapshots` adds them" in text
     # widths: each seed's median over its rays (a ray beyond the range counted at 2), paired
     (ax,) = dict(drawn)["width.png"].axes
     dots = [c.get_offsets()[:, 1].tolist() for c in ax.collections if len(c.get_offsets()) == 3]

@@ -499,7 +499,7 @@ def _landscape_blocks(
             Block(
                 "note",
                 f"Not computed for this run: {' and '.join(absent.values())}; "
-                f"`swalab landscape RUN --what {','.join(absent)}` adds "
+                f"`swalab landscape {src.parent} --what {','.join(absent)}` adds "
                 f"{'it' if len(absent) == 1 else 'them'} (grid² points a plane, about 18 s CPU for "
                 "21 × 21 on the MNIST-1D CNN), or `landscape.first_seed` in the config.",
             )
