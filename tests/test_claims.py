@@ -546,13 +546,13 @@ def test_run_landscape_skips_seeds_without_a_finished_pair(tmp_path):
         "landscape seed 0 skipped: sgd done, swa diverged",
         "landscape seed 1 skipped: sgd done, swa not finished",
         "landscape seed 2 skipped: sgd not finished, swa not finished",
-        "landscape pieces line, rays, ensemble, bn, plane: nothing left to compute",
+        "landscape pieces line, rays, ensemble, bn, plane, predictions: nothing left to compute",
     ]
 
 
 def test_first_seed_pieces_go_to_the_first_seed_alone(tmp_path, monkeypatch):
-    """``landscape.first_seed`` (the preset: the paper's Fig. 1 plane) is computed for the first
-    seed only, the other pieces for every seed."""
+    """``landscape.first_seed`` (the preset: the paper's Fig. 1 plane and the final predictions) is
+    computed for the first seed only, the other pieces for every seed."""
     run = write_run(tmp_path / "run", load_config("mnist1d", [f"seeds={SEEDS}"]), {})
     for label in ("sgd", "swa"):
         for seed in SEEDS:
@@ -564,7 +564,7 @@ def test_first_seed_pieces_go_to_the_first_seed_alone(tmp_path, monkeypatch):
         geometry, "_landscape_job", lambda path, opts: asked.setdefault(opts.seed, opts.what)
     )
     assert landscapes_of_run(run, log=lambda _: None) == SEEDS
-    assert asked[SEEDS[0]] == ["line", "rays", "ensemble", "bn", "plane"]
+    assert asked[SEEDS[0]] == ["line", "rays", "ensemble", "bn", "plane", "predictions"]
     assert all(asked[s] == ["line", "rays", "ensemble", "bn"] for s in SEEDS[1:])
 
 
