@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .config import LANDSCAPE_PIECES
 from .files import RunFileError, redo_hint
 
 __all__ = [
@@ -207,16 +208,7 @@ def check_landscape(path: Path, data: Any) -> dict[str, Any]:
     for key in ("skipped", "seconds", "settings", "protocol"):
         if key in summary and not isinstance(summary[key], dict):
             raise _bad(path, f"{key!r} must be a JSON object")
-    for piece in (
-        "line",
-        "rays",
-        "plane",
-        "plane_init",
-        "snapshots",
-        "ensemble",
-        "predictions",
-        "bn",
-    ):
+    for piece in LANDSCAPE_PIECES:
         if piece in summary and not isinstance(summary[piece], dict):
             raise _bad(path, f"{piece!r} must be a JSON object")
     for key, value in summary.get("seconds", {}).items():
