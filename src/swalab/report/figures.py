@@ -141,6 +141,12 @@ _RAY_TITLE = {
 }
 
 
+def _capped(widths: Sequence[float] | np.ndarray, cap: float) -> np.ndarray:
+    """Widths with a ray beyond the range (inf) counted at the range's end ``cap``."""
+    w = np.asarray(widths, dtype=float)
+    return np.where(np.isfinite(w), w, cap)
+
+
 def width_figure(
     widths: Mapping[str, Sequence[float]],
     max_distance: float,
@@ -168,9 +174,7 @@ def width_figure(
             s=24,
         )
         if inside.any():
-            ax.hlines(
-                np.median(np.where(inside, w, max_distance)), i - 0.25, i + 0.25, color=color, lw=2
-            )
+            ax.hlines(np.median(_capped(w, max_distance)), i - 0.25, i + 0.25, color=color, lw=2)
     ax.set_xticks([0, 1], [swa, sgd])
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylim(0, max_distance * 1.05)
@@ -211,8 +215,7 @@ def protocols_figure(
         top.grid(alpha=0.3)
         top.legend(fontsize=8)
         cap = float(d[-1])
-        w_swa = np.where(np.isfinite(a["swa_width"]), a["swa_width"], cap)
-        w_sgd = np.where(np.isfinite(a["sgd_width"]), a["sgd_width"], cap)
+        w_swa, w_sgd = _capped(a["swa_width"], cap), _capped(a["sgd_width"], cap)
         bottom.scatter(w_sgd, w_swa, color="k", s=16)
         low = 0.9 * float(min(w_swa.min(), w_sgd.min()))
         high = 1.1 * float(max(w_swa.max(), w_sgd.max()))
@@ -734,12 +737,7 @@ def width_seeds_figure(
     fig = Figure(figsize=(5, 3.6), layout="constrained")
     ax = fig.subplots()
     medians = {
-        key: np.array(
-            [
-                float(np.median(np.where(np.isfinite(w[key]), w[key], w["max"])))
-                for w in widths.values()
-            ]
-        )
+        key: np.array([float(np.median(_capped(w[key], w["max"]))) for w in widths.values()])
         for key in ("swa", "sgd")
     }
     for a, b in zip(medians["swa"], medians["sgd"]):
